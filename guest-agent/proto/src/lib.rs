@@ -1,0 +1,2 @@
+//! Guest agent protocol. Not built yet: see the guest agent issue.
+#![no_std]

@@ -1,0 +1,130 @@
+//! Shared pieces of Carrel's benchmarks: timing statistics and the JSON report.
+//!
+//! Every benchmark prints one JSON object on stdout and writes the same object to
+//! `perf/results/<bench>-<git revision>.json`, so runs can be compared revision against
+//! revision. Benchmarks measure; they never fail on a number.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// The current git revision (`git describe --always --dirty`), or "unknown" outside git.
+pub fn git_revision() -> String {
+    Command::new("git")
+        .args(["describe", "--always", "--dirty", "--abbrev=12"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// Summary statistics of a set of timings.
+#[derive(Debug, Clone, Copy)]
+pub struct Summary {
+    pub count: usize,
+    pub median: Duration,
+    pub p90: Duration,
+    pub p99: Duration,
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Summary {
+    /// Summarises `samples`; `None` when there are none.
+    pub fn of(samples: &[Duration]) -> Option<Summary> {
+        if samples.is_empty() {
+            return None;
+        }
+        let mut sorted = samples.to_vec();
+        sorted.sort_unstable();
+        let rank = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
+        Some(Summary {
+            count: sorted.len(),
+            median: rank(0.5),
+            p90: rank(0.9),
+            p99: rank(0.99),
+            min: sorted[0],
+            max: sorted[sorted.len() - 1],
+        })
+    }
+
+    /// The summary as JSON, in milliseconds.
+    pub fn to_json_ms(&self) -> Value {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        json!({
+            "count": self.count,
+            "median_ms": ms(self.median),
+            "p90_ms": ms(self.p90),
+            "p99_ms": ms(self.p99),
+            "min_ms": ms(self.min),
+            "max_ms": ms(self.max),
+        })
+    }
+
+    /// The summary as JSON, in microseconds.
+    pub fn to_json_us(&self) -> Value {
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        json!({
+            "count": self.count,
+            "median_us": us(self.median),
+            "p90_us": us(self.p90),
+            "p99_us": us(self.p99),
+            "min_us": us(self.min),
+            "max_us": us(self.max),
+        })
+    }
+}
+
+/// Adds the bench name, git revision and time to `results`, prints it and saves it under
+/// `perf/results/`. Returns the path written.
+pub fn report(bench: &str, mut results: Value) -> anyhow::Result<PathBuf> {
+    let revision = git_revision();
+    let unix_time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if let Value::Object(map) = &mut results {
+        map.insert("bench".into(), json!(bench));
+        map.insert("git_revision".into(), json!(revision));
+        map.insert("unix_time".into(), json!(unix_time));
+    }
+    let text = serde_json::to_string_pretty(&results)?;
+    println!("{text}");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{bench}-{revision}.json"));
+    std::fs::write(&path, text + "\n")?;
+    Ok(path)
+}
+
+/// The workspace root (the directory holding the root Cargo.toml).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_of_ten_samples_picks_ranks() {
+        let samples: Vec<Duration> = (1..=10).map(Duration::from_millis).collect();
+        let summary = Summary::of(&samples).unwrap();
+        assert_eq!(summary.min, Duration::from_millis(1));
+        assert_eq!(summary.max, Duration::from_millis(10));
+        assert_eq!(summary.median, Duration::from_millis(6));
+        assert_eq!(summary.p90, Duration::from_millis(9));
+    }
+
+    #[test]
+    fn summary_of_nothing_is_none() {
+        assert!(Summary::of(&[]).is_none());
+    }
+}

@@ -1,0 +1,1 @@
+//! The audit log. Being built: see the audit issue.
