@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Set up a Carrel host (development, CI or production). Idempotent: a second run
+# installs nothing and prints only the KVM line.
+#
+#   scripts/provision-host.sh [--runtime-only]
+#
+# --runtime-only   production host that only runs Carrel: skip the Rust toolchain check.
+#
+# Runs as root; re-runs itself with sudo otherwise. Non-interactive (CI=true is fine).
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export DEBIAN_FRONTEND=noninteractive
+
+log() { printf 'carrel: %s\n' "$*"; }
+die() { printf 'carrel: error: %s\n' "$*" >&2; exit 1; }
+
+RUNTIME_ONLY=0
+for arg in "$@"; do
+    case "$arg" in
+        --runtime-only) RUNTIME_ONLY=1 ;;
+        -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown argument '$arg' (try --help)" ;;
+    esac
+done
+
+# --- root --------------------------------------------------------------------------
+if [[ "$(id -u)" -ne 0 ]]; then
+    command -v sudo >/dev/null 2>&1 \
+        || die "must run as root (and sudo is not installed): run it as root"
+    # Keep the caller's PATH so the cargo check sees a per-user toolchain.
+    exec sudo --preserve-env=CI,PATH DEBIAN_FRONTEND=noninteractive \
+        bash "$REPO_ROOT/scripts/provision-host.sh" "$@"
+fi
+
+# --- Debian packages -------------------------------------------------------------------
+# package -> a command it provides (checked too, so a half-removed package is reinstalled)
+#   qemu-system-x86   comparison benchmarks and PVH/Linux boot tests
+#   lz4, binutils     Linux kernel extraction (scripts/fetch-linux-kernel.sh), guest images
+#   xz-utils          compressed images and packages
+#   ca-certificates   HTTPS to the package registries
+PACKAGES=(
+    "qemu-system-x86:qemu-system-x86_64"
+    "lz4:lz4"
+    "binutils:readelf"
+    "xz-utils:xz"
+    "ca-certificates:"
+)
+
+if ! command -v dpkg-query >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
+    die "this script needs a Debian-family host (dpkg and apt-get not found)"
+fi
+
+pkg_installed() {
+    local status
+    status="$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)"
+    [[ "$status" == "install ok installed" ]]
+}
+
+missing=()
+for entry in "${PACKAGES[@]}"; do
+    pkg="${entry%%:*}"
+    cmd="${entry#*:}"
+    if ! pkg_installed "$pkg" || { [[ -n "$cmd" ]] && ! command -v "$cmd" >/dev/null 2>&1; }; then
+        missing+=("$pkg")
+    fi
+done
+
+if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    log "updating package lists (apt-get update)"
+    apt-get update -qq || die "apt-get update failed: check network access to the Debian mirror"
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+        || die "apt-get install ${missing[*]} failed (see apt output above)"
+    for pkg in "${missing[@]}"; do
+        pkg_installed "$pkg" || die "package $pkg is still not installed after apt-get install"
+    done
+    log "installed ${missing[*]}"
+fi
+
+# --- /dev/kvm ------------------------------------------------------------------------
+if [[ ! -e /dev/kvm ]]; then
+    die "/dev/kvm does not exist: load a KVM module (modprobe kvm_intel or kvm_amd on bare \
+metal with VMX/SVM enabled in firmware; kvm_pvm on a virtualized host) and run this again"
+fi
+[[ -c /dev/kvm ]] || die "/dev/kvm exists but is not a character device"
+if [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
+    die "/dev/kvm is not readable and writable by $(id -un): fix its permissions \
+(e.g. chmod 660 /dev/kvm; chgrp kvm /dev/kvm) and run this again"
+fi
+# When run through sudo, also tell whether the invoking user can use it.
+if [[ -n "${SUDO_USER:-}" && "${SUDO_USER}" != "root" ]]; then
+    if ! sudo -u "$SUDO_USER" test -r /dev/kvm -a -w /dev/kvm 2>/dev/null; then
+        log "warning: user $SUDO_USER cannot open /dev/kvm read/write: add it to the kvm group \
+(usermod -aG kvm $SUDO_USER) and log in again"
+    fi
+fi
+
+if [[ -d /sys/module/kvm_pvm ]]; then
+    kind="paravirtual kvm_pvm (guests emulated unless they register the VIF page; see shared PLATFORM.md)"
+elif [[ -d /sys/module/kvm_intel ]]; then
+    kind="hardware VMX (kvm_intel)"
+elif [[ -d /sys/module/kvm_amd ]]; then
+    kind="hardware SVM (kvm_amd)"
+else
+    kind="unknown (/dev/kvm present, but none of kvm_pvm, kvm_intel, kvm_amd is loaded)"
+fi
+log "kvm: $kind"
+
+# --- Rust toolchain ----------------------------------------------------------------------
+if ((RUNTIME_ONLY == 0)); then
+    cargo_bin=""
+    if command -v cargo >/dev/null 2>&1; then
+        cargo_bin="$(command -v cargo)"
+    else
+        for home in "${HOME:-/root}" ${SUDO_USER:+"$(getent passwd "$SUDO_USER" | cut -d: -f6)"}; do
+            if [[ -n "$home" && -x "$home/.cargo/bin/cargo" ]]; then
+                cargo_bin="$home/.cargo/bin/cargo"
+                break
+            fi
+        done
+    fi
+    [[ -n "$cargo_bin" ]] || die "cargo not found: install a stable Rust toolchain with rustup \
+(https://rustup.rs) and put ~/.cargo/bin on PATH, or pass --runtime-only on a host that only runs Carrel"
+    "$cargo_bin" --version >/dev/null 2>&1 || die "$cargo_bin does not run (broken Rust toolchain?)"
+fi
