@@ -19,6 +19,11 @@ pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"CARRELBI");
 /// Version of the [`BootInfo`] layout. A guest refuses a version it does not know.
 pub const BOOT_INFO_VERSION: u32 = 1;
 
+/// Name of the ELF note that marks a Desk kernel (a kernel that reads [`BootInfo`]).
+pub const DESK_NOTE_NAME: &[u8] = b"Carrel\0";
+/// Type of the Desk ELF note; its descriptor is the [`BOOT_INFO_VERSION`] as a u32.
+pub const DESK_NOTE_TYPE: u32 = 0x4b53_4544;
+
 /// Most memory ranges [`BootInfo`] can describe.
 pub const MAX_MEMORY_RANGES: usize = 8;
 
@@ -137,10 +142,20 @@ impl BootInfo {
             cmdline_addr: 0,
             cmdline_len: 0,
             memory_range_count: 0,
-            memory_ranges: [MemoryRange { base: 0, size: 0, kind: 0, reserved: 0 }; MAX_MEMORY_RANGES],
+            memory_ranges: [MemoryRange {
+                base: 0,
+                size: 0,
+                kind: 0,
+                reserved: 0,
+            }; MAX_MEMORY_RANGES],
             device_count: 0,
             reserved0: 0,
-            devices: [DeviceEntry { base: 0, size: 0, irq: 0, device_type: 0 }; MAX_DEVICES],
+            devices: [DeviceEntry {
+                base: 0,
+                size: 0,
+                irq: 0,
+                device_type: 0,
+            }; MAX_DEVICES],
             framebuffer_width: 0,
             framebuffer_height: 0,
             lapic_addr: 0,
@@ -277,11 +292,26 @@ mod tests {
     #[test]
     fn boot_info_has_no_implicit_padding() {
         // Sum of the field sizes equals the struct size: no hidden padding bytes.
-        let fields = 8 + 4 + 4 + 4 + 4 + 8 + 8 + 8 + 4 + 4
+        let fields = 8
+            + 4
+            + 4
+            + 4
+            + 4
+            + 8
+            + 8
+            + 8
+            + 4
+            + 4
             + MAX_MEMORY_RANGES * core::mem::size_of::<MemoryRange>()
-            + 4 + 4
+            + 4
+            + 4
             + MAX_DEVICES * core::mem::size_of::<DeviceEntry>()
-            + 4 + 4 + 8 + 8 + 8 + 8;
+            + 4
+            + 4
+            + 8
+            + 8
+            + 8
+            + 8;
         assert_eq!(core::mem::size_of::<BootInfo>(), fields);
         assert_eq!(core::mem::size_of::<MemoryRange>(), 24);
         assert_eq!(core::mem::size_of::<DeviceEntry>(), 24);
@@ -292,7 +322,10 @@ mod tests {
         let mut info = BootInfo::new();
         assert!(info.is_valid());
         for index in 0..MAX_DEVICES {
-            assert!(info.push_device(DeviceEntry { irq: index as u32, ..Default::default() }));
+            assert!(info.push_device(DeviceEntry {
+                irq: index as u32,
+                ..Default::default()
+            }));
         }
         assert!(!info.push_device(DeviceEntry::default()));
         assert_eq!(info.devices().len(), MAX_DEVICES);
@@ -308,8 +341,14 @@ mod tests {
 
     #[test]
     fn platform_kind_round_trips_raw_values() {
-        assert_eq!(PlatformKind::from_raw(PlatformKind::Pvm as u32), Some(PlatformKind::Pvm));
-        assert_eq!(PlatformKind::from_raw(PlatformKind::Hardware as u32), Some(PlatformKind::Hardware));
+        assert_eq!(
+            PlatformKind::from_raw(PlatformKind::Pvm as u32),
+            Some(PlatformKind::Pvm)
+        );
+        assert_eq!(
+            PlatformKind::from_raw(PlatformKind::Hardware as u32),
+            Some(PlatformKind::Hardware)
+        );
         assert_eq!(PlatformKind::from_raw(0), None);
     }
 }

@@ -1,1 +1,15 @@
-//! Carrel VMM.
+//! carrel-vmm: the virtual machine monitor that runs one agent VM per process.
+//!
+//! The VM is wired in [`builder`], run by [`vmm`]; KVM state lives in [`vstate`], the
+//! hardware-vs-PVM differences in [`platform`], devices in [`devices`], kernel loading in
+//! [`boot`], and the VM's own control socket in [`control`].
+
+pub mod boot;
+pub mod builder;
+pub mod config;
+pub mod control;
+pub mod devices;
+pub mod memory;
+pub mod platform;
+pub mod vmm;
+pub mod vstate;

@@ -1,0 +1,258 @@
+//! Desk: Carrel's own guest kernel. No std, no allocator yet; runs native on the
+//! paravirtual kvm_pvm (VIF page) and on hardware KVM alike.
+//!
+//! This first stage prints a banner with the BootInfo summary, reads entropy from
+//! virtio-rng, starts a 1 kHz LAPIC timer and says `desk: ready`. With `desk.exit=1` on
+//! the command line it counts ten timer interrupts and powers off; otherwise it idles in
+//! `hlt` with the timer ticking until the VMM stops it.
+
+#![no_std]
+#![no_main]
+
+mod console;
+mod interrupts;
+mod lapic;
+mod mem;
+mod virtio;
+
+use core::arch::{asm, global_asm};
+use core::cell::UnsafeCell;
+use core::sync::atomic::Ordering;
+
+use carrel_firmware::{ports, virtio_id, BootInfo, BOOT_INFO_VERSION, DESK_NOTE_TYPE};
+use interrupts::{Platform, TICKS, TIMER_VECTOR};
+
+const STACK_SIZE: usize = 64 * 1024;
+
+global_asm!(
+    r#"
+    .section .text.entry, "ax"
+    .global _start
+    _start:
+        lea rsp, [rip + {stack} + {stack_size}]
+        xor ebp, ebp
+        call desk_main
+    1:  hlt
+        jmp 1b
+
+    .section .note.carrel, "a"
+    .balign 4
+    .long 7
+    .long 4
+    .long {note_type}
+    .asciz "Carrel"
+    .balign 4
+    .long {version}
+    .balign 4
+    "#,
+    stack = sym STACK,
+    stack_size = const STACK_SIZE,
+    note_type = const DESK_NOTE_TYPE,
+    version = const BOOT_INFO_VERSION,
+);
+
+#[repr(C, align(16))]
+struct Stack([u8; STACK_SIZE]);
+
+#[no_mangle]
+static mut STACK: Stack = Stack([0; STACK_SIZE]);
+
+/// A static the single-threaded kernel mutates: one vCPU, and interrupt handlers touch
+/// only atomics, so there is never a second live reference.
+pub struct GuestCell<T>(UnsafeCell<T>);
+
+// SAFETY: Desk runs on one vCPU; see the type's comment.
+unsafe impl<T> Sync for GuestCell<T> {}
+
+impl<T> GuestCell<T> {
+    pub const fn new(value: T) -> GuestCell<T> {
+        GuestCell(UnsafeCell::new(value))
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    pub fn get(&self) -> &mut T {
+        // SAFETY: single vCPU, and callers do not hold the reference across calls that
+        // take it again (see the type's comment).
+        unsafe { &mut *self.0.get() }
+    }
+}
+
+static PLATFORM: GuestCell<Platform> = GuestCell::new(Platform::Hardware);
+
+pub fn platform() -> Platform {
+    *PLATFORM.get()
+}
+
+pub fn rdtsc() -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: rdtsc only reads the time-stamp counter.
+    unsafe {
+        asm!("rdtsc", out("eax") low, out("edx") high, options(nomem, nostack, preserves_flags))
+    };
+    (u64::from(high) << 32) | u64::from(low)
+}
+
+/// Ends the VM: the byte written to the power port becomes the VMM's exit code.
+pub fn power_off(code: u8) -> ! {
+    console::flush();
+    loop {
+        // SAFETY: a port write to the VMM's power port; hlt in case the VMM is slow to act.
+        unsafe {
+            asm!("out dx, al", in("dx") ports::POWER, in("al") code, options(nomem, nostack, preserves_flags));
+            asm!("hlt", options(nomem, nostack));
+        }
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    println!("desk: panic: {info}");
+    power_off(5)
+}
+
+fn cmdline(info: &BootInfo) -> &'static str {
+    let len = (info.cmdline_len as usize).min(carrel_firmware::layout::CMDLINE_MAX);
+    // SAFETY: the VMM wrote `cmdline_len` bytes at `cmdline_addr` in identity-mapped RAM
+    // and never changes them.
+    let bytes = unsafe { core::slice::from_raw_parts(info.cmdline_addr as *const u8, len) };
+    core::str::from_utf8(bytes).unwrap_or("")
+}
+
+fn microseconds(cycles: u64, tsc_khz: u64) -> u64 {
+    if tsc_khz == 0 {
+        0
+    } else {
+        cycles * 1000 / tsc_khz
+    }
+}
+
+#[no_mangle]
+extern "C" fn desk_main(boot_info: u64) -> ! {
+    let start = rdtsc();
+    // SAFETY: rdi holds the BootInfo address the VMM wrote; checked for magic and version
+    // before any other field is trusted.
+    let info: &BootInfo = unsafe { &*(boot_info as *const BootInfo) };
+    if !info.is_valid() {
+        println!(
+            "desk: BootInfo at {boot_info:#x} is not version {BOOT_INFO_VERSION}; cannot boot"
+        );
+        power_off(3);
+    }
+    let kind = info.platform_kind();
+    *PLATFORM.get() = Platform::new(
+        kind.unwrap_or(carrel_firmware::PlatformKind::Hardware),
+        info.vif_addr,
+    );
+    let platform = platform();
+    let cs: u16;
+    // SAFETY: reading CS has no side effects.
+    unsafe { asm!("mov {0:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) };
+
+    println!(
+        "desk: Carrel Desk kernel {} (BootInfo v{})",
+        env!("CARGO_PKG_VERSION"),
+        info.version
+    );
+    match kind {
+        Some(carrel_firmware::PlatformKind::Pvm) => println!(
+            "desk: platform pvm: running native (VIF page at {:#x}, cpl {})",
+            info.vif_addr,
+            cs & 3
+        ),
+        _ => println!("desk: platform hardware KVM (cpl {})", cs & 3),
+    }
+    let usable: u64 = info
+        .memory_ranges()
+        .iter()
+        .filter(|range| range.kind == carrel_firmware::memory_kind::USABLE)
+        .map(|range| range.size)
+        .sum();
+    println!(
+        "desk: memory {} MiB usable in {} ranges; kernel ends at {:#x}; {} vCPU(s); TSC {} kHz",
+        usable >> 20,
+        info.memory_ranges().len(),
+        info.kernel_end,
+        info.vcpu_count,
+        info.tsc_khz
+    );
+    for device in info.devices() {
+        println!(
+            "desk: device virtio type {} at {:#x} irq {}",
+            device.device_type, device.base, device.irq
+        );
+    }
+    let cmdline = cmdline(info);
+    println!("desk: cmdline \"{cmdline}\"");
+
+    interrupts::install_idt(info.idt_addr);
+    lapic::enable(info.lapic_addr);
+
+    let tsc_khz = info.tsc_khz;
+    let timeout = if tsc_khz == 0 {
+        5_000_000_000
+    } else {
+        tsc_khz * 1000
+    };
+    match info
+        .devices()
+        .iter()
+        .find(|device| device.device_type == virtio_id::ENTROPY)
+    {
+        Some(device) => {
+            let mut entropy = [0u8; 32];
+            match virtio::Rng::new(device.base).and_then(|mut rng| rng.fill(&mut entropy, timeout))
+            {
+                Ok(count) => {
+                    print!("desk: rng {count} bytes: ");
+                    for byte in &entropy[..count.min(entropy.len())] {
+                        print!("{byte:02x}");
+                    }
+                    println!();
+                }
+                Err(err) => println!("desk: rng failed: {err:?}"),
+            }
+        }
+        None => println!("desk: no rng device"),
+    }
+
+    lapic::start_timer(TIMER_VECTOR, 1000);
+    platform.enable_interrupts();
+    println!("desk: timer 1000 Hz started");
+    println!(
+        "desk: ready ({} us since entry)",
+        microseconds(rdtsc() - start, tsc_khz)
+    );
+
+    let exit_after_ticks = cmdline.split(' ').any(|argument| argument == "desk.exit=1");
+    if exit_after_ticks {
+        count_ticks_and_power_off(platform, tsc_khz);
+    }
+    loop {
+        platform.wait_for_interrupt();
+    }
+}
+
+fn count_ticks_and_power_off(platform: Platform, tsc_khz: u64) -> ! {
+    let first = TICKS.load(Ordering::Relaxed);
+    let start = rdtsc();
+    let mut seen = first;
+    while seen < first + 10 {
+        platform.wait_for_interrupt();
+        let now = TICKS.load(Ordering::Relaxed);
+        if now != seen {
+            seen = now;
+            println!(
+                "desk: tick {} at {} us",
+                seen - first,
+                microseconds(rdtsc() - start, tsc_khz)
+            );
+        }
+    }
+    platform.disable_interrupts();
+    lapic::stop_timer();
+    println!(
+        "desk: 10 ticks in {} us; powering off",
+        microseconds(rdtsc() - start, tsc_khz)
+    );
+    power_off(0)
+}

@@ -1,0 +1,189 @@
+//! VM configuration: a `vm.toml` file and/or command-line flags with the same names.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::boot::BootProtocol;
+
+/// Default guest RAM.
+pub const DEFAULT_MEM_MIB: u64 = 128;
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: u8 = 32;
+
+/// Errors reading a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    #[error("no kernel given: pass --kernel PATH or set `kernel` in the config file")]
+    MissingKernel,
+    #[error("kernel {path} does not exist")]
+    KernelNotFound { path: String },
+    #[error("initrd {path} does not exist")]
+    InitrdNotFound { path: String },
+    #[error("--cpus must be between 1 and {MAX_VCPUS}, got {got}")]
+    BadCpus { got: u64 },
+}
+
+/// Everything needed to build a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub kernel: Option<PathBuf>,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; `None` picks a default for the guest kind.
+    #[serde(default)]
+    pub cmdline: Option<String>,
+    #[serde(default = "default_mem", alias = "mem")]
+    pub mem_mib: u64,
+    #[serde(default = "default_cpus")]
+    pub cpus: u64,
+    /// Also write console output to this file.
+    #[serde(default)]
+    pub console_log: Option<PathBuf>,
+    /// Write console output to stdout (default true).
+    #[serde(default = "default_true")]
+    pub console_stdout: bool,
+    /// Serve this VM's control socket at this path.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    #[serde(default)]
+    pub boot: BootProtocol,
+    /// Attach the virtio-rng device (default true).
+    #[serde(default = "default_true")]
+    pub rng: bool,
+}
+
+fn default_mem() -> u64 {
+    DEFAULT_MEM_MIB
+}
+
+fn default_cpus() -> u64 {
+    1
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            mem_mib: DEFAULT_MEM_MIB,
+            cpus: 1,
+            console_log: None,
+            console_stdout: true,
+            socket: None,
+            boot: BootProtocol::Auto,
+            rng: true,
+        }
+    }
+}
+
+impl VmConfig {
+    /// Reads a `vm.toml`.
+    pub fn from_file(path: &Path) -> Result<VmConfig, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: name.clone(),
+            source,
+        })?;
+        VmConfig::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: name,
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<VmConfig, String> {
+        toml::from_str(text).map_err(|err| err.to_string().trim().replace('\n', " "))
+    }
+
+    /// Checks what can be checked before touching KVM: files exist, counts in range.
+    pub fn validate(&self) -> Result<&Path, ConfigError> {
+        let kernel = self.kernel.as_deref().ok_or(ConfigError::MissingKernel)?;
+        if !kernel.is_file() {
+            return Err(ConfigError::KernelNotFound {
+                path: kernel.display().to_string(),
+            });
+        }
+        if let Some(initrd) = &self.initrd {
+            if !initrd.is_file() {
+                return Err(ConfigError::InitrdNotFound {
+                    path: initrd.display().to_string(),
+                });
+            }
+        }
+        if self.cpus == 0 || self.cpus > u64::from(MAX_VCPUS) {
+            return Err(ConfigError::BadCpus { got: self.cpus });
+        }
+        Ok(kernel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_with_all_fields_parses() {
+        let config = VmConfig::from_toml(
+            r#"
+            kernel = "desk.elf"
+            cmdline = "desk.exit=1"
+            mem = 256
+            cpus = 2
+            console_log = "console.log"
+            socket = "/tmp/vm.sock"
+            boot = "desk"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.kernel.as_deref(), Some(Path::new("desk.elf")));
+        assert_eq!(config.mem_mib, 256);
+        assert_eq!(config.cpus, 2);
+        assert_eq!(config.boot, BootProtocol::Desk);
+        assert!(config.rng && config.console_stdout);
+    }
+
+    #[test]
+    fn toml_with_unknown_field_is_rejected() {
+        let err = VmConfig::from_toml("kernel = \"x\"\nmemory_mb = 5").unwrap_err();
+        assert!(err.contains("memory_mb"), "{err}");
+    }
+
+    #[test]
+    fn validate_reports_missing_kernel_and_bad_cpus() {
+        assert!(matches!(
+            VmConfig::default().validate(),
+            Err(ConfigError::MissingKernel)
+        ));
+        let missing = VmConfig {
+            kernel: Some("/nonexistent/kernel".into()),
+            ..VmConfig::default()
+        };
+        assert!(matches!(
+            missing.validate(),
+            Err(ConfigError::KernelNotFound { .. })
+        ));
+        let exe = std::env::current_exe().unwrap();
+        let bad_cpus = VmConfig {
+            kernel: Some(exe),
+            cpus: 0,
+            ..VmConfig::default()
+        };
+        assert!(matches!(
+            bad_cpus.validate(),
+            Err(ConfigError::BadCpus { got: 0 })
+        ));
+    }
+}

@@ -1,0 +1,354 @@
+//! The VM's own control socket: postcard frames over a Unix socket.
+//!
+//! A frame is a little-endian u32 length and a postcard body. Each connection carries
+//! request/response pairs in order. Connection threads only parse and frame: every request
+//! is handed to the VMM thread, which handles it and answers (the control plane is thin).
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Largest request accepted: requests are small; anything bigger is not ours.
+pub const MAX_REQUEST_BYTES: u32 = 1 << 20;
+/// Largest response accepted by the client (screenshots come later and are large).
+pub const MAX_RESPONSE_BYTES: u32 = 256 << 20;
+
+/// What a client may ask.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    Status,
+    Stop,
+}
+
+/// The VMM's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Status(VmStatus),
+    Stopping,
+    Error(String),
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// "hardware" or "pvm".
+    pub platform: String,
+    pub state: String,
+    pub boot_protocol: String,
+    pub kernel: String,
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    pub uptime_ms: u64,
+    pub devices: Vec<String>,
+    pub pid: u32,
+}
+
+/// Errors of the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot listen on control socket {path}: {source}")]
+    Bind {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to control socket {path}: {source}. Is the VM running with --socket {path}?")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("control socket I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("frame of {len} bytes is larger than the {max} allowed")]
+    FrameTooLarge { len: u32, max: u32 },
+    #[error("malformed frame: {0}")]
+    Decode(#[from] postcard::Error),
+}
+
+/// Writes one frame.
+pub fn write_frame<T: Serialize>(stream: &mut impl Write, message: &T) -> Result<(), ControlError> {
+    let body = postcard::to_allocvec(message)?;
+    let len = u32::try_from(body.len()).map_err(|_| ControlError::FrameTooLarge {
+        len: u32::MAX,
+        max: u32::MAX,
+    })?;
+    stream.write_all(&len.to_le_bytes())?;
+    stream.write_all(&body)?;
+    stream.flush()?;
+    Ok(())
+}
+
+/// Reads one frame; `Ok(None)` at a clean end of stream.
+pub fn read_frame<T: for<'de> Deserialize<'de>>(
+    stream: &mut impl Read,
+    max: u32,
+) -> Result<Option<T>, ControlError> {
+    let mut len = [0u8; 4];
+    match stream.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(err) => return Err(err.into()),
+    }
+    let len = u32::from_le_bytes(len);
+    if len > max {
+        return Err(ControlError::FrameTooLarge { len, max });
+    }
+    let mut body = vec![0u8; len as usize];
+    stream.read_exact(&mut body)?;
+    Ok(Some(postcard::from_bytes(&body)?))
+}
+
+/// A request waiting for the VMM thread, with where its answer goes.
+#[derive(Debug)]
+pub struct PendingRequest {
+    pub request: Request,
+    pub reply: Sender<Response>,
+    /// The peer's credentials (pid, uid, gid), for the audit record.
+    pub peer: Option<(i32, u32, u32)>,
+}
+
+/// Where connection threads queue requests: a channel and an eventfd the event loop polls.
+#[derive(Debug, Clone)]
+pub struct RequestQueue {
+    sender: Sender<PendingRequest>,
+    wake: Arc<EventFd>,
+}
+
+impl RequestQueue {
+    pub fn new(sender: Sender<PendingRequest>, wake: Arc<EventFd>) -> RequestQueue {
+        RequestQueue { sender, wake }
+    }
+
+    fn submit(&self, pending: PendingRequest) -> bool {
+        let sent = self.sender.send(pending).is_ok();
+        if sent {
+            let _ = self.wake.write(1);
+        }
+        sent
+    }
+}
+
+/// The listening socket; removes its path when dropped.
+#[derive(Debug)]
+pub struct ControlServer {
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Binds `path` (replacing a stale socket file) and starts accepting on a thread.
+    pub fn start(path: &Path, queue: RequestQueue) -> Result<ControlServer, ControlError> {
+        let name = path.display().to_string();
+        if path.exists() && UnixStream::connect(path).is_err() {
+            // A socket file nobody listens on: left over from a VMM that died.
+            let _ = std::fs::remove_file(path);
+        }
+        let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind {
+            path: name.clone(),
+            source,
+        })?;
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || accept_loop(listener, queue))
+            .map_err(|source| ControlError::Bind { path: name, source })?;
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(listener: UnixListener, queue: RequestQueue) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let queue = queue.clone();
+        // One thread per client: clients are few (the daemon, a developer's CLI).
+        let _ = std::thread::Builder::new()
+            .name("control-conn".into())
+            .spawn(move || serve_connection(stream, queue));
+    }
+}
+
+fn peer_credentials(stream: &UnixStream) -> Option<(i32, u32, u32)> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given; the fd is the
+    // stream's own open socket.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some((cred.pid, cred.uid, cred.gid))
+}
+
+fn serve_connection(mut stream: UnixStream, queue: RequestQueue) {
+    let peer = peer_credentials(&stream);
+    loop {
+        let response = match read_frame::<Request>(&mut stream, MAX_REQUEST_BYTES) {
+            Ok(None) => return,
+            Ok(Some(request)) => {
+                let (reply, answer) = mpsc::channel();
+                if !queue.submit(PendingRequest {
+                    request,
+                    reply,
+                    peer,
+                }) {
+                    Response::Error("the VM is shutting down".into())
+                } else {
+                    answer.recv().unwrap_or_else(|_| {
+                        Response::Error("the VM stopped before answering".into())
+                    })
+                }
+            }
+            // A broken frame: answer once so the client learns why, then hang up, since
+            // the stream can no longer be trusted to be at a frame boundary.
+            Err(err) => {
+                let _ = write_frame(&mut stream, &Response::Error(format!("bad request: {err}")));
+                return;
+            }
+        };
+        if write_frame(&mut stream, &response).is_err() {
+            return;
+        }
+    }
+}
+
+/// A client of a VM's control socket.
+#[derive(Debug)]
+pub struct ControlClient {
+    stream: UnixStream,
+}
+
+impl ControlClient {
+    pub fn connect(path: &Path) -> Result<ControlClient, ControlError> {
+        let stream = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(ControlClient { stream })
+    }
+
+    /// Sends `request` and waits up to `timeout` for the answer.
+    pub fn call(&mut self, request: &Request, timeout: Duration) -> Result<Response, ControlError> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        write_frame(&mut self.stream, request)?;
+        read_frame(&mut self.stream, MAX_RESPONSE_BYTES)?.ok_or_else(|| {
+            ControlError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "VM closed the connection",
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_round_trips_request_and_response() {
+        let mut buffer = Vec::new();
+        write_frame(&mut buffer, &Request::Stop).unwrap();
+        let status = Response::Status(VmStatus {
+            platform: "pvm".into(),
+            state: "running".into(),
+            boot_protocol: "desk".into(),
+            kernel: "k".into(),
+            vcpus: 1,
+            mem_mib: 128,
+            uptime_ms: 5,
+            devices: vec!["rng".into()],
+            pid: 1,
+        });
+        write_frame(&mut buffer, &status).unwrap();
+        let mut reader = buffer.as_slice();
+        assert_eq!(
+            read_frame::<Request>(&mut reader, MAX_REQUEST_BYTES).unwrap(),
+            Some(Request::Stop)
+        );
+        assert_eq!(
+            read_frame::<Response>(&mut reader, MAX_REQUEST_BYTES).unwrap(),
+            Some(status)
+        );
+        assert_eq!(
+            read_frame::<Request>(&mut reader, MAX_REQUEST_BYTES).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_before_allocation() {
+        let bytes = u32::MAX.to_le_bytes();
+        let result = read_frame::<Request>(&mut bytes.as_slice(), MAX_REQUEST_BYTES);
+        assert!(matches!(result, Err(ControlError::FrameTooLarge { .. })));
+    }
+
+    #[test]
+    fn garbage_body_is_a_decode_error() {
+        let mut bytes = 2u32.to_le_bytes().to_vec();
+        bytes.extend([0xff, 0xff]);
+        assert!(matches!(
+            read_frame::<Request>(&mut bytes.as_slice(), 16),
+            Err(ControlError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn truncated_body_is_an_io_error() {
+        let mut bytes = 8u32.to_le_bytes().to_vec();
+        bytes.extend([0, 1]);
+        assert!(matches!(
+            read_frame::<Request>(&mut bytes.as_slice(), 16),
+            Err(ControlError::Io(_))
+        ));
+    }
+
+    #[test]
+    fn server_answers_over_a_real_socket_and_reports_bad_frames() {
+        let path =
+            std::env::temp_dir().join(format!("carrel-control-test-{}.sock", std::process::id()));
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let (sender, receiver) = mpsc::channel();
+        let _server = ControlServer::start(&path, RequestQueue::new(sender, wake)).unwrap();
+        let handler = std::thread::spawn(move || {
+            let pending: PendingRequest = receiver.recv().unwrap();
+            assert_eq!(pending.request, Request::Stop);
+            assert_eq!(
+                pending.peer.map(|(pid, _, _)| pid as u32),
+                Some(std::process::id())
+            );
+            pending.reply.send(Response::Stopping).unwrap();
+        });
+        let mut client = ControlClient::connect(&path).unwrap();
+        assert_eq!(
+            client.call(&Request::Stop, Duration::from_secs(5)).unwrap(),
+            Response::Stopping
+        );
+        handler.join().unwrap();
+
+        let mut raw = UnixStream::connect(&path).unwrap();
+        raw.write_all(&(MAX_REQUEST_BYTES + 1).to_le_bytes())
+            .unwrap();
+        let answer: Response = read_frame(&mut raw, MAX_RESPONSE_BYTES).unwrap().unwrap();
+        assert!(matches!(answer, Response::Error(message) if message.contains("larger")));
+    }
+}

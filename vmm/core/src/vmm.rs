@@ -1,0 +1,297 @@
+//! The running VMM: vCPU threads plus one event loop thread (this one) that serves queue
+//! notifications, console input, control requests, signals and the guest's power off.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
+use std::time::Instant;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::builder::BuiltVm;
+use crate::config::VmConfig;
+use crate::control::{ControlServer, PendingRequest, Request, RequestQueue, Response, VmStatus};
+use crate::devices::bus::lock;
+use crate::vstate::vcpu::{install_kick_handler, VcpuEvent, VcpuEventSender, VcpuHandle, VcpuStop};
+
+/// Errors running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("event loop set-up failed: {0}")]
+    EventLoop(#[source] std::io::Error),
+    #[error("cannot block termination signals: {0}")]
+    BlockSignals(#[source] std::io::Error),
+    #[error(transparent)]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    #[error("vCPU {id} stopped: {stop}")]
+    VcpuStopped { id: u8, stop: VcpuStop },
+}
+
+/// How the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The guest powered off with this exit code (0 = clean).
+    PoweredOff(i32),
+    /// SIGTERM/SIGINT or a control-socket stop.
+    Stopped,
+}
+
+const TOKEN_VCPU_EVENT: u64 = 1;
+const TOKEN_GUEST_EXIT: u64 = 2;
+const TOKEN_SIGNAL: u64 = 3;
+const TOKEN_STDIN: u64 = 4;
+const TOKEN_CONTROL: u64 = 5;
+/// Queue tokens: base + device index * 64 + queue index.
+const TOKEN_QUEUE_BASE: u64 = 1 << 16;
+const QUEUES_PER_DEVICE: u64 = 64;
+
+/// Blocks SIGTERM and SIGINT in this thread (and every thread it starts afterwards) and
+/// returns a signalfd that reads them.
+fn termination_signalfd() -> Result<OwnedFd, RunError> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+    }
+    // SAFETY: `set` is initialised; the old mask is not needed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(RunError::BlockSignals(std::io::Error::from_raw_os_error(
+            rc,
+        )));
+    }
+    // SAFETY: `set` is initialised; -1 asks for a new fd.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(RunError::BlockSignals(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd was just returned by signalfd and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A VM whose vCPUs run.
+#[derive(Debug)]
+pub struct Vmm {
+    built: BuiltVm,
+    config: VmConfig,
+    handles: Vec<VcpuHandle>,
+    epoll: Epoll,
+    vcpu_events: Receiver<VcpuEvent>,
+    vcpu_wake: Arc<EventFd>,
+    requests: Receiver<PendingRequest>,
+    request_wake: Arc<EventFd>,
+    signals: OwnedFd,
+    _control: Option<ControlServer>,
+}
+
+impl Vmm {
+    /// Starts the control socket and the vCPUs of `built`.
+    pub fn start(built: BuiltVm, config: VmConfig) -> Result<Vmm, RunError> {
+        let signals = termination_signalfd()?;
+        install_kick_handler()?;
+        let epoll = Epoll::new().map_err(RunError::EventLoop)?;
+        let add = |fd: RawFd, token: u64| {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(RunError::EventLoop)
+        };
+
+        let vcpu_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(RunError::EventLoop)?);
+        let request_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(RunError::EventLoop)?);
+        add(vcpu_wake.as_raw_fd(), TOKEN_VCPU_EVENT)?;
+        add(built.exit.eventfd.as_raw_fd(), TOKEN_GUEST_EXIT)?;
+        add(signals.as_raw_fd(), TOKEN_SIGNAL)?;
+        add(request_wake.as_raw_fd(), TOKEN_CONTROL)?;
+        // SAFETY: isatty only inspects the fd.
+        if unsafe { libc::isatty(libc::STDIN_FILENO) } == 1 {
+            add(libc::STDIN_FILENO, TOKEN_STDIN)?;
+        }
+        for (device, attached) in built.virtio.iter().enumerate() {
+            for (queue, event) in attached.queue_events.iter().enumerate() {
+                add(
+                    event.as_raw_fd(),
+                    TOKEN_QUEUE_BASE + device as u64 * QUEUES_PER_DEVICE + queue as u64,
+                )?;
+            }
+        }
+
+        let (request_sender, requests) = mpsc::channel();
+        let control = match &config.socket {
+            Some(path) => Some(ControlServer::start(
+                path,
+                RequestQueue::new(request_sender, request_wake.clone()),
+            )?),
+            None => None,
+        };
+
+        let (event_sender, vcpu_events) = mpsc::channel();
+        let mut built = built;
+        let vcpus = std::mem::take(&mut built.vcpus);
+        let mut handles = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
+            handles.push(vcpu.start(VcpuEventSender::new(
+                event_sender.clone(),
+                vcpu_wake.clone(),
+            ))?);
+        }
+        Ok(Vmm {
+            built,
+            config,
+            handles,
+            epoll,
+            vcpu_events,
+            vcpu_wake,
+            requests,
+            request_wake,
+            signals,
+            _control: control,
+        })
+    }
+
+    /// Runs the event loop until the guest powers off, a signal or a stop request ends
+    /// the VM, or a vCPU fails. vCPU threads are joined before returning.
+    pub fn run(mut self) -> Result<VmOutcome, RunError> {
+        let outcome = self.event_loop();
+        for handle in self.handles.drain(..) {
+            handle.exit_and_join();
+        }
+        outcome
+    }
+
+    fn event_loop(&mut self) -> Result<VmOutcome, RunError> {
+        let mut events = vec![EpollEvent::default(); 32];
+        loop {
+            let count = match self.epoll.wait(-1, &mut events) {
+                Ok(count) => count,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(err) => return Err(RunError::EventLoop(err)),
+            };
+            for event in &events[..count] {
+                if let Some(outcome) = self.handle_event(event.data())? {
+                    return Ok(outcome);
+                }
+            }
+        }
+    }
+
+    fn handle_event(&mut self, token: u64) -> Result<Option<VmOutcome>, RunError> {
+        match token {
+            TOKEN_GUEST_EXIT => {
+                let _ = self.built.exit.eventfd.read();
+                Ok(Some(VmOutcome::PoweredOff(self.built.exit.code())))
+            }
+            TOKEN_SIGNAL => {
+                let mut info = [0u8; 128];
+                let _ = std::fs::File::from(self.signals.try_clone().map_err(RunError::EventLoop)?)
+                    .read(&mut info);
+                Ok(Some(VmOutcome::Stopped))
+            }
+            TOKEN_VCPU_EVENT => {
+                let _ = self.vcpu_wake.read();
+                while let Ok(event) = self.vcpu_events.try_recv() {
+                    if let VcpuEvent::Stopped(id, stop) = event {
+                        return Err(RunError::VcpuStopped { id, stop });
+                    }
+                }
+                Ok(None)
+            }
+            TOKEN_STDIN => {
+                self.forward_stdin();
+                Ok(None)
+            }
+            TOKEN_CONTROL => {
+                let _ = self.request_wake.read();
+                let mut outcome = None;
+                while let Ok(pending) = self.requests.try_recv() {
+                    let (response, stop) = self.handle_request(&pending.request);
+                    let _ = pending.reply.send(response);
+                    if stop {
+                        outcome = Some(VmOutcome::Stopped);
+                    }
+                }
+                Ok(outcome)
+            }
+            queue_token if queue_token >= TOKEN_QUEUE_BASE => {
+                let index = queue_token - TOKEN_QUEUE_BASE;
+                let (device, queue) = (
+                    (index / QUEUES_PER_DEVICE) as usize,
+                    (index % QUEUES_PER_DEVICE) as usize,
+                );
+                if let Some(attached) = self.built.virtio.get(device) {
+                    if attached
+                        .queue_events
+                        .get(queue)
+                        .map(|event| event.read())
+                        .is_some()
+                    {
+                        lock(&attached.transport).notify_queue(queue);
+                    }
+                }
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn forward_stdin(&self) {
+        let mut buffer = [0u8; 64];
+        // SAFETY: reading into a stack buffer of the given length from stdin.
+        let count =
+            unsafe { libc::read(libc::STDIN_FILENO, buffer.as_mut_ptr().cast(), buffer.len()) };
+        if count > 0 {
+            lock(&self.built.serial).enqueue_input(&buffer[..count as usize]);
+        } else if count == 0 {
+            // stdin closed: stop polling it.
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                libc::STDIN_FILENO,
+                EpollEvent::default(),
+            );
+        }
+    }
+
+    /// Handles one control request; `true` when the VM should stop after answering.
+    fn handle_request(&self, request: &Request) -> (Response, bool) {
+        match request {
+            Request::Status => (Response::Status(self.status()), false),
+            Request::Stop => (Response::Stopping, true),
+        }
+    }
+
+    fn status(&self) -> VmStatus {
+        VmStatus {
+            platform: self.built.platform.name().to_string(),
+            state: "running".to_string(),
+            boot_protocol: format!("{:?}", self.built.boot.protocol).to_lowercase(),
+            kernel: self
+                .config
+                .kernel
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            vcpus: self.handles.len() as u8,
+            mem_mib: self.config.mem_mib,
+            uptime_ms: Instant::now()
+                .duration_since(self.built.started)
+                .as_millis() as u64,
+            devices: self
+                .built
+                .virtio
+                .iter()
+                .map(|device| device.name.to_string())
+                .collect(),
+            pid: std::process::id(),
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! The KVM VM: memory slots, the in-kernel irqchip, irqfds and ioeventfds.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Errors setting up the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0}. Is KVM loaded, and may this user use it? (scripts/provision-host.sh checks)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM_CREATE_VM failed: {0}")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("KVM_SET_USER_MEMORY_REGION for slot {slot} at {gpa:#x} failed: {source}")]
+    SetMemoryRegion {
+        slot: u32,
+        gpa: u64,
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM_SET_TSS_ADDR failed: {0}")]
+    SetTssAddress(#[source] kvm_ioctls::Error),
+    #[error("KVM_CREATE_IRQCHIP failed: {0}")]
+    CreateIrqchip(#[source] kvm_ioctls::Error),
+    #[error("KVM_CREATE_PIT2 failed: {0}")]
+    CreatePit(#[source] kvm_ioctls::Error),
+    #[error("KVM_IRQFD for GSI {gsi} failed: {source}")]
+    RegisterIrqfd { gsi: u32, source: kvm_ioctls::Error },
+    #[error("KVM_IOEVENTFD at {addr:#x} failed: {source}")]
+    RegisterIoevent {
+        addr: u64,
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
+    GetSupportedCpuid(#[source] kvm_ioctls::Error),
+}
+
+/// Where KVM's real-mode TSS goes on VMX: three pages just below the IOAPIC, inside the
+/// MMIO gap where no RAM lives.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// A KVM VM with its in-kernel irqchip.
+#[derive(Debug)]
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+}
+
+impl Vm {
+    /// Opens /dev/kvm and creates a VM with the in-kernel irqchip (IOAPIC, PIC, LAPICs).
+    pub fn new() -> Result<Vm, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        fd.set_tss_address(TSS_ADDRESS)
+            .map_err(VmError::SetTssAddress)?;
+        fd.create_irq_chip().map_err(VmError::CreateIrqchip)?;
+        Ok(Vm { kvm, fd })
+    }
+
+    /// Adds the i8254 PIT, which stock kernels calibrate against.
+    pub fn create_pit(&self) -> Result<(), VmError> {
+        let config = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd.create_pit2(config).map_err(VmError::CreatePit)
+    }
+
+    /// Gives every region of `memory` to KVM, one slot each.
+    pub fn register_memory(&self, memory: &GuestMemoryMmap) -> Result<(), VmError> {
+        for (slot, region) in memory.iter().enumerate() {
+            let slot = slot as u32;
+            let gpa = region.start_addr().0;
+            let host = region.as_ptr() as u64;
+            let region = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: gpa,
+                memory_size: region.len(),
+                userspace_addr: host,
+            };
+            // SAFETY: the host range is a live mapping owned by `memory`, which the VMM
+            // keeps alive (and never unmaps) for as long as the VM exists.
+            unsafe { self.fd.set_user_memory_region(region) }
+                .map_err(|source| VmError::SetMemoryRegion { slot, gpa, source })?;
+        }
+        Ok(())
+    }
+
+    /// Routes writes of `eventfd` to interrupt line `gsi`.
+    pub fn register_irqfd(&self, eventfd: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(eventfd, gsi)
+            .map_err(|source| VmError::RegisterIrqfd { gsi, source })
+    }
+
+    /// Makes a guest MMIO write of `value` at `addr` signal `eventfd` inside the kernel.
+    pub fn register_mmio_ioevent(
+        &self,
+        eventfd: &EventFd,
+        addr: u64,
+        value: u32,
+    ) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(eventfd, &IoEventAddress::Mmio(addr), value)
+            .map_err(|source| VmError::RegisterIoevent { addr, source })
+    }
+
+    /// The CPUID table KVM can offer a guest.
+    pub fn supported_cpuid(&self) -> Result<kvm_bindings::CpuId, VmError> {
+        self.kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmError::GetSupportedCpuid)
+    }
+
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+}
