@@ -49,13 +49,28 @@ pub enum AuditError {
     #[error("'{vm}' cannot be a VM id for the audit log: {reason}")]
     CheckVm { vm: String, reason: &'static str },
     #[error("cannot create the audit directory {path}")]
-    CreateDir { path: PathBuf, source: std::io::Error },
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the audit log {path} is open in another process (one writer per log)")]
-    LockLog { path: PathBuf, source: std::io::Error },
+    LockLog {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot read or write the origin file {path}")]
-    WriteOrigin { path: PathBuf, source: std::io::Error },
-    #[error("the audit log in {dir} belongs to VM '{found}', not '{expected}'; use another directory")]
-    CheckOrigin { dir: PathBuf, found: String, expected: String },
+    WriteOrigin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the audit log in {dir} belongs to VM '{found}', not '{expected}'; use another directory"
+    )]
+    CheckOrigin {
+        dir: PathBuf,
+        found: String,
+        expected: String,
+    },
     #[error("cannot load the host key")]
     LoadKey(#[source] CheckpointError),
     #[error("{path} holds a different public key than the host key; restore the matching key or move the log")]
@@ -69,20 +84,34 @@ pub enum AuditError {
     #[error("refusing to recover {path}: {reason}; run carrel-audit verify on it")]
     RecoverSegment { path: PathBuf, reason: String },
     #[error("cannot cut the torn tail of {path}")]
-    CutTail { path: PathBuf, source: std::io::Error },
+    CutTail {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot create the segment {path}")]
-    CreateSegment { path: PathBuf, source: std::io::Error },
+    CreateSegment {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write the segment {path}")]
-    WriteSegment { path: PathBuf, source: std::io::Error },
+    WriteSegment {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open the tree store")]
     OpenTree(#[source] TreeStoreError),
     #[error("cannot update the tree store")]
     UpdateTree(#[source] TreeStoreError),
     #[error("cannot write the tree's durable mark {path}")]
-    WriteTreeMark { path: PathBuf, source: std::io::Error },
+    WriteTreeMark {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot encode the event")]
     EncodeEvent(#[source] EventError),
-    #[error("the event's record is {length} bytes, more than the {MAX_RECORD_LEN} a record may be")]
+    #[error(
+        "the event's record is {length} bytes, more than the {MAX_RECORD_LEN} a record may be"
+    )]
     CheckRecordSize { length: usize },
     #[error("the audit log stopped after a failed write ({reason}); reopen it to recover")]
     CheckHealthy { reason: String },
@@ -112,7 +141,11 @@ pub struct AuditConfig {
 impl AuditConfig {
     /// Defaults for the VM `vm`.
     pub fn new(vm: impl Into<String>) -> AuditConfig {
-        AuditConfig { vm: vm.into(), key_path: None, segment_bytes: DEFAULT_SEGMENT_BYTES }
+        AuditConfig {
+            vm: vm.into(),
+            key_path: None,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+        }
     }
 }
 
@@ -156,6 +189,8 @@ struct Batch {
     durable: u64,
     writing: bool,
     failed: Option<String>,
+    /// Batches written (one fsync each).
+    commits: u64,
 }
 
 /// The files the leader writes.
@@ -194,11 +229,18 @@ pub struct AuditLog {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding these locks leaves plain data behind; the `failed` flag, not
     // the poison, is what stops the log.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn check_vm(vm: &str) -> Result<(), AuditError> {
-    let bad = |reason| Err(AuditError::CheckVm { vm: vm.to_string(), reason });
+    let bad = |reason| {
+        Err(AuditError::CheckVm {
+            vm: vm.to_string(),
+            reason,
+        })
+    };
     if vm.is_empty() {
         return bad("it is empty");
     }
@@ -212,8 +254,10 @@ fn check_vm(vm: &str) -> Result<(), AuditError> {
 }
 
 fn create_dir(path: &Path) -> Result<(), AuditError> {
-    std::fs::create_dir_all(path)
-        .map_err(|source| AuditError::CreateDir { path: path.to_path_buf(), source })
+    std::fs::create_dir_all(path).map_err(|source| AuditError::CreateDir {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn lock_directory(layout: &Layout) -> Result<File, AuditError> {
@@ -225,18 +269,27 @@ fn lock_directory(layout: &Layout) -> Result<File, AuditError> {
         .create(true)
         .truncate(false)
         .open(&path)
-        .map_err(|source| AuditError::LockLog { path: path.clone(), source })?;
+        .map_err(|source| AuditError::LockLog {
+            path: path.clone(),
+            source,
+        })?;
     // SAFETY: flock on a file descriptor we own; no memory is passed.
     let result = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if result != 0 {
-        return Err(AuditError::LockLog { path, source: std::io::Error::last_os_error() });
+        return Err(AuditError::LockLog {
+            path,
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(file)
 }
 
 fn check_origin(layout: &Layout, vm: &str) -> Result<(), AuditError> {
     let path = layout.origin();
-    let origin_error = |source| AuditError::WriteOrigin { path: path.clone(), source };
+    let origin_error = |source| AuditError::WriteOrigin {
+        path: path.clone(),
+        source,
+    };
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let found = text.trim_end_matches('\n');
@@ -266,7 +319,8 @@ fn load_key(layout: &Layout, config: &AuditConfig) -> Result<HostKey, AuditError
         Err(CheckpointError::ReadPublicKey { source, .. })
             if source.kind() == std::io::ErrorKind::NotFound =>
         {
-            write_public_key(&public_path, &key.public_key()).map_err(AuditError::WritePublicKey)?;
+            write_public_key(&public_path, &key.public_key())
+                .map_err(AuditError::WritePublicKey)?;
         }
         Err(_) => return Err(AuditError::CheckPublicKey { path: public_path }),
     }
@@ -285,20 +339,27 @@ fn save_torn(layout: &Layout, records: u64, bytes: &[u8]) -> Result<PathBuf, Aud
     let dir = layout.torn();
     create_dir(&dir)?;
     let path = dir.join(format!("{records:020}-{}.bin", now_unix_nanos()));
-    write_atomic(&path, bytes, 0o644).map_err(|source| AuditError::CutTail { path: path.clone(), source })?;
+    write_atomic(&path, bytes, 0o644).map_err(|source| AuditError::CutTail {
+        path: path.clone(),
+        source,
+    })?;
     Ok(path)
 }
 
 fn create_segment(layout: &Layout, first_seq: u64) -> Result<(File, PathBuf), AuditError> {
     let path = layout.log().join(segment_file_name(first_seq));
-    let create_error = |source| AuditError::CreateSegment { path: path.clone(), source };
+    let create_error = |source| AuditError::CreateSegment {
+        path: path.clone(),
+        source,
+    };
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .open(&path)
         .map_err(create_error)?;
-    file.write_all_at(&encode_header(first_seq), 0).map_err(create_error)?;
+    file.write_all_at(&encode_header(first_seq), 0)
+        .map_err(create_error)?;
     file.sync_all().map_err(create_error)?;
     sync_dir(&layout.log()).map_err(create_error)?;
     Ok((file, path))
@@ -318,8 +379,14 @@ fn recover_segments(
             let (file, path) = create_segment(layout, 0)?;
             return Ok((file, path, 0, HEADER_LEN as u64, 0));
         };
-        let refuse = |reason: String| AuditError::RecoverSegment { path: path.clone(), reason };
-        let bytes = std::fs::read(&path).map_err(|source| AuditError::CutTail { path: path.clone(), source })?;
+        let refuse = |reason: String| AuditError::RecoverSegment {
+            path: path.clone(),
+            reason,
+        };
+        let bytes = std::fs::read(&path).map_err(|source| AuditError::CutTail {
+            path: path.clone(),
+            source,
+        })?;
         let header = match parse_header(&path, &bytes) {
             Ok(header) => header,
             Err(_)
@@ -330,7 +397,10 @@ fn recover_segments(
                 // Creating the segment was cut short before its header was durable: it
                 // never held a record.
                 let saved = save_torn(layout, first, &bytes)?;
-                let remove_error = |source| AuditError::CutTail { path: path.clone(), source };
+                let remove_error = |source| AuditError::CutTail {
+                    path: path.clone(),
+                    source,
+                };
                 std::fs::remove_file(&path).map_err(remove_error)?;
                 sync_dir(&log_dir).map_err(remove_error)?;
                 recovery.removed_segments.push(saved);
@@ -340,7 +410,9 @@ fn recover_segments(
             Err(error) => return Err(refuse(error.to_string())),
         };
         if header != first {
-            return Err(refuse(format!("its header says it starts at record {header}")));
+            return Err(refuse(format!(
+                "its header says it starts at record {header}"
+            )));
         }
         let mut count = 0u64;
         let mut end = HEADER_LEN as u64;
@@ -349,7 +421,10 @@ fn recover_segments(
             let frame = match frame {
                 Ok(frame) if frame.check_ok => frame,
                 Ok(frame) => {
-                    cut = Some((frame.offset, "the frame's check does not match its body".into()));
+                    cut = Some((
+                        frame.offset,
+                        "the frame's check does not match its body".into(),
+                    ));
                     break;
                 }
                 Err(problem) => {
@@ -361,9 +436,14 @@ fn recover_segments(
             match Event::decode(frame.body) {
                 Ok(event) if event.seq == index => {}
                 Ok(event) => {
-                    return Err(refuse(format!("record {index} carries sequence number {}", event.seq)))
+                    return Err(refuse(format!(
+                        "record {index} carries sequence number {}",
+                        event.seq
+                    )))
                 }
-                Err(error) => return Err(refuse(format!("record {index} does not decode: {error}"))),
+                Err(error) => {
+                    return Err(refuse(format!("record {index} does not decode: {error}")))
+                }
             }
             count += 1;
             end = frame.offset + (FRAME_HEADER_LEN + frame.body.len()) as u64;
@@ -380,10 +460,16 @@ fn recover_segments(
                 .read(true)
                 .write(true)
                 .open(&path)
-                .map_err(|source| AuditError::CutTail { path: path.clone(), source })?;
+                .map_err(|source| AuditError::CutTail {
+                    path: path.clone(),
+                    source,
+                })?;
             file.set_len(offset)
                 .and_then(|()| file.sync_all())
-                .map_err(|source| AuditError::CutTail { path: path.clone(), source })?;
+                .map_err(|source| AuditError::CutTail {
+                    path: path.clone(),
+                    source,
+                })?;
             recovery.cut_tail = Some(CutTail {
                 segment: path.clone(),
                 offset,
@@ -400,7 +486,10 @@ fn recover_segments(
             .read(true)
             .write(true)
             .open(&path)
-            .map_err(|source| AuditError::WriteSegment { path: path.clone(), source })?;
+            .map_err(|source| AuditError::WriteSegment {
+                path: path.clone(),
+                source,
+            })?;
         return Ok((file, path, first, end, records));
     }
 }
@@ -445,7 +534,10 @@ fn recover_tree(
         if tree.size() != records {
             return Err(AuditError::RecoverSegment {
                 path: layout.log(),
-                reason: format!("the segments hold {} records, expected {records}", tree.size()),
+                reason: format!(
+                    "the segments hold {} records, expected {records}",
+                    tree.size()
+                ),
             });
         }
     }
@@ -464,7 +556,9 @@ impl Storage {
         self.segment
             .write_all_at(frames, self.segment_len)
             .map_err(write_error(&self.segment_path))?;
-        self.segment.sync_data().map_err(write_error(&self.segment_path))?;
+        self.segment
+            .sync_data()
+            .map_err(write_error(&self.segment_path))?;
         self.segment_len += frames.len() as u64;
         self.records += leaves.len() as u64;
         self.tree.append(leaves).map_err(AuditError::UpdateTree)
@@ -502,14 +596,20 @@ impl AuditLog {
         let layout = Layout::new(dir);
         create_dir(dir)?;
         let lock_file = lock_directory(&layout)?;
-        for path in [layout.log(), layout.tree(), layout.checkpoints(), layout.blobs()] {
+        for path in [
+            layout.log(),
+            layout.tree(),
+            layout.checkpoints(),
+            layout.blobs(),
+        ] {
             create_dir(&path)?;
         }
         check_origin(&layout, &config.vm)?;
         let key = load_key(&layout, &config)?;
         let blobs = BlobStore::open(&layout.blobs()).map_err(AuditError::PutBlob)?;
 
-        let latest = latest_checkpoint(&layout.checkpoints()).map_err(AuditError::ReadCheckpoints)?;
+        let latest =
+            latest_checkpoint(&layout.checkpoints()).map_err(AuditError::ReadCheckpoints)?;
         let checkpoint_size = latest.as_ref().map_or(0, |c| c.checkpoint.tree_size);
         let durable_floor = checkpoint_size.max(read_tree_mark(&layout));
         let mut recovery = Recovery::default();
@@ -538,6 +638,7 @@ impl AuditLog {
             durable: records,
             writing: false,
             failed: None,
+            commits: 0,
         };
         Ok(AuditLog {
             shared: Arc::new(Shared {
@@ -579,6 +680,11 @@ impl AuditLog {
         lock(&self.shared.batch).durable
     }
 
+    /// Group commits (batch writes, one fsync each) since the log was opened.
+    pub fn commits(&self) -> u64 {
+        lock(&self.shared.batch).commits
+    }
+
     /// Appends `event` and returns its sequence number once it is durable. Secret
     /// parameters are redacted first. An error means the event is not acknowledged.
     pub fn append(&self, event: NewEvent) -> Result<u64, AuditError> {
@@ -592,7 +698,9 @@ impl AuditLog {
     pub fn append_buffered(&self, event: NewEvent) -> Result<u64, AuditError> {
         let mut batch = lock(&self.shared.batch);
         if let Some(reason) = &batch.failed {
-            return Err(AuditError::CheckHealthy { reason: reason.clone() });
+            return Err(AuditError::CheckHealthy {
+                reason: reason.clone(),
+            });
         }
         let seq = batch.next_seq;
         let record = Event::from_new(event, seq, &self.shared.vm, now_unix_nanos());
@@ -622,7 +730,9 @@ impl AuditLog {
                 return Ok(batch.durable);
             }
             if let Some(reason) = &batch.failed {
-                return Err(AuditError::CheckHealthy { reason: reason.clone() });
+                return Err(AuditError::CheckHealthy {
+                    reason: reason.clone(),
+                });
             }
             if batch.writing {
                 batch = shared
@@ -644,6 +754,7 @@ impl AuditLog {
             match written {
                 Ok(()) => {
                     batch.durable = end;
+                    batch.commits += 1;
                     if batch.frames.is_empty() {
                         // Hand the allocations back for the next batch.
                         let (mut frames, mut leaves) = (frames, leaves);
@@ -694,7 +805,10 @@ impl AuditLog {
     ) -> Result<T, AuditError> {
         let storage = lock(&self.shared.storage);
         if size > storage.tree.size() {
-            return Err(AuditError::CheckTreeSize { requested: size, size: storage.tree.size() });
+            return Err(AuditError::CheckTreeSize {
+                requested: size,
+                size: storage.tree.size(),
+            });
         }
         build(&storage.tree).map_err(AuditError::BuildProof)
     }
@@ -708,7 +822,8 @@ impl AuditLog {
     pub fn leaf_hash(&self, index: u64) -> Result<Hash, AuditError> {
         self.with_tree(index + 1, |tree| {
             use crate::tree::NodeSource;
-            tree.node(0, index).ok_or(TreeError::ReadNode { level: 0, index })
+            tree.node(0, index)
+                .ok_or(TreeError::ReadNode { level: 0, index })
         })
     }
 
@@ -720,7 +835,9 @@ impl AuditLog {
     /// The consistency proof between the trees of the first `old_size` and `new_size`
     /// records.
     pub fn consistency_proof(&self, old_size: u64, new_size: u64) -> Result<Vec<Hash>, AuditError> {
-        self.with_tree(new_size, |tree| tree::consistency_proof(tree, old_size, new_size))
+        self.with_tree(new_size, |tree| {
+            tree::consistency_proof(tree, old_size, new_size)
+        })
     }
 
     /// Bytes on disk: (segments, stored tree).
@@ -751,13 +868,19 @@ impl Drop for Shared {
     fn drop(&mut self) {
         // The last handle is gone: write what is pending so buffered appends are not lost
         // on a clean exit. Errors cannot be returned from here; `close` reports them.
-        let batch = self.batch.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let batch = self
+            .batch
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if batch.failed.is_some() {
             return;
         }
         let frames = std::mem::take(&mut batch.frames);
         let leaves = std::mem::take(&mut batch.leaves);
-        let storage = self.storage.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let storage = self
+            .storage
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if !frames.is_empty() && storage.write_batch(&frames, &leaves).is_err() {
             return;
         }

@@ -36,21 +36,36 @@ pub const CHECKPOINT_SUFFIX: &str = ".ckpt";
 #[derive(Debug, Error)]
 pub enum CheckpointError {
     #[error("cannot read the host key {path}")]
-    ReadKey { path: PathBuf, source: std::io::Error },
+    ReadKey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot create the host key {path}")]
-    CreateKey { path: PathBuf, source: std::io::Error },
+    CreateKey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the host key {path} is {length} bytes, a host key is 32")]
     CheckKeyLength { path: PathBuf, length: usize },
     #[error("the host key {path} can be read by other users (mode {mode:o}); chmod 600 it")]
     CheckKeyMode { path: PathBuf, mode: u32 },
     #[error("cannot read the public key {path}")]
-    ReadPublicKey { path: PathBuf, source: std::io::Error },
+    ReadPublicKey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{what} is not an ed25519 public key ({reason})")]
     ParsePublicKey { what: String, reason: String },
     #[error("cannot write {path}")]
-    WriteFile { path: PathBuf, source: std::io::Error },
+    WriteFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot read the checkpoint {path}")]
-    ReadCheckpoint { path: PathBuf, source: std::io::Error },
+    ReadCheckpoint {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("line {line} of the checkpoint: {reason}")]
     ParseCheckpoint { line: usize, reason: String },
     #[error("the checkpoint is signed by key {found}, expected key {expected}")]
@@ -58,7 +73,10 @@ pub enum CheckpointError {
     #[error("the checkpoint signature does not verify: the checkpoint was altered or forged")]
     VerifySignature,
     #[error("cannot list the checkpoints in {path}")]
-    ListCheckpoints { path: PathBuf, source: std::io::Error },
+    ListCheckpoints {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// What a checkpoint states.
@@ -133,17 +151,29 @@ impl SignedCheckpoint {
         let key = from_hex::<32>(field(5, "key")?).map_err(|e| bad(6, &e.to_string()))?;
         let signature =
             from_hex::<64>(field(6, "signature")?).map_err(|e| bad(7, &e.to_string()))?;
-        let checkpoint = Checkpoint { origin, tree_size, root, time_unix_nanos };
+        let checkpoint = Checkpoint {
+            origin,
+            tree_size,
+            root,
+            time_unix_nanos,
+        };
         if checkpoint.message().split_terminator('\n').count() != 5 {
             return Err(bad(2, "the origin has a line break"));
         }
-        Ok(SignedCheckpoint { checkpoint, key, signature })
+        Ok(SignedCheckpoint {
+            checkpoint,
+            key,
+            signature,
+        })
     }
 
     /// Reads and parses a checkpoint file.
     pub fn read(path: &Path) -> Result<SignedCheckpoint, CheckpointError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| CheckpointError::ReadCheckpoint { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| CheckpointError::ReadCheckpoint {
+                path: path.to_path_buf(),
+                source,
+            })?;
         SignedCheckpoint::parse(&text)
     }
 
@@ -190,23 +220,44 @@ impl HostKey {
 
     /// Loads the key at `path`; refuses a key file other users can read.
     pub fn load(path: &Path) -> Result<HostKey, CheckpointError> {
-        let read_error = |source| CheckpointError::ReadKey { path: path.to_path_buf(), source };
-        let mode = std::fs::metadata(path).map_err(read_error)?.permissions().mode();
+        let read_error = |source| CheckpointError::ReadKey {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mode = std::fs::metadata(path)
+            .map_err(read_error)?
+            .permissions()
+            .mode();
         if mode & 0o077 != 0 {
-            return Err(CheckpointError::CheckKeyMode { path: path.to_path_buf(), mode: mode & 0o777 });
+            return Err(CheckpointError::CheckKeyMode {
+                path: path.to_path_buf(),
+                mode: mode & 0o777,
+            });
         }
         let bytes = std::fs::read(path).map_err(read_error)?;
-        let seed: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-            CheckpointError::CheckKeyLength { path: path.to_path_buf(), length: bytes.len() }
-        })?;
-        Ok(HostKey { signing: SigningKey::from_bytes(&seed) })
+        let seed: [u8; 32] =
+            bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| CheckpointError::CheckKeyLength {
+                    path: path.to_path_buf(),
+                    length: bytes.len(),
+                })?;
+        Ok(HostKey {
+            signing: SigningKey::from_bytes(&seed),
+        })
     }
 
     fn create(path: &Path) -> Result<HostKey, CheckpointError> {
-        let create_error = |source| CheckpointError::CreateKey { path: path.to_path_buf(), source };
+        let create_error = |source| CheckpointError::CreateKey {
+            path: path.to_path_buf(),
+            source,
+        };
         let seed = random_bytes::<32>().map_err(create_error)?;
         write_atomic(path, &seed, 0o600).map_err(create_error)?;
-        Ok(HostKey { signing: SigningKey::from_bytes(&seed) })
+        Ok(HostKey {
+            signing: SigningKey::from_bytes(&seed),
+        })
     }
 
     /// The public half.
@@ -227,23 +278,30 @@ impl HostKey {
 
 /// Parses a public key from hex text.
 pub fn parse_public_key(text: &str, what: &str) -> Result<VerifyingKey, CheckpointError> {
-    let bad = |reason: String| CheckpointError::ParsePublicKey { what: what.to_string(), reason };
+    let bad = |reason: String| CheckpointError::ParsePublicKey {
+        what: what.to_string(),
+        reason,
+    };
     let bytes = from_hex::<32>(text).map_err(|e| bad(e.to_string()))?;
     VerifyingKey::from_bytes(&bytes).map_err(|e| bad(e.to_string()))
 }
 
 /// Reads a public key file (hex text, as `host.pub`).
 pub fn read_public_key(path: &Path) -> Result<VerifyingKey, CheckpointError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| CheckpointError::ReadPublicKey { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| CheckpointError::ReadPublicKey {
+        path: path.to_path_buf(),
+        source,
+    })?;
     parse_public_key(&text, &path.display().to_string())
 }
 
 /// Writes a public key file.
 pub fn write_public_key(path: &Path, key: &VerifyingKey) -> Result<(), CheckpointError> {
     let text = format!("{}\n", to_hex(&key.to_bytes()));
-    write_atomic(path, text.as_bytes(), 0o644)
-        .map_err(|source| CheckpointError::WriteFile { path: path.to_path_buf(), source })
+    write_atomic(path, text.as_bytes(), 0o644).map_err(|source| CheckpointError::WriteFile {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// The file name of the checkpoint for a tree size.
@@ -252,17 +310,27 @@ pub fn checkpoint_file_name(tree_size: u64) -> String {
 }
 
 /// Writes `checkpoint` into the directory `dir` (atomically) and returns its path.
-pub fn write_checkpoint(dir: &Path, checkpoint: &SignedCheckpoint) -> Result<PathBuf, CheckpointError> {
+pub fn write_checkpoint(
+    dir: &Path,
+    checkpoint: &SignedCheckpoint,
+) -> Result<PathBuf, CheckpointError> {
     let path = dir.join(checkpoint_file_name(checkpoint.checkpoint.tree_size));
-    write_atomic(&path, checkpoint.to_text().as_bytes(), 0o644)
-        .map_err(|source| CheckpointError::WriteFile { path: path.clone(), source })?;
+    write_atomic(&path, checkpoint.to_text().as_bytes(), 0o644).map_err(|source| {
+        CheckpointError::WriteFile {
+            path: path.clone(),
+            source,
+        }
+    })?;
     Ok(path)
 }
 
 /// The checkpoint files in `dir`, ordered by name (so by tree size). A missing directory
 /// has none.
 pub fn list_checkpoints(dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
-    let list_error = |source| CheckpointError::ListCheckpoints { path: dir.to_path_buf(), source };
+    let list_error = |source| CheckpointError::ListCheckpoints {
+        path: dir.to_path_buf(),
+        source,
+    };
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -323,7 +391,10 @@ mod tests {
         let key = HostKey::load_or_create(&dir.path().join("host.key")).unwrap();
         let text = sample(&key).to_text().replace("size 12", "size 13");
         let parsed = SignedCheckpoint::parse(&text).unwrap();
-        assert!(matches!(parsed.verify(&key.public_key()), Err(CheckpointError::VerifySignature)));
+        assert!(matches!(
+            parsed.verify(&key.public_key()),
+            Err(CheckpointError::VerifySignature)
+        ));
     }
 
     #[test]
@@ -354,7 +425,10 @@ mod tests {
         let path = dir.path().join("host.key");
         HostKey::load_or_create(&path).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(HostKey::load(&path), Err(CheckpointError::CheckKeyMode { .. })));
+        assert!(matches!(
+            HostKey::load(&path),
+            Err(CheckpointError::CheckKeyMode { .. })
+        ));
     }
 
     #[test]

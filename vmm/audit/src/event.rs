@@ -60,7 +60,11 @@ impl Actor {
     /// The peer credentials of a connected Unix stream socket.
     pub fn from_unix_stream(stream: &std::os::unix::net::UnixStream) -> std::io::Result<Actor> {
         use std::os::fd::AsRawFd;
-        let mut credentials = libc::ucred { pid: 0, uid: 0, gid: 0 };
+        let mut credentials = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
         let mut length = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
         // SAFETY: the fd is a live socket borrowed from `stream`; the out pointer and length
         // describe `credentials`, a properly sized and aligned ucred on our stack.
@@ -94,12 +98,18 @@ pub struct Param {
 impl Param {
     /// A parameter; redacted on append when its key names a secret.
     pub fn new(key: impl Into<String>, value: impl Into<String>) -> Param {
-        Param { key: key.into(), value: value.into() }
+        Param {
+            key: key.into(),
+            value: value.into(),
+        }
     }
 
     /// A parameter whose value is secret whatever its key: recorded as `[redacted]`.
     pub fn secret(key: impl Into<String>) -> Param {
-        Param { key: key.into(), value: REDACTED.to_string() }
+        Param {
+            key: key.into(),
+            value: REDACTED.to_string(),
+        }
     }
 }
 
@@ -260,7 +270,9 @@ impl Event {
         let (event, unused) =
             postcard::take_from_bytes::<Event>(rest).map_err(EventError::DecodeRecord)?;
         if !unused.is_empty() {
-            return Err(EventError::DecodeRecord(postcard::Error::DeserializeBadEncoding));
+            return Err(EventError::DecodeRecord(
+                postcard::Error::DeserializeBadEncoding,
+            ));
         }
         Ok(event)
     }
@@ -290,7 +302,11 @@ mod tests {
 
     fn sample() -> Event {
         let new = NewEvent::new("agent.exec")
-            .actor(Actor { pid: 42, uid: 1000, gid: 1000 })
+            .actor(Actor {
+                pid: 42,
+                uid: 1000,
+                gid: 1000,
+            })
             .param("command", "ls -l")
             .param("api_key", "sk-live-123")
             .secret_param("stdin")
@@ -317,7 +333,13 @@ mod tests {
 
     #[test]
     fn is_secret_key_matches_whole_segments_only() {
-        for key in ["password", "X-Auth-Token", "ssh.private.key", "SECRET", "key"] {
+        for key in [
+            "password",
+            "X-Auth-Token",
+            "ssh.private.key",
+            "SECRET",
+            "key",
+        ] {
             assert!(is_secret_key(key), "{key}");
         }
         for key in ["keys", "keyboard", "monkey", "text", "x", "command"] {
@@ -331,14 +353,20 @@ mod tests {
         let event = Event::from_new(NewEvent::new("agent.write").param("data", long), 0, "vm", 0);
         let value = &event.params[0].value;
         assert!(value.starts_with(&"é".repeat(MAX_PARAM_VALUE_LEN / 2)));
-        assert!(value.ends_with(&format!("...[{} more bytes not recorded]", MAX_PARAM_VALUE_LEN)));
+        assert!(value.ends_with(&format!(
+            "...[{} more bytes not recorded]",
+            MAX_PARAM_VALUE_LEN
+        )));
     }
 
     #[test]
     fn decode_with_unknown_version_returns_error() {
         let mut body = sample().encode().unwrap();
         body[0] = 9;
-        assert!(matches!(Event::decode(&body), Err(EventError::CheckVersion(9))));
+        assert!(matches!(
+            Event::decode(&body),
+            Err(EventError::CheckVersion(9))
+        ));
     }
 
     #[test]
@@ -353,6 +381,9 @@ mod tests {
     fn decode_with_trailing_bytes_returns_error() {
         let mut body = sample().encode().unwrap();
         body.push(0);
-        assert!(matches!(Event::decode(&body), Err(EventError::DecodeRecord(_))));
+        assert!(matches!(
+            Event::decode(&body),
+            Err(EventError::DecodeRecord(_))
+        ));
     }
 }

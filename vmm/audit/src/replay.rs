@@ -65,11 +65,15 @@ fn blob_json(store: &BlobStore, hash: &[u8; 32]) -> (Value, bool) {
                 json!({"uri": format!("data:{mime};base64,{}", to_base64(&bytes)), "bytes": bytes.len()}),
                 true,
             ),
-            None => (json!({"note": format!("not an image a browser shows ({} bytes)", bytes.len())}), true),
+            None => (
+                json!({"note": format!("not an image a browser shows ({} bytes)", bytes.len())}),
+                true,
+            ),
         },
-        Err(BlobError::CheckContent { .. }) => {
-            (json!({"note": "ALTERED: the stored file does not match this screenshot's hash"}), false)
-        }
+        Err(BlobError::CheckContent { .. }) => (
+            json!({"note": "ALTERED: the stored file does not match this screenshot's hash"}),
+            false,
+        ),
         Err(_) => (json!({"note": "MISSING from the blob store"}), false),
     }
 }
@@ -106,7 +110,8 @@ pub fn write_replay(dir: &Path, out: &mut dyn Write) -> Result<ReplaySummary, Re
         .map_err(ReplayError::EncodeSession)?
         .replace('<', "\\u003c");
     let page = PAGE.replace("/*SESSION*/", &data);
-    out.write_all(page.as_bytes()).map_err(ReplayError::WritePage)?;
+    out.write_all(page.as_bytes())
+        .map_err(ReplayError::WritePage)?;
     out.flush().map_err(ReplayError::WritePage)?;
     Ok(ReplaySummary {
         events: summary.records,

@@ -67,7 +67,11 @@ pub trait NodeSource {
     fn node(&self, level: u32, index: u64) -> Option<Hash>;
 }
 
-fn read_node<S: NodeSource + ?Sized>(source: &S, level: u32, index: u64) -> Result<Hash, TreeError> {
+fn read_node<S: NodeSource + ?Sized>(
+    source: &S,
+    level: u32,
+    index: u64,
+) -> Result<Hash, TreeError> {
     source
         .node(level, index)
         .ok_or(TreeError::ReadNode { level, index })
@@ -83,7 +87,11 @@ fn split_point(n: u64) -> u64 {
 /// some tree: `start` is a multiple of the largest power of two not above `end - start`,
 /// which holds for every range the recursive split produces. The range is cut into
 /// complete subtrees, largest first, and folded from the right.
-pub fn range_hash<S: NodeSource + ?Sized>(source: &S, start: u64, end: u64) -> Result<Hash, TreeError> {
+pub fn range_hash<S: NodeSource + ?Sized>(
+    source: &S,
+    start: u64,
+    end: u64,
+) -> Result<Hash, TreeError> {
     if start >= end {
         return Ok(empty_root());
     }
@@ -148,7 +156,10 @@ pub fn consistency_proof<S: NodeSource + ?Sized>(
     new_size: u64,
 ) -> Result<Vec<Hash>, TreeError> {
     if old_size > new_size {
-        return Err(TreeError::CheckSizes { old: old_size, new: new_size });
+        return Err(TreeError::CheckSizes {
+            old: old_size,
+            new: new_size,
+        });
     }
     if old_size == 0 || old_size == new_size {
         return Ok(Vec::new());
@@ -211,7 +222,10 @@ pub fn verify_inclusion(
     }
     let expected = inclusion_proof_length(index, size);
     if path.len() != expected {
-        return Err(TreeError::CheckProofLength { expected, actual: path.len() });
+        return Err(TreeError::CheckProofLength {
+            expected,
+            actual: path.len(),
+        });
     }
     let (mut f, mut s) = (index, size - 1);
     let mut hash = *leaf;
@@ -247,11 +261,17 @@ pub fn verify_consistency(
     proof: &[Hash],
 ) -> Result<(), TreeError> {
     if old_size > new_size {
-        return Err(TreeError::CheckSizes { old: old_size, new: new_size });
+        return Err(TreeError::CheckSizes {
+            old: old_size,
+            new: new_size,
+        });
     }
     if old_size == new_size {
         if !proof.is_empty() {
-            return Err(TreeError::CheckProofLength { expected: 0, actual: proof.len() });
+            return Err(TreeError::CheckProofLength {
+                expected: 0,
+                actual: proof.len(),
+            });
         }
         if old_root != new_root {
             return Err(TreeError::VerifyRoot);
@@ -260,7 +280,10 @@ pub fn verify_consistency(
     }
     if old_size == 0 {
         if !proof.is_empty() {
-            return Err(TreeError::CheckProofLength { expected: 0, actual: proof.len() });
+            return Err(TreeError::CheckProofLength {
+                expected: 0,
+                actual: proof.len(),
+            });
         }
         if *old_root != empty_root() {
             return Err(TreeError::VerifyOldRoot);
@@ -268,7 +291,10 @@ pub fn verify_consistency(
         return Ok(());
     }
     if proof.is_empty() {
-        return Err(TreeError::CheckProofLength { expected: 1, actual: 0 });
+        return Err(TreeError::CheckProofLength {
+            expected: 1,
+            actual: 0,
+        });
     }
     // When the old tree is a complete subtree its root is the first hash of the path.
     let mut hashes = proof.iter();
@@ -417,7 +443,10 @@ impl MemoryTree {
             if count % 2 == 1 {
                 break;
             }
-            hash = node_hash(&self.levels[level][count - 2], &self.levels[level][count - 1]);
+            hash = node_hash(
+                &self.levels[level][count - 2],
+                &self.levels[level][count - 1],
+            );
             level += 1;
         }
     }
@@ -440,7 +469,10 @@ mod tests {
 
     #[test]
     fn root_of_empty_tree_is_hash_of_empty_string() {
-        assert_eq!(root(&MemoryTree::new(), 0).unwrap(), *blake3::hash(b"").as_bytes());
+        assert_eq!(
+            root(&MemoryTree::new(), 0).unwrap(),
+            *blake3::hash(b"").as_bytes()
+        );
         assert_eq!(Frontier::new().root(), empty_root());
     }
 
@@ -459,7 +491,12 @@ mod tests {
         let mut frontier = Frontier::new();
         for (i, leaf) in l.iter().enumerate() {
             frontier.push(*leaf);
-            assert_eq!(frontier.root(), root(&tree, i as u64 + 1).unwrap(), "size {}", i + 1);
+            assert_eq!(
+                frontier.root(),
+                root(&tree, i as u64 + 1).unwrap(),
+                "size {}",
+                i + 1
+            );
         }
     }
 
@@ -491,7 +528,10 @@ mod tests {
     #[test]
     fn inclusion_proof_with_missing_node_returns_error() {
         let tree = MemoryTree::from_leaves(leaves(4));
-        assert!(matches!(inclusion_proof(&tree, 0, 8), Err(TreeError::ReadNode { .. })));
+        assert!(matches!(
+            inclusion_proof(&tree, 0, 8),
+            Err(TreeError::ReadNode { .. })
+        ));
     }
 
     #[test]
@@ -502,7 +542,10 @@ mod tests {
         let mut path = inclusion_proof(&tree, 6, 11).unwrap();
         verify_inclusion(&l[6], 6, 11, &path, &root).unwrap();
         path[1][0] ^= 1;
-        assert_eq!(verify_inclusion(&l[6], 6, 11, &path, &root), Err(TreeError::VerifyRoot));
+        assert_eq!(
+            verify_inclusion(&l[6], 6, 11, &path, &root),
+            Err(TreeError::VerifyRoot)
+        );
     }
 
     #[test]
