@@ -1,0 +1,157 @@
+//! Helpers for integration tests that run the real `carrel-vmm` binary on real KVM.
+//!
+//! Tests wait on events (a console line, process exit), never on sleeps; the deadlines
+//! here only turn a hang into a failure with the output so far.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root exists")
+}
+
+pub fn vmm_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_carrel-vmm"))
+}
+
+/// Builds the project's guests once per test binary and returns the path of `name`.
+pub fn guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let root = workspace_root();
+    let built = BUILT.get_or_init(|| {
+        let status = Command::new("bash")
+            .arg(root.join("scripts/build-guests.sh"))
+            .status()
+            .map_err(|err| format!("cannot run scripts/build-guests.sh: {err}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("scripts/build-guests.sh failed: {status}"))
+        }
+    });
+    if let Err(message) = built {
+        panic!("{message}");
+    }
+    root.join("target/guests").join(name)
+}
+
+/// Whether this machine's KVM is the paravirtual kvm_pvm.
+pub fn on_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// A running `carrel-vmm` with its console lines arriving on a channel.
+pub struct RunningVm {
+    pub child: Child,
+    lines: Receiver<String>,
+    pub output: Vec<String>,
+}
+
+impl RunningVm {
+    pub fn start(args: &[&str]) -> RunningVm {
+        let mut child = Command::new(vmm_binary())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("carrel-vmm starts");
+        let (sender, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        for stream in [Box::new(stdout) as Box<dyn std::io::Read + Send>, Box::new(stderr)] {
+            let sender = sender.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    if sender.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        RunningVm { child, lines, output: Vec::new() }
+    }
+
+    /// Waits for a line containing `needle`; panics with everything seen at the deadline.
+    pub fn wait_for_line(&mut self, needle: &str, deadline: Duration) -> String {
+        let end = Instant::now() + deadline;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.output.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    panic!("no line with {needle:?} within {deadline:?}; output:\n{}", self.output.join("\n"))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("carrel-vmm closed its output before {needle:?}; output:\n{}", self.output.join("\n"))
+                }
+            }
+        }
+    }
+
+    /// Waits for the process to exit, collecting the rest of its output.
+    pub fn wait_for_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let end = Instant::now() + deadline;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait works") {
+                // Drain what the reader threads still hold.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.output.push(line);
+                }
+                return status;
+            }
+            match self.lines.recv_timeout(Duration::from_millis(20)) {
+                Ok(line) => self.output.push(line),
+                Err(_) if Instant::now() > end => {
+                    let _ = self.child.kill();
+                    panic!("carrel-vmm did not exit within {deadline:?}; output:\n{}", self.output.join("\n"));
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill({signal}) failed");
+    }
+
+    pub fn text(&self) -> String {
+        self.output.join("\n")
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `carrel-vmm` to completion with `args`; returns (exit code, stdout + stderr).
+pub fn run_to_exit(args: &[&str], deadline: Duration) -> (Option<i32>, String) {
+    let mut vm = RunningVm::start(args);
+    let status = vm.wait_for_exit(deadline);
+    (status.code(), vm.text())
+}
+
+/// A unique scratch path under the system temp dir.
+pub fn scratch_path(name: &str) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("carrel-test-{}-{n}-{name}", std::process::id()))
+}
