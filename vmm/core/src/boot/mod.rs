@@ -583,6 +583,7 @@ mod tests {
         bytes[0x202..0x206].copy_from_slice(b"HdrS");
         bytes[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // version 2.15
         bytes[0x211] = 0x01; // loadflags: LOADED_HIGH
+        bytes[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
         bytes[0x22c..0x230].copy_from_slice(&0x37ff_ffffu32.to_le_bytes()); // initrd_addr_max
         bytes[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes()); // kernel_alignment
         let path = std::env::temp_dir().join(format!(
