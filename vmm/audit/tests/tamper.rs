@@ -46,7 +46,11 @@ impl Fixture {
         }
         log.checkpoint().unwrap();
         drop(log);
-        Fixture { dir, external_checkpoint, screenshot: *shots[1].as_bytes() }
+        Fixture {
+            dir,
+            external_checkpoint,
+            screenshot: *shots[1].as_bytes(),
+        }
     }
 
     fn log_dir(&self) -> PathBuf {
@@ -56,7 +60,10 @@ impl Fixture {
     fn verify(&self) -> VerifyReport {
         verify_dir(
             &self.log_dir(),
-            &VerifyOptions { key: None, checkpoints: vec![self.external_checkpoint.clone()] },
+            &VerifyOptions {
+                key: None,
+                checkpoints: vec![self.external_checkpoint.clone()],
+            },
         )
         .unwrap()
     }
@@ -64,7 +71,10 @@ impl Fixture {
     /// Record bodies of the (only) segment.
     fn bodies(&self) -> Vec<Vec<u8>> {
         let bytes = std::fs::read(only_segment(&self.log_dir())).unwrap();
-        frame_ranges(&bytes).into_iter().map(|(start, end)| bytes[start + 12..end].to_vec()).collect()
+        frame_ranges(&bytes)
+            .into_iter()
+            .map(|(start, end)| bytes[start + 12..end].to_vec())
+            .collect()
     }
 
     /// Rewrites the segment from bodies with valid frames, as an attacker who knows the
@@ -79,7 +89,10 @@ impl Fixture {
 }
 
 fn run_cli(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_carrel-audit")).args(args).output().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_carrel-audit"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -107,7 +120,12 @@ fn verify_of_untouched_log_passes_with_cli_ok() {
     assert_eq!(report.blobs_checked, 2);
     let log_dir = fixture.log_dir();
     let checkpoint = fixture.external_checkpoint.to_str().unwrap();
-    let (code, stdout, _) = run_cli(&["verify", log_dir.to_str().unwrap(), "--checkpoint", checkpoint]);
+    let (code, stdout, _) = run_cli(&[
+        "verify",
+        log_dir.to_str().unwrap(),
+        "--checkpoint",
+        checkpoint,
+    ]);
     assert_eq!(code, 0, "{stdout}");
     assert_eq!(stdout.lines().last(), Some("OK"));
 }
@@ -121,7 +139,11 @@ fn verify_after_one_byte_changed_in_record_names_record() {
     bytes[(start + end) / 2] ^= 0x01;
     std::fs::write(&segment, &bytes).unwrap();
     let report = fixture.verify();
-    assert_finding(&report, |f| matches!(f, Finding::RecordCheck { index: 7, .. }), "record 7");
+    assert_finding(
+        &report,
+        |f| matches!(f, Finding::RecordCheck { index: 7, .. }),
+        "record 7",
+    );
     let log_dir = fixture.log_dir();
     let (code, stdout, _) = run_cli(&["verify", log_dir.to_str().unwrap()]);
     assert_eq!(code, 1);
@@ -137,10 +159,25 @@ fn verify_after_record_rewritten_with_valid_frame_names_record_and_checkpoints()
     bodies[7] = event.encode().unwrap();
     fixture.write_bodies(&bodies);
     let report = fixture.verify();
-    assert_finding(&report, |f| matches!(f, Finding::StoredTreeNode { level: 0, index: 7 }), "record 7's leaf");
-    assert_finding(&report, |f| matches!(f, Finding::CheckpointRoot { size: 10, .. }), "checkpoint at 10");
-    assert_finding(&report, |f| matches!(f, Finding::CheckpointRoot { size: 20, .. }), "checkpoint at 20");
-    assert!(report.lines().iter().any(|line| line.starts_with("FAIL record 7: its leaf hash differs")));
+    assert_finding(
+        &report,
+        |f| matches!(f, Finding::StoredTreeNode { level: 0, index: 7 }),
+        "record 7's leaf",
+    );
+    assert_finding(
+        &report,
+        |f| matches!(f, Finding::CheckpointRoot { size: 10, .. }),
+        "checkpoint at 10",
+    );
+    assert_finding(
+        &report,
+        |f| matches!(f, Finding::CheckpointRoot { size: 20, .. }),
+        "checkpoint at 20",
+    );
+    assert!(report
+        .lines()
+        .iter()
+        .any(|line| line.starts_with("FAIL record 7: its leaf hash differs")));
 }
 
 #[test]
@@ -155,10 +192,23 @@ fn verify_after_record_and_stored_tree_rewritten_names_checkpoints() {
     let report = fixture.verify();
     assert_finding(
         &report,
-        |f| matches!(f, Finding::CheckpointRoot { size: 20, last_good_size: Some(10), .. }),
+        |f| {
+            matches!(
+                f,
+                Finding::CheckpointRoot {
+                    size: 20,
+                    last_good_size: Some(10),
+                    ..
+                }
+            )
+        },
         "the checkpoint at 20 with the change after record 10",
     );
-    assert!(report.checkpoints.iter().filter(|c| c.size == 10).all(|c| c.ok));
+    assert!(report
+        .checkpoints
+        .iter()
+        .filter(|c| c.size == 10)
+        .all(|c| c.ok));
 }
 
 #[test]
@@ -168,8 +218,34 @@ fn verify_after_two_records_swapped_names_both() {
     bodies.swap(4, 5);
     fixture.write_bodies(&bodies);
     let report = fixture.verify();
-    assert_finding(&report, |f| matches!(f, Finding::RecordSequence { index: 4, seq: 5, .. }), "record 4");
-    assert_finding(&report, |f| matches!(f, Finding::RecordSequence { index: 5, seq: 4, .. }), "record 5");
+    assert_finding(
+        &report,
+        |f| {
+            matches!(
+                f,
+                Finding::RecordSequence {
+                    index: 4,
+                    seq: 5,
+                    ..
+                }
+            )
+        },
+        "record 4",
+    );
+    assert_finding(
+        &report,
+        |f| {
+            matches!(
+                f,
+                Finding::RecordSequence {
+                    index: 5,
+                    seq: 4,
+                    ..
+                }
+            )
+        },
+        "record 5",
+    );
 }
 
 #[test]
@@ -181,7 +257,16 @@ fn verify_after_last_record_dropped_names_checkpoint() {
     let report = fixture.verify();
     assert_finding(
         &report,
-        |f| matches!(f, Finding::CheckpointBeyondLog { size: 20, records: 19, .. }),
+        |f| {
+            matches!(
+                f,
+                Finding::CheckpointBeyondLog {
+                    size: 20,
+                    records: 19,
+                    ..
+                }
+            )
+        },
         "the checkpoint that covers the dropped record",
     );
 }
@@ -190,11 +275,23 @@ fn verify_after_last_record_dropped_names_checkpoint() {
 fn verify_after_screenshot_blob_replaced_names_blob_and_record() {
     let fixture = Fixture::new("tamper-blob");
     let store = carrel_audit::blob::BlobStore::at(&fixture.log_dir().join("blobs"));
-    std::fs::write(store.path(&fixture.screenshot), b"\x89PNG\r\n\x1a\na nicer screen").unwrap();
+    std::fs::write(
+        store.path(&fixture.screenshot),
+        b"\x89PNG\r\n\x1a\na nicer screen",
+    )
+    .unwrap();
     let report = fixture.verify();
     assert_finding(
         &report,
-        |f| matches!(f, Finding::BlobContent { referenced_by: Some(3), .. }),
+        |f| {
+            matches!(
+                f,
+                Finding::BlobContent {
+                    referenced_by: Some(3),
+                    ..
+                }
+            )
+        },
         "the replaced screenshot of record 3",
     );
 }
@@ -207,7 +304,16 @@ fn verify_after_screenshot_blob_deleted_names_record() {
     let report = fixture.verify();
     assert_finding(
         &report,
-        |f| matches!(f, Finding::BlobMissing { index: 3, field: "screenshot_after", .. }),
+        |f| {
+            matches!(
+                f,
+                Finding::BlobMissing {
+                    index: 3,
+                    field: "screenshot_after",
+                    ..
+                }
+            )
+        },
         "the missing screenshot of record 3",
     );
 }
@@ -215,17 +321,27 @@ fn verify_after_screenshot_blob_deleted_names_record() {
 #[test]
 fn verify_of_forged_checkpoint_names_it() {
     let fixture = Fixture::new("tamper-forge");
-    let path = fixture.log_dir().join("checkpoints").join("00000000000000000020.ckpt");
+    let path = fixture
+        .log_dir()
+        .join("checkpoints")
+        .join("00000000000000000020.ckpt");
     let text = std::fs::read_to_string(&path).unwrap();
     let forged = text.replace("size 20", "size 19");
     assert_ne!(forged, text);
     std::fs::write(&path, forged).unwrap();
     let report = fixture.verify();
-    assert_finding(&report, |f| matches!(f, Finding::CheckpointSignature { path: p, .. } if *p == path), "the forged checkpoint");
+    assert_finding(
+        &report,
+        |f| matches!(f, Finding::CheckpointSignature { path: p, .. } if *p == path),
+        "the forged checkpoint",
+    );
     let log_dir = fixture.log_dir();
     let (code, stdout, _) = run_cli(&["verify", log_dir.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(stdout.contains("00000000000000000020.ckpt: the checkpoint signature does not verify"), "{stdout}");
+    assert!(
+        stdout.contains("00000000000000000020.ckpt: the checkpoint signature does not verify"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -240,9 +356,21 @@ fn verify_with_pinned_key_rejects_log_resigned_with_other_key() {
         let signed = SignedCheckpoint::read(&path).unwrap();
         std::fs::write(&path, forger.sign(signed.checkpoint).to_text()).unwrap();
     }
-    carrel_audit::checkpoint::write_public_key(&log_dir.join("host.pub"), &forger.public_key()).unwrap();
-    let report = verify_dir(&log_dir, &VerifyOptions { key: Some(real_key), checkpoints: vec![] }).unwrap();
-    assert_finding(&report, |f| matches!(f, Finding::CheckpointSignature { .. }), "the re-signed checkpoints");
+    carrel_audit::checkpoint::write_public_key(&log_dir.join("host.pub"), &forger.public_key())
+        .unwrap();
+    let report = verify_dir(
+        &log_dir,
+        &VerifyOptions {
+            key: Some(real_key),
+            checkpoints: vec![],
+        },
+    )
+    .unwrap();
+    assert_finding(
+        &report,
+        |f| matches!(f, Finding::CheckpointSignature { .. }),
+        "the re-signed checkpoints",
+    );
 }
 
 #[test]
@@ -262,7 +390,11 @@ fn verify_with_kept_checkpoint_after_history_rewritten_fails() {
     log.checkpoint().unwrap();
     drop(log);
     let own = verify_dir(&log_dir, &VerifyOptions::default()).unwrap();
-    assert!(own.ok(), "the rewritten log is self-consistent:\n{}", own.lines().join("\n"));
+    assert!(
+        own.ok(),
+        "the rewritten log is self-consistent:\n{}",
+        own.lines().join("\n")
+    );
     let report = fixture.verify();
     assert_finding(
         &report,
@@ -281,7 +413,10 @@ fn verify_with_kept_checkpoint_of_grown_log_passes() {
     drop(log);
     let report = fixture.verify();
     assert!(report.ok(), "{}", report.lines().join("\n"));
-    assert!(report.checkpoints.iter().any(|c| c.external && c.ok && c.size == 10));
+    assert!(report
+        .checkpoints
+        .iter()
+        .any(|c| c.external && c.ok && c.size == 10));
     assert_eq!(report.unsigned_records, 15);
 }
 
@@ -293,7 +428,19 @@ fn verify_of_copy_with_torn_tail_reports_it() {
     bytes.extend_from_slice(&[40, 0, 0, 0, 1, 2, 3]);
     std::fs::write(&segment, &bytes).unwrap();
     let report = fixture.verify();
-    assert_finding(&report, |f| matches!(f, Finding::TornTail { after_record: 20, .. }), "the torn tail");
+    assert_finding(
+        &report,
+        |f| {
+            matches!(
+                f,
+                Finding::TornTail {
+                    after_record: 20,
+                    ..
+                }
+            )
+        },
+        "the torn tail",
+    );
 }
 
 #[test]

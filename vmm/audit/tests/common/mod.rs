@@ -43,12 +43,24 @@ impl Drop for TempDir {
 
 /// The event the tests append as number `i`: its parameter `i` says which it is.
 pub fn numbered_event(i: u64) -> NewEvent {
-    NewEvent::new(if i % 3 == 0 { "input.click" } else { "input.type" })
-        .actor(Actor { pid: 1000 + i as u32, uid: 1000, gid: 1000 })
-        .param("i", i.to_string())
-        .param("x", (i * 7 % 1024).to_string())
-        .param("token", "hunter2")
-        .outcome(if i % 5 == 4 { Outcome::Error("timed out".into()) } else { Outcome::Ok })
+    NewEvent::new(if i % 3 == 0 {
+        "input.click"
+    } else {
+        "input.type"
+    })
+    .actor(Actor {
+        pid: 1000 + i as u32,
+        uid: 1000,
+        gid: 1000,
+    })
+    .param("i", i.to_string())
+    .param("x", (i * 7 % 1024).to_string())
+    .param("token", "hunter2")
+    .outcome(if i % 5 == 4 {
+        Outcome::Error("timed out".into())
+    } else {
+        Outcome::Ok
+    })
 }
 
 /// Copies a directory tree.
@@ -68,7 +80,10 @@ pub fn copy_dir(from: &Path, to: &Path) {
 /// A random u64 from the kernel.
 pub fn random_u64() -> u64 {
     let mut bytes = [0u8; 8];
-    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut bytes).unwrap();
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut bytes)
+        .unwrap();
     u64::from_le_bytes(bytes)
 }
 
