@@ -89,11 +89,59 @@ fn eventfd(what: &'static str) -> Result<EventFd, BuildError> {
 /// Builds a VM from `config`, ready for its vCPUs to start.
 pub fn build_vm(config: &VmConfig, started: Instant) -> Result<BuiltVm, BuildError> {
     let kernel = config.validate()?;
-    let vcpu_count = config.cpus as u8;
 
     let ram = create_guest_ram(config.mem_mib)?;
     let vm = Vm::new()?;
-    vm.register_memory(&ram.memory)?;
+    // Adding a memory slot costs milliseconds inside KVM whatever the size (a fixed cost of
+    // the memslot update, most of a start here); nothing below needs the slot until the
+    // vCPUs run, so it overlaps with the rest of the build.
+    std::thread::scope(|scope| {
+        let registering = scope.spawn(|| vm.register_memory(&ram.memory));
+        let devices = wire_vm(config, kernel, &vm, &ram);
+        let registered = registering
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        registered?;
+        let wired = devices?;
+        // kvm_pvm checks the VIF address against the memory slots: only now may it be set.
+        if wired.boot.wants_vif {
+            for vcpu in &wired.vcpus {
+                platform::register_vif_page(wired.platform, &vcpu.fd, layout::VIF_ADDR)?;
+            }
+        }
+        Ok::<Wired, BuildError>(wired)
+    })
+    .map(|wired| BuiltVm {
+        vm,
+        ram,
+        vcpus: wired.vcpus,
+        platform: wired.platform,
+        boot: wired.boot,
+        serial: wired.serial,
+        exit: wired.exit,
+        virtio: wired.virtio,
+        started,
+    })
+}
+
+/// Everything of a VM but its memory and VM fd.
+struct Wired {
+    vcpus: Vec<Vcpu>,
+    platform: PlatformKind,
+    boot: BootSetup,
+    serial: Arc<Mutex<SerialDevice>>,
+    exit: Arc<VmExitSignal>,
+    virtio: Vec<AttachedVirtio>,
+}
+
+/// Devices, vCPUs, kernel and boot state, in that order.
+fn wire_vm(
+    config: &VmConfig,
+    kernel: &std::path::Path,
+    vm: &Vm,
+    ram: &GuestRam,
+) -> Result<Wired, BuildError> {
+    let vcpu_count = config.cpus as u8;
 
     let console_log = match &config.console_log {
         Some(path) => Some(
@@ -114,7 +162,7 @@ pub fn build_vm(config: &VmConfig, started: Instant) -> Result<BuiltVm, BuildErr
 
     let mut io_bus = Bus::new();
     let serial = attach_serial(&vm, &mut io_bus, console.clone())?;
-    attach_power_ports(&mut io_bus, &exit, &ram, &console)?;
+    attach_power_ports(&mut io_bus, &exit, ram, &console)?;
 
     let mut mmio_bus = Bus::new();
     let mut virtio = Vec::new();
@@ -187,23 +235,17 @@ pub fn build_vm(config: &VmConfig, started: Instant) -> Result<BuiltVm, BuildErr
         platform::adjust_cpuid(&mut cpuid, platform, boot.guest, vcpu.id, vcpu_count);
         vcpu.set_cpuid(&cpuid)?;
         regs::set_lint(&vcpu.fd, boot.lint)?;
-        if boot.wants_vif {
-            platform::register_vif_page(platform, &vcpu.fd, layout::VIF_ADDR)?;
-        }
     }
     // The boot vCPU starts at the entry point; the others wait for the guest's SIPI.
     regs::set_entry_state(&vcpus[0].fd, boot.entry)?;
 
-    Ok(BuiltVm {
-        vm,
-        ram,
+    Ok(Wired {
         vcpus,
         platform,
         boot,
         serial,
         exit,
         virtio,
-        started,
     })
 }
 
