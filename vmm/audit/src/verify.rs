@@ -279,8 +279,9 @@ impl VerifyReport {
         self.findings.is_empty()
     }
 
-    /// The report as lines for a person: what was checked, then OK or every finding.
-    pub fn lines(&self) -> Vec<String> {
+    /// The report as lines for a person: what was checked, then OK or the findings (the
+    /// first `limit` of them, all when `None`).
+    pub fn lines(&self, limit: Option<usize>) -> Vec<String> {
         let mut lines = vec![format!(
             "log {} (origin '{}')",
             self.dir.display(),
@@ -336,8 +337,15 @@ impl VerifyReport {
         if self.ok() {
             lines.push("OK".into());
         } else {
-            for finding in &self.findings {
+            let shown = limit.unwrap_or(usize::MAX).min(self.findings.len());
+            for finding in &self.findings[..shown] {
                 lines.push(format!("FAIL {finding}"));
+            }
+            if shown < self.findings.len() {
+                lines.push(format!(
+                    "... and {} more problems (carrel-audit verify --all lists every one)",
+                    self.findings.len() - shown
+                ));
             }
             lines.push(format!("FAILED: {} problems", self.findings.len()));
         }

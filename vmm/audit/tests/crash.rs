@@ -253,7 +253,7 @@ fn crash_kill_during_appends_loses_no_acknowledged_event() {
         assert!(
             report.ok(),
             "iteration {iteration}:\n{}",
-            report.lines().join("\n")
+            report.lines(None).join("\n")
         );
     }
     assert!(

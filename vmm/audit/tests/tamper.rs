@@ -105,7 +105,7 @@ fn assert_finding(report: &VerifyReport, wanted: impl Fn(&Finding) -> bool, what
     assert!(
         report.findings.iter().any(wanted),
         "no finding names {what}:\n{}",
-        report.lines().join("\n")
+        report.lines(None).join("\n")
     );
 }
 
@@ -113,7 +113,7 @@ fn assert_finding(report: &VerifyReport, wanted: impl Fn(&Finding) -> bool, what
 fn verify_of_untouched_log_passes_with_cli_ok() {
     let fixture = Fixture::new("tamper-none");
     let report = fixture.verify();
-    assert!(report.ok(), "{}", report.lines().join("\n"));
+    assert!(report.ok(), "{}", report.lines(None).join("\n"));
     assert_eq!(report.records, RECORDS);
     assert_eq!(report.checkpoints.len(), 3);
     assert!(report.checkpoints.iter().all(|c| c.ok));
@@ -175,7 +175,7 @@ fn verify_after_record_rewritten_with_valid_frame_names_record_and_checkpoints()
         "checkpoint at 20",
     );
     assert!(report
-        .lines()
+        .lines(None)
         .iter()
         .any(|line| line.starts_with("FAIL record 7: its leaf hash differs")));
 }
@@ -393,7 +393,7 @@ fn verify_with_kept_checkpoint_after_history_rewritten_fails() {
     assert!(
         own.ok(),
         "the rewritten log is self-consistent:\n{}",
-        own.lines().join("\n")
+        own.lines(None).join("\n")
     );
     let report = fixture.verify();
     assert_finding(
@@ -412,7 +412,7 @@ fn verify_with_kept_checkpoint_of_grown_log_passes() {
     }
     drop(log);
     let report = fixture.verify();
-    assert!(report.ok(), "{}", report.lines().join("\n"));
+    assert!(report.ok(), "{}", report.lines(None).join("\n"));
     assert!(report
         .checkpoints
         .iter()

@@ -21,9 +21,10 @@ const USAGE: &str = "\
 usage: carrel-audit COMMAND DIR [OPTIONS]
 
 commands:
-  verify DIR [--checkpoint FILE]... [--key HEX|FILE]
+  verify DIR [--checkpoint FILE]... [--key HEX|FILE] [--all]
         check every record, the tree, the signatures, the blobs, and consistency with
-        checkpoints you kept; prints what was checked and OK, or each failure (exit 1)
+        checkpoints you kept; prints what was checked and OK, or the failures (the first
+        50; --all for every one) and exits 1
   show DIR [--from N] [--count N] [--json]
         summary of the log and its events (default: the first 50)
   prove DIR --index N [--size M] [--old-size M]
@@ -166,7 +167,8 @@ fn verify(dir: &Path, args: &Arguments) -> anyhow::Result<ExitCode> {
             .collect(),
     };
     let report = verify_dir(dir, &options)?;
-    for line in report.lines() {
+    let limit = if args.flag("--all") { None } else { Some(50) };
+    for line in report.lines(limit) {
         println!("{line}");
     }
     Ok(if report.ok() {
