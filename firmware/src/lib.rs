@@ -142,20 +142,10 @@ impl BootInfo {
             cmdline_addr: 0,
             cmdline_len: 0,
             memory_range_count: 0,
-            memory_ranges: [MemoryRange {
-                base: 0,
-                size: 0,
-                kind: 0,
-                reserved: 0,
-            }; MAX_MEMORY_RANGES],
+            memory_ranges: [MemoryRange { base: 0, size: 0, kind: 0, reserved: 0 }; MAX_MEMORY_RANGES],
             device_count: 0,
             reserved0: 0,
-            devices: [DeviceEntry {
-                base: 0,
-                size: 0,
-                irq: 0,
-                device_type: 0,
-            }; MAX_DEVICES],
+            devices: [DeviceEntry { base: 0, size: 0, irq: 0, device_type: 0 }; MAX_DEVICES],
             framebuffer_width: 0,
             framebuffer_height: 0,
             lapic_addr: 0,
@@ -218,12 +208,7 @@ impl BootInfo {
         // SAFETY: BootInfo is repr(C), Copy, made only of integers and arrays of repr(C)
         // integer structs, with every padding hole filled by an explicit field (checked by
         // the size test below), so all its bytes are initialized.
-        unsafe {
-            core::slice::from_raw_parts(
-                (self as *const BootInfo).cast::<u8>(),
-                core::mem::size_of::<BootInfo>(),
-            )
-        }
+        unsafe { core::slice::from_raw_parts((self as *const BootInfo).cast::<u8>(), core::mem::size_of::<BootInfo>()) }
     }
 }
 
@@ -322,10 +307,7 @@ mod tests {
         let mut info = BootInfo::new();
         assert!(info.is_valid());
         for index in 0..MAX_DEVICES {
-            assert!(info.push_device(DeviceEntry {
-                irq: index as u32,
-                ..Default::default()
-            }));
+            assert!(info.push_device(DeviceEntry { irq: index as u32, ..Default::default() }));
         }
         assert!(!info.push_device(DeviceEntry::default()));
         assert_eq!(info.devices().len(), MAX_DEVICES);
@@ -341,14 +323,8 @@ mod tests {
 
     #[test]
     fn platform_kind_round_trips_raw_values() {
-        assert_eq!(
-            PlatformKind::from_raw(PlatformKind::Pvm as u32),
-            Some(PlatformKind::Pvm)
-        );
-        assert_eq!(
-            PlatformKind::from_raw(PlatformKind::Hardware as u32),
-            Some(PlatformKind::Hardware)
-        );
+        assert_eq!(PlatformKind::from_raw(PlatformKind::Pvm as u32), Some(PlatformKind::Pvm));
+        assert_eq!(PlatformKind::from_raw(PlatformKind::Hardware as u32), Some(PlatformKind::Hardware));
         assert_eq!(PlatformKind::from_raw(0), None);
     }
 }

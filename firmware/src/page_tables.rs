@@ -35,11 +35,7 @@ pub const fn table_count(gib: u64) -> usize {
 
 /// Fills `tables`, laid out as consecutive 512-entry tables at guest-physical `tables_addr`
 /// (PML4, PDPT, then one PD per GiB), with an identity map of `[0, gib GiB)`.
-pub fn build_identity_map(
-    tables: &mut [u64],
-    tables_addr: u64,
-    gib: u64,
-) -> Result<(), PageTableError> {
+pub fn build_identity_map(tables: &mut [u64], tables_addr: u64, gib: u64) -> Result<(), PageTableError> {
     if gib == 0 || gib > ENTRIES as u64 {
         return Err(PageTableError::BadSize { gib });
     }
@@ -48,10 +44,7 @@ pub fn build_identity_map(
     }
     let needed = table_count(gib) * ENTRIES;
     if tables.len() < needed {
-        return Err(PageTableError::BufferTooSmall {
-            needed,
-            got: tables.len(),
-        });
+        return Err(PageTableError::BufferTooSmall { needed, got: tables.len() });
     }
     tables[..needed].fill(0);
     let table_addr = |index: usize| tables_addr + (index as u64) * 0x1000;
@@ -106,14 +99,7 @@ mod tests {
     #[test]
     fn identity_map_translates_low_addresses_to_themselves() {
         let tables = build(4);
-        for addr in [
-            0u64,
-            0x7000,
-            0x20_0000,
-            0xfee0_0350,
-            0xffff_ffff,
-            3 * GIB + 12345,
-        ] {
+        for addr in [0u64, 0x7000, 0x20_0000, 0xfee0_0350, 0xffff_ffff, 3 * GIB + 12345] {
             assert_eq!(translate(&tables, addr), Some(addr), "addr {addr:#x}");
         }
         assert_eq!(translate(&tables, 4 * GIB), None);
@@ -141,22 +127,14 @@ mod tests {
     #[test]
     fn build_rejects_zero_size_small_buffer_and_unaligned_base() {
         let mut tables = vec![0u64; 3 * ENTRIES];
-        assert_eq!(
-            build_identity_map(&mut tables, BASE, 0),
-            Err(PageTableError::BadSize { gib: 0 })
-        );
+        assert_eq!(build_identity_map(&mut tables, BASE, 0), Err(PageTableError::BadSize { gib: 0 }));
         assert_eq!(
             build_identity_map(&mut tables, BASE, 2),
-            Err(PageTableError::BufferTooSmall {
-                needed: 4 * ENTRIES,
-                got: 3 * ENTRIES
-            })
+            Err(PageTableError::BufferTooSmall { needed: 4 * ENTRIES, got: 3 * ENTRIES })
         );
         assert_eq!(
             build_identity_map(&mut tables, BASE + 8, 1),
-            Err(PageTableError::Unaligned {
-                tables_addr: BASE + 8
-            })
+            Err(PageTableError::Unaligned { tables_addr: BASE + 8 })
         );
     }
 }

@@ -83,10 +83,8 @@ impl Summary {
 /// `perf/results/`. Returns the path written.
 pub fn report(bench: &str, mut results: Value) -> anyhow::Result<PathBuf> {
     let revision = git_revision();
-    let unix_time = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let unix_time =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     if let Value::Object(map) = &mut results {
         map.insert("bench".into(), json!(bench));
         map.insert("git_revision".into(), json!(revision));
@@ -103,10 +101,7 @@ pub fn report(bench: &str, mut results: Value) -> anyhow::Result<PathBuf> {
 
 /// The workspace root (the directory holding the root Cargo.toml).
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_default()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -7,10 +7,7 @@ use core::fmt::{self, Write};
 
 use crate::GuestCell;
 
-static RECORD: GuestCell<ConsoleRecord> = GuestCell::new(ConsoleRecord {
-    len: 0,
-    bytes: [0; CONSOLE_RECORD_MAX],
-});
+static RECORD: GuestCell<ConsoleRecord> = GuestCell::new(ConsoleRecord { len: 0, bytes: [0; CONSOLE_RECORD_MAX] });
 
 /// Writes text into the pending record; a full record or a newline sends it.
 pub struct Console;
@@ -35,9 +32,7 @@ pub fn flush() {
     let address = record as *const ConsoleRecord as usize as u32;
     // SAFETY: a port write to the VMM's console port; the record lives in identity-mapped
     // RAM below 4 GiB, as the port's contract requires.
-    unsafe {
-        asm!("out dx, eax", in("dx") ports::CONSOLE, in("eax") address, options(nostack, preserves_flags))
-    };
+    unsafe { asm!("out dx, eax", in("dx") ports::CONSOLE, in("eax") address, options(nostack, preserves_flags)) };
     record.len = 0;
 }
 

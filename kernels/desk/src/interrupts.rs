@@ -178,9 +178,7 @@ pub enum Platform {
 impl Platform {
     pub fn new(kind: PlatformKind, vif_addr: u64) -> Platform {
         match kind {
-            PlatformKind::Pvm if vif_addr != 0 => Platform::Pvm {
-                vif: vif_addr as *mut VifPage,
-            },
+            PlatformKind::Pvm if vif_addr != 0 => Platform::Pvm { vif: vif_addr as *mut VifPage },
             _ => Platform::Hardware,
         }
     }
@@ -211,9 +209,7 @@ impl Platform {
             // SAFETY: cli only changes RFLAGS.IF.
             Platform::Hardware => unsafe { asm!("cli", options(nomem, nostack)) },
             // SAFETY: as in enable_interrupts.
-            Platform::Pvm { vif } => unsafe {
-                core::ptr::addr_of_mut!((*vif).enabled).write_volatile(0)
-            },
+            Platform::Pvm { vif } => unsafe { core::ptr::addr_of_mut!((*vif).enabled).write_volatile(0) },
         }
     }
 
@@ -239,9 +235,7 @@ impl Platform {
             Platform::Hardware => {
                 let cr2: u64;
                 // SAFETY: reading CR2 has no side effects.
-                unsafe {
-                    asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags))
-                };
+                unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };
                 cr2
             }
         }

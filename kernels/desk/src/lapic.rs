@@ -31,10 +31,7 @@ pub fn enable(base: u64) {
     BASE.store(base, Ordering::Relaxed);
     write(LVT_LINT0, MASKED);
     write(LVT_LINT1, MASKED);
-    write(
-        SPURIOUS,
-        APIC_ENABLE | u32::from(crate::interrupts::SPURIOUS_VECTOR),
-    );
+    write(SPURIOUS, APIC_ENABLE | u32::from(crate::interrupts::SPURIOUS_VECTOR));
 }
 
 /// Starts the periodic timer at `hz` interrupts per second on `vector`.

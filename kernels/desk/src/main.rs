@@ -86,9 +86,7 @@ pub fn platform() -> Platform {
 pub fn rdtsc() -> u64 {
     let (low, high): (u32, u32);
     // SAFETY: rdtsc only reads the time-stamp counter.
-    unsafe {
-        asm!("rdtsc", out("eax") low, out("edx") high, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { asm!("rdtsc", out("eax") low, out("edx") high, options(nomem, nostack, preserves_flags)) };
     (u64::from(high) << 32) | u64::from(low)
 }
 
@@ -133,32 +131,21 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
     // before any other field is trusted.
     let info: &BootInfo = unsafe { &*(boot_info as *const BootInfo) };
     if !info.is_valid() {
-        println!(
-            "desk: BootInfo at {boot_info:#x} is not version {BOOT_INFO_VERSION}; cannot boot"
-        );
+        println!("desk: BootInfo at {boot_info:#x} is not version {BOOT_INFO_VERSION}; cannot boot");
         power_off(3);
     }
     let kind = info.platform_kind();
-    *PLATFORM.get() = Platform::new(
-        kind.unwrap_or(carrel_firmware::PlatformKind::Hardware),
-        info.vif_addr,
-    );
+    *PLATFORM.get() = Platform::new(kind.unwrap_or(carrel_firmware::PlatformKind::Hardware), info.vif_addr);
     let platform = platform();
     let cs: u16;
     // SAFETY: reading CS has no side effects.
     unsafe { asm!("mov {0:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) };
 
-    println!(
-        "desk: Carrel Desk kernel {} (BootInfo v{})",
-        env!("CARGO_PKG_VERSION"),
-        info.version
-    );
+    println!("desk: Carrel Desk kernel {} (BootInfo v{})", env!("CARGO_PKG_VERSION"), info.version);
     match kind {
-        Some(carrel_firmware::PlatformKind::Pvm) => println!(
-            "desk: platform pvm: running native (VIF page at {:#x}, cpl {})",
-            info.vif_addr,
-            cs & 3
-        ),
+        Some(carrel_firmware::PlatformKind::Pvm) => {
+            println!("desk: platform pvm: running native (VIF page at {:#x}, cpl {})", info.vif_addr, cs & 3)
+        }
         _ => println!("desk: platform hardware KVM (cpl {})", cs & 3),
     }
     let usable: u64 = info
@@ -176,10 +163,7 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
         info.tsc_khz
     );
     for device in info.devices() {
-        println!(
-            "desk: device virtio type {} at {:#x} irq {}",
-            device.device_type, device.base, device.irq
-        );
+        println!("desk: device virtio type {} at {:#x} irq {}", device.device_type, device.base, device.irq);
     }
     let cmdline = cmdline(info);
     println!("desk: cmdline \"{cmdline}\"");
@@ -188,20 +172,11 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
     lapic::enable(info.lapic_addr);
 
     let tsc_khz = info.tsc_khz;
-    let timeout = if tsc_khz == 0 {
-        5_000_000_000
-    } else {
-        tsc_khz * 1000
-    };
-    match info
-        .devices()
-        .iter()
-        .find(|device| device.device_type == virtio_id::ENTROPY)
-    {
+    let timeout = if tsc_khz == 0 { 5_000_000_000 } else { tsc_khz * 1000 };
+    match info.devices().iter().find(|device| device.device_type == virtio_id::ENTROPY) {
         Some(device) => {
             let mut entropy = [0u8; 32];
-            match virtio::Rng::new(device.base).and_then(|mut rng| rng.fill(&mut entropy, timeout))
-            {
+            match virtio::Rng::new(device.base).and_then(|mut rng| rng.fill(&mut entropy, timeout)) {
                 Ok(count) => {
                     print!("desk: rng {count} bytes: ");
                     for byte in &entropy[..count.min(entropy.len())] {
@@ -218,10 +193,7 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
     lapic::start_timer(TIMER_VECTOR, 1000);
     platform.enable_interrupts();
     println!("desk: timer 1000 Hz started");
-    println!(
-        "desk: ready ({} us since entry)",
-        microseconds(rdtsc() - start, tsc_khz)
-    );
+    println!("desk: ready ({} us since entry)", microseconds(rdtsc() - start, tsc_khz));
 
     let exit_after_ticks = cmdline.split(' ').any(|argument| argument == "desk.exit=1");
     if exit_after_ticks {
@@ -241,18 +213,11 @@ fn count_ticks_and_power_off(platform: Platform, tsc_khz: u64) -> ! {
         let now = TICKS.load(Ordering::Relaxed);
         if now != seen {
             seen = now;
-            println!(
-                "desk: tick {} at {} us",
-                seen - first,
-                microseconds(rdtsc() - start, tsc_khz)
-            );
+            println!("desk: tick {} at {} us", seen - first, microseconds(rdtsc() - start, tsc_khz));
         }
     }
     platform.disable_interrupts();
     lapic::stop_timer();
-    println!(
-        "desk: 10 ticks in {} us; powering off",
-        microseconds(rdtsc() - start, tsc_khz)
-    );
+    println!("desk: 10 ticks in {} us; powering off", microseconds(rdtsc() - start, tsc_khz));
     power_off(0)
 }

@@ -57,12 +57,7 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     let mut index = 0;
     while index < n {
         // SAFETY: index < n and the caller guarantees n readable bytes on both sides.
-        let (x, y) = unsafe {
-            (
-                core::ptr::read_volatile(a.add(index)),
-                core::ptr::read_volatile(b.add(index)),
-            )
-        };
+        let (x, y) = unsafe { (core::ptr::read_volatile(a.add(index)), core::ptr::read_volatile(b.add(index))) };
         if x != y {
             return i32::from(x) - i32::from(y);
         }

@@ -69,12 +69,7 @@ struct SplitQueue {
 }
 
 static RNG_QUEUE: GuestCell<SplitQueue> = GuestCell::new(SplitQueue {
-    descriptors: [Descriptor {
-        addr: 0,
-        len: 0,
-        flags: 0,
-        next: 0,
-    }; QUEUE_SIZE as usize],
+    descriptors: [Descriptor { addr: 0, len: 0, flags: 0, next: 0 }; QUEUE_SIZE as usize],
     avail_flags: 0,
     avail_idx: 0,
     avail_ring: [0; QUEUE_SIZE as usize],
@@ -102,14 +97,8 @@ impl MmioDevice {
     }
 
     /// Resets and negotiates VERSION_1 only, then sets up queue 0 at `queue`.
-    fn initialise(
-        base: u64,
-        device_id: u32,
-        queue: *const SplitQueue,
-    ) -> Result<MmioDevice, VirtioError> {
-        let device = MmioDevice {
-            base: base as usize,
-        };
+    fn initialise(base: u64, device_id: u32, queue: *const SplitQueue) -> Result<MmioDevice, VirtioError> {
+        let device = MmioDevice { base: base as usize };
         if device.read(MAGIC) != 0x7472_6976 || device.read(VERSION) != 2 {
             return Err(VirtioError::NotVirtio);
         }
@@ -159,11 +148,7 @@ pub struct Rng {
 
 impl Rng {
     pub fn new(base: u64) -> Result<Rng, VirtioError> {
-        let device = MmioDevice::initialise(
-            base,
-            carrel_firmware::virtio_id::ENTROPY,
-            RNG_QUEUE.get() as *const _,
-        )?;
+        let device = MmioDevice::initialise(base, carrel_firmware::virtio_id::ENTROPY, RNG_QUEUE.get() as *const _)?;
         Ok(Rng { device })
     }
 
@@ -171,12 +156,8 @@ impl Rng {
     pub fn fill(&mut self, buffer: &mut [u8], timeout_cycles: u64) -> Result<usize, VirtioError> {
         let queue = RNG_QUEUE.get();
         let slot = queue.avail_idx % QUEUE_SIZE;
-        queue.descriptors[slot as usize] = Descriptor {
-            addr: buffer.as_mut_ptr() as u64,
-            len: buffer.len() as u32,
-            flags: DESC_F_WRITE,
-            next: 0,
-        };
+        queue.descriptors[slot as usize] =
+            Descriptor { addr: buffer.as_mut_ptr() as u64, len: buffer.len() as u32, flags: DESC_F_WRITE, next: 0 };
         queue.avail_ring[slot as usize] = slot;
         let expected = queue.avail_idx.wrapping_add(1);
         fence(Ordering::SeqCst);

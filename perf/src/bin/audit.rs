@@ -85,11 +85,7 @@ fn event(i: u64) -> NewEvent {
     let before = *blake3::hash(&screenshot(i)).as_bytes();
     let after = *blake3::hash(&screenshot(i + 1)).as_bytes();
     NewEvent::new("input.click")
-        .actor(Actor {
-            pid: 4242,
-            uid: 1000,
-            gid: 1000,
-        })
+        .actor(Actor { pid: 4242, uid: 1000, gid: 1000 })
         .param("x", (i % 1920).to_string())
         .param("y", (i % 1080).to_string())
         .outcome(Outcome::Ok)
@@ -115,11 +111,7 @@ fn append_with_1ms_sync(log: &AuditLog, from: u64, to: u64) -> anyhow::Result<(f
 }
 
 /// Several threads each calling the durable `append` in a loop.
-fn concurrent_durable_appends(
-    log: &AuditLog,
-    threads: u64,
-    per_thread: u64,
-) -> anyhow::Result<Value> {
+fn concurrent_durable_appends(log: &AuditLog, threads: u64, per_thread: u64) -> anyhow::Result<Value> {
     let commits_before = log.commits();
     let start = Instant::now();
     let handles: Vec<_> = (0..threads)
@@ -138,11 +130,7 @@ fn concurrent_durable_appends(
         .collect();
     let mut latencies = Vec::new();
     for handle in handles {
-        latencies.extend(
-            handle
-                .join()
-                .map_err(|_| anyhow::anyhow!("appender panicked"))??,
-        );
+        latencies.extend(handle.join().map_err(|_| anyhow::anyhow!("appender panicked"))??);
     }
     let seconds = start.elapsed().as_secs_f64();
     let total = threads * per_thread;
@@ -221,10 +209,7 @@ fn main() -> anyhow::Result<()> {
         log.put_blob(&screenshot(i))?;
     }
 
-    eprintln!(
-        "appending {} events with a durability point every 1 ms",
-        options.entries
-    );
+    eprintln!("appending {} events with a durability point every 1 ms", options.entries);
     let (rate, syncs) = append_with_1ms_sync(&log, 0, options.entries)?;
     let mut results = json!({
         "entries": options.entries,
@@ -248,10 +233,7 @@ fn main() -> anyhow::Result<()> {
     let report = verify_dir(&log_dir, &VerifyOptions::default())?;
     let verify_time = begun.elapsed();
     if !report.ok() || report.records != checkpoint.checkpoint.tree_size {
-        bail!(
-            "verify failed on the benchmark log:\n{}",
-            report.lines(Some(20)).join("\n")
-        );
+        bail!("verify failed on the benchmark log:\n{}", report.lines(Some(20)).join("\n"));
     }
     results["verify"] = json!({
         "records": report.records,

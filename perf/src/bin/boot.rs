@@ -53,12 +53,7 @@ fn guest_rss_kib(pid: u32) -> u64 {
             // A mapping header: "start-end perms offset dev inode path".
             in_guest_ram = line.contains("memfd:carrel-guest-ram");
         } else if let (true, Some(kib)) = (in_guest_ram, line.strip_prefix("Rss:")) {
-            total += kib
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .unwrap_or(0);
+            total += kib.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
         }
     }
     total
@@ -66,16 +61,8 @@ fn guest_rss_kib(pid: u32) -> u64 {
 
 /// Starts `command`, waits for a stdout line containing `needle`, then lets it finish
 /// (or kills it when `kill` is set) and reaps it.
-fn time_to_line(
-    mut command: Command,
-    needle: &str,
-    kill: bool,
-    sample_guest: bool,
-) -> anyhow::Result<Run> {
-    command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .stdin(Stdio::null());
+fn time_to_line(mut command: Command, needle: &str, kill: bool, sample_guest: bool) -> anyhow::Result<Run> {
+    command.stdout(Stdio::piped()).stderr(Stdio::null()).stdin(Stdio::null());
     let started = Instant::now();
     let mut child = command.spawn().context("spawning the VMM")?;
     let stdout = child.stdout.take().context("stdout")?;
@@ -99,39 +86,22 @@ fn time_to_line(
     // Drain so the child never blocks on a full pipe while finishing.
     for _ in lines {}
     let peak = reap(child.id())?;
-    let Some(latency) = latency else {
-        bail!("{needle:?} never appeared")
-    };
-    Ok(Run {
-        latency,
-        peak_rss_kib: peak,
-        guest_rss_kib: guest_rss,
-    })
+    let Some(latency) = latency else { bail!("{needle:?} never appeared") };
+    Ok(Run { latency, peak_rss_kib: peak, guest_rss_kib: guest_rss })
 }
 
 fn summary(runs: &[Run]) -> serde_json::Value {
     let latencies: Vec<Duration> = runs.iter().map(|run| run.latency).collect();
-    let mut value = Summary::of(&latencies)
-        .map(|s| s.to_json_ms())
-        .unwrap_or_default();
+    let mut value = Summary::of(&latencies).map(|s| s.to_json_ms()).unwrap_or_default();
     let mut peaks: Vec<u64> = runs.iter().map(|run| run.peak_rss_kib).collect();
     peaks.sort_unstable();
-    let mut overhead: Vec<u64> = runs
-        .iter()
-        .map(|run| run.peak_rss_kib.saturating_sub(run.guest_rss_kib))
-        .collect();
+    let mut overhead: Vec<u64> = runs.iter().map(|run| run.peak_rss_kib.saturating_sub(run.guest_rss_kib)).collect();
     overhead.sort_unstable();
     if let serde_json::Value::Object(map) = &mut value {
         map.insert("peak_rss_kib_median".into(), json!(peaks[peaks.len() / 2]));
         if runs.iter().any(|run| run.guest_rss_kib > 0) {
-            map.insert(
-                "guest_ram_touched_kib_median".into(),
-                json!(runs[runs.len() / 2].guest_rss_kib),
-            );
-            map.insert(
-                "vmm_rss_beyond_guest_kib_median".into(),
-                json!(overhead[overhead.len() / 2]),
-            );
+            map.insert("guest_ram_touched_kib_median".into(), json!(runs[runs.len() / 2].guest_rss_kib));
+            map.insert("vmm_rss_beyond_guest_kib_median".into(), json!(overhead[overhead.len() / 2]));
         }
     }
     value
@@ -147,10 +117,7 @@ fn require(path: &Path, hint: &str) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let runs = match args.iter().position(|arg| arg == "--runs") {
-        Some(index) => args
-            .get(index + 1)
-            .context("--runs needs a number")?
-            .parse()?,
+        Some(index) => args.get(index + 1).context("--runs needs a number")?.parse()?,
         None => 30usize,
     };
     let root = workspace_root();
@@ -160,18 +127,12 @@ fn main() -> anyhow::Result<()> {
     require(&vmm, "run `cargo build --release -p carrel-vmm`")?;
     require(&desk, "run scripts/build-guests.sh")?;
     require(&pvh, "run scripts/build-guests.sh")?;
-    let qemu = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok();
+    let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
 
     let (mut desk_runs, mut pvh_runs, mut qemu_runs) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         let mut command = Command::new(&vmm);
-        command
-            .args(["run", "--mem", "128", "--kernel"])
-            .arg(&desk)
-            .args(["--cmdline", "desk.exit=1"]);
+        command.args(["run", "--mem", "128", "--kernel"]).arg(&desk).args(["--cmdline", "desk.exit=1"]);
         desk_runs.push(time_to_line(command, "desk: ready", false, true)?);
 
         let mut command = Command::new(&vmm);
@@ -181,41 +142,19 @@ fn main() -> anyhow::Result<()> {
         if qemu {
             let mut command = Command::new("qemu-system-x86_64");
             command
-                .args([
-                    "-M",
-                    "microvm",
-                    "-enable-kvm",
-                    "-cpu",
-                    "host,-arch-capabilities",
-                    "-m",
-                    "128",
-                ])
-                .args([
-                    "-nodefaults",
-                    "-no-user-config",
-                    "-display",
-                    "none",
-                    "-serial",
-                    "stdio",
-                    "-kernel",
-                ])
+                .args(["-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "128"])
+                .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-kernel"])
                 .arg(&pvh);
             qemu_runs.push(time_to_line(command, "OK", true, false)?);
         }
     }
 
-    let median = |runs: &[Run]| {
-        Summary::of(&runs.iter().map(|r| r.latency).collect::<Vec<_>>()).map(|s| s.median)
-    };
+    let median = |runs: &[Run]| Summary::of(&runs.iter().map(|r| r.latency).collect::<Vec<_>>()).map(|s| s.median);
     let ratio = match (median(&qemu_runs), median(&pvh_runs)) {
         (Some(qemu), Some(carrel)) => json!(qemu.as_secs_f64() / carrel.as_secs_f64()),
         _ => json!(null),
     };
-    let platform = if Path::new("/sys/module/kvm_pvm").exists() {
-        "pvm"
-    } else {
-        "hardware"
-    };
+    let platform = if Path::new("/sys/module/kvm_pvm").exists() { "pvm" } else { "hardware" };
     report(
         "boot",
         json!({

@@ -5,9 +5,7 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use carrel_firmware::layout::{
-    self, FIRST_DEVICE_IRQ, LAST_DEVICE_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
-};
+use carrel_firmware::layout::{self, FIRST_DEVICE_IRQ, LAST_DEVICE_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use carrel_firmware::{ports, DeviceEntry, PlatformKind};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -47,15 +45,9 @@ pub enum BuildError {
     #[error(transparent)]
     Bus(#[from] crate::devices::bus::BusError),
     #[error("cannot create an eventfd for {what}: {source}")]
-    CreateEventFd {
-        what: &'static str,
-        source: std::io::Error,
-    },
+    CreateEventFd { what: &'static str, source: std::io::Error },
     #[error("cannot open console log {path}: {source}")]
-    OpenConsoleLog {
-        path: String,
-        source: std::io::Error,
-    },
+    OpenConsoleLog { path: String, source: std::io::Error },
     #[error("more virtio devices than interrupt lines")]
     TooManyDevices,
 }
@@ -98,9 +90,7 @@ pub fn build_vm(config: &VmConfig, started: Instant) -> Result<BuiltVm, BuildErr
     std::thread::scope(|scope| {
         let registering = scope.spawn(|| vm.register_memory(&ram.memory));
         let devices = wire_vm(config, kernel, &vm, &ram);
-        let registered = registering
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let registered = registering.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         registered?;
         let wired = devices?;
         // kvm_pvm checks the VIF address against the memory slots: only now may it be set.
@@ -135,30 +125,18 @@ struct Wired {
 }
 
 /// Devices, vCPUs, kernel and boot state, in that order.
-fn wire_vm(
-    config: &VmConfig,
-    kernel: &std::path::Path,
-    vm: &Vm,
-    ram: &GuestRam,
-) -> Result<Wired, BuildError> {
+fn wire_vm(config: &VmConfig, kernel: &std::path::Path, vm: &Vm, ram: &GuestRam) -> Result<Wired, BuildError> {
     let vcpu_count = config.cpus as u8;
 
     let console_log = match &config.console_log {
         Some(path) => Some(
-            File::create(path).map_err(|source| BuildError::OpenConsoleLog {
-                path: path.display().to_string(),
-                source,
-            })?,
+            File::create(path)
+                .map_err(|source| BuildError::OpenConsoleLog { path: path.display().to_string(), source })?,
         ),
         None => None,
     };
     let console = ConsoleOutput::new(config.console_stdout, console_log);
-    let exit = Arc::new(
-        VmExitSignal::new().map_err(|source| BuildError::CreateEventFd {
-            what: "VM exit",
-            source,
-        })?,
-    );
+    let exit = Arc::new(VmExitSignal::new().map_err(|source| BuildError::CreateEventFd { what: "VM exit", source })?);
 
     let mut io_bus = Bus::new();
     let serial = attach_serial(&vm, &mut io_bus, console.clone())?;
@@ -168,14 +146,7 @@ fn wire_vm(
     let mut virtio = Vec::new();
     let mut devices = Vec::new();
     if config.rng {
-        let (attached, entry) = attach_virtio(
-            &vm,
-            &mut mmio_bus,
-            &ram,
-            "rng",
-            Box::new(Rng::new()),
-            devices.len(),
-        )?;
+        let (attached, entry) = attach_virtio(&vm, &mut mmio_bus, &ram, "rng", Box::new(Rng::new()), devices.len())?;
         virtio.push(attached);
         devices.push(entry);
     }
@@ -193,20 +164,9 @@ fn wire_vm(
         _ => "console=ttyS0 reboot=k panic=1".to_string(),
     };
     let kind = boot::image::inspect(kernel)?;
-    let desk = matches!(
-        kind,
-        boot::image::ImageKind::Elf {
-            desk_boot_info_version: Some(_),
-            ..
-        }
-    ) && matches!(
-        config.boot,
-        boot::BootProtocol::Auto | boot::BootProtocol::Desk
-    );
-    let mut cmdline = config
-        .cmdline
-        .clone()
-        .unwrap_or_else(|| default_cmdline(if desk { "desk" } else { "linux" }));
+    let desk = matches!(kind, boot::image::ImageKind::Elf { desk_boot_info_version: Some(_), .. })
+        && matches!(config.boot, boot::BootProtocol::Auto | boot::BootProtocol::Desk);
+    let mut cmdline = config.cmdline.clone().unwrap_or_else(|| default_cmdline(if desk { "desk" } else { "linux" }));
     if !desk {
         cmdline.push_str(&boot::linux_device_args(&devices));
     }
@@ -239,28 +199,15 @@ fn wire_vm(
     // The boot vCPU starts at the entry point; the others wait for the guest's SIPI.
     regs::set_entry_state(&vcpus[0].fd, boot.entry)?;
 
-    Ok(Wired {
-        vcpus,
-        platform,
-        boot,
-        serial,
-        exit,
-        virtio,
-    })
+    Ok(Wired { vcpus, platform, boot, serial, exit, virtio })
 }
 
 fn ram_gib(bytes: u64) -> u64 {
-    let end = crate::memory::ram_ranges(bytes)
-        .last()
-        .map_or(0, |(start, len)| start + len);
+    let end = crate::memory::ram_ranges(bytes).last().map_or(0, |(start, len)| start + len);
     end.div_ceil(1 << 30)
 }
 
-fn attach_serial(
-    vm: &Vm,
-    io_bus: &mut Bus,
-    console: ConsoleOutput,
-) -> Result<Arc<Mutex<SerialDevice>>, BuildError> {
+fn attach_serial(vm: &Vm, io_bus: &mut Bus, console: ConsoleOutput) -> Result<Arc<Mutex<SerialDevice>>, BuildError> {
     let interrupt = eventfd("serial interrupt")?;
     vm.register_irqfd(&interrupt, layout::SERIAL_IRQ)?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(interrupt, console)));
@@ -279,12 +226,8 @@ fn attach_power_ports(
         (PowerPort::Power, ports::POWER, 1),
         (PowerPort::Console, ports::CONSOLE, 4),
     ] {
-        let device: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(PowerDevice::new(
-            port,
-            exit.clone(),
-            ram.memory.clone(),
-            console.clone(),
-        )));
+        let device: Arc<Mutex<dyn BusDevice>> =
+            Arc::new(Mutex::new(PowerDevice::new(port, exit.clone(), ram.memory.clone(), console.clone())));
         io_bus.insert(device, u64::from(base), len)?;
     }
     Ok(())
@@ -308,11 +251,7 @@ fn attach_virtio(
     let device_type = device.device_type();
     let queue_count = device.queue_max_sizes().len();
     let interrupt = Arc::new(VirtioInterrupt::new(irqfd));
-    let transport = Arc::new(Mutex::new(MmioTransport::new(
-        device,
-        ram.memory.clone(),
-        interrupt,
-    )));
+    let transport = Arc::new(Mutex::new(MmioTransport::new(device, ram.memory.clone(), interrupt)));
     let mut queue_events = Vec::with_capacity(queue_count);
     for queue in 0..queue_count {
         let event = eventfd("virtio queue notification")?;
@@ -320,18 +259,6 @@ fn attach_virtio(
         queue_events.push(event);
     }
     mmio_bus.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
-    let entry = DeviceEntry {
-        base,
-        size: VIRTIO_MMIO_SIZE,
-        irq,
-        device_type,
-    };
-    Ok((
-        AttachedVirtio {
-            name,
-            transport,
-            queue_events,
-        },
-        entry,
-    ))
+    let entry = DeviceEntry { base, size: VIRTIO_MMIO_SIZE, irq, device_type };
+    Ok((AttachedVirtio { name, transport, queue_events }, entry))
 }

@@ -15,10 +15,7 @@ pub const MAX_VCPUS: u8 = 32;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("config {path} is not valid: {message}")]
     Parse { path: String, message: String },
     #[error("no kernel given: pass --kernel PATH or set `kernel` in the config file")]
@@ -94,14 +91,8 @@ impl VmConfig {
     /// Reads a `vm.toml`.
     pub fn from_file(path: &Path) -> Result<VmConfig, ConfigError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: name.clone(),
-            source,
-        })?;
-        VmConfig::from_toml(&text).map_err(|message| ConfigError::Parse {
-            path: name,
-            message,
-        })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: name.clone(), source })?;
+        VmConfig::from_toml(&text).map_err(|message| ConfigError::Parse { path: name, message })
     }
 
     pub fn from_toml(text: &str) -> Result<VmConfig, String> {
@@ -112,15 +103,11 @@ impl VmConfig {
     pub fn validate(&self) -> Result<&Path, ConfigError> {
         let kernel = self.kernel.as_deref().ok_or(ConfigError::MissingKernel)?;
         if !kernel.is_file() {
-            return Err(ConfigError::KernelNotFound {
-                path: kernel.display().to_string(),
-            });
+            return Err(ConfigError::KernelNotFound { path: kernel.display().to_string() });
         }
         if let Some(initrd) = &self.initrd {
             if !initrd.is_file() {
-                return Err(ConfigError::InitrdNotFound {
-                    path: initrd.display().to_string(),
-                });
+                return Err(ConfigError::InitrdNotFound { path: initrd.display().to_string() });
             }
         }
         if self.cpus == 0 || self.cpus > u64::from(MAX_VCPUS) {
@@ -163,27 +150,11 @@ mod tests {
 
     #[test]
     fn validate_reports_missing_kernel_and_bad_cpus() {
-        assert!(matches!(
-            VmConfig::default().validate(),
-            Err(ConfigError::MissingKernel)
-        ));
-        let missing = VmConfig {
-            kernel: Some("/nonexistent/kernel".into()),
-            ..VmConfig::default()
-        };
-        assert!(matches!(
-            missing.validate(),
-            Err(ConfigError::KernelNotFound { .. })
-        ));
+        assert!(matches!(VmConfig::default().validate(), Err(ConfigError::MissingKernel)));
+        let missing = VmConfig { kernel: Some("/nonexistent/kernel".into()), ..VmConfig::default() };
+        assert!(matches!(missing.validate(), Err(ConfigError::KernelNotFound { .. })));
         let exe = std::env::current_exe().unwrap();
-        let bad_cpus = VmConfig {
-            kernel: Some(exe),
-            cpus: 0,
-            ..VmConfig::default()
-        };
-        assert!(matches!(
-            bad_cpus.validate(),
-            Err(ConfigError::BadCpus { got: 0 })
-        ));
+        let bad_cpus = VmConfig { kernel: Some(exe), cpus: 0, ..VmConfig::default() };
+        assert!(matches!(bad_cpus.validate(), Err(ConfigError::BadCpus { got: 0 })));
     }
 }

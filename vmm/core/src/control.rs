@@ -53,15 +53,9 @@ pub struct VmStatus {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("cannot listen on control socket {path}: {source}")]
-    Bind {
-        path: String,
-        source: std::io::Error,
-    },
+    Bind { path: String, source: std::io::Error },
     #[error("cannot connect to control socket {path}: {source}. Is the VM running with --socket {path}?")]
-    Connect {
-        path: String,
-        source: std::io::Error,
-    },
+    Connect { path: String, source: std::io::Error },
     #[error("control socket I/O failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("frame of {len} bytes is larger than the {max} allowed")]
@@ -73,10 +67,7 @@ pub enum ControlError {
 /// Writes one frame.
 pub fn write_frame<T: Serialize>(stream: &mut impl Write, message: &T) -> Result<(), ControlError> {
     let body = postcard::to_allocvec(message)?;
-    let len = u32::try_from(body.len()).map_err(|_| ControlError::FrameTooLarge {
-        len: u32::MAX,
-        max: u32::MAX,
-    })?;
+    let len = u32::try_from(body.len()).map_err(|_| ControlError::FrameTooLarge { len: u32::MAX, max: u32::MAX })?;
     stream.write_all(&len.to_le_bytes())?;
     stream.write_all(&body)?;
     stream.flush()?;
@@ -84,10 +75,7 @@ pub fn write_frame<T: Serialize>(stream: &mut impl Write, message: &T) -> Result
 }
 
 /// Reads one frame; `Ok(None)` at a clean end of stream.
-pub fn read_frame<T: for<'de> Deserialize<'de>>(
-    stream: &mut impl Read,
-    max: u32,
-) -> Result<Option<T>, ControlError> {
+pub fn read_frame<T: for<'de> Deserialize<'de>>(stream: &mut impl Read, max: u32) -> Result<Option<T>, ControlError> {
     let mut len = [0u8; 4];
     match stream.read_exact(&mut len) {
         Ok(()) => {}
@@ -110,6 +98,18 @@ pub struct PendingRequest {
     pub reply: Sender<Response>,
     /// The peer's credentials (pid, uid, gid), for the audit record.
     pub peer: Option<(i32, u32, u32)>,
+    /// Signalled once the answer is on the wire, so a VMM that is about to exit can
+    /// wait for its last answer to leave.
+    pub written: mpsc::Receiver<()>,
+}
+
+impl PendingRequest {
+    /// Sends `response` and waits up to `timeout` for it to be written to the client.
+    pub fn answer_and_flush(self, response: Response, timeout: Duration) {
+        if self.reply.send(response).is_ok() {
+            let _ = self.written.recv_timeout(timeout);
+        }
+    }
 }
 
 /// Where connection threads queue requests: a channel and an eventfd the event loop polls.
@@ -147,17 +147,12 @@ impl ControlServer {
             // A socket file nobody listens on: left over from a VMM that died.
             let _ = std::fs::remove_file(path);
         }
-        let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind {
-            path: name.clone(),
-            source,
-        })?;
+        let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind { path: name.clone(), source })?;
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || accept_loop(listener, queue))
             .map_err(|source| ControlError::Bind { path: name, source })?;
-        Ok(ControlServer {
-            path: path.to_path_buf(),
-        })
+        Ok(ControlServer { path: path.to_path_buf() })
     }
 }
 
@@ -172,19 +167,13 @@ fn accept_loop(listener: UnixListener, queue: RequestQueue) {
         let Ok(stream) = stream else { continue };
         let queue = queue.clone();
         // One thread per client: clients are few (the daemon, a developer's CLI).
-        let _ = std::thread::Builder::new()
-            .name("control-conn".into())
-            .spawn(move || serve_connection(stream, queue));
+        let _ = std::thread::Builder::new().name("control-conn".into()).spawn(move || serve_connection(stream, queue));
     }
 }
 
 fn peer_credentials(stream: &UnixStream) -> Option<(i32, u32, u32)> {
     use std::os::fd::AsRawFd;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: `cred` and `len` are valid for writes of the sizes given; the fd is the
     // stream's own open socket.
@@ -203,22 +192,9 @@ fn peer_credentials(stream: &UnixStream) -> Option<(i32, u32, u32)> {
 fn serve_connection(mut stream: UnixStream, queue: RequestQueue) {
     let peer = peer_credentials(&stream);
     loop {
-        let response = match read_frame::<Request>(&mut stream, MAX_REQUEST_BYTES) {
+        let request = match read_frame::<Request>(&mut stream, MAX_REQUEST_BYTES) {
             Ok(None) => return,
-            Ok(Some(request)) => {
-                let (reply, answer) = mpsc::channel();
-                if !queue.submit(PendingRequest {
-                    request,
-                    reply,
-                    peer,
-                }) {
-                    Response::Error("the VM is shutting down".into())
-                } else {
-                    answer.recv().unwrap_or_else(|_| {
-                        Response::Error("the VM stopped before answering".into())
-                    })
-                }
-            }
+            Ok(Some(request)) => request,
             // A broken frame: answer once so the client learns why, then hang up, since
             // the stream can no longer be trusted to be at a frame boundary.
             Err(err) => {
@@ -226,7 +202,16 @@ fn serve_connection(mut stream: UnixStream, queue: RequestQueue) {
                 return;
             }
         };
-        if write_frame(&mut stream, &response).is_err() {
+        let (reply, answer) = mpsc::channel();
+        let (written_sender, written) = mpsc::channel();
+        let response = if queue.submit(PendingRequest { request, reply, peer, written }) {
+            answer.recv().unwrap_or_else(|_| Response::Error("the VM stopped before answering".into()))
+        } else {
+            Response::Error("the VM is shutting down".into())
+        };
+        let sent = write_frame(&mut stream, &response);
+        let _ = written_sender.send(());
+        if sent.is_err() {
             return;
         }
     }
@@ -240,10 +225,8 @@ pub struct ControlClient {
 
 impl ControlClient {
     pub fn connect(path: &Path) -> Result<ControlClient, ControlError> {
-        let stream = UnixStream::connect(path).map_err(|source| ControlError::Connect {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let stream = UnixStream::connect(path)
+            .map_err(|source| ControlError::Connect { path: path.display().to_string(), source })?;
         Ok(ControlClient { stream })
     }
 
@@ -252,10 +235,7 @@ impl ControlClient {
         self.stream.set_read_timeout(Some(timeout))?;
         write_frame(&mut self.stream, request)?;
         read_frame(&mut self.stream, MAX_RESPONSE_BYTES)?.ok_or_else(|| {
-            ControlError::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "VM closed the connection",
-            ))
+            ControlError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "VM closed the connection"))
         })
     }
 }
@@ -281,18 +261,9 @@ mod tests {
         });
         write_frame(&mut buffer, &status).unwrap();
         let mut reader = buffer.as_slice();
-        assert_eq!(
-            read_frame::<Request>(&mut reader, MAX_REQUEST_BYTES).unwrap(),
-            Some(Request::Stop)
-        );
-        assert_eq!(
-            read_frame::<Response>(&mut reader, MAX_REQUEST_BYTES).unwrap(),
-            Some(status)
-        );
-        assert_eq!(
-            read_frame::<Request>(&mut reader, MAX_REQUEST_BYTES).unwrap(),
-            None
-        );
+        assert_eq!(read_frame::<Request>(&mut reader, MAX_REQUEST_BYTES).unwrap(), Some(Request::Stop));
+        assert_eq!(read_frame::<Response>(&mut reader, MAX_REQUEST_BYTES).unwrap(), Some(status));
+        assert_eq!(read_frame::<Request>(&mut reader, MAX_REQUEST_BYTES).unwrap(), None);
     }
 
     #[test]
@@ -306,48 +277,34 @@ mod tests {
     fn garbage_body_is_a_decode_error() {
         let mut bytes = 2u32.to_le_bytes().to_vec();
         bytes.extend([0xff, 0xff]);
-        assert!(matches!(
-            read_frame::<Request>(&mut bytes.as_slice(), 16),
-            Err(ControlError::Decode(_))
-        ));
+        assert!(matches!(read_frame::<Request>(&mut bytes.as_slice(), 16), Err(ControlError::Decode(_))));
     }
 
     #[test]
     fn truncated_body_is_an_io_error() {
         let mut bytes = 8u32.to_le_bytes().to_vec();
         bytes.extend([0, 1]);
-        assert!(matches!(
-            read_frame::<Request>(&mut bytes.as_slice(), 16),
-            Err(ControlError::Io(_))
-        ));
+        assert!(matches!(read_frame::<Request>(&mut bytes.as_slice(), 16), Err(ControlError::Io(_))));
     }
 
     #[test]
     fn server_answers_over_a_real_socket_and_reports_bad_frames() {
-        let path =
-            std::env::temp_dir().join(format!("carrel-control-test-{}.sock", std::process::id()));
+        let path = std::env::temp_dir().join(format!("carrel-control-test-{}.sock", std::process::id()));
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let (sender, receiver) = mpsc::channel();
         let _server = ControlServer::start(&path, RequestQueue::new(sender, wake)).unwrap();
         let handler = std::thread::spawn(move || {
             let pending: PendingRequest = receiver.recv().unwrap();
             assert_eq!(pending.request, Request::Stop);
-            assert_eq!(
-                pending.peer.map(|(pid, _, _)| pid as u32),
-                Some(std::process::id())
-            );
+            assert_eq!(pending.peer.map(|(pid, _, _)| pid as u32), Some(std::process::id()));
             pending.reply.send(Response::Stopping).unwrap();
         });
         let mut client = ControlClient::connect(&path).unwrap();
-        assert_eq!(
-            client.call(&Request::Stop, Duration::from_secs(5)).unwrap(),
-            Response::Stopping
-        );
+        assert_eq!(client.call(&Request::Stop, Duration::from_secs(5)).unwrap(), Response::Stopping);
         handler.join().unwrap();
 
         let mut raw = UnixStream::connect(&path).unwrap();
-        raw.write_all(&(MAX_REQUEST_BYTES + 1).to_le_bytes())
-            .unwrap();
+        raw.write_all(&(MAX_REQUEST_BYTES + 1).to_le_bytes()).unwrap();
         let answer: Response = read_frame(&mut raw, MAX_RESPONSE_BYTES).unwrap().unwrap();
         assert!(matches!(answer, Response::Error(message) if message.contains("larger")));
     }

@@ -37,7 +37,7 @@ fn main() -> ExitCode {
     match result {
         Ok(Ok(code)) => code,
         Ok(Err(err)) => {
-            eprintln!("carrel-vmm: error: {err:#}");
+            eprintln!("carrel-vmm: error: {err}");
             ExitCode::FAILURE
         }
         Err(Usage(message)) => {
@@ -49,23 +49,18 @@ fn main() -> ExitCode {
 
 fn value<'a>(args: &'a [String], index: &mut usize, flag: &str) -> Result<&'a str, Usage> {
     *index += 1;
-    args.get(*index)
-        .map(String::as_str)
-        .ok_or_else(|| Usage(format!("{flag} needs a value")))
+    args.get(*index).map(String::as_str).ok_or_else(|| Usage(format!("{flag} needs a value")))
 }
 
 fn number(text: &str, flag: &str) -> Result<u64, Usage> {
-    text.parse()
-        .map_err(|_| Usage(format!("{flag} takes a whole number, got {text:?}")))
+    text.parse().map_err(|_| Usage(format!("{flag} takes a whole number, got {text:?}")))
 }
 
 fn parse_run(args: &[String]) -> Result<VmConfig, Usage> {
     // The config file first, so flags override it wherever they appear.
     let mut config = VmConfig::default();
     if let Some(position) = args.iter().position(|arg| arg == "--config") {
-        let path = args
-            .get(position + 1)
-            .ok_or_else(|| Usage("--config needs a value".into()))?;
+        let path = args.get(position + 1).ok_or_else(|| Usage("--config needs a value".into()))?;
         config = VmConfig::from_file(&PathBuf::from(path)).map_err(|err| Usage(err.to_string()))?;
     }
     let mut index = 0;
@@ -102,10 +97,7 @@ fn parse_socket(args: &[String]) -> Result<(PathBuf, bool), Usage> {
         }
         index += 1;
     }
-    Ok((
-        socket.ok_or_else(|| Usage("--socket PATH is required".into()))?,
-        json,
-    ))
+    Ok((socket.ok_or_else(|| Usage("--socket PATH is required".into()))?, json))
 }
 
 fn run(config: VmConfig, started: Instant) -> anyhow::Result<ExitCode> {

@@ -26,10 +26,7 @@ pub enum MemoryError {
     #[error("could not duplicate the guest RAM memfd: {0}")]
     CloneMemfd(#[source] std::io::Error),
     #[error("could not map guest RAM region at {gpa:#x}: {source}")]
-    MapRegion {
-        gpa: u64,
-        source: vm_memory::mmap::MmapRegionError,
-    },
+    MapRegion { gpa: u64, source: vm_memory::mmap::MmapRegionError },
     #[error("guest RAM region at {gpa:#x} is invalid")]
     InvalidRegion { gpa: u64 },
     #[error("could not assemble guest memory: {0}")]
@@ -68,12 +65,7 @@ pub fn create_guest_ram(mib: u64) -> Result<GuestRam, MemoryError> {
     }
     // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
     let memfd = unsafe { File::from_raw_fd(fd) };
-    memfd
-        .set_len(size)
-        .map_err(|source| MemoryError::SizeMemfd {
-            bytes: size,
-            source,
-        })?;
+    memfd.set_len(size).map_err(|source| MemoryError::SizeMemfd { bytes: size, source })?;
 
     let mut regions = Vec::new();
     let mut file_offset = 0u64;
@@ -81,17 +73,12 @@ pub fn create_guest_ram(mib: u64) -> Result<GuestRam, MemoryError> {
         let file = memfd.try_clone().map_err(MemoryError::CloneMemfd)?;
         let mapping = MmapRegion::from_file(FileOffset::new(file, file_offset), len as usize)
             .map_err(|source| MemoryError::MapRegion { gpa, source })?;
-        let region = GuestRegionMmap::new(mapping, GuestAddress(gpa))
-            .ok_or(MemoryError::InvalidRegion { gpa })?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or(MemoryError::InvalidRegion { gpa })?;
         regions.push(region);
         file_offset += len;
     }
     let memory = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Assemble)?;
-    Ok(GuestRam {
-        memory,
-        memfd,
-        size,
-    })
+    Ok(GuestRam { memory, memfd, size })
 }
 
 #[cfg(test)]
@@ -107,27 +94,19 @@ mod tests {
     #[test]
     fn ram_ranges_above_gap_resumes_at_4gib() {
         let size = MMIO_GAP_START + (1 << 30);
-        assert_eq!(
-            ram_ranges(size),
-            vec![(0, MMIO_GAP_START), (MMIO_GAP_END, 1 << 30)]
-        );
+        assert_eq!(ram_ranges(size), vec![(0, MMIO_GAP_START), (MMIO_GAP_END, 1 << 30)]);
     }
 
     #[test]
     fn create_guest_ram_rejects_tiny_size() {
-        assert!(matches!(
-            create_guest_ram(1),
-            Err(MemoryError::BadSize { mib: 1 })
-        ));
+        assert!(matches!(create_guest_ram(1), Err(MemoryError::BadSize { mib: 1 })));
     }
 
     #[test]
     fn guest_ram_writes_land_in_the_memfd() {
         use std::os::unix::fs::FileExt;
         let ram = create_guest_ram(32).unwrap();
-        ram.memory
-            .write_obj(0xdead_beef_u32, GuestAddress(0x1234))
-            .unwrap();
+        ram.memory.write_obj(0xdead_beef_u32, GuestAddress(0x1234)).unwrap();
         let mut bytes = [0u8; 4];
         ram.memfd.read_exact_at(&mut bytes, 0x1234).unwrap();
         assert_eq!(u32::from_le_bytes(bytes), 0xdead_beef);

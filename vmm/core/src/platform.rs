@@ -40,11 +40,7 @@ pub fn detect(vcpu: &VcpuFd) -> PlatformKind {
 }
 
 fn read_msr(vcpu: &VcpuFd, index: u32) -> Option<u64> {
-    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
-        index,
-        ..Default::default()
-    }])
-    .ok()?;
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }]).ok()?;
     match vcpu.get_msrs(&mut msrs) {
         Ok(1) => Some(msrs.as_slice()[0].data),
         _ => None,
@@ -53,21 +49,12 @@ fn read_msr(vcpu: &VcpuFd, index: u32) -> Option<u64> {
 
 /// Registers the VIF page so a guest that knows the PVM rules runs native. On hardware
 /// KVM the MSR does not exist and nothing is done.
-pub fn register_vif_page(
-    kind: PlatformKind,
-    vcpu: &VcpuFd,
-    vif_addr: u64,
-) -> Result<(), PlatformError> {
+pub fn register_vif_page(kind: PlatformKind, vcpu: &VcpuFd, vif_addr: u64) -> Result<(), PlatformError> {
     if kind != PlatformKind::Pvm {
         return Ok(());
     }
-    let entry = kvm_msr_entry {
-        index: MSR_PVM_VIF,
-        data: vif_addr | VIF_VALID,
-        ..Default::default()
-    };
-    let msrs =
-        Msrs::from_entries(&[entry]).map_err(|err| PlatformError::BuildMsrs(format!("{err:?}")))?;
+    let entry = kvm_msr_entry { index: MSR_PVM_VIF, data: vif_addr | VIF_VALID, ..Default::default() };
+    let msrs = Msrs::from_entries(&[entry]).map_err(|err| PlatformError::BuildMsrs(format!("{err:?}")))?;
     match vcpu.set_msrs(&msrs) {
         Ok(1) => Ok(()),
         Ok(_) => Err(PlatformError::VifRefused { vif_addr }),
@@ -100,31 +87,21 @@ const LEAF7_EBX_AVX512F: u32 = 1 << 16;
 /// Adjusts the CPUID KVM supports into the one the guest sees: APIC ids per vCPU, the
 /// hypervisor bit, and on PVM, for emulated stock kernels, no features the instruction
 /// emulator lacks (XSAVE/AVX, BMI, CMPXCHG16B), so they get as far as they can.
-pub fn adjust_cpuid(
-    cpuid: &mut CpuId,
-    kind: PlatformKind,
-    guest: GuestKind,
-    vcpu_id: u8,
-    vcpu_count: u8,
-) {
+pub fn adjust_cpuid(cpuid: &mut CpuId, kind: PlatformKind, guest: GuestKind, vcpu_id: u8, vcpu_count: u8) {
     let hide_for_emulator = kind == PlatformKind::Pvm && guest == GuestKind::Stock;
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             1 => {
                 // Initial APIC id in bits 31..24, logical processor count in 23..16.
-                entry.ebx = (entry.ebx & 0x0000_ffff)
-                    | (u32::from(vcpu_id) << 24)
-                    | (u32::from(vcpu_count) << 16);
+                entry.ebx = (entry.ebx & 0x0000_ffff) | (u32::from(vcpu_id) << 24) | (u32::from(vcpu_count) << 16);
                 entry.ecx |= LEAF1_ECX_HYPERVISOR | LEAF1_ECX_TSC_DEADLINE;
                 entry.ecx &= !LEAF1_ECX_X2APIC;
                 if hide_for_emulator {
-                    entry.ecx &=
-                        !(LEAF1_ECX_XSAVE | LEAF1_ECX_OSXSAVE | LEAF1_ECX_AVX | LEAF1_ECX_CX16);
+                    entry.ecx &= !(LEAF1_ECX_XSAVE | LEAF1_ECX_OSXSAVE | LEAF1_ECX_AVX | LEAF1_ECX_CX16);
                 }
             }
             7 if entry.index == 0 && hide_for_emulator => {
-                entry.ebx &=
-                    !(LEAF7_EBX_AVX2 | LEAF7_EBX_BMI1 | LEAF7_EBX_BMI2 | LEAF7_EBX_AVX512F);
+                entry.ebx &= !(LEAF7_EBX_AVX2 | LEAF7_EBX_BMI1 | LEAF7_EBX_BMI2 | LEAF7_EBX_AVX512F);
             }
             0xb | 0x1f => entry.edx = u32::from(vcpu_id),
             0xd if hide_for_emulator => {
@@ -145,17 +122,8 @@ mod tests {
 
     fn cpuid() -> CpuId {
         CpuId::from_entries(&[
-            kvm_cpuid_entry2 {
-                function: 1,
-                ecx: LEAF1_ECX_XSAVE | LEAF1_ECX_AVX | 1,
-                ..Default::default()
-            },
-            kvm_cpuid_entry2 {
-                function: 7,
-                index: 0,
-                ebx: LEAF7_EBX_BMI2 | 1,
-                ..Default::default()
-            },
+            kvm_cpuid_entry2 { function: 1, ecx: LEAF1_ECX_XSAVE | LEAF1_ECX_AVX | 1, ..Default::default() },
+            kvm_cpuid_entry2 { function: 7, index: 0, ebx: LEAF7_EBX_BMI2 | 1, ..Default::default() },
         ])
         .unwrap()
     }

@@ -40,6 +40,9 @@ pub enum VmOutcome {
     Stopped,
 }
 
+/// How long a stopping VMM waits for its last control answer to be written.
+const LAST_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 const TOKEN_VCPU_EVENT: u64 = 1;
 const TOKEN_GUEST_EXIT: u64 = 2;
 const TOKEN_SIGNAL: u64 = 3;
@@ -63,9 +66,7 @@ fn termination_signalfd() -> Result<OwnedFd, RunError> {
     // SAFETY: `set` is initialised; the old mask is not needed.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
-        return Err(RunError::BlockSignals(std::io::Error::from_raw_os_error(
-            rc,
-        )));
+        return Err(RunError::BlockSignals(std::io::Error::from_raw_os_error(rc)));
     }
     // SAFETY: `set` is initialised; -1 asks for a new fd.
     let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
@@ -98,13 +99,7 @@ impl Vmm {
         install_kick_handler()?;
         let epoll = Epoll::new().map_err(RunError::EventLoop)?;
         let add = |fd: RawFd, token: u64| {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(RunError::EventLoop)
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token)).map_err(RunError::EventLoop)
         };
 
         let vcpu_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(RunError::EventLoop)?);
@@ -119,19 +114,13 @@ impl Vmm {
         }
         for (device, attached) in built.virtio.iter().enumerate() {
             for (queue, event) in attached.queue_events.iter().enumerate() {
-                add(
-                    event.as_raw_fd(),
-                    TOKEN_QUEUE_BASE + device as u64 * QUEUES_PER_DEVICE + queue as u64,
-                )?;
+                add(event.as_raw_fd(), TOKEN_QUEUE_BASE + device as u64 * QUEUES_PER_DEVICE + queue as u64)?;
             }
         }
 
         let (request_sender, requests) = mpsc::channel();
         let control = match &config.socket {
-            Some(path) => Some(ControlServer::start(
-                path,
-                RequestQueue::new(request_sender, request_wake.clone()),
-            )?),
+            Some(path) => Some(ControlServer::start(path, RequestQueue::new(request_sender, request_wake.clone()))?),
             None => None,
         };
 
@@ -140,10 +129,7 @@ impl Vmm {
         let vcpus = std::mem::take(&mut built.vcpus);
         let mut handles = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
-            handles.push(vcpu.start(VcpuEventSender::new(
-                event_sender.clone(),
-                vcpu_wake.clone(),
-            ))?);
+            handles.push(vcpu.start(VcpuEventSender::new(event_sender.clone(), vcpu_wake.clone()))?);
         }
         Ok(Vmm {
             built,
@@ -193,8 +179,7 @@ impl Vmm {
             }
             TOKEN_SIGNAL => {
                 let mut info = [0u8; 128];
-                let _ = std::fs::File::from(self.signals.try_clone().map_err(RunError::EventLoop)?)
-                    .read(&mut info);
+                let _ = std::fs::File::from(self.signals.try_clone().map_err(RunError::EventLoop)?).read(&mut info);
                 Ok(Some(VmOutcome::Stopped))
             }
             TOKEN_VCPU_EVENT => {
@@ -215,26 +200,21 @@ impl Vmm {
                 let mut outcome = None;
                 while let Ok(pending) = self.requests.try_recv() {
                     let (response, stop) = self.handle_request(&pending.request);
-                    let _ = pending.reply.send(response);
                     if stop {
+                        // The process ends next: let the answer leave first.
+                        pending.answer_and_flush(response, LAST_ANSWER_TIMEOUT);
                         outcome = Some(VmOutcome::Stopped);
+                    } else {
+                        let _ = pending.reply.send(response);
                     }
                 }
                 Ok(outcome)
             }
             queue_token if queue_token >= TOKEN_QUEUE_BASE => {
                 let index = queue_token - TOKEN_QUEUE_BASE;
-                let (device, queue) = (
-                    (index / QUEUES_PER_DEVICE) as usize,
-                    (index % QUEUES_PER_DEVICE) as usize,
-                );
+                let (device, queue) = ((index / QUEUES_PER_DEVICE) as usize, (index % QUEUES_PER_DEVICE) as usize);
                 if let Some(attached) = self.built.virtio.get(device) {
-                    if attached
-                        .queue_events
-                        .get(queue)
-                        .map(|event| event.read())
-                        .is_some()
-                    {
+                    if attached.queue_events.get(queue).map(|event| event.read()).is_some() {
                         lock(&attached.transport).notify_queue(queue);
                     }
                 }
@@ -247,17 +227,12 @@ impl Vmm {
     fn forward_stdin(&self) {
         let mut buffer = [0u8; 64];
         // SAFETY: reading into a stack buffer of the given length from stdin.
-        let count =
-            unsafe { libc::read(libc::STDIN_FILENO, buffer.as_mut_ptr().cast(), buffer.len()) };
+        let count = unsafe { libc::read(libc::STDIN_FILENO, buffer.as_mut_ptr().cast(), buffer.len()) };
         if count > 0 {
             lock(&self.built.serial).enqueue_input(&buffer[..count as usize]);
         } else if count == 0 {
             // stdin closed: stop polling it.
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                libc::STDIN_FILENO,
-                EpollEvent::default(),
-            );
+            let _ = self.epoll.ctl(ControlOperation::Delete, libc::STDIN_FILENO, EpollEvent::default());
         }
     }
 
@@ -274,23 +249,11 @@ impl Vmm {
             platform: self.built.platform.name().to_string(),
             state: "running".to_string(),
             boot_protocol: format!("{:?}", self.built.boot.protocol).to_lowercase(),
-            kernel: self
-                .config
-                .kernel
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
+            kernel: self.config.kernel.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
             vcpus: self.handles.len() as u8,
             mem_mib: self.config.mem_mib,
-            uptime_ms: Instant::now()
-                .duration_since(self.built.started)
-                .as_millis() as u64,
-            devices: self
-                .built
-                .virtio
-                .iter()
-                .map(|device| device.name.to_string())
-                .collect(),
+            uptime_ms: Instant::now().duration_since(self.built.started).as_millis() as u64,
+            devices: self.built.virtio.iter().map(|device| device.name.to_string()).collect(),
             pid: std::process::id(),
         }
     }

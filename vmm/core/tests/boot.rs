@@ -13,43 +13,23 @@ const BOOT_DEADLINE: Duration = Duration::from_secs(30);
 #[test]
 fn desk_with_exit_flag_prints_banner_rng_ticks_and_powers_off_cleanly() {
     let kernel = guest("desk.elf");
-    let (code, output) = run_to_exit(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--cmdline",
-            "desk.exit=1",
-        ],
-        BOOT_DEADLINE,
-    );
+    let (code, output) =
+        run_to_exit(&["run", "--kernel", kernel.to_str().unwrap(), "--cmdline", "desk.exit=1"], BOOT_DEADLINE);
     assert_eq!(code, Some(0), "output:\n{output}");
-    assert!(
-        output.contains("desk: Carrel Desk kernel"),
-        "banner missing:\n{output}"
-    );
+    assert!(output.contains("desk: Carrel Desk kernel"), "banner missing:\n{output}");
     if on_pvm() {
-        assert!(
-            output.contains("platform pvm: running native"),
-            "not native on PVM:\n{output}"
-        );
+        assert!(output.contains("platform pvm: running native"), "not native on PVM:\n{output}");
     } else {
         assert!(output.contains("platform hardware KVM"), "{output}");
     }
-    let rng_line = output
-        .lines()
-        .find(|line| line.contains("desk: rng 32 bytes: "))
-        .expect("rng line");
+    let rng_line = output.lines().find(|line| line.contains("desk: rng 32 bytes: ")).expect("rng line");
     let hex = rng_line.rsplit(' ').next().unwrap();
     assert_eq!(hex.len(), 64, "32 bytes as hex: {rng_line}");
     assert!(hex.chars().all(|c| c.is_ascii_hexdigit()));
     assert_ne!(hex, "0".repeat(64), "entropy is not all zero");
     assert!(output.contains("desk: ready"), "{output}");
     for tick in 1..=10 {
-        assert!(
-            output.contains(&format!("desk: tick {tick} at ")),
-            "tick {tick} missing:\n{output}"
-        );
+        assert!(output.contains(&format!("desk: tick {tick} at ")), "tick {tick} missing:\n{output}");
     }
     assert!(output.contains("desk: 10 ticks in"), "{output}");
 }
@@ -58,22 +38,10 @@ fn desk_with_exit_flag_prints_banner_rng_ticks_and_powers_off_cleanly() {
 fn desk_gets_fresh_entropy_each_boot() {
     let kernel = guest("desk.elf");
     let rng = || {
-        let (code, output) = run_to_exit(
-            &[
-                "run",
-                "--kernel",
-                kernel.to_str().unwrap(),
-                "--cmdline",
-                "desk.exit=1",
-            ],
-            BOOT_DEADLINE,
-        );
+        let (code, output) =
+            run_to_exit(&["run", "--kernel", kernel.to_str().unwrap(), "--cmdline", "desk.exit=1"], BOOT_DEADLINE);
         assert_eq!(code, Some(0), "{output}");
-        output
-            .lines()
-            .find(|line| line.contains("desk: rng"))
-            .unwrap()
-            .to_string()
+        output.lines().find(|line| line.contains("desk: rng")).unwrap().to_string()
     };
     assert_ne!(rng(), rng());
 }
@@ -82,27 +50,16 @@ fn desk_gets_fresh_entropy_each_boot() {
 fn desk_without_exit_flag_keeps_running_until_sigterm_then_exits_zero() {
     let kernel = guest("desk.elf");
     let log = scratch_path("console.log");
-    let mut vm = RunningVm::start(&[
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--console-log",
-        log.to_str().unwrap(),
-    ]);
+    let mut vm =
+        RunningVm::start(&["run", "--kernel", kernel.to_str().unwrap(), "--console-log", log.to_str().unwrap()]);
     vm.wait_for_line("desk: ready", BOOT_DEADLINE);
     vm.signal(libc::SIGTERM);
     let status = vm.wait_for_exit(BOOT_DEADLINE);
     assert_eq!(status.code(), Some(0), "output:\n{}", vm.text());
     let logged = std::fs::read_to_string(&log).unwrap();
     std::fs::remove_file(&log).unwrap();
-    assert!(
-        logged.contains("desk: ready"),
-        "console log lacks the console output:\n{logged}"
-    );
-    assert!(
-        !logged.contains("tick 10"),
-        "the timer must not power it off without desk.exit=1"
-    );
+    assert!(logged.contains("desk: ready"), "console log lacks the console output:\n{logged}");
+    assert!(!logged.contains("tick 10"), "the timer must not power it off without desk.exit=1");
 }
 
 #[test]
@@ -111,12 +68,7 @@ fn desk_stops_cleanly_on_sigint() {
     let mut vm = RunningVm::start(&["run", "--kernel", kernel.to_str().unwrap()]);
     vm.wait_for_line("desk: ready", BOOT_DEADLINE);
     vm.signal(libc::SIGINT);
-    assert_eq!(
-        vm.wait_for_exit(BOOT_DEADLINE).code(),
-        Some(0),
-        "{}",
-        vm.text()
-    );
+    assert_eq!(vm.wait_for_exit(BOOT_DEADLINE).code(), Some(0), "{}", vm.text());
 }
 
 #[test]
@@ -124,69 +76,36 @@ fn control_socket_reports_status_and_stops_the_vm() {
     let kernel = guest("desk.elf");
     let socket = scratch_path("vm.sock");
     let socket_arg = socket.to_str().unwrap();
-    let mut vm = RunningVm::start(&[
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--socket",
-        socket_arg,
-    ]);
+    let mut vm = RunningVm::start(&["run", "--kernel", kernel.to_str().unwrap(), "--socket", socket_arg]);
     vm.wait_for_line("desk: ready", BOOT_DEADLINE);
 
-    let status = Command::new(vmm_binary())
-        .args(["status", "--socket", socket_arg, "--json"])
-        .output()
-        .unwrap();
+    let status = Command::new(vmm_binary()).args(["status", "--socket", socket_arg, "--json"]).output().unwrap();
     assert!(status.status.success(), "{status:?}");
     let text = String::from_utf8(status.stdout).unwrap();
-    let expected_platform = if on_pvm() {
-        "\"platform\":\"pvm\""
-    } else {
-        "\"platform\":\"hardware\""
-    };
+    let expected_platform = if on_pvm() { "\"platform\":\"pvm\"" } else { "\"platform\":\"hardware\"" };
     assert!(text.contains(expected_platform), "{text}");
     assert!(text.contains("\"boot_protocol\":\"desk\""), "{text}");
-    assert!(
-        text.contains(&format!("\"pid\":{}", vm.child.id())),
-        "{text}"
-    );
+    assert!(text.contains(&format!("\"pid\":{}", vm.child.id())), "{text}");
 
-    let stop = Command::new(vmm_binary())
-        .args(["stop", "--socket", socket_arg])
-        .output()
-        .unwrap();
+    let stop = Command::new(vmm_binary()).args(["stop", "--socket", socket_arg]).output().unwrap();
     assert!(stop.status.success(), "{stop:?}");
-    assert_eq!(
-        vm.wait_for_exit(BOOT_DEADLINE).code(),
-        Some(0),
-        "{}",
-        vm.text()
-    );
+    assert_eq!(vm.wait_for_exit(BOOT_DEADLINE).code(), Some(0), "{}", vm.text());
     assert!(!socket.exists(), "the control socket is removed on exit");
 }
 
 #[test]
 fn status_without_a_running_vm_says_how_to_start_one() {
     let socket = scratch_path("absent.sock");
-    let output = Command::new(vmm_binary())
-        .args(["status", "--socket", socket.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let output = Command::new(vmm_binary()).args(["status", "--socket", socket.to_str().unwrap()]).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8(output.stderr).unwrap();
-    assert!(
-        stderr.contains("cannot connect to control socket") && stderr.contains("--socket"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("cannot connect to control socket") && stderr.contains("--socket"), "{stderr}");
 }
 
 #[test]
 fn pvh_image_prints_ok_and_powers_off() {
     let kernel = guest("pvh-ok.elf");
-    let (code, output) = run_to_exit(
-        &["run", "--kernel", kernel.to_str().unwrap()],
-        BOOT_DEADLINE,
-    );
+    let (code, output) = run_to_exit(&["run", "--kernel", kernel.to_str().unwrap()], BOOT_DEADLINE);
     assert_eq!(code, Some(0), "{output}");
     assert!(output.lines().any(|line| line == "OK"), "{output}");
     assert!(output.contains("pvh boot"), "{output}");
@@ -196,24 +115,8 @@ fn pvh_image_prints_ok_and_powers_off() {
 fn pvh_image_runs_unchanged_on_qemu_microvm() {
     let kernel = guest("pvh-ok.elf");
     let mut qemu = Command::new("qemu-system-x86_64")
-        .args([
-            "-M",
-            "microvm",
-            "-enable-kvm",
-            "-cpu",
-            "host,-arch-capabilities",
-            "-m",
-            "64",
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-kernel",
-        ])
+        .args(["-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-kernel"])
         .arg(&kernel)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -223,10 +126,7 @@ fn pvh_image_runs_unchanged_on_qemu_microvm() {
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = sender.send(line);
         }
     });
@@ -269,14 +169,7 @@ fn desk_elf_with_code(code: &[u8]) -> std::path::PathBuf {
         }
         header
     };
-    elf.extend(program_header(
-        1,
-        7,
-        load_offset,
-        0x20_0000,
-        code.len() as u64,
-        0x1000,
-    ));
+    elf.extend(program_header(1, 7, load_offset, 0x20_0000, code.len() as u64, 0x1000));
     elf.extend(program_header(4, 4, note_offset, 0, note.len() as u64, 4));
     elf.resize(load_offset as usize, 0);
     elf.extend(code);
@@ -291,31 +184,19 @@ fn desk_elf_with_code(code: &[u8]) -> std::path::PathBuf {
 fn guest_triple_fault_exits_nonzero_with_registers() {
     // `ud2` with the VMM's zeroed IDT: #UD finds no gate, which escalates to a triple fault.
     let kernel = desk_elf_with_code(&[0x0f, 0x0b]);
-    let (code, output) = run_to_exit(
-        &["run", "--kernel", kernel.to_str().unwrap()],
-        BOOT_DEADLINE,
-    );
+    let (code, output) = run_to_exit(&["run", "--kernel", kernel.to_str().unwrap()], BOOT_DEADLINE);
     std::fs::remove_file(&kernel).unwrap();
     assert_eq!(code, Some(1), "{output}");
-    let error = output
-        .lines()
-        .find(|line| line.starts_with("carrel-vmm: error:"))
-        .expect("one error line");
+    let error = output.lines().find(|line| line.starts_with("carrel-vmm: error:")).expect("one error line");
     assert!(error.contains("triple fault"), "{error}");
-    assert!(
-        error.contains("rip=0x200000"),
-        "registers in the error: {error}"
-    );
+    assert!(error.contains("rip=0x200000"), "registers in the error: {error}");
 }
 
 #[test]
 fn guest_power_port_code_becomes_exit_code() {
     // mov dx, 0x4f0; mov al, 7; out dx, al; hlt
     let kernel = desk_elf_with_code(&[0x66, 0xba, 0xf0, 0x04, 0xb0, 0x07, 0xee, 0xf4]);
-    let (code, output) = run_to_exit(
-        &["run", "--kernel", kernel.to_str().unwrap()],
-        BOOT_DEADLINE,
-    );
+    let (code, output) = run_to_exit(&["run", "--kernel", kernel.to_str().unwrap()], BOOT_DEADLINE);
     std::fs::remove_file(&kernel).unwrap();
     assert_eq!(code, Some(7), "{output}");
     assert!(output.contains("guest powered off with code 7"), "{output}");
@@ -332,10 +213,7 @@ fn missing_kernel_file_is_one_clear_error() {
     let (code, stderr) = single_error_line(&["run", "--kernel", "/nonexistent/desk.elf"]);
     assert_eq!(code, Some(1));
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("kernel /nonexistent/desk.elf does not exist"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("kernel /nonexistent/desk.elf does not exist"), "{stderr}");
 }
 
 #[test]
@@ -346,32 +224,22 @@ fn malformed_kernel_is_one_clear_error() {
     std::fs::remove_file(&junk).unwrap();
     assert_eq!(code, Some(1));
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("neither an x86-64 ELF nor a bzImage"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("neither an x86-64 ELF nor a bzImage"), "{stderr}");
 }
 
 #[test]
 fn too_little_memory_is_one_clear_error() {
     let kernel = guest("desk.elf");
-    let (code, stderr) =
-        single_error_line(&["run", "--kernel", kernel.to_str().unwrap(), "--mem", "2"]);
+    let (code, stderr) = single_error_line(&["run", "--kernel", kernel.to_str().unwrap(), "--mem", "2"]);
     assert_eq!(code, Some(1));
-    assert!(
-        stderr.contains("guest memory of 2 MiB is out of range"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("guest memory of 2 MiB is out of range"), "{stderr}");
 }
 
 #[test]
 fn bad_arguments_exit_two_with_usage() {
     let (code, stderr) = single_error_line(&["run", "--kernel"]);
     assert_eq!(code, Some(2));
-    assert!(
-        stderr.contains("--kernel needs a value") && stderr.contains("usage:"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("--kernel needs a value") && stderr.contains("usage:"), "{stderr}");
     let (code, stderr) = single_error_line(&["run", "--mem", "lots"]);
     assert_eq!(code, Some(2));
     assert!(stderr.contains("--mem takes a whole number"), "{stderr}");
@@ -386,22 +254,13 @@ fn config_file_boots_the_same_as_flags() {
     let config = scratch_path("vm.toml");
     std::fs::write(
         &config,
-        format!(
-            "kernel = {:?}\ncmdline = \"desk.exit=1\"\nmem = 64\ncpus = 1\n",
-            kernel.to_str().unwrap()
-        ),
+        format!("kernel = {:?}\ncmdline = \"desk.exit=1\"\nmem = 64\ncpus = 1\n", kernel.to_str().unwrap()),
     )
     .unwrap();
-    let (code, output) = run_to_exit(
-        &["run", "--config", config.to_str().unwrap()],
-        BOOT_DEADLINE,
-    );
+    let (code, output) = run_to_exit(&["run", "--config", config.to_str().unwrap()], BOOT_DEADLINE);
     std::fs::remove_file(&config).unwrap();
     assert_eq!(code, Some(0), "{output}");
-    assert!(
-        output.contains("64 MiB") && output.contains("desk: 10 ticks in"),
-        "{output}"
-    );
+    assert!(output.contains("64 MiB") && output.contains("desk: 10 ticks in"), "{output}");
 }
 
 #[test]
@@ -411,8 +270,5 @@ fn malformed_config_file_is_a_clear_error() {
     let (code, stderr) = single_error_line(&["run", "--config", config.to_str().unwrap()]);
     std::fs::remove_file(&config).unwrap();
     assert_eq!(code, Some(2));
-    assert!(
-        stderr.contains("is not valid") && stderr.contains("memroy"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("is not valid") && stderr.contains("memroy"), "{stderr}");
 }

@@ -20,10 +20,7 @@ fn vmlinux() -> std::path::PathBuf {
     static FETCHED: OnceLock<()> = OnceLock::new();
     let root = workspace_root();
     FETCHED.get_or_init(|| {
-        let status = Command::new("bash")
-            .arg(root.join("scripts/fetch-linux-kernel.sh"))
-            .status()
-            .unwrap();
+        let status = Command::new("bash").arg(root.join("scripts/fetch-linux-kernel.sh")).status().unwrap();
         assert!(status.success(), "scripts/fetch-linux-kernel.sh failed");
     });
     root.join(".cache/linux/vmlinux")
@@ -31,11 +28,7 @@ fn vmlinux() -> std::path::PathBuf {
 
 /// How Linux prints one e820 range of ours.
 fn e820_line(start: u64, len: u64) -> String {
-    format!(
-        "BIOS-e820: [mem {:#018x}-{:#018x}] usable",
-        start,
-        start + len - 1
-    )
+    format!("BIOS-e820: [mem {:#018x}-{:#018x}] usable", start, start + len - 1)
 }
 
 fn boot_and_check_early_messages(boot: &str) {
@@ -57,25 +50,13 @@ fn boot_and_check_early_messages(boot: &str) {
     let version = vm.wait_for_line("Linux version", EARLY_BOOT_DEADLINE);
     let first_message = started.elapsed();
     let command_line = vm.wait_for_line("Command line:", EARLY_BOOT_DEADLINE);
-    let given = command_line
-        .split("Command line: ")
-        .nth(1)
-        .unwrap_or_default();
-    assert!(
-        given.starts_with(CMDLINE),
-        "the kernel saw {given:?}, we gave {CMDLINE:?}"
-    );
-    assert!(
-        given.contains("virtio_mmio.device=4K@0xd0000000:5"),
-        "the rng device is on the command line: {given}"
-    );
+    let given = command_line.split("Command line: ").nth(1).unwrap_or_default();
+    assert!(given.starts_with(CMDLINE), "the kernel saw {given:?}, we gave {CMDLINE:?}");
+    assert!(given.contains("virtio_mmio.device=4K@0xd0000000:5"), "the rng device is on the command line: {given}");
     for (start, len) in carrel_vmm::boot::ram_map(MEM_MIB << 20) {
         vm.wait_for_line(&e820_line(start, len), EARLY_BOOT_DEADLINE);
     }
-    eprintln!(
-        "{boot}: {version:?} after {first_message:?}; e820 after {:?}",
-        started.elapsed()
-    );
+    eprintln!("{boot}: {version:?} after {first_message:?}; e820 after {:?}", started.elapsed());
 }
 
 #[test]
@@ -111,31 +92,17 @@ fn debian_bzimage_loads_with_its_setup_header_and_64_bit_entry() {
     };
     let setup = load(&ram.memory, ram.size, &request).unwrap();
     assert_eq!(setup.protocol, BootProtocol::Linux);
-    let EntryState::Long64 { rip, rsi, .. } = setup.entry else {
-        panic!("a bzImage enters in long mode")
-    };
-    assert_eq!(
-        rip,
-        0x10_0000 + 0x200,
-        "64-bit entry is startup_64 of the decompressor"
-    );
+    let EntryState::Long64 { rip, rsi, .. } = setup.entry else { panic!("a bzImage enters in long mode") };
+    assert_eq!(rip, 0x10_0000 + 0x200, "64-bit entry is startup_64 of the decompressor");
     let params: boot_params = ram.memory.read_obj(GuestAddress(rsi)).unwrap();
     assert_eq!({ params.hdr.header }, 0x5372_6448, "HdrS");
-    assert!(
-        { params.hdr.version } >= 0x020c,
-        "a 64-bit capable boot protocol"
-    );
+    assert!({ params.hdr.version } >= 0x020c, "a 64-bit capable boot protocol");
     assert_eq!(params.hdr.type_of_loader, 0xff);
-    assert_eq!(
-        usize::from(params.e820_entries),
-        carrel_vmm::boot::ram_map(MEM_MIB << 20).len()
-    );
+    assert_eq!(usize::from(params.e820_entries), carrel_vmm::boot::ram_map(MEM_MIB << 20).len());
     // The compressed kernel now sits at 1 MiB: the same bytes as in the file past the setup.
     let setup_bytes = (usize::from(params.hdr.setup_sects) + 1) * 512;
     let file = std::fs::read(&bzimage).unwrap();
     let mut loaded = vec![0u8; 4096];
-    ram.memory
-        .read_slice(&mut loaded, GuestAddress(0x10_0000))
-        .unwrap();
+    ram.memory.read_slice(&mut loaded, GuestAddress(0x10_0000)).unwrap();
     assert_eq!(&loaded[..], &file[setup_bytes..setup_bytes + 4096]);
 }

@@ -25,15 +25,9 @@ const BZIMAGE_MAGIC: u32 = 0x5372_6448;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("cannot open kernel {path}: {source}")]
-    Open {
-        path: String,
-        source: std::io::Error,
-    },
+    Open { path: String, source: std::io::Error },
     #[error("cannot read kernel {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("kernel {path} is neither an x86-64 ELF nor a bzImage (bad magic)")]
     UnknownFormat { path: String },
     #[error("kernel {path} is a malformed ELF: {reason}")]
@@ -55,25 +49,16 @@ pub enum ImageKind {
 /// Reads the headers of the kernel at `path`.
 pub fn inspect(path: &Path) -> Result<ImageKind, ImageError> {
     let name = path.display().to_string();
-    let mut file = File::open(path).map_err(|source| ImageError::Open {
-        path: name.clone(),
-        source,
-    })?;
-    let read_err = |source| ImageError::Read {
-        path: name.clone(),
-        source,
-    };
+    let mut file = File::open(path).map_err(|source| ImageError::Open { path: name.clone(), source })?;
+    let read_err = |source| ImageError::Read { path: name.clone(), source };
     let mut header = [0u8; 64];
     let len = read_up_to(&mut file, &mut header).map_err(read_err)?;
     if len >= 4 && header[..4] == ELF_MAGIC {
         return inspect_elf(&mut file, &header[..len], &name);
     }
     let mut magic = [0u8; 4];
-    file.seek(SeekFrom::Start(BZIMAGE_MAGIC_OFFSET))
-        .map_err(read_err)?;
-    if read_up_to(&mut file, &mut magic).map_err(read_err)? == 4
-        && u32::from_le_bytes(magic) == BZIMAGE_MAGIC
-    {
+    file.seek(SeekFrom::Start(BZIMAGE_MAGIC_OFFSET)).map_err(read_err)?;
+    if read_up_to(&mut file, &mut magic).map_err(read_err)? == 4 && u32::from_le_bytes(magic) == BZIMAGE_MAGIC {
         return Ok(ImageKind::BzImage);
     }
     Err(ImageError::UnknownFormat { path: name })
@@ -103,10 +88,7 @@ fn u64_at(bytes: &[u8], offset: usize) -> u64 {
 }
 
 fn inspect_elf(file: &mut File, header: &[u8], path: &str) -> Result<ImageKind, ImageError> {
-    let malformed = |reason| ImageError::MalformedElf {
-        path: path.to_string(),
-        reason,
-    };
+    let malformed = |reason| ImageError::MalformedElf { path: path.to_string(), reason };
     if header.len() < 64 {
         return Err(malformed("file shorter than an ELF header"));
     }
@@ -120,10 +102,8 @@ fn inspect_elf(file: &mut File, header: &[u8], path: &str) -> Result<ImageKind, 
         return Err(malformed("unexpected program header size or count"));
     }
     let mut table = vec![0u8; usize::from(phnum) * 56];
-    file.seek(SeekFrom::Start(phoff))
-        .map_err(|_| malformed("program headers past end of file"))?;
-    file.read_exact(&mut table)
-        .map_err(|_| malformed("program headers past end of file"))?;
+    file.seek(SeekFrom::Start(phoff)).map_err(|_| malformed("program headers past end of file"))?;
+    file.read_exact(&mut table).map_err(|_| malformed("program headers past end of file"))?;
 
     let mut desk_boot_info_version = None;
     let mut pvh_entry = None;
@@ -137,15 +117,11 @@ fn inspect_elf(file: &mut File, header: &[u8], path: &str) -> Result<ImageKind, 
             return Err(malformed("note segment too large"));
         }
         let mut notes = vec![0u8; size as usize];
-        file.seek(SeekFrom::Start(offset))
-            .map_err(|_| malformed("note segment past end of file"))?;
-        file.read_exact(&mut notes)
-            .map_err(|_| malformed("note segment past end of file"))?;
+        file.seek(SeekFrom::Start(offset)).map_err(|_| malformed("note segment past end of file"))?;
+        file.read_exact(&mut notes).map_err(|_| malformed("note segment past end of file"))?;
         for note in parse_notes(&notes) {
             match (note.name, note.kind) {
-                (b"Xen\0", XEN_ELFNOTE_PHYS32_ENTRY) if note.desc.len() >= 4 => {
-                    pvh_entry = Some(u32_at(note.desc, 0))
-                }
+                (b"Xen\0", XEN_ELFNOTE_PHYS32_ENTRY) if note.desc.len() >= 4 => pvh_entry = Some(u32_at(note.desc, 0)),
                 (name, DESK_NOTE_TYPE) if name == DESK_NOTE_NAME && note.desc.len() >= 4 => {
                     desk_boot_info_version = Some(u32_at(note.desc, 0))
                 }
@@ -153,10 +129,7 @@ fn inspect_elf(file: &mut File, header: &[u8], path: &str) -> Result<ImageKind, 
             }
         }
     }
-    Ok(ImageKind::Elf {
-        desk_boot_info_version,
-        pvh_entry,
-    })
+    Ok(ImageKind::Elf { desk_boot_info_version, pvh_entry })
 }
 
 /// One ELF note.
@@ -181,17 +154,10 @@ pub fn parse_notes(mut bytes: &[u8]) -> Vec<Note<'_>> {
         let Some(desc_end) = align4(desc_size).and_then(|n| n.checked_add(name_end)) else {
             break;
         };
-        if desc_end > bytes.len()
-            || 12 + name_size > bytes.len()
-            || name_end + desc_size > bytes.len()
-        {
+        if desc_end > bytes.len() || 12 + name_size > bytes.len() || name_end + desc_size > bytes.len() {
             break;
         }
-        notes.push(Note {
-            name: &bytes[12..12 + name_size],
-            kind,
-            desc: &bytes[name_end..name_end + desc_size],
-        });
+        notes.push(Note { name: &bytes[12..12 + name_size], kind, desc: &bytes[name_end..name_end + desc_size] });
         bytes = &bytes[desc_end..];
     }
     notes
@@ -240,15 +206,9 @@ mod tests {
         let dir = std::env::temp_dir();
         let junk = dir.join(format!("carrel-image-junk-{}", std::process::id()));
         std::fs::write(&junk, vec![0u8; 1024]).unwrap();
-        assert!(matches!(
-            inspect(&junk),
-            Err(ImageError::UnknownFormat { .. })
-        ));
+        assert!(matches!(inspect(&junk), Err(ImageError::UnknownFormat { .. })));
         std::fs::write(&junk, b"\x7fELF\x02\x01").unwrap();
-        assert!(matches!(
-            inspect(&junk),
-            Err(ImageError::MalformedElf { .. })
-        ));
+        assert!(matches!(inspect(&junk), Err(ImageError::MalformedElf { .. })));
         std::fs::remove_file(&junk).unwrap();
     }
 

@@ -9,19 +9,13 @@ pub mod image;
 use std::fs::File;
 use std::path::Path;
 
-use carrel_firmware::layout::{
-    self, BOOT_INFO_ADDR, CMDLINE_ADDR, CMDLINE_MAX, EBDA_START, HIMEM_START,
-};
-use carrel_firmware::{
-    memory_kind, BootInfo, DeviceEntry, MemoryRange, PlatformKind, BOOT_INFO_VERSION,
-};
+use carrel_firmware::layout::{self, BOOT_INFO_ADDR, CMDLINE_ADDR, CMDLINE_MAX, EBDA_START, HIMEM_START};
+use carrel_firmware::{memory_kind, BootInfo, DeviceEntry, MemoryRange, PlatformKind, BOOT_INFO_VERSION};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use linux_loader::loader::elf::start_info::{
-    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
-};
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -51,9 +45,7 @@ impl std::str::FromStr for BootProtocol {
             "desk" => Ok(BootProtocol::Desk),
             "linux" => Ok(BootProtocol::Linux),
             "pvh" => Ok(BootProtocol::Pvh),
-            other => Err(format!(
-                "unknown boot protocol {other:?} (auto, desk, linux, pvh)"
-            )),
+            other => Err(format!("unknown boot protocol {other:?} (auto, desk, linux, pvh)")),
         }
     }
 }
@@ -64,40 +56,23 @@ pub enum BootError {
     #[error(transparent)]
     Inspect(#[from] image::ImageError),
     #[error("cannot open {what} {path}: {source}")]
-    Open {
-        what: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
+    Open { what: &'static str, path: String, source: std::io::Error },
     #[error("cannot load kernel {path}: {source}")]
-    LoadKernel {
-        path: String,
-        source: linux_loader::loader::Error,
-    },
+    LoadKernel { path: String, source: linux_loader::loader::Error },
     #[error("kernel {path} is not a Desk kernel (no Carrel ELF note); use --boot auto")]
     NotDesk { path: String },
-    #[error(
-        "Desk kernel {path} speaks BootInfo version {found}, this VMM speaks {BOOT_INFO_VERSION}"
-    )]
+    #[error("Desk kernel {path} speaks BootInfo version {found}, this VMM speaks {BOOT_INFO_VERSION}")]
     DeskVersion { path: String, found: u32 },
-    #[error(
-        "kernel {path} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); use --boot linux or auto"
-    )]
+    #[error("kernel {path} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); use --boot linux or auto")]
     NoPvhEntry { path: String },
     #[error("command line is {len} bytes; at most {max} fit")]
     CmdlineTooLong { len: usize, max: usize },
     #[error("initrd {path} of {size} bytes does not fit below {limit:#x} in guest RAM; give the VM more memory")]
     InitrdTooLarge { path: String, size: u64, limit: u64 },
     #[error("cannot read initrd {path} into guest memory: {source}")]
-    LoadInitrd {
-        path: String,
-        source: std::io::Error,
-    },
+    LoadInitrd { path: String, source: std::io::Error },
     #[error("cannot write {what} into guest memory: {source}")]
-    WriteMemory {
-        what: &'static str,
-        source: vm_memory::GuestMemoryError,
-    },
+    WriteMemory { what: &'static str, source: vm_memory::GuestMemoryError },
     #[error("cannot write boot parameters: {0}")]
     WriteBootParams(#[source] linux_loader::configurator::Error),
     #[error("too many {what} for the boot tables")]
@@ -133,99 +108,54 @@ pub struct BootRequest<'a> {
 
 /// Loads the kernel (and initrd) into `memory` and writes the boot information the chosen
 /// protocol needs. Page tables and descriptor tables are the builder's business.
-pub fn load(
-    memory: &GuestMemoryMmap,
-    ram_size: u64,
-    request: &BootRequest<'_>,
-) -> Result<BootSetup, BootError> {
+pub fn load(memory: &GuestMemoryMmap, ram_size: u64, request: &BootRequest<'_>) -> Result<BootSetup, BootError> {
     let path = request.kernel.display().to_string();
     let kind = image::inspect(request.kernel)?;
     let protocol = match (request.protocol, &kind) {
-        (
-            BootProtocol::Auto,
-            ImageKind::Elf {
-                desk_boot_info_version: Some(_),
-                ..
-            },
-        ) => BootProtocol::Desk,
-        (
-            BootProtocol::Auto,
-            ImageKind::Elf {
-                pvh_entry: Some(_), ..
-            },
-        ) => BootProtocol::Pvh,
+        (BootProtocol::Auto, ImageKind::Elf { desk_boot_info_version: Some(_), .. }) => BootProtocol::Desk,
+        (BootProtocol::Auto, ImageKind::Elf { pvh_entry: Some(_), .. }) => BootProtocol::Pvh,
         (BootProtocol::Auto, _) => BootProtocol::Linux,
         (chosen, _) => chosen,
     };
     match protocol {
         BootProtocol::Desk => {
-            let ImageKind::Elf {
-                desk_boot_info_version: Some(version),
-                ..
-            } = kind
-            else {
+            let ImageKind::Elf { desk_boot_info_version: Some(version), .. } = kind else {
                 return Err(BootError::NotDesk { path });
             };
             if version != BOOT_INFO_VERSION {
-                return Err(BootError::DeskVersion {
-                    path,
-                    found: version,
-                });
+                return Err(BootError::DeskVersion { path, found: version });
             }
             load_desk(memory, ram_size, request)
         }
         BootProtocol::Pvh => {
-            let ImageKind::Elf {
-                pvh_entry: Some(entry),
-                ..
-            } = kind
-            else {
+            let ImageKind::Elf { pvh_entry: Some(entry), .. } = kind else {
                 return Err(BootError::NoPvhEntry { path });
             };
             load_pvh(memory, ram_size, request, entry)
         }
-        BootProtocol::Linux | BootProtocol::Auto => {
-            load_linux(memory, ram_size, request, kind == ImageKind::BzImage)
-        }
+        BootProtocol::Linux | BootProtocol::Auto => load_linux(memory, ram_size, request, kind == ImageKind::BzImage),
     }
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
-    File::open(path).map_err(|source| BootError::Open {
-        what,
-        path: path.display().to_string(),
-        source,
-    })
+    File::open(path).map_err(|source| BootError::Open { what, path: path.display().to_string(), source })
 }
 
-fn load_elf(
-    memory: &GuestMemoryMmap,
-    path: &Path,
-) -> Result<linux_loader::loader::KernelLoaderResult, BootError> {
+fn load_elf(memory: &GuestMemoryMmap, path: &Path) -> Result<linux_loader::loader::KernelLoaderResult, BootError> {
     let mut file = open("kernel", path)?;
-    Elf::load(memory, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
-        BootError::LoadKernel {
-            path: path.display().to_string(),
-            source,
-        }
-    })
+    Elf::load(memory, None, &mut file, Some(GuestAddress(HIMEM_START)))
+        .map_err(|source| BootError::LoadKernel { path: path.display().to_string(), source })
 }
 
 fn write_cmdline(memory: &GuestMemoryMmap, cmdline: &str) -> Result<(), BootError> {
     if cmdline.len() >= CMDLINE_MAX {
-        return Err(BootError::CmdlineTooLong {
-            len: cmdline.len(),
-            max: CMDLINE_MAX - 1,
-        });
+        return Err(BootError::CmdlineTooLong { len: cmdline.len(), max: CMDLINE_MAX - 1 });
     }
     let mut bytes = cmdline.as_bytes().to_vec();
     bytes.push(0);
     memory
         .write_slice(&bytes, GuestAddress(CMDLINE_ADDR))
-        .map_err(|source| BootError::WriteMemory {
-            what: "the command line",
-            source,
-        })
+        .map_err(|source| BootError::WriteMemory { what: "the command line", source })
 }
 
 /// The RAM map every protocol reports: low RAM without the EBDA/BIOS hole, then RAM from
@@ -245,22 +175,14 @@ pub fn ram_map(ram_size: u64) -> Vec<(u64, u64)> {
     map
 }
 
-fn load_desk(
-    memory: &GuestMemoryMmap,
-    ram_size: u64,
-    request: &BootRequest<'_>,
-) -> Result<BootSetup, BootError> {
+fn load_desk(memory: &GuestMemoryMmap, ram_size: u64, request: &BootRequest<'_>) -> Result<BootSetup, BootError> {
     let loaded = load_elf(memory, request.kernel)?;
     write_cmdline(memory, request.cmdline)?;
 
     let mut info = BootInfo::new();
     info.platform = request.platform as u32;
     info.vcpu_count = u32::from(request.vcpu_count);
-    info.vif_addr = if request.platform == PlatformKind::Pvm {
-        layout::VIF_ADDR
-    } else {
-        0
-    };
+    info.vif_addr = if request.platform == PlatformKind::Pvm { layout::VIF_ADDR } else { 0 };
     info.tsc_khz = u64::from(request.tsc_khz);
     info.cmdline_addr = CMDLINE_ADDR;
     info.cmdline_len = request.cmdline.len() as u32;
@@ -272,16 +194,8 @@ fn load_desk(
     info.framebuffer_height = request.framebuffer.1;
     // Boot structures below 1 MiB and the kernel image are reserved; the rest is free.
     let kernel_end = loaded.kernel_end.next_multiple_of(0x1000);
-    let mut ranges = vec![MemoryRange {
-        base: 0,
-        size: HIMEM_START,
-        kind: memory_kind::RESERVED,
-        reserved: 0,
-    }];
-    for (start, len) in ram_map(ram_size)
-        .into_iter()
-        .filter(|(start, _)| *start >= HIMEM_START)
-    {
+    let mut ranges = vec![MemoryRange { base: 0, size: HIMEM_START, kind: memory_kind::RESERVED, reserved: 0 }];
+    for (start, len) in ram_map(ram_size).into_iter().filter(|(start, _)| *start >= HIMEM_START) {
         let end = start + len;
         if start < kernel_end && kernel_end < end {
             ranges.push(MemoryRange {
@@ -297,19 +211,12 @@ fn load_desk(
                 reserved: 0,
             });
         } else {
-            ranges.push(MemoryRange {
-                base: start,
-                size: len,
-                kind: memory_kind::USABLE,
-                reserved: 0,
-            });
+            ranges.push(MemoryRange { base: start, size: len, kind: memory_kind::USABLE, reserved: 0 });
         }
     }
     for range in ranges {
         if !info.push_memory_range(range) {
-            return Err(BootError::TableFull {
-                what: "memory ranges",
-            });
+            return Err(BootError::TableFull { what: "memory ranges" });
         }
     }
     for device in request.devices {
@@ -319,10 +226,7 @@ fn load_desk(
     }
     memory
         .write_slice(info.as_bytes(), GuestAddress(BOOT_INFO_ADDR))
-        .map_err(|source| BootError::WriteMemory {
-            what: "BootInfo",
-            source,
-        })?;
+        .map_err(|source| BootError::WriteMemory { what: "BootInfo", source })?;
     Ok(BootSetup {
         protocol: BootProtocol::Desk,
         entry: EntryState::Long64 {
@@ -339,39 +243,18 @@ fn load_desk(
 }
 
 /// Loads the initrd at the top of low RAM (below `limit`), page aligned.
-fn load_initrd(
-    memory: &GuestMemoryMmap,
-    ram_size: u64,
-    path: &Path,
-    limit: u64,
-) -> Result<(u64, u64), BootError> {
+fn load_initrd(memory: &GuestMemoryMmap, ram_size: u64, path: &Path, limit: u64) -> Result<(u64, u64), BootError> {
     let name = path.display().to_string();
     let mut file = open("initrd", path)?;
-    let size = file
-        .metadata()
-        .map_err(|source| BootError::LoadInitrd {
-            path: name.clone(),
-            source,
-        })?
-        .len();
+    let size = file.metadata().map_err(|source| BootError::LoadInitrd { path: name.clone(), source })?.len();
     let top = ram_size.min(layout::MMIO_GAP_START).min(limit);
-    let addr = top
-        .checked_sub(size)
-        .map(|a| a & !0xfff)
-        .filter(|a| *a >= HIMEM_START);
+    let addr = top.checked_sub(size).map(|a| a & !0xfff).filter(|a| *a >= HIMEM_START);
     let Some(addr) = addr else {
-        return Err(BootError::InitrdTooLarge {
-            path: name,
-            size,
-            limit: top,
-        });
+        return Err(BootError::InitrdTooLarge { path: name, size, limit: top });
     };
     memory
         .read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-        .map_err(|err| BootError::LoadInitrd {
-            path: name,
-            source: std::io::Error::other(err.to_string()),
-        })?;
+        .map_err(|err| BootError::LoadInitrd { path: name, source: std::io::Error::other(err.to_string()) })?;
     Ok((addr, size))
 }
 
@@ -393,10 +276,7 @@ fn load_linux(
     let (loaded, entry) = if bzimage {
         let mut file = open("kernel", request.kernel)?;
         let loaded = BzImage::load(memory, None, &mut file, Some(GuestAddress(HIMEM_START)))
-            .map_err(|source| BootError::LoadKernel {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(|source| BootError::LoadKernel { path: path.clone(), source })?;
         // The 64-bit entry of a bzImage is 0x200 past the protected-mode code.
         let entry = loaded.kernel_load.0 + 0x200;
         (loaded, entry)
@@ -429,30 +309,16 @@ fn load_linux(
     }
     for (index, (start, len)) in ram_map(ram_size).into_iter().enumerate() {
         let Some(slot) = params.e820_table.get_mut(index) else {
-            return Err(BootError::TableFull {
-                what: "e820 entries",
-            });
+            return Err(BootError::TableFull { what: "e820 entries" });
         };
-        *slot = boot_e820_entry {
-            addr: start,
-            size: len,
-            r#type: E820_RAM,
-        };
+        *slot = boot_e820_entry { addr: start, size: len, r#type: E820_RAM };
         params.e820_entries += 1;
     }
-    LinuxBootConfigurator::write_bootparams(
-        &BootParams::new(&params, GuestAddress(BOOT_INFO_ADDR)),
-        memory,
-    )
-    .map_err(BootError::WriteBootParams)?;
+    LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, GuestAddress(BOOT_INFO_ADDR)), memory)
+        .map_err(BootError::WriteBootParams)?;
     Ok(BootSetup {
         protocol: BootProtocol::Linux,
-        entry: EntryState::Long64 {
-            rip: entry,
-            rsi: BOOT_INFO_ADDR,
-            rdi: 0,
-            rsp: layout::BOOT_STACK_TOP,
-        },
+        entry: EntryState::Long64 { rip: entry, rsi: BOOT_INFO_ADDR, rdi: 0, rsp: layout::BOOT_STACK_TOP },
         guest: GuestKind::Stock,
         lint: LintSetup::LegacyPic,
         wants_vif: false,
@@ -472,12 +338,7 @@ fn load_pvh(
     write_cmdline(memory, request.cmdline)?;
     let memmap: Vec<hvm_memmap_table_entry> = ram_map(ram_size)
         .into_iter()
-        .map(|(addr, size)| hvm_memmap_table_entry {
-            addr,
-            size,
-            type_: E820_RAM,
-            reserved: 0,
-        })
+        .map(|(addr, size)| hvm_memmap_table_entry { addr, size, type_: E820_RAM, reserved: 0 })
         .collect();
     let mut start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
@@ -491,13 +352,9 @@ fn load_pvh(
     params.set_sections(&memmap, GuestAddress(layout::PVH_MEMMAP_ADDR));
     if let Some(initrd) = request.initrd {
         let (addr, size) = load_initrd(memory, ram_size, initrd, DEFAULT_INITRD_ADDR_MAX + 1)?;
-        let module = hvm_modlist_entry {
-            paddr: addr,
-            size,
-            ..Default::default()
-        };
-        let modlist_addr = layout::PVH_MEMMAP_ADDR
-            + (memmap.len() * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
+        let module = hvm_modlist_entry { paddr: addr, size, ..Default::default() };
+        let modlist_addr =
+            layout::PVH_MEMMAP_ADDR + (memmap.len() * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
         start_info.nr_modules = 1;
         start_info.modlist_paddr = modlist_addr;
         params = BootParams::new(&start_info, GuestAddress(BOOT_INFO_ADDR));
@@ -507,10 +364,7 @@ fn load_pvh(
     PvhBootConfigurator::write_bootparams(&params, memory).map_err(BootError::WriteBootParams)?;
     Ok(BootSetup {
         protocol: BootProtocol::Pvh,
-        entry: EntryState::Protected32 {
-            eip: entry,
-            ebx: BOOT_INFO_ADDR as u32,
-        },
+        entry: EntryState::Protected32 { eip: entry, ebx: BOOT_INFO_ADDR as u32 },
         guest: GuestKind::Stock,
         lint: LintSetup::LegacyPic,
         wants_vif: false,
@@ -522,14 +376,7 @@ fn load_pvh(
 pub fn linux_device_args(devices: &[DeviceEntry]) -> String {
     devices
         .iter()
-        .map(|device| {
-            format!(
-                " virtio_mmio.device={}K@{:#x}:{}",
-                device.size >> 10,
-                device.base,
-                device.irq
-            )
-        })
+        .map(|device| format!(" virtio_mmio.device={}K@{:#x}:{}", device.size >> 10, device.base, device.irq))
         .collect()
 }
 
@@ -539,10 +386,7 @@ mod tests {
 
     #[test]
     fn ram_map_skips_ebda_hole_and_mmio_gap() {
-        assert_eq!(
-            ram_map(128 << 20),
-            vec![(0, EBDA_START), (HIMEM_START, (128 << 20) - HIMEM_START)]
-        );
+        assert_eq!(ram_map(128 << 20), vec![(0, EBDA_START), (HIMEM_START, (128 << 20) - HIMEM_START)]);
         let big = layout::MMIO_GAP_START + (2 << 30);
         let map = ram_map(big);
         assert_eq!(map.len(), 3);
@@ -552,16 +396,8 @@ mod tests {
 
     #[test]
     fn linux_device_args_name_size_base_and_irq() {
-        let devices = [DeviceEntry {
-            base: 0xd000_0000,
-            size: 0x1000,
-            irq: 5,
-            device_type: 4,
-        }];
-        assert_eq!(
-            linux_device_args(&devices),
-            " virtio_mmio.device=4K@0xd0000000:5"
-        );
+        let devices = [DeviceEntry { base: 0xd000_0000, size: 0x1000, irq: 5, device_type: 4 }];
+        assert_eq!(linux_device_args(&devices), " virtio_mmio.device=4K@0xd0000000:5");
     }
 
     #[test]
@@ -586,20 +422,13 @@ mod tests {
         bytes[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
         bytes[0x22c..0x230].copy_from_slice(&0x37ff_ffffu32.to_le_bytes()); // initrd_addr_max
         bytes[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes()); // kernel_alignment
-        let path = std::env::temp_dir().join(format!(
-            "carrel-bz-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("carrel-bz-{}-{:?}", std::process::id(), std::thread::current().id()));
         std::fs::write(&path, bytes).unwrap();
         path
     }
 
-    fn request<'a>(
-        kernel: &'a Path,
-        initrd: Option<&'a Path>,
-        cmdline: &'a str,
-    ) -> BootRequest<'a> {
+    fn request<'a>(kernel: &'a Path, initrd: Option<&'a Path>, cmdline: &'a str) -> BootRequest<'a> {
         BootRequest {
             kernel,
             initrd,
@@ -620,9 +449,7 @@ mod tests {
         let setup = load(&memory, 64 << 20, &request(&kernel, None, "console=ttyS0")).unwrap();
         std::fs::remove_file(&kernel).unwrap();
         assert_eq!(setup.protocol, BootProtocol::Linux);
-        let EntryState::Long64 { rip, rsi, .. } = setup.entry else {
-            panic!("bzImage must enter in long mode")
-        };
+        let EntryState::Long64 { rip, rsi, .. } = setup.entry else { panic!("bzImage must enter in long mode") };
         assert_eq!(rip, HIMEM_START + 0x200);
         assert_eq!(rsi, BOOT_INFO_ADDR);
         let params: boot_params = memory.read_obj(GuestAddress(BOOT_INFO_ADDR)).unwrap();
@@ -632,9 +459,7 @@ mod tests {
         assert_eq!(params.e820_entries, 2);
         assert_eq!({ params.e820_table[1].addr }, HIMEM_START);
         let mut cmdline = [0u8; 14];
-        memory
-            .read_slice(&mut cmdline, GuestAddress(CMDLINE_ADDR))
-            .unwrap();
+        memory.read_slice(&mut cmdline, GuestAddress(CMDLINE_ADDR)).unwrap();
         assert_eq!(&cmdline, b"console=ttyS0\0");
         // The protected-mode code (after the one setup sector) sits at 1 MiB.
         assert_eq!(memory.read_obj::<u8>(GuestAddress(HIMEM_START)).unwrap(), 0);
@@ -654,10 +479,7 @@ mod tests {
         assert_eq!(addr % 0x1000, 0);
         assert!(addr + 10_000 <= 64 << 20);
         assert_eq!({ params.hdr.ramdisk_size }, 10_000);
-        assert_eq!(
-            memory.read_obj::<u8>(GuestAddress(addr + 9_999)).unwrap(),
-            0x5a
-        );
+        assert_eq!(memory.read_obj::<u8>(GuestAddress(addr + 9_999)).unwrap(), 0x5a);
     }
 
     #[test]

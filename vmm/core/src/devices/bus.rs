@@ -48,26 +48,13 @@ impl Bus {
     }
 
     /// Puts `device` at `[base, base + len)`.
-    pub fn insert(
-        &mut self,
-        device: Arc<Mutex<dyn BusDevice>>,
-        base: u64,
-        len: u64,
-    ) -> Result<(), BusError> {
+    pub fn insert(&mut self, device: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<(), BusError> {
         if len == 0 {
             return Err(BusError::Empty { base });
         }
         let end = base.saturating_add(len);
-        if let Some(other) = self
-            .entries
-            .iter()
-            .find(|e| base < e.base + e.len && e.base < end)
-        {
-            return Err(BusError::Overlap {
-                base,
-                len,
-                other: other.base,
-            });
+        if let Some(other) = self.entries.iter().find(|e| base < e.base + e.len && e.base < end) {
+            return Err(BusError::Overlap { base, len, other: other.base });
         }
         let position = self.entries.partition_point(|e| e.base < base);
         self.entries.insert(position, Entry { base, len, device });
@@ -75,10 +62,7 @@ impl Bus {
     }
 
     fn find(&self, addr: u64) -> Option<(&Entry, u64)> {
-        let index = self
-            .entries
-            .partition_point(|e| e.base <= addr)
-            .checked_sub(1)?;
+        let index = self.entries.partition_point(|e| e.base <= addr).checked_sub(1)?;
         let entry = &self.entries[index];
         let offset = addr - entry.base;
         (offset < entry.len).then_some((entry, offset))
@@ -110,9 +94,7 @@ impl Bus {
 /// Locks a device, recovering it if a thread panicked while holding it: device state is
 /// plain data and the VM is stopped on any vCPU error anyway.
 pub fn lock<T: ?Sized>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    device
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -150,16 +132,11 @@ mod tests {
     #[test]
     fn bus_insert_rejects_overlap_and_empty_range() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x1000, 0x1000)
-            .unwrap();
+        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x1000, 0x1000).unwrap();
         let overlapping = bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x1800, 0x1000);
-        assert!(matches!(
-            overlapping,
-            Err(BusError::Overlap { other: 0x1000, .. })
-        ));
+        assert!(matches!(overlapping, Err(BusError::Overlap { other: 0x1000, .. })));
         let empty = bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x5000, 0);
         assert!(matches!(empty, Err(BusError::Empty { base: 0x5000 })));
-        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x2000, 0x1000)
-            .unwrap();
+        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x2000, 0x1000).unwrap();
     }
 }

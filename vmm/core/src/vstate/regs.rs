@@ -45,12 +45,7 @@ pub enum RegsError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryState {
     /// 64-bit long mode, paging on with the VMM's identity map.
-    Long64 {
-        rip: u64,
-        rsi: u64,
-        rdi: u64,
-        rsp: u64,
-    },
+    Long64 { rip: u64, rsi: u64, rdi: u64, rsp: u64 },
     /// 32-bit protected mode, paging off (PVH: `ebx` = start_info).
     Protected32 { eip: u32, ebx: u32 },
 }
@@ -82,11 +77,7 @@ fn segment(selector: u16, entry: u64) -> kvm_segment {
     let granular = (flags >> 15) & 1 == 1;
     kvm_segment {
         base,
-        limit: if granular {
-            (limit << 12) | 0xfff
-        } else {
-            limit
-        },
+        limit: if granular { (limit << 12) | 0xfff } else { limit },
         selector,
         type_: (flags & 0xf) as u8,
         present: ((flags >> 7) & 1) as u8,
@@ -105,29 +96,19 @@ fn segment(selector: u16, entry: u64) -> kvm_segment {
 /// interrupts. Exceptions before that end in a triple fault the VMM reports.
 pub fn write_descriptor_tables(memory: &GuestMemoryMmap) -> Result<(), RegsError> {
     for (index, entry) in GDT.iter().enumerate() {
-        memory
-            .write_obj(*entry, GuestAddress(layout::GDT_ADDR + index as u64 * 8))
-            .map_err(RegsError::WriteGdt)?;
+        memory.write_obj(*entry, GuestAddress(layout::GDT_ADDR + index as u64 * 8)).map_err(RegsError::WriteGdt)?;
     }
     let zeroes = [0u8; layout::IDT_SIZE as usize];
-    memory
-        .write_slice(&zeroes, GuestAddress(layout::IDT_ADDR))
-        .map_err(RegsError::WriteIdt)
+    memory.write_slice(&zeroes, GuestAddress(layout::IDT_ADDR)).map_err(RegsError::WriteIdt)
 }
 
 /// Writes the identity map of the low `gib` GiB (at least 4, so the LAPIC and IOAPIC are
 /// reachable) at [`layout::PAGE_TABLES_ADDR`].
 pub fn write_page_tables(memory: &GuestMemoryMmap, gib: u64) -> Result<(), RegsError> {
     let mut tables = vec![0u64; page_tables::table_count(gib) * page_tables::ENTRIES];
-    page_tables::build_identity_map(&mut tables, layout::PAGE_TABLES_ADDR, gib)
-        .map_err(RegsError::BuildPageTables)?;
-    let bytes: Vec<u8> = tables
-        .iter()
-        .flat_map(|entry| entry.to_le_bytes())
-        .collect();
-    memory
-        .write_slice(&bytes, GuestAddress(layout::PAGE_TABLES_ADDR))
-        .map_err(RegsError::WritePageTables)
+    page_tables::build_identity_map(&mut tables, layout::PAGE_TABLES_ADDR, gib).map_err(RegsError::BuildPageTables)?;
+    let bytes: Vec<u8> = tables.iter().flat_map(|entry| entry.to_le_bytes()).collect();
+    memory.write_slice(&bytes, GuestAddress(layout::PAGE_TABLES_ADDR)).map_err(RegsError::WritePageTables)
 }
 
 /// Sets segment, control and general registers for `entry`.
@@ -149,10 +130,7 @@ pub fn set_entry_state(vcpu: &VcpuFd, entry: EntryState) -> Result<(), RegsError
     sregs.ss = data;
     sregs.tr = tss;
 
-    let mut regs = kvm_regs {
-        rflags: 0x2,
-        ..Default::default()
-    };
+    let mut regs = kvm_regs { rflags: 0x2, ..Default::default() };
     match entry {
         EntryState::Long64 { rip, rsi, rdi, rsp } => {
             sregs.cs = code64;
@@ -178,11 +156,7 @@ pub fn set_entry_state(vcpu: &VcpuFd, entry: EntryState) -> Result<(), RegsError
     }
     vcpu.set_sregs(&sregs).map_err(RegsError::SetSregs)?;
     vcpu.set_regs(&regs).map_err(RegsError::SetRegs)?;
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
     vcpu.set_fpu(&fpu).map_err(RegsError::SetFpu)
 }
 

@@ -132,30 +132,13 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    pub fn new(
-        vm: &kvm_ioctls::VmFd,
-        id: u8,
-        io_bus: Arc<Bus>,
-        mmio_bus: Arc<Bus>,
-    ) -> Result<Vcpu, VcpuError> {
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(|source| VcpuError::CreateVcpu { id, source })?;
-        Ok(Vcpu {
-            id,
-            fd,
-            io_bus,
-            mmio_bus,
-        })
+    pub fn new(vm: &kvm_ioctls::VmFd, id: u8, io_bus: Arc<Bus>, mmio_bus: Arc<Bus>) -> Result<Vcpu, VcpuError> {
+        let fd = vm.create_vcpu(u64::from(id)).map_err(|source| VcpuError::CreateVcpu { id, source })?;
+        Ok(Vcpu { id, fd, io_bus, mmio_bus })
     }
 
     pub fn set_cpuid(&self, cpuid: &kvm_bindings::CpuId) -> Result<(), VcpuError> {
-        self.fd
-            .set_cpuid2(cpuid)
-            .map_err(|source| VcpuError::SetCpuid {
-                id: self.id,
-                source,
-            })
+        self.fd.set_cpuid2(cpuid).map_err(|source| VcpuError::SetCpuid { id: self.id, source })
     }
 
     /// Starts the vCPU on its own thread, running the guest at once.
@@ -166,11 +149,7 @@ impl Vcpu {
             .name(format!("vcpu{id}"))
             .spawn(move || self.run_thread(receiver, events))
             .map_err(|source| VcpuError::SpawnThread { id, source })?;
-        Ok(VcpuHandle {
-            id,
-            sender,
-            thread: Some(thread),
-        })
+        Ok(VcpuHandle { id, sender, thread: Some(thread) })
     }
 
     fn run_thread(mut self, messages: Receiver<VcpuMessage>, events: VcpuEventSender) {
@@ -184,15 +163,13 @@ impl Vcpu {
                         events.send(VcpuEvent::Paused(self.id));
                         VcpuRunState::Paused
                     }
-                    Ok(VcpuMessage::Resume) | Err(mpsc::TryRecvError::Empty) => {
-                        match self.run_once() {
-                            Ok(()) => VcpuRunState::Running,
-                            Err(stop) => {
-                                events.send(VcpuEvent::Stopped(self.id, stop));
-                                VcpuRunState::Stopped
-                            }
+                    Ok(VcpuMessage::Resume) | Err(mpsc::TryRecvError::Empty) => match self.run_once() {
+                        Ok(()) => VcpuRunState::Running,
+                        Err(stop) => {
+                            events.send(VcpuEvent::Stopped(self.id, stop));
+                            VcpuRunState::Stopped
                         }
-                    }
+                    },
                 },
                 VcpuRunState::Paused => match messages.recv() {
                     Ok(VcpuMessage::Resume) => {
@@ -255,10 +232,9 @@ impl Vcpu {
                 self.fd.set_kvm_immediate_exit(0);
                 Ok(())
             }
-            Err(err) => Err(VcpuStop::Failed {
-                reason: format!("KVM_RUN failed: {err}"),
-                registers: self.describe_registers(),
-            }),
+            Err(err) => {
+                Err(VcpuStop::Failed { reason: format!("KVM_RUN failed: {err}"), registers: self.describe_registers() })
+            }
         }
     }
 

@@ -13,11 +13,7 @@ pub enum VmError {
     #[error("KVM_CREATE_VM failed: {0}")]
     CreateVm(#[source] kvm_ioctls::Error),
     #[error("KVM_SET_USER_MEMORY_REGION for slot {slot} at {gpa:#x} failed: {source}")]
-    SetMemoryRegion {
-        slot: u32,
-        gpa: u64,
-        source: kvm_ioctls::Error,
-    },
+    SetMemoryRegion { slot: u32, gpa: u64, source: kvm_ioctls::Error },
     #[error("KVM_SET_TSS_ADDR failed: {0}")]
     SetTssAddress(#[source] kvm_ioctls::Error),
     #[error("KVM_CREATE_IRQCHIP failed: {0}")]
@@ -27,10 +23,7 @@ pub enum VmError {
     #[error("KVM_IRQFD for GSI {gsi} failed: {source}")]
     RegisterIrqfd { gsi: u32, source: kvm_ioctls::Error },
     #[error("KVM_IOEVENTFD at {addr:#x} failed: {source}")]
-    RegisterIoevent {
-        addr: u64,
-        source: kvm_ioctls::Error,
-    },
+    RegisterIoevent { addr: u64, source: kvm_ioctls::Error },
     #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
     GetSupportedCpuid(#[source] kvm_ioctls::Error),
 }
@@ -51,18 +44,14 @@ impl Vm {
     pub fn new() -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        fd.set_tss_address(TSS_ADDRESS)
-            .map_err(VmError::SetTssAddress)?;
+        fd.set_tss_address(TSS_ADDRESS).map_err(VmError::SetTssAddress)?;
         fd.create_irq_chip().map_err(VmError::CreateIrqchip)?;
         Ok(Vm { kvm, fd })
     }
 
     /// Adds the i8254 PIT, which stock kernels calibrate against.
     pub fn create_pit(&self) -> Result<(), VmError> {
-        let config = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
+        let config = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         self.fd.create_pit2(config).map_err(VmError::CreatePit)
     }
 
@@ -81,26 +70,22 @@ impl Vm {
             };
             // SAFETY: the host range is a live mapping owned by `memory`, which the VMM
             // keeps alive (and never unmaps) for as long as the VM exists.
-            unsafe { self.fd.set_user_memory_region(region) }
-                .map_err(|source| VmError::SetMemoryRegion { slot, gpa, source })?;
+            unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| VmError::SetMemoryRegion {
+                slot,
+                gpa,
+                source,
+            })?;
         }
         Ok(())
     }
 
     /// Routes writes of `eventfd` to interrupt line `gsi`.
     pub fn register_irqfd(&self, eventfd: &EventFd, gsi: u32) -> Result<(), VmError> {
-        self.fd
-            .register_irqfd(eventfd, gsi)
-            .map_err(|source| VmError::RegisterIrqfd { gsi, source })
+        self.fd.register_irqfd(eventfd, gsi).map_err(|source| VmError::RegisterIrqfd { gsi, source })
     }
 
     /// Makes a guest MMIO write of `value` at `addr` signal `eventfd` inside the kernel.
-    pub fn register_mmio_ioevent(
-        &self,
-        eventfd: &EventFd,
-        addr: u64,
-        value: u32,
-    ) -> Result<(), VmError> {
+    pub fn register_mmio_ioevent(&self, eventfd: &EventFd, addr: u64, value: u32) -> Result<(), VmError> {
         self.fd
             .register_ioevent(eventfd, &IoEventAddress::Mmio(addr), value)
             .map_err(|source| VmError::RegisterIoevent { addr, source })
@@ -108,9 +93,7 @@ impl Vm {
 
     /// The CPUID table KVM can offer a guest.
     pub fn supported_cpuid(&self) -> Result<kvm_bindings::CpuId, VmError> {
-        self.kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(VmError::GetSupportedCpuid)
+        self.kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(VmError::GetSupportedCpuid)
     }
 
     pub fn fd(&self) -> &VmFd {

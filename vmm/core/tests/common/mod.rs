@@ -13,10 +13,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("workspace root exists")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root exists")
 }
 
 pub fn vmm_binary() -> PathBuf {
@@ -68,10 +65,7 @@ impl RunningVm {
         let (sender, lines) = mpsc::channel();
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
-        for stream in [
-            Box::new(stdout) as Box<dyn std::io::Read + Send>,
-            Box::new(stderr),
-        ] {
+        for stream in [Box::new(stdout) as Box<dyn std::io::Read + Send>, Box::new(stderr)] {
             let sender = sender.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines() {
@@ -82,11 +76,7 @@ impl RunningVm {
                 }
             });
         }
-        RunningVm {
-            child,
-            lines,
-            output: Vec::new(),
-        }
+        RunningVm { child, lines, output: Vec::new() }
     }
 
     /// Waits for a line containing `needle`; panics with everything seen at the deadline.
@@ -103,16 +93,10 @@ impl RunningVm {
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     let _ = self.child.kill();
-                    panic!(
-                        "no line with {needle:?} within {deadline:?}; output:\n{}",
-                        self.output.join("\n")
-                    )
+                    panic!("no line with {needle:?} within {deadline:?}; output:\n{}", self.output.join("\n"))
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    panic!(
-                        "carrel-vmm closed its output before {needle:?}; output:\n{}",
-                        self.output.join("\n")
-                    )
+                    panic!("carrel-vmm closed its output before {needle:?}; output:\n{}", self.output.join("\n"))
                 }
             }
         }
@@ -133,10 +117,7 @@ impl RunningVm {
                 Ok(line) => self.output.push(line),
                 Err(_) if Instant::now() > end => {
                     let _ = self.child.kill();
-                    panic!(
-                        "carrel-vmm did not exit within {deadline:?}; output:\n{}",
-                        self.output.join("\n")
-                    );
+                    panic!("carrel-vmm did not exit within {deadline:?}; output:\n{}", self.output.join("\n"));
                 }
                 Err(_) => {}
             }

@@ -20,10 +20,7 @@ pub struct VmExitSignal {
 
 impl VmExitSignal {
     pub fn new() -> std::io::Result<VmExitSignal> {
-        Ok(VmExitSignal {
-            eventfd: EventFd::new(libc::EFD_NONBLOCK)?,
-            code: AtomicI32::new(0),
-        })
+        Ok(VmExitSignal { eventfd: EventFd::new(libc::EFD_NONBLOCK)?, code: AtomicI32::new(0) })
     }
 
     /// Records `code` and wakes the event loop.
@@ -64,12 +61,7 @@ impl PowerDevice {
         memory: GuestMemoryMmap,
         console: ConsoleOutput,
     ) -> PowerDevice {
-        PowerDevice {
-            port,
-            exit,
-            memory,
-            console,
-        }
+        PowerDevice { port, exit, memory, console }
     }
 
     /// Copies a console record from guest memory to the console. A bad address or
@@ -77,23 +69,15 @@ impl PowerDevice {
     fn write_console_record(&self, gpa: u64) {
         let len = match self.memory.read_obj::<u32>(GuestAddress(gpa)) {
             Ok(len) => len as usize,
-            Err(_) => {
-                return self
-                    .console
-                    .write_bytes(b"[carrel: console record outside guest RAM]\n")
-            }
+            Err(_) => return self.console.write_bytes(b"[carrel: console record outside guest RAM]\n"),
         };
         if len > CONSOLE_RECORD_MAX {
-            return self
-                .console
-                .write_bytes(b"[carrel: console record too long]\n");
+            return self.console.write_bytes(b"[carrel: console record too long]\n");
         }
         let mut bytes = vec![0u8; len];
         match self.memory.read_slice(&mut bytes, GuestAddress(gpa + 4)) {
             Ok(()) => self.console.write_bytes(&bytes),
-            Err(_) => self
-                .console
-                .write_bytes(b"[carrel: console record outside guest RAM]\n"),
+            Err(_) => self.console.write_bytes(b"[carrel: console record outside guest RAM]\n"),
         }
     }
 }
@@ -137,10 +121,7 @@ mod tests {
     fn i8042_reset_requests_exit_zero() {
         let (mut device, exit) = device(PowerPort::I8042, None);
         device.write(0, &[0x20]);
-        assert!(
-            exit.eventfd.read().is_err(),
-            "a non-reset command must not end the VM"
-        );
+        assert!(exit.eventfd.read().is_err(), "a non-reset command must not end the VM");
         device.write(0, &[ports::I8042_RESET]);
         assert_eq!(exit.eventfd.read().unwrap(), 1);
         assert_eq!(exit.code(), 0);
@@ -156,27 +137,15 @@ mod tests {
     #[test]
     fn console_record_is_copied_and_bad_records_are_reported() {
         let path = std::env::temp_dir().join(format!("carrel-power-test-{}", std::process::id()));
-        let (mut device, _) = device(
-            PowerPort::Console,
-            Some(std::fs::File::create(&path).unwrap()),
-        );
+        let (mut device, _) = device(PowerPort::Console, Some(std::fs::File::create(&path).unwrap()));
         device.memory.write_obj(5u32, GuestAddress(0x100)).unwrap();
-        device
-            .memory
-            .write_slice(b"hello", GuestAddress(0x104))
-            .unwrap();
+        device.memory.write_slice(b"hello", GuestAddress(0x104)).unwrap();
         device.write(0, &0x100u32.to_le_bytes());
-        device
-            .memory
-            .write_obj(u32::MAX, GuestAddress(0x200))
-            .unwrap();
+        device.memory.write_obj(u32::MAX, GuestAddress(0x200)).unwrap();
         device.write(0, &0x200u32.to_le_bytes());
         device.write(0, &0xffff_0000u32.to_le_bytes());
         let text = String::from_utf8(std::fs::read(&path).unwrap()).unwrap();
         std::fs::remove_file(&path).unwrap();
-        assert_eq!(
-            text,
-            "hello[carrel: console record too long]\n[carrel: console record outside guest RAM]\n"
-        );
+        assert_eq!(text, "hello[carrel: console record too long]\n[carrel: console record outside guest RAM]\n");
     }
 }

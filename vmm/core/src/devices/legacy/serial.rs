@@ -25,9 +25,7 @@ struct ConsoleSinks {
 
 impl ConsoleOutput {
     pub fn new(stdout: bool, log: Option<File>) -> ConsoleOutput {
-        ConsoleOutput {
-            inner: Arc::new(Mutex::new(ConsoleSinks { stdout, log })),
-        }
+        ConsoleOutput { inner: Arc::new(Mutex::new(ConsoleSinks { stdout, log })) }
     }
 
     /// Writes `bytes` to every sink. Console output is best effort: a closed stdout or a
@@ -76,9 +74,7 @@ pub struct SerialDevice {
 
 impl SerialDevice {
     pub fn new(interrupt: EventFd, output: ConsoleOutput) -> SerialDevice {
-        SerialDevice {
-            uart: Serial::new(IrqTrigger(interrupt), output),
-        }
+        SerialDevice { uart: Serial::new(IrqTrigger(interrupt), output) }
     }
 
     /// Queues bytes typed on the host for the guest to read; returns how many fit.
@@ -115,8 +111,7 @@ mod tests {
 
     #[test]
     fn serial_write_to_thr_reaches_console_log() {
-        let log_path =
-            std::env::temp_dir().join(format!("carrel-serial-test-{}", std::process::id()));
+        let log_path = std::env::temp_dir().join(format!("carrel-serial-test-{}", std::process::id()));
         let log = File::create(&log_path).unwrap();
         let output = ConsoleOutput::new(false, Some(log));
         let interrupt = EventFd::new(libc::EFD_NONBLOCK).unwrap();

@@ -177,13 +177,8 @@ impl MmioTransport {
             .filter_map(|queue| Queue::try_from(queue.state()).ok())
             .collect();
         let ready_count = self.queues.iter().filter(|queue| queue.ready()).count();
-        let all_valid =
-            ready.len() == ready_count && ready.iter().all(|queue| queue.is_valid(&self.memory));
-        let state = ActiveState {
-            memory: self.memory.clone(),
-            queues: ready,
-            interrupt: self.interrupt.clone(),
-        };
+        let all_valid = ready.len() == ready_count && ready.iter().all(|queue| queue.is_valid(&self.memory));
+        let state = ActiveState { memory: self.memory.clone(), queues: ready, interrupt: self.interrupt.clone() };
         if !all_valid || self.device.activate(state, self.driver_features).is_err() {
             self.status |= status::DEVICE_NEEDS_RESET;
             self.interrupt.signal(super::INTERRUPT_CONFIG);
@@ -217,18 +212,11 @@ impl MmioTransport {
             reg::DEVICE_FEATURES_SEL => self.device_features_select = value,
             reg::DRIVER_FEATURES_SEL => self.driver_features_select = value,
             reg::DRIVER_FEATURES => {
-                let negotiating =
-                    self.status & status::DRIVER != 0 && self.status & status::FEATURES_OK == 0;
+                let negotiating = self.status & status::DRIVER != 0 && self.status & status::FEATURES_OK == 0;
                 if negotiating {
                     match self.driver_features_select {
-                        0 => {
-                            self.driver_features =
-                                (self.driver_features & !0xffff_ffff) | u64::from(value)
-                        }
-                        1 => {
-                            self.driver_features =
-                                (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
-                        }
+                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
+                        1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32),
                         _ => {}
                     }
                 }
@@ -311,10 +299,7 @@ impl BusDevice for MmioTransport {
         if data.len() != 4 || offset % 4 != 0 {
             return;
         }
-        self.write_register(
-            offset,
-            u32::from_le_bytes([data[0], data[1], data[2], data[3]]),
-        );
+        self.write_register(offset, u32::from_le_bytes([data[0], data[1], data[2], data[3]]));
     }
 }
 
@@ -355,10 +340,7 @@ mod tests {
         }
         fn activate(&mut self, state: ActiveState, _acked: u64) -> Result<(), ActivateError> {
             if state.queues.len() != 2 {
-                return Err(ActivateError::QueueCount {
-                    needed: 2,
-                    got: state.queues.len(),
-                });
+                return Err(ActivateError::QueueCount { needed: 2, got: state.queues.len() });
             }
             self.state = DeviceState::Active(state);
             Ok(())
@@ -381,13 +363,8 @@ mod tests {
             processed: processed.clone(),
             config: [1, 2, 3, 4, 5, 6, 7, 8],
         };
-        let interrupt = Arc::new(VirtioInterrupt::new(
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        ));
-        (
-            MmioTransport::new(Box::new(device), memory, interrupt),
-            processed,
-        )
+        let interrupt = Arc::new(VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        (MmioTransport::new(Box::new(device), memory, interrupt), processed)
     }
 
     fn read32(transport: &mut MmioTransport, offset: u64) -> u32 {
@@ -405,11 +382,7 @@ mod tests {
         write32(transport, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
         write32(transport, reg::DRIVER_FEATURES_SEL, 1);
         write32(transport, reg::DRIVER_FEATURES, features_high);
-        write32(
-            transport,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
+        write32(transport, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
     }
 
     fn setup_queue(transport: &mut MmioTransport, index: u32, base: u64) {
@@ -452,19 +425,11 @@ mod tests {
     #[test]
     fn features_ok_is_refused_for_unoffered_feature() {
         let (mut transport, _) = transport();
-        write32(
-            &mut transport,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER,
-        );
+        write32(&mut transport, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
         write32(&mut transport, reg::DRIVER_FEATURES, 1 << 5);
         write32(&mut transport, reg::DRIVER_FEATURES_SEL, 1);
         write32(&mut transport, reg::DRIVER_FEATURES, 1);
-        write32(
-            &mut transport,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
+        write32(&mut transport, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
         assert_eq!(transport.status() & status::FEATURES_OK, 0);
     }
 
@@ -513,11 +478,7 @@ mod tests {
         assert!(!transport.is_active());
         transport.notify_queue(0);
         assert!(processed.lock().unwrap().is_empty());
-        assert_ne!(
-            read32(&mut transport, reg::INTERRUPT_STATUS)
-                & crate::devices::virtio::INTERRUPT_CONFIG,
-            0
-        );
+        assert_ne!(read32(&mut transport, reg::INTERRUPT_STATUS) & crate::devices::virtio::INTERRUPT_CONFIG, 0);
     }
 
     #[test]
@@ -543,9 +504,7 @@ mod tests {
     #[test]
     fn interrupt_ack_clears_status_bits() {
         let (mut transport, _) = transport();
-        transport
-            .interrupt
-            .signal(crate::devices::virtio::INTERRUPT_USED_RING);
+        transport.interrupt.signal(crate::devices::virtio::INTERRUPT_USED_RING);
         assert_eq!(read32(&mut transport, reg::INTERRUPT_STATUS), 1);
         write32(&mut transport, reg::INTERRUPT_ACK, 1);
         assert_eq!(read32(&mut transport, reg::INTERRUPT_STATUS), 0);
@@ -561,10 +520,7 @@ mod tests {
         assert_eq!(data, [8, 0]);
         let generation = read32(&mut transport, reg::CONFIG_GENERATION);
         transport.write(reg::CONFIG, &[9]);
-        assert_eq!(
-            read32(&mut transport, reg::CONFIG_GENERATION),
-            generation + 1
-        );
+        assert_eq!(read32(&mut transport, reg::CONFIG_GENERATION), generation + 1);
     }
 
     #[test]

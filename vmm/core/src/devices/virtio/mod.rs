@@ -40,10 +40,7 @@ pub struct VirtioInterrupt {
 
 impl VirtioInterrupt {
     pub fn new(irqfd: EventFd) -> VirtioInterrupt {
-        VirtioInterrupt {
-            status: AtomicU32::new(0),
-            irqfd,
-        }
+        VirtioInterrupt { status: AtomicU32::new(0), irqfd }
     }
 
     /// Sets `bits` in the interrupt status and raises the line.

@@ -6,9 +6,7 @@ use std::sync::Arc;
 use carrel_firmware::virtio_id;
 
 use super::handler::{process_request_queue, RequestOutcome};
-use crate::devices::virtio::{
-    ActivateError, ActiveState, DeviceState, VirtioDevice, INTERRUPT_USED_RING,
-};
+use crate::devices::virtio::{ActivateError, ActiveState, DeviceState, VirtioDevice, INTERRUPT_USED_RING};
 
 const QUEUE_SIZES: &[u16] = &[256];
 
@@ -29,10 +27,7 @@ pub struct Rng {
 
 impl Rng {
     pub fn new() -> Rng {
-        Rng {
-            state: DeviceState::Inactive,
-            metrics: Arc::new(RngMetrics::default()),
-        }
+        Rng { state: DeviceState::Inactive, metrics: Arc::new(RngMetrics::default()) }
     }
 }
 
@@ -82,10 +77,7 @@ impl VirtioDevice for Rng {
 
     fn activate(&mut self, state: ActiveState, _acked_features: u64) -> Result<(), ActivateError> {
         if state.queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                needed: QUEUE_SIZES.len(),
-                got: state.queues.len(),
-            });
+            return Err(ActivateError::QueueCount { needed: QUEUE_SIZES.len(), got: state.queues.len() });
         }
         self.state = DeviceState::Active(state);
         Ok(())
@@ -102,21 +94,11 @@ impl VirtioDevice for Rng {
         let Some(queue) = active.queues.get_mut(index) else {
             return;
         };
-        let RequestOutcome {
-            completed,
-            malformed,
-            bytes,
-            needs_interrupt,
-        } = process_request_queue(queue, &active.memory, &mut host_entropy);
-        self.metrics
-            .requests
-            .fetch_add(completed, Ordering::Relaxed);
-        self.metrics
-            .malformed_requests
-            .fetch_add(malformed, Ordering::Relaxed);
-        self.metrics
-            .bytes_served
-            .fetch_add(bytes, Ordering::Relaxed);
+        let RequestOutcome { completed, malformed, bytes, needs_interrupt } =
+            process_request_queue(queue, &active.memory, &mut host_entropy);
+        self.metrics.requests.fetch_add(completed, Ordering::Relaxed);
+        self.metrics.malformed_requests.fetch_add(malformed, Ordering::Relaxed);
+        self.metrics.bytes_served.fetch_add(bytes, Ordering::Relaxed);
         if needs_interrupt {
             active.interrupt.signal(INTERRUPT_USED_RING);
         }

@@ -41,9 +41,7 @@ pub fn process_request_queue(
             let mut addr = descriptor.addr();
             while remaining > 0 {
                 let count = remaining.min(scratch.len());
-                if entropy(&mut scratch[..count]).is_err()
-                    || memory.write_slice(&scratch[..count], addr).is_err()
-                {
+                if entropy(&mut scratch[..count]).is_err() || memory.write_slice(&scratch[..count], addr).is_err() {
                     malformed = true;
                     break;
                 }
@@ -98,35 +96,19 @@ mod tests {
     }
 
     fn used_len(mock: &MockSplitQueue<GuestMemoryMmap>, index: u16) -> u32 {
-        mock.used()
-            .ring()
-            .ref_at(index as usize)
-            .unwrap()
-            .load()
-            .len()
+        mock.used().ring().ref_at(index as usize).unwrap().load().len()
     }
 
     #[test]
     fn writable_buffer_is_filled_and_completed() {
         let memory = memory();
         let mock = MockSplitQueue::new(&memory, 16);
-        mock.add_desc_chains(&[descriptor(0x10_0000, 32, WRITE, 0)], 0)
-            .unwrap();
+        mock.add_desc_chains(&[descriptor(0x10_0000, 32, WRITE, 0)], 0).unwrap();
         let mut queue: Queue = mock.create_queue().unwrap();
         let outcome = process_request_queue(&mut queue, &memory, &mut fill_0xab);
-        assert_eq!(
-            outcome,
-            RequestOutcome {
-                completed: 1,
-                malformed: 0,
-                bytes: 32,
-                needs_interrupt: true
-            }
-        );
+        assert_eq!(outcome, RequestOutcome { completed: 1, malformed: 0, bytes: 32, needs_interrupt: true });
         let mut bytes = [0u8; 33];
-        memory
-            .read_slice(&mut bytes, GuestAddress(0x10_0000))
-            .unwrap();
+        memory.read_slice(&mut bytes, GuestAddress(0x10_0000)).unwrap();
         assert!(bytes[..32].iter().all(|b| *b == 0xab));
         assert_eq!(bytes[32], 0, "nothing written past the buffer");
         assert_eq!(used_len(&mock, 0), 32);
@@ -136,20 +118,11 @@ mod tests {
     fn chained_buffers_are_all_filled() {
         let memory = memory();
         let mock = MockSplitQueue::new(&memory, 16);
-        mock.add_desc_chains(
-            &[
-                descriptor(0x10_0000, 16, WRITE | NEXT, 1),
-                descriptor(0x11_0000, 8, WRITE, 0),
-            ],
-            0,
-        )
-        .unwrap();
+        mock.add_desc_chains(&[descriptor(0x10_0000, 16, WRITE | NEXT, 1), descriptor(0x11_0000, 8, WRITE, 0)], 0)
+            .unwrap();
         let mut queue: Queue = mock.create_queue().unwrap();
         let outcome = process_request_queue(&mut queue, &memory, &mut fill_0xab);
-        assert_eq!(
-            (outcome.completed, outcome.bytes, outcome.malformed),
-            (1, 24, 0)
-        );
+        assert_eq!((outcome.completed, outcome.bytes, outcome.malformed), (1, 24, 0));
         assert_eq!(used_len(&mock, 0), 24);
     }
 
@@ -157,14 +130,10 @@ mod tests {
     fn read_only_buffer_completes_empty_and_counts_malformed() {
         let memory = memory();
         let mock = MockSplitQueue::new(&memory, 16);
-        mock.add_desc_chains(&[descriptor(0x10_0000, 32, 0, 0)], 0)
-            .unwrap();
+        mock.add_desc_chains(&[descriptor(0x10_0000, 32, 0, 0)], 0).unwrap();
         let mut queue: Queue = mock.create_queue().unwrap();
         let outcome = process_request_queue(&mut queue, &memory, &mut fill_0xab);
-        assert_eq!(
-            (outcome.completed, outcome.bytes, outcome.malformed),
-            (1, 0, 1)
-        );
+        assert_eq!((outcome.completed, outcome.bytes, outcome.malformed), (1, 0, 1));
         assert_eq!(memory.read_obj::<u8>(GuestAddress(0x10_0000)).unwrap(), 0);
     }
 
@@ -172,36 +141,27 @@ mod tests {
     fn zero_length_buffer_completes_with_zero_bytes() {
         let memory = memory();
         let mock = MockSplitQueue::new(&memory, 16);
-        mock.add_desc_chains(&[descriptor(0x10_0000, 0, WRITE, 0)], 0)
-            .unwrap();
+        mock.add_desc_chains(&[descriptor(0x10_0000, 0, WRITE, 0)], 0).unwrap();
         let mut queue: Queue = mock.create_queue().unwrap();
         let outcome = process_request_queue(&mut queue, &memory, &mut fill_0xab);
-        assert_eq!(
-            (outcome.completed, outcome.bytes, outcome.malformed),
-            (1, 0, 0)
-        );
+        assert_eq!((outcome.completed, outcome.bytes, outcome.malformed), (1, 0, 0));
     }
 
     #[test]
     fn buffer_outside_guest_memory_counts_malformed_without_panic() {
         let memory = memory();
         let mock = MockSplitQueue::new(&memory, 16);
-        mock.add_desc_chains(&[descriptor(0x1_0000_0000, 64, WRITE, 0)], 0)
-            .unwrap();
+        mock.add_desc_chains(&[descriptor(0x1_0000_0000, 64, WRITE, 0)], 0).unwrap();
         let mut queue: Queue = mock.create_queue().unwrap();
         let outcome = process_request_queue(&mut queue, &memory, &mut fill_0xab);
-        assert_eq!(
-            (outcome.completed, outcome.bytes, outcome.malformed),
-            (1, 0, 1)
-        );
+        assert_eq!((outcome.completed, outcome.bytes, outcome.malformed), (1, 0, 1));
     }
 
     #[test]
     fn buffer_straddling_end_of_memory_counts_malformed() {
         let memory = memory();
         let mock = MockSplitQueue::new(&memory, 16);
-        mock.add_desc_chains(&[descriptor(0x20_0000 - 8, 4096, WRITE, 0)], 0)
-            .unwrap();
+        mock.add_desc_chains(&[descriptor(0x20_0000 - 8, 4096, WRITE, 0)], 0).unwrap();
         let mut queue: Queue = mock.create_queue().unwrap();
         let outcome = process_request_queue(&mut queue, &memory, &mut fill_0xab);
         assert_eq!(outcome.malformed, 1);
@@ -211,8 +171,7 @@ mod tests {
     fn huge_buffer_is_capped_per_request() {
         let memory = memory();
         let mock = MockSplitQueue::new(&memory, 16);
-        mock.add_desc_chains(&[descriptor(0x10_0000, 0x10_0000 - 1, WRITE, 0)], 0)
-            .unwrap();
+        mock.add_desc_chains(&[descriptor(0x10_0000, 0x10_0000 - 1, WRITE, 0)], 0).unwrap();
         let mut queue: Queue = mock.create_queue().unwrap();
         let outcome = process_request_queue(&mut queue, &memory, &mut fill_0xab);
         assert_eq!(outcome.bytes, MAX_BYTES_PER_REQUEST as u64);
@@ -224,29 +183,20 @@ mod tests {
         let memory = memory();
         let mock = MockSplitQueue::new(&memory, 16);
         // Descriptor 0 -> 1 -> 0 -> ...: the chain's TTL ends the walk.
-        let looped = [
-            descriptor(0x10_0000, 16, WRITE | NEXT, 1),
-            descriptor(0x11_0000, 16, WRITE | NEXT, 0),
-        ];
+        let looped = [descriptor(0x10_0000, 16, WRITE | NEXT, 1), descriptor(0x11_0000, 16, WRITE | NEXT, 0)];
         mock.add_desc_chains(&looped, 0).unwrap();
-        mock.desc_table()
-            .store(1, descriptor(0x11_0000, 16, WRITE | NEXT, 0))
-            .unwrap();
+        mock.desc_table().store(1, descriptor(0x11_0000, 16, WRITE | NEXT, 0)).unwrap();
         let mut queue: Queue = mock.create_queue().unwrap();
         let outcome = process_request_queue(&mut queue, &memory, &mut fill_0xab);
         assert_eq!(outcome.completed, 1);
-        assert!(
-            outcome.bytes <= 16 * 16,
-            "a loop must not serve more than the queue's worth"
-        );
+        assert!(outcome.bytes <= 16 * 16, "a loop must not serve more than the queue's worth");
     }
 
     #[test]
     fn entropy_failure_counts_malformed() {
         let memory = memory();
         let mock = MockSplitQueue::new(&memory, 16);
-        mock.add_desc_chains(&[descriptor(0x10_0000, 32, WRITE, 0)], 0)
-            .unwrap();
+        mock.add_desc_chains(&[descriptor(0x10_0000, 32, WRITE, 0)], 0).unwrap();
         let mut queue: Queue = mock.create_queue().unwrap();
         let mut failing = |_: &mut [u8]| Err(std::io::Error::other("no entropy"));
         let outcome = process_request_queue(&mut queue, &memory, &mut failing);
