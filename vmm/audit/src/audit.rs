@@ -24,16 +24,16 @@ use thiserror::Error;
 
 use crate::blob::{BlobError, BlobStore};
 use crate::checkpoint::{
-    latest_checkpoint, read_public_key, write_checkpoint, write_public_key, Checkpoint,
-    CheckpointError, HostKey, SignedCheckpoint,
+    latest_checkpoint, read_public_key, write_checkpoint, write_public_key, Checkpoint, CheckpointError, HostKey,
+    SignedCheckpoint,
 };
 use crate::event::{now_unix_nanos, Event, EventError, NewEvent};
 use crate::files::{sync_dir, write_atomic};
 use crate::layout::Layout;
 use crate::reader::{for_each_record, ReadError};
 use crate::segment::{
-    encode_frame, encode_header, list_segments, parse_header, segment_file_name, Frames,
-    SegmentError, FRAME_HEADER_LEN, HEADER_LEN, MAX_RECORD_LEN,
+    encode_frame, encode_header, list_segments, parse_header, segment_file_name, Frames, SegmentError,
+    FRAME_HEADER_LEN, HEADER_LEN, MAX_RECORD_LEN,
 };
 use crate::tree::{self, leaf_hash, Hash, TreeError};
 use crate::tree_store::{TreeStore, TreeStoreError};
@@ -49,28 +49,13 @@ pub enum AuditError {
     #[error("'{vm}' cannot be a VM id for the audit log: {reason}")]
     CheckVm { vm: String, reason: &'static str },
     #[error("cannot create the audit directory {path}")]
-    CreateDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    CreateDir { path: PathBuf, source: std::io::Error },
     #[error("the audit log {path} is open in another process (one writer per log)")]
-    LockLog {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    LockLog { path: PathBuf, source: std::io::Error },
     #[error("cannot read or write the origin file {path}")]
-    WriteOrigin {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "the audit log in {dir} belongs to VM '{found}', not '{expected}'; use another directory"
-    )]
-    CheckOrigin {
-        dir: PathBuf,
-        found: String,
-        expected: String,
-    },
+    WriteOrigin { path: PathBuf, source: std::io::Error },
+    #[error("the audit log in {dir} belongs to VM '{found}', not '{expected}'; use another directory")]
+    CheckOrigin { dir: PathBuf, found: String, expected: String },
     #[error("cannot load the host key")]
     LoadKey(#[source] CheckpointError),
     #[error("{path} holds a different public key than the host key; restore the matching key or move the log")]
@@ -84,34 +69,20 @@ pub enum AuditError {
     #[error("refusing to recover {path}: {reason}; run carrel-audit verify on it")]
     RecoverSegment { path: PathBuf, reason: String },
     #[error("cannot cut the torn tail of {path}")]
-    CutTail {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    CutTail { path: PathBuf, source: std::io::Error },
     #[error("cannot create the segment {path}")]
-    CreateSegment {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    CreateSegment { path: PathBuf, source: std::io::Error },
     #[error("cannot write the segment {path}")]
-    WriteSegment {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    WriteSegment { path: PathBuf, source: std::io::Error },
     #[error("cannot open the tree store")]
     OpenTree(#[source] TreeStoreError),
     #[error("cannot update the tree store")]
     UpdateTree(#[source] TreeStoreError),
     #[error("cannot write the tree's durable mark {path}")]
-    WriteTreeMark {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    WriteTreeMark { path: PathBuf, source: std::io::Error },
     #[error("cannot encode the event")]
     EncodeEvent(#[source] EventError),
-    #[error(
-        "the event's record is {length} bytes, more than the {MAX_RECORD_LEN} a record may be"
-    )]
+    #[error("the event's record is {length} bytes, more than the {MAX_RECORD_LEN} a record may be")]
     CheckRecordSize { length: usize },
     #[error("the audit log stopped after a failed write ({reason}); reopen it to recover")]
     CheckHealthy { reason: String },
@@ -141,11 +112,7 @@ pub struct AuditConfig {
 impl AuditConfig {
     /// Defaults for the VM `vm`.
     pub fn new(vm: impl Into<String>) -> AuditConfig {
-        AuditConfig {
-            vm: vm.into(),
-            key_path: None,
-            segment_bytes: DEFAULT_SEGMENT_BYTES,
-        }
+        AuditConfig { vm: vm.into(), key_path: None, segment_bytes: DEFAULT_SEGMENT_BYTES }
     }
 }
 
@@ -229,18 +196,11 @@ pub struct AuditLog {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding these locks leaves plain data behind; the `failed` flag, not
     // the poison, is what stops the log.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn check_vm(vm: &str) -> Result<(), AuditError> {
-    let bad = |reason| {
-        Err(AuditError::CheckVm {
-            vm: vm.to_string(),
-            reason,
-        })
-    };
+    let bad = |reason| Err(AuditError::CheckVm { vm: vm.to_string(), reason });
     if vm.is_empty() {
         return bad("it is empty");
     }
@@ -254,10 +214,7 @@ fn check_vm(vm: &str) -> Result<(), AuditError> {
 }
 
 fn create_dir(path: &Path) -> Result<(), AuditError> {
-    std::fs::create_dir_all(path).map_err(|source| AuditError::CreateDir {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::create_dir_all(path).map_err(|source| AuditError::CreateDir { path: path.to_path_buf(), source })
 }
 
 fn lock_directory(layout: &Layout) -> Result<File, AuditError> {
@@ -269,27 +226,18 @@ fn lock_directory(layout: &Layout) -> Result<File, AuditError> {
         .create(true)
         .truncate(false)
         .open(&path)
-        .map_err(|source| AuditError::LockLog {
-            path: path.clone(),
-            source,
-        })?;
+        .map_err(|source| AuditError::LockLog { path: path.clone(), source })?;
     // SAFETY: flock on a file descriptor we own; no memory is passed.
     let result = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if result != 0 {
-        return Err(AuditError::LockLog {
-            path,
-            source: std::io::Error::last_os_error(),
-        });
+        return Err(AuditError::LockLog { path, source: std::io::Error::last_os_error() });
     }
     Ok(file)
 }
 
 fn check_origin(layout: &Layout, vm: &str) -> Result<(), AuditError> {
     let path = layout.origin();
-    let origin_error = |source| AuditError::WriteOrigin {
-        path: path.clone(),
-        source,
-    };
+    let origin_error = |source| AuditError::WriteOrigin { path: path.clone(), source };
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let found = text.trim_end_matches('\n');
@@ -316,11 +264,8 @@ fn load_key(layout: &Layout, config: &AuditConfig) -> Result<HostKey, AuditError
     match read_public_key(&public_path) {
         Ok(public) if public == key.public_key() => {}
         Ok(_) => return Err(AuditError::CheckPublicKey { path: public_path }),
-        Err(CheckpointError::ReadPublicKey { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound =>
-        {
-            write_public_key(&public_path, &key.public_key())
-                .map_err(AuditError::WritePublicKey)?;
+        Err(CheckpointError::ReadPublicKey { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            write_public_key(&public_path, &key.public_key()).map_err(AuditError::WritePublicKey)?;
         }
         Err(_) => return Err(AuditError::CheckPublicKey { path: public_path }),
     }
@@ -328,10 +273,7 @@ fn load_key(layout: &Layout, config: &AuditConfig) -> Result<HostKey, AuditError
 }
 
 fn read_tree_mark(layout: &Layout) -> u64 {
-    std::fs::read_to_string(layout.tree_durable_mark())
-        .ok()
-        .and_then(|text| text.trim().parse().ok())
-        .unwrap_or(0)
+    std::fs::read_to_string(layout.tree_durable_mark()).ok().and_then(|text| text.trim().parse().ok()).unwrap_or(0)
 }
 
 /// Saves `bytes` (a cut tail or a removed segment) under `torn/` and returns the path.
@@ -339,27 +281,15 @@ fn save_torn(layout: &Layout, records: u64, bytes: &[u8]) -> Result<PathBuf, Aud
     let dir = layout.torn();
     create_dir(&dir)?;
     let path = dir.join(format!("{records:020}-{}.bin", now_unix_nanos()));
-    write_atomic(&path, bytes, 0o644).map_err(|source| AuditError::CutTail {
-        path: path.clone(),
-        source,
-    })?;
+    write_atomic(&path, bytes, 0o644).map_err(|source| AuditError::CutTail { path: path.clone(), source })?;
     Ok(path)
 }
 
 fn create_segment(layout: &Layout, first_seq: u64) -> Result<(File, PathBuf), AuditError> {
     let path = layout.log().join(segment_file_name(first_seq));
-    let create_error = |source| AuditError::CreateSegment {
-        path: path.clone(),
-        source,
-    };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(create_error)?;
-    file.write_all_at(&encode_header(first_seq), 0)
-        .map_err(create_error)?;
+    let create_error = |source| AuditError::CreateSegment { path: path.clone(), source };
+    let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(create_error)?;
+    file.write_all_at(&encode_header(first_seq), 0).map_err(create_error)?;
     file.sync_all().map_err(create_error)?;
     sync_dir(&layout.log()).map_err(create_error)?;
     Ok((file, path))
@@ -379,28 +309,15 @@ fn recover_segments(
             let (file, path) = create_segment(layout, 0)?;
             return Ok((file, path, 0, HEADER_LEN as u64, 0));
         };
-        let refuse = |reason: String| AuditError::RecoverSegment {
-            path: path.clone(),
-            reason,
-        };
-        let bytes = std::fs::read(&path).map_err(|source| AuditError::CutTail {
-            path: path.clone(),
-            source,
-        })?;
+        let refuse = |reason: String| AuditError::RecoverSegment { path: path.clone(), reason };
+        let bytes = std::fs::read(&path).map_err(|source| AuditError::CutTail { path: path.clone(), source })?;
         let header = match parse_header(&path, &bytes) {
             Ok(header) => header,
-            Err(_)
-                if bytes.len() <= HEADER_LEN
-                    && first >= durable_floor
-                    && (segments.len() > 1 || first == 0) =>
-            {
+            Err(_) if bytes.len() <= HEADER_LEN && first >= durable_floor && (segments.len() > 1 || first == 0) => {
                 // Creating the segment was cut short before its header was durable: it
                 // never held a record.
                 let saved = save_torn(layout, first, &bytes)?;
-                let remove_error = |source| AuditError::CutTail {
-                    path: path.clone(),
-                    source,
-                };
+                let remove_error = |source| AuditError::CutTail { path: path.clone(), source };
                 std::fs::remove_file(&path).map_err(remove_error)?;
                 sync_dir(&log_dir).map_err(remove_error)?;
                 recovery.removed_segments.push(saved);
@@ -410,9 +327,7 @@ fn recover_segments(
             Err(error) => return Err(refuse(error.to_string())),
         };
         if header != first {
-            return Err(refuse(format!(
-                "its header says it starts at record {header}"
-            )));
+            return Err(refuse(format!("its header says it starts at record {header}")));
         }
         let mut count = 0u64;
         let mut end = HEADER_LEN as u64;
@@ -421,10 +336,7 @@ fn recover_segments(
             let frame = match frame {
                 Ok(frame) if frame.check_ok => frame,
                 Ok(frame) => {
-                    cut = Some((
-                        frame.offset,
-                        "the frame's check does not match its body".into(),
-                    ));
+                    cut = Some((frame.offset, "the frame's check does not match its body".into()));
                     break;
                 }
                 Err(problem) => {
@@ -435,15 +347,8 @@ fn recover_segments(
             let index = first + count;
             match Event::decode(frame.body) {
                 Ok(event) if event.seq == index => {}
-                Ok(event) => {
-                    return Err(refuse(format!(
-                        "record {index} carries sequence number {}",
-                        event.seq
-                    )))
-                }
-                Err(error) => {
-                    return Err(refuse(format!("record {index} does not decode: {error}")))
-                }
+                Ok(event) => return Err(refuse(format!("record {index} carries sequence number {}", event.seq))),
+                Err(error) => return Err(refuse(format!("record {index} does not decode: {error}"))),
             }
             count += 1;
             end = frame.offset + (FRAME_HEADER_LEN + frame.body.len()) as u64;
@@ -460,23 +365,12 @@ fn recover_segments(
                 .read(true)
                 .write(true)
                 .open(&path)
-                .map_err(|source| AuditError::CutTail {
-                    path: path.clone(),
-                    source,
-                })?;
+                .map_err(|source| AuditError::CutTail { path: path.clone(), source })?;
             file.set_len(offset)
                 .and_then(|()| file.sync_all())
-                .map_err(|source| AuditError::CutTail {
-                    path: path.clone(),
-                    source,
-                })?;
-            recovery.cut_tail = Some(CutTail {
-                segment: path.clone(),
-                offset,
-                bytes: bytes.len() as u64 - offset,
-                reason,
-                saved_to,
-            });
+                .map_err(|source| AuditError::CutTail { path: path.clone(), source })?;
+            recovery.cut_tail =
+                Some(CutTail { segment: path.clone(), offset, bytes: bytes.len() as u64 - offset, reason, saved_to });
         } else if records < durable_floor {
             return Err(refuse(format!(
                 "the log has {records} records but {durable_floor} were durable: records are missing"
@@ -486,10 +380,7 @@ fn recover_segments(
             .read(true)
             .write(true)
             .open(&path)
-            .map_err(|source| AuditError::WriteSegment {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(|source| AuditError::WriteSegment { path: path.clone(), source })?;
         return Ok((file, path, first, end, records));
     }
 }
@@ -534,10 +425,7 @@ fn recover_tree(
         if tree.size() != records {
             return Err(AuditError::RecoverSegment {
                 path: layout.log(),
-                reason: format!(
-                    "the segments hold {} records, expected {records}",
-                    tree.size()
-                ),
+                reason: format!("the segments hold {} records, expected {records}", tree.size()),
             });
         }
     }
@@ -553,12 +441,8 @@ impl Storage {
             let path = path.to_path_buf();
             move |source| AuditError::WriteSegment { path, source }
         };
-        self.segment
-            .write_all_at(frames, self.segment_len)
-            .map_err(write_error(&self.segment_path))?;
-        self.segment
-            .sync_data()
-            .map_err(write_error(&self.segment_path))?;
+        self.segment.write_all_at(frames, self.segment_len).map_err(write_error(&self.segment_path))?;
+        self.segment.sync_data().map_err(write_error(&self.segment_path))?;
         self.segment_len += frames.len() as u64;
         self.records += leaves.len() as u64;
         self.tree.append(leaves).map_err(AuditError::UpdateTree)
@@ -596,20 +480,14 @@ impl AuditLog {
         let layout = Layout::new(dir);
         create_dir(dir)?;
         let lock_file = lock_directory(&layout)?;
-        for path in [
-            layout.log(),
-            layout.tree(),
-            layout.checkpoints(),
-            layout.blobs(),
-        ] {
+        for path in [layout.log(), layout.tree(), layout.checkpoints(), layout.blobs()] {
             create_dir(&path)?;
         }
         check_origin(&layout, &config.vm)?;
         let key = load_key(&layout, &config)?;
         let blobs = BlobStore::open(&layout.blobs()).map_err(AuditError::PutBlob)?;
 
-        let latest =
-            latest_checkpoint(&layout.checkpoints()).map_err(AuditError::ReadCheckpoints)?;
+        let latest = latest_checkpoint(&layout.checkpoints()).map_err(AuditError::ReadCheckpoints)?;
         let checkpoint_size = latest.as_ref().map_or(0, |c| c.checkpoint.tree_size);
         let durable_floor = checkpoint_size.max(read_tree_mark(&layout));
         let mut recovery = Recovery::default();
@@ -698,9 +576,7 @@ impl AuditLog {
     pub fn append_buffered(&self, event: NewEvent) -> Result<u64, AuditError> {
         let mut batch = lock(&self.shared.batch);
         if let Some(reason) = &batch.failed {
-            return Err(AuditError::CheckHealthy {
-                reason: reason.clone(),
-            });
+            return Err(AuditError::CheckHealthy { reason: reason.clone() });
         }
         let seq = batch.next_seq;
         let record = Event::from_new(event, seq, &self.shared.vm, now_unix_nanos());
@@ -730,15 +606,10 @@ impl AuditLog {
                 return Ok(batch.durable);
             }
             if let Some(reason) = &batch.failed {
-                return Err(AuditError::CheckHealthy {
-                    reason: reason.clone(),
-                });
+                return Err(AuditError::CheckHealthy { reason: reason.clone() });
             }
             if batch.writing {
-                batch = shared
-                    .durable_changed
-                    .wait(batch)
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                batch = shared.durable_changed.wait(batch).unwrap_or_else(|poisoned| poisoned.into_inner());
                 continue;
             }
             // Lead this batch: write it with the batch lock released so that appends go on
@@ -793,22 +664,14 @@ impl AuditLog {
             root,
             time_unix_nanos: now_unix_nanos(),
         });
-        write_checkpoint(&self.shared.layout.checkpoints(), &signed)
-            .map_err(AuditError::WriteCheckpoint)?;
+        write_checkpoint(&self.shared.layout.checkpoints(), &signed).map_err(AuditError::WriteCheckpoint)?;
         Ok(signed)
     }
 
-    fn with_tree<T>(
-        &self,
-        size: u64,
-        build: impl FnOnce(&TreeStore) -> Result<T, TreeError>,
-    ) -> Result<T, AuditError> {
+    fn with_tree<T>(&self, size: u64, build: impl FnOnce(&TreeStore) -> Result<T, TreeError>) -> Result<T, AuditError> {
         let storage = lock(&self.shared.storage);
         if size > storage.tree.size() {
-            return Err(AuditError::CheckTreeSize {
-                requested: size,
-                size: storage.tree.size(),
-            });
+            return Err(AuditError::CheckTreeSize { requested: size, size: storage.tree.size() });
         }
         build(&storage.tree).map_err(AuditError::BuildProof)
     }
@@ -822,8 +685,7 @@ impl AuditLog {
     pub fn leaf_hash(&self, index: u64) -> Result<Hash, AuditError> {
         self.with_tree(index + 1, |tree| {
             use crate::tree::NodeSource;
-            tree.node(0, index)
-                .ok_or(TreeError::ReadNode { level: 0, index })
+            tree.node(0, index).ok_or(TreeError::ReadNode { level: 0, index })
         })
     }
 
@@ -835,9 +697,7 @@ impl AuditLog {
     /// The consistency proof between the trees of the first `old_size` and `new_size`
     /// records.
     pub fn consistency_proof(&self, old_size: u64, new_size: u64) -> Result<Vec<Hash>, AuditError> {
-        self.with_tree(new_size, |tree| {
-            tree::consistency_proof(tree, old_size, new_size)
-        })
+        self.with_tree(new_size, |tree| tree::consistency_proof(tree, old_size, new_size))
     }
 
     /// Bytes on disk: (segments, stored tree).
@@ -868,19 +728,13 @@ impl Drop for Shared {
     fn drop(&mut self) {
         // The last handle is gone: write what is pending so buffered appends are not lost
         // on a clean exit. Errors cannot be returned from here; `close` reports them.
-        let batch = self
-            .batch
-            .get_mut()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let batch = self.batch.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
         if batch.failed.is_some() {
             return;
         }
         let frames = std::mem::take(&mut batch.frames);
         let leaves = std::mem::take(&mut batch.leaves);
-        let storage = self
-            .storage
-            .get_mut()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let storage = self.storage.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
         if !frames.is_empty() && storage.write_batch(&frames, &leaves).is_err() {
             return;
         }

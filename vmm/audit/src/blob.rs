@@ -16,27 +16,23 @@ use crate::files::{sync_dir, write_atomic};
 #[derive(Debug, Error)]
 pub enum BlobError {
     #[error("cannot create the blob directory {path}")]
-    CreateDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    CreateDir { path: PathBuf, source: std::io::Error },
     #[error("cannot write the blob {path}")]
-    WriteBlob {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    WriteBlob { path: PathBuf, source: std::io::Error },
     #[error("cannot read the blob {path}")]
-    ReadBlob {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    ReadBlob { path: PathBuf, source: std::io::Error },
     #[error("the blob {path} does not hash to its name (it is {actual}): it was altered")]
     CheckContent { path: PathBuf, actual: String },
     #[error("cannot list the blob directory {path}")]
-    ListBlobs {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    ListBlobs { path: PathBuf, source: std::io::Error },
+}
+
+/// A file found in the blob store.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BlobEntry {
+    /// The hash the file's name stands for; `None` when the name is not a blob name.
+    pub hash: Option<[u8; 32]>,
+    pub path: PathBuf,
 }
 
 /// A blob directory.
@@ -48,20 +44,13 @@ pub struct BlobStore {
 impl BlobStore {
     /// The store in `dir`, created if missing.
     pub fn open(dir: &Path) -> Result<BlobStore, BlobError> {
-        std::fs::create_dir_all(dir).map_err(|source| BlobError::CreateDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        Ok(BlobStore {
-            dir: dir.to_path_buf(),
-        })
+        std::fs::create_dir_all(dir).map_err(|source| BlobError::CreateDir { path: dir.to_path_buf(), source })?;
+        Ok(BlobStore { dir: dir.to_path_buf() })
     }
 
     /// The store in `dir` for reading; nothing is created.
     pub fn at(dir: &Path) -> BlobStore {
-        BlobStore {
-            dir: dir.to_path_buf(),
-        }
+        BlobStore { dir: dir.to_path_buf() }
     }
 
     /// Where the blob with this hash lives.
@@ -82,19 +71,10 @@ impl BlobStore {
         }
         let shard = path.parent().unwrap_or(&self.dir);
         let created = !shard.exists();
-        std::fs::create_dir_all(shard).map_err(|source| BlobError::CreateDir {
-            path: shard.to_path_buf(),
-            source,
-        })?;
-        write_atomic(&path, bytes, 0o644).map_err(|source| BlobError::WriteBlob {
-            path: path.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(shard).map_err(|source| BlobError::CreateDir { path: shard.to_path_buf(), source })?;
+        write_atomic(&path, bytes, 0o644).map_err(|source| BlobError::WriteBlob { path: path.clone(), source })?;
         if created {
-            sync_dir(&self.dir).map_err(|source| BlobError::WriteBlob {
-                path: path.clone(),
-                source,
-            })?;
+            sync_dir(&self.dir).map_err(|source| BlobError::WriteBlob { path: path.clone(), source })?;
         }
         Ok(hash)
     }
@@ -107,23 +87,16 @@ impl BlobStore {
     /// The blob with this hash, checked against its name.
     pub fn get(&self, hash: &[u8; 32]) -> Result<Vec<u8>, BlobError> {
         let path = self.path(hash);
-        let bytes = std::fs::read(&path).map_err(|source| BlobError::ReadBlob {
-            path: path.clone(),
-            source,
-        })?;
+        let bytes = std::fs::read(&path).map_err(|source| BlobError::ReadBlob { path: path.clone(), source })?;
         let actual = blake3::hash(&bytes);
         if actual.as_bytes() != hash {
-            return Err(BlobError::CheckContent {
-                path,
-                actual: actual.to_hex().to_string(),
-            });
+            return Err(BlobError::CheckContent { path, actual: actual.to_hex().to_string() });
         }
         Ok(bytes)
     }
 
-    /// Every file in the store: the hash its name stands for (`None` for a file whose
-    /// name is not a blob name) and its path.
-    pub fn list(&self) -> Result<Vec<(Option<[u8; 32]>, PathBuf)>, BlobError> {
+    /// Every file in the store.
+    pub fn list(&self) -> Result<Vec<BlobEntry>, BlobError> {
         let list_error = |path: &Path| {
             let path = path.to_path_buf();
             move |source| BlobError::ListBlobs { path, source }
@@ -136,13 +109,9 @@ impl BlobStore {
         };
         for shard in shards {
             let shard = shard.map_err(list_error(&self.dir))?.path();
-            let shard_name = shard
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("")
-                .to_string();
+            let shard_name = shard.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
             if !shard.is_dir() {
-                blobs.push((None, shard));
+                blobs.push(BlobEntry { hash: None, path: shard });
                 continue;
             }
             for entry in std::fs::read_dir(&shard).map_err(list_error(&shard))? {
@@ -152,7 +121,7 @@ impl BlobStore {
                     continue;
                 }
                 let hash = from_hex::<32>(&format!("{shard_name}{name}")).ok();
-                blobs.push((hash, path));
+                blobs.push(BlobEntry { hash, path });
             }
         }
         blobs.sort();
@@ -182,10 +151,7 @@ mod tests {
         let store = BlobStore::open(dir.path()).unwrap();
         let hash = store.put(b"pixels").unwrap();
         std::fs::write(store.path(hash.as_bytes()), b"other pixels").unwrap();
-        assert!(matches!(
-            store.get(hash.as_bytes()),
-            Err(BlobError::CheckContent { .. })
-        ));
+        assert!(matches!(store.get(hash.as_bytes()), Err(BlobError::CheckContent { .. })));
     }
 
     #[test]

@@ -36,36 +36,21 @@ pub const CHECKPOINT_SUFFIX: &str = ".ckpt";
 #[derive(Debug, Error)]
 pub enum CheckpointError {
     #[error("cannot read the host key {path}")]
-    ReadKey {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    ReadKey { path: PathBuf, source: std::io::Error },
     #[error("cannot create the host key {path}")]
-    CreateKey {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    CreateKey { path: PathBuf, source: std::io::Error },
     #[error("the host key {path} is {length} bytes, a host key is 32")]
     CheckKeyLength { path: PathBuf, length: usize },
     #[error("the host key {path} can be read by other users (mode {mode:o}); chmod 600 it")]
     CheckKeyMode { path: PathBuf, mode: u32 },
     #[error("cannot read the public key {path}")]
-    ReadPublicKey {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    ReadPublicKey { path: PathBuf, source: std::io::Error },
     #[error("{what} is not an ed25519 public key ({reason})")]
     ParsePublicKey { what: String, reason: String },
     #[error("cannot write {path}")]
-    WriteFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    WriteFile { path: PathBuf, source: std::io::Error },
     #[error("cannot read the checkpoint {path}")]
-    ReadCheckpoint {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    ReadCheckpoint { path: PathBuf, source: std::io::Error },
     #[error("line {line} of the checkpoint: {reason}")]
     ParseCheckpoint { line: usize, reason: String },
     #[error("the checkpoint is signed by key {found}, expected key {expected}")]
@@ -73,10 +58,7 @@ pub enum CheckpointError {
     #[error("the checkpoint signature does not verify: the checkpoint was altered or forged")]
     VerifySignature,
     #[error("cannot list the checkpoints in {path}")]
-    ListCheckpoints {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    ListCheckpoints { path: PathBuf, source: std::io::Error },
 }
 
 /// What a checkpoint states.
@@ -113,20 +95,12 @@ pub struct SignedCheckpoint {
 impl SignedCheckpoint {
     /// The checkpoint file's text.
     pub fn to_text(&self) -> String {
-        format!(
-            "{}key {}\nsignature {}\n",
-            self.checkpoint.message(),
-            to_hex(&self.key),
-            to_hex(&self.signature)
-        )
+        format!("{}key {}\nsignature {}\n", self.checkpoint.message(), to_hex(&self.key), to_hex(&self.signature))
     }
 
     /// Parses a checkpoint file's text (strictly: the lines in order, nothing else).
     pub fn parse(text: &str) -> Result<SignedCheckpoint, CheckpointError> {
-        let bad = |line: usize, reason: &str| CheckpointError::ParseCheckpoint {
-            line,
-            reason: reason.to_string(),
-        };
+        let bad = |line: usize, reason: &str| CheckpointError::ParseCheckpoint { line, reason: reason.to_string() };
         let lines: Vec<&str> = text.split_terminator('\n').collect();
         if lines.len() != 7 {
             return Err(bad(lines.len().min(7), "a checkpoint has exactly 7 lines"));
@@ -141,39 +115,22 @@ impl SignedCheckpoint {
                 .ok_or_else(|| bad(index + 1, &format!("expected '{name} ...'")))
         };
         let origin = field(1, "origin")?.to_string();
-        let tree_size = field(2, "size")?
-            .parse()
-            .map_err(|_| bad(3, "the size is not a number"))?;
+        let tree_size = field(2, "size")?.parse().map_err(|_| bad(3, "the size is not a number"))?;
         let root = from_hex::<32>(field(3, "root")?).map_err(|e| bad(4, &e.to_string()))?;
-        let time_unix_nanos = field(4, "time")?
-            .parse()
-            .map_err(|_| bad(5, "the time is not a number"))?;
+        let time_unix_nanos = field(4, "time")?.parse().map_err(|_| bad(5, "the time is not a number"))?;
         let key = from_hex::<32>(field(5, "key")?).map_err(|e| bad(6, &e.to_string()))?;
-        let signature =
-            from_hex::<64>(field(6, "signature")?).map_err(|e| bad(7, &e.to_string()))?;
-        let checkpoint = Checkpoint {
-            origin,
-            tree_size,
-            root,
-            time_unix_nanos,
-        };
+        let signature = from_hex::<64>(field(6, "signature")?).map_err(|e| bad(7, &e.to_string()))?;
+        let checkpoint = Checkpoint { origin, tree_size, root, time_unix_nanos };
         if checkpoint.message().split_terminator('\n').count() != 5 {
             return Err(bad(2, "the origin has a line break"));
         }
-        Ok(SignedCheckpoint {
-            checkpoint,
-            key,
-            signature,
-        })
+        Ok(SignedCheckpoint { checkpoint, key, signature })
     }
 
     /// Reads and parses a checkpoint file.
     pub fn read(path: &Path) -> Result<SignedCheckpoint, CheckpointError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| CheckpointError::ReadCheckpoint {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| CheckpointError::ReadCheckpoint { path: path.to_path_buf(), source })?;
         SignedCheckpoint::parse(&text)
     }
 
@@ -209,9 +166,7 @@ impl HostKey {
     /// Loads the key at `path`, or creates one (mode 0600) when there is no file.
     pub fn load_or_create(path: &Path) -> Result<HostKey, CheckpointError> {
         match HostKey::load(path) {
-            Err(CheckpointError::ReadKey { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
+            Err(CheckpointError::ReadKey { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 HostKey::create(path)
             }
             other => other,
@@ -220,44 +175,24 @@ impl HostKey {
 
     /// Loads the key at `path`; refuses a key file other users can read.
     pub fn load(path: &Path) -> Result<HostKey, CheckpointError> {
-        let read_error = |source| CheckpointError::ReadKey {
-            path: path.to_path_buf(),
-            source,
-        };
-        let mode = std::fs::metadata(path)
-            .map_err(read_error)?
-            .permissions()
-            .mode();
+        let read_error = |source| CheckpointError::ReadKey { path: path.to_path_buf(), source };
+        let mode = std::fs::metadata(path).map_err(read_error)?.permissions().mode();
         if mode & 0o077 != 0 {
-            return Err(CheckpointError::CheckKeyMode {
-                path: path.to_path_buf(),
-                mode: mode & 0o777,
-            });
+            return Err(CheckpointError::CheckKeyMode { path: path.to_path_buf(), mode: mode & 0o777 });
         }
         let bytes = std::fs::read(path).map_err(read_error)?;
-        let seed: [u8; 32] =
-            bytes
-                .as_slice()
-                .try_into()
-                .map_err(|_| CheckpointError::CheckKeyLength {
-                    path: path.to_path_buf(),
-                    length: bytes.len(),
-                })?;
-        Ok(HostKey {
-            signing: SigningKey::from_bytes(&seed),
-        })
+        let seed: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| CheckpointError::CheckKeyLength { path: path.to_path_buf(), length: bytes.len() })?;
+        Ok(HostKey { signing: SigningKey::from_bytes(&seed) })
     }
 
     fn create(path: &Path) -> Result<HostKey, CheckpointError> {
-        let create_error = |source| CheckpointError::CreateKey {
-            path: path.to_path_buf(),
-            source,
-        };
+        let create_error = |source| CheckpointError::CreateKey { path: path.to_path_buf(), source };
         let seed = random_bytes::<32>().map_err(create_error)?;
         write_atomic(path, &seed, 0o600).map_err(create_error)?;
-        Ok(HostKey {
-            signing: SigningKey::from_bytes(&seed),
-        })
+        Ok(HostKey { signing: SigningKey::from_bytes(&seed) })
     }
 
     /// The public half.
@@ -268,40 +203,29 @@ impl HostKey {
     /// Signs a checkpoint.
     pub fn sign(&self, checkpoint: Checkpoint) -> SignedCheckpoint {
         let signature = self.signing.sign(checkpoint.message().as_bytes());
-        SignedCheckpoint {
-            checkpoint,
-            key: self.public_key().to_bytes(),
-            signature: signature.to_bytes(),
-        }
+        SignedCheckpoint { checkpoint, key: self.public_key().to_bytes(), signature: signature.to_bytes() }
     }
 }
 
 /// Parses a public key from hex text.
 pub fn parse_public_key(text: &str, what: &str) -> Result<VerifyingKey, CheckpointError> {
-    let bad = |reason: String| CheckpointError::ParsePublicKey {
-        what: what.to_string(),
-        reason,
-    };
+    let bad = |reason: String| CheckpointError::ParsePublicKey { what: what.to_string(), reason };
     let bytes = from_hex::<32>(text).map_err(|e| bad(e.to_string()))?;
     VerifyingKey::from_bytes(&bytes).map_err(|e| bad(e.to_string()))
 }
 
 /// Reads a public key file (hex text, as `host.pub`).
 pub fn read_public_key(path: &Path) -> Result<VerifyingKey, CheckpointError> {
-    let text = std::fs::read_to_string(path).map_err(|source| CheckpointError::ReadPublicKey {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| CheckpointError::ReadPublicKey { path: path.to_path_buf(), source })?;
     parse_public_key(&text, &path.display().to_string())
 }
 
 /// Writes a public key file.
 pub fn write_public_key(path: &Path, key: &VerifyingKey) -> Result<(), CheckpointError> {
     let text = format!("{}\n", to_hex(&key.to_bytes()));
-    write_atomic(path, text.as_bytes(), 0o644).map_err(|source| CheckpointError::WriteFile {
-        path: path.to_path_buf(),
-        source,
-    })
+    write_atomic(path, text.as_bytes(), 0o644)
+        .map_err(|source| CheckpointError::WriteFile { path: path.to_path_buf(), source })
 }
 
 /// The file name of the checkpoint for a tree size.
@@ -310,27 +234,17 @@ pub fn checkpoint_file_name(tree_size: u64) -> String {
 }
 
 /// Writes `checkpoint` into the directory `dir` (atomically) and returns its path.
-pub fn write_checkpoint(
-    dir: &Path,
-    checkpoint: &SignedCheckpoint,
-) -> Result<PathBuf, CheckpointError> {
+pub fn write_checkpoint(dir: &Path, checkpoint: &SignedCheckpoint) -> Result<PathBuf, CheckpointError> {
     let path = dir.join(checkpoint_file_name(checkpoint.checkpoint.tree_size));
-    write_atomic(&path, checkpoint.to_text().as_bytes(), 0o644).map_err(|source| {
-        CheckpointError::WriteFile {
-            path: path.clone(),
-            source,
-        }
-    })?;
+    write_atomic(&path, checkpoint.to_text().as_bytes(), 0o644)
+        .map_err(|source| CheckpointError::WriteFile { path: path.clone(), source })?;
     Ok(path)
 }
 
 /// The checkpoint files in `dir`, ordered by name (so by tree size). A missing directory
 /// has none.
 pub fn list_checkpoints(dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
-    let list_error = |source| CheckpointError::ListCheckpoints {
-        path: dir.to_path_buf(),
-        source,
-    };
+    let list_error = |source| CheckpointError::ListCheckpoints { path: dir.to_path_buf(), source };
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -391,10 +305,7 @@ mod tests {
         let key = HostKey::load_or_create(&dir.path().join("host.key")).unwrap();
         let text = sample(&key).to_text().replace("size 12", "size 13");
         let parsed = SignedCheckpoint::parse(&text).unwrap();
-        assert!(matches!(
-            parsed.verify(&key.public_key()),
-            Err(CheckpointError::VerifySignature)
-        ));
+        assert!(matches!(parsed.verify(&key.public_key()), Err(CheckpointError::VerifySignature)));
     }
 
     #[test]
@@ -402,10 +313,7 @@ mod tests {
         let dir = TempDir::new("checkpoint-other-key");
         let key = HostKey::load_or_create(&dir.path().join("a.key")).unwrap();
         let other = HostKey::load_or_create(&dir.path().join("b.key")).unwrap();
-        assert!(matches!(
-            sample(&key).verify(&other.public_key()),
-            Err(CheckpointError::CheckSigner { .. })
-        ));
+        assert!(matches!(sample(&key).verify(&other.public_key()), Err(CheckpointError::CheckSigner { .. })));
     }
 
     #[test]
@@ -425,10 +333,7 @@ mod tests {
         let path = dir.path().join("host.key");
         HostKey::load_or_create(&path).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(
-            HostKey::load(&path),
-            Err(CheckpointError::CheckKeyMode { .. })
-        ));
+        assert!(matches!(HostKey::load(&path), Err(CheckpointError::CheckKeyMode { .. })));
     }
 
     #[test]
@@ -436,9 +341,6 @@ mod tests {
         let dir = TempDir::new("checkpoint-extra-line");
         let key = HostKey::load_or_create(&dir.path().join("host.key")).unwrap();
         let text = sample(&key).to_text() + "note hello\n";
-        assert!(matches!(
-            SignedCheckpoint::parse(&text),
-            Err(CheckpointError::ParseCheckpoint { .. })
-        ));
+        assert!(matches!(SignedCheckpoint::parse(&text), Err(CheckpointError::ParseCheckpoint { .. })));
     }
 }

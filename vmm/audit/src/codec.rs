@@ -24,9 +24,7 @@ pub fn to_hex(bytes: &[u8]) -> String {
 }
 
 fn hex_value(c: char) -> Result<u8, CodecError> {
-    c.to_digit(16)
-        .map(|digit| digit as u8)
-        .ok_or(CodecError::DecodeHexDigit(c))
+    c.to_digit(16).map(|digit| digit as u8).ok_or(CodecError::DecodeHexDigit(c))
 }
 
 /// Decodes exactly `N` bytes of hex (either case).
@@ -34,10 +32,7 @@ pub fn from_hex<const N: usize>(text: &str) -> Result<[u8; N], CodecError> {
     let text = text.trim();
     let chars: Vec<char> = text.chars().collect();
     if chars.len() != N * 2 {
-        return Err(CodecError::DecodeHexLength {
-            expected: N * 2,
-            actual: chars.len(),
-        });
+        return Err(CodecError::DecodeHexLength { expected: N * 2, actual: chars.len() });
     }
     let mut bytes = [0u8; N];
     for (i, pair) in chars.chunks(2).enumerate() {
@@ -51,11 +46,7 @@ pub fn to_base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
         let group = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
         for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
             if i <= chunk.len() {
@@ -98,9 +89,6 @@ mod tests {
     #[test]
     fn from_hex_with_bad_digit_returns_error() {
         assert_eq!(from_hex::<1>("0g"), Err(CodecError::DecodeHexDigit('g')));
-        assert!(matches!(
-            from_hex::<2>("00"),
-            Err(CodecError::DecodeHexLength { .. })
-        ));
+        assert!(matches!(from_hex::<2>("00"), Err(CodecError::DecodeHexLength { .. })));
     }
 }

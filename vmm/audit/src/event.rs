@@ -60,11 +60,7 @@ impl Actor {
     /// The peer credentials of a connected Unix stream socket.
     pub fn from_unix_stream(stream: &std::os::unix::net::UnixStream) -> std::io::Result<Actor> {
         use std::os::fd::AsRawFd;
-        let mut credentials = libc::ucred {
-            pid: 0,
-            uid: 0,
-            gid: 0,
-        };
+        let mut credentials = libc::ucred { pid: 0, uid: 0, gid: 0 };
         let mut length = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
         // SAFETY: the fd is a live socket borrowed from `stream`; the out pointer and length
         // describe `credentials`, a properly sized and aligned ucred on our stack.
@@ -80,11 +76,7 @@ impl Actor {
         if result != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Actor {
-            pid: credentials.pid as u32,
-            uid: credentials.uid,
-            gid: credentials.gid,
-        })
+        Ok(Actor { pid: credentials.pid as u32, uid: credentials.uid, gid: credentials.gid })
     }
 }
 
@@ -98,18 +90,12 @@ pub struct Param {
 impl Param {
     /// A parameter; redacted on append when its key names a secret.
     pub fn new(key: impl Into<String>, value: impl Into<String>) -> Param {
-        Param {
-            key: key.into(),
-            value: value.into(),
-        }
+        Param { key: key.into(), value: value.into() }
     }
 
     /// A parameter whose value is secret whatever its key: recorded as `[redacted]`.
     pub fn secret(key: impl Into<String>) -> Param {
-        Param {
-            key: key.into(),
-            value: REDACTED.to_string(),
-        }
+        Param { key: key.into(), value: REDACTED.to_string() }
     }
 }
 
@@ -117,11 +103,7 @@ impl Param {
 pub fn is_secret_key(key: &str) -> bool {
     key.split(|c: char| !c.is_ascii_alphanumeric())
         .filter(|segment| !segment.is_empty())
-        .any(|segment| {
-            SECRET_KEY_WORDS
-                .iter()
-                .any(|word| segment.eq_ignore_ascii_case(word))
-        })
+        .any(|segment| SECRET_KEY_WORDS.iter().any(|word| segment.eq_ignore_ascii_case(word)))
 }
 
 /// Replaces the values of secret parameters with `[redacted]`.
@@ -267,33 +249,24 @@ impl Event {
         if version != RECORD_VERSION {
             return Err(EventError::CheckVersion(version));
         }
-        let (event, unused) =
-            postcard::take_from_bytes::<Event>(rest).map_err(EventError::DecodeRecord)?;
+        let (event, unused) = postcard::take_from_bytes::<Event>(rest).map_err(EventError::DecodeRecord)?;
         if !unused.is_empty() {
-            return Err(EventError::DecodeRecord(
-                postcard::Error::DeserializeBadEncoding,
-            ));
+            return Err(EventError::DecodeRecord(postcard::Error::DeserializeBadEncoding));
         }
         Ok(event)
     }
 
     /// The screenshots this event names, with which one each is.
     pub fn screenshots(&self) -> impl Iterator<Item = (&'static str, [u8; 32])> + '_ {
-        [
-            ("screenshot_before", self.screenshot_before),
-            ("screenshot_after", self.screenshot_after),
-        ]
-        .into_iter()
-        .filter_map(|(name, hash)| hash.map(|hash| (name, hash)))
+        [("screenshot_before", self.screenshot_before), ("screenshot_after", self.screenshot_after)]
+            .into_iter()
+            .filter_map(|(name, hash)| hash.map(|hash| (name, hash)))
     }
 }
 
 /// The current Unix time in nanoseconds (0 if the clock is before 1970).
 pub fn now_unix_nanos() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -302,11 +275,7 @@ mod tests {
 
     fn sample() -> Event {
         let new = NewEvent::new("agent.exec")
-            .actor(Actor {
-                pid: 42,
-                uid: 1000,
-                gid: 1000,
-            })
+            .actor(Actor { pid: 42, uid: 1000, gid: 1000 })
             .param("command", "ls -l")
             .param("api_key", "sk-live-123")
             .secret_param("stdin")
@@ -333,13 +302,7 @@ mod tests {
 
     #[test]
     fn is_secret_key_matches_whole_segments_only() {
-        for key in [
-            "password",
-            "X-Auth-Token",
-            "ssh.private.key",
-            "SECRET",
-            "key",
-        ] {
+        for key in ["password", "X-Auth-Token", "ssh.private.key", "SECRET", "key"] {
             assert!(is_secret_key(key), "{key}");
         }
         for key in ["keys", "keyboard", "monkey", "text", "x", "command"] {
@@ -353,20 +316,14 @@ mod tests {
         let event = Event::from_new(NewEvent::new("agent.write").param("data", long), 0, "vm", 0);
         let value = &event.params[0].value;
         assert!(value.starts_with(&"é".repeat(MAX_PARAM_VALUE_LEN / 2)));
-        assert!(value.ends_with(&format!(
-            "...[{} more bytes not recorded]",
-            MAX_PARAM_VALUE_LEN
-        )));
+        assert!(value.ends_with(&format!("...[{} more bytes not recorded]", MAX_PARAM_VALUE_LEN)));
     }
 
     #[test]
     fn decode_with_unknown_version_returns_error() {
         let mut body = sample().encode().unwrap();
         body[0] = 9;
-        assert!(matches!(
-            Event::decode(&body),
-            Err(EventError::CheckVersion(9))
-        ));
+        assert!(matches!(Event::decode(&body), Err(EventError::CheckVersion(9))));
     }
 
     #[test]
@@ -381,9 +338,6 @@ mod tests {
     fn decode_with_trailing_bytes_returns_error() {
         let mut body = sample().encode().unwrap();
         body.push(0);
-        assert!(matches!(
-            Event::decode(&body),
-            Err(EventError::DecodeRecord(_))
-        ));
+        assert!(matches!(Event::decode(&body), Err(EventError::DecodeRecord(_))));
     }
 }

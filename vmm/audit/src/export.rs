@@ -34,16 +34,11 @@ pub fn format_time(unix_nanos: u64) -> String {
     let shifted = days + 719_468;
     let era = shifted.div_euclid(146_097);
     let day_of_era = shifted.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
@@ -104,17 +99,8 @@ mod tests {
     #[test]
     fn format_time_of_known_instants_matches_calendar() {
         assert_eq!(format_time(0), "1970-01-01T00:00:00.000000000Z");
-        assert_eq!(
-            format_time(951_782_400_000_000_001),
-            "2000-02-29T00:00:00.000000001Z"
-        );
-        assert_eq!(
-            format_time(1_709_251_199_500_000_000),
-            "2024-02-29T23:59:59.500000000Z"
-        );
-        assert_eq!(
-            format_time(4_102_444_800_000_000_000),
-            "2100-01-01T00:00:00.000000000Z"
-        );
+        assert_eq!(format_time(951_782_400_000_000_001), "2000-02-29T00:00:00.000000001Z");
+        assert_eq!(format_time(1_709_251_199_500_000_000), "2024-02-29T23:59:59.500000000Z");
+        assert_eq!(format_time(4_102_444_800_000_000_000), "2100-01-01T00:00:00.000000000Z");
     }
 }

@@ -21,12 +21,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
     let temporary = dir.join(format!(".{name}.tmp-{}-{unique}", std::process::id()));
     {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&temporary)?;
+        let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&temporary)?;
         file.write_all(bytes)?;
         file.sync_all()?;
     }

@@ -24,9 +24,7 @@ pub struct Layout {
 impl Layout {
     /// The layout of the log in `dir`.
     pub fn new(dir: &Path) -> Layout {
-        Layout {
-            dir: dir.to_path_buf(),
-        }
+        Layout { dir: dir.to_path_buf() }
     }
 
     pub fn dir(&self) -> &Path {

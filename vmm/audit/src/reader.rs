@@ -20,34 +20,13 @@ pub enum ReadError {
     #[error(transparent)]
     ReadSegment(#[from] SegmentError),
     #[error("segment {path} starts at record {found} but the previous segment ends at record {expected}; run carrel-audit verify")]
-    CheckSegmentOrder {
-        path: PathBuf,
-        expected: u64,
-        found: u64,
-    },
-    #[error(
-        "record {index} in {path} at offset {offset} fails its check; run carrel-audit verify"
-    )]
-    CheckRecord {
-        index: u64,
-        path: PathBuf,
-        offset: u64,
-    },
+    CheckSegmentOrder { path: PathBuf, expected: u64, found: u64 },
+    #[error("record {index} in {path} at offset {offset} fails its check; run carrel-audit verify")]
+    CheckRecord { index: u64, path: PathBuf, offset: u64 },
     #[error("record {index} in {path}: {problem}; run carrel-audit verify")]
-    ReadFrame {
-        index: u64,
-        path: PathBuf,
-        problem: FrameProblem,
-    },
-    #[error(
-        "record {index} in {path} at offset {offset} does not decode; run carrel-audit verify"
-    )]
-    DecodeRecord {
-        index: u64,
-        path: PathBuf,
-        offset: u64,
-        source: EventError,
-    },
+    ReadFrame { index: u64, path: PathBuf, problem: FrameProblem },
+    #[error("record {index} in {path} at offset {offset} does not decode; run carrel-audit verify")]
+    DecodeRecord { index: u64, path: PathBuf, offset: u64, source: EventError },
     #[error("record {index} in {path} carries sequence number {seq}; run carrel-audit verify")]
     CheckSequence { index: u64, path: PathBuf, seq: u64 },
 }
@@ -80,20 +59,13 @@ pub fn for_each_record(
     let segments = list_segments(log_dir)?;
     let mut summary = ReadSummary::default();
     // Skip segments that end before `from`: those followed by one starting at or before it.
-    let start = segments
-        .iter()
-        .rposition(|(first, _)| *first <= from)
-        .unwrap_or(0);
+    let start = segments.iter().rposition(|(first, _)| *first <= from).unwrap_or(0);
     let mut expected: Option<u64> = None;
     for (position, (first, path)) in segments.iter().enumerate().skip(start) {
         let is_last = position + 1 == segments.len();
         if let Some(expected) = expected {
             if *first != expected {
-                return Err(ReadError::CheckSegmentOrder {
-                    path: path.clone(),
-                    expected,
-                    found: *first,
-                });
+                return Err(ReadError::CheckSegmentOrder { path: path.clone(), expected, found: *first });
             }
         }
         let (_, bytes) = read_segment(path)?;
@@ -105,29 +77,14 @@ pub fn for_each_record(
                     summary.torn_tail = Some(format!("{}: {problem}", path.display()));
                     break;
                 }
-                Err(problem) => {
-                    return Err(ReadError::ReadFrame {
-                        index,
-                        path: path.clone(),
-                        problem,
-                    })
-                }
+                Err(problem) => return Err(ReadError::ReadFrame { index, path: path.clone(), problem }),
             };
             if !frame.check_ok {
-                return Err(ReadError::CheckRecord {
-                    index,
-                    path: path.clone(),
-                    offset: frame.offset,
-                });
+                return Err(ReadError::CheckRecord { index, path: path.clone(), offset: frame.offset });
             }
             if index >= from {
-                let record = RecordRef {
-                    index,
-                    body: frame.body,
-                    leaf: frame.leaf,
-                    segment: path,
-                    offset: frame.offset,
-                };
+                let record =
+                    RecordRef { index, body: frame.body, leaf: frame.leaf, segment: path, offset: frame.offset };
                 if visit(record)?.is_break() {
                     summary.records = index + 1;
                     return Ok(summary);

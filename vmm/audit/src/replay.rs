@@ -61,19 +61,14 @@ fn image_type(bytes: &[u8]) -> Option<&'static str> {
 fn blob_json(store: &BlobStore, hash: &[u8; 32]) -> (Value, bool) {
     match store.get(hash) {
         Ok(bytes) => match image_type(&bytes) {
-            Some(mime) => (
-                json!({"uri": format!("data:{mime};base64,{}", to_base64(&bytes)), "bytes": bytes.len()}),
-                true,
-            ),
-            None => (
-                json!({"note": format!("not an image a browser shows ({} bytes)", bytes.len())}),
-                true,
-            ),
+            Some(mime) => {
+                (json!({"uri": format!("data:{mime};base64,{}", to_base64(&bytes)), "bytes": bytes.len()}), true)
+            }
+            None => (json!({"note": format!("not an image a browser shows ({} bytes)", bytes.len())}), true),
         },
-        Err(BlobError::CheckContent { .. }) => (
-            json!({"note": "ALTERED: the stored file does not match this screenshot's hash"}),
-            false,
-        ),
+        Err(BlobError::CheckContent { .. }) => {
+            (json!({"note": "ALTERED: the stored file does not match this screenshot's hash"}), false)
+        }
         Err(_) => (json!({"note": "MISSING from the blob store"}), false),
     }
 }
@@ -88,10 +83,10 @@ pub fn write_replay(dir: &Path, out: &mut dyn Write) -> Result<ReplaySummary, Re
     let summary = for_each_event(&layout.log(), 0, |event, leaf| {
         for (_, hash) in event.screenshots() {
             let hex = to_hex(&hash);
-            if !blobs.contains_key(&hex) {
+            if let std::collections::btree_map::Entry::Vacant(entry) = blobs.entry(hex) {
                 let (value, good) = blob_json(&store, &hash);
                 bad_screenshots += u64::from(!good);
-                blobs.insert(hex, value);
+                entry.insert(value);
             }
         }
         events.push(event_json(event, leaf));
@@ -106,18 +101,11 @@ pub fn write_replay(dir: &Path, out: &mut dyn Write) -> Result<ReplaySummary, Re
         "events": events,
         "blobs": blobs,
     });
-    let data = serde_json::to_string(&session)
-        .map_err(ReplayError::EncodeSession)?
-        .replace('<', "\\u003c");
+    let data = serde_json::to_string(&session).map_err(ReplayError::EncodeSession)?.replace('<', "\\u003c");
     let page = PAGE.replace("/*SESSION*/", &data);
-    out.write_all(page.as_bytes())
-        .map_err(ReplayError::WritePage)?;
+    out.write_all(page.as_bytes()).map_err(ReplayError::WritePage)?;
     out.flush().map_err(ReplayError::WritePage)?;
-    Ok(ReplaySummary {
-        events: summary.records,
-        screenshots: blobs.len() as u64,
-        bad_screenshots,
-    })
+    Ok(ReplaySummary { events: summary.records, screenshots: blobs.len() as u64, bad_screenshots })
 }
 
 const PAGE: &str = r#"<!doctype html>

@@ -31,25 +31,15 @@ pub const SEGMENT_SUFFIX: &str = ".seg";
 #[derive(Debug, Error)]
 pub enum SegmentError {
     #[error("cannot list the segment directory {path}")]
-    ListSegments {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    ListSegments { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a segment name (20 decimal digits and .seg)")]
     ParseName { path: PathBuf },
     #[error("segment {path} has no valid header ({reason})")]
     ParseHeader { path: PathBuf, reason: &'static str },
     #[error("segment {path} is named for sequence {named} but its header says {header}")]
-    CheckHeaderSequence {
-        path: PathBuf,
-        named: u64,
-        header: u64,
-    },
+    CheckHeaderSequence { path: PathBuf, named: u64, header: u64 },
     #[error("cannot read segment {path}")]
-    ReadSegment {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    ReadSegment { path: PathBuf, source: std::io::Error },
 }
 
 /// A segment file's name for its first sequence number.
@@ -59,28 +49,18 @@ pub fn segment_file_name(first_seq: u64) -> String {
 
 /// The first sequence number a segment name stands for.
 pub fn parse_segment_name(path: &Path) -> Result<u64, SegmentError> {
-    let name = path
-        .file_name()
-        .and_then(|name| name.to_str())
-        .unwrap_or("");
+    let name = path.file_name().and_then(|name| name.to_str()).unwrap_or("");
     let digits = name.strip_suffix(SEGMENT_SUFFIX).unwrap_or("");
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(SegmentError::ParseName {
-            path: path.to_path_buf(),
-        });
+        return Err(SegmentError::ParseName { path: path.to_path_buf() });
     }
-    digits.parse().map_err(|_| SegmentError::ParseName {
-        path: path.to_path_buf(),
-    })
+    digits.parse().map_err(|_| SegmentError::ParseName { path: path.to_path_buf() })
 }
 
 /// The segments in `log_dir` ordered by first sequence number. Files that do not end in
 /// `.seg` are ignored; a `.seg` file with a bad name is an error.
 pub fn list_segments(log_dir: &Path) -> Result<Vec<(u64, PathBuf)>, SegmentError> {
-    let list_error = |source| SegmentError::ListSegments {
-        path: log_dir.to_path_buf(),
-        source,
-    };
+    let list_error = |source| SegmentError::ListSegments { path: log_dir.to_path_buf(), source };
     let mut segments = Vec::new();
     for entry in std::fs::read_dir(log_dir).map_err(list_error)? {
         let path = entry.map_err(list_error)?.path();
@@ -104,10 +84,7 @@ pub fn encode_header(first_seq: u64) -> [u8; HEADER_LEN] {
 
 /// Checks a segment's header and returns the first sequence number it states.
 pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<u64, SegmentError> {
-    let bad = |reason| SegmentError::ParseHeader {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let bad = |reason| SegmentError::ParseHeader { path: path.to_path_buf(), reason };
     if bytes.len() < HEADER_LEN {
         return Err(bad("file shorter than the header"));
     }
@@ -129,17 +106,10 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<u64, SegmentError> {
 /// Reads a whole segment and checks its header against its name.
 pub fn read_segment(path: &Path) -> Result<(u64, Vec<u8>), SegmentError> {
     let named = parse_segment_name(path)?;
-    let bytes = std::fs::read(path).map_err(|source| SegmentError::ReadSegment {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = std::fs::read(path).map_err(|source| SegmentError::ReadSegment { path: path.to_path_buf(), source })?;
     let header = parse_header(path, &bytes)?;
     if header != named {
-        return Err(SegmentError::CheckHeaderSequence {
-            path: path.to_path_buf(),
-            named,
-            header,
-        });
+        return Err(SegmentError::CheckHeaderSequence { path: path.to_path_buf(), named, header });
     }
     Ok((named, bytes))
 }
@@ -176,9 +146,7 @@ impl FrameProblem {
     /// Where the bad frame starts.
     pub fn offset(&self) -> u64 {
         match *self {
-            FrameProblem::Truncated { offset, .. } | FrameProblem::BadLength { offset, .. } => {
-                offset
-            }
+            FrameProblem::Truncated { offset, .. } | FrameProblem::BadLength { offset, .. } => offset,
         }
     }
 }
@@ -186,15 +154,11 @@ impl FrameProblem {
 impl std::fmt::Display for FrameProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match *self {
-            FrameProblem::Truncated { offset, need, have } => write!(
-                f,
-                "the file ends inside the frame at offset {offset} ({have} of {need} bytes)"
-            ),
+            FrameProblem::Truncated { offset, need, have } => {
+                write!(f, "the file ends inside the frame at offset {offset} ({have} of {need} bytes)")
+            }
             FrameProblem::BadLength { offset, length } => {
-                write!(
-                    f,
-                    "the frame at offset {offset} has an impossible length {length}"
-                )
+                write!(f, "the frame at offset {offset} has an impossible length {length}")
             }
         }
     }
@@ -213,11 +177,7 @@ pub struct Frames<'a> {
 impl<'a> Frames<'a> {
     /// Frames of `bytes`, a whole segment file whose header was checked.
     pub fn new(bytes: &'a [u8]) -> Frames<'a> {
-        Frames {
-            bytes,
-            offset: HEADER_LEN.min(bytes.len()),
-            done: false,
-        }
+        Frames { bytes, offset: HEADER_LEN.min(bytes.len()), done: false }
     }
 }
 
@@ -241,10 +201,7 @@ impl<'a> Iterator for Frames<'a> {
         let length = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
         if length == 0 || length as usize > MAX_RECORD_LEN {
             self.done = true;
-            return Some(Err(FrameProblem::BadLength {
-                offset: offset as u64,
-                length,
-            }));
+            return Some(Err(FrameProblem::BadLength { offset: offset as u64, length }));
         }
         let end = FRAME_HEADER_LEN + length as usize;
         if rest.len() < end {
@@ -259,12 +216,7 @@ impl<'a> Iterator for Frames<'a> {
         let leaf = leaf_hash(body);
         let check_ok = rest[4..12] == leaf[..8];
         self.offset += end;
-        Some(Ok(Frame {
-            offset: offset as u64,
-            body,
-            leaf,
-            check_ok,
-        }))
+        Some(Ok(Frame { offset: offset as u64, body, leaf, check_ok }))
     }
 }
 
@@ -284,9 +236,7 @@ mod tests {
     fn frames_of_written_segment_read_back() {
         let bytes = segment(&[b"one", b"two", b"three"]);
         assert_eq!(parse_header(Path::new("x"), &bytes).unwrap(), 5);
-        let bodies: Vec<&[u8]> = Frames::new(&bytes)
-            .map(|frame| frame.unwrap().body)
-            .collect();
+        let bodies: Vec<&[u8]> = Frames::new(&bytes).map(|frame| frame.unwrap().body).collect();
         assert_eq!(bodies, vec![&b"one"[..], b"two", b"three"]);
     }
 
@@ -297,10 +247,7 @@ mod tests {
             let results: Vec<_> = Frames::new(&bytes[..cut]).collect();
             assert!(results[0].is_ok(), "cut {cut}");
             let last = results.last().unwrap();
-            assert!(
-                matches!(last, Err(FrameProblem::Truncated { .. })),
-                "cut {cut}"
-            );
+            assert!(matches!(last, Err(FrameProblem::Truncated { .. })), "cut {cut}");
         }
     }
 
@@ -319,10 +266,7 @@ mod tests {
         let mut bytes = segment(&[b"one"]);
         bytes.extend_from_slice(&[0u8; 40]);
         let last = Frames::new(&bytes).last().unwrap();
-        assert!(matches!(
-            last,
-            Err(FrameProblem::BadLength { length: 0, .. })
-        ));
+        assert!(matches!(last, Err(FrameProblem::BadLength { length: 0, .. })));
     }
 
     #[test]
@@ -331,24 +275,14 @@ mod tests {
         bytes[0] = b'X';
         assert!(matches!(
             parse_header(Path::new("x"), &bytes),
-            Err(SegmentError::ParseHeader {
-                reason: "wrong magic",
-                ..
-            })
+            Err(SegmentError::ParseHeader { reason: "wrong magic", .. })
         ));
     }
 
     #[test]
     fn parse_segment_name_of_bad_names_returns_error() {
-        assert_eq!(
-            parse_segment_name(Path::new("log/00000000000000000042.seg")).unwrap(),
-            42
-        );
-        for name in [
-            "42.seg",
-            "0000000000000000004x.seg",
-            "00000000000000000042.log",
-        ] {
+        assert_eq!(parse_segment_name(Path::new("log/00000000000000000042.seg")).unwrap(), 42);
+        for name in ["42.seg", "0000000000000000004x.seg", "00000000000000000042.log"] {
             assert!(parse_segment_name(Path::new(name)).is_err(), "{name}");
         }
     }

@@ -67,14 +67,8 @@ pub trait NodeSource {
     fn node(&self, level: u32, index: u64) -> Option<Hash>;
 }
 
-fn read_node<S: NodeSource + ?Sized>(
-    source: &S,
-    level: u32,
-    index: u64,
-) -> Result<Hash, TreeError> {
-    source
-        .node(level, index)
-        .ok_or(TreeError::ReadNode { level, index })
+fn read_node<S: NodeSource + ?Sized>(source: &S, level: u32, index: u64) -> Result<Hash, TreeError> {
+    source.node(level, index).ok_or(TreeError::ReadNode { level, index })
 }
 
 /// The largest power of two strictly smaller than `n` (`n >= 2`): RFC 6962's split point.
@@ -87,11 +81,7 @@ fn split_point(n: u64) -> u64 {
 /// some tree: `start` is a multiple of the largest power of two not above `end - start`,
 /// which holds for every range the recursive split produces. The range is cut into
 /// complete subtrees, largest first, and folded from the right.
-pub fn range_hash<S: NodeSource + ?Sized>(
-    source: &S,
-    start: u64,
-    end: u64,
-) -> Result<Hash, TreeError> {
+pub fn range_hash<S: NodeSource + ?Sized>(source: &S, start: u64, end: u64) -> Result<Hash, TreeError> {
     if start >= end {
         return Ok(empty_root());
     }
@@ -122,11 +112,7 @@ pub fn root<S: NodeSource + ?Sized>(source: &S, size: u64) -> Result<Hash, TreeE
 
 /// The inclusion proof (RFC 9162 section 2.1.3.1) of leaf `index` in the tree of the first
 /// `size` leaves: sibling hashes from the leaf up to the root.
-pub fn inclusion_proof<S: NodeSource + ?Sized>(
-    source: &S,
-    index: u64,
-    size: u64,
-) -> Result<Vec<Hash>, TreeError> {
+pub fn inclusion_proof<S: NodeSource + ?Sized>(source: &S, index: u64, size: u64) -> Result<Vec<Hash>, TreeError> {
     if index >= size {
         return Err(TreeError::CheckLeafIndex { index, size });
     }
@@ -156,10 +142,7 @@ pub fn consistency_proof<S: NodeSource + ?Sized>(
     new_size: u64,
 ) -> Result<Vec<Hash>, TreeError> {
     if old_size > new_size {
-        return Err(TreeError::CheckSizes {
-            old: old_size,
-            new: new_size,
-        });
+        return Err(TreeError::CheckSizes { old: old_size, new: new_size });
     }
     if old_size == 0 || old_size == new_size {
         return Ok(Vec::new());
@@ -210,22 +193,13 @@ fn inclusion_proof_length(index: u64, size: u64) -> usize {
 
 /// Checks that `path` proves leaf `leaf` at `index` in the tree of `size` leaves with root
 /// `root` (RFC 9162 section 2.1.3.2).
-pub fn verify_inclusion(
-    leaf: &Hash,
-    index: u64,
-    size: u64,
-    path: &[Hash],
-    root: &Hash,
-) -> Result<(), TreeError> {
+pub fn verify_inclusion(leaf: &Hash, index: u64, size: u64, path: &[Hash], root: &Hash) -> Result<(), TreeError> {
     if index >= size {
         return Err(TreeError::CheckLeafIndex { index, size });
     }
     let expected = inclusion_proof_length(index, size);
     if path.len() != expected {
-        return Err(TreeError::CheckProofLength {
-            expected,
-            actual: path.len(),
-        });
+        return Err(TreeError::CheckProofLength { expected, actual: path.len() });
     }
     let (mut f, mut s) = (index, size - 1);
     let mut hash = *leaf;
@@ -261,17 +235,11 @@ pub fn verify_consistency(
     proof: &[Hash],
 ) -> Result<(), TreeError> {
     if old_size > new_size {
-        return Err(TreeError::CheckSizes {
-            old: old_size,
-            new: new_size,
-        });
+        return Err(TreeError::CheckSizes { old: old_size, new: new_size });
     }
     if old_size == new_size {
         if !proof.is_empty() {
-            return Err(TreeError::CheckProofLength {
-                expected: 0,
-                actual: proof.len(),
-            });
+            return Err(TreeError::CheckProofLength { expected: 0, actual: proof.len() });
         }
         if old_root != new_root {
             return Err(TreeError::VerifyRoot);
@@ -280,10 +248,7 @@ pub fn verify_consistency(
     }
     if old_size == 0 {
         if !proof.is_empty() {
-            return Err(TreeError::CheckProofLength {
-                expected: 0,
-                actual: proof.len(),
-            });
+            return Err(TreeError::CheckProofLength { expected: 0, actual: proof.len() });
         }
         if *old_root != empty_root() {
             return Err(TreeError::VerifyOldRoot);
@@ -291,18 +256,11 @@ pub fn verify_consistency(
         return Ok(());
     }
     if proof.is_empty() {
-        return Err(TreeError::CheckProofLength {
-            expected: 1,
-            actual: 0,
-        });
+        return Err(TreeError::CheckProofLength { expected: 1, actual: 0 });
     }
     // When the old tree is a complete subtree its root is the first hash of the path.
     let mut hashes = proof.iter();
-    let first = if old_size.is_power_of_two() {
-        *old_root
-    } else {
-        *hashes.next().ok_or(TreeError::VerifyRoot)?
-    };
+    let first = if old_size.is_power_of_two() { *old_root } else { *hashes.next().ok_or(TreeError::VerifyRoot)? };
     let (mut f, mut s) = (old_size - 1, new_size - 1);
     while f & 1 == 1 {
         f >>= 1;
@@ -443,10 +401,7 @@ impl MemoryTree {
             if count % 2 == 1 {
                 break;
             }
-            hash = node_hash(
-                &self.levels[level][count - 2],
-                &self.levels[level][count - 1],
-            );
+            hash = node_hash(&self.levels[level][count - 2], &self.levels[level][count - 1]);
             level += 1;
         }
     }
@@ -469,10 +424,7 @@ mod tests {
 
     #[test]
     fn root_of_empty_tree_is_hash_of_empty_string() {
-        assert_eq!(
-            root(&MemoryTree::new(), 0).unwrap(),
-            *blake3::hash(b"").as_bytes()
-        );
+        assert_eq!(root(&MemoryTree::new(), 0).unwrap(), *blake3::hash(b"").as_bytes());
         assert_eq!(Frontier::new().root(), empty_root());
     }
 
@@ -491,12 +443,7 @@ mod tests {
         let mut frontier = Frontier::new();
         for (i, leaf) in l.iter().enumerate() {
             frontier.push(*leaf);
-            assert_eq!(
-                frontier.root(),
-                root(&tree, i as u64 + 1).unwrap(),
-                "size {}",
-                i + 1
-            );
+            assert_eq!(frontier.root(), root(&tree, i as u64 + 1).unwrap(), "size {}", i + 1);
         }
     }
 
@@ -519,19 +466,13 @@ mod tests {
     #[test]
     fn inclusion_proof_beyond_size_returns_error() {
         let tree = MemoryTree::from_leaves(leaves(4));
-        assert_eq!(
-            inclusion_proof(&tree, 4, 4),
-            Err(TreeError::CheckLeafIndex { index: 4, size: 4 })
-        );
+        assert_eq!(inclusion_proof(&tree, 4, 4), Err(TreeError::CheckLeafIndex { index: 4, size: 4 }));
     }
 
     #[test]
     fn inclusion_proof_with_missing_node_returns_error() {
         let tree = MemoryTree::from_leaves(leaves(4));
-        assert!(matches!(
-            inclusion_proof(&tree, 0, 8),
-            Err(TreeError::ReadNode { .. })
-        ));
+        assert!(matches!(inclusion_proof(&tree, 0, 8), Err(TreeError::ReadNode { .. })));
     }
 
     #[test]
@@ -542,10 +483,7 @@ mod tests {
         let mut path = inclusion_proof(&tree, 6, 11).unwrap();
         verify_inclusion(&l[6], 6, 11, &path, &root).unwrap();
         path[1][0] ^= 1;
-        assert_eq!(
-            verify_inclusion(&l[6], 6, 11, &path, &root),
-            Err(TreeError::VerifyRoot)
-        );
+        assert_eq!(verify_inclusion(&l[6], 6, 11, &path, &root), Err(TreeError::VerifyRoot));
     }
 
     #[test]
@@ -555,10 +493,7 @@ mod tests {
         let root = root(&tree, 8).unwrap();
         let mut path = inclusion_proof(&tree, 3, 8).unwrap();
         path.push(root);
-        assert!(matches!(
-            verify_inclusion(&l[3], 3, 8, &path, &root),
-            Err(TreeError::CheckProofLength { .. })
-        ));
+        assert!(matches!(verify_inclusion(&l[3], 3, 8, &path, &root), Err(TreeError::CheckProofLength { .. })));
     }
 
     #[test]
@@ -582,9 +517,6 @@ mod tests {
     #[test]
     fn consistency_proof_with_old_larger_than_new_returns_error() {
         let tree = MemoryTree::from_leaves(leaves(5));
-        assert_eq!(
-            consistency_proof(&tree, 6, 5),
-            Err(TreeError::CheckSizes { old: 6, new: 5 })
-        );
+        assert_eq!(consistency_proof(&tree, 6, 5), Err(TreeError::CheckSizes { old: 6, new: 5 }));
     }
 }

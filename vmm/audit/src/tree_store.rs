@@ -24,35 +24,17 @@ const MIN_MAP_BYTES: usize = 1 << 20;
 #[derive(Debug, Error)]
 pub enum TreeStoreError {
     #[error("cannot create the tree directory {path}")]
-    CreateDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    CreateDir { path: PathBuf, source: std::io::Error },
     #[error("cannot open the tree level file {path}")]
-    OpenLevel {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    OpenLevel { path: PathBuf, source: std::io::Error },
     #[error("cannot write the tree level file {path}")]
-    WriteLevel {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    WriteLevel { path: PathBuf, source: std::io::Error },
     #[error("cannot truncate the tree level file {path}")]
-    TruncateLevel {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    TruncateLevel { path: PathBuf, source: std::io::Error },
     #[error("cannot sync the tree level file {path}")]
-    SyncLevel {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    SyncLevel { path: PathBuf, source: std::io::Error },
     #[error("cannot map the tree level file {path}")]
-    MapLevel {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    MapLevel { path: PathBuf, source: std::io::Error },
     #[error("the tree store has {size} leaves, cannot cut it back to {requested}")]
     CheckTruncate { size: u64, requested: u64 },
     #[error("the tree store cannot read the hash at level {level}, index {index}")]
@@ -78,16 +60,8 @@ impl Mapping {
         use std::os::fd::AsRawFd;
         // SAFETY: a fresh read-only shared mapping chosen by the kernel; it aliases no Rust
         // memory. Pages past the end of the file are never read (see `read_hash`).
-        let address = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                length,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
+        let address =
+            unsafe { libc::mmap(std::ptr::null_mut(), length, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0) };
         if address == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
@@ -105,11 +79,7 @@ impl Mapping {
         // SAFETY: `offset + 32 <= length`, so the source lies inside the mapping, which stays
         // mapped while `self` lives; the destination is a local array; they do not overlap.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.address.cast::<u8>().add(offset),
-                hash.as_mut_ptr(),
-                hash.len(),
-            );
+            std::ptr::copy_nonoverlapping(self.address.cast::<u8>().add(offset), hash.as_mut_ptr(), hash.len());
         }
         Some(hash)
     }
@@ -126,9 +96,7 @@ impl Drop for Mapping {
 
 impl std::fmt::Debug for Mapping {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mapping")
-            .field("length", &self.length)
-            .finish()
+        f.debug_struct("Mapping").field("length", &self.length).finish()
     }
 }
 
@@ -146,9 +114,7 @@ impl Level {
         if index >= self.count {
             return None;
         }
-        self.map
-            .as_ref()?
-            .read_hash(usize::try_from(index * HASH_LEN).ok()?)
+        self.map.as_ref()?.read_hash(usize::try_from(index * HASH_LEN).ok()?)
     }
 
     /// Makes sure the map covers `count` hashes.
@@ -159,10 +125,8 @@ impl Level {
         }
         let length = needed.next_power_of_two().max(MIN_MAP_BYTES);
         self.map = None;
-        let map = Mapping::new(&self.file, length).map_err(|source| TreeStoreError::MapLevel {
-            path: self.path.clone(),
-            source,
-        })?;
+        let map = Mapping::new(&self.file, length)
+            .map_err(|source| TreeStoreError::MapLevel { path: self.path.clone(), source })?;
         self.map = Some(map);
         Ok(())
     }
@@ -188,10 +152,7 @@ impl TreeStore {
     /// size that every level agrees on (a crash can leave levels of different lengths, or a
     /// partial hash) are cut off.
     pub fn open(dir: &Path) -> Result<TreeStore, TreeStoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| TreeStoreError::CreateDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(|source| TreeStoreError::CreateDir { path: dir.to_path_buf(), source })?;
         let mut store = TreeStore::open_levels(dir, true)?;
         let size = store.size;
         store.cut_files(size)?;
@@ -214,20 +175,10 @@ impl TreeStore {
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => break,
                 Err(source) => return Err(TreeStoreError::OpenLevel { path, source }),
             };
-            let length = file
-                .metadata()
-                .map_err(|source| TreeStoreError::OpenLevel {
-                    path: path.clone(),
-                    source,
-                })?
-                .len();
+            let length =
+                file.metadata().map_err(|source| TreeStoreError::OpenLevel { path: path.clone(), source })?.len();
             counts.push(length / HASH_LEN);
-            levels.push(Level {
-                path,
-                file,
-                count: 0,
-                map: None,
-            });
+            levels.push(Level { path, file, count: 0, map: None });
         }
         // The largest size n with n >> level <= count[level] at every level.
         let mut size = counts.first().copied().unwrap_or(0);
@@ -243,13 +194,7 @@ impl TreeStore {
             entry.count = size >> level;
             entry.ensure_mapped()?;
         }
-        Ok(TreeStore {
-            dir: dir.to_path_buf(),
-            levels,
-            size,
-            writable,
-            pending: Vec::new(),
-        })
+        Ok(TreeStore { dir: dir.to_path_buf(), levels, size, writable, pending: Vec::new() })
     }
 
     /// The number of leaves.
@@ -263,10 +208,7 @@ impl TreeStore {
             return Err(TreeStoreError::CheckWritable);
         }
         if size > self.size {
-            return Err(TreeStoreError::CheckTruncate {
-                size: self.size,
-                requested: size,
-            });
+            return Err(TreeStoreError::CheckTruncate { size: self.size, requested: size });
         }
         self.cut_files(size)
     }
@@ -277,10 +219,7 @@ impl TreeStore {
             entry
                 .file
                 .set_len(entry.count * HASH_LEN)
-                .map_err(|source| TreeStoreError::TruncateLevel {
-                    path: entry.path.clone(),
-                    source,
-                })?;
+                .map_err(|source| TreeStoreError::TruncateLevel { path: entry.path.clone(), source })?;
         }
         self.size = size;
         Ok(())
@@ -296,16 +235,8 @@ impl TreeStore {
                 .create(true)
                 .truncate(true)
                 .open(&path)
-                .map_err(|source| TreeStoreError::OpenLevel {
-                    path: path.clone(),
-                    source,
-                })?;
-            self.levels.push(Level {
-                path,
-                file,
-                count: 0,
-                map: None,
-            });
+                .map_err(|source| TreeStoreError::OpenLevel { path: path.clone(), source })?;
+            self.levels.push(Level { path, file, count: 0, map: None });
         }
         Ok(&mut self.levels[level as usize])
     }
@@ -313,10 +244,7 @@ impl TreeStore {
     /// Hash of a complete subtree, from the files or from the hashes of the append in
     /// progress.
     fn node_or_pending(&self, level: u32, index: u64) -> Option<Hash> {
-        let stored = self
-            .levels
-            .get(level as usize)
-            .map_or(0, |entry| entry.count);
+        let stored = self.levels.get(level as usize).map_or(0, |entry| entry.count);
         if index < stored {
             return self.levels[level as usize].read(index);
         }
@@ -343,12 +271,9 @@ impl TreeStore {
             let mut hash = *leaf;
             let mut level = 0u32;
             while (index >> level) & 1 == 1 {
-                let left = self.node_or_pending(level, (index >> level) - 1).ok_or(
-                    TreeStoreError::ReadNode {
-                        level,
-                        index: (index >> level) - 1,
-                    },
-                )?;
+                let left = self
+                    .node_or_pending(level, (index >> level) - 1)
+                    .ok_or(TreeStoreError::ReadNode { level, index: (index >> level) - 1 })?;
                 hash = node_hash(&left, &hash);
                 level += 1;
                 self.push_pending(level, hash);
@@ -379,10 +304,7 @@ impl TreeStore {
             entry
                 .file
                 .write_all_at(bytes, entry.count * HASH_LEN)
-                .map_err(|source| TreeStoreError::WriteLevel {
-                    path: entry.path.clone(),
-                    source,
-                })?;
+                .map_err(|source| TreeStoreError::WriteLevel { path: entry.path.clone(), source })?;
             entry.count += hashes.len() as u64;
             entry.ensure_mapped()?;
         }
@@ -392,13 +314,7 @@ impl TreeStore {
     /// Makes the stored hashes durable.
     pub fn sync(&self) -> Result<(), TreeStoreError> {
         for entry in &self.levels {
-            entry
-                .file
-                .sync_data()
-                .map_err(|source| TreeStoreError::SyncLevel {
-                    path: entry.path.clone(),
-                    source,
-                })?;
+            entry.file.sync_data().map_err(|source| TreeStoreError::SyncLevel { path: entry.path.clone(), source })?;
         }
         Ok(())
     }
@@ -440,10 +356,7 @@ mod tests {
         }
         let memory = MemoryTree::from_leaves(all);
         for size in [1u64, 2, 5, 64, 513, 1000] {
-            assert_eq!(
-                tree::root(&store, size).unwrap(),
-                tree::root(&memory, size).unwrap()
-            );
+            assert_eq!(tree::root(&store, size).unwrap(), tree::root(&memory, size).unwrap());
         }
         for level in 0..10 {
             for index in 0..(1000u64 >> level) {
@@ -464,10 +377,7 @@ mod tests {
         let store = TreeStore::open_read_only(dir.path()).unwrap();
         assert_eq!(store.size(), 77);
         let memory = MemoryTree::from_leaves(all);
-        assert_eq!(
-            tree::root(&store, 77).unwrap(),
-            tree::root(&memory, 77).unwrap()
-        );
+        assert_eq!(tree::root(&store, 77).unwrap(), tree::root(&memory, 77).unwrap());
     }
 
     #[test]
@@ -479,27 +389,14 @@ mod tests {
         }
         // A crash lost the last hashes of level 2 (10 -> 7 hashes) and half of a leaf hash.
         let level2 = level_path(dir.path(), 2);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&level2)
-            .unwrap()
-            .set_len(7 * 32)
-            .unwrap();
+        std::fs::OpenOptions::new().write(true).open(&level2).unwrap().set_len(7 * 32).unwrap();
         let level0 = level_path(dir.path(), 0);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&level0)
-            .unwrap()
-            .set_len(40 * 32 - 5)
-            .unwrap();
+        std::fs::OpenOptions::new().write(true).open(&level0).unwrap().set_len(40 * 32 - 5).unwrap();
         let mut store = TreeStore::open(dir.path()).unwrap();
         assert_eq!(store.size(), 31);
         store.append(&leaves(31..40)).unwrap();
         let memory = MemoryTree::from_leaves(leaves(0..40));
-        assert_eq!(
-            tree::root(&store, 40).unwrap(),
-            tree::root(&memory, 40).unwrap()
-        );
+        assert_eq!(tree::root(&store, 40).unwrap(), tree::root(&memory, 40).unwrap());
     }
 
     #[test]
@@ -511,19 +408,13 @@ mod tests {
         assert_eq!(store.node(0, 37), None);
         store.append(&leaves(37..100)).unwrap();
         let memory = MemoryTree::from_leaves(leaves(0..100));
-        assert_eq!(
-            tree::root(&store, 100).unwrap(),
-            tree::root(&memory, 100).unwrap()
-        );
+        assert_eq!(tree::root(&store, 100).unwrap(), tree::root(&memory, 100).unwrap());
     }
 
     #[test]
     fn append_to_read_only_store_returns_error() {
         let dir = TempDir::new("tree-store-read-only");
         let mut store = TreeStore::open_read_only(dir.path()).unwrap();
-        assert!(matches!(
-            store.append(&leaves(0..1)),
-            Err(TreeStoreError::CheckWritable)
-        ));
+        assert!(matches!(store.append(&leaves(0..1)), Err(TreeStoreError::CheckWritable)));
     }
 }

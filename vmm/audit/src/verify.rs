@@ -61,90 +61,25 @@ pub struct VerifyOptions {
 /// One problem, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Finding {
-    SegmentName {
-        path: PathBuf,
-    },
-    SegmentHeader {
-        path: PathBuf,
-        reason: String,
-    },
-    SegmentGap {
-        path: PathBuf,
-        expected: u64,
-        found: u64,
-    },
-    TornTail {
-        path: PathBuf,
-        after_record: u64,
-        problem: FrameProblem,
-    },
-    RecordCheck {
-        index: u64,
-        path: PathBuf,
-        offset: u64,
-    },
-    RecordDecode {
-        index: u64,
-        path: PathBuf,
-        offset: u64,
-        reason: String,
-    },
-    RecordSequence {
-        index: u64,
-        path: PathBuf,
-        offset: u64,
-        seq: u64,
-    },
-    RecordVm {
-        index: u64,
-        vm: String,
-        origin: String,
-    },
-    StoredTreeNode {
-        level: u32,
-        index: u64,
-    },
-    StoredTreeNodesMore {
-        count: u64,
-    },
-    NoKey {
-        reason: String,
-    },
-    CheckpointUnreadable {
-        path: PathBuf,
-        reason: String,
-    },
-    CheckpointSignature {
-        path: PathBuf,
-        reason: String,
-    },
-    CheckpointOrigin {
-        path: PathBuf,
-        found: String,
-        expected: String,
-    },
-    CheckpointBeyondLog {
-        path: PathBuf,
-        size: u64,
-        records: u64,
-    },
-    CheckpointRoot {
-        path: PathBuf,
-        size: u64,
-        last_good_size: Option<u64>,
-    },
-    BlobMissing {
-        hash: [u8; 32],
-        index: u64,
-        field: &'static str,
-    },
-    BlobContent {
-        path: PathBuf,
-        referenced_by: Option<u64>,
-    },
-    BlobName {
-        path: PathBuf,
-    },
+    SegmentName { path: PathBuf },
+    SegmentHeader { path: PathBuf, reason: String },
+    SegmentGap { path: PathBuf, expected: u64, found: u64 },
+    TornTail { path: PathBuf, after_record: u64, problem: FrameProblem },
+    RecordCheck { index: u64, path: PathBuf, offset: u64 },
+    RecordDecode { index: u64, path: PathBuf, offset: u64, reason: String },
+    RecordSequence { index: u64, path: PathBuf, offset: u64, seq: u64 },
+    RecordVm { index: u64, vm: String, origin: String },
+    StoredTreeNode { level: u32, index: u64 },
+    StoredTreeNodesMore { count: u64 },
+    NoKey { reason: String },
+    CheckpointUnreadable { path: PathBuf, reason: String },
+    CheckpointSignature { path: PathBuf, reason: String },
+    CheckpointOrigin { path: PathBuf, found: String, expected: String },
+    CheckpointBeyondLog { path: PathBuf, size: u64, records: u64 },
+    CheckpointRoot { path: PathBuf, size: u64, last_good_size: Option<u64> },
+    BlobMissing { hash: [u8; 32], index: u64, field: &'static str },
+    BlobContent { path: PathBuf, referenced_by: Option<u64> },
+    BlobName { path: PathBuf },
 }
 
 impl fmt::Display for Finding {
@@ -282,28 +217,19 @@ impl VerifyReport {
     /// The report as lines for a person: what was checked, then OK or the findings (the
     /// first `limit` of them, all when `None`).
     pub fn lines(&self, limit: Option<usize>) -> Vec<String> {
-        let mut lines = vec![format!(
-            "log {} (origin '{}')",
-            self.dir.display(),
-            self.origin
-        )];
+        let mut lines = vec![format!("log {} (origin '{}')", self.dir.display(), self.origin)];
         match &self.key {
             Some((key, KeySource::Pinned)) => lines.push(format!("key {key} (pinned)")),
-            Some((key, KeySource::LogDirectory(path))) => lines.push(format!(
-                "key {key} (from {}; pass --key to pin the host's key)",
-                path.display()
-            )),
+            Some((key, KeySource::LogDirectory(path))) => {
+                lines.push(format!("key {key} (from {}; pass --key to pin the host's key)", path.display()))
+            }
             None => lines.push("key: none".into()),
         }
         lines.push(format!(
             "records: {} in {} segments: frames, encoding, sequence and VM checked",
             self.records, self.segments
         ));
-        lines.push(format!(
-            "tree: size {} root {} recomputed from the records",
-            self.records,
-            to_hex(&self.root)
-        ));
+        lines.push(format!("tree: size {} root {} recomputed from the records", self.records, to_hex(&self.root)));
         lines.push(format!(
             "stored tree: {} leaves, {} nodes compared with the recomputed tree",
             self.stored_tree_size, self.stored_nodes_compared
@@ -314,22 +240,12 @@ impl VerifyReport {
                 checkpoint.path.display(),
                 if checkpoint.external { " (given)" } else { "" },
                 checkpoint.size,
-                if checkpoint.ok {
-                    "signature valid, log consistent with it"
-                } else {
-                    "FAILED"
-                }
+                if checkpoint.ok { "signature valid, log consistent with it" } else { "FAILED" }
             ));
         }
-        lines.push(format!(
-            "blobs: {} checked against their names",
-            self.blobs_checked
-        ));
+        lines.push(format!("blobs: {} checked against their names", self.blobs_checked));
         if self.unsigned_records > 0 {
-            lines.push(format!(
-                "note: the last {} records are not covered by a checkpoint yet",
-                self.unsigned_records
-            ));
+            lines.push(format!("note: the last {} records are not covered by a checkpoint yet", self.unsigned_records));
         }
         for warning in &self.warnings {
             lines.push(format!("warning: {warning}"));
@@ -364,17 +280,14 @@ struct PendingCheckpoint {
 pub fn verify_dir(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, VerifyError> {
     let layout = Layout::new(dir);
     if !layout.log().is_dir() {
-        return Err(VerifyError::CheckLogDir {
-            path: dir.to_path_buf(),
-        });
+        return Err(VerifyError::CheckLogDir { path: dir.to_path_buf() });
     }
     let mut findings = Vec::new();
     let mut warnings = Vec::new();
     let origin = std::fs::read_to_string(layout.origin())
         .map(|text| text.trim_end_matches('\n').to_string())
         .unwrap_or_else(|_| {
-            warnings
-                .push("no origin file: the VM of records and checkpoints is not checked".into());
+            warnings.push("no origin file: the VM of records and checkpoints is not checked".into());
             String::new()
         });
 
@@ -404,37 +317,22 @@ pub fn verify_dir(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, V
                     path: path.clone(),
                     reason: crate::audit::error_chain(&error),
                 });
-                checked.push(CheckedCheckpoint {
-                    path,
-                    external,
-                    size: 0,
-                    ok: false,
-                });
+                checked.push(CheckedCheckpoint { path, external, size: 0, ok: false });
                 continue;
             }
         };
         let size = signed.checkpoint.tree_size;
-        checked.push(CheckedCheckpoint {
-            path: path.clone(),
-            external,
-            size,
-            ok: false,
-        });
+        checked.push(CheckedCheckpoint { path: path.clone(), external, size, ok: false });
         match &key {
             Ok((key, _)) => {
                 if let Err(error) = signed.verify(key) {
-                    findings.push(Finding::CheckpointSignature {
-                        path,
-                        reason: error.to_string(),
-                    });
+                    findings.push(Finding::CheckpointSignature { path, reason: error.to_string() });
                     continue;
                 }
             }
             Err(reason) => {
                 if !reported_no_key {
-                    findings.push(Finding::NoKey {
-                        reason: reason.clone(),
-                    });
+                    findings.push(Finding::NoKey { reason: reason.clone() });
                     reported_no_key = true;
                 }
                 continue;
@@ -448,12 +346,7 @@ pub fn verify_dir(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, V
             });
             continue;
         }
-        pending.push(PendingCheckpoint {
-            path,
-            external,
-            checkpoint: signed,
-            report_index,
-        });
+        pending.push(PendingCheckpoint { path, external, checkpoint: signed, report_index });
     }
     pending.sort_by_key(|p| (p.checkpoint.checkpoint.tree_size, p.external));
 
@@ -501,19 +394,12 @@ pub fn verify_dir(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, V
             continue;
         }
         if *first != expected_first {
-            findings.push(Finding::SegmentGap {
-                path: path.clone(),
-                expected: expected_first,
-                found: *first,
-            });
+            findings.push(Finding::SegmentGap { path: path.clone(), expected: expected_first, found: *first });
         }
         let bytes = match std::fs::read(path) {
             Ok(bytes) => bytes,
             Err(error) => {
-                findings.push(Finding::SegmentHeader {
-                    path: path.clone(),
-                    reason: error.to_string(),
-                });
+                findings.push(Finding::SegmentHeader { path: path.clone(), reason: error.to_string() });
                 continue;
             }
         };
@@ -526,10 +412,7 @@ pub fn verify_dir(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, V
                 });
             }
             Err(error) => {
-                findings.push(Finding::SegmentHeader {
-                    path: path.clone(),
-                    reason: error.to_string(),
-                });
+                findings.push(Finding::SegmentHeader { path: path.clone(), reason: error.to_string() });
                 continue;
             }
         }
@@ -538,20 +421,12 @@ pub fn verify_dir(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, V
             let frame = match frame {
                 Ok(frame) => frame,
                 Err(problem) => {
-                    findings.push(Finding::TornTail {
-                        path: path.clone(),
-                        after_record: index,
-                        problem,
-                    });
+                    findings.push(Finding::TornTail { path: path.clone(), after_record: index, problem });
                     break;
                 }
             };
             if !frame.check_ok {
-                findings.push(Finding::RecordCheck {
-                    index,
-                    path: path.clone(),
-                    offset: frame.offset,
-                });
+                findings.push(Finding::RecordCheck { index, path: path.clone(), offset: frame.offset });
             }
             match Event::decode(frame.body) {
                 Ok(event) => {
@@ -564,16 +439,10 @@ pub fn verify_dir(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, V
                         });
                     }
                     if !origin.is_empty() && event.vm != origin {
-                        findings.push(Finding::RecordVm {
-                            index,
-                            vm: event.vm.clone(),
-                            origin: origin.clone(),
-                        });
+                        findings.push(Finding::RecordVm { index, vm: event.vm.clone(), origin: origin.clone() });
                     }
                     if event.time_unix_nanos < last_time && !time_warned {
-                        warnings.push(format!(
-                            "record {index}: time goes back (the host clock was stepped?)"
-                        ));
+                        warnings.push(format!("record {index}: time goes back (the host clock was stepped?)"));
                         time_warned = true;
                     }
                     last_time = event.time_unix_nanos;
@@ -599,10 +468,7 @@ pub fn verify_dir(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, V
                 if stored_hash != *hash {
                     stored_mismatches += 1;
                     if stored_mismatches as usize <= MAX_TREE_FINDINGS {
-                        findings.push(Finding::StoredTreeNode {
-                            level,
-                            index: node_index,
-                        });
+                        findings.push(Finding::StoredTreeNode { level, index: node_index });
                     }
                 }
             });
@@ -611,9 +477,7 @@ pub fn verify_dir(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, V
         expected_first = frontier.size();
     }
     if stored_mismatches as usize > MAX_TREE_FINDINGS {
-        findings.push(Finding::StoredTreeNodesMore {
-            count: stored_mismatches - MAX_TREE_FINDINGS as u64,
-        });
+        findings.push(Finding::StoredTreeNodesMore { count: stored_mismatches - MAX_TREE_FINDINGS as u64 });
     }
     let records = frontier.size();
     for entry in &pending[next_pending..] {
@@ -624,9 +488,7 @@ pub fn verify_dir(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, V
         });
     }
     if stored_tree_size > records {
-        warnings.push(format!(
-            "the stored tree has {stored_tree_size} leaves but the log has {records} records"
-        ));
+        warnings.push(format!("the stored tree has {stored_tree_size} leaves but the log has {records} records"));
     }
     if checked.is_empty() {
         warnings.push("no checkpoints: no signature binds these records to the host key".into());
@@ -635,7 +497,8 @@ pub fn verify_dir(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, V
     // Blobs: every file must hash to its name, every named screenshot must be there.
     let blobs = BlobStore::at(&layout.blobs());
     let mut blobs_checked = 0u64;
-    for (hash, path) in blobs.list().map_err(VerifyError::ListBlobs)? {
+    for entry in blobs.list().map_err(VerifyError::ListBlobs)? {
+        let (hash, path) = (entry.hash, entry.path);
         let Some(hash) = hash else {
             findings.push(Finding::BlobName { path });
             continue;
@@ -644,34 +507,20 @@ pub fn verify_dir(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, V
         let referenced_by = referenced.get(&hash).map(|(index, _)| *index);
         match std::fs::read(&path) {
             Ok(bytes) if blake3::hash(&bytes).as_bytes() == &hash => {}
-            _ => findings.push(Finding::BlobContent {
-                path,
-                referenced_by,
-            }),
+            _ => findings.push(Finding::BlobContent { path, referenced_by }),
         }
     }
     for (hash, (index, field)) in &referenced {
         if !blobs.contains(hash) {
-            findings.push(Finding::BlobMissing {
-                hash: *hash,
-                index: *index,
-                field,
-            });
+            findings.push(Finding::BlobMissing { hash: *hash, index: *index, field });
         }
     }
 
-    let signed_size = checked
-        .iter()
-        .filter(|c| c.ok)
-        .map(|c| c.size)
-        .max()
-        .unwrap_or(0);
+    let signed_size = checked.iter().filter(|c| c.ok).map(|c| c.size).max().unwrap_or(0);
     Ok(VerifyReport {
         dir: dir.to_path_buf(),
         origin,
-        key: key
-            .ok()
-            .map(|(key, source)| (to_hex(&key.to_bytes()), source)),
+        key: key.ok().map(|(key, source)| (to_hex(&key.to_bytes()), source)),
         segments: segments.len(),
         records,
         root: frontier.root(),

@@ -32,10 +32,7 @@ const SEGMENT_BYTES: u64 = 16 << 10;
 const CHILD_LIFETIME: Duration = Duration::from_secs(20);
 
 fn config() -> AuditConfig {
-    AuditConfig {
-        segment_bytes: SEGMENT_BYTES,
-        ..AuditConfig::new("vm-crash")
-    }
+    AuditConfig { segment_bytes: SEGMENT_BYTES, ..AuditConfig::new("vm-crash") }
 }
 
 fn print_ack(seq: u64, token: &str) {
@@ -51,8 +48,7 @@ fn print_ack(seq: u64, token: &str) {
 #[test]
 #[ignore = "the writer process of crash_kill_during_appends_loses_no_acknowledged_event, run only by it"]
 fn crash_child_writer_process() {
-    let dir =
-        std::env::var(CHILD_DIR_ENV).expect("run by the crash test, which sets the directory");
+    let dir = std::env::var(CHILD_DIR_ENV).expect("run by the crash test, which sets the directory");
     let log = AuditLog::open_with(Path::new(&dir), config()).unwrap();
     let generation = log.size();
     let started = Instant::now();
@@ -63,13 +59,8 @@ fn crash_child_writer_process() {
                 let mut counter = 0u64;
                 while started.elapsed() < CHILD_LIFETIME {
                     let token = format!("g{generation}-t{thread}-{counter}");
-                    let seq = log
-                        .append(
-                            NewEvent::new("input.click")
-                                .param("n", token.as_str())
-                                .param("x", "10"),
-                        )
-                        .unwrap();
+                    let seq =
+                        log.append(NewEvent::new("input.click").param("n", token.as_str()).param("x", "10")).unwrap();
                     print_ack(seq, &token);
                     counter += 1;
                 }
@@ -82,9 +73,7 @@ fn crash_child_writer_process() {
         let mut pending = Vec::new();
         for _ in 0..batch {
             let token = format!("g{generation}-b-{counter}");
-            let seq = log
-                .append_buffered(NewEvent::new("input.type").param("n", token.as_str()))
-                .unwrap();
+            let seq = log.append_buffered(NewEvent::new("input.type").param("n", token.as_str())).unwrap();
             pending.push((seq, token));
             counter += 1;
         }
@@ -104,13 +93,7 @@ fn crash_child_writer_process() {
 /// Starts the writer, kills it at a random point, returns the acknowledgements it printed.
 fn run_and_kill(dir: &Path, wait_for_first_ack: bool) -> Vec<(u64, String)> {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "crash_child_writer_process",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["crash_child_writer_process", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
         .env(CHILD_DIR_ENV, dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -138,9 +121,7 @@ fn run_and_kill(dir: &Path, wait_for_first_ack: bool) -> Vec<(u64, String)> {
     });
     let mut acks = Vec::new();
     if wait_for_first_ack {
-        let first = lines_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the writer acknowledged nothing in 30 s");
+        let first = lines_rx.recv_timeout(Duration::from_secs(30)).expect("the writer acknowledged nothing in 30 s");
         acks.push(first);
         std::thread::sleep(Duration::from_micros(random_u64() % 15_000));
     } else {
@@ -158,9 +139,7 @@ fn run_and_kill(dir: &Path, wait_for_first_ack: bool) -> Vec<(u64, String)> {
 /// half-written. Cuts the last segment at a random offset past every record that must
 /// survive (acknowledged, checkpointed or marked durable), and may append garbage.
 fn damage_unsynced_tail(log_dir: &Path, acknowledged: &BTreeMap<u64, String>) {
-    let checkpointed = latest_checkpoint(&log_dir.join("checkpoints"))
-        .unwrap()
-        .map_or(0, |c| c.checkpoint.tree_size);
+    let checkpointed = latest_checkpoint(&log_dir.join("checkpoints")).unwrap().map_or(0, |c| c.checkpoint.tree_size);
     let marked: u64 = std::fs::read_to_string(log_dir.join("tree").join("durable"))
         .ok()
         .and_then(|text| text.trim().parse().ok())
@@ -173,11 +152,7 @@ fn damage_unsynced_tail(log_dir: &Path, acknowledged: &BTreeMap<u64, String>) {
     let mut bytes = std::fs::read(&segment).unwrap();
     let frames = common::frame_ranges(&bytes);
     let keep = floor.saturating_sub(first).min(frames.len() as u64) as usize;
-    let earliest = if keep == 0 {
-        HEADER_LEN
-    } else {
-        frames[keep - 1].1
-    };
+    let earliest = if keep == 0 { HEADER_LEN } else { frames[keep - 1].1 };
     if earliest > bytes.len() {
         return;
     }
@@ -210,59 +185,28 @@ fn crash_kill_during_appends_loses_no_acknowledged_event() {
             damage_unsynced_tail(&log_dir, &acknowledged);
         }
         // Recovery, then every acknowledged event must be there with its content.
-        let log = AuditLog::open_with(&log_dir, config()).unwrap_or_else(|e| {
-            panic!(
-                "iteration {iteration}: recovery failed: {}",
-                carrel_audit::error_chain(&e)
-            )
-        });
+        let log = AuditLog::open_with(&log_dir, config())
+            .unwrap_or_else(|e| panic!("iteration {iteration}: recovery failed: {}", carrel_audit::error_chain(&e)));
         cut_tails += usize::from(log.recovery().cut_tail.is_some());
         let size = log.size();
         drop(log);
         if let Some((&last, _)) = acknowledged.last_key_value() {
-            assert!(
-                last < size,
-                "iteration {iteration}: event {last} acknowledged, log has {size}"
-            );
+            assert!(last < size, "iteration {iteration}: event {last} acknowledged, log has {size}");
         }
         let mut found = 0;
         for_each_event(&log_dir.join("log"), 0, |event, _| {
             if let Some(token) = acknowledged.get(&event.seq) {
-                let recorded = event
-                    .params
-                    .iter()
-                    .find(|p| p.key == "n")
-                    .map(|p| p.value.as_str());
-                assert_eq!(
-                    recorded,
-                    Some(token.as_str()),
-                    "event {} content",
-                    event.seq
-                );
+                let recorded = event.params.iter().find(|p| p.key == "n").map(|p| p.value.as_str());
+                assert_eq!(recorded, Some(token.as_str()), "event {} content", event.seq);
                 found += 1;
             }
             std::ops::ControlFlow::Continue(())
         })
         .unwrap();
-        assert_eq!(
-            found,
-            acknowledged.len(),
-            "iteration {iteration}: acknowledged events missing"
-        );
+        assert_eq!(found, acknowledged.len(), "iteration {iteration}: acknowledged events missing");
         let report = verify_dir(&log_dir, &VerifyOptions::default()).unwrap();
-        assert!(
-            report.ok(),
-            "iteration {iteration}:\n{}",
-            report.lines(None).join("\n")
-        );
+        assert!(report.ok(), "iteration {iteration}:\n{}", report.lines(None).join("\n"));
     }
-    assert!(
-        acknowledged.len() > 100,
-        "only {} events acknowledged",
-        acknowledged.len()
-    );
-    eprintln!(
-        "{ITERATIONS} kills, {} acknowledged events kept, {cut_tails} torn tails cut",
-        acknowledged.len()
-    );
+    assert!(acknowledged.len() > 100, "only {} events acknowledged", acknowledged.len());
+    eprintln!("{ITERATIONS} kills, {} acknowledged events kept, {cut_tails} torn tails cut", acknowledged.len());
 }

@@ -62,11 +62,7 @@ fn reference_path(m: usize, d: &[Vec<u8>]) -> Vec<Hash> {
 fn reference_subproof(m: usize, d: &[Vec<u8>], b: bool) -> Vec<Hash> {
     let n = d.len();
     if m == n {
-        return if b {
-            Vec::new()
-        } else {
-            vec![reference_mth(d)]
-        };
+        return if b { Vec::new() } else { vec![reference_mth(d)] };
     }
     let k = reference_k(n);
     if m <= k {
@@ -91,9 +87,7 @@ fn reference_proof(m: usize, d: &[Vec<u8>]) -> Vec<Hash> {
 // ---- The crate under test. ----
 
 fn leaf_data(n: usize) -> Vec<Vec<u8>> {
-    (0..n)
-        .map(|i| format!("carrel leaf {i}").into_bytes())
-        .collect()
+    (0..n).map(|i| format!("carrel leaf {i}").into_bytes()).collect()
 }
 
 fn memory_tree(d: &[Vec<u8>]) -> MemoryTree {
@@ -184,13 +178,9 @@ fn tampered_proofs_of_sizes_1_to_64_fail_verification() {
             }
             let mut short = proof.clone();
             short.pop();
-            assert!(
-                tree::verify_consistency(m as u64, n as u64, &old_root, &root, &short).is_err()
-            );
+            assert!(tree::verify_consistency(m as u64, n as u64, &old_root, &root, &short).is_err());
             let wrong_old = reference_mth(&d[1..=m]);
-            assert!(
-                tree::verify_consistency(m as u64, n as u64, &wrong_old, &root, &proof).is_err()
-            );
+            assert!(tree::verify_consistency(m as u64, n as u64, &wrong_old, &root, &proof).is_err());
         }
     }
 }
@@ -213,21 +203,14 @@ fn proofs_of_large_sizes_from_tree_store_match_reference() {
             assert_eq!(proof, reference_path(m, &d[..n]), "PATH({m}, D[{n}])");
             tree::verify_inclusion(&leaves[m], m as u64, n as u64, &proof, &root).unwrap();
         }
-        for m in [1, 2, 3, 999, 1024, n / 2 + 7, n - 1, n]
-            .into_iter()
-            .filter(|&m| m <= n)
-        {
+        for m in [1, 2, 3, 999, 1024, n / 2 + 7, n - 1, n].into_iter().filter(|&m| m <= n) {
             let proof = tree::consistency_proof(&store, m as u64, n as u64).unwrap();
             assert_eq!(proof, reference_proof(m, &d[..n]), "PROOF({m}, D[{n}])");
             let old_root = reference_mth(&d[..m]);
             tree::verify_consistency(m as u64, n as u64, &old_root, &root, &proof).unwrap();
         }
     }
-    assert_eq!(
-        store.node(16, 1),
-        None,
-        "no complete subtree of 2^16 leaves at index 1 yet"
-    );
+    assert_eq!(store.node(16, 1), None, "no complete subtree of 2^16 leaves at index 1 yet");
 }
 
 #[test]
@@ -241,5 +224,4 @@ fn root_of_seven_leaves_matches_pinned_value() {
 }
 
 /// Computed independently with the Python `blake3` package and the same recursive MTH.
-const PINNED_ROOT_OF_SEVEN: &str =
-    "93fe405f4a20eb357e2f886f5bb051da5d16af2e55a6161437d9690edf837e3d";
+const PINNED_ROOT_OF_SEVEN: &str = "93fe405f4a20eb357e2f886f5bb051da5d16af2e55a6161437d9690edf837e3d";

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use carrel_audit::audit::DEFAULT_SEGMENT_BYTES;
 use carrel_audit::reader::for_each_event;
 use carrel_audit::tree;
-use carrel_audit::{
-    verify_dir, AuditConfig, AuditError, AuditLog, Event, NewEvent, Param, VerifyOptions,
-};
+use carrel_audit::{verify_dir, AuditConfig, AuditError, AuditLog, Event, NewEvent, Param, VerifyOptions};
 use common::{frame_ranges, numbered_event, only_segment, TempDir};
 
 fn events(dir: &std::path::Path) -> Vec<Event> {
@@ -55,16 +53,11 @@ fn append_from_many_threads_shares_fsyncs() {
         .map(|t| {
             let log = log.clone();
             std::thread::spawn(move || {
-                (0..per_thread)
-                    .map(|i| log.append(numbered_event(t * 1000 + i)).unwrap())
-                    .collect::<Vec<u64>>()
+                (0..per_thread).map(|i| log.append(numbered_event(t * 1000 + i)).unwrap()).collect::<Vec<u64>>()
             })
         })
         .collect();
-    let mut seqs: Vec<u64> = handles
-        .into_iter()
-        .flat_map(|h| h.join().unwrap())
-        .collect();
+    let mut seqs: Vec<u64> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
     seqs.sort_unstable();
     assert_eq!(seqs, (0..threads * per_thread).collect::<Vec<_>>());
     assert!(
@@ -125,29 +118,20 @@ fn reopen_continues_sequence_and_tree() {
 fn open_while_another_writer_holds_log_returns_lock_error() {
     let dir = TempDir::new("lock");
     let _log = AuditLog::open(dir.path(), "vm-1").unwrap();
-    assert!(matches!(
-        AuditLog::open(dir.path(), "vm-1"),
-        Err(AuditError::LockLog { .. })
-    ));
+    assert!(matches!(AuditLog::open(dir.path(), "vm-1"), Err(AuditError::LockLog { .. })));
 }
 
 #[test]
 fn open_with_other_vm_returns_origin_error() {
     let dir = TempDir::new("origin");
     drop(AuditLog::open(dir.path(), "vm-1").unwrap());
-    assert!(matches!(
-        AuditLog::open(dir.path(), "vm-2"),
-        Err(AuditError::CheckOrigin { .. })
-    ));
+    assert!(matches!(AuditLog::open(dir.path(), "vm-2"), Err(AuditError::CheckOrigin { .. })));
 }
 
 #[test]
 fn open_with_bad_vm_id_returns_error() {
     let dir = TempDir::new("bad-vm");
-    assert!(matches!(
-        AuditLog::open(dir.path(), "vm 1\n"),
-        Err(AuditError::CheckVm { .. })
-    ));
+    assert!(matches!(AuditLog::open(dir.path(), "vm 1\n"), Err(AuditError::CheckVm { .. })));
 }
 
 #[test]
@@ -170,18 +154,8 @@ fn checkpoint_signs_root_that_proofs_verify_against() {
         tree::verify_inclusion(&leaf, index, 100, &proof, &late.checkpoint.root).unwrap();
     }
     let proof = log.consistency_proof(37, 100).unwrap();
-    tree::verify_consistency(
-        37,
-        100,
-        &early.checkpoint.root,
-        &late.checkpoint.root,
-        &proof,
-    )
-    .unwrap();
-    assert!(matches!(
-        log.inclusion_proof(0, 101),
-        Err(AuditError::CheckTreeSize { .. })
-    ));
+    tree::verify_consistency(37, 100, &early.checkpoint.root, &late.checkpoint.root, &proof).unwrap();
+    assert!(matches!(log.inclusion_proof(0, 101), Err(AuditError::CheckTreeSize { .. })));
     drop(log);
     assert_verifies(dir.path());
 }
@@ -189,10 +163,7 @@ fn checkpoint_signs_root_that_proofs_verify_against() {
 #[test]
 fn segments_rotate_and_verify_across_them() {
     let dir = TempDir::new("rotate");
-    let config = AuditConfig {
-        segment_bytes: 2048,
-        ..AuditConfig::new("vm-1")
-    };
+    let config = AuditConfig { segment_bytes: 2048, ..AuditConfig::new("vm-1") };
     let log = AuditLog::open_with(dir.path(), config.clone()).unwrap();
     for i in 0..200 {
         log.append(numbered_event(i)).unwrap();
@@ -278,10 +249,7 @@ fn open_with_damage_before_checkpoint_refuses() {
     bytes[start + 14] ^= 0xff;
     std::fs::write(&segment, &bytes).unwrap();
     let error = AuditLog::open(dir.path(), "vm-1").unwrap_err();
-    assert!(
-        matches!(error, AuditError::RecoverSegment { .. }),
-        "{error}"
-    );
+    assert!(matches!(error, AuditError::RecoverSegment { .. }), "{error}");
     // Nothing was cut.
     assert_eq!(std::fs::read(&segment).unwrap(), bytes);
 }
@@ -324,10 +292,7 @@ fn open_after_tree_disagrees_with_checkpoint_rebuilds_it() {
 #[test]
 fn open_after_cut_short_rotation_removes_empty_segment() {
     let dir = TempDir::new("cut-rotation");
-    let config = AuditConfig {
-        segment_bytes: 1024,
-        ..AuditConfig::new("vm-1")
-    };
+    let config = AuditConfig { segment_bytes: 1024, ..AuditConfig::new("vm-1") };
     {
         let log = AuditLog::open_with(dir.path(), config.clone()).unwrap();
         for i in 0..20 {
@@ -362,8 +327,7 @@ fn put_blob_deduplicates_and_verify_checks_it() {
     let first = log.put_blob(b"\x89PNG\r\n\x1a\nscreen one").unwrap();
     let again = log.put_blob(b"\x89PNG\r\n\x1a\nscreen one").unwrap();
     assert_eq!(first, again);
-    log.append(NewEvent::new("screenshot").screenshots(None, Some(*first.as_bytes())))
-        .unwrap();
+    log.append(NewEvent::new("screenshot").screenshots(None, Some(*first.as_bytes()))).unwrap();
     log.checkpoint().unwrap();
     drop(log);
     let report = verify_dir(dir.path(), &VerifyOptions::default()).unwrap();
@@ -392,10 +356,7 @@ fn export_jsonl_writes_one_line_per_record_with_leaf_hash() {
     let mut out = Vec::new();
     carrel_audit::export::export_jsonl(dir.path(), &mut out).unwrap();
     let text = String::from_utf8(out).unwrap();
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    let lines: Vec<serde_json::Value> = text.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
     assert_eq!(lines.len(), 7);
     assert_eq!(lines[3]["seq"], 3);
     assert_eq!(lines[3]["leaf_hash"], carrel_audit::codec::to_hex(&leaf3));
@@ -423,9 +384,5 @@ fn replay_embeds_screenshots_and_escapes_markup() {
     assert_eq!(summary.screenshots, 1);
     assert_eq!(page.matches("data:image/png;base64,").count(), 1);
     assert!(!page.contains("<script>alert(1)"));
-    assert_eq!(
-        page.matches("</script>").count(),
-        2,
-        "only the page's own script ends"
-    );
+    assert_eq!(page.matches("</script>").count(), 2, "only the page's own script ends");
 }

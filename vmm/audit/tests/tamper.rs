@@ -28,10 +28,8 @@ impl Fixture {
         let dir = TempDir::new(name);
         let log_dir = dir.join("log-dir");
         let log = AuditLog::open(&log_dir, "vm-t").unwrap();
-        let shots = [
-            log.put_blob(b"\x89PNG\r\n\x1a\nscreen a").unwrap(),
-            log.put_blob(b"\x89PNG\r\n\x1a\nscreen b").unwrap(),
-        ];
+        let shots =
+            [log.put_blob(b"\x89PNG\r\n\x1a\nscreen a").unwrap(), log.put_blob(b"\x89PNG\r\n\x1a\nscreen b").unwrap()];
         let external_checkpoint = dir.join("kept.ckpt");
         for i in 0..RECORDS {
             let mut event = numbered_event(i);
@@ -46,11 +44,7 @@ impl Fixture {
         }
         log.checkpoint().unwrap();
         drop(log);
-        Fixture {
-            dir,
-            external_checkpoint,
-            screenshot: *shots[1].as_bytes(),
-        }
+        Fixture { dir, external_checkpoint, screenshot: *shots[1].as_bytes() }
     }
 
     fn log_dir(&self) -> PathBuf {
@@ -58,23 +52,14 @@ impl Fixture {
     }
 
     fn verify(&self) -> VerifyReport {
-        verify_dir(
-            &self.log_dir(),
-            &VerifyOptions {
-                key: None,
-                checkpoints: vec![self.external_checkpoint.clone()],
-            },
-        )
-        .unwrap()
+        verify_dir(&self.log_dir(), &VerifyOptions { key: None, checkpoints: vec![self.external_checkpoint.clone()] })
+            .unwrap()
     }
 
     /// Record bodies of the (only) segment.
     fn bodies(&self) -> Vec<Vec<u8>> {
         let bytes = std::fs::read(only_segment(&self.log_dir())).unwrap();
-        frame_ranges(&bytes)
-            .into_iter()
-            .map(|(start, end)| bytes[start + 12..end].to_vec())
-            .collect()
+        frame_ranges(&bytes).into_iter().map(|(start, end)| bytes[start + 12..end].to_vec()).collect()
     }
 
     /// Rewrites the segment from bodies with valid frames, as an attacker who knows the
@@ -89,10 +74,7 @@ impl Fixture {
 }
 
 fn run_cli(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_carrel-audit"))
-        .args(args)
-        .output()
-        .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_carrel-audit")).args(args).output().unwrap();
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -102,11 +84,7 @@ fn run_cli(args: &[&str]) -> (i32, String, String) {
 
 fn assert_finding(report: &VerifyReport, wanted: impl Fn(&Finding) -> bool, what: &str) {
     assert!(!report.ok(), "verify passed a log with {what}");
-    assert!(
-        report.findings.iter().any(wanted),
-        "no finding names {what}:\n{}",
-        report.lines(None).join("\n")
-    );
+    assert!(report.findings.iter().any(wanted), "no finding names {what}:\n{}", report.lines(None).join("\n"));
 }
 
 #[test]
@@ -120,12 +98,7 @@ fn verify_of_untouched_log_passes_with_cli_ok() {
     assert_eq!(report.blobs_checked, 2);
     let log_dir = fixture.log_dir();
     let checkpoint = fixture.external_checkpoint.to_str().unwrap();
-    let (code, stdout, _) = run_cli(&[
-        "verify",
-        log_dir.to_str().unwrap(),
-        "--checkpoint",
-        checkpoint,
-    ]);
+    let (code, stdout, _) = run_cli(&["verify", log_dir.to_str().unwrap(), "--checkpoint", checkpoint]);
     assert_eq!(code, 0, "{stdout}");
     assert_eq!(stdout.lines().last(), Some("OK"));
 }
@@ -139,11 +112,7 @@ fn verify_after_one_byte_changed_in_record_names_record() {
     bytes[(start + end) / 2] ^= 0x01;
     std::fs::write(&segment, &bytes).unwrap();
     let report = fixture.verify();
-    assert_finding(
-        &report,
-        |f| matches!(f, Finding::RecordCheck { index: 7, .. }),
-        "record 7",
-    );
+    assert_finding(&report, |f| matches!(f, Finding::RecordCheck { index: 7, .. }), "record 7");
     let log_dir = fixture.log_dir();
     let (code, stdout, _) = run_cli(&["verify", log_dir.to_str().unwrap()]);
     assert_eq!(code, 1);
@@ -159,25 +128,10 @@ fn verify_after_record_rewritten_with_valid_frame_names_record_and_checkpoints()
     bodies[7] = event.encode().unwrap();
     fixture.write_bodies(&bodies);
     let report = fixture.verify();
-    assert_finding(
-        &report,
-        |f| matches!(f, Finding::StoredTreeNode { level: 0, index: 7 }),
-        "record 7's leaf",
-    );
-    assert_finding(
-        &report,
-        |f| matches!(f, Finding::CheckpointRoot { size: 10, .. }),
-        "checkpoint at 10",
-    );
-    assert_finding(
-        &report,
-        |f| matches!(f, Finding::CheckpointRoot { size: 20, .. }),
-        "checkpoint at 20",
-    );
-    assert!(report
-        .lines(None)
-        .iter()
-        .any(|line| line.starts_with("FAIL record 7: its leaf hash differs")));
+    assert_finding(&report, |f| matches!(f, Finding::StoredTreeNode { level: 0, index: 7 }), "record 7's leaf");
+    assert_finding(&report, |f| matches!(f, Finding::CheckpointRoot { size: 10, .. }), "checkpoint at 10");
+    assert_finding(&report, |f| matches!(f, Finding::CheckpointRoot { size: 20, .. }), "checkpoint at 20");
+    assert!(report.lines(None).iter().any(|line| line.starts_with("FAIL record 7: its leaf hash differs")));
 }
 
 #[test]
@@ -192,23 +146,10 @@ fn verify_after_record_and_stored_tree_rewritten_names_checkpoints() {
     let report = fixture.verify();
     assert_finding(
         &report,
-        |f| {
-            matches!(
-                f,
-                Finding::CheckpointRoot {
-                    size: 20,
-                    last_good_size: Some(10),
-                    ..
-                }
-            )
-        },
+        |f| matches!(f, Finding::CheckpointRoot { size: 20, last_good_size: Some(10), .. }),
         "the checkpoint at 20 with the change after record 10",
     );
-    assert!(report
-        .checkpoints
-        .iter()
-        .filter(|c| c.size == 10)
-        .all(|c| c.ok));
+    assert!(report.checkpoints.iter().filter(|c| c.size == 10).all(|c| c.ok));
 }
 
 #[test]
@@ -218,34 +159,8 @@ fn verify_after_two_records_swapped_names_both() {
     bodies.swap(4, 5);
     fixture.write_bodies(&bodies);
     let report = fixture.verify();
-    assert_finding(
-        &report,
-        |f| {
-            matches!(
-                f,
-                Finding::RecordSequence {
-                    index: 4,
-                    seq: 5,
-                    ..
-                }
-            )
-        },
-        "record 4",
-    );
-    assert_finding(
-        &report,
-        |f| {
-            matches!(
-                f,
-                Finding::RecordSequence {
-                    index: 5,
-                    seq: 4,
-                    ..
-                }
-            )
-        },
-        "record 5",
-    );
+    assert_finding(&report, |f| matches!(f, Finding::RecordSequence { index: 4, seq: 5, .. }), "record 4");
+    assert_finding(&report, |f| matches!(f, Finding::RecordSequence { index: 5, seq: 4, .. }), "record 5");
 }
 
 #[test]
@@ -257,16 +172,7 @@ fn verify_after_last_record_dropped_names_checkpoint() {
     let report = fixture.verify();
     assert_finding(
         &report,
-        |f| {
-            matches!(
-                f,
-                Finding::CheckpointBeyondLog {
-                    size: 20,
-                    records: 19,
-                    ..
-                }
-            )
-        },
+        |f| matches!(f, Finding::CheckpointBeyondLog { size: 20, records: 19, .. }),
         "the checkpoint that covers the dropped record",
     );
 }
@@ -275,23 +181,11 @@ fn verify_after_last_record_dropped_names_checkpoint() {
 fn verify_after_screenshot_blob_replaced_names_blob_and_record() {
     let fixture = Fixture::new("tamper-blob");
     let store = carrel_audit::blob::BlobStore::at(&fixture.log_dir().join("blobs"));
-    std::fs::write(
-        store.path(&fixture.screenshot),
-        b"\x89PNG\r\n\x1a\na nicer screen",
-    )
-    .unwrap();
+    std::fs::write(store.path(&fixture.screenshot), b"\x89PNG\r\n\x1a\na nicer screen").unwrap();
     let report = fixture.verify();
     assert_finding(
         &report,
-        |f| {
-            matches!(
-                f,
-                Finding::BlobContent {
-                    referenced_by: Some(3),
-                    ..
-                }
-            )
-        },
+        |f| matches!(f, Finding::BlobContent { referenced_by: Some(3), .. }),
         "the replaced screenshot of record 3",
     );
 }
@@ -304,16 +198,7 @@ fn verify_after_screenshot_blob_deleted_names_record() {
     let report = fixture.verify();
     assert_finding(
         &report,
-        |f| {
-            matches!(
-                f,
-                Finding::BlobMissing {
-                    index: 3,
-                    field: "screenshot_after",
-                    ..
-                }
-            )
-        },
+        |f| matches!(f, Finding::BlobMissing { index: 3, field: "screenshot_after", .. }),
         "the missing screenshot of record 3",
     );
 }
@@ -321,10 +206,7 @@ fn verify_after_screenshot_blob_deleted_names_record() {
 #[test]
 fn verify_of_forged_checkpoint_names_it() {
     let fixture = Fixture::new("tamper-forge");
-    let path = fixture
-        .log_dir()
-        .join("checkpoints")
-        .join("00000000000000000020.ckpt");
+    let path = fixture.log_dir().join("checkpoints").join("00000000000000000020.ckpt");
     let text = std::fs::read_to_string(&path).unwrap();
     let forged = text.replace("size 20", "size 19");
     assert_ne!(forged, text);
@@ -338,10 +220,7 @@ fn verify_of_forged_checkpoint_names_it() {
     let log_dir = fixture.log_dir();
     let (code, stdout, _) = run_cli(&["verify", log_dir.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(
-        stdout.contains("00000000000000000020.ckpt: the checkpoint signature does not verify"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("00000000000000000020.ckpt: the checkpoint signature does not verify"), "{stdout}");
 }
 
 #[test]
@@ -356,21 +235,9 @@ fn verify_with_pinned_key_rejects_log_resigned_with_other_key() {
         let signed = SignedCheckpoint::read(&path).unwrap();
         std::fs::write(&path, forger.sign(signed.checkpoint).to_text()).unwrap();
     }
-    carrel_audit::checkpoint::write_public_key(&log_dir.join("host.pub"), &forger.public_key())
-        .unwrap();
-    let report = verify_dir(
-        &log_dir,
-        &VerifyOptions {
-            key: Some(real_key),
-            checkpoints: vec![],
-        },
-    )
-    .unwrap();
-    assert_finding(
-        &report,
-        |f| matches!(f, Finding::CheckpointSignature { .. }),
-        "the re-signed checkpoints",
-    );
+    carrel_audit::checkpoint::write_public_key(&log_dir.join("host.pub"), &forger.public_key()).unwrap();
+    let report = verify_dir(&log_dir, &VerifyOptions { key: Some(real_key), checkpoints: vec![] }).unwrap();
+    assert_finding(&report, |f| matches!(f, Finding::CheckpointSignature { .. }), "the re-signed checkpoints");
 }
 
 #[test]
@@ -390,11 +257,7 @@ fn verify_with_kept_checkpoint_after_history_rewritten_fails() {
     log.checkpoint().unwrap();
     drop(log);
     let own = verify_dir(&log_dir, &VerifyOptions::default()).unwrap();
-    assert!(
-        own.ok(),
-        "the rewritten log is self-consistent:\n{}",
-        own.lines(None).join("\n")
-    );
+    assert!(own.ok(), "the rewritten log is self-consistent:\n{}", own.lines(None).join("\n"));
     let report = fixture.verify();
     assert_finding(
         &report,
@@ -413,10 +276,7 @@ fn verify_with_kept_checkpoint_of_grown_log_passes() {
     drop(log);
     let report = fixture.verify();
     assert!(report.ok(), "{}", report.lines(None).join("\n"));
-    assert!(report
-        .checkpoints
-        .iter()
-        .any(|c| c.external && c.ok && c.size == 10));
+    assert!(report.checkpoints.iter().any(|c| c.external && c.ok && c.size == 10));
     assert_eq!(report.unsigned_records, 15);
 }
 
@@ -428,19 +288,7 @@ fn verify_of_copy_with_torn_tail_reports_it() {
     bytes.extend_from_slice(&[40, 0, 0, 0, 1, 2, 3]);
     std::fs::write(&segment, &bytes).unwrap();
     let report = fixture.verify();
-    assert_finding(
-        &report,
-        |f| {
-            matches!(
-                f,
-                Finding::TornTail {
-                    after_record: 20,
-                    ..
-                }
-            )
-        },
-        "the torn tail",
-    );
+    assert_finding(&report, |f| matches!(f, Finding::TornTail { after_record: 20, .. }), "the torn tail");
 }
 
 #[test]

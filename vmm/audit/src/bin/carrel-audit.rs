@@ -46,15 +46,8 @@ struct Arguments {
 }
 
 impl Arguments {
-    fn parse(
-        args: &[String],
-        value_options: &[&str],
-        flag_options: &[&str],
-    ) -> anyhow::Result<Arguments> {
-        let mut parsed = Arguments {
-            flags: Vec::new(),
-            values: Vec::new(),
-        };
+    fn parse(args: &[String], value_options: &[&str], flag_options: &[&str]) -> anyhow::Result<Arguments> {
+        let mut parsed = Arguments { flags: Vec::new(), values: Vec::new() };
         let mut iter = args.iter();
         while let Some(arg) = iter.next() {
             if value_options.contains(&arg.as_str()) {
@@ -74,27 +67,16 @@ impl Arguments {
     }
 
     fn value(&self, name: &str) -> Option<&str> {
-        self.values
-            .iter()
-            .rev()
-            .find(|(key, _)| key == name)
-            .map(|(_, value)| value.as_str())
+        self.values.iter().rev().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
     }
 
     fn all(&self, name: &str) -> Vec<&str> {
-        self.values
-            .iter()
-            .filter(|(key, _)| key == name)
-            .map(|(_, value)| value.as_str())
-            .collect()
+        self.values.iter().filter(|(key, _)| key == name).map(|(_, value)| value.as_str()).collect()
     }
 
     fn number(&self, name: &str) -> anyhow::Result<Option<u64>> {
         self.value(name)
-            .map(|text| {
-                text.parse()
-                    .with_context(|| format!("{name} takes a number, not '{text}'"))
-            })
+            .map(|text| text.parse().with_context(|| format!("{name} takes a number, not '{text}'")))
             .transpose()
     }
 }
@@ -103,11 +85,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.is_empty() || args.iter().any(|a| a == "--help" || a == "-h") {
         print!("{USAGE}");
-        return if args.is_empty() {
-            ExitCode::from(2)
-        } else {
-            ExitCode::SUCCESS
-        };
+        return if args.is_empty() { ExitCode::from(2) } else { ExitCode::SUCCESS };
     }
     match run(&args) {
         Ok(code) => code,
@@ -124,30 +102,16 @@ fn run(args: &[String]) -> anyhow::Result<ExitCode> {
     let dir = PathBuf::from(
         args.get(1)
             .filter(|arg| !arg.starts_with('-'))
-            .ok_or_else(|| {
-                anyhow!("{command} needs the log directory (see carrel-audit --help)")
-            })?,
+            .ok_or_else(|| anyhow!("{command} needs the log directory (see carrel-audit --help)"))?,
     );
     let rest = &args[2..];
     match command {
-        "verify" => verify(
-            &dir,
-            &Arguments::parse(rest, &["--checkpoint", "--key"], &[])?,
-        ),
-        "show" => show(
-            &dir,
-            &Arguments::parse(rest, &["--from", "--count"], &["--json"])?,
-        ),
-        "prove" => prove(
-            &dir,
-            &Arguments::parse(rest, &["--index", "--size", "--old-size"], &[])?,
-        ),
+        "verify" => verify(&dir, &Arguments::parse(rest, &["--checkpoint", "--key"], &[])?),
+        "show" => show(&dir, &Arguments::parse(rest, &["--from", "--count"], &["--json"])?),
+        "prove" => prove(&dir, &Arguments::parse(rest, &["--index", "--size", "--old-size"], &[])?),
         "checkpoint" => checkpoint(&dir, &Arguments::parse(rest, &["--key"], &["--latest"])?),
         "replay" => replay(&dir, &Arguments::parse(rest, &["-o", "--output"], &[])?),
-        "export" => export(
-            &dir,
-            &Arguments::parse(rest, &["-o", "--output"], &["--jsonl"])?,
-        ),
+        "export" => export(&dir, &Arguments::parse(rest, &["-o", "--output"], &["--jsonl"])?),
         other => bail!("unknown command '{other}' (see carrel-audit --help)"),
     }
 }
@@ -158,35 +122,19 @@ fn verify(dir: &Path, args: &Arguments) -> anyhow::Result<ExitCode> {
         Some(text) if Path::new(text).is_file() => Some(read_public_key(Path::new(text))?),
         Some(text) => Some(parse_public_key(text, "--key")?),
     };
-    let options = VerifyOptions {
-        key,
-        checkpoints: args
-            .all("--checkpoint")
-            .into_iter()
-            .map(PathBuf::from)
-            .collect(),
-    };
+    let options = VerifyOptions { key, checkpoints: args.all("--checkpoint").into_iter().map(PathBuf::from).collect() };
     let report = verify_dir(dir, &options)?;
     let limit = if args.flag("--all") { None } else { Some(50) };
     for line in report.lines(limit) {
         println!("{line}");
     }
-    Ok(if report.ok() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn origin(dir: &Path) -> anyhow::Result<String> {
     let path = Layout::new(dir).origin();
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "cannot read {} (is {} an audit log?)",
-            path.display(),
-            dir.display()
-        )
-    })?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {} (is {} an audit log?)", path.display(), dir.display()))?;
     Ok(text.trim_end_matches('\n').to_string())
 }
 
@@ -234,10 +182,7 @@ fn show(dir: &Path, args: &Arguments) -> anyhow::Result<ExitCode> {
     if let Some(torn) = &records.torn_tail {
         println!("torn tail (not a record): {torn}");
     }
-    println!(
-        "stored tree: size {stored_size} root {} (not verified; run verify)",
-        to_hex(&stored_root)
-    );
+    println!("stored tree: size {stored_size} root {} (not verified; run verify)", to_hex(&stored_root));
     match &latest {
         Some(c) => println!(
             "latest checkpoint: size {} root {} at {}",
@@ -248,28 +193,15 @@ fn show(dir: &Path, args: &Arguments) -> anyhow::Result<ExitCode> {
         None => println!("latest checkpoint: none"),
     }
     for (event, _) in &events {
-        let params: Vec<String> = event
-            .params
-            .iter()
-            .map(|p| format!("{}={}", p.key, p.value))
-            .collect();
+        let params: Vec<String> = event.params.iter().map(|p| format!("{}={}", p.key, p.value)).collect();
         let result = match &event.outcome {
             Outcome::Ok => "ok".to_string(),
             Outcome::Error(message) => format!("error: {message}"),
         };
-        let actor = event
-            .actor
-            .map(|a| format!(" pid={} uid={} gid={}", a.pid, a.uid, a.gid))
-            .unwrap_or_default();
+        let actor = event.actor.map(|a| format!(" pid={} uid={} gid={}", a.pid, a.uid, a.gid)).unwrap_or_default();
         let shots: String = event
             .screenshots()
-            .map(|(field, hash)| {
-                format!(
-                    " {}={}",
-                    field.trim_start_matches("screenshot_"),
-                    &to_hex(&hash)[..12]
-                )
-            })
+            .map(|(field, hash)| format!(" {}={}", field.trim_start_matches("screenshot_"), &to_hex(&hash)[..12]))
             .collect();
         println!(
             "#{} {} {} {} -> {}{actor}{shots}",
@@ -285,29 +217,20 @@ fn show(dir: &Path, args: &Arguments) -> anyhow::Result<ExitCode> {
 
 fn prove(dir: &Path, args: &Arguments) -> anyhow::Result<ExitCode> {
     let layout = Layout::new(dir);
-    let index = args
-        .number("--index")?
-        .ok_or_else(|| anyhow!("prove needs --index N"))?;
+    let index = args.number("--index")?.ok_or_else(|| anyhow!("prove needs --index N"))?;
     let stored = TreeStore::open_read_only(&layout.tree())?;
     let mut record_leaf = None;
     let records = for_each_record(&layout.log(), index, |record| {
         record_leaf = Some(record.leaf);
         Ok(ControlFlow::Break(()))
     })?;
-    let leaf = record_leaf.ok_or_else(|| {
-        anyhow!(
-            "the log has no record {index} ({} records)",
-            records.records
-        )
-    })?;
+    let leaf = record_leaf.ok_or_else(|| anyhow!("the log has no record {index} ({} records)", records.records))?;
     let latest = latest_checkpoint(&layout.checkpoints())?;
     let available = stored.size();
     let size = match args.number("--size")? {
         Some(size) => size,
         None => match &latest {
-            Some(c) if c.checkpoint.tree_size > index && c.checkpoint.tree_size <= available => {
-                c.checkpoint.tree_size
-            }
+            Some(c) if c.checkpoint.tree_size > index && c.checkpoint.tree_size <= available => c.checkpoint.tree_size,
             _ => available,
         },
     };
@@ -321,10 +244,7 @@ fn prove(dir: &Path, args: &Arguments) -> anyhow::Result<ExitCode> {
     let path = tree::inclusion_proof(&stored, index, size)?;
     tree::verify_inclusion(&leaf, index, size, &path, &root)
         .context("the stored tree gives a proof that does not verify; run carrel-audit verify")?;
-    let checkpoint = latest
-        .as_ref()
-        .filter(|c| c.checkpoint.tree_size == size)
-        .map(|c| c.checkpoint.root == root);
+    let checkpoint = latest.as_ref().filter(|c| c.checkpoint.tree_size == size).map(|c| c.checkpoint.root == root);
     let mut document = serde_json::json!({
         "leaf_index": index,
         "tree_size": size,
@@ -368,15 +288,12 @@ fn checkpoint(dir: &Path, args: &Arguments) -> anyhow::Result<ExitCode> {
 }
 
 fn output_path(args: &Arguments) -> Option<PathBuf> {
-    args.value("-o")
-        .or_else(|| args.value("--output"))
-        .map(PathBuf::from)
+    args.value("-o").or_else(|| args.value("--output")).map(PathBuf::from)
 }
 
 fn replay(dir: &Path, args: &Arguments) -> anyhow::Result<ExitCode> {
     let output = output_path(args).ok_or_else(|| anyhow!("replay needs -o FILE"))?;
-    let file = std::fs::File::create(&output)
-        .with_context(|| format!("cannot create {}", output.display()))?;
+    let file = std::fs::File::create(&output).with_context(|| format!("cannot create {}", output.display()))?;
     let mut writer = std::io::BufWriter::new(file);
     let summary = write_replay(dir, &mut writer)?;
     eprintln!(
@@ -385,10 +302,7 @@ fn replay(dir: &Path, args: &Arguments) -> anyhow::Result<ExitCode> {
         summary.events,
         summary.screenshots,
         if summary.bad_screenshots > 0 {
-            format!(
-                ", {} missing or altered (run carrel-audit verify)",
-                summary.bad_screenshots
-            )
+            format!(", {} missing or altered (run carrel-audit verify)", summary.bad_screenshots)
         } else {
             String::new()
         }
@@ -402,8 +316,7 @@ fn export(dir: &Path, args: &Arguments) -> anyhow::Result<ExitCode> {
     }
     let summary = match output_path(args) {
         Some(path) => {
-            let file = std::fs::File::create(&path)
-                .with_context(|| format!("cannot create {}", path.display()))?;
+            let file = std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
             export_jsonl(dir, &mut std::io::BufWriter::new(file))?
         }
         None => {

@@ -16,10 +16,7 @@ impl TempDir {
     pub fn new(name: &str) -> TempDir {
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let unique = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "carrel-audit-it-{name}-{}-{unique}",
-            std::process::id()
-        ));
+        let path = std::env::temp_dir().join(format!("carrel-audit-it-{name}-{}-{unique}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("create test directory");
         TempDir { path }
@@ -43,24 +40,12 @@ impl Drop for TempDir {
 
 /// The event the tests append as number `i`: its parameter `i` says which it is.
 pub fn numbered_event(i: u64) -> NewEvent {
-    NewEvent::new(if i % 3 == 0 {
-        "input.click"
-    } else {
-        "input.type"
-    })
-    .actor(Actor {
-        pid: 1000 + i as u32,
-        uid: 1000,
-        gid: 1000,
-    })
-    .param("i", i.to_string())
-    .param("x", (i * 7 % 1024).to_string())
-    .param("token", "hunter2")
-    .outcome(if i % 5 == 4 {
-        Outcome::Error("timed out".into())
-    } else {
-        Outcome::Ok
-    })
+    NewEvent::new(if i % 3 == 0 { "input.click" } else { "input.type" })
+        .actor(Actor { pid: 1000 + i as u32, uid: 1000, gid: 1000 })
+        .param("i", i.to_string())
+        .param("x", (i * 7 % 1024).to_string())
+        .param("token", "hunter2")
+        .outcome(if i % 5 == 4 { Outcome::Error("timed out".into()) } else { Outcome::Ok })
 }
 
 /// Copies a directory tree.
@@ -80,10 +65,7 @@ pub fn copy_dir(from: &Path, to: &Path) {
 /// A random u64 from the kernel.
 pub fn random_u64() -> u64 {
     let mut bytes = [0u8; 8];
-    std::fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut bytes)
-        .unwrap();
+    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut bytes).unwrap();
     u64::from_le_bytes(bytes)
 }
 
