@@ -354,6 +354,7 @@ pub fn verify_dir(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, V
     let stored_tree_size = stored.as_ref().map_or(0, |tree| tree.size());
     let mut stored_nodes_compared = 0u64;
     let mut stored_mismatches = 0u64;
+    let mut last_mismatch_leaf: Option<u64> = None;
 
     let mut frontier = Frontier::new();
     let mut next_pending = 0usize;
@@ -466,6 +467,13 @@ pub fn verify_dir(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, V
                 };
                 stored_nodes_compared += 1;
                 if stored_hash != *hash {
+                    // A node above a differing node differs too: report only where the
+                    // difference starts.
+                    let first_leaf = node_index << level;
+                    if last_mismatch_leaf.is_some_and(|leaf| leaf >= first_leaf) {
+                        return;
+                    }
+                    last_mismatch_leaf = Some(first_leaf);
                     stored_mismatches += 1;
                     if stored_mismatches as usize <= MAX_TREE_FINDINGS {
                         findings.push(Finding::StoredTreeNode { level, index: node_index });

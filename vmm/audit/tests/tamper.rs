@@ -300,3 +300,22 @@ fn verify_of_missing_directory_returns_error() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("is not a log directory"), "{stderr}");
 }
+
+#[test]
+fn verify_after_stored_tree_node_changed_names_that_node_only() {
+    let fixture = Fixture::new("tamper-tree-node");
+    let level = fixture.log_dir().join("tree").join("level-02.hashes");
+    let mut bytes = std::fs::read(&level).unwrap();
+    bytes[32 * 3] ^= 0x40; // node (2, 3): records 12..16
+    std::fs::write(&level, &bytes).unwrap();
+    let report = fixture.verify();
+    let tree_findings: Vec<&Finding> =
+        report.findings.iter().filter(|f| matches!(f, Finding::StoredTreeNode { .. })).collect();
+    assert_eq!(
+        tree_findings,
+        vec![&Finding::StoredTreeNode { level: 2, index: 3 }],
+        "{}",
+        report.lines(None).join("\n")
+    );
+    assert!(report.checkpoints.iter().all(|c| c.ok), "the records still match every checkpoint");
+}

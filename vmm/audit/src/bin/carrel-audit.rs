@@ -82,6 +82,13 @@ impl Arguments {
 }
 
 fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`carrel-audit export ... | head`), as command-line tools
+    // do, instead of reporting it as an error.
+    // SAFETY: restores the default disposition of SIGPIPE before any thread is started; no
+    // handler code is involved.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.is_empty() || args.iter().any(|a| a == "--help" || a == "-h") {
         print!("{USAGE}");
