@@ -121,8 +121,9 @@ const PAGE: &str = r#"<!doctype html>
   .controls input[type=range] { flex: 1; min-width: 200px; }
   button { font: inherit; padding: 2px 10px; }
   main { display: grid; grid-template-columns: minmax(0, 3fr) minmax(260px, 1fr); gap: 12px; padding: 12px 16px; }
-  .shots { display: grid; grid-template-columns: 1fr 1fr; gap: 8px; }
-  figure { margin: 0; background: #fff; border: 1px solid #ccc; padding: 6px; }
+  .shots { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 8px; align-items: start; }
+  figure { margin: 0; background: #fff; border: 1px solid #ccc; padding: 6px; min-width: 0; }
+  .hash { font: 11px ui-monospace, monospace; word-break: break-all; color: #555; margin-top: 4px; }
   figcaption { font-weight: 600; margin-bottom: 4px; }
   figure img { max-width: 100%; display: block; image-rendering: auto; }
   .none { color: #777; font-style: italic; padding: 40px 0; text-align: center; }
@@ -141,11 +142,11 @@ const PAGE: &str = r#"<!doctype html>
 <header>
   <h1 id="title"></h1>
   <div class="controls">
-    <button id="first" title="first (Home)">&#x23EE;</button>
-    <button id="prev" title="previous (Left)">&#x25C0;</button>
+    <button id="first" title="first event (Home)">First</button>
+    <button id="prev" title="previous event (Left)">Previous</button>
     <button id="play" title="play/pause (Space)">Play</button>
-    <button id="next" title="next (Right)">&#x25B6;</button>
-    <button id="last" title="last (End)">&#x23ED;</button>
+    <button id="next" title="next event (Right)">Next</button>
+    <button id="last" title="last event (End)">Last</button>
     <input id="slider" type="range" min="0" value="0">
     <span id="position"></span>
   </div>
@@ -193,8 +194,8 @@ function shot(target, hash) {
     box.append(note);
   }
   const name = document.createElement("div");
+  name.className = "hash";
   name.textContent = "blake3 " + hash;
-  name.style.fontSize = "11px";
   box.append(name);
 }
 
@@ -269,7 +270,9 @@ document.addEventListener("keydown", (ev) => {
   else if (ev.key === "End") show(events.length - 1);
   else if (ev.key === " ") { ev.preventDefault(); play(); }
 });
-show(0);
+// `page.html#12` opens event 12, so a person can link to an event.
+show(Number(location.hash.slice(1)) || 0);
+window.addEventListener("hashchange", () => show(Number(location.hash.slice(1)) || 0));
 </script>
 </body>
 </html>

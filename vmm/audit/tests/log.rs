@@ -386,3 +386,20 @@ fn replay_embeds_screenshots_and_escapes_markup() {
     assert!(!page.contains("<script>alert(1)"));
     assert_eq!(page.matches("</script>").count(), 2, "only the page's own script ends");
 }
+
+#[test]
+fn replay_with_replaced_blob_shows_it_altered_not_as_image() {
+    let dir = TempDir::new("replay-altered");
+    let log = AuditLog::open(dir.path(), "vm-1").unwrap();
+    let shot = log.put_blob(b"\x89PNG\r\n\x1a\nthe real screen").unwrap();
+    log.append(NewEvent::new("screenshot").screenshots(None, Some(*shot.as_bytes()))).unwrap();
+    drop(log);
+    let store = carrel_audit::blob::BlobStore::at(&dir.join("blobs"));
+    std::fs::write(store.path(shot.as_bytes()), b"\x89PNG\r\n\x1a\na fake screen").unwrap();
+    let mut page = Vec::new();
+    let summary = carrel_audit::replay::write_replay(dir.path(), &mut page).unwrap();
+    let page = String::from_utf8(page).unwrap();
+    assert_eq!(summary.bad_screenshots, 1);
+    assert!(!page.contains("data:image/png"));
+    assert!(page.contains("ALTERED"));
+}
