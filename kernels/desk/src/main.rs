@@ -10,9 +10,13 @@
 #![no_main]
 
 mod console;
+mod desktop;
+mod draw;
+mod gpu;
 mod interrupts;
 mod lapic;
 mod mem;
+mod phys;
 mod virtio;
 
 use core::arch::{asm, global_asm};
@@ -20,6 +24,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::Ordering;
 
 use carrel_firmware::{ports, virtio_id, BootInfo, BOOT_INFO_VERSION, DESK_NOTE_TYPE};
+use desktop::Desktop;
 use interrupts::{Platform, TICKS, TIMER_VECTOR};
 
 const STACK_SIZE: usize = 64 * 1024;
@@ -168,6 +173,7 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
     let cmdline = cmdline(info);
     println!("desk: cmdline \"{cmdline}\"");
 
+    phys::init(info);
     interrupts::install_idt(info.idt_addr);
     lapic::enable(info.lapic_addr);
 
@@ -195,12 +201,50 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
     println!("desk: timer 1000 Hz started");
     println!("desk: ready ({} us since entry)", microseconds(rdtsc() - start, tsc_khz));
 
+    let mut screen = start_screen(info, timeout);
+    let mut desktop = Desktop::new();
+    if let Some(display) = screen.as_mut() {
+        let full = display.full();
+        draw_frame(display, &desktop, full);
+        println!("desk: screen {}x{} first frame drawn", display.width, display.height);
+    }
+
     let exit_after_ticks = cmdline.split(' ').any(|argument| argument == "desk.exit=1");
     if exit_after_ticks {
         count_ticks_and_power_off(platform, tsc_khz);
     }
     loop {
         platform.wait_for_interrupt();
+        let seconds = TICKS.load(Ordering::Relaxed) / 1000;
+        if seconds != desktop.uptime_seconds {
+            desktop.uptime_seconds = seconds;
+            if let Some(display) = screen.as_mut() {
+                let clock = desktop::clock_rect(display.width);
+                draw_frame(display, &desktop, clock);
+            }
+        }
+    }
+}
+
+fn start_screen(info: &BootInfo, timeout: u64) -> Option<gpu::Display> {
+    let device = info.devices().iter().find(|device| device.device_type == virtio_id::GPU)?;
+    match gpu::Display::new(device.base, timeout) {
+        Ok(display) => Some(display),
+        Err(err) => {
+            println!("desk: screen failed: {err:?}");
+            None
+        }
+    }
+}
+
+/// Renders the whole desktop into the back buffer and shows it; `damage` is the part that
+/// differs from the previous frame.
+fn draw_frame(display: &mut gpu::Display, desktop: &Desktop, damage: gpu::Rect) {
+    let (width, height) = (display.width, display.height);
+    let mut canvas = draw::Canvas::new(display.back_buffer(), width, height);
+    desktop::render(&mut canvas, desktop);
+    if let Err(err) = display.present(damage) {
+        println!("desk: frame {} failed: {err:?}", display.frames + 1);
     }
 }
 

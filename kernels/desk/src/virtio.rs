@@ -33,6 +33,7 @@ const DRIVER_OK: u32 = 4;
 const FEATURES_OK: u32 = 8;
 const VERSION_1_HIGH: u32 = 1; // bit 32
 
+const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 pub const QUEUE_SIZE: u16 = 8;
 
@@ -57,7 +58,7 @@ struct Descriptor {
 }
 
 #[repr(C, align(4096))]
-struct SplitQueue {
+pub struct SplitQueue {
     descriptors: [Descriptor; QUEUE_SIZE as usize],
     avail_flags: u16,
     avail_idx: u16,
@@ -68,16 +69,21 @@ struct SplitQueue {
     used_ring: [[u32; 2]; QUEUE_SIZE as usize],
 }
 
-static RNG_QUEUE: GuestCell<SplitQueue> = GuestCell::new(SplitQueue {
-    descriptors: [Descriptor { addr: 0, len: 0, flags: 0, next: 0 }; QUEUE_SIZE as usize],
-    avail_flags: 0,
-    avail_idx: 0,
-    avail_ring: [0; QUEUE_SIZE as usize],
-    _avail_pad: [0; 4096 - 16 * QUEUE_SIZE as usize - 4 - 2 * QUEUE_SIZE as usize],
-    used_flags: 0,
-    used_idx: 0,
-    used_ring: [[0; 2]; QUEUE_SIZE as usize],
-});
+/// A split queue's memory: descriptors, available ring and used ring on one page.
+pub const fn empty_queue() -> SplitQueue {
+    SplitQueue {
+        descriptors: [Descriptor { addr: 0, len: 0, flags: 0, next: 0 }; QUEUE_SIZE as usize],
+        avail_flags: 0,
+        avail_idx: 0,
+        avail_ring: [0; QUEUE_SIZE as usize],
+        _avail_pad: [0; 4096 - 16 * QUEUE_SIZE as usize - 4 - 2 * QUEUE_SIZE as usize],
+        used_flags: 0,
+        used_idx: 0,
+        used_ring: [[0; 2]; QUEUE_SIZE as usize],
+    }
+}
+
+static RNG_QUEUE: GuestCell<SplitQueue> = GuestCell::new(empty_queue());
 
 /// A virtio-mmio device window.
 pub struct MmioDevice {
@@ -96,8 +102,9 @@ impl MmioDevice {
         unsafe { ((self.base + offset) as *mut u32).write_volatile(value) }
     }
 
-    /// Resets and negotiates VERSION_1 only, then sets up queue 0 at `queue`.
-    fn initialise(base: u64, device_id: u32, queue: *const SplitQueue) -> Result<MmioDevice, VirtioError> {
+    /// Checks the window, resets the device and negotiates VERSION_1 plus `features`
+    /// (low 32 bits) where the device offers them.
+    pub fn negotiate(base: u64, device_id: u32, features: u32) -> Result<MmioDevice, VirtioError> {
         let device = MmioDevice { base: base as usize };
         if device.read(MAGIC) != 0x7472_6976 || device.read(VERSION) != 2 {
             return Err(VirtioError::NotVirtio);
@@ -113,58 +120,103 @@ impl MmioDevice {
         if device.read(DEVICE_FEATURES) & VERSION_1_HIGH == 0 {
             return Err(VirtioError::FeaturesRefused);
         }
+        device.write(DEVICE_FEATURES_SEL, 0);
+        let offered = device.read(DEVICE_FEATURES);
         device.write(DRIVER_FEATURES_SEL, 0);
-        device.write(DRIVER_FEATURES, 0);
+        device.write(DRIVER_FEATURES, offered & features);
         device.write(DRIVER_FEATURES_SEL, 1);
         device.write(DRIVER_FEATURES, VERSION_1_HIGH);
         device.write(STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
         if device.read(STATUS) & FEATURES_OK == 0 {
             return Err(VirtioError::FeaturesRefused);
         }
-        device.write(QUEUE_SEL, 0);
-        if device.read(QUEUE_NUM_MAX) < u32::from(QUEUE_SIZE) {
-            return Err(VirtioError::QueueUnavailable);
-        }
-        let address = queue as u64;
-        let avail = address + core::mem::offset_of!(SplitQueue, avail_flags) as u64;
-        let used = address + core::mem::offset_of!(SplitQueue, used_flags) as u64;
-        device.write(QUEUE_NUM, u32::from(QUEUE_SIZE));
-        device.write(QUEUE_DESC_LOW, address as u32);
-        device.write(QUEUE_DESC_HIGH, (address >> 32) as u32);
-        device.write(QUEUE_AVAIL_LOW, avail as u32);
-        device.write(QUEUE_AVAIL_HIGH, (avail >> 32) as u32);
-        device.write(QUEUE_USED_LOW, used as u32);
-        device.write(QUEUE_USED_HIGH, (used >> 32) as u32);
-        device.write(QUEUE_READY, 1);
-        device.write(STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
         Ok(device)
     }
-}
 
-/// The entropy device.
-pub struct Rng {
-    device: MmioDevice,
-}
-
-impl Rng {
-    pub fn new(base: u64) -> Result<Rng, VirtioError> {
-        let device = MmioDevice::initialise(base, carrel_firmware::virtio_id::ENTROPY, RNG_QUEUE.get() as *const _)?;
-        Ok(Rng { device })
+    /// Sets up queue `index` on `ring`.
+    pub fn setup_queue(&self, index: u32, ring: &'static GuestCell<SplitQueue>) -> Result<Virtqueue, VirtioError> {
+        self.write(QUEUE_SEL, index);
+        if self.read(QUEUE_NUM_MAX) < u32::from(QUEUE_SIZE) {
+            return Err(VirtioError::QueueUnavailable);
+        }
+        let address = ring.get() as *const SplitQueue as u64;
+        let avail = address + core::mem::offset_of!(SplitQueue, avail_flags) as u64;
+        let used = address + core::mem::offset_of!(SplitQueue, used_flags) as u64;
+        self.write(QUEUE_NUM, u32::from(QUEUE_SIZE));
+        self.write(QUEUE_DESC_LOW, address as u32);
+        self.write(QUEUE_DESC_HIGH, (address >> 32) as u32);
+        self.write(QUEUE_AVAIL_LOW, avail as u32);
+        self.write(QUEUE_AVAIL_HIGH, (avail >> 32) as u32);
+        self.write(QUEUE_USED_LOW, used as u32);
+        self.write(QUEUE_USED_HIGH, (used >> 32) as u32);
+        self.write(QUEUE_READY, 1);
+        Ok(Virtqueue { ring, index })
     }
 
-    /// Fills `buffer` with entropy from the host, waiting up to `timeout_cycles` TSC cycles.
-    pub fn fill(&mut self, buffer: &mut [u8], timeout_cycles: u64) -> Result<usize, VirtioError> {
-        let queue = RNG_QUEUE.get();
+    /// Tells the device the driver is ready.
+    pub fn activate(&self) {
+        self.write(STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    }
+
+    fn notify(&self, queue: u16) {
+        self.write(QUEUE_NOTIFY, u32::from(queue));
+    }
+}
+
+/// One buffer of a request: guest-physical address, length, device-writable or not.
+#[derive(Clone, Copy)]
+pub struct Buffer {
+    pub addr: u64,
+    pub len: u32,
+    pub writable: bool,
+}
+
+impl Buffer {
+    pub fn readable<T>(value: &T) -> Buffer {
+        Buffer { addr: value as *const T as u64, len: core::mem::size_of::<T>() as u32, writable: false }
+    }
+
+    pub fn writable<T>(value: &mut T) -> Buffer {
+        Buffer { addr: value as *mut T as u64, len: core::mem::size_of::<T>() as u32, writable: true }
+    }
+}
+
+/// A queue used one request at a time: submit a chain, poll until it comes back.
+pub struct Virtqueue {
+    ring: &'static GuestCell<SplitQueue>,
+    index: u32,
+}
+
+impl Virtqueue {
+    /// Submits `buffers` as one chain and waits up to `timeout_cycles` for the device to
+    /// return it; returns the length the device wrote.
+    pub fn submit_and_wait(
+        &mut self,
+        device: &MmioDevice,
+        buffers: &[Buffer],
+        timeout_cycles: u64,
+    ) -> Result<u32, VirtioError> {
+        if buffers.is_empty() || buffers.len() > QUEUE_SIZE as usize {
+            return Err(VirtioError::QueueUnavailable);
+        }
+        let queue = self.ring.get();
+        for (index, buffer) in buffers.iter().enumerate() {
+            let last = index + 1 == buffers.len();
+            queue.descriptors[index] = Descriptor {
+                addr: buffer.addr,
+                len: buffer.len,
+                flags: if buffer.writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT },
+                next: if last { 0 } else { index as u16 + 1 },
+            };
+        }
         let slot = queue.avail_idx % QUEUE_SIZE;
-        queue.descriptors[slot as usize] =
-            Descriptor { addr: buffer.as_mut_ptr() as u64, len: buffer.len() as u32, flags: DESC_F_WRITE, next: 0 };
-        queue.avail_ring[slot as usize] = slot;
+        queue.avail_ring[slot as usize] = 0;
         let expected = queue.avail_idx.wrapping_add(1);
         fence(Ordering::SeqCst);
         // SAFETY: avail_idx is read by the device; a volatile store publishes it.
         unsafe { core::ptr::addr_of_mut!(queue.avail_idx).write_volatile(expected) };
         fence(Ordering::SeqCst);
-        self.device.write(QUEUE_NOTIFY, 0);
+        device.notify(self.index as u16);
         let start = crate::rdtsc();
         loop {
             // SAFETY: used_idx is written by the device; read it volatile.
@@ -172,12 +224,33 @@ impl Rng {
             if used == expected {
                 fence(Ordering::SeqCst);
                 let entry = queue.used_ring[(used.wrapping_sub(1) % QUEUE_SIZE) as usize];
-                return Ok(entry[1] as usize);
+                return Ok(entry[1]);
             }
             if crate::rdtsc().wrapping_sub(start) > timeout_cycles {
                 return Err(VirtioError::Timeout);
             }
             core::hint::spin_loop();
         }
+    }
+}
+
+/// The entropy device.
+pub struct Rng {
+    device: MmioDevice,
+    queue: Virtqueue,
+}
+
+impl Rng {
+    pub fn new(base: u64) -> Result<Rng, VirtioError> {
+        let device = MmioDevice::negotiate(base, carrel_firmware::virtio_id::ENTROPY, 0)?;
+        let queue = device.setup_queue(0, &RNG_QUEUE)?;
+        device.activate();
+        Ok(Rng { device, queue })
+    }
+
+    /// Fills `buffer` with entropy from the host, waiting up to `timeout_cycles` TSC cycles.
+    pub fn fill(&mut self, buffer: &mut [u8], timeout_cycles: u64) -> Result<usize, VirtioError> {
+        let request = Buffer { addr: buffer.as_mut_ptr() as u64, len: buffer.len() as u32, writable: true };
+        self.queue.submit_and_wait(&self.device, &[request], timeout_cycles).map(|len| len as usize)
     }
 }

@@ -1,0 +1,48 @@
+//! Physical memory for buffers the host reads (framebuffers): a bump allocator over the
+//! usable ranges of BootInfo. Memory is identity mapped, so an allocation's physical
+//! address is also where the kernel writes it. Nothing is freed: Desk allocates its
+//! buffers once at start.
+
+use carrel_firmware::{memory_kind, BootInfo, MAX_MEMORY_RANGES};
+
+use crate::GuestCell;
+
+struct Ranges {
+    ranges: [(u64, u64); MAX_MEMORY_RANGES],
+    count: usize,
+}
+
+static FREE: GuestCell<Ranges> = GuestCell::new(Ranges { ranges: [(0, 0); MAX_MEMORY_RANGES], count: 0 });
+
+/// Highest address the boot page tables map (the VMM maps at least 4 GiB).
+const MAPPED_LIMIT: u64 = 4 << 30;
+
+/// Takes the usable ranges above the kernel image from BootInfo.
+pub fn init(info: &BootInfo) {
+    let free = FREE.get();
+    for range in info.memory_ranges().iter().filter(|range| range.kind == memory_kind::USABLE) {
+        let start = range.base.max(info.kernel_end).next_multiple_of(4096);
+        let end = (range.base + range.size).min(MAPPED_LIMIT);
+        if start < end && free.count < MAX_MEMORY_RANGES {
+            free.ranges[free.count] = (start, end);
+            free.count += 1;
+        }
+    }
+}
+
+/// A zeroed, page-aligned block of `size` bytes, or `None` when memory is short.
+pub fn allocate(size: u64) -> Option<u64> {
+    let size = size.next_multiple_of(4096);
+    let free = FREE.get();
+    for range in free.ranges[..free.count].iter_mut() {
+        if range.1 - range.0 >= size {
+            let block = range.0;
+            range.0 += size;
+            // SAFETY: the block is usable RAM above the kernel, identity mapped, and handed
+            // out once.
+            unsafe { core::ptr::write_bytes(block as *mut u8, 0, size as usize) };
+            return Some(block);
+        }
+    }
+    None
+}
