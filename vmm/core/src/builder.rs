@@ -16,6 +16,7 @@ use crate::devices::legacy::power::PowerPort;
 use crate::devices::legacy::{ConsoleOutput, PowerDevice, SerialDevice, VmExitSignal};
 use crate::devices::virtio::mmio::{reg, MmioTransport};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::{Vsock, VsockConfig};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::memory::{create_guest_ram, GuestRam};
 use crate::platform;
@@ -42,6 +43,8 @@ pub enum BuildError {
     Boot(#[from] crate::boot::BootError),
     #[error(transparent)]
     Image(#[from] crate::boot::image::ImageError),
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     #[error(transparent)]
     Bus(#[from] crate::devices::bus::BusError),
     #[error("cannot create an eventfd for {what}: {source}")]
@@ -147,6 +150,13 @@ fn wire_vm(config: &VmConfig, kernel: &std::path::Path, vm: &Vm, ram: &GuestRam)
     let mut devices = Vec::new();
     if config.rng {
         let (attached, entry) = attach_virtio(&vm, &mut mmio_bus, &ram, "rng", Box::new(Rng::new()), devices.len())?;
+        virtio.push(attached);
+        devices.push(entry);
+    }
+
+    if let Some(socket) = &config.vsock {
+        let vsock = Vsock::new(VsockConfig { guest_cid: config.guest_cid, socket: socket.clone() })?;
+        let (attached, entry) = attach_virtio(vm, &mut mmio_bus, ram, "vsock", Box::new(vsock), devices.len())?;
         virtio.push(attached);
         devices.push(entry);
     }

@@ -56,6 +56,16 @@ pub struct VmConfig {
     /// Attach the virtio-rng device (default true).
     #[serde(default = "default_true")]
     pub rng: bool,
+    /// Attach virtio-vsock, its host side at this Unix socket path.
+    #[serde(default)]
+    pub vsock: Option<PathBuf>,
+    /// The guest's vsock CID.
+    #[serde(default = "default_cid")]
+    pub guest_cid: u64,
+}
+
+fn default_cid() -> u64 {
+    3
 }
 
 fn default_mem() -> u64 {
@@ -83,6 +93,8 @@ impl Default for VmConfig {
             socket: None,
             boot: BootProtocol::Auto,
             rng: true,
+            vsock: None,
+            guest_cid: 3,
         }
     }
 }

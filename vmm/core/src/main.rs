@@ -12,7 +12,7 @@ use carrel_vmm::vmm::{VmOutcome, Vmm};
 const USAGE: &str = "usage:
   carrel-vmm run --kernel PATH [--initrd PATH] [--cmdline S] [--mem MiB] [--cpus N]
                  [--console-log PATH] [--no-console] [--socket PATH] [--boot auto|desk|linux|pvh]
-                 [--no-rng]
+                 [--no-rng] [--vsock PATH] [--cid N]
   carrel-vmm run --config vm.toml [flags above override the file]
   carrel-vmm status --socket PATH [--json]
   carrel-vmm stop --socket PATH";
@@ -78,6 +78,8 @@ fn parse_run(args: &[String]) -> Result<VmConfig, Usage> {
             "--socket" => config.socket = Some(value(args, &mut index, flag)?.into()),
             "--boot" => config.boot = value(args, &mut index, flag)?.parse().map_err(Usage)?,
             "--no-rng" => config.rng = false,
+            "--vsock" => config.vsock = Some(value(args, &mut index, flag)?.into()),
+            "--cid" => config.guest_cid = number(value(args, &mut index, flag)?, flag)?,
             other => return Err(Usage(format!("unknown flag {other:?}"))),
         }
         index += 1;

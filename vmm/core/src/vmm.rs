@@ -48,6 +48,8 @@ const TOKEN_GUEST_EXIT: u64 = 2;
 const TOKEN_SIGNAL: u64 = 3;
 const TOKEN_STDIN: u64 = 4;
 const TOKEN_CONTROL: u64 = 5;
+/// Device event tokens: base + device index.
+const TOKEN_DEVICE_EVENTS_BASE: u64 = 1 << 8;
 /// Queue tokens: base + device index * 64 + queue index.
 const TOKEN_QUEUE_BASE: u64 = 1 << 16;
 const QUEUES_PER_DEVICE: u64 = 64;
@@ -113,6 +115,9 @@ impl Vmm {
             add(libc::STDIN_FILENO, TOKEN_STDIN)?;
         }
         for (device, attached) in built.virtio.iter().enumerate() {
+            if let Some(fd) = lock(&attached.transport).device_event_fd() {
+                add(fd, TOKEN_DEVICE_EVENTS_BASE + device as u64)?;
+            }
             for (queue, event) in attached.queue_events.iter().enumerate() {
                 add(event.as_raw_fd(), TOKEN_QUEUE_BASE + device as u64 * QUEUES_PER_DEVICE + queue as u64)?;
             }
@@ -209,6 +214,12 @@ impl Vmm {
                     }
                 }
                 Ok(outcome)
+            }
+            device_token if (TOKEN_DEVICE_EVENTS_BASE..TOKEN_QUEUE_BASE).contains(&device_token) => {
+                if let Some(attached) = self.built.virtio.get((device_token - TOKEN_DEVICE_EVENTS_BASE) as usize) {
+                    lock(&attached.transport).process_device_events();
+                }
+                Ok(None)
             }
             queue_token if queue_token >= TOKEN_QUEUE_BASE => {
                 let index = queue_token - TOKEN_QUEUE_BASE;

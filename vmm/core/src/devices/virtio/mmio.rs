@@ -115,6 +115,16 @@ impl MmioTransport {
         }
     }
 
+    /// The device's own event fd, if it has one (see [`VirtioDevice::event_fd`]).
+    pub fn device_event_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.device.event_fd()
+    }
+
+    /// Lets the device handle its own event sources.
+    pub fn process_device_events(&mut self) {
+        self.device.process_events();
+    }
+
     fn offered_features(&self) -> u64 {
         self.device.device_features() | VIRTIO_F_VERSION_1
     }

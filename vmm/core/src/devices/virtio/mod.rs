@@ -7,6 +7,7 @@
 
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -97,6 +98,13 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn reset(&mut self);
     /// Handles a notification of queue `index`.
     fn process_queue(&mut self, index: usize);
+    /// An fd (usually the device's own epoll) the event loop watches for the device's
+    /// other event sources, such as host sockets.
+    fn event_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// Handles whatever made [`VirtioDevice::event_fd`] readable.
+    fn process_events(&mut self) {}
 }
 
 /// Copies the bytes of `config` at `offset` into `data`, zero past the end.
