@@ -59,9 +59,19 @@ pub struct VmConfig {
     /// Attach virtio-vsock, its host side at this Unix socket path.
     #[serde(default)]
     pub vsock: Option<PathBuf>,
+    /// Record every control request in the audit log in this directory.
+    #[serde(default)]
+    pub audit: Option<PathBuf>,
+    /// The VM's name: the audit log is tied to it.
+    #[serde(default = "default_name")]
+    pub name: String,
     /// The guest's vsock CID.
     #[serde(default = "default_cid")]
     pub guest_cid: u64,
+}
+
+fn default_name() -> String {
+    "vm".to_string()
 }
 
 fn default_cid() -> u64 {
@@ -94,6 +104,8 @@ impl Default for VmConfig {
             boot: BootProtocol::Auto,
             rng: true,
             vsock: None,
+            audit: None,
+            name: default_name(),
             guest_cid: 3,
         }
     }

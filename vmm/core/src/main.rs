@@ -13,6 +13,7 @@ const USAGE: &str = "usage:
   carrel-vmm run --kernel PATH [--initrd PATH] [--cmdline S] [--mem MiB] [--cpus N]
                  [--console-log PATH] [--no-console] [--socket PATH] [--boot auto|desk|linux|pvh]
                  [--no-rng] [--vsock PATH] [--cid N]
+                 [--audit DIR] [--name NAME]
   carrel-vmm run --config vm.toml [flags above override the file]
   carrel-vmm status --socket PATH [--json]
   carrel-vmm stop --socket PATH";
@@ -79,6 +80,8 @@ fn parse_run(args: &[String]) -> Result<VmConfig, Usage> {
             "--boot" => config.boot = value(args, &mut index, flag)?.parse().map_err(Usage)?,
             "--no-rng" => config.rng = false,
             "--vsock" => config.vsock = Some(value(args, &mut index, flag)?.into()),
+            "--audit" => config.audit = Some(value(args, &mut index, flag)?.into()),
+            "--name" => config.name = value(args, &mut index, flag)?.to_string(),
             "--cid" => config.guest_cid = number(value(args, &mut index, flag)?, flag)?,
             other => return Err(Usage(format!("unknown flag {other:?}"))),
         }

@@ -10,6 +10,8 @@ use std::time::Instant;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use carrel_audit::{error_chain, Actor, AuditLog, NewEvent, Outcome};
+
 use crate::builder::BuiltVm;
 use crate::config::VmConfig;
 use crate::control::{ControlServer, PendingRequest, Request, RequestQueue, Response, VmStatus};
@@ -27,6 +29,8 @@ pub enum RunError {
     Vcpu(#[from] crate::vstate::vcpu::VcpuError),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    #[error("cannot open the audit log: {}", carrel_audit::error_chain(.0))]
+    OpenAudit(#[source] carrel_audit::AuditError),
     #[error("vCPU {id} stopped: {stop}")]
     VcpuStopped { id: u8, stop: VcpuStop },
 }
@@ -91,6 +95,7 @@ pub struct Vmm {
     requests: Receiver<PendingRequest>,
     request_wake: Arc<EventFd>,
     signals: OwnedFd,
+    audit: Option<AuditLog>,
     _control: Option<ControlServer>,
 }
 
@@ -123,6 +128,17 @@ impl Vmm {
             }
         }
 
+        let audit = match &config.audit {
+            Some(dir) => Some(AuditLog::open(dir, &config.name).map_err(RunError::OpenAudit)?),
+            None => None,
+        };
+        if let Some(log) = &audit {
+            let event = NewEvent::new("vm.start")
+                .param("kernel", config.kernel.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
+                .param("platform", built.platform.name());
+            log.append(event).map_err(RunError::OpenAudit)?;
+        }
+
         let (request_sender, requests) = mpsc::channel();
         let control = match &config.socket {
             Some(path) => Some(ControlServer::start(path, RequestQueue::new(request_sender, request_wake.clone()))?),
@@ -146,6 +162,7 @@ impl Vmm {
             requests,
             request_wake,
             signals,
+            audit,
             _control: control,
         })
     }
@@ -156,6 +173,16 @@ impl Vmm {
         let outcome = self.event_loop();
         for handle in self.handles.drain(..) {
             handle.exit_and_join();
+        }
+        if let Some(log) = self.audit.take() {
+            // The last records get a signed checkpoint, so dropping them later is detectable.
+            let result = match &outcome {
+                Ok(outcome) => format!("{outcome:?}"),
+                Err(err) => format!("error: {err}"),
+            };
+            let _ = log.append(NewEvent::new("vm.exit").param("outcome", result));
+            let _ = log.checkpoint();
+            let _ = log.close();
         }
         outcome
     }
@@ -204,7 +231,7 @@ impl Vmm {
                 let _ = self.request_wake.read();
                 let mut outcome = None;
                 while let Ok(pending) = self.requests.try_recv() {
-                    let (response, stop) = self.handle_request(&pending.request);
+                    let (response, stop) = self.serve(&pending);
                     if stop {
                         // The process ends next: let the answer leave first.
                         pending.answer_and_flush(response, LAST_ANSWER_TIMEOUT);
@@ -247,6 +274,38 @@ impl Vmm {
         }
     }
 
+    /// Serves one request and records it. Every request goes through here, so every
+    /// request is on the audit record; a request whose record cannot be written fails
+    /// (and one that would stop the VM is recorded before it does).
+    fn serve(&self, pending: &PendingRequest) -> (Response, bool) {
+        let Some(log) = &self.audit else { return self.handle_request(&pending.request) };
+        let actor = pending.peer.map(|(pid, uid, gid)| Actor { pid: pid as u32, uid, gid });
+        let event = |outcome| {
+            let mut event = NewEvent::new(request_action(&pending.request)).outcome(outcome);
+            if let Some(actor) = actor {
+                event = event.actor(actor);
+            }
+            event
+        };
+        if matches!(pending.request, Request::Stop) {
+            if let Err(err) = log.append(event(Outcome::Ok)) {
+                return (Response::Error(format!("not stopped: the audit log failed: {}", error_chain(&err))), false);
+            }
+            return self.handle_request(&pending.request);
+        }
+        let (response, stop) = self.handle_request(&pending.request);
+        let outcome = match &response {
+            Response::Error(message) => Outcome::Error(message.clone()),
+            _ => Outcome::Ok,
+        };
+        match log.append(event(outcome)) {
+            Ok(_) => (response, stop),
+            Err(err) => {
+                (Response::Error(format!("the audit log failed, request not served: {}", error_chain(&err))), false)
+            }
+        }
+    }
+
     /// Handles one control request; `true` when the VM should stop after answering.
     fn handle_request(&self, request: &Request) -> (Response, bool) {
         match request {
@@ -267,5 +326,13 @@ impl Vmm {
             devices: self.built.virtio.iter().map(|device| device.name.to_string()).collect(),
             pid: std::process::id(),
         }
+    }
+}
+
+/// The audit action name of a request.
+fn request_action(request: &Request) -> &'static str {
+    match request {
+        Request::Status => "status",
+        Request::Stop => "stop",
     }
 }

@@ -272,3 +272,49 @@ fn malformed_config_file_is_a_clear_error() {
     assert_eq!(code, Some(2));
     assert!(stderr.contains("is not valid") && stderr.contains("memroy"), "{stderr}");
 }
+
+#[test]
+fn audit_log_records_every_control_request_and_verifies_offline() {
+    let kernel = guest("desk.elf");
+    let socket = scratch_path("audited.sock");
+    let audit = scratch_path("audit");
+    let socket_arg = socket.to_str().unwrap();
+    let mut vm = RunningVm::start(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--socket",
+        socket_arg,
+        "--audit",
+        audit.to_str().unwrap(),
+        "--name",
+        "agent-7",
+    ]);
+    vm.wait_for_line("desk: ready", BOOT_DEADLINE);
+    for _ in 0..2 {
+        let status = Command::new(vmm_binary()).args(["status", "--socket", socket_arg]).output().unwrap();
+        assert!(status.status.success(), "{status:?}");
+    }
+    let stop = Command::new(vmm_binary()).args(["stop", "--socket", socket_arg]).output().unwrap();
+    assert!(stop.status.success(), "{stop:?}");
+    assert_eq!(vm.wait_for_exit(BOOT_DEADLINE).code(), Some(0), "{}", vm.text());
+
+    let report = carrel_audit::verify_dir(&audit, &carrel_audit::VerifyOptions::default()).unwrap();
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+    assert_eq!(report.records, 5);
+    assert_eq!(report.unsigned_records, 0, "the exit checkpoint covers every record");
+
+    let mut events = Vec::new();
+    carrel_audit::reader::for_each_event(&carrel_audit::layout::Layout::new(&audit).log(), 0, |event, _| {
+        events.push(event.clone());
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
+    let actions: Vec<&str> = events.iter().map(|event| event.action.as_str()).collect();
+    assert_eq!(actions, ["vm.start", "status", "status", "stop", "vm.exit"]);
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    assert!(events[1..4].iter().all(|event| event.actor.as_ref().is_some_and(|actor| actor.uid == uid)));
+    assert!(events.iter().all(|event| event.vm == "agent-7"));
+    std::fs::remove_dir_all(&audit).unwrap();
+}
