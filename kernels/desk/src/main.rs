@@ -9,15 +9,21 @@
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
+mod agent;
 mod console;
 mod desktop;
 mod draw;
 mod gpu;
+mod heap;
 mod interrupts;
+mod ioapic;
 mod lapic;
 mod mem;
 mod phys;
 mod virtio;
+mod vsock;
 
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
@@ -107,6 +113,15 @@ pub fn power_off(code: u8) -> ! {
     }
 }
 
+/// The prebuilt `alloc` for this target has unwinding landing pads that call this. Desk
+/// panics by aborting (the panic handler powers off), so no unwind ever starts and this
+/// is never reached; it exists so the kernel links.
+#[no_mangle]
+extern "C" fn _Unwind_Resume() -> ! {
+    println!("desk: unexpected unwind");
+    power_off(6)
+}
+
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     println!("desk: panic: {info}");
@@ -174,6 +189,13 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
     println!("desk: cmdline \"{cmdline}\"");
 
     phys::init(info);
+    // Half of free memory is heap (agent messages and files); the rest stays for
+    // buffers the host reads (framebuffers, vsock rings).
+    let heap_size = (usable / 2).min(1 << 30) & !0xfff;
+    match phys::allocate(heap_size) {
+        Some(start) => heap::init(start, heap_size),
+        None => println!("desk: no memory for a heap"),
+    }
     interrupts::install_idt(info.idt_addr);
     lapic::enable(info.lapic_addr);
 
@@ -209,19 +231,52 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
         println!("desk: screen {}x{} first frame drawn", display.width, display.height);
     }
 
+    let mut agent_link = start_agent(info, timeout);
+
     let exit_after_ticks = cmdline.split(' ').any(|argument| argument == "desk.exit=1");
     if exit_after_ticks {
         count_ticks_and_power_off(platform, tsc_khz);
     }
+    let mut events = alloc::vec::Vec::new();
     loop {
         platform.wait_for_interrupt();
-        let seconds = TICKS.load(Ordering::Relaxed) / 1000;
+        let now_ms = TICKS.load(Ordering::Relaxed);
+        if let Some((vsock, agent)) = agent_link.as_mut() {
+            // Interrupts stay off while the agent works: handlers only count, and the
+            // agent polls the rings itself.
+            platform.disable_interrupts();
+            vsock.poll(&mut events);
+            for event in events.drain(..) {
+                agent.handle(event, vsock, now_ms);
+            }
+            agent.tick(vsock, now_ms);
+        }
+        let seconds = now_ms / 1000;
         if seconds != desktop.uptime_seconds {
             desktop.uptime_seconds = seconds;
             if let Some(display) = screen.as_mut() {
                 let clock = desktop::clock_rect(display.width);
                 draw_frame(display, &desktop, clock);
             }
+        }
+    }
+}
+
+fn start_agent(info: &BootInfo, timeout: u64) -> Option<(vsock::Vsock, agent::Agent)> {
+    let device = info.devices().iter().find(|device| device.device_type == virtio_id::VSOCK)?;
+    match vsock::Vsock::new(device.base, carrel_agent_proto::AGENT_VSOCK_PORT, timeout) {
+        Ok(vsock) => {
+            ioapic::route(info.ioapic_addr, device.irq);
+            println!(
+                "desk: agent listening on vsock port {} (cid {})",
+                carrel_agent_proto::AGENT_VSOCK_PORT,
+                vsock.cid
+            );
+            Some((vsock, agent::Agent::new()))
+        }
+        Err(err) => {
+            println!("desk: vsock failed: {err:?}");
+            None
         }
     }
 }

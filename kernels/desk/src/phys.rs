@@ -30,7 +30,9 @@ pub fn init(info: &BootInfo) {
     }
 }
 
-/// A zeroed, page-aligned block of `size` bytes, or `None` when memory is short.
+/// A page-aligned block of `size` bytes, or `None` when memory is short. The block is
+/// zero: guest RAM starts as a fresh zero-filled memfd and nothing is handed out twice.
+/// (Writing zeroes anyway would fault in every page of the heap at boot: ~15 µs a page.)
 pub fn allocate(size: u64) -> Option<u64> {
     let size = size.next_multiple_of(4096);
     let free = FREE.get();
@@ -38,9 +40,6 @@ pub fn allocate(size: u64) -> Option<u64> {
         if range.1 - range.0 >= size {
             let block = range.0;
             range.0 += size;
-            // SAFETY: the block is usable RAM above the kernel, identity mapped, and handed
-            // out once.
-            unsafe { core::ptr::write_bytes(block as *mut u8, 0, size as usize) };
             return Some(block);
         }
     }

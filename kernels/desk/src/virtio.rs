@@ -34,7 +34,7 @@ const FEATURES_OK: u32 = 8;
 const VERSION_1_HIGH: u32 = 1; // bit 32
 
 const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
+pub const DESC_F_WRITE: u16 = 2;
 pub const QUEUE_SIZE: u16 = 8;
 
 /// Why a device could not be used.
@@ -50,23 +50,23 @@ pub enum VirtioError {
 
 #[repr(C, align(16))]
 #[derive(Clone, Copy)]
-struct Descriptor {
-    addr: u64,
-    len: u32,
-    flags: u16,
-    next: u16,
+pub struct Descriptor {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
 }
 
 #[repr(C, align(4096))]
 pub struct SplitQueue {
-    descriptors: [Descriptor; QUEUE_SIZE as usize],
-    avail_flags: u16,
-    avail_idx: u16,
-    avail_ring: [u16; QUEUE_SIZE as usize],
+    pub descriptors: [Descriptor; QUEUE_SIZE as usize],
+    pub avail_flags: u16,
+    pub avail_idx: u16,
+    pub avail_ring: [u16; QUEUE_SIZE as usize],
     _avail_pad: [u8; 4096 - 16 * QUEUE_SIZE as usize - 4 - 2 * QUEUE_SIZE as usize],
-    used_flags: u16,
-    used_idx: u16,
-    used_ring: [[u32; 2]; QUEUE_SIZE as usize],
+    pub used_flags: u16,
+    pub used_idx: u16,
+    pub used_ring: [[u32; 2]; QUEUE_SIZE as usize],
 }
 
 /// A split queue's memory: descriptors, available ring and used ring on one page.
@@ -154,11 +154,16 @@ impl MmioDevice {
     }
 
     /// Tells the device the driver is ready.
+    /// Reads a 32-bit word of device configuration space.
+    pub fn read_config(&self, offset: usize) -> u32 {
+        self.read(0x100 + offset)
+    }
+
     pub fn activate(&self) {
         self.write(STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
     }
 
-    fn notify(&self, queue: u16) {
+    pub fn notify(&self, queue: u16) {
         self.write(QUEUE_NOTIFY, u32::from(queue));
     }
 }

@@ -1,0 +1,479 @@
+//! The Desk guest agent: the same protocol as the Linux agent (`carrel-agent-proto`) over
+//! vsock port 1024, with built-in commands and an in-memory filesystem (a persistent
+//! disk comes later).
+//!
+//! Requests are served in the main loop as frames arrive; work that waits (a `sleep`, a
+//! file sent under the host's credit) is kept per request and resumed on later wakes, so
+//! one slow request never holds up another connection.
+
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use carrel_agent_proto::flow::{RecvCredit, SendCredit};
+use carrel_agent_proto::frame::{encode_frame, FrameDecoder};
+use carrel_agent_proto::message::{
+    DirEntries, DirEntry, End, ErrorCode, ExecExit, FileInfo, FileKind, FileStat, Heartbeat, Hello, Message,
+};
+use carrel_agent_proto::{MAX_CHUNK, PROTOCOL_VERSION};
+
+use crate::vsock::{Vsock, VsockEvent, MAX_CONNECTIONS};
+
+/// Longest a `sleep` may ask for.
+const MAX_SLEEP_MS: u64 = 3_600_000;
+
+struct File {
+    data: Vec<u8>,
+    mode: u32,
+}
+
+/// Work a request still has to do.
+enum Pending {
+    Sleep { until_ms: u64 },
+    Put { path: String, mode: u32, size: u64, data: Vec<u8>, credit: RecvCredit },
+    Get { data: Vec<u8>, offset: usize, credit: SendCredit },
+}
+
+#[derive(Default)]
+struct Session {
+    decoder: FrameDecoder,
+    pending: BTreeMap<u32, Pending>,
+    heartbeat_seq: u64,
+}
+
+pub struct Agent {
+    files: BTreeMap<String, File>,
+    sessions: [Option<Session>; MAX_CONNECTIONS],
+    last_heartbeat_ms: u64,
+}
+
+/// A path in the in-memory filesystem: absolute, no `.`/`..`, no empty components.
+fn normalize(path: &str) -> Result<String, (ErrorCode, String)> {
+    if !path.starts_with('/') {
+        return Err((ErrorCode::INVALID_PATH, format!("{path}: paths are absolute")));
+    }
+    let mut parts = Vec::new();
+    for part in path.split('/').filter(|part| !part.is_empty()) {
+        if part == "." || part == ".." {
+            return Err((ErrorCode::PATH_ESCAPES_ROOT, format!("{path}: no . or .. components")));
+        }
+        parts.push(part);
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Message {
+    Message::error(code, message)
+}
+
+impl Agent {
+    pub fn new() -> Agent {
+        Agent { files: BTreeMap::new(), sessions: Default::default(), last_heartbeat_ms: 0 }
+    }
+
+    fn send(vsock: &mut Vsock, slot: usize, id: u32, message: &Message) {
+        if let Ok(frame) = encode_frame(id, message) {
+            // A failed send means the connection is gone; its session ends on Closed.
+            let _ = vsock.send(slot, &frame);
+        }
+    }
+
+    /// Handles a connection event.
+    pub fn handle(&mut self, event: VsockEvent, vsock: &mut Vsock, now_ms: u64) {
+        match event {
+            VsockEvent::Connected(slot) => {
+                self.sessions[slot] = Some(Session::default());
+                self.heartbeat(slot, vsock, now_ms);
+            }
+            VsockEvent::Closed(slot) => self.sessions[slot] = None,
+            VsockEvent::Data(slot) => {
+                let bytes = vsock.take_inbox(slot);
+                let mut input = bytes.as_slice();
+                loop {
+                    let Some(session) = self.sessions[slot].as_mut() else { return };
+                    let Some(frame) = session.decoder.decode(&mut input) else { break };
+                    match frame {
+                        Ok(frame) => {
+                            let id = frame.id;
+                            match frame.into_message() {
+                                Ok(message) => self.serve(slot, id, message, vsock, now_ms),
+                                Err(err) => Self::send(vsock, slot, id, &error(err.code(), err.to_string())),
+                            }
+                        }
+                        Err(err) => Self::send(vsock, slot, 0, &error(ErrorCode::TOO_LARGE, err.to_string())),
+                    }
+                }
+                self.pump(slot, vsock, now_ms);
+            }
+        }
+    }
+
+    fn heartbeat(&mut self, slot: usize, vsock: &mut Vsock, now_ms: u64) {
+        let Some(session) = self.sessions[slot].as_mut() else { return };
+        session.heartbeat_seq += 1;
+        let beat = Message::Heartbeat(Heartbeat { seq: session.heartbeat_seq, uptime_ms: now_ms });
+        Self::send(vsock, slot, 0, &beat);
+    }
+
+    /// Periodic work: heartbeats every second, finished sleeps.
+    pub fn tick(&mut self, vsock: &mut Vsock, now_ms: u64) {
+        let beat = now_ms >= self.last_heartbeat_ms + carrel_agent_proto::HEARTBEAT_INTERVAL_MS;
+        if beat {
+            self.last_heartbeat_ms = now_ms;
+        }
+        for slot in 0..MAX_CONNECTIONS {
+            if self.sessions[slot].is_none() {
+                continue;
+            }
+            if beat {
+                self.heartbeat(slot, vsock, now_ms);
+            }
+            self.pump(slot, vsock, now_ms);
+        }
+    }
+
+    /// Resumes requests that can make progress.
+    fn pump(&mut self, slot: usize, vsock: &mut Vsock, now_ms: u64) {
+        let Some(session) = self.sessions[slot].as_mut() else { return };
+        let mut finished = Vec::new();
+        let mut outgoing: Vec<(u32, Message)> = Vec::new();
+        for (id, pending) in session.pending.iter_mut() {
+            match pending {
+                Pending::Sleep { until_ms } if now_ms >= *until_ms => {
+                    outgoing.push((*id, Message::ExecExit(ExecExit { code: Some(0), signal: None, timed_out: false })));
+                    finished.push(*id);
+                }
+                Pending::Get { data, offset, credit } => {
+                    while *offset < data.len() && credit.try_take() {
+                        let end = (*offset + MAX_CHUNK).min(data.len());
+                        outgoing.push((*id, Message::Data(data[*offset..end].to_vec())));
+                        *offset = end;
+                    }
+                    if *offset >= data.len() {
+                        let digest = *blake3::hash(data).as_bytes();
+                        outgoing.push((*id, Message::End(End { size: data.len() as u64, digest })));
+                        finished.push(*id);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for id in finished {
+            session.pending.remove(&id);
+        }
+        for (id, message) in outgoing {
+            Self::send(vsock, slot, id, &message);
+        }
+    }
+
+    fn serve(&mut self, slot: usize, id: u32, message: Message, vsock: &mut Vsock, now_ms: u64) {
+        let reply = match message {
+            Message::Hello(hello) if hello.protocol_version != PROTOCOL_VERSION => Some(error(
+                ErrorCode::VERSION_MISMATCH,
+                format!("host speaks protocol {}, Desk speaks {PROTOCOL_VERSION}", hello.protocol_version),
+            )),
+            Message::Hello(_) => Some(Message::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION,
+                name: "carrel-desk-agent".to_string(),
+                os: "Carrel Desk".to_string(),
+            })),
+            Message::Ping(ping) => Some(Message::Pong(ping)),
+            Message::Exec(exec) => self.exec(slot, id, exec.argv, &exec.stdin, vsock, now_ms),
+            Message::Kill(kill) => {
+                let session = self.sessions[slot].as_mut();
+                match session.and_then(|session| session.pending.remove(&kill.target)) {
+                    Some(Pending::Sleep { .. }) => {
+                        let exit = ExecExit { code: None, signal: Some(9), timed_out: false };
+                        Self::send(vsock, slot, kill.target, &Message::ExecExit(exit));
+                        Some(Message::Done)
+                    }
+                    Some(other) => {
+                        // Not an exec: put it back untouched.
+                        if let Some(session) = self.sessions[slot].as_mut() {
+                            session.pending.insert(kill.target, other);
+                        }
+                        Some(error(ErrorCode::UNKNOWN_REQUEST, format!("request {} is not a command", kill.target)))
+                    }
+                    None => Some(error(ErrorCode::UNKNOWN_REQUEST, format!("no command with id {}", kill.target))),
+                }
+            }
+            Message::PutFile(put) => match normalize(&put.path) {
+                Err((code, text)) => Some(error(code, text)),
+                Ok(path) if path == "/" => Some(error(ErrorCode::IS_A_DIRECTORY, "/ is a directory")),
+                Ok(path) => {
+                    let free = crate::heap::free_bytes() as u64;
+                    if put.size > free / 2 {
+                        Some(error(ErrorCode::IO, format!("{} bytes do not fit in memory ({free} free)", put.size)))
+                    } else {
+                        let (credit, grant) = RecvCredit::new(carrel_agent_proto::DEFAULT_WINDOW);
+                        let data = Vec::with_capacity(put.size as usize);
+                        if let Some(session) = self.sessions[slot].as_mut() {
+                            session
+                                .pending
+                                .insert(id, Pending::Put { path, mode: put.mode, size: put.size, data, credit });
+                        }
+                        Some(Message::Credit(carrel_agent_proto::message::Credit { chunks: grant }))
+                    }
+                }
+            },
+            Message::Data(chunk) => self.put_data(slot, id, chunk),
+            Message::End(end) => self.put_end(slot, id, end),
+            Message::GetFile(get) => match normalize(&get.path) {
+                Err((code, text)) => Some(error(code, text)),
+                Ok(path) => match self.files.get(&path) {
+                    None => Some(error(ErrorCode::NOT_FOUND, format!("{path}: no such file"))),
+                    Some(file) => {
+                        let mut credit = SendCredit::new();
+                        if credit.grant(get.window).is_err() {
+                            Some(error(ErrorCode::FLOW_CONTROL, "window larger than allowed"))
+                        } else {
+                            Self::send(
+                                vsock,
+                                slot,
+                                id,
+                                &Message::FileInfo(FileInfo { size: file.data.len() as u64, mode: file.mode }),
+                            );
+                            let data = file.data.clone();
+                            if let Some(session) = self.sessions[slot].as_mut() {
+                                session.pending.insert(id, Pending::Get { data, offset: 0, credit });
+                            }
+                            None
+                        }
+                    }
+                },
+            },
+            Message::Credit(grant) => {
+                let pending = self.sessions[slot].as_mut().and_then(|session| session.pending.get_mut(&id));
+                match pending {
+                    Some(Pending::Get { credit, .. }) => {
+                        credit.grant(grant.chunks).err().map(|err| error(ErrorCode::FLOW_CONTROL, err.to_string()))
+                    }
+                    _ => Some(error(ErrorCode::UNKNOWN_REQUEST, "credit for no transfer")),
+                }
+            }
+            Message::Stat(request) => Some(self.stat(&request.path)),
+            Message::ListDir(request) => Some(self.list(&request.path)),
+            Message::Remove(remove) => Some(match normalize(&remove.path) {
+                Err((code, text)) => error(code, text),
+                Ok(path) => match self.files.remove(&path) {
+                    Some(_) => Message::Done,
+                    None if self.is_dir(&path) && remove.recursive => {
+                        let prefix = format!("{}/", path.trim_end_matches('/'));
+                        self.files.retain(|name, _| !name.starts_with(&prefix));
+                        Message::Done
+                    }
+                    None if self.is_dir(&path) => {
+                        error(ErrorCode::DIRECTORY_NOT_EMPTY, format!("{path} is a directory"))
+                    }
+                    None => error(ErrorCode::NOT_FOUND, format!("{path}: no such file")),
+                },
+            }),
+            other => Some(error(ErrorCode::UNEXPECTED, format!("message kind {} is not a request", other.kind()))),
+        };
+        if let Some(reply) = reply {
+            Self::send(vsock, slot, id, &reply);
+        }
+    }
+
+    fn put_data(&mut self, slot: usize, id: u32, chunk: Vec<u8>) -> Option<Message> {
+        let session = self.sessions[slot].as_mut()?;
+        let Some(Pending::Put { data, size, credit, .. }) = session.pending.get_mut(&id) else {
+            return Some(error(ErrorCode::UNKNOWN_REQUEST, "data for no transfer"));
+        };
+        if data.len() as u64 + chunk.len() as u64 > *size || chunk.len() > MAX_CHUNK {
+            session.pending.remove(&id);
+            return Some(error(ErrorCode::SIZE_MISMATCH, "more data than announced"));
+        }
+        match credit.on_chunk() {
+            Err(err) => {
+                session.pending.remove(&id);
+                Some(error(ErrorCode::FLOW_CONTROL, err.to_string()))
+            }
+            Ok(grant) => {
+                data.extend_from_slice(&chunk);
+                grant.map(|chunks| Message::Credit(carrel_agent_proto::message::Credit { chunks }))
+            }
+        }
+    }
+
+    fn put_end(&mut self, slot: usize, id: u32, end: End) -> Option<Message> {
+        let session = self.sessions[slot].as_mut()?;
+        let Some(Pending::Put { path, mode, data, .. }) = session.pending.remove(&id) else {
+            return Some(error(ErrorCode::UNKNOWN_REQUEST, "end of no transfer"));
+        };
+        if end.size != data.len() as u64 {
+            return Some(error(
+                ErrorCode::SIZE_MISMATCH,
+                format!("got {} bytes, sender says {}", data.len(), end.size),
+            ));
+        }
+        if *blake3::hash(&data).as_bytes() != end.digest {
+            return Some(error(ErrorCode::DIGEST_MISMATCH, format!("{path}: blake3 of the received bytes differs")));
+        }
+        self.files.insert(path, File { data, mode });
+        Some(Message::Done)
+    }
+
+    fn is_dir(&self, path: &str) -> bool {
+        let prefix = if path == "/" { "/".to_string() } else { format!("{path}/") };
+        path == "/" || self.files.keys().any(|name| name.starts_with(&prefix))
+    }
+
+    fn stat(&self, path: &str) -> Message {
+        let path = match normalize(path) {
+            Ok(path) => path,
+            Err((code, text)) => return error(code, text),
+        };
+        if let Some(file) = self.files.get(&path) {
+            return Message::StatReply(FileStat {
+                kind: FileKind::File,
+                size: file.data.len() as u64,
+                mode: file.mode,
+                mtime_secs: 0,
+            });
+        }
+        if self.is_dir(&path) {
+            return Message::StatReply(FileStat { kind: FileKind::Dir, size: 0, mode: 0o755, mtime_secs: 0 });
+        }
+        error(ErrorCode::NOT_FOUND, format!("{path}: no such file"))
+    }
+
+    /// The direct children of a directory.
+    fn children(&self, path: &str) -> Vec<DirEntry> {
+        let prefix = if path == "/" { "/".to_string() } else { format!("{path}/") };
+        let mut entries: BTreeMap<String, DirEntry> = BTreeMap::new();
+        for (name, file) in self.files.range(prefix.clone()..) {
+            let Some(rest) = name.strip_prefix(&prefix) else { break };
+            match rest.split_once('/') {
+                Some((dir, _)) => {
+                    entries.entry(dir.to_string()).or_insert(DirEntry {
+                        name: dir.to_string(),
+                        kind: FileKind::Dir,
+                        size: 0,
+                    });
+                }
+                None => {
+                    entries.insert(
+                        rest.to_string(),
+                        DirEntry { name: rest.to_string(), kind: FileKind::File, size: file.data.len() as u64 },
+                    );
+                }
+            }
+        }
+        entries.into_values().collect()
+    }
+
+    fn list(&self, path: &str) -> Message {
+        match normalize(path) {
+            Err((code, text)) => error(code, text),
+            Ok(path) if self.files.contains_key(&path) => {
+                error(ErrorCode::NOT_A_DIRECTORY, format!("{path} is a file"))
+            }
+            Ok(path) if !self.is_dir(&path) => error(ErrorCode::NOT_FOUND, format!("{path}: no such directory")),
+            Ok(path) => Message::DirEntries(DirEntries { entries: self.children(&path), done: true }),
+        }
+    }
+
+    /// Runs a built-in command. Output goes out as one stdout or stderr chunk, then the exit.
+    fn exec(
+        &mut self,
+        slot: usize,
+        id: u32,
+        argv: Vec<String>,
+        stdin: &[u8],
+        vsock: &mut Vsock,
+        now_ms: u64,
+    ) -> Option<Message> {
+        let Some(command) = argv.first() else {
+            return Some(error(ErrorCode::SPAWN_FAILED, "empty argv"));
+        };
+        let args = &argv[1..];
+        let (stdout, stderr, code): (Vec<u8>, Vec<u8>, i32) = match command.as_str() {
+            "echo" => (format!("{}\n", args.join(" ")).into_bytes(), Vec::new(), 0),
+            "cat" if args.is_empty() => (stdin.to_vec(), Vec::new(), 0),
+            "cat" => {
+                let mut out = Vec::new();
+                let mut err = Vec::new();
+                for arg in args {
+                    match normalize(arg).ok().and_then(|path| self.files.get(&path)) {
+                        Some(file) => out.extend_from_slice(&file.data),
+                        None => err.extend_from_slice(format!("cat: {arg}: no such file\n").as_bytes()),
+                    }
+                }
+                let code = i32::from(!err.is_empty());
+                (out, err, code)
+            }
+            "ls" => {
+                let path = args.first().map(String::as_str).unwrap_or("/");
+                match self.list(path) {
+                    Message::DirEntries(list) => {
+                        let text: String = list.entries.iter().map(|entry| format!("{}\n", entry.name)).collect();
+                        (text.into_bytes(), Vec::new(), 0)
+                    }
+                    Message::Error(reply) => (Vec::new(), format!("ls: {}\n", reply.message).into_bytes(), 1),
+                    _ => (Vec::new(), Vec::new(), 1),
+                }
+            }
+            "write" if !args.is_empty() => match normalize(&args[0]) {
+                Ok(path) => {
+                    let mut data = args[1..].join(" ").into_bytes();
+                    data.extend_from_slice(stdin);
+                    self.files.insert(path, File { data, mode: 0o644 });
+                    (Vec::new(), Vec::new(), 0)
+                }
+                Err((_, text)) => (Vec::new(), format!("write: {text}\n").into_bytes(), 1),
+            },
+            "rm" if !args.is_empty() => {
+                let removed = normalize(&args[0]).ok().and_then(|path| self.files.remove(&path));
+                match removed {
+                    Some(_) => (Vec::new(), Vec::new(), 0),
+                    None => (Vec::new(), format!("rm: {}: no such file\n", args[0]).into_bytes(), 1),
+                }
+            }
+            "uptime" => (format!("up {}.{:03} s\n", now_ms / 1000, now_ms % 1000).into_bytes(), Vec::new(), 0),
+            "meminfo" => {
+                let (free, total) = (crate::heap::free_bytes(), crate::heap::size_bytes());
+                let files: usize = self.files.values().map(|file| file.data.len()).sum();
+                let text =
+                    format!("heap_total {total}\nheap_free {free}\nfiles {} ({files} bytes)\n", self.files.len());
+                (text.into_bytes(), Vec::new(), 0)
+            }
+            "sleep" => match args.first().and_then(|arg| parse_seconds_ms(arg)) {
+                Some(ms) if ms <= MAX_SLEEP_MS => {
+                    if let Some(session) = self.sessions[slot].as_mut() {
+                        session.pending.insert(id, Pending::Sleep { until_ms: now_ms + ms });
+                    }
+                    return None;
+                }
+                _ => (Vec::new(), b"sleep: give seconds, e.g. sleep 0.5\n".to_vec(), 2),
+            },
+            other => (
+                Vec::new(),
+                format!("{other}: command not found (built-ins: echo ls cat write rm uptime meminfo sleep)\n")
+                    .into_bytes(),
+                127,
+            ),
+        };
+        for (bytes, is_stdout) in [(stdout, true), (stderr, false)] {
+            for chunk in bytes.chunks(MAX_CHUNK) {
+                let message = if is_stdout { Message::Stdout(chunk.to_vec()) } else { Message::Stderr(chunk.to_vec()) };
+                Self::send(vsock, slot, id, &message);
+            }
+        }
+        Some(Message::ExecExit(ExecExit { code: Some(code), signal: None, timed_out: false }))
+    }
+}
+
+/// "1", "0.25", "2.5" seconds as milliseconds.
+fn parse_seconds_ms(text: &str) -> Option<u64> {
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let mut ms = whole.checked_mul(1000)?;
+    let digits = fraction.get(..fraction.len().min(3))?;
+    if !digits.is_empty() {
+        let value: u64 = digits.parse().ok()?;
+        ms += value * 10u64.pow(3 - digits.len() as u32);
+    }
+    Some(ms)
+}
