@@ -1,0 +1,253 @@
+//! Screenshots: the scanout's pixels cropped, scaled, with the cursor drawn in, and
+//! encoded as raw pixels, PNG or QOI.
+//!
+//! Encoding reads straight from the scanout view: each source row is copied once from
+//! the (possibly guest-written) pixels into a row buffer inside the encoding pass, so no
+//! full-frame copy is made before encoding.
+
+use std::io::Write;
+
+use crate::format::PixelFormat;
+use crate::protocol::Rect;
+use crate::qoi::QoiEncoder;
+use crate::surface::ScanoutPixels;
+
+/// Largest output size a scale may ask for.
+pub const MAX_SCALE_DIMENSION: u32 = 8192;
+
+/// Errors producing a screenshot from pixels.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("crop {crop:?} is empty or does not fit the {width}x{height} screen")]
+    CheckCrop { crop: Rect, width: u32, height: u32 },
+    #[error("scale to {width}x{height} is out of range (1..={MAX_SCALE_DIMENSION} each way)")]
+    CheckScale { width: u32, height: u32 },
+    #[error("PNG encoding failed: {0}")]
+    EncodePng(#[from] png::EncodingError),
+}
+
+/// How a screenshot is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CaptureFormat {
+    /// Pixels in the scanout's [`PixelFormat`], rows `stride` bytes apart.
+    #[default]
+    Raw,
+    /// An 8-bit RGB PNG (fast compression).
+    Png,
+    /// A 3-channel QOI image.
+    Qoi,
+}
+
+/// What a screenshot should contain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CaptureOptions {
+    pub format: CaptureFormat,
+    /// Part of the screen to keep, in screen pixels; the whole screen when `None`.
+    pub crop: Option<Rect>,
+    /// Output size (width, height) after cropping; box-filtered. No scaling when `None`.
+    pub scale: Option<(u32, u32)>,
+    /// Draw the guest's cursor into the picture.
+    pub cursor: bool,
+}
+
+/// A screenshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capture {
+    pub format: CaptureFormat,
+    pub width: u32,
+    pub height: u32,
+    /// Bytes per row for [`CaptureFormat::Raw`]; 0 for encoded formats.
+    pub stride: usize,
+    /// Layout of raw pixels (and of the scanout an encoded image came from).
+    pub pixel_format: PixelFormat,
+    pub bytes: Vec<u8>,
+    /// Number of the last frame the guest had finished when the capture started.
+    pub frame: u64,
+}
+
+/// A cursor picture, copied from the guest's cursor resource when it is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CursorImage {
+    pub width: u32,
+    pub height: u32,
+    /// RGBA, straight (not premultiplied) alpha.
+    pub rgba: Vec<u8>,
+}
+
+/// A cursor image placed on the screen.
+#[derive(Debug, Clone)]
+pub(crate) struct CursorOverlay {
+    /// Screen position of the image's top-left corner (may be off screen).
+    pub left: i64,
+    pub top: i64,
+    pub image: std::sync::Arc<CursorImage>,
+}
+
+impl CursorOverlay {
+    /// Blends the cursor's part of screen row `y`, columns `x0..x0 + row.len() / 4`, into `row`.
+    fn blend_row(&self, y: u32, x0: u32, row: &mut [u8], format: PixelFormat) {
+        let cursor_row = y as i64 - self.top;
+        let image = &*self.image;
+        if cursor_row < 0 || cursor_row >= image.height as i64 {
+            return;
+        }
+        let row_pixels = (row.len() / 4) as i64;
+        let start = (self.left - x0 as i64).max(0);
+        let end = (self.left + image.width as i64 - x0 as i64).min(row_pixels);
+        let channels = format.channels();
+        for column in start..end {
+            let cursor_column = (column + x0 as i64 - self.left) as usize;
+            let source_offset = (cursor_row as usize * image.width as usize + cursor_column) * 4;
+            let Some(source) = image.rgba.get(source_offset..source_offset + 4) else {
+                continue;
+            };
+            let alpha = source[3] as u32;
+            if alpha == 0 {
+                continue;
+            }
+            let pixel = &mut row[column as usize * 4..column as usize * 4 + 4];
+            for (channel, value) in [(channels.red, source[0]), (channels.green, source[1]), (channels.blue, source[2])]
+            {
+                let under = pixel[channel] as u32;
+                pixel[channel] = ((value as u32 * alpha + under * (255 - alpha) + 127) / 255) as u8;
+            }
+        }
+    }
+}
+
+/// Produces the output rows of a screenshot: crop, cursor, then box-filtered scale.
+struct RowPipeline<'a, 'p> {
+    pixels: &'a ScanoutPixels<'p>,
+    crop: Rect,
+    cursor: Option<&'a CursorOverlay>,
+    out_width: u32,
+    out_height: u32,
+}
+
+impl<'a, 'p> RowPipeline<'a, 'p> {
+    fn new(
+        pixels: &'a ScanoutPixels<'p>,
+        options: &CaptureOptions,
+        cursor: Option<&'a CursorOverlay>,
+    ) -> Result<RowPipeline<'a, 'p>, CaptureError> {
+        let (width, height) = (pixels.width(), pixels.height());
+        let crop = options.crop.unwrap_or(Rect::new(0, 0, width, height));
+        if crop.is_empty() || !crop.fits_in(width, height) {
+            return Err(CaptureError::CheckCrop { crop, width, height });
+        }
+        let (out_width, out_height) = options.scale.unwrap_or((crop.width, crop.height));
+        let in_range = |d: u32| (1..=MAX_SCALE_DIMENSION).contains(&d);
+        if !in_range(out_width) || !in_range(out_height) {
+            return Err(CaptureError::CheckScale { width: out_width, height: out_height });
+        }
+        Ok(RowPipeline { pixels, crop, cursor: cursor.filter(|_| options.cursor), out_width, out_height })
+    }
+
+    /// Reads row `y` of the crop (with the cursor) into `row` (crop.width * 4 bytes).
+    fn source_row(&self, y: u32, row: &mut [u8]) {
+        self.pixels.read_row_span(self.crop.y + y, self.crop.x, self.crop.width, row);
+        if let Some(cursor) = self.cursor {
+            cursor.blend_row(self.crop.y + y, self.crop.x, row, self.pixels.format());
+        }
+    }
+
+    /// Calls `emit` with each output row, top to bottom, in the scanout's pixel format.
+    fn for_each_row<E>(&self, mut emit: impl FnMut(&[u8]) -> Result<(), E>) -> Result<(), E> {
+        let source_bytes = self.crop.width as usize * 4;
+        let mut row = vec![0u8; source_bytes];
+        if (self.out_width, self.out_height) == (self.crop.width, self.crop.height) {
+            for y in 0..self.crop.height {
+                self.source_row(y, &mut row);
+                emit(&row)?;
+            }
+            return Ok(());
+        }
+        // Box filter: each output pixel averages the source pixels its footprint covers;
+        // when enlarging, a footprint is one source pixel (nearest neighbour).
+        let footprint = |out: u32, out_size: u32, source_size: u32| {
+            let start = (out as u64 * source_size as u64 / out_size as u64) as u32;
+            let end = (((out as u64 + 1) * source_size as u64 / out_size as u64) as u32).max(start + 1);
+            (start, end.min(source_size))
+        };
+        let columns: Vec<(u32, u32)> =
+            (0..self.out_width).map(|x| footprint(x, self.out_width, self.crop.width)).collect();
+        let mut column_sums = vec![0u32; source_bytes];
+        let mut out = vec![0u8; self.out_width as usize * 4];
+        for out_y in 0..self.out_height {
+            let (top, bottom) = footprint(out_y, self.out_height, self.crop.height);
+            column_sums.fill(0);
+            for y in top..bottom {
+                self.source_row(y, &mut row);
+                for (sum, value) in column_sums.iter_mut().zip(&row) {
+                    *sum += *value as u32;
+                }
+            }
+            let rows = (bottom - top) as u64;
+            for (pixel, &(left, right)) in out.chunks_exact_mut(4).zip(&columns) {
+                let count = rows * (right - left) as u64;
+                for (channel, value) in pixel.iter_mut().enumerate() {
+                    let total: u64 = (left..right).map(|x| column_sums[x as usize * 4 + channel] as u64).sum();
+                    *value = ((total + count / 2) / count) as u8;
+                }
+            }
+            emit(&out)?;
+        }
+        Ok(())
+    }
+}
+
+/// Encodes a screenshot of `pixels` as `options` asks.
+pub(crate) fn encode(
+    pixels: &ScanoutPixels<'_>,
+    options: &CaptureOptions,
+    cursor: Option<&CursorOverlay>,
+    frame: u64,
+) -> Result<Capture, CaptureError> {
+    let pipeline = RowPipeline::new(pixels, options, cursor)?;
+    let (width, height) = (pipeline.out_width, pipeline.out_height);
+    let format = pixels.format();
+    let (bytes, stride) = match options.format {
+        CaptureFormat::Raw => {
+            let stride = width as usize * 4;
+            let mut bytes = Vec::with_capacity(stride * height as usize);
+            pipeline.for_each_row(|row| {
+                bytes.extend_from_slice(row);
+                Ok::<(), CaptureError>(())
+            })?;
+            (bytes, stride)
+        }
+        CaptureFormat::Png => (encode_png(&pipeline, format)?, 0),
+        CaptureFormat::Qoi => {
+            let mut encoder = QoiEncoder::new(width, height);
+            pipeline.for_each_row(|row| {
+                encoder.push_row(row, format);
+                Ok::<(), CaptureError>(())
+            })?;
+            (encoder.finish(), 0)
+        }
+    };
+    Ok(Capture { format: options.format, width, height, stride, pixel_format: format, bytes, frame })
+}
+
+fn encode_png(pipeline: &RowPipeline<'_, '_>, format: PixelFormat) -> Result<Vec<u8>, CaptureError> {
+    let (width, height) = (pipeline.out_width, pipeline.out_height);
+    let mut bytes = Vec::with_capacity(width as usize * height as usize);
+    let mut encoder = png::Encoder::new(&mut bytes, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.set_compression(png::Compression::Fast);
+    // Up pairs with fdeflate's fast mode: flat desktop areas become runs of zeros.
+    encoder.set_filter(png::Filter::Up);
+    let mut writer = encoder.write_header()?;
+    {
+        let mut stream = writer.stream_writer_with_size(256 * 1024)?;
+        let mut rgb = vec![0u8; width as usize * 3];
+        pipeline.for_each_row(|row| {
+            format.row_to_rgb(row, &mut rgb);
+            stream.write_all(&rgb).map_err(|e| CaptureError::EncodePng(e.into()))
+        })?;
+        stream.finish()?;
+    }
+    writer.finish()?;
+    Ok(bytes)
+}

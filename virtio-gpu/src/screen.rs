@@ -1,0 +1,244 @@
+//! The screen as the host sees it: what the guest shows on its scanout, the frame clock,
+//! the cursor, and screenshots. Shared as an `Arc<Screen>` with threads other than the
+//! device's (the control socket), which read it while the device runs.
+//!
+//! Each RESOURCE_FLUSH of the scanout's resource ends a frame: its number (1, 2, ...), the
+//! damaged rectangle and the monotonic time. Waiting for frames uses a condition variable
+//! and always ends by its timeout.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::capture::{self, Capture, CaptureError, CaptureOptions, CursorImage, CursorOverlay};
+use crate::protocol::Rect;
+use crate::surface::{ScanoutPixels, Surface};
+
+/// Errors reading the screen.
+#[derive(Debug, thiserror::Error)]
+pub enum ScreenError {
+    #[error("the guest has not shown anything yet (no scanout is set); wait for a frame first")]
+    FindScanout,
+    #[error("the scanout's resource has no backing memory yet; wait for a frame first")]
+    FindScanoutBacking,
+    #[error("no frame after frame {after} within {timeout:?}; the guest may be idle or hung")]
+    WaitForFrame { after: u64, timeout: Duration },
+    #[error("the screen did not stay still for {still:?} within {timeout:?} (last frame {last_frame:?})")]
+    WaitUntilStill { still: Duration, timeout: Duration, last_frame: Option<u64> },
+    #[error("the guest has not finished a frame within {timeout:?}")]
+    WaitUntilStillNoFrame { timeout: Duration },
+    #[error("could not capture the screen: {0}")]
+    Capture(#[from] CaptureError),
+}
+
+/// One finished frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    /// 1 for the first frame; increases by one per frame, never reused (not even on reset).
+    pub number: u64,
+    /// The flushed rectangle, in screen coordinates.
+    pub damage: Rect,
+    pub time: Instant,
+}
+
+/// What the scanout shows.
+#[derive(Debug, Clone)]
+pub(crate) struct Scanout {
+    pub resource_id: u32,
+    /// The part of the resource shown, in resource pixels.
+    pub rect: Rect,
+    pub surface: Option<Arc<Surface>>,
+}
+
+/// The cursor as the guest last set it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CursorState {
+    /// `None` while hidden.
+    pub image: Option<Arc<CursorImage>>,
+    pub hot_x: u32,
+    pub hot_y: u32,
+    pub x: u32,
+    pub y: u32,
+}
+
+#[derive(Debug, Default)]
+struct ScreenState {
+    scanout: Option<Scanout>,
+    latest: Option<Frame>,
+    cursor: CursorState,
+}
+
+/// The guest's screen, shareable with other threads.
+#[derive(Debug)]
+pub struct Screen {
+    display: (u32, u32),
+    state: Mutex<ScreenState>,
+    frame_finished: Condvar,
+}
+
+impl Screen {
+    pub(crate) fn new(width: u32, height: u32) -> Screen {
+        Screen { display: (width, height), state: Mutex::default(), frame_finished: Condvar::new() }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ScreenState> {
+        // A panic elsewhere while holding the lock leaves plain data behind: keep going.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The display size offered to the guest (width, height).
+    pub fn display_size(&self) -> (u32, u32) {
+        self.display
+    }
+
+    /// The size of what the guest shows now (the scanout rectangle), if anything.
+    pub fn scanout_size(&self) -> Option<(u32, u32)> {
+        self.lock().scanout.as_ref().map(|s| (s.rect.width, s.rect.height))
+    }
+
+    /// Whether the scanout's pixels are viewed in place (`Some(true)`), copied on each
+    /// transfer (`Some(false)`), or not there (`None`: no scanout or no backing).
+    pub fn scanout_is_zero_copy(&self) -> Option<bool> {
+        let state = self.lock();
+        state.scanout.as_ref()?.surface.as_ref().map(|surface| surface.is_mapped())
+    }
+
+    /// The last finished frame; `None` if the guest never finished one.
+    pub fn latest_frame(&self) -> Option<Frame> {
+        self.lock().latest
+    }
+
+    /// Waits until a frame numbered above `after` exists and returns the latest.
+    pub fn wait_for_frame_after(&self, after: u64, timeout: Duration) -> Result<Frame, ScreenError> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            if let Some(frame) = state.latest.filter(|frame| frame.number > after) {
+                return Ok(frame);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ScreenError::WaitForFrame { after, timeout });
+            }
+            state = self.wait(state, deadline - now);
+        }
+    }
+
+    /// Waits until no frame has finished for `still`, counted from the later of the last
+    /// frame and this call (so an action just taken gets `still` to show on screen), and
+    /// returns the last frame. Fails if that does not happen within `timeout`, or if the
+    /// guest never finished a frame.
+    pub fn wait_until_still(&self, still: Duration, timeout: Duration) -> Result<Frame, ScreenError> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let mut state = self.lock();
+        loop {
+            let quiet_since = state.latest.map_or(start, |frame| frame.time.max(start));
+            let now = Instant::now();
+            if now >= quiet_since + still {
+                return state.latest.ok_or(ScreenError::WaitUntilStillNoFrame { timeout });
+            }
+            if now >= deadline {
+                let last_frame = state.latest.map(|frame| frame.number);
+                return Err(ScreenError::WaitUntilStill { still, timeout, last_frame });
+            }
+            let wake = (quiet_since + still).min(deadline);
+            state = self.wait(state, wake - now);
+        }
+    }
+
+    fn wait<'a>(&self, state: MutexGuard<'a, ScreenState>, timeout: Duration) -> MutexGuard<'a, ScreenState> {
+        match self.frame_finished.wait_timeout(state, timeout) {
+            Ok((state, _)) => state,
+            Err(poisoned) => poisoned.into_inner().0,
+        }
+    }
+
+    /// Takes a screenshot as `options` asks.
+    pub fn capture(&self, options: &CaptureOptions) -> Result<Capture, ScreenError> {
+        let (scanout, frame, cursor) = self.snapshot(options.cursor)?;
+        let surface = scanout.surface.as_ref().ok_or(ScreenError::FindScanoutBacking)?;
+        let pixels = surface.pixels(scanout.rect).ok_or(ScreenError::FindScanoutBacking)?;
+        Ok(capture::encode(&pixels, options, cursor.as_ref(), frame)?)
+    }
+
+    /// Lends the scanout's pixels to `read` without copying them, with the number of the
+    /// last finished frame.
+    pub fn with_pixels<T>(&self, read: impl FnOnce(&ScanoutPixels<'_>, u64) -> T) -> Result<T, ScreenError> {
+        let (scanout, frame, _) = self.snapshot(false)?;
+        let surface = scanout.surface.as_ref().ok_or(ScreenError::FindScanoutBacking)?;
+        let pixels = surface.pixels(scanout.rect).ok_or(ScreenError::FindScanoutBacking)?;
+        Ok(read(&pixels, frame))
+    }
+
+    /// The scanout, frame number and cursor at this moment; the lock is released before
+    /// any pixel is read, so the device never waits on an encoder.
+    fn snapshot(&self, with_cursor: bool) -> Result<(Scanout, u64, Option<CursorOverlay>), ScreenError> {
+        let state = self.lock();
+        let scanout = state.scanout.clone().ok_or(ScreenError::FindScanout)?;
+        let frame = state.latest.map_or(0, |frame| frame.number);
+        let cursor = if with_cursor {
+            // The cursor position is in screen pixels, the hot spot in image pixels.
+            state.cursor.image.as_ref().map(|image| CursorOverlay {
+                left: state.cursor.x as i64 - state.cursor.hot_x as i64,
+                top: state.cursor.y as i64 - state.cursor.hot_y as i64,
+                image: Arc::clone(image),
+            })
+        } else {
+            None
+        };
+        Ok((scanout, frame, cursor))
+    }
+
+    // Device side.
+
+    pub(crate) fn set_scanout(&self, scanout: Option<Scanout>) {
+        self.lock().scanout = scanout;
+    }
+
+    pub(crate) fn scanout_resource(&self) -> Option<u32> {
+        self.lock().scanout.as_ref().map(|s| s.resource_id)
+    }
+
+    /// Replaces the surface of the scanout if it shows `resource_id`.
+    pub(crate) fn replace_surface(&self, resource_id: u32, surface: Option<Arc<Surface>>) {
+        if let Some(scanout) = self.lock().scanout.as_mut().filter(|s| s.resource_id == resource_id) {
+            scanout.surface = surface;
+        }
+    }
+
+    /// Ends a frame if `resource_id` is on the scanout; `damage` is in resource pixels.
+    /// Returns whether a frame ended.
+    pub(crate) fn flush(&self, resource_id: u32, damage: Rect) -> bool {
+        let mut state = self.lock();
+        let Some(scanout) = state.scanout.as_ref().filter(|s| s.resource_id == resource_id) else {
+            return false;
+        };
+        let origin = scanout.rect;
+        let damage = damage
+            .intersect(&origin)
+            .map(|r| Rect::new(r.x - origin.x, r.y - origin.y, r.width, r.height))
+            .unwrap_or_default();
+        let number = state.latest.map_or(1, |frame| frame.number + 1);
+        state.latest = Some(Frame { number, damage, time: Instant::now() });
+        drop(state);
+        self.frame_finished.notify_all();
+        true
+    }
+
+    pub(crate) fn set_cursor(&self, cursor: CursorState) {
+        self.lock().cursor = cursor;
+    }
+
+    pub(crate) fn move_cursor(&self, x: u32, y: u32) {
+        let mut state = self.lock();
+        state.cursor.x = x;
+        state.cursor.y = y;
+    }
+
+    /// Forgets the scanout and cursor (device reset); the frame count continues.
+    pub(crate) fn reset(&self) {
+        let mut state = self.lock();
+        state.scanout = None;
+        state.cursor = CursorState::default();
+    }
+}

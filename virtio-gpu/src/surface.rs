@@ -1,0 +1,172 @@
+//! A resource's pixels in host memory, and the lent, read-only view of a scanout's pixels.
+//!
+//! A surface is either the zero-copy view of guest RAM ([`MappedView`]) or, when the
+//! backing could not be viewed in place, a host copy refreshed by TRANSFER_TO_HOST_2D.
+//! Surfaces are shared (`Arc`) between the device and screenshot readers, so detaching a
+//! resource's backing while a screenshot reads it only unmaps once the reader is done.
+
+use std::marker::PhantomData;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::format::PixelFormat;
+use crate::protocol::Rect;
+use crate::view::MappedView;
+
+/// Where a surface's pixels are.
+#[derive(Debug)]
+pub(crate) enum Storage {
+    /// Guest RAM viewed in place.
+    Mapped(MappedView),
+    /// A host copy of the backing, refreshed on TRANSFER_TO_HOST_2D.
+    Copied(RwLock<Vec<u8>>),
+}
+
+/// The pixels of one resource: `height` rows of `stride` bytes.
+#[derive(Debug)]
+pub(crate) struct Surface {
+    pub width: u32,
+    pub height: u32,
+    pub stride: usize,
+    pub format: PixelFormat,
+    pub storage: Storage,
+}
+
+impl Surface {
+    /// Size in bytes of the pixels (rows times stride).
+    pub fn byte_len(&self) -> usize {
+        self.stride * self.height as usize
+    }
+
+    /// Lends the pixels of `rect` (checked to lie inside the surface; `None` otherwise).
+    pub fn pixels(&self, rect: Rect) -> Option<ScanoutPixels<'_>> {
+        if rect.is_empty() || !rect.fits_in(self.width, self.height) {
+            return None;
+        }
+        let offset = rect.y as usize * self.stride + rect.x as usize * PixelFormat::BYTES_PER_PIXEL as usize;
+        let (base, guard) = match &self.storage {
+            Storage::Mapped(view) => {
+                if view.len() < self.byte_len() {
+                    return None;
+                }
+                (view.as_ptr(), None)
+            }
+            Storage::Copied(lock) => {
+                let guard = lock.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+                if guard.len() < self.byte_len() {
+                    return None;
+                }
+                (guard.as_ptr(), Some(guard))
+            }
+        };
+        // SAFETY: `offset` is inside the `byte_len()` bytes at `base` checked above, since
+        // `rect` lies inside the surface.
+        let base = unsafe { base.add(offset) };
+        Some(ScanoutPixels {
+            base,
+            width: rect.width,
+            height: rect.height,
+            stride: self.stride,
+            format: self.format,
+            _guard: guard,
+            _surface: PhantomData,
+        })
+    }
+
+    /// Write access to a copy-backed surface's pixels, `None` for a mapped one.
+    pub fn copy_buffer(&self) -> Option<RwLockWriteGuard<'_, Vec<u8>>> {
+        match &self.storage {
+            Storage::Mapped(_) => None,
+            Storage::Copied(lock) => Some(lock.write().unwrap_or_else(|poisoned| poisoned.into_inner())),
+        }
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.storage, Storage::Mapped(_))
+    }
+}
+
+/// The scanout's pixels, lent without a copy: `height` rows of `width` pixels, each row
+/// `stride` bytes after the previous one.
+///
+/// For a zero-copy scanout these bytes are guest RAM that the guest may be writing at the
+/// same moment, so they are never handed out as `&[u8]`: read rows with [`read_row`]
+/// (a raw copy), or take the raw pointer.
+///
+/// [`read_row`]: ScanoutPixels::read_row
+pub struct ScanoutPixels<'a> {
+    base: *const u8,
+    width: u32,
+    height: u32,
+    stride: usize,
+    format: PixelFormat,
+    _guard: Option<RwLockReadGuard<'a, Vec<u8>>>,
+    _surface: PhantomData<&'a Surface>,
+}
+
+impl std::fmt::Debug for ScanoutPixels<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScanoutPixels")
+            .field("width", &self.width)
+            .field("height", &self.height)
+            .field("stride", &self.stride)
+            .field("format", &self.format)
+            .finish()
+    }
+}
+
+impl ScanoutPixels<'_> {
+    pub fn width(&self) -> u32 {
+        self.width
+    }
+
+    pub fn height(&self) -> u32 {
+        self.height
+    }
+
+    /// Bytes from one row to the next.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    pub fn format(&self) -> PixelFormat {
+        self.format
+    }
+
+    /// Bytes of one row's pixels (`width * 4`).
+    pub fn row_bytes(&self) -> usize {
+        self.width as usize * PixelFormat::BYTES_PER_PIXEL as usize
+    }
+
+    /// Bytes from the first pixel to one past the last: `(height - 1) * stride + row_bytes`.
+    pub fn span_bytes(&self) -> usize {
+        (self.height as usize - 1) * self.stride + self.row_bytes()
+    }
+
+    /// Copies pixels `x..x + count` of row `y` into the start of `dst`; parts outside the
+    /// image or past `dst` are left out. Returns the bytes copied.
+    pub fn read_row_span(&self, y: u32, x: u32, count: u32, dst: &mut [u8]) -> usize {
+        if y >= self.height || x >= self.width {
+            return 0;
+        }
+        let pixels = count.min(self.width - x) as usize;
+        let len = (pixels * PixelFormat::BYTES_PER_PIXEL as usize).min(dst.len());
+        let offset = y as usize * self.stride + x as usize * PixelFormat::BYTES_PER_PIXEL as usize;
+        // SAFETY: `offset + len` stays inside row `y` of the lent area (checked against
+        // width and height above), which `Surface::pixels` checked lies in the storage, and
+        // the storage outlives `self`. `dst` is a distinct host buffer. The source may be
+        // written by the guest concurrently: it is read as raw bytes, never referenced.
+        unsafe { std::ptr::copy_nonoverlapping(self.base.add(offset), dst.as_mut_ptr(), len) };
+        len
+    }
+
+    /// Copies row `y` into the start of `dst`. Returns the bytes copied.
+    pub fn read_row(&self, y: u32, dst: &mut [u8]) -> usize {
+        self.read_row_span(y, 0, self.width, dst)
+    }
+
+    /// Pointer to the first pixel, for callers that hand the view to other code (an
+    /// encoder in C, a socket). Valid while `self` lives; the guest may write it.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.base
+    }
+}

@@ -1,0 +1,242 @@
+//! Resource backing: the guest-RAM pages a resource's pixels live in, and the zero-copy
+//! scanout view that maps those pages of the guest-memory memfd, in order, into one
+//! contiguous host range.
+//!
+//! The view is built by reserving a host range with `mmap(PROT_NONE)` and then mapping
+//! each run of backing pages `MAP_SHARED | MAP_FIXED` from the memfd at the page's file
+//! offset. The guest writes its pixels into RAM; the host reads the same pages through
+//! the view, so neither TRANSFER_TO_HOST_2D nor a screenshot copies guest memory.
+//! Backing that cannot be viewed this way (not page aligned, RAM without a file, or RAM
+//! mapped privately, as after a lazy snapshot restore) is copied instead.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::protocol::MemoryEntry;
+
+/// Host and guest page size on x86_64, the only architecture Carrel runs on.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Errors checking, mapping or reading a resource's backing.
+#[derive(Debug, thiserror::Error)]
+pub enum BackingError {
+    #[error("backing entry {addr:#x}+{length:#x} is not inside guest RAM")]
+    CheckBacking { addr: u64, length: u64 },
+    #[error("backing of {got} bytes is smaller than the resource's {needed} bytes")]
+    SizeBacking { needed: u64, got: u64 },
+    #[error("backing at {addr:#x}+{length:#x} is not page aligned, so it cannot be viewed in place")]
+    AlignBacking { addr: u64, length: u64 },
+    #[error("guest RAM at {addr:#x} is not a shared file mapping, so it cannot be viewed in place")]
+    FindBackingFile { addr: u64 },
+    #[error("could not reserve {len} bytes of host address space for a scanout view: {source}")]
+    ReserveView { len: usize, source: io::Error },
+    #[error("could not map guest RAM at {addr:#x} into a scanout view: {source}")]
+    MapBacking { addr: u64, source: io::Error },
+    #[error("could not read {len} bytes of backing at offset {offset:#x}: {source}")]
+    ReadBacking { offset: u64, len: usize, source: vm_memory::GuestMemoryError },
+}
+
+/// A resource's backing: the guest's scatter list, checked to lie in guest RAM.
+#[derive(Debug, Clone)]
+pub struct Backing {
+    entries: Vec<MemoryEntry>,
+    /// Offset of each entry's first byte within the backing.
+    starts: Vec<u64>,
+    total: u64,
+}
+
+impl Backing {
+    /// Checks that every entry lies in guest RAM; empty entries are dropped.
+    pub fn new(memory: &GuestMemoryMmap, entries: &[MemoryEntry]) -> Result<Backing, BackingError> {
+        let mut kept = Vec::with_capacity(entries.len());
+        let mut starts = Vec::with_capacity(entries.len());
+        let mut total = 0u64;
+        for entry in entries.iter().filter(|entry| entry.length > 0) {
+            let in_ram = entry.addr.checked_add(entry.length as u64).is_some()
+                && memory.check_range(GuestAddress(entry.addr), entry.length as usize);
+            if !in_ram {
+                return Err(BackingError::CheckBacking { addr: entry.addr, length: entry.length as u64 });
+            }
+            kept.push(*entry);
+            starts.push(total);
+            total += entry.length as u64;
+        }
+        Ok(Backing { entries: kept, starts, total })
+    }
+
+    /// Total bytes of backing.
+    pub fn len(&self) -> u64 {
+        self.total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    pub fn entries(&self) -> &[MemoryEntry] {
+        &self.entries
+    }
+
+    /// Copies backing bytes at `offset` into `dst`.
+    pub fn read(&self, memory: &GuestMemoryMmap, offset: u64, dst: &mut [u8]) -> Result<(), BackingError> {
+        let len = dst.len();
+        let fail = |source| BackingError::ReadBacking { offset, len, source };
+        if offset.checked_add(dst.len() as u64).is_none_or(|end| end > self.total) {
+            return Err(fail(vm_memory::GuestMemoryError::InvalidBackendAddress));
+        }
+        let mut index = self.starts.partition_point(|&start| start <= offset).saturating_sub(1);
+        let mut position = offset;
+        let mut done = 0usize;
+        while done < dst.len() {
+            let (Some(entry), Some(start)) = (self.entries.get(index), self.starts.get(index)) else {
+                return Err(fail(vm_memory::GuestMemoryError::InvalidBackendAddress));
+            };
+            let within = position - start;
+            let count = ((entry.length as u64 - within) as usize).min(dst.len() - done);
+            vm_memory::Bytes::read_slice(memory, &mut dst[done..done + count], GuestAddress(entry.addr + within))
+                .map_err(fail)?;
+            done += count;
+            position += count as u64;
+            index += 1;
+        }
+        Ok(())
+    }
+}
+
+/// A read-only host view of guest pages: `len` bytes at `base`, unmapped on drop.
+#[derive(Debug)]
+pub struct MappedView {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the view owns its mapping; it is only read, through raw copies, and the memory
+// stays mapped until drop, so sharing it between threads is as sound as using it on one.
+unsafe impl Send for MappedView {}
+// SAFETY: as above; no method mutates through `&self`.
+unsafe impl Sync for MappedView {}
+
+impl MappedView {
+    /// Maps the first `len` bytes of `backing` (rounded up to whole pages) into one
+    /// contiguous host range.
+    pub fn map(memory: &GuestMemoryMmap, backing: &Backing, len: u64) -> Result<MappedView, BackingError> {
+        if backing.len() < len {
+            return Err(BackingError::SizeBacking { needed: len, got: backing.len() });
+        }
+        let map_len = len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let view = MappedView::reserve(map_len as usize)?;
+        let mut position = 0u64;
+        for entry in backing.entries() {
+            if position >= map_len {
+                break;
+            }
+            // The entry holding the resource's last byte may end mid-page: its whole last
+            // page is mapped (checked to be guest RAM below).
+            let covers_rest = entry.length as u64 >= len - position;
+            if entry.addr % PAGE_SIZE != 0 || (!covers_rest && entry.length as u64 % PAGE_SIZE != 0) {
+                return Err(BackingError::AlignBacking { addr: entry.addr, length: entry.length as u64 });
+            }
+            let piece = if covers_rest { map_len - position } else { entry.length as u64 };
+            view.map_guest_range(memory, position, entry.addr, piece)?;
+            position += piece;
+        }
+        if position < map_len {
+            return Err(BackingError::SizeBacking { needed: len, got: position });
+        }
+        Ok(view)
+    }
+
+    fn reserve(len: usize) -> Result<MappedView, BackingError> {
+        // SAFETY: an anonymous PROT_NONE mapping at an address of the kernel's choice
+        // touches no existing memory; the result is checked before use.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(BackingError::ReserveView { len, source: io::Error::last_os_error() });
+        }
+        let base = NonNull::new(base.cast::<u8>())
+            .ok_or(BackingError::ReserveView { len, source: io::Error::from(io::ErrorKind::AddrNotAvailable) })?;
+        Ok(MappedView { base, len })
+    }
+
+    /// Maps guest RAM `[addr, addr + len)` at `position` in the view, region by region.
+    fn map_guest_range(
+        &self,
+        memory: &GuestMemoryMmap,
+        position: u64,
+        addr: u64,
+        len: u64,
+    ) -> Result<(), BackingError> {
+        let mut done = 0u64;
+        while done < len {
+            let gpa = addr + done;
+            let region = memory
+                .find_region(GuestAddress(gpa))
+                .ok_or(BackingError::CheckBacking { addr: gpa, length: len - done })?;
+            let region_offset = gpa - region.start_addr().raw_value();
+            let count = (len - done).min(region.len() - region_offset);
+            let file = region.file_offset().ok_or(BackingError::FindBackingFile { addr: gpa })?;
+            // A private mapping (a lazily restored snapshot) keeps the guest's writes in
+            // anonymous copy-on-write pages the file never sees.
+            if region.flags() & libc::MAP_SHARED == 0 {
+                return Err(BackingError::FindBackingFile { addr: gpa });
+            }
+            let file_offset = file.start() + region_offset;
+            if file_offset % PAGE_SIZE != 0 || count % PAGE_SIZE != 0 {
+                return Err(BackingError::AlignBacking { addr: gpa, length: count });
+            }
+            let target = position + done;
+            // SAFETY: `target..target + count` lies inside this view's reservation (the
+            // caller keeps `position + len <= self.len`), so MAP_FIXED replaces only pages
+            // this value owns; the file range exists because it backs a guest region.
+            let mapped = unsafe {
+                libc::mmap(
+                    self.base.as_ptr().add(target as usize).cast(),
+                    count as usize,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_POPULATE,
+                    file.file().as_raw_fd(),
+                    file_offset as libc::off_t,
+                )
+            };
+            if mapped == libc::MAP_FAILED {
+                return Err(BackingError::MapBacking { addr: gpa, source: io::Error::last_os_error() });
+            }
+            done += count;
+        }
+        Ok(())
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.base.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for MappedView {
+    fn drop(&mut self) {
+        // SAFETY: `base..base + len` is the reservation made in `reserve`, owned by this
+        // value and no longer reachable once it is dropped.
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.len);
+        }
+    }
+}
