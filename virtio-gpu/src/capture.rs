@@ -251,3 +251,184 @@ fn encode_png(pipeline: &RowPipeline<'_, '_>, format: PixelFormat) -> Result<Vec
     writer.finish()?;
     Ok(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::encode::{attach_backing, words};
+    use crate::protocol::CMD_SET_SCANOUT;
+    use crate::screen::ScreenError;
+    use crate::testing::*;
+
+    /// A 64x32 B8G8R8X8 screen showing `pattern`.
+    fn screen_with_pattern() -> Harness {
+        let mut harness = Harness::new();
+        harness.show(1, 64, 32, PIXELS_ADDR);
+        harness.paint(PIXELS_ADDR, 64, 32, pattern);
+        harness
+    }
+
+    fn capture(harness: &Harness, options: CaptureOptions) -> Capture {
+        harness.gpu.screen().capture(&options).unwrap()
+    }
+
+    fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
+        let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+        let mut reader = decoder.read_info().unwrap();
+        let mut rgb = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut rgb).unwrap();
+        assert_eq!(info.color_type, png::ColorType::Rgb);
+        rgb.truncate(info.buffer_size());
+        (info.width, info.height, rgb)
+    }
+
+    fn expected_rgb(crop: Rect) -> Vec<u8> {
+        let mut rgb = Vec::new();
+        for y in crop.y..crop.y + crop.height {
+            for x in crop.x..crop.x + crop.width {
+                rgb.extend_from_slice(&pattern(x, y));
+            }
+        }
+        rgb
+    }
+
+    #[test]
+    fn capture_raw_returns_native_pixels_and_stride() {
+        let harness = screen_with_pattern();
+        let raw = capture(&harness, CaptureOptions::default());
+        assert_eq!((raw.width, raw.height, raw.stride, raw.pixel_format), (64, 32, 256, PixelFormat::B8G8R8X8));
+        let [r, g, b] = pattern(5, 7);
+        assert_eq!(&raw.bytes[7 * 256 + 5 * 4..7 * 256 + 5 * 4 + 3], &[b, g, r]);
+    }
+
+    #[test]
+    fn capture_png_decodes_to_scanout_pixels() {
+        let harness = screen_with_pattern();
+        let png = capture(&harness, CaptureOptions { format: CaptureFormat::Png, ..CaptureOptions::default() });
+        assert_eq!(png.stride, 0);
+        assert_eq!(decode_png(&png.bytes), (64, 32, expected_rgb(Rect::new(0, 0, 64, 32))));
+    }
+
+    #[test]
+    fn capture_qoi_decodes_to_scanout_pixels() {
+        let harness = screen_with_pattern();
+        let qoi = capture(&harness, CaptureOptions { format: CaptureFormat::Qoi, ..CaptureOptions::default() });
+        let image = crate::qoi::decode(&qoi.bytes).unwrap();
+        assert_eq!((image.width, image.height, image.channels), (64, 32, 3));
+        let rgb: Vec<u8> = image.rgba.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect();
+        assert_eq!(rgb, expected_rgb(Rect::new(0, 0, 64, 32)));
+    }
+
+    #[test]
+    fn capture_crop_returns_only_the_rectangle() {
+        let harness = screen_with_pattern();
+        let crop = Rect::new(10, 4, 20, 9);
+        let png =
+            capture(&harness, CaptureOptions { format: CaptureFormat::Png, crop: Some(crop), ..Default::default() });
+        assert_eq!(decode_png(&png.bytes), (20, 9, expected_rgb(crop)));
+        let raw = capture(&harness, CaptureOptions { crop: Some(crop), ..Default::default() });
+        assert_eq!((raw.width, raw.height, raw.stride, raw.bytes.len()), (20, 9, 80, 20 * 9 * 4));
+    }
+
+    #[test]
+    fn capture_crop_outside_screen_returns_check_crop() {
+        let harness = screen_with_pattern();
+        for crop in [Rect::new(60, 0, 5, 5), Rect::new(0, 0, 0, 5), Rect::new(u32::MAX, 0, 2, 2)] {
+            let error = harness.gpu.screen().capture(&CaptureOptions { crop: Some(crop), ..Default::default() });
+            assert!(matches!(error, Err(ScreenError::Capture(CaptureError::CheckCrop { .. }))), "{crop:?}");
+        }
+    }
+
+    #[test]
+    fn capture_scale_out_of_range_returns_check_scale() {
+        let harness = screen_with_pattern();
+        for scale in [(0, 10), (10, 0), (MAX_SCALE_DIMENSION + 1, 10)] {
+            let error = harness.gpu.screen().capture(&CaptureOptions { scale: Some(scale), ..Default::default() });
+            assert!(matches!(error, Err(ScreenError::Capture(CaptureError::CheckScale { .. }))), "{scale:?}");
+        }
+    }
+
+    #[test]
+    fn capture_scale_half_averages_2x2_blocks() {
+        let harness = screen_with_pattern();
+        let raw = capture(&harness, CaptureOptions { scale: Some((32, 16)), ..Default::default() });
+        assert_eq!((raw.width, raw.height), (32, 16));
+        for (x, y) in [(0u32, 0u32), (5, 3), (31, 15)] {
+            let block = [
+                pattern(2 * x, 2 * y),
+                pattern(2 * x + 1, 2 * y),
+                pattern(2 * x, 2 * y + 1),
+                pattern(2 * x + 1, 2 * y + 1),
+            ];
+            let mean = |c: usize| ((block.iter().map(|p| p[c] as u32).sum::<u32>() + 2) / 4) as u8;
+            let offset = (y * 32 + x) as usize * 4;
+            assert_eq!(&raw.bytes[offset..offset + 3], &[mean(2), mean(1), mean(0)], "({x}, {y})");
+        }
+    }
+
+    #[test]
+    fn capture_scale_up_repeats_source_pixels() {
+        let harness = screen_with_pattern();
+        let crop = Rect::new(0, 0, 4, 4);
+        let png = capture(
+            &harness,
+            CaptureOptions { format: CaptureFormat::Png, crop: Some(crop), scale: Some((8, 12)), cursor: false },
+        );
+        let (width, height, rgb) = decode_png(&png.bytes);
+        assert_eq!((width, height), (8, 12));
+        for (x, y) in [(0u32, 0u32), (7, 11), (3, 5)] {
+            let offset = (y * 8 + x) as usize * 3;
+            assert_eq!(&rgb[offset..offset + 3], &pattern(x / 2, y / 3), "({x}, {y})");
+        }
+    }
+
+    #[test]
+    fn capture_scale_to_uneven_size_covers_every_source_pixel() {
+        let mut harness = Harness::new();
+        harness.show(1, 10, 10, PIXELS_ADDR);
+        harness.paint(PIXELS_ADDR, 10, 10, |_, _| [90, 60, 30]);
+        let raw = capture(&harness, CaptureOptions { scale: Some((3, 7)), ..Default::default() });
+        assert_eq!((raw.width, raw.height, raw.bytes.len()), (3, 7, 3 * 7 * 4));
+        assert!(raw.bytes.chunks_exact(4).all(|p| p[..3] == [30, 60, 90]));
+    }
+
+    #[test]
+    fn capture_of_r8g8b8x8_resource_reads_channels_in_order() {
+        let mut harness = Harness::new();
+        harness.create(1, 134, 8, 8);
+        harness.ok(&attach_backing(1, &[(PIXELS_ADDR, 256)]));
+        harness.ok(&words(CMD_SET_SCANOUT, &[0, 0, 8, 8, 0, 1]));
+        let pixels: Vec<u8> = [10u8, 20, 30, 0].repeat(64);
+        vm_memory::Bytes::write_slice(&harness.memory, &pixels, vm_memory::GuestAddress(PIXELS_ADDR)).unwrap();
+        let png = capture(&harness, CaptureOptions { format: CaptureFormat::Png, ..Default::default() });
+        let (_, _, rgb) = decode_png(&png.bytes);
+        assert_eq!(&rgb[..3], &[10, 20, 30]);
+        let qoi = capture(&harness, CaptureOptions { format: CaptureFormat::Qoi, ..Default::default() });
+        assert_eq!(&crate::qoi::decode(&qoi.bytes).unwrap().rgba[..4], &[10, 20, 30, 255]);
+    }
+
+    #[test]
+    fn capture_reports_latest_frame_number() {
+        let mut harness = screen_with_pattern();
+        assert_eq!(capture(&harness, CaptureOptions::default()).frame, 0);
+        harness.flush(1, Rect::new(0, 0, 64, 32));
+        harness.flush(1, Rect::new(0, 0, 8, 8));
+        assert_eq!(capture(&harness, CaptureOptions::default()).frame, 2);
+    }
+
+    #[test]
+    fn with_pixels_lends_rows_without_copy() {
+        let harness = screen_with_pattern();
+        let (width, height, stride, first) = harness
+            .gpu
+            .screen()
+            .with_pixels(|pixels, _| {
+                let mut row = vec![0u8; pixels.row_bytes()];
+                pixels.read_row(2, &mut row);
+                (pixels.width(), pixels.height(), pixels.stride(), row[..3].to_vec())
+            })
+            .unwrap();
+        let [r, g, b] = pattern(0, 2);
+        assert_eq!((width, height, stride, first), (64, 32, 256, vec![b, g, r]));
+    }
+}

@@ -242,3 +242,105 @@ impl Screen {
         state.cursor = CursorState::default();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+
+    const SHORT: Duration = Duration::from_millis(20);
+    const GENEROUS: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn latest_frame_before_any_flush_is_none() {
+        let mut harness = Harness::new();
+        assert_eq!(harness.gpu.screen().latest_frame(), None);
+        harness.show(1, 16, 16, PIXELS_ADDR);
+        assert_eq!(harness.gpu.screen().latest_frame(), None);
+    }
+
+    #[test]
+    fn capture_before_scanout_says_nothing_is_shown() {
+        let harness = Harness::new();
+        let error = harness.gpu.screen().capture(&CaptureOptions::default()).unwrap_err();
+        assert!(matches!(error, ScreenError::FindScanout));
+        assert!(error.to_string().contains("wait for a frame"), "{error}");
+        assert!(matches!(harness.gpu.screen().with_pixels(|_, _| ()), Err(ScreenError::FindScanout)));
+    }
+
+    #[test]
+    fn display_size_is_the_configured_size() {
+        assert_eq!(Harness::new().gpu.screen().display_size(), (1280, 800));
+    }
+
+    #[test]
+    fn wait_for_frame_after_times_out_when_guest_is_idle() {
+        let harness = Harness::new();
+        let start = Instant::now();
+        let error = harness.gpu.screen().wait_for_frame_after(0, SHORT).unwrap_err();
+        assert!(matches!(error, ScreenError::WaitForFrame { after: 0, .. }));
+        assert!(start.elapsed() >= SHORT);
+    }
+
+    #[test]
+    fn wait_for_frame_after_returns_at_once_when_a_later_frame_exists() {
+        let mut harness = Harness::new();
+        harness.show(1, 16, 16, PIXELS_ADDR);
+        harness.flush(1, Rect::new(0, 0, 16, 16));
+        harness.flush(1, Rect::new(0, 0, 4, 4));
+        let frame = harness.gpu.screen().wait_for_frame_after(0, Duration::ZERO).unwrap();
+        assert_eq!((frame.number, frame.damage), (2, Rect::new(0, 0, 4, 4)));
+        assert!(harness.gpu.screen().wait_for_frame_after(2, Duration::ZERO).is_err());
+    }
+
+    #[test]
+    fn wait_for_frame_after_wakes_on_flush_from_device_thread() {
+        let mut harness = Harness::new();
+        harness.show(1, 16, 16, PIXELS_ADDR);
+        let screen = harness.gpu.screen();
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| screen.wait_for_frame_after(0, GENEROUS));
+            // The device thread: flush once the waiter is (very likely) waiting; the
+            // result is the same either way.
+            std::thread::sleep(Duration::from_millis(5));
+            harness.flush(1, Rect::new(0, 0, 16, 16));
+            assert_eq!(waiter.join().unwrap().unwrap().number, 1);
+        });
+    }
+
+    #[test]
+    fn wait_until_still_returns_last_frame_after_quiet_period() {
+        let mut harness = Harness::new();
+        harness.show(1, 16, 16, PIXELS_ADDR);
+        harness.flush(1, Rect::new(0, 0, 16, 16));
+        let start = Instant::now();
+        let frame = harness.gpu.screen().wait_until_still(SHORT, GENEROUS).unwrap();
+        assert_eq!(frame.number, 1);
+        assert!(start.elapsed() >= SHORT, "stillness counts from the call");
+    }
+
+    #[test]
+    fn wait_until_still_without_any_frame_returns_error() {
+        let harness = Harness::new();
+        let error = harness.gpu.screen().wait_until_still(SHORT, GENEROUS).unwrap_err();
+        assert!(matches!(error, ScreenError::WaitUntilStillNoFrame { .. }), "{error}");
+    }
+
+    #[test]
+    fn wait_until_still_while_frames_keep_coming_times_out() {
+        let mut harness = Harness::new();
+        harness.show(1, 16, 16, PIXELS_ADDR);
+        let screen = harness.gpu.screen();
+        let (still, timeout) = (Duration::from_millis(200), Duration::from_millis(400));
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| screen.wait_until_still(still, timeout));
+            // A frame every 2 ms: the screen is never still for 200 ms.
+            while !waiter.is_finished() {
+                harness.flush(1, Rect::new(0, 0, 16, 16));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let error = waiter.join().unwrap().unwrap_err();
+            assert!(matches!(error, ScreenError::WaitUntilStill { last_frame: Some(_), .. }), "{error}");
+        });
+    }
+}
