@@ -14,6 +14,7 @@ use crate::config::VmConfig;
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::legacy::power::PowerPort;
 use crate::devices::legacy::{ConsoleOutput, PowerDevice, SerialDevice, VmExitSignal};
+use crate::devices::virtio::gpu::GpuDevice;
 use crate::devices::virtio::mmio::{reg, MmioTransport};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockConfig};
@@ -23,6 +24,7 @@ use crate::platform;
 use crate::vstate::regs;
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
+use carrel_gpu::{Gpu, GpuConfig, Screen};
 
 /// Errors building a VM.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,8 @@ pub enum BuildError {
     Boot(#[from] crate::boot::BootError),
     #[error(transparent)]
     Image(#[from] crate::boot::image::ImageError),
+    #[error("cannot create the screen: {0}")]
+    Gpu(#[from] carrel_gpu::GpuError),
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     #[error(transparent)]
@@ -74,6 +78,8 @@ pub struct BuiltVm {
     pub serial: Arc<Mutex<SerialDevice>>,
     pub exit: Arc<VmExitSignal>,
     pub virtio: Vec<AttachedVirtio>,
+    /// The screen, when the VM has one.
+    pub screen: Option<Arc<Screen>>,
     pub started: Instant,
 }
 
@@ -113,6 +119,7 @@ pub fn build_vm(config: &VmConfig, started: Instant) -> Result<BuiltVm, BuildErr
         serial: wired.serial,
         exit: wired.exit,
         virtio: wired.virtio,
+        screen: wired.screen,
         started,
     })
 }
@@ -125,6 +132,7 @@ struct Wired {
     serial: Arc<Mutex<SerialDevice>>,
     exit: Arc<VmExitSignal>,
     virtio: Vec<AttachedVirtio>,
+    screen: Option<Arc<Screen>>,
 }
 
 /// Devices, vCPUs, kernel and boot state, in that order.
@@ -154,6 +162,15 @@ fn wire_vm(config: &VmConfig, kernel: &std::path::Path, vm: &Vm, ram: &GuestRam)
         devices.push(entry);
     }
 
+    let mut screen = None;
+    if let Some((width, height)) = config.display_size()? {
+        let gpu = Gpu::new(GpuConfig::new(width, height)?, ram.memory.clone())?;
+        let device = GpuDevice::new(gpu);
+        screen = Some(device.screen());
+        let (attached, entry) = attach_virtio(vm, &mut mmio_bus, ram, "gpu", Box::new(device), devices.len())?;
+        virtio.push(attached);
+        devices.push(entry);
+    }
     if let Some(socket) = &config.vsock {
         let vsock = Vsock::new(VsockConfig { guest_cid: config.guest_cid, socket: socket.clone() })?;
         let (attached, entry) = attach_virtio(vm, &mut mmio_bus, ram, "vsock", Box::new(vsock), devices.len())?;
@@ -189,7 +206,7 @@ fn wire_vm(config: &VmConfig, kernel: &std::path::Path, vm: &Vm, ram: &GuestRam)
         vcpu_count,
         tsc_khz,
         devices: &devices,
-        framebuffer: (0, 0),
+        framebuffer: config.display_size()?.unwrap_or((0, 0)),
     };
     let boot = boot::load(&ram.memory, ram.size, &request)?;
     if boot.wants_pit {
@@ -209,7 +226,7 @@ fn wire_vm(config: &VmConfig, kernel: &std::path::Path, vm: &Vm, ram: &GuestRam)
     // The boot vCPU starts at the entry point; the others wait for the guest's SIPI.
     regs::set_entry_state(&vcpus[0].fd, boot.entry)?;
 
-    Ok(Wired { vcpus, platform, boot, serial, exit, virtio })
+    Ok(Wired { vcpus, platform, boot, serial, exit, virtio, screen })
 }
 
 fn ram_gib(bytes: u64) -> u64 {

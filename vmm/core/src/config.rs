@@ -24,6 +24,8 @@ pub enum ConfigError {
     KernelNotFound { path: String },
     #[error("initrd {path} does not exist")]
     InitrdNotFound { path: String },
+    #[error("display {text:?} is not WIDTHxHEIGHT (e.g. 1280x800) or \"none\"")]
+    BadDisplay { text: String },
     #[error("--cpus must be between 1 and {MAX_VCPUS}, got {got}")]
     BadCpus { got: u64 },
 }
@@ -59,6 +61,9 @@ pub struct VmConfig {
     /// Attach virtio-vsock, its host side at this Unix socket path.
     #[serde(default)]
     pub vsock: Option<PathBuf>,
+    /// The screen: "WIDTHxHEIGHT" (default 1280x800, up to 3840x2160) or "none".
+    #[serde(default = "default_display")]
+    pub display: String,
     /// Record every control request in the audit log in this directory.
     #[serde(default)]
     pub audit: Option<PathBuf>,
@@ -68,6 +73,10 @@ pub struct VmConfig {
     /// The guest's vsock CID.
     #[serde(default = "default_cid")]
     pub guest_cid: u64,
+}
+
+fn default_display() -> String {
+    "1280x800".to_string()
 }
 
 fn default_name() -> String {
@@ -104,6 +113,7 @@ impl Default for VmConfig {
             boot: BootProtocol::Auto,
             rng: true,
             vsock: None,
+            display: default_display(),
             audit: None,
             name: default_name(),
             guest_cid: 3,
@@ -112,6 +122,16 @@ impl Default for VmConfig {
 }
 
 impl VmConfig {
+    /// The screen size, or `None` for a VM without a screen.
+    pub fn display_size(&self) -> Result<Option<(u32, u32)>, ConfigError> {
+        if self.display == "none" {
+            return Ok(None);
+        }
+        let bad = || ConfigError::BadDisplay { text: self.display.clone() };
+        let (width, height) = self.display.split_once('x').ok_or_else(bad)?;
+        Ok(Some((width.parse().map_err(|_| bad())?, height.parse().map_err(|_| bad())?)))
+    }
+
     /// Reads a `vm.toml`.
     pub fn from_file(path: &Path) -> Result<VmConfig, ConfigError> {
         let name = path.display().to_string();
@@ -134,6 +154,7 @@ impl VmConfig {
                 return Err(ConfigError::InitrdNotFound { path: initrd.display().to_string() });
             }
         }
+        self.display_size()?;
         if self.cpus == 0 || self.cpus > u64::from(MAX_VCPUS) {
             return Err(ConfigError::BadCpus { got: self.cpus });
         }

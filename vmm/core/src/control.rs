@@ -24,6 +24,7 @@ pub const MAX_RESPONSE_BYTES: u32 = 256 << 20;
 pub enum Request {
     Status,
     Stop,
+    Screenshot(ScreenshotRequest),
 }
 
 /// The VMM's answer.
@@ -31,7 +32,54 @@ pub enum Request {
 pub enum Response {
     Status(VmStatus),
     Stopping,
+    Screenshot(Screenshot),
     Error(String),
+}
+
+/// How a screenshot is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImageFormat {
+    Png,
+    Qoi,
+    /// The scanout's pixels as they are, rows `stride` bytes apart.
+    Raw,
+}
+
+/// What to wait for before capturing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Wait {
+    /// Only for the guest's first frame, if it has drawn none yet.
+    FirstFrame,
+    /// For a frame numbered above this one.
+    FrameAfter(u64),
+    /// Until the screen has been still (no new frame) for this many milliseconds.
+    StillFor(u64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScreenshotRequest {
+    pub format: ImageFormat,
+    /// x, y, width, height in screen pixels.
+    pub crop: Option<[u32; 4]>,
+    /// Output width and height.
+    pub scale: Option<[u32; 2]>,
+    pub cursor: bool,
+    pub wait: Wait,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Screenshot {
+    pub format: ImageFormat,
+    pub width: u32,
+    pub height: u32,
+    /// Bytes per row of raw pixels; 0 for encoded images.
+    pub stride: u32,
+    /// Layout of raw pixels, e.g. "B8G8R8X8".
+    pub pixel_format: String,
+    /// The last frame the guest had finished when the capture started.
+    pub frame: u64,
+    pub bytes: Vec<u8>,
 }
 
 /// What `status` reports.
@@ -113,15 +161,22 @@ impl PendingRequest {
 }
 
 /// Where connection threads queue requests: a channel and an eventfd the event loop polls.
+/// Requests that wait (screenshots) are served on the connection thread by `local`, so a
+/// wait never blocks the event loop the guest's devices run on.
 #[derive(Debug, Clone)]
 pub struct RequestQueue {
     sender: Sender<PendingRequest>,
     wake: Arc<EventFd>,
+    local: Arc<crate::screen_service::ScreenService>,
 }
 
 impl RequestQueue {
-    pub fn new(sender: Sender<PendingRequest>, wake: Arc<EventFd>) -> RequestQueue {
-        RequestQueue { sender, wake }
+    pub fn new(
+        sender: Sender<PendingRequest>,
+        wake: Arc<EventFd>,
+        local: Arc<crate::screen_service::ScreenService>,
+    ) -> RequestQueue {
+        RequestQueue { sender, wake, local }
     }
 
     fn submit(&self, pending: PendingRequest) -> bool {
@@ -202,6 +257,12 @@ fn serve_connection(mut stream: UnixStream, queue: RequestQueue) {
                 return;
             }
         };
+        if let Some(response) = queue.local.serve(&request, peer) {
+            if write_frame(&mut stream, &response).is_err() {
+                return;
+            }
+            continue;
+        }
         let (reply, answer) = mpsc::channel();
         let (written_sender, written) = mpsc::channel();
         let response = if queue.submit(PendingRequest { request, reply, peer, written }) {
@@ -292,7 +353,8 @@ mod tests {
         let path = std::env::temp_dir().join(format!("carrel-control-test-{}.sock", std::process::id()));
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let (sender, receiver) = mpsc::channel();
-        let _server = ControlServer::start(&path, RequestQueue::new(sender, wake)).unwrap();
+        let local = Arc::new(crate::screen_service::ScreenService::new(None, Default::default()));
+        let _server = ControlServer::start(&path, RequestQueue::new(sender, wake, local)).unwrap();
         let handler = std::thread::spawn(move || {
             let pending: PendingRequest = receiver.recv().unwrap();
             assert_eq!(pending.request, Request::Stop);

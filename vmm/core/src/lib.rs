@@ -11,5 +11,7 @@ pub mod control;
 pub mod devices;
 pub mod memory;
 pub mod platform;
+pub mod recorder;
+pub mod screen_service;
 pub mod vmm;
 pub mod vstate;

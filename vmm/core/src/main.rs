@@ -6,17 +6,19 @@ use std::time::{Duration, Instant};
 
 use carrel_vmm::builder::build_vm;
 use carrel_vmm::config::VmConfig;
-use carrel_vmm::control::{ControlClient, Request, Response};
+use carrel_vmm::control::{ControlClient, ImageFormat, Request, Response, ScreenshotRequest, Wait};
 use carrel_vmm::vmm::{VmOutcome, Vmm};
 
 const USAGE: &str = "usage:
   carrel-vmm run --kernel PATH [--initrd PATH] [--cmdline S] [--mem MiB] [--cpus N]
                  [--console-log PATH] [--no-console] [--socket PATH] [--boot auto|desk|linux|pvh]
                  [--no-rng] [--vsock PATH] [--cid N]
-                 [--audit DIR] [--name NAME]
+                 [--audit DIR] [--name NAME] [--display WxH | --no-display]
   carrel-vmm run --config vm.toml [flags above override the file]
   carrel-vmm status --socket PATH [--json]
-  carrel-vmm stop --socket PATH";
+  carrel-vmm stop --socket PATH
+  carrel-vmm screenshot --socket PATH -o FILE [--format png|qoi|raw] [--scale WxH]
+                 [--crop x,y,w,h] [--cursor] [--after FRAME | --still MS] [--timeout S]";
 
 /// A usage error: exit code 2 with the usage text.
 struct Usage(String);
@@ -28,6 +30,9 @@ fn main() -> ExitCode {
         Some("run") => parse_run(&args[1..]).map(|config| run(config, started)),
         Some("status") => parse_socket(&args[1..]).map(|(socket, json)| status(&socket, json)),
         Some("stop") => parse_socket(&args[1..]).map(|(socket, _)| stop(&socket)),
+        Some("screenshot") => {
+            parse_screenshot(&args[1..]).map(|(socket, output, request)| screenshot(&socket, &output, request))
+        }
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -80,6 +85,8 @@ fn parse_run(args: &[String]) -> Result<VmConfig, Usage> {
             "--boot" => config.boot = value(args, &mut index, flag)?.parse().map_err(Usage)?,
             "--no-rng" => config.rng = false,
             "--vsock" => config.vsock = Some(value(args, &mut index, flag)?.into()),
+            "--display" => config.display = value(args, &mut index, flag)?.to_string(),
+            "--no-display" => config.display = "none".to_string(),
             "--audit" => config.audit = Some(value(args, &mut index, flag)?.into()),
             "--name" => config.name = value(args, &mut index, flag)?.to_string(),
             "--cid" => config.guest_cid = number(value(args, &mut index, flag)?, flag)?,
@@ -103,6 +110,97 @@ fn parse_socket(args: &[String]) -> Result<(PathBuf, bool), Usage> {
         index += 1;
     }
     Ok((socket.ok_or_else(|| Usage("--socket PATH is required".into()))?, json))
+}
+
+fn pair(text: &str, flag: &str) -> Result<[u32; 2], Usage> {
+    let bad = || Usage(format!("{flag} takes WIDTHxHEIGHT, got {text:?}"));
+    let (width, height) = text.split_once('x').ok_or_else(bad)?;
+    Ok([width.parse().map_err(|_| bad())?, height.parse().map_err(|_| bad())?])
+}
+
+fn rectangle(text: &str, flag: &str) -> Result<[u32; 4], Usage> {
+    let parts: Vec<u32> = text
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .map_err(|_| Usage(format!("{flag} takes x,y,w,h")))?;
+    parts.try_into().map_err(|_| Usage(format!("{flag} takes four numbers x,y,w,h, got {text:?}")))
+}
+
+fn parse_screenshot(args: &[String]) -> Result<(PathBuf, PathBuf, ScreenshotRequest), Usage> {
+    let (mut socket, mut output) = (None, None);
+    let mut request = ScreenshotRequest {
+        format: ImageFormat::Png,
+        crop: None,
+        scale: None,
+        cursor: false,
+        wait: Wait::FirstFrame,
+        timeout_ms: 10_000,
+    };
+    let mut format_given = false;
+    let mut index = 0;
+    while index < args.len() {
+        let flag = args[index].as_str();
+        match flag {
+            "--socket" => socket = Some(PathBuf::from(value(args, &mut index, flag)?)),
+            "-o" | "--output" => output = Some(PathBuf::from(value(args, &mut index, flag)?)),
+            "--format" => {
+                format_given = true;
+                request.format = match value(args, &mut index, flag)? {
+                    "png" => ImageFormat::Png,
+                    "qoi" => ImageFormat::Qoi,
+                    "raw" => ImageFormat::Raw,
+                    other => return Err(Usage(format!("--format takes png, qoi or raw, got {other:?}"))),
+                }
+            }
+            "--scale" => request.scale = Some(pair(value(args, &mut index, flag)?, flag)?),
+            "--crop" => request.crop = Some(rectangle(value(args, &mut index, flag)?, flag)?),
+            "--cursor" => request.cursor = true,
+            "--after" => request.wait = Wait::FrameAfter(number(value(args, &mut index, flag)?, flag)?),
+            "--still" => request.wait = Wait::StillFor(number(value(args, &mut index, flag)?, flag)?),
+            "--timeout" => {
+                let text = value(args, &mut index, flag)?;
+                let seconds: f64 = text.parse().map_err(|_| Usage(format!("--timeout takes seconds, got {text:?}")))?;
+                request.timeout_ms = (seconds.max(0.0) * 1000.0) as u64;
+            }
+            other => return Err(Usage(format!("unknown flag {other:?}"))),
+        }
+        index += 1;
+    }
+    let output = output.ok_or_else(|| Usage("-o FILE is required".into()))?;
+    if !format_given {
+        // The file name decides when no --format is given.
+        match output.extension().and_then(|ext| ext.to_str()) {
+            Some("qoi") => request.format = ImageFormat::Qoi,
+            Some("raw") => request.format = ImageFormat::Raw,
+            _ => {}
+        }
+    }
+    Ok((socket.ok_or_else(|| Usage("--socket PATH is required".into()))?, output, request))
+}
+
+fn screenshot(socket: &PathBuf, output: &PathBuf, request: ScreenshotRequest) -> anyhow::Result<ExitCode> {
+    let timeout = Duration::from_millis(request.timeout_ms) + CALL_TIMEOUT;
+    match ControlClient::connect(socket)?.call(&Request::Screenshot(request), timeout)? {
+        Response::Screenshot(shot) => {
+            std::fs::write(output, &shot.bytes)
+                .map_err(|err| anyhow::anyhow!("cannot write {}: {err}", output.display()))?;
+            let layout =
+                if shot.stride > 0 { format!(", {} stride {}", shot.pixel_format, shot.stride) } else { String::new() };
+            println!(
+                "{}: {}x{} {:?}{layout}, frame {}, {} bytes",
+                output.display(),
+                shot.width,
+                shot.height,
+                shot.format,
+                shot.frame,
+                shot.bytes.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Response::Error(message) => anyhow::bail!("{message}"),
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    }
 }
 
 fn run(config: VmConfig, started: Instant) -> anyhow::Result<ExitCode> {

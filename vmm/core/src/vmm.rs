@@ -10,12 +10,14 @@ use std::time::Instant;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use carrel_audit::{error_chain, Actor, AuditLog, NewEvent, Outcome};
+use carrel_audit::AuditLog;
 
 use crate::builder::BuiltVm;
 use crate::config::VmConfig;
 use crate::control::{ControlServer, PendingRequest, Request, RequestQueue, Response, VmStatus};
 use crate::devices::bus::lock;
+use crate::recorder::{Record, Recorder};
+use crate::screen_service::ScreenService;
 use crate::vstate::vcpu::{install_kick_handler, VcpuEvent, VcpuEventSender, VcpuHandle, VcpuStop};
 
 /// Errors running a VM.
@@ -31,6 +33,8 @@ pub enum RunError {
     Control(#[from] crate::control::ControlError),
     #[error("cannot open the audit log: {}", carrel_audit::error_chain(.0))]
     OpenAudit(#[source] carrel_audit::AuditError),
+    #[error("cannot record the VM's start in the audit log: {0}")]
+    RecordStart(String),
     #[error("vCPU {id} stopped: {stop}")]
     VcpuStopped { id: u8, stop: VcpuStop },
 }
@@ -95,7 +99,7 @@ pub struct Vmm {
     requests: Receiver<PendingRequest>,
     request_wake: Arc<EventFd>,
     signals: OwnedFd,
-    audit: Option<AuditLog>,
+    recorder: Recorder,
     _control: Option<ControlServer>,
 }
 
@@ -132,16 +136,23 @@ impl Vmm {
             Some(dir) => Some(AuditLog::open(dir, &config.name).map_err(RunError::OpenAudit)?),
             None => None,
         };
-        if let Some(log) = &audit {
-            let event = NewEvent::new("vm.start")
-                .param("kernel", config.kernel.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
-                .param("platform", built.platform.name());
-            log.append(event).map_err(RunError::OpenAudit)?;
-        }
+        let recorder = Recorder::new(audit);
+        let start = Record {
+            action: "vm.start",
+            params: vec![
+                ("kernel", config.kernel.as_ref().map(|p| p.display().to_string()).unwrap_or_default()),
+                ("platform", built.platform.name().to_string()),
+            ],
+            ..Default::default()
+        };
+        recorder.record(None, start).map_err(RunError::RecordStart)?;
 
         let (request_sender, requests) = mpsc::channel();
         let control = match &config.socket {
-            Some(path) => Some(ControlServer::start(path, RequestQueue::new(request_sender, request_wake.clone()))?),
+            Some(path) => {
+                let local = Arc::new(ScreenService::new(built.screen.clone(), recorder.clone()));
+                Some(ControlServer::start(path, RequestQueue::new(request_sender, request_wake.clone(), local))?)
+            }
             None => None,
         };
 
@@ -162,7 +173,7 @@ impl Vmm {
             requests,
             request_wake,
             signals,
-            audit,
+            recorder,
             _control: control,
         })
     }
@@ -174,15 +185,17 @@ impl Vmm {
         for handle in self.handles.drain(..) {
             handle.exit_and_join();
         }
-        if let Some(log) = self.audit.take() {
+        let result = match &outcome {
+            Ok(outcome) => format!("{outcome:?}"),
+            Err(err) => format!("error: {err}"),
+        };
+        let _ = self
+            .recorder
+            .record(None, Record { action: "vm.exit", params: vec![("outcome", result)], ..Default::default() });
+        if let Some(log) = self.recorder.log() {
             // The last records get a signed checkpoint, so dropping them later is detectable.
-            let result = match &outcome {
-                Ok(outcome) => format!("{outcome:?}"),
-                Err(err) => format!("error: {err}"),
-            };
-            let _ = log.append(NewEvent::new("vm.exit").param("outcome", result));
             let _ = log.checkpoint();
-            let _ = log.close();
+            let _ = log.sync();
         }
         outcome
     }
@@ -274,35 +287,25 @@ impl Vmm {
         }
     }
 
-    /// Serves one request and records it. Every request goes through here, so every
-    /// request is on the audit record; a request whose record cannot be written fails
-    /// (and one that would stop the VM is recorded before it does).
+    /// Serves one request and records it through the recorder, like every request; a
+    /// request whose record cannot be written fails, and one that would stop the VM is
+    /// recorded before it does.
     fn serve(&self, pending: &PendingRequest) -> (Response, bool) {
-        let Some(log) = &self.audit else { return self.handle_request(&pending.request) };
-        let actor = pending.peer.map(|(pid, uid, gid)| Actor { pid: pid as u32, uid, gid });
-        let event = |outcome| {
-            let mut event = NewEvent::new(request_action(&pending.request)).outcome(outcome);
-            if let Some(actor) = actor {
-                event = event.actor(actor);
-            }
-            event
-        };
+        let action = request_action(&pending.request);
         if matches!(pending.request, Request::Stop) {
-            if let Err(err) = log.append(event(Outcome::Ok)) {
-                return (Response::Error(format!("not stopped: the audit log failed: {}", error_chain(&err))), false);
+            if let Err(err) = self.recorder.record(pending.peer, Record { action, ..Default::default() }) {
+                return (Response::Error(format!("not stopped: the audit log failed: {err}")), false);
             }
             return self.handle_request(&pending.request);
         }
         let (response, stop) = self.handle_request(&pending.request);
-        let outcome = match &response {
-            Response::Error(message) => Outcome::Error(message.clone()),
-            _ => Outcome::Ok,
+        let error = match &response {
+            Response::Error(message) => Some(message.clone()),
+            _ => None,
         };
-        match log.append(event(outcome)) {
-            Ok(_) => (response, stop),
-            Err(err) => {
-                (Response::Error(format!("the audit log failed, request not served: {}", error_chain(&err))), false)
-            }
+        match self.recorder.record(pending.peer, Record { action, error, ..Default::default() }) {
+            Ok(()) => (response, stop),
+            Err(err) => (Response::Error(format!("the audit log failed, request not served: {err}")), false),
         }
     }
 
@@ -311,6 +314,8 @@ impl Vmm {
         match request {
             Request::Status => (Response::Status(self.status()), false),
             Request::Stop => (Response::Stopping, true),
+            // Served on the connection thread by the screen service.
+            Request::Screenshot(_) => (Response::Error("screenshots are not served here".into()), false),
         }
     }
 
@@ -334,5 +339,6 @@ fn request_action(request: &Request) -> &'static str {
     match request {
         Request::Status => "status",
         Request::Stop => "stop",
+        Request::Screenshot(_) => "screenshot",
     }
 }

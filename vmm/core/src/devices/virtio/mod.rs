@@ -5,6 +5,7 @@
 //! sets DRIVER_OK. Queue notifications arrive as ioeventfds on the event loop thread and
 //! interrupts leave as irqfds: no exit to the VMM on the hot path.
 
+pub mod gpu;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;

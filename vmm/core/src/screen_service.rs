@@ -1,0 +1,84 @@
+//! Screenshots for the control socket: wait for the frame the caller asked for, capture
+//! straight from the scanout view, record what the caller was shown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use carrel_gpu::{CaptureFormat, CaptureOptions, Rect, Screen};
+
+use crate::control::{ImageFormat, Request, Response, Screenshot, ScreenshotRequest, Wait};
+use crate::recorder::{Record, Recorder};
+
+/// Longest any wait may last, whatever the caller asks.
+pub const MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// Serves screen requests on the connection threads.
+#[derive(Debug)]
+pub struct ScreenService {
+    screen: Option<Arc<Screen>>,
+    recorder: Recorder,
+}
+
+impl ScreenService {
+    pub fn new(screen: Option<Arc<Screen>>, recorder: Recorder) -> ScreenService {
+        ScreenService { screen, recorder }
+    }
+
+    /// Answers `request` if it is a screen request; `None` hands it to the VMM thread.
+    pub fn serve(&self, request: &Request, peer: Option<(i32, u32, u32)>) -> Option<Response> {
+        let Request::Screenshot(screenshot) = request else { return None };
+        let result = self.screenshot(screenshot);
+        let params = vec![
+            ("format", format!("{:?}", screenshot.format).to_lowercase()),
+            ("wait", format!("{:?}", screenshot.wait)),
+        ];
+        let record = match &result {
+            Ok(shot) => Record {
+                action: "screenshot",
+                params: [params, vec![("frame", shot.frame.to_string())]].concat(),
+                screenshot_after: Some(&shot.bytes),
+                ..Default::default()
+            },
+            Err(message) => Record { action: "screenshot", params, error: Some(message.clone()), ..Default::default() },
+        };
+        if let Err(err) = self.recorder.record(peer, record) {
+            return Some(Response::Error(format!("the audit log failed, screenshot withheld: {err}")));
+        }
+        Some(match result {
+            Ok(shot) => Response::Screenshot(shot),
+            Err(message) => Response::Error(message),
+        })
+    }
+
+    fn screenshot(&self, request: &ScreenshotRequest) -> Result<Screenshot, String> {
+        let screen = self.screen.as_ref().ok_or("this VM has no screen (it was started with --no-display)")?;
+        let timeout = Duration::from_millis(request.timeout_ms).min(MAX_WAIT);
+        match request.wait {
+            Wait::FirstFrame if screen.latest_frame().is_none() => screen.wait_for_frame_after(0, timeout).map(drop),
+            Wait::FirstFrame => Ok(()),
+            Wait::FrameAfter(after) => screen.wait_for_frame_after(after, timeout).map(drop),
+            Wait::StillFor(ms) => screen.wait_until_still(Duration::from_millis(ms), timeout).map(drop),
+        }
+        .map_err(|err| err.to_string())?;
+        let options = CaptureOptions {
+            format: match request.format {
+                ImageFormat::Png => CaptureFormat::Png,
+                ImageFormat::Qoi => CaptureFormat::Qoi,
+                ImageFormat::Raw => CaptureFormat::Raw,
+            },
+            crop: request.crop.map(|[x, y, width, height]| Rect { x, y, width, height }),
+            scale: request.scale.map(|[width, height]| (width, height)),
+            cursor: request.cursor,
+        };
+        let capture = screen.capture(&options).map_err(|err| err.to_string())?;
+        Ok(Screenshot {
+            format: request.format,
+            width: capture.width,
+            height: capture.height,
+            stride: capture.stride as u32,
+            pixel_format: format!("{:?}", capture.pixel_format),
+            frame: capture.frame,
+            bytes: capture.bytes,
+        })
+    }
+}
