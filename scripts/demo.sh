@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up this host and boot an agent VM: provisions the host, builds carrel-vmm and the
-# Desk kernel, boots it with its serial console on this terminal, asks the VM for its
-# status over its control socket, and stops it.
+# Desk kernel, boots it with its serial console on this terminal, takes a screenshot
+# (target/demo/desk.png), asks the VM for its status over its control socket, and stops it.
 #
 #   scripts/demo.sh
 set -euo pipefail
@@ -28,6 +28,8 @@ for _ in $(seq 1 500); do
 done
 grep -q "desk: ready" "$console" || { echo "carrel: the VM did not get ready" >&2; exit 1; }
 
+mkdir -p target/demo
+"$vmm" screenshot --socket "$socket" -o target/demo/desk.png --timeout 10
 echo
 "$vmm" status --socket "$socket"
 "$vmm" stop --socket "$socket"

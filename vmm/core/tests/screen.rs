@@ -1,0 +1,188 @@
+//! The screen end to end: the Desk kernel draws its desktop through virtio-gpu, the host
+//! captures it from guest RAM over the control socket.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use carrel_vmm::control::{ControlClient, ImageFormat, Request, Response, Screenshot, ScreenshotRequest, Wait};
+use common::{guest, scratch_path, RunningVm};
+
+const BOOT_DEADLINE: Duration = Duration::from_secs(30);
+const WIDTH: u32 = 1280;
+const HEIGHT: u32 = 800;
+/// Where the Desk clock is drawn (desktop.rs: `clock_rect`): the only area that changes
+/// by itself.
+const CLOCK: [u32; 4] = [WIDTH - 104, 0, 104, 32];
+
+fn golden_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/desk-1280x800.png")
+}
+
+fn boot_desk(socket: &std::path::Path) -> RunningVm {
+    let kernel = guest("desk.elf");
+    let mut vm = RunningVm::start(&["run", "--kernel", kernel.to_str().unwrap(), "--socket", socket.to_str().unwrap()]);
+    vm.wait_for_line("desk: ready", BOOT_DEADLINE);
+    vm
+}
+
+fn capture(socket: &std::path::Path, format: ImageFormat, wait: Wait) -> Screenshot {
+    let request = ScreenshotRequest { format, crop: None, scale: None, cursor: false, wait, timeout_ms: 10_000 };
+    match ControlClient::connect(socket).unwrap().call(&Request::Screenshot(request), Duration::from_secs(20)).unwrap()
+    {
+        Response::Screenshot(shot) => shot,
+        other => panic!("expected a screenshot, got {other:?}"),
+    }
+}
+
+/// Decodes a PNG into (width, height, RGB bytes).
+fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut pixels).unwrap();
+    pixels.truncate(info.buffer_size());
+    // Normalise to RGB.
+    let channels = info.color_type.samples();
+    let rgb = pixels.chunks_exact(channels).flat_map(|pixel| [pixel[0], pixel[1], pixel[2]]).collect();
+    (info.width, info.height, rgb)
+}
+
+fn inside(rect: [u32; 4], x: u32, y: u32) -> bool {
+    x >= rect[0] && x < rect[0] + rect[2] && y >= rect[1] && y < rect[1] + rect[3]
+}
+
+/// Pixels that differ between two RGB images, as (x, y).
+fn differences(a: &[u8], b: &[u8], width: u32) -> Vec<(u32, u32)> {
+    a.chunks_exact(3)
+        .zip(b.chunks_exact(3))
+        .enumerate()
+        .filter(|(_, (pa, pb))| pa != pb)
+        .map(|(index, _)| (index as u32 % width, index as u32 / width))
+        .collect()
+}
+
+#[test]
+fn desk_first_frame_matches_golden_image_except_clock() {
+    let socket = scratch_path("screen.sock");
+    let _vm = boot_desk(&socket);
+    let shot = capture(&socket, ImageFormat::Png, Wait::FirstFrame);
+    assert_eq!((shot.width, shot.height), (WIDTH, HEIGHT));
+    let (width, height, pixels) = decode_png(&shot.bytes);
+    assert_eq!((width, height), (WIDTH, HEIGHT));
+
+    if std::env::var_os("CARREL_UPDATE_GOLDEN").is_some() {
+        std::fs::write(golden_path(), &shot.bytes).unwrap();
+    }
+    let (_, _, golden) =
+        decode_png(&std::fs::read(golden_path()).expect("golden image (CARREL_UPDATE_GOLDEN=1 writes it)"));
+    let outside_clock: Vec<_> =
+        differences(&pixels, &golden, WIDTH).into_iter().filter(|(x, y)| !inside(CLOCK, *x, *y)).collect();
+    assert!(
+        outside_clock.is_empty(),
+        "{} pixels differ from the golden image, first at {:?}",
+        outside_clock.len(),
+        outside_clock.first()
+    );
+}
+
+#[test]
+fn clock_tick_changes_only_the_clock_damage_rectangle() {
+    let socket = scratch_path("tick.sock");
+    let _vm = boot_desk(&socket);
+    let first = capture(&socket, ImageFormat::Png, Wait::FirstFrame);
+    // The next frame is the clock's: it ticks every second.
+    let second = capture(&socket, ImageFormat::Png, Wait::FrameAfter(first.frame));
+    assert!(second.frame > first.frame);
+    let (_, _, before) = decode_png(&first.bytes);
+    let (_, _, after) = decode_png(&second.bytes);
+    let changed = differences(&before, &after, WIDTH);
+    assert!(!changed.is_empty(), "the clock must have changed");
+    let outside: Vec<_> = changed.iter().filter(|(x, y)| !inside(CLOCK, *x, *y)).collect();
+    assert!(outside.is_empty(), "pixels outside the clock changed: {:?}", &outside[..outside.len().min(5)]);
+}
+
+#[test]
+fn raw_qoi_scaled_and_cropped_captures_agree_with_png() {
+    let socket = scratch_path("formats.sock");
+    let _vm = boot_desk(&socket);
+    // Wait until the screen is still (between clock ticks) so all captures see one frame.
+    let png = capture(&socket, ImageFormat::Png, Wait::StillFor(50));
+    let raw = capture(&socket, ImageFormat::Raw, Wait::FirstFrame);
+    if raw.frame != png.frame {
+        return; // The clock ticked in between; the golden test covers content.
+    }
+    assert_eq!(raw.pixel_format, "B8G8R8X8");
+    assert_eq!(raw.stride, WIDTH * 4);
+    let (_, _, rgb) = decode_png(&png.bytes);
+    for (index, pixel) in raw.bytes.chunks_exact(4).enumerate().step_by(997) {
+        assert_eq!([pixel[2], pixel[1], pixel[0]], rgb[index * 3..index * 3 + 3], "pixel {index}");
+    }
+    let qoi = capture(&socket, ImageFormat::Qoi, Wait::FirstFrame);
+    assert_eq!(&qoi.bytes[..4], b"qoif");
+    assert_eq!(u32::from_be_bytes(qoi.bytes[4..8].try_into().unwrap()), WIDTH);
+
+    let request = ScreenshotRequest {
+        format: ImageFormat::Png,
+        crop: Some([260, 146, 760, 540]),
+        scale: Some([380, 270]),
+        cursor: false,
+        wait: Wait::FirstFrame,
+        timeout_ms: 5_000,
+    };
+    let Response::Screenshot(small) =
+        ControlClient::connect(&socket).unwrap().call(&Request::Screenshot(request), Duration::from_secs(10)).unwrap()
+    else {
+        panic!("expected a screenshot");
+    };
+    let (width, height, _) = decode_png(&small.bytes);
+    assert_eq!((width, height), (380, 270));
+}
+
+#[test]
+fn screenshot_of_vm_without_display_is_a_clear_error() {
+    let kernel = guest("desk.elf");
+    let socket = scratch_path("nodisplay.sock");
+    let mut vm = RunningVm::start(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--socket",
+        socket.to_str().unwrap(),
+        "--no-display",
+    ]);
+    vm.wait_for_line("desk: ready", BOOT_DEADLINE);
+    let request = ScreenshotRequest {
+        format: ImageFormat::Png,
+        crop: None,
+        scale: None,
+        cursor: false,
+        wait: Wait::FirstFrame,
+        timeout_ms: 100,
+    };
+    let answer =
+        ControlClient::connect(&socket).unwrap().call(&Request::Screenshot(request), Duration::from_secs(10)).unwrap();
+    assert!(matches!(answer, Response::Error(message) if message.contains("no screen")));
+}
+
+#[test]
+fn waiting_for_a_frame_that_never_comes_times_out_with_an_error() {
+    let socket = scratch_path("timeout.sock");
+    let _vm = boot_desk(&socket);
+    let first = capture(&socket, ImageFormat::Png, Wait::FirstFrame);
+    let request = ScreenshotRequest {
+        format: ImageFormat::Png,
+        crop: None,
+        scale: None,
+        cursor: false,
+        wait: Wait::FrameAfter(first.frame + 1000),
+        timeout_ms: 300,
+    };
+    let started = std::time::Instant::now();
+    let answer =
+        ControlClient::connect(&socket).unwrap().call(&Request::Screenshot(request), Duration::from_secs(10)).unwrap();
+    assert!(matches!(&answer, Response::Error(message) if message.contains("no frame after")), "{answer:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "the wait ends at its timeout");
+}
