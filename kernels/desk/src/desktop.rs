@@ -13,8 +13,10 @@ const WINDOW_WIDTH: u32 = 760;
 const WINDOW_HEIGHT: u32 = 540;
 const TITLE_HEIGHT: u32 = 36;
 const LIST_ROW_HEIGHT: u32 = 26;
-const LIST_ROWS_VISIBLE: u32 = 9;
 pub const LIST_ITEMS: u32 = 40;
+pub const LIST_ROWS_VISIBLE: u32 = 9;
+/// Size of the cursor picture.
+pub const CURSOR_SIZE: (u32, u32) = (12, 19);
 const CLOCK_WIDTH: u32 = 96;
 
 const WALLPAPER_TOP: u32 = rgb(0x1d, 0x3b, 0x5c);
@@ -46,6 +48,15 @@ impl<const N: usize> TextBuffer<N> {
     pub fn as_str(&self) -> &str {
         core::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
     }
+
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Removes the last character (the text is ASCII).
+    pub fn pop(&mut self) {
+        self.len = self.len.saturating_sub(1);
+    }
 }
 
 impl<const N: usize> Write for TextBuffer<N> {
@@ -68,6 +79,8 @@ pub struct Desktop {
     pub checkbox: bool,
     pub list_scroll: u32,
     pub status: TextBuffer<96>,
+    /// Where the pointer is; hidden until the first pointer event.
+    pub pointer: Option<(u32, u32)>,
 }
 
 impl Desktop {
@@ -81,6 +94,7 @@ impl Desktop {
             checkbox: false,
             list_scroll: 0,
             status: TextBuffer::new(),
+            pointer: None,
         }
     }
 }
@@ -138,6 +152,44 @@ pub fn render(canvas: &mut Canvas, desktop: &Desktop) {
     render_top_bar(canvas, desktop);
     let layout = Layout::for_screen(width, height);
     render_window(canvas, desktop, &layout);
+    if let Some((x, y)) = desktop.pointer {
+        render_cursor(canvas, x as i32, y as i32);
+    }
+}
+
+/// An arrow: black outline, white inside, its tip at (x, y).
+fn render_cursor(canvas: &mut Canvas, x: i32, y: i32) {
+    const ARROW: [&[u8; 12]; 19] = [
+        b"X           ",
+        b"XX          ",
+        b"X.X         ",
+        b"X..X        ",
+        b"X...X       ",
+        b"X....X      ",
+        b"X.....X     ",
+        b"X......X    ",
+        b"X.......X   ",
+        b"X........X  ",
+        b"X.........X ",
+        b"X......XXXXX",
+        b"X...X..X    ",
+        b"X..XX..X    ",
+        b"X.X  X..X   ",
+        b"XX   X..X   ",
+        b"X     X..X  ",
+        b"      X..X  ",
+        b"       XX   ",
+    ];
+    for (row, line) in ARROW.iter().enumerate() {
+        for (column, cell) in line.iter().enumerate() {
+            let color = match cell {
+                b'X' => rgb(0, 0, 0),
+                b'.' => rgb(0xff, 0xff, 0xff),
+                _ => continue,
+            };
+            canvas.fill(x + column as i32, y + row as i32, 1, 1, color);
+        }
+    }
 }
 
 fn render_top_bar(canvas: &mut Canvas, desktop: &Desktop) {

@@ -17,11 +17,13 @@ mod desktop;
 mod draw;
 mod gpu;
 mod heap;
+mod input;
 mod interrupts;
 mod ioapic;
 mod lapic;
 mod mem;
 mod phys;
+mod ui;
 mod virtio;
 mod vsock;
 
@@ -227,11 +229,16 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
     let mut desktop = Desktop::new();
     if let Some(display) = screen.as_mut() {
         let full = display.full();
+        let started = rdtsc();
         draw_frame(display, &desktop, full);
-        println!("desk: screen {}x{} first frame drawn", display.width, display.height);
+        let took = microseconds(rdtsc() - started, tsc_khz);
+        println!("desk: screen {}x{} first frame drawn in {took} us", display.width, display.height);
     }
 
     let mut agent_link = start_agent(info, timeout);
+    let mut inputs = start_inputs(info);
+    let mut input_state = ui::InputState::default();
+    let mut input_events = alloc::vec::Vec::new();
 
     let exit_after_ticks = cmdline.split(' ').any(|argument| argument == "desk.exit=1");
     if exit_after_ticks {
@@ -251,13 +258,26 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
             }
             agent.tick(vsock, now_ms);
         }
+        let mut damage: Option<gpu::Rect> = None;
+        if let Some(display) = screen.as_ref() {
+            for device in inputs.iter_mut().flatten() {
+                device.poll(&mut input_events);
+            }
+            for event in input_events.drain(..) {
+                if let Some(rect) = input_state.apply(event, &mut desktop, display.width, display.height) {
+                    damage = Some(union(damage, rect));
+                }
+            }
+        }
         let seconds = now_ms / 1000;
         if seconds != desktop.uptime_seconds {
             desktop.uptime_seconds = seconds;
-            if let Some(display) = screen.as_mut() {
-                let clock = desktop::clock_rect(display.width);
-                draw_frame(display, &desktop, clock);
+            if let Some(display) = screen.as_ref() {
+                damage = Some(union(damage, desktop::clock_rect(display.width)));
             }
+        }
+        if let (Some(display), Some(damage)) = (screen.as_mut(), damage) {
+            draw_frame(display, &desktop, damage);
         }
     }
 }
@@ -279,6 +299,35 @@ fn start_agent(info: &BootInfo, timeout: u64) -> Option<(vsock::Vsock, agent::Ag
             None
         }
     }
+}
+
+/// The bounding box of two rectangles.
+fn union(a: Option<gpu::Rect>, b: gpu::Rect) -> gpu::Rect {
+    let Some(a) = a else { return b };
+    let x = a.x.min(b.x);
+    let y = a.y.min(b.y);
+    let right = (a.x + a.width).max(b.x + b.width);
+    let bottom = (a.y + a.height).max(b.y + b.height);
+    gpu::Rect { x, y, width: right - x, height: bottom - y }
+}
+
+fn start_inputs(info: &BootInfo) -> [Option<input::InputDevice>; input::MAX_INPUT_DEVICES] {
+    let mut devices: [Option<input::InputDevice>; input::MAX_INPUT_DEVICES] = Default::default();
+    let found = info.devices().iter().filter(|device| device.device_type == virtio_id::INPUT);
+    for (index, device) in found.take(input::MAX_INPUT_DEVICES).enumerate() {
+        match input::InputDevice::new(device.base, index) {
+            Ok(input) => {
+                ioapic::route(info.ioapic_addr, device.irq);
+                devices[index] = Some(input);
+            }
+            Err(err) => println!("desk: input device {index} failed: {err:?}"),
+        }
+    }
+    let count = devices.iter().flatten().count();
+    if count > 0 {
+        println!("desk: {count} input device(s)");
+    }
+    devices
 }
 
 fn start_screen(info: &BootInfo, timeout: u64) -> Option<gpu::Display> {
