@@ -1,0 +1,119 @@
+//! The guest agent in the Desk kernel, over virtio-vsock, through the host client library.
+
+mod common;
+
+use std::time::Duration;
+
+use carrel_agent_client::connect_vsock_uds;
+use carrel_agent_client::{Client, ExecRequest, OutputStream};
+use common::{guest, scratch_path, RunningVm};
+
+const BOOT_DEADLINE: Duration = Duration::from_secs(30);
+
+fn boot_with_agent(socket: &std::path::Path) -> RunningVm {
+    let kernel = guest("desk.elf");
+    let mut vm = RunningVm::start(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--mem",
+        "256",
+        "--vsock",
+        socket.to_str().unwrap(),
+        "--no-display",
+    ]);
+    vm.wait_for_line("desk: agent listening", BOOT_DEADLINE);
+    vm
+}
+
+fn connect(socket: &std::path::Path) -> Client<std::os::unix::net::UnixStream> {
+    let stream = connect_vsock_uds(socket, carrel_agent_proto::AGENT_VSOCK_PORT).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut client = Client::new(stream);
+    client.wait_ready(Duration::from_secs(10)).unwrap();
+    client
+}
+
+#[test]
+fn desk_agent_execs_echo_and_round_trips_a_16_mib_file() {
+    let socket = scratch_path("agent.sock");
+    let _vm = boot_with_agent(&socket);
+    let mut client = connect(&socket);
+    let hello = client.hello().unwrap();
+    assert_eq!(hello.os, "Carrel Desk");
+    assert!(client.ping().unwrap() < Duration::from_secs(1));
+
+    let mut stdout = Vec::new();
+    let status = client
+        .exec(ExecRequest::new(["echo", "hello", "from", "desk"]), |stream, bytes| {
+            assert_eq!(stream, OutputStream::Stdout);
+            stdout.extend_from_slice(bytes);
+        })
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(stdout, b"hello from desk\n");
+
+    // 16 MiB of varied bytes: put, get back, compare digests.
+    let local = scratch_path("put.bin");
+    let data: Vec<u8> = (0..16u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&local, &data).unwrap();
+    let sent = client.put_file(&local, "/data/input.bin", |_, _| {}).unwrap();
+    assert_eq!(sent, data.len() as u64);
+    let back = scratch_path("get.bin");
+    let received = client.get_file("/data/input.bin", &back, |_, _| {}).unwrap();
+    assert_eq!(received, data.len() as u64);
+    assert_eq!(blake3::hash(&std::fs::read(&back).unwrap()), blake3::hash(&data));
+
+    let entries = client.list_dir("/data").unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!((entries[0].name.as_str(), entries[0].size), ("input.bin", data.len() as u64));
+    client.remove("/data/input.bin", false).unwrap();
+    assert!(client.list_dir("/").unwrap().is_empty());
+    assert!(client.stat("/data/input.bin").is_err());
+    std::fs::remove_file(&local).unwrap();
+    std::fs::remove_file(&back).unwrap();
+}
+
+#[test]
+fn desk_agent_reports_unknown_commands_and_kills_a_sleep() {
+    let socket = scratch_path("agent-kill.sock");
+    let _vm = boot_with_agent(&socket);
+    let mut client = connect(&socket);
+    let mut stderr = Vec::new();
+    let status = client.exec(ExecRequest::new(["frobnicate"]), |_, bytes| stderr.extend_from_slice(bytes)).unwrap();
+    assert_eq!(status.code, Some(127));
+    assert!(String::from_utf8_lossy(&stderr).contains("command not found"));
+
+    let id = client.start_exec(ExecRequest::new(["sleep", "30"])).unwrap();
+    client.send_kill(id).unwrap();
+    let mut killed = false;
+    for _ in 0..10 {
+        let (reply_id, message) = client.next_message().unwrap();
+        if reply_id == id {
+            if let carrel_agent_proto::message::Message::ExecExit(exit) = message {
+                assert_eq!(exit.signal, Some(9));
+                killed = true;
+                break;
+            }
+        }
+    }
+    assert!(killed, "the sleep ends killed, long before 30 s");
+}
+
+#[test]
+fn desk_agent_refuses_paths_with_dot_dot_and_survives_a_garbage_frame() {
+    let socket = scratch_path("agent-bad.sock");
+    let _vm = boot_with_agent(&socket);
+    let mut client = connect(&socket);
+    let error = client.stat("/a/../../etc").unwrap_err();
+    assert!(error.to_string().contains(".."), "{error}");
+
+    // A frame that announces an absurd length: the agent answers and stays up.
+    let mut raw = connect_vsock_uds(&socket, carrel_agent_proto::AGENT_VSOCK_PORT).unwrap();
+    use std::io::Write;
+    raw.write_all(&u32::MAX.to_le_bytes()).unwrap();
+    raw.write_all(&[0u8; 64]).unwrap();
+    drop(raw);
+    let mut again = connect(&socket);
+    assert!(again.ping().is_ok());
+}
