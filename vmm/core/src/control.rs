@@ -25,6 +25,7 @@ pub enum Request {
     Status,
     Stop,
     Screenshot(ScreenshotRequest),
+    Agent(AgentRequest),
 }
 
 /// The VMM's answer.
@@ -33,7 +34,55 @@ pub enum Response {
     Status(VmStatus),
     Stopping,
     Screenshot(Screenshot),
+    Agent(AgentResponse),
     Error(String),
+}
+
+/// A request for the guest agent. Local paths are opened by the VMM process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentRequest {
+    Ping,
+    Exec(AgentExec),
+    Put { local: PathBuf, remote: String },
+    Get { remote: String, local: PathBuf },
+    List { path: String },
+    Remove { path: String, recursive: bool },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentExec {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    pub stdin: Vec<u8>,
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentResponse {
+    Pong {
+        rtt_us: u64,
+    },
+    Exit {
+        code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+    },
+    /// A transfer or removal finished: bytes moved and the blake3 (hex) of the local file.
+    Done {
+        bytes: u64,
+        digest: String,
+    },
+    Entries(Vec<AgentEntry>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentEntry {
+    pub name: String,
+    pub directory: bool,
+    pub size: u64,
 }
 
 /// How a screenshot is encoded.
@@ -167,14 +216,14 @@ impl PendingRequest {
 pub struct RequestQueue {
     sender: Sender<PendingRequest>,
     wake: Arc<EventFd>,
-    local: Arc<crate::screen_service::ScreenService>,
+    local: Arc<crate::services::ConnectionServices>,
 }
 
 impl RequestQueue {
     pub fn new(
         sender: Sender<PendingRequest>,
         wake: Arc<EventFd>,
-        local: Arc<crate::screen_service::ScreenService>,
+        local: Arc<crate::services::ConnectionServices>,
     ) -> RequestQueue {
         RequestQueue { sender, wake, local }
     }
@@ -353,7 +402,10 @@ mod tests {
         let path = std::env::temp_dir().join(format!("carrel-control-test-{}.sock", std::process::id()));
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let (sender, receiver) = mpsc::channel();
-        let local = Arc::new(crate::screen_service::ScreenService::new(None, Default::default()));
+        let local = crate::services::ConnectionServices::new(
+            crate::services::screen::ScreenService::new(None, Default::default()),
+            crate::services::agent::AgentService::new(None, Default::default()),
+        );
         let _server = ControlServer::start(&path, RequestQueue::new(sender, wake, local)).unwrap();
         let handler = std::thread::spawn(move || {
             let pending: PendingRequest = receiver.recv().unwrap();

@@ -12,6 +12,6 @@ pub mod devices;
 pub mod memory;
 pub mod platform;
 pub mod recorder;
-pub mod screen_service;
+pub mod services;
 pub mod vmm;
 pub mod vstate;

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use carrel_vmm::builder::build_vm;
 use carrel_vmm::config::VmConfig;
-use carrel_vmm::control::{ControlClient, ImageFormat, Request, Response, ScreenshotRequest, Wait};
+use carrel_vmm::control::{
+    AgentExec, AgentRequest, AgentResponse, ControlClient, ImageFormat, Request, Response, ScreenshotRequest, Wait,
+};
 use carrel_vmm::vmm::{VmOutcome, Vmm};
 
 const USAGE: &str = "usage:
@@ -18,7 +20,9 @@ const USAGE: &str = "usage:
   carrel-vmm status --socket PATH [--json]
   carrel-vmm stop --socket PATH
   carrel-vmm screenshot --socket PATH -o FILE [--format png|qoi|raw] [--scale WxH]
-                 [--crop x,y,w,h] [--cursor] [--after FRAME | --still MS] [--timeout S]";
+                 [--crop x,y,w,h] [--cursor] [--after FRAME | --still MS] [--timeout S]
+  carrel-vmm agent --socket PATH ping | ls PATH | rm PATH | put LOCAL REMOTE | get REMOTE LOCAL
+  carrel-vmm agent --socket PATH exec [--timeout S] [--cwd DIR] [--env K=V]... -- CMD ARGS...";
 
 /// A usage error: exit code 2 with the usage text.
 struct Usage(String);
@@ -30,6 +34,7 @@ fn main() -> ExitCode {
         Some("run") => parse_run(&args[1..]).map(|config| run(config, started)),
         Some("status") => parse_socket(&args[1..]).map(|(socket, json)| status(&socket, json)),
         Some("stop") => parse_socket(&args[1..]).map(|(socket, _)| stop(&socket)),
+        Some("agent") => parse_agent(&args[1..]).map(|(socket, request)| agent(&socket, request)),
         Some("screenshot") => {
             parse_screenshot(&args[1..]).map(|(socket, output, request)| screenshot(&socket, &output, request))
         }
@@ -177,6 +182,117 @@ fn parse_screenshot(args: &[String]) -> Result<(PathBuf, PathBuf, ScreenshotRequ
         }
     }
     Ok((socket.ok_or_else(|| Usage("--socket PATH is required".into()))?, output, request))
+}
+
+fn parse_agent(args: &[String]) -> Result<(PathBuf, AgentRequest), Usage> {
+    let mut socket = None;
+    let mut index = 0;
+    while index < args.len() && args[index].starts_with("--") {
+        match args[index].as_str() {
+            "--socket" => socket = Some(PathBuf::from(value(args, &mut index, "--socket")?)),
+            other => return Err(Usage(format!("unknown flag {other:?}"))),
+        }
+        index += 1;
+    }
+    let socket = socket.ok_or_else(|| Usage("--socket PATH is required".into()))?;
+    let rest = &args[index..];
+    let operand = |position: usize, name: &str| {
+        rest.get(position).cloned().ok_or_else(|| Usage(format!("agent {} needs {name}", rest[0])))
+    };
+    let request = match rest.first().map(String::as_str) {
+        Some("ping") => AgentRequest::Ping,
+        Some("ls") => AgentRequest::List { path: rest.get(1).cloned().unwrap_or_else(|| "/".into()) },
+        Some("rm") => AgentRequest::Remove { path: operand(1, "PATH")?, recursive: false },
+        Some("put") => AgentRequest::Put { local: absolute(&operand(1, "LOCAL")?), remote: operand(2, "REMOTE")? },
+        Some("get") => AgentRequest::Get { remote: operand(1, "REMOTE")?, local: absolute(&operand(2, "LOCAL")?) },
+        Some("exec") => {
+            let mut exec = AgentExec::default();
+            let mut position = 1;
+            while position < rest.len() {
+                let flag = rest[position].as_str();
+                match flag {
+                    "--" => {
+                        position += 1;
+                        break;
+                    }
+                    "--timeout" => {
+                        let text = value(rest, &mut position, flag)?;
+                        let seconds: f64 =
+                            text.parse().map_err(|_| Usage(format!("--timeout takes seconds, got {text:?}")))?;
+                        exec.timeout_ms = Some((seconds.max(0.0) * 1000.0) as u64);
+                    }
+                    "--cwd" => exec.cwd = Some(value(rest, &mut position, flag)?.to_string()),
+                    "--env" => {
+                        let pair = value(rest, &mut position, flag)?;
+                        let (key, value) =
+                            pair.split_once('=').ok_or_else(|| Usage(format!("--env takes K=V, got {pair:?}")))?;
+                        exec.env.push((key.to_string(), value.to_string()));
+                    }
+                    _ => break,
+                }
+                position += 1;
+            }
+            exec.argv = rest[position..].to_vec();
+            if exec.argv.is_empty() {
+                return Err(Usage("agent exec needs a command: exec -- CMD ARGS...".into()));
+            }
+            AgentRequest::Exec(exec)
+        }
+        Some(other) => return Err(Usage(format!("unknown agent command {other:?}"))),
+        None => return Err(Usage("agent needs a command: ping, exec, put, get, ls, rm".into())),
+    };
+    Ok((socket, request))
+}
+
+/// Local paths are opened by the VMM process, which may run elsewhere: make them absolute.
+fn absolute(path: &str) -> PathBuf {
+    let path = PathBuf::from(path);
+    if path.is_absolute() {
+        return path;
+    }
+    std::env::current_dir().map(|dir| dir.join(&path)).unwrap_or(path)
+}
+
+/// Runs an agent command; the exit code is the guest command's (128 + signal when killed,
+/// 124 on timeout), so scripts can use it.
+fn agent(socket: &PathBuf, request: AgentRequest) -> anyhow::Result<ExitCode> {
+    let timeout = match &request {
+        AgentRequest::Exec(exec) => Duration::from_millis(exec.timeout_ms.unwrap_or(3_600_000)) + CALL_TIMEOUT,
+        _ => Duration::from_secs(3600),
+    };
+    let response = ControlClient::connect(socket)?.call(&Request::Agent(request), timeout)?;
+    let answer = match response {
+        Response::Agent(answer) => answer,
+        Response::Error(message) => anyhow::bail!("{message}"),
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    };
+    match answer {
+        AgentResponse::Pong { rtt_us } => println!("pong: {rtt_us} us"),
+        AgentResponse::Entries(entries) => {
+            for entry in entries {
+                let suffix = if entry.directory { "/" } else { "" };
+                println!("{:>12}  {}{suffix}", entry.size, entry.name);
+            }
+        }
+        AgentResponse::Done { bytes, digest } => {
+            if bytes > 0 || !digest.is_empty() {
+                println!("{bytes} bytes, blake3 {digest}");
+            }
+        }
+        AgentResponse::Exit { code, signal, timed_out, stdout, stderr } => {
+            use std::io::Write;
+            std::io::stdout().write_all(&stdout)?;
+            std::io::stderr().write_all(&stderr)?;
+            let status = match (timed_out, signal, code) {
+                (true, _, _) => 124,
+                (false, Some(signal), _) => 128 + signal,
+                (false, None, Some(code)) => code,
+                (false, None, None) => 1,
+            };
+            return Ok(ExitCode::from(status.clamp(0, 255) as u8));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn screenshot(socket: &PathBuf, output: &PathBuf, request: ScreenshotRequest) -> anyhow::Result<ExitCode> {

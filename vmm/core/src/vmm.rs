@@ -17,7 +17,9 @@ use crate::config::VmConfig;
 use crate::control::{ControlServer, PendingRequest, Request, RequestQueue, Response, VmStatus};
 use crate::devices::bus::lock;
 use crate::recorder::{Record, Recorder};
-use crate::screen_service::ScreenService;
+use crate::services::agent::AgentService;
+use crate::services::screen::ScreenService;
+use crate::services::ConnectionServices;
 use crate::vstate::vcpu::{install_kick_handler, VcpuEvent, VcpuEventSender, VcpuHandle, VcpuStop};
 
 /// Errors running a VM.
@@ -150,7 +152,10 @@ impl Vmm {
         let (request_sender, requests) = mpsc::channel();
         let control = match &config.socket {
             Some(path) => {
-                let local = Arc::new(ScreenService::new(built.screen.clone(), recorder.clone()));
+                let local = ConnectionServices::new(
+                    ScreenService::new(built.screen.clone(), recorder.clone()),
+                    AgentService::new(config.vsock.clone(), recorder.clone()),
+                );
                 Some(ControlServer::start(path, RequestQueue::new(request_sender, request_wake.clone(), local))?)
             }
             None => None,
@@ -315,7 +320,9 @@ impl Vmm {
             Request::Status => (Response::Status(self.status()), false),
             Request::Stop => (Response::Stopping, true),
             // Served on the connection thread by the screen service.
-            Request::Screenshot(_) => (Response::Error("screenshots are not served here".into()), false),
+            Request::Screenshot(_) | Request::Agent(_) => {
+                (Response::Error("served on the connection thread, not here".into()), false)
+            }
         }
     }
 
@@ -340,5 +347,6 @@ fn request_action(request: &Request) -> &'static str {
         Request::Status => "status",
         Request::Stop => "stop",
         Request::Screenshot(_) => "screenshot",
+        Request::Agent(_) => "agent",
     }
 }

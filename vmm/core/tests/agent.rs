@@ -117,3 +117,63 @@ fn desk_agent_refuses_paths_with_dot_dot_and_survives_a_garbage_frame() {
     let mut again = connect(&socket);
     assert!(again.ping().is_ok());
 }
+
+#[test]
+fn agent_cli_on_control_socket_returns_exit_codes_and_is_audited() {
+    use std::process::Command;
+    let kernel = guest("desk.elf");
+    let (control, vsock, audit) = (scratch_path("cli.sock"), scratch_path("cli-vsock.sock"), scratch_path("cli-audit"));
+    let mut vm = RunningVm::start(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--socket",
+        control.to_str().unwrap(),
+        "--vsock",
+        vsock.to_str().unwrap(),
+        "--audit",
+        audit.to_str().unwrap(),
+        "--no-display",
+    ]);
+    vm.wait_for_line("desk: agent listening", BOOT_DEADLINE);
+    let agent = |args: &[&str]| {
+        let mut command = Command::new(common::vmm_binary());
+        command.args(["agent", "--socket", control.to_str().unwrap()]).args(args);
+        command.output().unwrap()
+    };
+    let echo = agent(&["exec", "--", "echo", "audited"]);
+    assert_eq!(echo.status.code(), Some(0));
+    assert_eq!(echo.stdout, b"audited\n");
+    assert_eq!(agent(&["exec", "--", "no-such-command"]).status.code(), Some(127));
+    let local = scratch_path("cli.bin");
+    std::fs::write(&local, b"some bytes").unwrap();
+    assert!(agent(&["put", local.to_str().unwrap(), "/f"]).status.success());
+    let listing = agent(&["ls", "/"]);
+    assert!(String::from_utf8_lossy(&listing.stdout).contains("f"), "{listing:?}");
+    let missing = agent(&["get", "/absent", local.to_str().unwrap()]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no such file"));
+    assert!(Command::new(common::vmm_binary())
+        .args(["stop", "--socket", control.to_str().unwrap()])
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(vm.wait_for_exit(BOOT_DEADLINE).code(), Some(0));
+
+    let mut actions = Vec::new();
+    carrel_audit::reader::for_each_event(&carrel_audit::layout::Layout::new(&audit).log(), 0, |event, _| {
+        actions.push((event.action.clone(), matches!(event.outcome, carrel_audit::Outcome::Ok)));
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
+    let names: Vec<&str> = actions.iter().map(|(action, _)| action.as_str()).collect();
+    assert_eq!(
+        names,
+        ["vm.start", "agent.exec", "agent.exec", "agent.put", "agent.list", "agent.get", "stop", "vm.exit"]
+    );
+    assert!(!actions[5].1, "the failed get is recorded as an error");
+    let report = carrel_audit::verify_dir(&audit, &carrel_audit::VerifyOptions::default()).unwrap();
+    assert!(report.findings.is_empty());
+    std::fs::remove_file(&local).unwrap();
+    std::fs::remove_dir_all(&audit).unwrap();
+}

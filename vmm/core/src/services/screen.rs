@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use carrel_gpu::{CaptureFormat, CaptureOptions, Rect, Screen};
 
-use crate::control::{ImageFormat, Request, Response, Screenshot, ScreenshotRequest, Wait};
+use crate::control::{ImageFormat, Response, Screenshot, ScreenshotRequest, Wait};
 use crate::recorder::{Record, Recorder};
 
 /// Longest any wait may last, whatever the caller asks.
@@ -24,9 +24,8 @@ impl ScreenService {
         ScreenService { screen, recorder }
     }
 
-    /// Answers `request` if it is a screen request; `None` hands it to the VMM thread.
-    pub fn serve(&self, request: &Request, peer: Option<(i32, u32, u32)>) -> Option<Response> {
-        let Request::Screenshot(screenshot) = request else { return None };
+    /// Answers a screenshot request.
+    pub fn serve(&self, screenshot: &ScreenshotRequest, peer: Option<(i32, u32, u32)>) -> Response {
         let result = self.screenshot(screenshot);
         let params = vec![
             ("format", format!("{:?}", screenshot.format).to_lowercase()),
@@ -42,12 +41,12 @@ impl ScreenService {
             Err(message) => Record { action: "screenshot", params, error: Some(message.clone()), ..Default::default() },
         };
         if let Err(err) = self.recorder.record(peer, record) {
-            return Some(Response::Error(format!("the audit log failed, screenshot withheld: {err}")));
+            return Response::Error(format!("the audit log failed, screenshot withheld: {err}"));
         }
-        Some(match result {
+        match result {
             Ok(shot) => Response::Screenshot(shot),
             Err(message) => Response::Error(message),
-        })
+        }
     }
 
     fn screenshot(&self, request: &ScreenshotRequest) -> Result<Screenshot, String> {

@@ -1,0 +1,179 @@
+//! Guest agent requests on the control socket: the VMM connects to its own vsock device
+//! (the hybrid-vsock Unix socket), runs the request with the agent client, and records it.
+//! File paths in put/get are host paths opened by this VMM process.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use carrel_agent_client::{connect_vsock_uds, Client, ExecRequest, OutputStream};
+use carrel_agent_proto::AGENT_VSOCK_PORT;
+
+use crate::control::{AgentEntry, AgentExec, AgentRequest, AgentResponse, Response};
+use crate::recorder::{Record, Recorder};
+
+/// Most output kept per stream of an exec answered over the control socket.
+pub const MAX_EXEC_OUTPUT: usize = 16 << 20;
+/// How long the agent has to say it is alive.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one reply from the agent may take (an exec's own timeout comes on top).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug)]
+pub struct AgentService {
+    /// The VM's vsock host socket, when it has vsock.
+    vsock: Option<PathBuf>,
+    recorder: Recorder,
+}
+
+type AgentClient = Client<std::os::unix::net::UnixStream>;
+
+impl AgentService {
+    pub fn new(vsock: Option<PathBuf>, recorder: Recorder) -> AgentService {
+        AgentService { vsock, recorder }
+    }
+
+    fn connect(&self, extra: Duration) -> Result<AgentClient, String> {
+        let path = self.vsock.as_deref().ok_or("this VM has no vsock device: start it with --vsock PATH")?;
+        let stream =
+            connect_vsock_uds(path, AGENT_VSOCK_PORT).map_err(|err| format!("cannot reach the guest agent: {err}"))?;
+        stream.set_read_timeout(Some(REPLY_TIMEOUT + extra)).map_err(|err| err.to_string())?;
+        let mut client = Client::new(stream);
+        client.wait_ready(READY_TIMEOUT).map_err(|err| format!("the guest agent did not answer: {err}"))?;
+        Ok(client)
+    }
+
+    /// Serves one agent request and records it with its parameters and result.
+    pub fn serve(&self, request: &AgentRequest, peer: Option<(i32, u32, u32)>) -> Response {
+        let (action, params) = describe(request);
+        let result = self.run(request);
+        let (error, mut params) = match &result {
+            Ok(response) => (None, [params, result_params(response)].concat()),
+            Err(message) => (Some(message.clone()), params),
+        };
+        params.retain(|(_, value)| !value.is_empty());
+        if let Err(err) = self.recorder.record(peer, Record { action, params, error, ..Default::default() }) {
+            return Response::Error(format!("the audit log failed, agent answer withheld: {err}"));
+        }
+        match result {
+            Ok(response) => Response::Agent(response),
+            Err(message) => Response::Error(message),
+        }
+    }
+
+    fn run(&self, request: &AgentRequest) -> Result<AgentResponse, String> {
+        let error = |err: carrel_agent_client::ClientError| err.to_string();
+        match request {
+            AgentRequest::Ping => {
+                let mut client = self.connect(Duration::ZERO)?;
+                let rtt = client.ping().map_err(error)?;
+                Ok(AgentResponse::Pong { rtt_us: rtt.as_micros() as u64 })
+            }
+            AgentRequest::Exec(exec) => self.exec(exec),
+            AgentRequest::Put { local, remote } => {
+                let mut client = self.connect(Duration::ZERO)?;
+                let bytes = client.put_file(local, remote, |_, _| {}).map_err(error)?;
+                Ok(AgentResponse::Done { bytes, digest: digest_of(local) })
+            }
+            AgentRequest::Get { remote, local } => {
+                let mut client = self.connect(Duration::ZERO)?;
+                let bytes = client.get_file(remote, local, |_, _| {}).map_err(error)?;
+                Ok(AgentResponse::Done { bytes, digest: digest_of(local) })
+            }
+            AgentRequest::List { path } => {
+                let mut client = self.connect(Duration::ZERO)?;
+                let entries = client.list_dir(path).map_err(error)?;
+                Ok(AgentResponse::Entries(
+                    entries
+                        .into_iter()
+                        .map(|entry| AgentEntry {
+                            name: entry.name,
+                            directory: matches!(entry.kind, carrel_agent_proto::message::FileKind::Dir),
+                            size: entry.size,
+                        })
+                        .collect(),
+                ))
+            }
+            AgentRequest::Remove { path, recursive } => {
+                let mut client = self.connect(Duration::ZERO)?;
+                client.remove(path, *recursive).map_err(error)?;
+                Ok(AgentResponse::Done { bytes: 0, digest: String::new() })
+            }
+        }
+    }
+
+    fn exec(&self, exec: &AgentExec) -> Result<AgentResponse, String> {
+        let timeout = exec.timeout_ms.map(Duration::from_millis);
+        let mut client = self.connect(timeout.unwrap_or(Duration::ZERO))?;
+        let mut request = ExecRequest::new(exec.argv.clone()).stdin(exec.stdin.clone());
+        for (key, value) in &exec.env {
+            request = request.env(key.clone(), value.clone());
+        }
+        if let Some(cwd) = &exec.cwd {
+            request = request.cwd(cwd.clone());
+        }
+        if let Some(timeout) = timeout {
+            request = request.timeout(timeout);
+        }
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let status = client
+            .exec(request, |stream, bytes| {
+                let sink = match stream {
+                    OutputStream::Stdout => &mut stdout,
+                    OutputStream::Stderr => &mut stderr,
+                };
+                let room = MAX_EXEC_OUTPUT.saturating_sub(sink.len());
+                sink.extend_from_slice(&bytes[..bytes.len().min(room)]);
+            })
+            .map_err(|err| err.to_string())?;
+        Ok(AgentResponse::Exit {
+            code: status.code,
+            signal: status.signal,
+            timed_out: status.timed_out,
+            stdout,
+            stderr,
+        })
+    }
+}
+
+fn digest_of(path: &Path) -> String {
+    std::fs::read(path).map(|bytes| blake3::hash(&bytes).to_hex().to_string()).unwrap_or_default()
+}
+
+/// The audit action and parameters of a request. Stdin may carry secrets: it is recorded
+/// by size only.
+fn describe(request: &AgentRequest) -> (&'static str, Vec<(&'static str, String)>) {
+    match request {
+        AgentRequest::Ping => ("agent.ping", Vec::new()),
+        AgentRequest::Exec(exec) => (
+            "agent.exec",
+            vec![
+                ("argv", exec.argv.join(" ")),
+                ("cwd", exec.cwd.clone().unwrap_or_default()),
+                ("stdin_bytes", exec.stdin.len().to_string()),
+            ],
+        ),
+        AgentRequest::Put { local, remote } => {
+            ("agent.put", vec![("local", local.display().to_string()), ("remote", remote.clone())])
+        }
+        AgentRequest::Get { remote, local } => {
+            ("agent.get", vec![("remote", remote.clone()), ("local", local.display().to_string())])
+        }
+        AgentRequest::List { path } => ("agent.list", vec![("path", path.clone())]),
+        AgentRequest::Remove { path, .. } => ("agent.remove", vec![("path", path.clone())]),
+    }
+}
+
+fn result_params(response: &AgentResponse) -> Vec<(&'static str, String)> {
+    match response {
+        AgentResponse::Exit { code, signal, timed_out, stdout, stderr } => vec![
+            ("exit_code", code.map(|c| c.to_string()).unwrap_or_default()),
+            ("signal", signal.map(|s| s.to_string()).unwrap_or_default()),
+            ("timed_out", if *timed_out { "true".into() } else { String::new() }),
+            ("stdout_blake3", blake3::hash(stdout).to_hex().to_string()),
+            ("stderr_bytes", stderr.len().to_string()),
+        ],
+        AgentResponse::Done { bytes, digest } => vec![("bytes", bytes.to_string()), ("blake3", digest.clone())],
+        AgentResponse::Pong { rtt_us } => vec![("rtt_us", rtt_us.to_string())],
+        AgentResponse::Entries(entries) => vec![("entries", entries.len().to_string())],
+    }
+}
