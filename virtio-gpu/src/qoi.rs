@@ -37,9 +37,25 @@ fn hash(pixel: [u8; 4]) -> usize {
 #[derive(Debug)]
 pub struct QoiEncoder {
     out: Vec<u8>,
-    index: [[u8; 4]; 64],
-    previous: [u8; 4],
+    /// Pixels as RGBA packed little-endian into a u32 (red in the low byte).
+    index: [u32; 64],
+    previous: u32,
+    /// The previous pixel as it was in the source, with alpha or padding masked off: a
+    /// run is detected without converting the pixel.
+    previous_source: u32,
     run: u8,
+}
+
+const OPAQUE_BLACK: u32 = 0xff00_0000;
+
+/// The spec's hash of a pixel packed as little-endian RGBA, with one multiplication: the
+/// mask spreads r, g, b, a into separate 16-bit lanes and the multiplier sums them with
+/// weights 3, 5, 7, 11 into the top byte.
+#[inline]
+fn packed_hash(rgba: u32) -> usize {
+    let v = rgba as u64;
+    let lanes = (v << 32 | v) & 0xff00_ff00_00ff_00ff;
+    (lanes.wrapping_mul(0x0300_0700_0005_000b) >> 56) as usize & 63
 }
 
 impl QoiEncoder {
@@ -51,57 +67,63 @@ impl QoiEncoder {
         out.extend_from_slice(&width.to_be_bytes());
         out.extend_from_slice(&height.to_be_bytes());
         out.extend_from_slice(&[3, 0]);
-        QoiEncoder { out, index: [[0; 4]; 64], previous: [0, 0, 0, 255], run: 0 }
+        // The spec's starting pixel is opaque black, which is an all-zero source pixel.
+        QoiEncoder { out, index: [0; 64], previous: OPAQUE_BLACK, previous_source: 0, run: 0 }
     }
 
     /// Encodes a row of pixels in `format` (alpha or padding ignored).
     pub fn push_row(&mut self, row: &[u8], format: PixelFormat) {
         let channels = format.channels();
-        let (r, g, b) = (channels.red, channels.green, channels.blue);
+        let (red, green, blue) = (channels.red * 8, channels.green * 8, channels.blue * 8);
+        let mask = 0xffu32 << red | 0xff << green | 0xff << blue;
+        // An RGB op, the longest, is 4 bytes: no reallocation inside the row.
+        self.out.reserve(row.len() + 2);
         for source in row.chunks_exact(4) {
-            let pixel = [source[r], source[g], source[b], 255];
-            self.push_pixel(pixel);
+            let &[b0, b1, b2, b3] = source else { continue };
+            let source = u32::from_le_bytes([b0, b1, b2, b3]) & mask;
+            if source == self.previous_source {
+                self.run += 1;
+                if self.run == MAX_RUN {
+                    self.out.push(OP_RUN | (MAX_RUN - 1));
+                    self.run = 0;
+                }
+                continue;
+            }
+            self.previous_source = source;
+            let rgba =
+                (source >> red & 0xff) | (source >> green & 0xff) << 8 | (source >> blue & 0xff) << 16 | OPAQUE_BLACK;
+            self.push_new_pixel(rgba);
         }
     }
 
+    /// Encodes a pixel that differs from the previous one.
     #[inline]
-    fn push_pixel(&mut self, pixel: [u8; 4]) {
-        if pixel == self.previous {
-            self.run += 1;
-            if self.run == MAX_RUN {
-                self.out.push(OP_RUN | (self.run - 1));
-                self.run = 0;
-            }
-            return;
-        }
+    fn push_new_pixel(&mut self, rgba: u32) {
         if self.run > 0 {
             self.out.push(OP_RUN | (self.run - 1));
             self.run = 0;
         }
-        let slot = hash(pixel);
-        if self.index[slot] == pixel {
+        let slot = packed_hash(rgba);
+        if self.index[slot] == rgba {
             self.out.push(OP_INDEX | slot as u8);
         } else {
-            self.index[slot] = pixel;
-            if pixel[3] != self.previous[3] {
-                self.out.extend_from_slice(&[OP_RGBA, pixel[0], pixel[1], pixel[2], pixel[3]]);
+            self.index[slot] = rgba;
+            let [r, g, b, _] = rgba.to_le_bytes();
+            let [pr, pg, pb, _] = self.previous.to_le_bytes();
+            let dr = r.wrapping_sub(pr) as i8;
+            let dg = g.wrapping_sub(pg) as i8;
+            let db = b.wrapping_sub(pb) as i8;
+            let dr_dg = dr.wrapping_sub(dg);
+            let db_dg = db.wrapping_sub(dg);
+            if (-2..=1).contains(&dr) && (-2..=1).contains(&dg) && (-2..=1).contains(&db) {
+                self.out.push(OP_DIFF | ((dr + 2) as u8) << 4 | ((dg + 2) as u8) << 2 | (db + 2) as u8);
+            } else if (-32..=31).contains(&dg) && (-8..=7).contains(&dr_dg) && (-8..=7).contains(&db_dg) {
+                self.out.extend_from_slice(&[OP_LUMA | (dg + 32) as u8, ((dr_dg + 8) as u8) << 4 | (db_dg + 8) as u8]);
             } else {
-                let dr = pixel[0].wrapping_sub(self.previous[0]) as i8;
-                let dg = pixel[1].wrapping_sub(self.previous[1]) as i8;
-                let db = pixel[2].wrapping_sub(self.previous[2]) as i8;
-                let dr_dg = dr.wrapping_sub(dg);
-                let db_dg = db.wrapping_sub(dg);
-                if (-2..=1).contains(&dr) && (-2..=1).contains(&dg) && (-2..=1).contains(&db) {
-                    self.out.push(OP_DIFF | ((dr + 2) as u8) << 4 | ((dg + 2) as u8) << 2 | (db + 2) as u8);
-                } else if (-32..=31).contains(&dg) && (-8..=7).contains(&dr_dg) && (-8..=7).contains(&db_dg) {
-                    self.out.push(OP_LUMA | (dg + 32) as u8);
-                    self.out.push(((dr_dg + 8) as u8) << 4 | (db_dg + 8) as u8);
-                } else {
-                    self.out.extend_from_slice(&[OP_RGB, pixel[0], pixel[1], pixel[2]]);
-                }
+                self.out.extend_from_slice(&[OP_RGB, r, g, b]);
             }
         }
-        self.previous = pixel;
+        self.previous = rgba;
     }
 
     /// Ends the image and returns its bytes.
@@ -187,6 +209,18 @@ mod tests {
             encoder.push_row(row, PixelFormat::R8G8B8X8);
         }
         encoder.finish()
+    }
+
+    #[test]
+    fn packed_hash_matches_the_spec_hash() {
+        let mut value = 0x1234_5678u32;
+        for _ in 0..100_000 {
+            value = value.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            assert_eq!(packed_hash(value), hash(value.to_le_bytes()), "{value:#x}");
+        }
+        for value in [0, u32::MAX, 0xff00_0000, 0x00ff_ffff] {
+            assert_eq!(packed_hash(value), hash(value.to_le_bytes()), "{value:#x}");
+        }
     }
 
     #[test]
