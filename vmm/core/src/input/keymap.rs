@@ -263,8 +263,8 @@ pub fn text_to_keys(text: &str) -> Result<Vec<(u16, bool)>, InputError> {
 
 fn us_key(c: char) -> Option<(u16, bool)> {
     const LETTERS: [u16; 26] = [
-        KEY_A, KEY_B, KEY_C, KEY_D, KEY_E, KEY_F, KEY_G, KEY_H, KEY_I, KEY_J, KEY_K, KEY_L, KEY_M, KEY_N, KEY_O,
-        KEY_P, KEY_Q, KEY_R, KEY_S, KEY_T, KEY_U, KEY_V, KEY_W, KEY_X, KEY_Y, KEY_Z,
+        KEY_A, KEY_B, KEY_C, KEY_D, KEY_E, KEY_F, KEY_G, KEY_H, KEY_I, KEY_J, KEY_K, KEY_L, KEY_M, KEY_N, KEY_O, KEY_P,
+        KEY_Q, KEY_R, KEY_S, KEY_T, KEY_U, KEY_V, KEY_W, KEY_X, KEY_Y, KEY_Z,
     ];
     const DIGITS: [u16; 10] = [KEY_0, KEY_1, KEY_2, KEY_3, KEY_4, KEY_5, KEY_6, KEY_7, KEY_8, KEY_9];
     let key = match c {
@@ -315,7 +315,8 @@ fn us_key(c: char) -> Option<(u16, bool)> {
 fn lookup(name: &str) -> Option<(u16, bool)> {
     let mut chars = name.chars();
     if let (Some(c), None) = (chars.next(), chars.next()) {
-        return us_key(c);
+        // Letters name the key, whatever their case: "ctrl+T" is ctrl+t.
+        return us_key(c).map(|(code, shift)| (code, shift && !c.is_ascii_alphabetic()));
     }
     let normalized: String = name.chars().filter(|c| *c != '_').map(|c| c.to_ascii_lowercase()).collect();
     NAMED_KEYS.iter().find(|(known, _, _)| *known == normalized).map(|(_, code, shift)| (*code, *shift))

@@ -6,6 +6,7 @@
 //! interrupts leave as irqfds: no exit to the VMM on the hot path.
 
 pub mod gpu;
+pub mod input;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;
