@@ -189,6 +189,19 @@ impl Gpu {
         }
     }
 
+    /// Every resource as (id, format, width, height, backing), for saving.
+    pub(crate) fn resources(&self) -> impl Iterator<Item = (u32, PixelFormat, u32, u32, Option<&Backing>)> {
+        self.resources.iter().map(|(id, r)| (*id, r.format, r.width, r.height, r.backing.as_ref()))
+    }
+
+    pub(crate) fn events_read(&self) -> u32 {
+        self.events_read
+    }
+
+    pub(crate) fn set_events_read(&mut self, events: u32) {
+        self.events_read = events;
+    }
+
     /// Raises a display-change event for the driver to read (the transport signals the
     /// config interrupt).
     pub fn signal_display_event(&mut self) {

@@ -64,6 +64,8 @@ pub(crate) struct CursorState {
 struct ScreenState {
     scanout: Option<Scanout>,
     latest: Option<Frame>,
+    /// Number of the last frame before this device was restored (0 for a fresh boot).
+    restored_frame: u64,
     cursor: CursorState,
 }
 
@@ -218,7 +220,7 @@ impl Screen {
             .intersect(&origin)
             .map(|r| Rect::new(r.x - origin.x, r.y - origin.y, r.width, r.height))
             .unwrap_or_default();
-        let number = state.latest.map_or(1, |frame| frame.number + 1);
+        let number = state.latest.map_or(state.restored_frame, |frame| frame.number) + 1;
         state.latest = Some(Frame { number, damage, time: Instant::now() });
         drop(state);
         self.frame_finished.notify_all();
@@ -233,6 +235,21 @@ impl Screen {
         let mut state = self.lock();
         state.cursor.x = x;
         state.cursor.y = y;
+    }
+
+    /// Scanout (resource, rectangle), cursor and last frame number, for saving.
+    pub(crate) fn saved_parts(&self) -> (Option<(u32, Rect)>, CursorState, u64) {
+        let state = self.lock();
+        let scanout = state.scanout.as_ref().map(|s| (s.resource_id, s.rect));
+        let last_frame = state.latest.map_or(state.restored_frame, |frame| frame.number);
+        (scanout, state.cursor.clone(), last_frame)
+    }
+
+    /// Makes the next frame number `last_frame + 1` (after a restore).
+    pub(crate) fn continue_frames_from(&self, last_frame: u64) {
+        let mut state = self.lock();
+        state.restored_frame = last_frame;
+        state.latest = None;
     }
 
     /// Forgets the scanout and cursor (device reset); the frame count continues.
