@@ -76,54 +76,47 @@ impl QoiEncoder {
         let channels = format.channels();
         let (red, green, blue) = (channels.red * 8, channels.green * 8, channels.blue * 8);
         let mask = 0xffu32 << red | 0xff << green | 0xff << blue;
-        // An RGB op, the longest, is 4 bytes: no reallocation inside the row.
-        self.out.reserve(row.len() + 2);
+        // Ops are written at `at` into room for the worst case (4 bytes per pixel, an RGB
+        // op, plus a run), then the row's bytes are kept: no capacity checks per op.
+        let start = self.out.len();
+        self.out.resize(start + row.len() + 2, 0);
+        let mut at = start;
+        let (mut previous, mut previous_source, mut run) = (self.previous, self.previous_source, self.run);
+        let out = &mut self.out[..];
         for source in row.chunks_exact(4) {
             let &[b0, b1, b2, b3] = source else { continue };
             let source = u32::from_le_bytes([b0, b1, b2, b3]) & mask;
-            if source == self.previous_source {
-                self.run += 1;
-                if self.run == MAX_RUN {
-                    self.out.push(OP_RUN | (MAX_RUN - 1));
-                    self.run = 0;
+            if source == previous_source {
+                run += 1;
+                if run == MAX_RUN {
+                    out[at] = OP_RUN | (MAX_RUN - 1);
+                    at += 1;
+                    run = 0;
                 }
                 continue;
             }
-            self.previous_source = source;
+            previous_source = source;
+            if run > 0 {
+                out[at] = OP_RUN | (run - 1);
+                at += 1;
+                run = 0;
+            }
             let rgba =
                 (source >> red & 0xff) | (source >> green & 0xff) << 8 | (source >> blue & 0xff) << 16 | OPAQUE_BLACK;
-            self.push_new_pixel(rgba);
-        }
-    }
-
-    /// Encodes a pixel that differs from the previous one.
-    #[inline]
-    fn push_new_pixel(&mut self, rgba: u32) {
-        if self.run > 0 {
-            self.out.push(OP_RUN | (self.run - 1));
-            self.run = 0;
-        }
-        let slot = packed_hash(rgba);
-        if self.index[slot] == rgba {
-            self.out.push(OP_INDEX | slot as u8);
-        } else {
-            self.index[slot] = rgba;
-            let [r, g, b, _] = rgba.to_le_bytes();
-            let [pr, pg, pb, _] = self.previous.to_le_bytes();
-            let dr = r.wrapping_sub(pr) as i8;
-            let dg = g.wrapping_sub(pg) as i8;
-            let db = b.wrapping_sub(pb) as i8;
-            let dr_dg = dr.wrapping_sub(dg);
-            let db_dg = db.wrapping_sub(dg);
-            if (-2..=1).contains(&dr) && (-2..=1).contains(&dg) && (-2..=1).contains(&db) {
-                self.out.push(OP_DIFF | ((dr + 2) as u8) << 4 | ((dg + 2) as u8) << 2 | (db + 2) as u8);
-            } else if (-32..=31).contains(&dg) && (-8..=7).contains(&dr_dg) && (-8..=7).contains(&db_dg) {
-                self.out.extend_from_slice(&[OP_LUMA | (dg + 32) as u8, ((dr_dg + 8) as u8) << 4 | (db_dg + 8) as u8]);
+            let slot = packed_hash(rgba);
+            if self.index[slot] == rgba {
+                out[at] = OP_INDEX | slot as u8;
+                at += 1;
             } else {
-                self.out.extend_from_slice(&[OP_RGB, r, g, b]);
+                self.index[slot] = rgba;
+                at += encode_difference(rgba, previous, &mut out[at..at + 4]);
             }
+            previous = rgba;
         }
-        self.previous = rgba;
+        self.previous = previous;
+        self.previous_source = previous_source;
+        self.run = run;
+        self.out.truncate(at);
     }
 
     /// Ends the image and returns its bytes.
@@ -134,6 +127,28 @@ impl QoiEncoder {
         self.out.extend_from_slice(&END_MARKER);
         self.out
     }
+}
+
+/// Writes the DIFF, LUMA or RGB op for `rgba` after `previous` into `out` (4 bytes of
+/// room); returns the op's length.
+#[inline]
+fn encode_difference(rgba: u32, previous: u32, out: &mut [u8]) -> usize {
+    let [r, g, b, _] = rgba.to_le_bytes();
+    let [pr, pg, pb, _] = previous.to_le_bytes();
+    let dr = r.wrapping_sub(pr) as i8;
+    let dg = g.wrapping_sub(pg) as i8;
+    let db = b.wrapping_sub(pb) as i8;
+    let dr_dg = dr.wrapping_sub(dg);
+    let db_dg = db.wrapping_sub(dg);
+    let op: &[u8] = if (-2..=1).contains(&dr) && (-2..=1).contains(&dg) && (-2..=1).contains(&db) {
+        &[OP_DIFF | ((dr + 2) as u8) << 4 | ((dg + 2) as u8) << 2 | (db + 2) as u8]
+    } else if (-32..=31).contains(&dg) && (-8..=7).contains(&dr_dg) && (-8..=7).contains(&db_dg) {
+        &[OP_LUMA | (dg + 32) as u8, ((dr_dg + 8) as u8) << 4 | (db_dg + 8) as u8]
+    } else {
+        &[OP_RGB, r, g, b]
+    };
+    out[..op.len()].copy_from_slice(op);
+    op.len()
 }
 
 /// A decoded QOI image: RGBA pixels whatever the channel count in the header.

@@ -269,6 +269,13 @@ mod tests {
     const GENEROUS: Duration = Duration::from_secs(10);
 
     #[test]
+    fn screen_is_shareable_across_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Screen>();
+        shareable::<Arc<Screen>>();
+    }
+
+    #[test]
     fn latest_frame_before_any_flush_is_none() {
         let mut harness = Harness::new();
         assert_eq!(harness.gpu.screen().latest_frame(), None);
