@@ -340,32 +340,47 @@ fn main() -> anyhow::Result<()> {
         std::hint::black_box((stride, pointer));
         Ok(())
     })?;
-    let raw_copy = time(100 * runs, || capture_with(&gpu, RAW).map(drop))?;
     let mut sizes = serde_json::Map::new();
-    let mut zero_copy_rows = serde_json::Map::new();
-    for (name, options, iterations) in [("png", PNG, 50), ("qoi", QOI, 50), ("png_640x400", PNG_640, 50)] {
-        let bytes = capture_with(&gpu, options)?;
-        sizes.insert(name.into(), json!(bytes));
-        zero_copy_rows
-            .insert(name.into(), time(iterations * runs, || capture_with(&gpu, options).map(drop))?.to_json_ms());
+    for (name, options) in [("png", PNG), ("qoi", QOI), ("png_640x400", PNG_640)] {
+        sizes.insert(name.into(), json!(capture_with(&gpu, options)?));
     }
-    let png_zero = time(50 * runs, || capture_with(&gpu, PNG).map(drop))?;
-    let qoi_zero = time(50 * runs, || capture_with(&gpu, QOI).map(drop))?;
+    let png_scaled = time(50 * runs, || capture_with(&gpu, PNG_640).map(drop))?;
 
-    // Copy path: transfer (copy guest pages into the host buffer), then encode.
+    // Zero copy against the copy path (transfer: copy the guest pages into the host
+    // buffer, then the same encoder), interleaved iteration by iteration so that other
+    // load on the machine falls on both alike.
     show(&mut gpu, COPY_RESOURCE)?;
     run(&mut gpu, transfer.clone())?;
     let same = gpu.screen().capture(&RAW)?.bytes == frame;
     let transfer_only = time(50 * runs, || run(&mut gpu, transfer.clone()))?;
-    let mut copy_png = |options: CaptureOptions| {
-        time(50 * runs, || {
+    let mut side_by_side = |options: CaptureOptions, iterations: usize| -> anyhow::Result<(Summary, Summary)> {
+        let (mut zero, mut copy) = (Vec::new(), Vec::new());
+        for iteration in 0..iterations + iterations / 10 {
+            show(&mut gpu, ZERO_COPY_RESOURCE)?;
+            let start = Instant::now();
+            capture_with(&gpu, options)?;
+            let zero_time = start.elapsed();
+            show(&mut gpu, COPY_RESOURCE)?;
+            let start = Instant::now();
             run(&mut gpu, transfer.clone())?;
-            capture_with(&gpu, options).map(drop)
-        })
+            capture_with(&gpu, options)?;
+            let copy_time = start.elapsed();
+            // The first tenth warms caches and is not counted.
+            if iteration >= iterations / 10 {
+                zero.push(zero_time);
+                copy.push(copy_time);
+            }
+        }
+        Ok((Summary::of(&zero).context("no samples")?, Summary::of(&copy).context("no samples")?))
     };
-    let png_copy = copy_png(PNG)?;
-    let qoi_copy = copy_png(QOI)?;
-    let raw_copy_path = copy_png(RAW)?;
+    let (raw_copy, raw_copy_path) = side_by_side(RAW, 100 * runs)?;
+    let (png_zero, png_copy) = side_by_side(PNG, 50 * runs)?;
+    let (qoi_zero, qoi_copy) = side_by_side(QOI, 50 * runs)?;
+    let zero_copy_rows = json!({
+        "png": png_zero.to_json_ms(),
+        "qoi": qoi_zero.to_json_ms(),
+        "png_640x400": png_scaled.to_json_ms(),
+    });
 
     let xvfb = xvfb_baseline(&frame, runs)?;
 
@@ -375,6 +390,7 @@ fn main() -> anyhow::Result<()> {
         "png_copy_path_over_zero_copy": ratio(ms(&png_copy), ms(&png_zero)),
         "qoi_copy_path_over_zero_copy": ratio(ms(&qoi_copy), ms(&qoi_zero)),
         "raw_copy_path_over_raw_view_lend": ratio(ms(&raw_copy_path), ms(&lend)),
+        "raw_copy_path_over_raw_copy_out": ratio(ms(&raw_copy_path), ms(&raw_copy)),
         "png_over_qoi": ratio(ms(&png_zero), ms(&qoi_zero)),
     });
     if let Some(xvfb_ms) = xvfb.get("median_ms").and_then(Value::as_f64) {
@@ -393,13 +409,11 @@ fn main() -> anyhow::Result<()> {
             "zero_copy": {
                 "raw_view_lend": lend.to_json_us(),
                 "raw_copy_out": raw_copy.to_json_us(),
-                "png": png_zero.to_json_ms(),
-                "qoi": qoi_zero.to_json_ms(),
                 "by_format": zero_copy_rows,
                 "encoded_bytes": sizes,
             },
             "copy_path": {
-                "note": "TRANSFER_TO_HOST_2D of the full frame into a host buffer, then the same encoder",
+                "note": "TRANSFER_TO_HOST_2D of the full frame into a host buffer, then the same encoder; interleaved with the zero-copy rows",
                 "copied_pixels_match": same,
                 "transfer_only": transfer_only.to_json_us(),
                 "transfer_then_raw": raw_copy_path.to_json_us(),
