@@ -109,6 +109,35 @@ pub struct VsockStream {
 }
 
 impl VsockStream {
+    /// Connects to `port` on `cid` (the host uses its hybrid-vsock Unix socket instead; this
+    /// is for tests over the loopback transport, CID 1, and for guest-side tools).
+    pub fn connect(cid: u32, port: u32) -> io::Result<VsockStream> {
+        // SAFETY: socket has no memory effects; the result is checked.
+        let raw = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: raw is a fresh socket that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sockaddr_vm is plain data; all-zero is a valid start.
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_port = port;
+        addr.svm_cid = cid;
+        // SAFETY: addr is a valid sockaddr_vm and the length says so.
+        let rc = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_vm).cast(),
+                std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(VsockStream { file: File::from(fd) })
+    }
+
     /// Another handle to the same socket.
     pub fn try_clone(&self) -> io::Result<VsockStream> {
         Ok(VsockStream { file: self.file.try_clone()? })

@@ -480,7 +480,7 @@ mod tests {
 
     #[test]
     fn describe_nested_error_joins_sources() {
-        let error = Outer(io::Error::new(io::ErrorKind::Other, "inner"));
+        let error = Outer(io::Error::other("inner"));
         assert_eq!(describe(&error), "outer: inner");
     }
 
