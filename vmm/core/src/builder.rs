@@ -15,12 +15,14 @@ use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::legacy::power::PowerPort;
 use crate::devices::legacy::{ConsoleOutput, PowerDevice, SerialDevice, VmExitSignal};
 use crate::devices::virtio::gpu::GpuDevice;
+use crate::devices::virtio::input::{InputDevice, InputKind, InputSink};
 use crate::devices::virtio::mmio::{reg, MmioTransport};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockConfig};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::memory::{create_guest_ram, GuestRam};
 use crate::platform;
+use crate::services::input::InputSinks;
 use crate::vstate::regs;
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
@@ -47,6 +49,8 @@ pub enum BuildError {
     Image(#[from] crate::boot::image::ImageError),
     #[error("cannot create the screen: {0}")]
     Gpu(#[from] carrel_gpu::GpuError),
+    #[error(transparent)]
+    Input(#[from] crate::devices::virtio::input::InputDeviceError),
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     #[error(transparent)]
@@ -80,6 +84,8 @@ pub struct BuiltVm {
     pub virtio: Vec<AttachedVirtio>,
     /// The screen, when the VM has one.
     pub screen: Option<Arc<Screen>>,
+    /// Keyboard and tablet, which come with the screen.
+    pub input: Option<InputSinks>,
     pub started: Instant,
 }
 
@@ -120,6 +126,7 @@ pub fn build_vm(config: &VmConfig, started: Instant) -> Result<BuiltVm, BuildErr
         exit: wired.exit,
         virtio: wired.virtio,
         screen: wired.screen,
+        input: wired.input,
         started,
     })
 }
@@ -133,6 +140,7 @@ struct Wired {
     exit: Arc<VmExitSignal>,
     virtio: Vec<AttachedVirtio>,
     screen: Option<Arc<Screen>>,
+    input: Option<InputSinks>,
 }
 
 /// Devices, vCPUs, kernel and boot state, in that order.
@@ -163,6 +171,7 @@ fn wire_vm(config: &VmConfig, kernel: &std::path::Path, vm: &Vm, ram: &GuestRam)
     }
 
     let mut screen = None;
+    let mut input = None;
     if let Some((width, height)) = config.display_size()? {
         let gpu = Gpu::new(GpuConfig::new(width, height)?, ram.memory.clone())?;
         let device = GpuDevice::new(gpu);
@@ -170,6 +179,17 @@ fn wire_vm(config: &VmConfig, kernel: &std::path::Path, vm: &Vm, ram: &GuestRam)
         let (attached, entry) = attach_virtio(vm, &mut mmio_bus, ram, "gpu", Box::new(device), devices.len())?;
         virtio.push(attached);
         devices.push(entry);
+        // A screen comes with a keyboard and a tablet (absolute pointer).
+        let mut sink = |kind: InputKind, name: &'static str| -> Result<Arc<InputSink>, BuildError> {
+            let (device, sink) = InputDevice::new(kind)?;
+            let (attached, entry) = attach_virtio(vm, &mut mmio_bus, ram, name, Box::new(device), devices.len())?;
+            virtio.push(attached);
+            devices.push(entry);
+            Ok(sink)
+        };
+        let keyboard = sink(InputKind::Keyboard, "keyboard")?;
+        let tablet = sink(InputKind::Tablet, "tablet")?;
+        input = Some(InputSinks { keyboard, tablet });
     }
     if let Some(socket) = &config.vsock {
         let vsock = Vsock::new(VsockConfig { guest_cid: config.guest_cid, socket: socket.clone() })?;
@@ -226,7 +246,7 @@ fn wire_vm(config: &VmConfig, kernel: &std::path::Path, vm: &Vm, ram: &GuestRam)
     // The boot vCPU starts at the entry point; the others wait for the guest's SIPI.
     regs::set_entry_state(&vcpus[0].fd, boot.entry)?;
 
-    Ok(Wired { vcpus, platform, boot, serial, exit, virtio, screen })
+    Ok(Wired { vcpus, platform, boot, serial, exit, virtio, screen, input })
 }
 
 fn ram_gib(bytes: u64) -> u64 {

@@ -26,6 +26,7 @@ pub enum Request {
     Stop,
     Screenshot(ScreenshotRequest),
     Agent(AgentRequest),
+    Input(InputRequest),
 }
 
 /// The VMM's answer.
@@ -35,7 +36,33 @@ pub enum Response {
     Stopping,
     Screenshot(Screenshot),
     Agent(AgentResponse),
+    Input(InputResult),
     Error(String),
+}
+
+/// An action on the keyboard or mouse, then optionally a wait and a screenshot: one call
+/// does "act, then look".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputRequest {
+    pub action: crate::input::Action,
+    /// What to wait for after the action; `FrameAfter(0)` means "the next frame after the
+    /// one on screen when the action started". `None` returns at once.
+    pub wait: Option<Wait>,
+    /// Capture the screen after the wait.
+    pub screenshot: Option<ImageFormat>,
+    pub timeout_ms: u64,
+    /// Key and button hold time, and the gap between keystrokes; defaults when `None`.
+    pub hold_ms: Option<u64>,
+    pub gap_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputResult {
+    /// The frame on screen when the wait ended (or at once without a wait).
+    pub frame: Option<u64>,
+    /// The wait ended at its timeout: the action was done but nothing new was drawn.
+    pub timed_out: bool,
+    pub screenshot: Option<Screenshot>,
 }
 
 /// A request for the guest agent. Local paths are opened by the VMM process.
@@ -405,6 +432,7 @@ mod tests {
         let local = crate::services::ConnectionServices::new(
             crate::services::screen::ScreenService::new(None, Default::default()),
             crate::services::agent::AgentService::new(None, Default::default()),
+            crate::services::input::InputService::new(None, None, Default::default()),
         );
         let _server = ControlServer::start(&path, RequestQueue::new(sender, wake, local)).unwrap();
         let handler = std::thread::spawn(move || {

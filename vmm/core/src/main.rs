@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 use carrel_vmm::builder::build_vm;
 use carrel_vmm::config::VmConfig;
 use carrel_vmm::control::{
-    AgentExec, AgentRequest, AgentResponse, ControlClient, ImageFormat, Request, Response, ScreenshotRequest, Wait,
+    AgentExec, AgentRequest, AgentResponse, ControlClient, ImageFormat, InputRequest, Request, Response,
+    ScreenshotRequest, Wait,
 };
+use carrel_vmm::input::{Action, Button};
 use carrel_vmm::vmm::{VmOutcome, Vmm};
 
 const USAGE: &str = "usage:
@@ -22,7 +24,11 @@ const USAGE: &str = "usage:
   carrel-vmm screenshot --socket PATH -o FILE [--format png|qoi|raw] [--scale WxH]
                  [--crop x,y,w,h] [--cursor] [--after FRAME | --still MS] [--timeout S]
   carrel-vmm agent --socket PATH ping | ls PATH | rm PATH | put LOCAL REMOTE | get REMOTE LOCAL
-  carrel-vmm agent --socket PATH exec [--timeout S] [--cwd DIR] [--env K=V]... -- CMD ARGS...";
+  carrel-vmm agent --socket PATH exec [--timeout S] [--cwd DIR] [--env K=V]... -- CMD ARGS...
+  carrel-vmm input --socket PATH [--wait frame|none|still:MS] [--timeout S] [--screenshot FILE]
+                 [--hold MS] [--gap MS] ACTION
+      ACTION: click X Y [--button left|right|middle] [--count N] | move X Y | down BUTTON
+              | up BUTTON | drag X1 Y1 X2 Y2 [X Y]... | scroll X Y DX DY | type TEXT | key COMBO";
 
 /// A usage error: exit code 2 with the usage text.
 struct Usage(String);
@@ -35,6 +41,9 @@ fn main() -> ExitCode {
         Some("status") => parse_socket(&args[1..]).map(|(socket, json)| status(&socket, json)),
         Some("stop") => parse_socket(&args[1..]).map(|(socket, _)| stop(&socket)),
         Some("agent") => parse_agent(&args[1..]).map(|(socket, request)| agent(&socket, request)),
+        Some("input") => {
+            parse_input(&args[1..]).map(|(socket, output, request)| input(&socket, output.as_deref(), request))
+        }
         Some("screenshot") => {
             parse_screenshot(&args[1..]).map(|(socket, output, request)| screenshot(&socket, &output, request))
         }
@@ -242,6 +251,118 @@ fn parse_agent(args: &[String]) -> Result<(PathBuf, AgentRequest), Usage> {
         None => return Err(Usage("agent needs a command: ping, exec, put, get, ls, rm".into())),
     };
     Ok((socket, request))
+}
+
+fn button(text: &str) -> Result<Button, Usage> {
+    match text {
+        "left" => Ok(Button::Left),
+        "right" => Ok(Button::Right),
+        "middle" => Ok(Button::Middle),
+        other => Err(Usage(format!("buttons are left, right or middle, got {other:?}"))),
+    }
+}
+
+fn parse_input(args: &[String]) -> Result<(PathBuf, Option<PathBuf>, InputRequest), Usage> {
+    let mut socket = None;
+    let mut output = None;
+    let mut request = InputRequest {
+        action: Action::Move { x: 0, y: 0 },
+        wait: Some(Wait::FrameAfter(0)),
+        screenshot: None,
+        timeout_ms: 5_000,
+        hold_ms: None,
+        gap_ms: None,
+    };
+    let mut words = Vec::new();
+    let (mut click_button, mut click_count) = (Button::Left, 1u32);
+    let mut index = 0;
+    while index < args.len() {
+        let flag = args[index].as_str();
+        match flag {
+            "--socket" => socket = Some(PathBuf::from(value(args, &mut index, flag)?)),
+            "--screenshot" => {
+                let path = PathBuf::from(value(args, &mut index, flag)?);
+                request.screenshot = Some(match path.extension().and_then(|ext| ext.to_str()) {
+                    Some("qoi") => ImageFormat::Qoi,
+                    Some("raw") => ImageFormat::Raw,
+                    _ => ImageFormat::Png,
+                });
+                output = Some(path);
+            }
+            "--wait" => {
+                request.wait = match value(args, &mut index, flag)? {
+                    "frame" => Some(Wait::FrameAfter(0)),
+                    "none" => None,
+                    other => match other.strip_prefix("still:") {
+                        Some(ms) => Some(Wait::StillFor(number(ms, flag)?)),
+                        None => return Err(Usage(format!("--wait takes frame, none or still:MS, got {other:?}"))),
+                    },
+                }
+            }
+            "--timeout" => {
+                let text = value(args, &mut index, flag)?;
+                let seconds: f64 = text.parse().map_err(|_| Usage(format!("--timeout takes seconds, got {text:?}")))?;
+                request.timeout_ms = (seconds.max(0.0) * 1000.0) as u64;
+            }
+            "--hold" => request.hold_ms = Some(number(value(args, &mut index, flag)?, flag)?),
+            "--gap" => request.gap_ms = Some(number(value(args, &mut index, flag)?, flag)?),
+            "--button" => click_button = button(value(args, &mut index, flag)?)?,
+            "--count" => click_count = number(value(args, &mut index, flag)?, flag)? as u32,
+            _ => words.push(args[index].clone()),
+        }
+        index += 1;
+    }
+    let coordinate = |position: usize| -> Result<u32, Usage> {
+        let text = words.get(position).ok_or_else(|| Usage(format!("{} needs more coordinates", words[0])))?;
+        text.parse().map_err(|_| Usage(format!("coordinates are whole pixels, got {text:?}")))
+    };
+    let delta = |position: usize| -> Result<i32, Usage> {
+        let text = words.get(position).ok_or_else(|| Usage("scroll needs X Y DX DY".into()))?;
+        text.parse().map_err(|_| Usage(format!("scroll amounts are whole notches, got {text:?}")))
+    };
+    request.action = match words.first().map(String::as_str) {
+        Some("click") => {
+            Action::Click { x: coordinate(1)?, y: coordinate(2)?, button: click_button, count: click_count }
+        }
+        Some("move") => Action::Move { x: coordinate(1)?, y: coordinate(2)? },
+        Some("down") => Action::ButtonDown { button: button(words.get(1).map_or("left", String::as_str))? },
+        Some("up") => Action::ButtonUp { button: button(words.get(1).map_or("left", String::as_str))? },
+        Some("drag") => {
+            let numbers = words[1..].iter().map(|w| w.parse::<u32>()).collect::<Result<Vec<_>, _>>();
+            let numbers = numbers.map_err(|_| Usage("drag takes pixel coordinates X1 Y1 X2 Y2 ...".into()))?;
+            if numbers.len() % 2 != 0 {
+                return Err(Usage("drag takes pairs of coordinates".into()));
+            }
+            Action::Drag { button: click_button, path: numbers.chunks(2).map(|pair| (pair[0], pair[1])).collect() }
+        }
+        Some("scroll") => Action::Scroll { x: coordinate(1)?, y: coordinate(2)?, dx: delta(3)?, dy: delta(4)? },
+        Some("type") => Action::Type { text: words.get(1).cloned().ok_or_else(|| Usage("type needs TEXT".into()))? },
+        Some("key") => Action::Key {
+            combo: words.get(1).cloned().ok_or_else(|| Usage("key needs a COMBO such as ctrl+a".into()))?,
+        },
+        Some(other) => return Err(Usage(format!("unknown input action {other:?}"))),
+        None => return Err(Usage("input needs an action: click, move, down, up, drag, scroll, type, key".into())),
+    };
+    Ok((socket.ok_or_else(|| Usage("--socket PATH is required".into()))?, output, request))
+}
+
+fn input(socket: &PathBuf, output: Option<&std::path::Path>, request: InputRequest) -> anyhow::Result<ExitCode> {
+    let timeout = Duration::from_millis(request.timeout_ms) + CALL_TIMEOUT;
+    match ControlClient::connect(socket)?.call(&Request::Input(request), timeout)? {
+        Response::Input(result) => {
+            let frame = result.frame.map(|f| f.to_string()).unwrap_or_else(|| "none".into());
+            let note = if result.timed_out { " (no new frame before the timeout)" } else { "" };
+            println!("done: frame {frame}{note}");
+            if let (Some(path), Some(shot)) = (output, result.screenshot) {
+                std::fs::write(path, &shot.bytes)
+                    .map_err(|err| anyhow::anyhow!("cannot write {}: {err}", path.display()))?;
+                println!("{}: {}x{} {:?}, frame {}", path.display(), shot.width, shot.height, shot.format, shot.frame);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Response::Error(message) => anyhow::bail!("{message}"),
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    }
 }
 
 /// Local paths are opened by the VMM process, which may run elsewhere: make them absolute.

@@ -18,6 +18,7 @@ use crate::control::{ControlServer, PendingRequest, Request, RequestQueue, Respo
 use crate::devices::bus::lock;
 use crate::recorder::{Record, Recorder};
 use crate::services::agent::AgentService;
+use crate::services::input::InputService;
 use crate::services::screen::ScreenService;
 use crate::services::ConnectionServices;
 use crate::vstate::vcpu::{install_kick_handler, VcpuEvent, VcpuEventSender, VcpuHandle, VcpuStop};
@@ -155,6 +156,7 @@ impl Vmm {
                 let local = ConnectionServices::new(
                     ScreenService::new(built.screen.clone(), recorder.clone()),
                     AgentService::new(config.vsock.clone(), recorder.clone()),
+                    InputService::new(built.input.clone(), built.screen.clone(), recorder.clone()),
                 );
                 Some(ControlServer::start(path, RequestQueue::new(request_sender, request_wake.clone(), local))?)
             }
@@ -320,7 +322,7 @@ impl Vmm {
             Request::Status => (Response::Status(self.status()), false),
             Request::Stop => (Response::Stopping, true),
             // Served on the connection thread by the screen service.
-            Request::Screenshot(_) | Request::Agent(_) => {
+            Request::Screenshot(_) | Request::Agent(_) | Request::Input(_) => {
                 (Response::Error("served on the connection thread, not here".into()), false)
             }
         }
@@ -348,5 +350,6 @@ fn request_action(request: &Request) -> &'static str {
         Request::Stop => "stop",
         Request::Screenshot(_) => "screenshot",
         Request::Agent(_) => "agent",
+        Request::Input(_) => "input",
     }
 }

@@ -25,7 +25,7 @@ pub const MAX_DRAG_POINTS: usize = 1000;
 pub const MAX_SCROLL: i32 = 100;
 
 /// A mouse button.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Button {
     Left,
     Right,
@@ -44,7 +44,7 @@ impl Button {
 }
 
 /// What the agent asks the mouse or keyboard to do. Coordinates are screen pixels.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Action {
     Move {
         x: u32,

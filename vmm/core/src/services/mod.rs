@@ -3,12 +3,14 @@
 //! the event loop the guest's devices run on. Each records itself through the recorder.
 
 pub mod agent;
+pub mod input;
 pub mod screen;
 
 use std::sync::Arc;
 
 use crate::control::{Request, Response};
 use agent::AgentService;
+use input::InputService;
 use screen::ScreenService;
 
 /// What a control connection thread can serve by itself.
@@ -16,11 +18,12 @@ use screen::ScreenService;
 pub struct ConnectionServices {
     pub screen: ScreenService,
     pub agent: AgentService,
+    pub input: InputService,
 }
 
 impl ConnectionServices {
-    pub fn new(screen: ScreenService, agent: AgentService) -> Arc<ConnectionServices> {
-        Arc::new(ConnectionServices { screen, agent })
+    pub fn new(screen: ScreenService, agent: AgentService, input: InputService) -> Arc<ConnectionServices> {
+        Arc::new(ConnectionServices { screen, agent, input })
     }
 
     /// Answers `request` here, or `None` to hand it to the VMM thread.
@@ -28,6 +31,7 @@ impl ConnectionServices {
         match request {
             Request::Screenshot(screenshot) => Some(self.screen.serve(screenshot, peer)),
             Request::Agent(agent) => Some(self.agent.serve(agent, peer)),
+            Request::Input(input) => Some(self.input.serve(input, peer)),
             _ => None,
         }
     }

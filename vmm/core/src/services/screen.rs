@@ -52,32 +52,41 @@ impl ScreenService {
     fn screenshot(&self, request: &ScreenshotRequest) -> Result<Screenshot, String> {
         let screen = self.screen.as_ref().ok_or("this VM has no screen (it was started with --no-display)")?;
         let timeout = Duration::from_millis(request.timeout_ms).min(MAX_WAIT);
-        match request.wait {
-            Wait::FirstFrame if screen.latest_frame().is_none() => screen.wait_for_frame_after(0, timeout).map(drop),
-            Wait::FirstFrame => Ok(()),
-            Wait::FrameAfter(after) => screen.wait_for_frame_after(after, timeout).map(drop),
-            Wait::StillFor(ms) => screen.wait_until_still(Duration::from_millis(ms), timeout).map(drop),
-        }
-        .map_err(|err| err.to_string())?;
-        let options = CaptureOptions {
-            format: match request.format {
-                ImageFormat::Png => CaptureFormat::Png,
-                ImageFormat::Qoi => CaptureFormat::Qoi,
-                ImageFormat::Raw => CaptureFormat::Raw,
-            },
-            crop: request.crop.map(|[x, y, width, height]| Rect { x, y, width, height }),
-            scale: request.scale.map(|[width, height]| (width, height)),
-            cursor: request.cursor,
-        };
-        let capture = screen.capture(&options).map_err(|err| err.to_string())?;
-        Ok(Screenshot {
-            format: request.format,
-            width: capture.width,
-            height: capture.height,
-            stride: capture.stride as u32,
-            pixel_format: format!("{:?}", capture.pixel_format),
-            frame: capture.frame,
-            bytes: capture.bytes,
-        })
+        wait_for(screen, request.wait, timeout).map_err(|err| err.to_string())?;
+        capture(screen, request)
     }
+}
+
+/// Waits for what `wait` asks, up to `timeout`.
+pub fn wait_for(screen: &Screen, wait: Wait, timeout: Duration) -> Result<(), carrel_gpu::ScreenError> {
+    match wait {
+        Wait::FirstFrame if screen.latest_frame().is_none() => screen.wait_for_frame_after(0, timeout).map(drop),
+        Wait::FirstFrame => Ok(()),
+        Wait::FrameAfter(after) => screen.wait_for_frame_after(after, timeout).map(drop),
+        Wait::StillFor(ms) => screen.wait_until_still(Duration::from_millis(ms), timeout).map(drop),
+    }
+}
+
+/// Captures the screen as `request` asks (its wait is not looked at).
+pub fn capture(screen: &Screen, request: &ScreenshotRequest) -> Result<Screenshot, String> {
+    let options = CaptureOptions {
+        format: match request.format {
+            ImageFormat::Png => CaptureFormat::Png,
+            ImageFormat::Qoi => CaptureFormat::Qoi,
+            ImageFormat::Raw => CaptureFormat::Raw,
+        },
+        crop: request.crop.map(|[x, y, width, height]| Rect { x, y, width, height }),
+        scale: request.scale.map(|[width, height]| (width, height)),
+        cursor: request.cursor,
+    };
+    let capture = screen.capture(&options).map_err(|err| err.to_string())?;
+    Ok(Screenshot {
+        format: request.format,
+        width: capture.width,
+        height: capture.height,
+        stride: capture.stride as u32,
+        pixel_format: format!("{:?}", capture.pixel_format),
+        frame: capture.frame,
+        bytes: capture.bytes,
+    })
 }
