@@ -285,16 +285,13 @@ impl Agent {
             session.pending.remove(&id);
             return Some(error(ErrorCode::SIZE_MISMATCH, "more data than announced"));
         }
-        match credit.on_chunk() {
-            Err(err) => {
-                session.pending.remove(&id);
-                Some(error(ErrorCode::FLOW_CONTROL, err.to_string()))
-            }
-            Ok(grant) => {
-                data.extend_from_slice(&chunk);
-                grant.map(|chunks| Message::Credit(carrel_agent_proto::message::Credit { chunks }))
-            }
+        if let Err(err) = credit.on_receive() {
+            session.pending.remove(&id);
+            return Some(error(ErrorCode::FLOW_CONTROL, err.to_string()));
         }
+        // The chunk is consumed as soon as it is stored.
+        data.extend_from_slice(&chunk);
+        credit.on_consume().map(|chunks| Message::Credit(carrel_agent_proto::message::Credit { chunks }))
     }
 
     fn put_end(&mut self, slot: usize, id: u32, end: End) -> Option<Message> {

@@ -226,6 +226,9 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
     println!("desk: ready ({} us since entry)", microseconds(rdtsc() - start, tsc_khz));
 
     let mut screen = start_screen(info, timeout);
+    // Input devices come up before the first frame: a frame on screen means the desktop
+    // takes clicks and keys.
+    let mut inputs = start_inputs(info);
     let mut desktop = Desktop::new();
     if let Some(display) = screen.as_mut() {
         let full = display.full();
@@ -236,7 +239,6 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
     }
 
     let mut agent_link = start_agent(info, timeout);
-    let mut inputs = start_inputs(info);
     let mut input_state = ui::InputState::default();
     let mut input_events = alloc::vec::Vec::new();
 
