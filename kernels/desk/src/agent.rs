@@ -8,6 +8,7 @@
 
 use alloc::collections::BTreeMap;
 use alloc::format;
+use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
@@ -24,15 +25,25 @@ use crate::vsock::{Vsock, VsockEvent, MAX_CONNECTIONS};
 const MAX_SLEEP_MS: u64 = 3_600_000;
 
 struct File {
-    data: Vec<u8>,
+    /// Shared with transfers in flight, so a get never copies the file.
+    data: Rc<Vec<u8>>,
     mode: u32,
+    /// blake3 of `data`, computed once when the file is stored.
+    digest: [u8; 32],
+}
+
+impl File {
+    fn new(data: Vec<u8>, mode: u32) -> File {
+        let digest = *blake3::hash(&data).as_bytes();
+        File { data: Rc::new(data), mode, digest }
+    }
 }
 
 /// Work a request still has to do.
 enum Pending {
     Sleep { until_ms: u64 },
     Put { path: String, mode: u32, size: u64, data: Vec<u8>, credit: RecvCredit },
-    Get { data: Vec<u8>, offset: usize, credit: SendCredit },
+    Get { data: Rc<Vec<u8>>, digest: [u8; 32], offset: usize, credit: SendCredit },
 }
 
 #[derive(Default)]
@@ -144,15 +155,14 @@ impl Agent {
                     outgoing.push((*id, Message::ExecExit(ExecExit { code: Some(0), signal: None, timed_out: false })));
                     finished.push(*id);
                 }
-                Pending::Get { data, offset, credit } => {
+                Pending::Get { data, digest, offset, credit } => {
                     while *offset < data.len() && credit.try_take() {
                         let end = (*offset + MAX_CHUNK).min(data.len());
                         outgoing.push((*id, Message::Data(data[*offset..end].to_vec())));
                         *offset = end;
                     }
                     if *offset >= data.len() {
-                        let digest = *blake3::hash(data).as_bytes();
-                        outgoing.push((*id, Message::End(End { size: data.len() as u64, digest })));
+                        outgoing.push((*id, Message::End(End { size: data.len() as u64, digest: *digest })));
                         finished.push(*id);
                     }
                 }
@@ -234,9 +244,9 @@ impl Agent {
                                 id,
                                 &Message::FileInfo(FileInfo { size: file.data.len() as u64, mode: file.mode }),
                             );
-                            let data = file.data.clone();
+                            let (data, digest) = (file.data.clone(), file.digest);
                             if let Some(session) = self.sessions[slot].as_mut() {
-                                session.pending.insert(id, Pending::Get { data, offset: 0, credit });
+                                session.pending.insert(id, Pending::Get { data, digest, offset: 0, credit });
                             }
                             None
                         }
@@ -305,10 +315,11 @@ impl Agent {
                 format!("got {} bytes, sender says {}", data.len(), end.size),
             ));
         }
-        if *blake3::hash(&data).as_bytes() != end.digest {
+        let file = File::new(data, mode);
+        if file.digest != end.digest {
             return Some(error(ErrorCode::DIGEST_MISMATCH, format!("{path}: blake3 of the received bytes differs")));
         }
-        self.files.insert(path, File { data, mode });
+        self.files.insert(path, file);
         Some(Message::Done)
     }
 
@@ -416,7 +427,7 @@ impl Agent {
                 Ok(path) => {
                     let mut data = args[1..].join(" ").into_bytes();
                     data.extend_from_slice(stdin);
-                    self.files.insert(path, File { data, mode: 0o644 });
+                    self.files.insert(path, File::new(data, 0o644));
                     (Vec::new(), Vec::new(), 0)
                 }
                 Err((_, text)) => (Vec::new(), format!("write: {text}\n").into_bytes(), 1),

@@ -186,7 +186,7 @@ impl Buffer {
     }
 }
 
-/// A queue used one request at a time: submit a chain, poll until it comes back.
+/// A queue used one batch at a time: submit chains, poll until they all come back.
 pub struct Virtqueue {
     ring: &'static GuestCell<SplitQueue>,
     index: u32,
@@ -201,22 +201,41 @@ impl Virtqueue {
         buffers: &[Buffer],
         timeout_cycles: u64,
     ) -> Result<u32, VirtioError> {
-        if buffers.is_empty() || buffers.len() > QUEUE_SIZE as usize {
+        self.submit_batch_and_wait(device, &[buffers], timeout_cycles)
+    }
+
+    /// Submits several chains with one doorbell and waits for all of them; returns the
+    /// length the device wrote into the last one. All chains together hold at most
+    /// [`QUEUE_SIZE`] buffers.
+    pub fn submit_batch_and_wait(
+        &mut self,
+        device: &MmioDevice,
+        chains: &[&[Buffer]],
+        timeout_cycles: u64,
+    ) -> Result<u32, VirtioError> {
+        let total: usize = chains.iter().map(|chain| chain.len()).sum();
+        if chains.is_empty() || chains.iter().any(|chain| chain.is_empty()) || total > QUEUE_SIZE as usize {
             return Err(VirtioError::QueueUnavailable);
         }
         let queue = self.ring.get();
-        for (index, buffer) in buffers.iter().enumerate() {
-            let last = index + 1 == buffers.len();
-            queue.descriptors[index] = Descriptor {
-                addr: buffer.addr,
-                len: buffer.len,
-                flags: if buffer.writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT },
-                next: if last { 0 } else { index as u16 + 1 },
-            };
+        let mut index = 0usize;
+        let mut avail = queue.avail_idx;
+        for chain in chains {
+            let head = index;
+            for (position, buffer) in chain.iter().enumerate() {
+                let last = position + 1 == chain.len();
+                queue.descriptors[index] = Descriptor {
+                    addr: buffer.addr,
+                    len: buffer.len,
+                    flags: if buffer.writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT },
+                    next: if last { 0 } else { index as u16 + 1 },
+                };
+                index += 1;
+            }
+            queue.avail_ring[(avail % QUEUE_SIZE) as usize] = head as u16;
+            avail = avail.wrapping_add(1);
         }
-        let slot = queue.avail_idx % QUEUE_SIZE;
-        queue.avail_ring[slot as usize] = 0;
-        let expected = queue.avail_idx.wrapping_add(1);
+        let expected = avail;
         fence(Ordering::SeqCst);
         // SAFETY: avail_idx is read by the device; a volatile store publishes it.
         unsafe { core::ptr::addr_of_mut!(queue.avail_idx).write_volatile(expected) };

@@ -17,6 +17,8 @@ const TYPE_STREAM: u16 = 1;
 /// What we let the host have in flight per connection.
 const BUFFER_ALLOC: u32 = 1024 * 1024;
 pub const MAX_CONNECTIONS: usize = 8;
+/// Packets submitted per TX doorbell (two descriptors each).
+const TX_BATCH: usize = QUEUE_SIZE as usize / 2;
 
 mod op {
     pub const REQUEST: u16 = 1;
@@ -308,22 +310,44 @@ impl Vsock {
         let _ = self.transmit(&header, &[]);
     }
 
-    /// Sends `bytes` on connection `slot`, waiting for host credit when needed.
+    /// Sends `bytes` on connection `slot`, waiting for host credit when needed. Up to
+    /// [`TX_BATCH`] packets go out per doorbell, so a large write costs one round trip
+    /// per batch, not per packet.
     pub fn send(&mut self, slot: usize, mut bytes: &[u8]) -> Result<(), VsockError> {
         while !bytes.is_empty() {
-            let credit = self.connections[slot].as_ref().ok_or(VsockError::NotConnected)?.credit() as usize;
+            let mut credit = self.connections[slot].as_ref().ok_or(VsockError::NotConnected)?.credit() as usize;
             if credit == 0 {
                 self.wait_for_credit(slot)?;
                 continue;
             }
-            let count = bytes.len().min(MAX_PAYLOAD).min(credit);
-            let header = self.header_for(slot, op::RW, count as u32).ok_or(VsockError::NotConnected)?;
-            self.transmit(&header, &bytes[..count])?;
+            let mut headers = [Header::default(); TX_BATCH];
+            let mut payloads: [&[u8]; TX_BATCH] = [&[]; TX_BATCH];
+            let mut count = 0;
+            while count < TX_BATCH && !bytes.is_empty() && credit > 0 {
+                let size = bytes.len().min(MAX_PAYLOAD).min(credit);
+                headers[count] = self.header_for(slot, op::RW, size as u32).ok_or(VsockError::NotConnected)?;
+                payloads[count] = &bytes[..size];
+                bytes = &bytes[size..];
+                credit -= size;
+                count += 1;
+            }
+            let chains: [[Buffer; 2]; TX_BATCH] = core::array::from_fn(|index| {
+                [
+                    Buffer::readable(&headers[index]),
+                    Buffer {
+                        addr: payloads[index].as_ptr() as u64,
+                        len: payloads[index].len() as u32,
+                        writable: false,
+                    },
+                ]
+            });
+            let chain_refs: [&[Buffer]; TX_BATCH] = core::array::from_fn(|index| &chains[index][..]);
+            self.tx.submit_batch_and_wait(&self.device, &chain_refs[..count], self.timeout_cycles)?;
+            let sent: usize = payloads[..count].iter().map(|payload| payload.len()).sum();
             if let Some(connection) = self.connections[slot].as_mut() {
-                connection.sent = connection.sent.wrapping_add(count as u32);
+                connection.sent = connection.sent.wrapping_add(sent as u32);
                 connection.consumed_told = connection.consumed;
             }
-            bytes = &bytes[count..];
         }
         Ok(())
     }
