@@ -2,9 +2,10 @@
 # Set up a Carrel host (development, CI or production). Idempotent: a second run
 # installs nothing and prints only the KVM line.
 #
-#   scripts/provision-host.sh [--runtime-only]
+#   scripts/provision-host.sh [--runtime-only] [--bench]
 #
 # --runtime-only   production host that only runs Carrel: skip the Rust toolchain check.
+# --bench          also the baselines the benchmarks compare against (Xvfb + xwd + netpbm).
 #
 # Runs as root; re-runs itself with sudo otherwise. Non-interactive (CI=true is fine).
 set -euo pipefail
@@ -16,10 +17,12 @@ log() { printf 'carrel: %s\n' "$*"; }
 die() { printf 'carrel: error: %s\n' "$*" >&2; exit 1; }
 
 RUNTIME_ONLY=0
+BENCH=0
 for arg in "$@"; do
     case "$arg" in
         --runtime-only) RUNTIME_ONLY=1 ;;
-        -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --bench) BENCH=1 ;;
+        -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument '$arg' (try --help)" ;;
     esac
 done
@@ -46,6 +49,10 @@ PACKAGES=(
     "xz-utils:xz"
     "ca-certificates:"
 )
+# Benchmarks only (perf/src/bin/screen.rs): the screenshot path agents use today.
+if ((BENCH)); then
+    PACKAGES+=("xvfb:Xvfb" "x11-apps:xwd" "netpbm:pnmtopng")
+fi
 
 if ! command -v dpkg-query >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
     die "this script needs a Debian-family host (dpkg and apt-get not found)"
