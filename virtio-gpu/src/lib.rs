@@ -12,9 +12,13 @@
 //!   (each RESOURCE_FLUSH of the scanout ends a frame), waits with timeouts, and
 //!   screenshots as raw pixels, PNG or QOI, cropped, scaled, with or without the cursor.
 //!
+//! - The same device runs out of the VMM's process as a vhost-user backend ([`backend`],
+//!   the `carrel-gpu-backend` binary); its screen is reached over a socket ([`remote`]).
+//!
 //! Guest input is hostile: every request is parsed by [`parse_request`] and checked by
 //! the device; malformed requests get the virtio-gpu error response and a counter.
 
+pub mod backend;
 pub mod capture;
 pub mod device;
 pub mod edid;
@@ -24,6 +28,7 @@ pub mod metrics;
 pub mod persist;
 pub mod protocol;
 pub mod qoi;
+pub mod remote;
 pub mod screen;
 mod surface;
 pub mod view;
@@ -37,5 +42,6 @@ pub use format::PixelFormat;
 pub use metrics::GpuMetrics;
 pub use persist::{GpuState, PersistError};
 pub use protocol::{parse_request, Command, ProtocolError, Rect, Request, Response};
+pub use remote::{RemoteError, RemoteScreen};
 pub use screen::{Frame, Screen, ScreenError};
 pub use surface::ScanoutPixels;
