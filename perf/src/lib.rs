@@ -104,6 +104,43 @@ pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
 }
 
+/// Starts the release `carrel-vmm` with `args` and waits for a console line containing
+/// `ready`; the rest of its output is drained in the background. Needs
+/// `cargo build --release -p carrel-vmm` and `scripts/build-guests.sh`.
+pub fn start_vm(args: &[&std::ffi::OsStr], ready: &str) -> anyhow::Result<std::process::Child> {
+    use std::io::BufRead;
+    let root = workspace_root();
+    let vmm = root.join("target/release/carrel-vmm");
+    if !vmm.exists() || !root.join("target/guests/desk.elf").exists() {
+        anyhow::bail!("build first: cargo build --release -p carrel-vmm && scripts/build-guests.sh");
+    }
+    let mut child = Command::new(&vmm)
+        .arg("run")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(line) => {
+                if line?.contains(ready) {
+                    break;
+                }
+            }
+            None => anyhow::bail!("the VM ended before printing {ready:?}"),
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Ok(child)
+}
+
+/// The Desk kernel built by `scripts/build-guests.sh`.
+pub fn desk_kernel() -> PathBuf {
+    workspace_root().join("target/guests/desk.elf")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

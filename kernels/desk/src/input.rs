@@ -4,7 +4,9 @@
 
 use alloc::vec::Vec;
 
-use crate::virtio::{empty_queue, Descriptor, MmioDevice, SplitQueue, VirtioError, DESC_F_WRITE, QUEUE_SIZE};
+use crate::virtio::{
+    drain_used, empty_queue, Descriptor, MmioDevice, SplitQueue, VirtioError, DESC_F_WRITE, QUEUE_SIZE,
+};
 use crate::GuestCell;
 
 /// Most input devices Desk drives.
@@ -55,29 +57,13 @@ impl InputDevice {
 
     /// Appends the events that arrived to `out`.
     pub fn poll(&mut self, out: &mut Vec<Event>) {
-        let ring = EVENT_QUEUES[self.index].get();
         let buffers = BUFFERS[self.index].get();
-        let mut reposted = false;
-        loop {
-            // SAFETY: used_idx is written by the device; read it volatile.
-            let used = unsafe { core::ptr::addr_of!(ring.used_idx).read_volatile() };
-            if used == self.seen {
-                break;
-            }
-            core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
-            let [id, len] = ring.used_ring[(self.seen % QUEUE_SIZE) as usize];
-            self.seen = self.seen.wrapping_add(1);
-            let slot = id as usize % QUEUE_SIZE as usize;
-            if len as usize >= core::mem::size_of::<Event>() {
+        let reposted = drain_used(&EVENT_QUEUES[self.index], &mut self.seen, |slot, len| {
+            if len >= core::mem::size_of::<Event>() {
                 // SAFETY: the device wrote a whole event into our buffer.
                 out.push(unsafe { core::ptr::read_volatile(&buffers[slot]) });
             }
-            let avail = ring.avail_idx % QUEUE_SIZE;
-            ring.avail_ring[avail as usize] = slot as u16;
-            core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
-            ring.avail_idx = ring.avail_idx.wrapping_add(1);
-            reposted = true;
-        }
+        });
         if reposted {
             self.device.notify(0);
         }

@@ -168,6 +168,31 @@ impl MmioDevice {
     }
 }
 
+/// Drains the used ring of a queue whose descriptor `i` permanently holds buffer `i`
+/// (receive queues): calls `handle(buffer index, bytes written)` for each returned buffer
+/// and posts it again. Returns whether any buffer was re-posted (the caller rings the
+/// doorbell once for the batch).
+pub fn drain_used(ring: &GuestCell<SplitQueue>, seen: &mut u16, mut handle: impl FnMut(usize, usize)) -> bool {
+    let queue = ring.get();
+    let mut reposted = false;
+    loop {
+        // SAFETY: used_idx is written by the device; read it volatile.
+        let used = unsafe { core::ptr::addr_of!(queue.used_idx).read_volatile() };
+        if used == *seen {
+            return reposted;
+        }
+        fence(Ordering::SeqCst);
+        let [id, len] = queue.used_ring[(*seen % QUEUE_SIZE) as usize];
+        *seen = seen.wrapping_add(1);
+        let slot = id as usize % QUEUE_SIZE as usize;
+        handle(slot, len as usize);
+        queue.avail_ring[(queue.avail_idx % QUEUE_SIZE) as usize] = slot as u16;
+        fence(Ordering::SeqCst);
+        queue.avail_idx = queue.avail_idx.wrapping_add(1);
+        reposted = true;
+    }
+}
+
 /// One buffer of a request: guest-physical address, length, device-writable or not.
 #[derive(Clone, Copy)]
 pub struct Buffer {

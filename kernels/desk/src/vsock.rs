@@ -6,7 +6,9 @@
 
 use alloc::vec::Vec;
 
-use crate::virtio::{empty_queue, Buffer, MmioDevice, SplitQueue, VirtioError, Virtqueue, DESC_F_WRITE, QUEUE_SIZE};
+use crate::virtio::{
+    drain_used, empty_queue, Buffer, MmioDevice, SplitQueue, VirtioError, Virtqueue, DESC_F_WRITE, QUEUE_SIZE,
+};
 use crate::{phys, GuestCell};
 
 const HEADER_SIZE: usize = 44;
@@ -159,34 +161,19 @@ impl Vsock {
     /// Handles every packet the device returned; events are appended to `events`.
     pub fn poll(&mut self, events: &mut Vec<VsockEvent>) {
         events.append(&mut self.events);
-        let ring = RX_QUEUE.get();
-        let mut reposted = false;
-        loop {
-            // SAFETY: used_idx is written by the device; read it volatile.
-            let used = unsafe { core::ptr::addr_of!(ring.used_idx).read_volatile() };
-            if used == self.rx_seen {
-                break;
-            }
-            core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
-            let [id, len] = ring.used_ring[(self.rx_seen % QUEUE_SIZE) as usize];
-            self.rx_seen = self.rx_seen.wrapping_add(1);
-            let index = (id as usize) % QUEUE_SIZE as usize;
-            let buffer = self.rx_buffers[index];
-            let len = (len as usize).min(RX_BUFFER_SIZE);
+        let buffers = self.rx_buffers;
+        let mut seen = self.rx_seen;
+        let reposted = drain_used(&RX_QUEUE, &mut seen, |slot, len| {
+            let len = len.min(RX_BUFFER_SIZE);
             if len >= HEADER_SIZE {
                 // SAFETY: the device wrote `len` bytes into our buffer of RX_BUFFER_SIZE.
-                let bytes = unsafe { core::slice::from_raw_parts(buffer as *const u8, len) };
+                let bytes = unsafe { core::slice::from_raw_parts(buffers[slot] as *const u8, len) };
                 // SAFETY: HEADER_SIZE bytes are there; Header is packed plain integers.
                 let header = unsafe { core::ptr::read_unaligned(bytes.as_ptr() as *const Header) };
                 self.handle_packet(&header, &bytes[HEADER_SIZE..]);
             }
-            // Re-post the same buffer.
-            let slot = ring.avail_idx % QUEUE_SIZE;
-            ring.avail_ring[slot as usize] = index as u16;
-            core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
-            ring.avail_idx = ring.avail_idx.wrapping_add(1);
-            reposted = true;
-        }
+        });
+        self.rx_seen = seen;
         if reposted {
             // One doorbell for the whole batch.
             self.device.notify(0);

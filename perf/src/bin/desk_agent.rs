@@ -3,13 +3,11 @@
 //! Needs `cargo build --release -p carrel-vmm` and `scripts/build-guests.sh`.
 //! `--pings N` (default 1000), `--mib N` file size (default 64).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use carrel_agent_client::{connect_vsock_uds, Client, ExecRequest};
-use carrel_perf::{report, workspace_root, Summary};
+use carrel_perf::{desk_kernel, report, start_vm, Summary};
 use serde_json::json;
 
 fn arg(args: &[String], name: &str, default: usize) -> anyhow::Result<usize> {
@@ -23,31 +21,19 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let pings = arg(&args, "--pings", 1000)?;
     let mib = arg(&args, "--mib", 64)?;
-    let root = workspace_root();
-    let vmm = root.join("target/release/carrel-vmm");
-    let kernel = root.join("target/guests/desk.elf");
-    if !vmm.exists() || !kernel.exists() {
-        bail!("build first: cargo build --release -p carrel-vmm && scripts/build-guests.sh");
-    }
     let vsock = std::env::temp_dir().join(format!("carrel-bench-agent-{}.sock", std::process::id()));
     let memory = (mib * 4 + 256).to_string();
-    let mut child = Command::new(&vmm)
-        .args(["run", "--no-display", "--mem", &memory, "--kernel"])
-        .arg(&kernel)
-        .arg("--vsock")
-        .arg(&vsock)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    loop {
-        let line = lines.next().context("the VM ended before its agent started")??;
-        if line.contains("agent listening") {
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
+    let kernel = desk_kernel();
+    let args = [
+        "--no-display".as_ref(),
+        "--mem".as_ref(),
+        memory.as_ref(),
+        "--kernel".as_ref(),
+        kernel.as_os_str(),
+        "--vsock".as_ref(),
+        vsock.as_os_str(),
+    ];
+    let mut child = start_vm(&args, "agent listening")?;
 
     let stream = connect_vsock_uds(&vsock, carrel_agent_proto::AGENT_VSOCK_PORT)?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;

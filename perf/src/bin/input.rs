@@ -6,12 +6,10 @@
 //! frame plus a QOI screenshot. Needs `cargo build --release -p carrel-vmm` and
 //! `scripts/build-guests.sh`. `--runs N` (default 200).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use carrel_perf::{report, workspace_root, Summary};
+use carrel_perf::{desk_kernel, report, start_vm, Summary};
 use carrel_vmm::control::{ControlClient, ImageFormat, InputRequest, Request, Response, Wait};
 use carrel_vmm::input::{Action, Button};
 use serde_json::json;
@@ -22,30 +20,12 @@ fn main() -> anyhow::Result<()> {
         Some(index) => args.get(index + 1).context("--runs needs a number")?.parse()?,
         None => 200,
     };
-    let root = workspace_root();
-    let vmm = root.join("target/release/carrel-vmm");
-    let kernel = root.join("target/guests/desk.elf");
-    if !vmm.exists() || !kernel.exists() {
-        bail!("build first: cargo build --release -p carrel-vmm && scripts/build-guests.sh");
-    }
     let socket = std::env::temp_dir().join(format!("carrel-bench-input-{}.sock", std::process::id()));
-    let mut child = Command::new(&vmm)
-        .args(["run", "--kernel"])
-        .arg(&kernel)
-        .arg("--socket")
-        .arg(&socket)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    loop {
-        let line = lines.next().context("the VM ended before its first frame")??;
-        if line.contains("first frame drawn") {
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
+    let kernel = desk_kernel();
+    let mut child = start_vm(
+        &["--kernel".as_ref(), kernel.as_os_str(), "--socket".as_ref(), socket.as_os_str()],
+        "first frame drawn",
+    )?;
 
     let mut client = ControlClient::connect(&socket)?;
     // Save and Clear buttons of the Desk window on the 1280x800 screen.
