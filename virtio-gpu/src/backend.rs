@@ -17,6 +17,7 @@ use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::device::{Gpu, GpuConfig, GpuError, CONTROL_QUEUE, CURSOR_QUEUE, QUEUE_SIZES};
 use crate::screen::Screen;
@@ -116,6 +117,12 @@ impl VhostUserBackend for GpuBackend {
         gpu.reset();
         gpu.memory = GuestMemoryMmap::clone(&memory.memory());
         Ok(())
+    }
+
+    fn exit_event(&self, _thread: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without an exit event the worker thread could not be told to end, and dropping
+        // the daemon (which joins it) would hang once the frontend has gone.
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
     }
 
     fn handle_event(

@@ -18,15 +18,17 @@ use crate::devices::virtio::gpu::GpuDevice;
 use crate::devices::virtio::input::{InputDevice, InputKind, InputSink};
 use crate::devices::virtio::mmio::{reg, MmioTransport};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vhost_user_gpu::VhostUserGpu;
 use crate::devices::virtio::vsock::{Vsock, VsockConfig};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::memory::{create_guest_ram, GuestRam};
 use crate::platform;
 use crate::services::input::InputSinks;
+use crate::services::screen::ScreenSource;
 use crate::vstate::regs;
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
-use carrel_gpu::{Gpu, GpuConfig, Screen};
+use carrel_gpu::{Gpu, GpuConfig, RemoteScreen};
 
 /// Errors building a VM.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,12 @@ pub enum BuildError {
     Image(#[from] crate::boot::image::ImageError),
     #[error("cannot create the screen: {0}")]
     Gpu(#[from] carrel_gpu::GpuError),
+    #[error(transparent)]
+    VhostUserGpu(#[from] crate::devices::virtio::vhost_user_gpu::VhostUserGpuError),
+    #[error("cannot reach the GPU backend's screen: {0}")]
+    ConnectGpuScreen(#[source] carrel_gpu::RemoteError),
+    #[error("--gpu-backend needs --gpu-screen: the backend's screen socket, for screenshots and input")]
+    MissingGpuScreen,
     #[error(transparent)]
     Input(#[from] crate::devices::virtio::input::InputDeviceError),
     #[error(transparent)]
@@ -83,7 +91,7 @@ pub struct BuiltVm {
     pub exit: Arc<VmExitSignal>,
     pub virtio: Vec<AttachedVirtio>,
     /// The screen, when the VM has one.
-    pub screen: Option<Arc<Screen>>,
+    pub screen: Option<ScreenSource>,
     /// Keyboard and tablet, which come with the screen.
     pub input: Option<InputSinks>,
     pub started: Instant,
@@ -139,7 +147,7 @@ struct Wired {
     serial: Arc<Mutex<SerialDevice>>,
     exit: Arc<VmExitSignal>,
     virtio: Vec<AttachedVirtio>,
-    screen: Option<Arc<Screen>>,
+    screen: Option<ScreenSource>,
     input: Option<InputSinks>,
 }
 
@@ -172,11 +180,22 @@ fn wire_vm(config: &VmConfig, kernel: &std::path::Path, vm: &Vm, ram: &GuestRam)
 
     let mut screen = None;
     let mut input = None;
-    if let Some((width, height)) = config.display_size()? {
-        let gpu = Gpu::new(GpuConfig::new(width, height)?, ram.memory.clone())?;
-        let device = GpuDevice::new(gpu);
-        screen = Some(device.screen());
-        let (attached, entry) = attach_virtio(vm, &mut mmio_bus, ram, "gpu", Box::new(device), devices.len())?;
+    // The GPU runs in a vhost-user backend process when one is named, else in this one.
+    let gpu: Option<(Box<dyn VirtioDevice>, ScreenSource)> = if let Some(backend) = &config.gpu_backend {
+        let screen_socket = config.gpu_screen.as_ref().ok_or(BuildError::MissingGpuScreen)?;
+        let device = VhostUserGpu::connect(backend)?;
+        let remote = RemoteScreen::connect(screen_socket).map_err(BuildError::ConnectGpuScreen)?;
+        Some((Box::new(device), ScreenSource::Remote(Arc::new(remote))))
+    } else if let Some((width, height)) = config.display_size()? {
+        let device = GpuDevice::new(Gpu::new(GpuConfig::new(width, height)?, ram.memory.clone())?);
+        let local = ScreenSource::Local(device.screen());
+        Some((Box::new(device), local))
+    } else {
+        None
+    };
+    if let Some((device, source)) = gpu {
+        screen = Some(source);
+        let (attached, entry) = attach_virtio(vm, &mut mmio_bus, ram, "gpu", device, devices.len())?;
         virtio.push(attached);
         devices.push(entry);
         // A screen comes with a keyboard and a tablet (absolute pointer).
@@ -226,7 +245,7 @@ fn wire_vm(config: &VmConfig, kernel: &std::path::Path, vm: &Vm, ram: &GuestRam)
         vcpu_count,
         tsc_khz,
         devices: &devices,
-        framebuffer: config.display_size()?.unwrap_or((0, 0)),
+        framebuffer: screen.as_ref().map_or((0, 0), ScreenSource::display_size),
     };
     let boot = boot::load(&ram.memory, ram.size, &request)?;
     if boot.wants_pit {

@@ -73,6 +73,13 @@ pub struct VmConfig {
     /// The guest's vsock CID.
     #[serde(default = "default_cid")]
     pub guest_cid: u64,
+    /// Run the screen in a vhost-user backend process (`carrel-gpu-backend`) listening on
+    /// this socket instead of in this process; the display size is the backend's.
+    #[serde(default)]
+    pub gpu_backend: Option<PathBuf>,
+    /// The backend's screen socket (its `--screen-socket`): screenshots and input waits.
+    #[serde(default)]
+    pub gpu_screen: Option<PathBuf>,
 }
 
 fn default_display() -> String {
@@ -117,6 +124,8 @@ impl Default for VmConfig {
             audit: None,
             name: default_name(),
             guest_cid: 3,
+            gpu_backend: None,
+            gpu_screen: None,
         }
     }
 }

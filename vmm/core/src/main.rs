@@ -18,6 +18,7 @@ const USAGE: &str = "usage:
                  [--console-log PATH] [--no-console] [--socket PATH] [--boot auto|desk|linux|pvh]
                  [--no-rng] [--vsock PATH] [--cid N]
                  [--audit DIR] [--name NAME] [--display WxH | --no-display]
+                 [--gpu-backend VHOST.sock --gpu-screen SCREEN.sock]
   carrel-vmm run --config vm.toml [flags above override the file]
   carrel-vmm status --socket PATH [--json]
   carrel-vmm stop --socket PATH
@@ -101,6 +102,8 @@ fn parse_run(args: &[String]) -> Result<VmConfig, Usage> {
             "--vsock" => config.vsock = Some(value(args, &mut index, flag)?.into()),
             "--display" => config.display = value(args, &mut index, flag)?.to_string(),
             "--no-display" => config.display = "none".to_string(),
+            "--gpu-backend" => config.gpu_backend = Some(value(args, &mut index, flag)?.into()),
+            "--gpu-screen" => config.gpu_screen = Some(value(args, &mut index, flag)?.into()),
             "--audit" => config.audit = Some(value(args, &mut index, flag)?.into()),
             "--name" => config.name = value(args, &mut index, flag)?.to_string(),
             "--cid" => config.guest_cid = number(value(args, &mut index, flag)?, flag)?,

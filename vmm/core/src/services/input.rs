@@ -5,13 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use carrel_gpu::Screen;
-
 use crate::control::{InputRequest, InputResult, Response, ScreenshotRequest, Wait};
 use crate::devices::virtio::input::InputSink;
 use crate::input::{plan, Action, Device, Timing};
 use crate::recorder::{Record, Recorder};
-use crate::services::screen::{capture, wait_for, MAX_WAIT};
+use crate::services::screen::{capture, wait_for, ScreenSource, MAX_WAIT};
 
 /// The two input devices' sinks.
 #[derive(Debug, Clone)]
@@ -23,12 +21,12 @@ pub struct InputSinks {
 #[derive(Debug)]
 pub struct InputService {
     sinks: Option<InputSinks>,
-    screen: Option<Arc<Screen>>,
+    screen: Option<ScreenSource>,
     recorder: Recorder,
 }
 
 impl InputService {
-    pub fn new(sinks: Option<InputSinks>, screen: Option<Arc<Screen>>, recorder: Recorder) -> InputService {
+    pub fn new(sinks: Option<InputSinks>, screen: Option<ScreenSource>, recorder: Recorder) -> InputService {
         InputService { sinks, screen, recorder }
     }
 
@@ -64,7 +62,8 @@ impl InputService {
             timing.gap = Duration::from_millis(gap.min(10_000));
         }
         let steps = plan(&request.action, screen.display_size(), &timing).map_err(|err| err.to_string())?;
-        let before = screen.latest_frame().map_or(0, |frame| frame.number);
+        // An unreachable screen fails the request before anything is done.
+        let before = screen.latest_frame().map_err(|err| err.to_string())?.map_or(0, |frame| frame.number);
         for step in steps {
             let sink = match step.device {
                 Device::Keyboard => &sinks.keyboard,
@@ -76,8 +75,9 @@ impl InputService {
             }
         }
         let timeout = Duration::from_millis(request.timeout_ms).min(MAX_WAIT);
+        let latest = || screen.latest_frame().ok().flatten().map(|frame| frame.number);
         let (frame, timed_out) = match request.wait {
-            None => (screen.latest_frame().map(|frame| frame.number), false),
+            None => (latest(), false),
             Some(wait) => {
                 // FrameAfter(0) means the next frame after the action started.
                 let wait = match wait {
@@ -85,8 +85,8 @@ impl InputService {
                     other => other,
                 };
                 match wait_for(screen, wait, timeout) {
-                    Ok(()) => (screen.latest_frame().map(|frame| frame.number), false),
-                    Err(_) => (screen.latest_frame().map(|frame| frame.number), true),
+                    Ok(()) => (latest(), false),
+                    Err(_) => (latest(), true),
                 }
             }
         };

@@ -1,10 +1,13 @@
 //! Screenshots for the control socket: wait for the frame the caller asked for, capture
 //! straight from the scanout view, record what the caller was shown.
+//!
+//! The screen is the in-process device's, or that of a `carrel-gpu-backend` process
+//! reached over its screen socket ([`ScreenSource`]): both serve the same requests.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use carrel_gpu::{CaptureFormat, CaptureOptions, Rect, Screen};
+use carrel_gpu::{Capture, CaptureFormat, CaptureOptions, Frame, Rect, RemoteError, RemoteScreen, Screen, ScreenError};
 
 use crate::control::{ImageFormat, Response, Screenshot, ScreenshotRequest, Wait};
 use crate::recorder::{Record, Recorder};
@@ -12,15 +15,73 @@ use crate::recorder::{Record, Recorder};
 /// Longest any wait may last, whatever the caller asks.
 pub const MAX_WAIT: Duration = Duration::from_secs(300);
 
+/// Errors reading the screen, wherever it lives.
+#[derive(Debug, thiserror::Error)]
+pub enum ScreenSourceError {
+    #[error(transparent)]
+    ReadScreen(#[from] ScreenError),
+    #[error(transparent)]
+    ReadRemoteScreen(#[from] RemoteError),
+}
+
+/// Where the screen is: the GPU device in this process, or a GPU backend process.
+#[derive(Debug, Clone)]
+pub enum ScreenSource {
+    Local(Arc<Screen>),
+    Remote(Arc<RemoteScreen>),
+}
+
+impl ScreenSource {
+    /// The display size offered to the guest (width, height).
+    pub fn display_size(&self) -> (u32, u32) {
+        match self {
+            ScreenSource::Local(screen) => screen.display_size(),
+            ScreenSource::Remote(screen) => screen.display_size(),
+        }
+    }
+
+    /// The last finished frame; `None` if the guest never finished one.
+    pub fn latest_frame(&self) -> Result<Option<Frame>, ScreenSourceError> {
+        match self {
+            ScreenSource::Local(screen) => Ok(screen.latest_frame()),
+            ScreenSource::Remote(screen) => Ok(screen.latest_frame()?),
+        }
+    }
+
+    /// Waits until a frame numbered above `after` exists and returns the latest.
+    pub fn wait_for_frame_after(&self, after: u64, timeout: Duration) -> Result<Frame, ScreenSourceError> {
+        match self {
+            ScreenSource::Local(screen) => Ok(screen.wait_for_frame_after(after, timeout)?),
+            ScreenSource::Remote(screen) => Ok(screen.wait_for_frame_after(after, timeout)?),
+        }
+    }
+
+    /// Waits until no frame has finished for `still` and returns the last frame.
+    pub fn wait_until_still(&self, still: Duration, timeout: Duration) -> Result<Frame, ScreenSourceError> {
+        match self {
+            ScreenSource::Local(screen) => Ok(screen.wait_until_still(still, timeout)?),
+            ScreenSource::Remote(screen) => Ok(screen.wait_until_still(still, timeout)?),
+        }
+    }
+
+    /// Takes a screenshot as `options` asks.
+    pub fn capture(&self, options: &CaptureOptions) -> Result<Capture, ScreenSourceError> {
+        match self {
+            ScreenSource::Local(screen) => Ok(screen.capture(options)?),
+            ScreenSource::Remote(screen) => Ok(screen.capture(options)?),
+        }
+    }
+}
+
 /// Serves screen requests on the connection threads.
 #[derive(Debug)]
 pub struct ScreenService {
-    screen: Option<Arc<Screen>>,
+    screen: Option<ScreenSource>,
     recorder: Recorder,
 }
 
 impl ScreenService {
-    pub fn new(screen: Option<Arc<Screen>>, recorder: Recorder) -> ScreenService {
+    pub fn new(screen: Option<ScreenSource>, recorder: Recorder) -> ScreenService {
         ScreenService { screen, recorder }
     }
 
@@ -58,9 +119,9 @@ impl ScreenService {
 }
 
 /// Waits for what `wait` asks, up to `timeout`.
-pub fn wait_for(screen: &Screen, wait: Wait, timeout: Duration) -> Result<(), carrel_gpu::ScreenError> {
+pub fn wait_for(screen: &ScreenSource, wait: Wait, timeout: Duration) -> Result<(), ScreenSourceError> {
     match wait {
-        Wait::FirstFrame if screen.latest_frame().is_none() => screen.wait_for_frame_after(0, timeout).map(drop),
+        Wait::FirstFrame if screen.latest_frame()?.is_none() => screen.wait_for_frame_after(0, timeout).map(drop),
         Wait::FirstFrame => Ok(()),
         Wait::FrameAfter(after) => screen.wait_for_frame_after(after, timeout).map(drop),
         Wait::StillFor(ms) => screen.wait_until_still(Duration::from_millis(ms), timeout).map(drop),
@@ -68,7 +129,7 @@ pub fn wait_for(screen: &Screen, wait: Wait, timeout: Duration) -> Result<(), ca
 }
 
 /// Captures the screen as `request` asks (its wait is not looked at).
-pub fn capture(screen: &Screen, request: &ScreenshotRequest) -> Result<Screenshot, String> {
+pub fn capture(screen: &ScreenSource, request: &ScreenshotRequest) -> Result<Screenshot, String> {
     let options = CaptureOptions {
         format: match request.format {
             ImageFormat::Png => CaptureFormat::Png,

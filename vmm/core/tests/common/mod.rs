@@ -55,13 +55,18 @@ pub struct RunningVm {
 
 impl RunningVm {
     pub fn start(args: &[&str]) -> RunningVm {
-        let mut child = Command::new(vmm_binary())
+        RunningVm::start_binary(&vmm_binary(), args)
+    }
+
+    /// Starts another of the project's programs (such as `carrel-gpu-backend`) the same way.
+    pub fn start_binary(binary: &Path, args: &[&str]) -> RunningVm {
+        let mut child = Command::new(binary)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("carrel-vmm starts");
+            .unwrap_or_else(|err| panic!("{} starts: {err}", binary.display()));
         let (sender, lines) = mpsc::channel();
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
@@ -154,4 +159,58 @@ pub fn scratch_path(name: &str) -> PathBuf {
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     std::env::temp_dir().join(format!("carrel-test-{}-{n}-{name}", std::process::id()))
+}
+
+/// The `carrel-gpu-backend` binary beside `carrel-vmm`, brought up to date once per test
+/// binary: it belongs to the carrel-gpu package, so Cargo builds it for that package's
+/// tests only, not for these.
+pub fn gpu_backend_binary() -> PathBuf {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let profile_dir = vmm_binary().parent().expect("carrel-vmm is in a profile directory").to_path_buf();
+        let profile = match profile_dir.file_name().and_then(|name| name.to_str()) {
+            Some("debug") | None => "dev".to_string(),
+            Some(other) => other.to_string(),
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(workspace_root())
+            .args(["build", "--quiet", "-p", "carrel-gpu", "--bin", "carrel-gpu-backend", "--profile", &profile])
+            .status()
+            .map_err(|err| format!("cannot run cargo to build carrel-gpu-backend: {err}"))?;
+        if !status.success() {
+            return Err(format!("building carrel-gpu-backend failed: {status}"));
+        }
+        Ok(profile_dir.join("carrel-gpu-backend"))
+    });
+    built.clone().unwrap_or_else(|message| panic!("{message}"))
+}
+
+/// Decodes a PNG into (width, height, RGB bytes).
+pub fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut pixels).unwrap();
+    pixels.truncate(info.buffer_size());
+    // Normalise to RGB.
+    let channels = info.color_type.samples();
+    let rgb = pixels.chunks_exact(channels).flat_map(|pixel| [pixel[0], pixel[1], pixel[2]]).collect();
+    (info.width, info.height, rgb)
+}
+
+/// Whether (x, y) lies in `rect` = [x, y, width, height].
+pub fn inside(rect: [u32; 4], x: u32, y: u32) -> bool {
+    x >= rect[0] && x < rect[0] + rect[2] && y >= rect[1] && y < rect[1] + rect[3]
+}
+
+/// Pixels that differ between two RGB images, as (x, y).
+pub fn differences(a: &[u8], b: &[u8], width: u32) -> Vec<(u32, u32)> {
+    a.chunks_exact(3)
+        .zip(b.chunks_exact(3))
+        .enumerate()
+        .filter(|(_, (pa, pb))| pa != pb)
+        .map(|(index, _)| (index as u32 % width, index as u32 / width))
+        .collect()
 }

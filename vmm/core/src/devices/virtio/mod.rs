@@ -9,6 +9,7 @@ pub mod gpu;
 pub mod input;
 pub mod mmio;
 pub mod rng;
+pub mod vhost_user_gpu;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};

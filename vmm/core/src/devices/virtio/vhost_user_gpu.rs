@@ -1,0 +1,299 @@
+//! The screen out of process: a vhost-user frontend for virtio-gpu. The device model runs
+//! in `carrel-gpu-backend` (crate carrel-gpu); this device hands it what the transport
+//! negotiated with the driver: features, config space, and on activation the guest RAM
+//! (the memfd regions with their offsets, so the backend's zero-copy scanout view maps
+//! the guest's pixels in its own process) and the two queues.
+//!
+//! Queue notifications reach [`VirtioDevice::process_queue`] through the VMM's ioeventfds
+//! and become writes to a kick eventfd the backend polls. The backend signals used buffers
+//! on one call eventfd shared by both queues; it is this device's event fd, and each call
+//! sets the used-ring bit of the interrupt status and raises the interrupt.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use carrel_firmware::virtio_id;
+use carrel_gpu::device::{CONFIG_SPACE_SIZE, QUEUE_SIZES};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::virtio::{
+    read_config_bytes, ActivateError, ActiveState, DeviceState, VirtioDevice, INTERRUPT_USED_RING,
+};
+
+/// How long to wait for the backend's socket to appear and accept, after its process
+/// was started.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Protocol features this frontend uses when the backend offers them.
+const WANTED_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::CONFIG
+    .union(VhostUserProtocolFeatures::RESET_DEVICE)
+    .union(VhostUserProtocolFeatures::REPLY_ACK);
+
+/// Errors connecting to or driving the GPU backend.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserGpuError {
+    #[error("cannot connect to the GPU backend at {path}: {source} (start carrel-gpu-backend --socket {path} first)")]
+    ConnectBackend { path: String, source: io::Error },
+    #[error("the GPU backend at {path} failed {step}: {source}")]
+    Backend { path: String, step: &'static str, source: vhost::Error },
+    #[error("cannot create an eventfd for the GPU backend: {0}")]
+    CreateEventFd(#[source] io::Error),
+    #[error("guest RAM at {gpa:#x} has no memfd behind it, so it cannot be shared with the GPU backend")]
+    ShareMemory { gpa: u64 },
+    #[error("queue {index} is not in guest RAM")]
+    TranslateQueue { index: usize },
+}
+
+/// The virtio-gpu device, served by a vhost-user backend process.
+pub struct VhostUserGpu {
+    path: PathBuf,
+    frontend: Frontend,
+    /// Virtio feature bits the backend offers, without the vhost-user protocol bit.
+    features: u64,
+    /// Whether the backend speaks the vhost-user protocol features (and so SET_VRING_ENABLE).
+    protocol: bool,
+    /// Config space through GET_CONFIG/SET_CONFIG; otherwise `config` stands in for it.
+    remote_config: bool,
+    reset_device: bool,
+    config: [u8; CONFIG_SPACE_SIZE],
+    queue_sizes: [u16; 2],
+    kicks: Vec<EventFd>,
+    call: EventFd,
+    state: DeviceState,
+}
+
+impl std::fmt::Debug for VhostUserGpu {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("VhostUserGpu")
+            .field("path", &self.path)
+            .field("features", &format_args!("{:#x}", self.features))
+            .field("remote_config", &self.remote_config)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VhostUserGpu {
+    /// Connects to the backend at `path` (waiting a little for it to start listening),
+    /// claims it, and learns its features.
+    pub fn connect(path: &Path) -> Result<VhostUserGpu, VhostUserGpuError> {
+        let name = path.display().to_string();
+        let stream = connect_with_retry(path, CONNECT_TIMEOUT)
+            .map_err(|source| VhostUserGpuError::ConnectBackend { path: name.clone(), source })?;
+        let mut frontend = Frontend::from_stream(stream, QUEUE_SIZES.len() as u64);
+        let failed = |step| {
+            let path = name.clone();
+            move |source| VhostUserGpuError::Backend { path, step, source }
+        };
+        frontend.set_owner().map_err(failed("SET_OWNER"))?;
+        let offered = frontend.get_features().map_err(failed("GET_FEATURES"))?;
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let protocol = offered & protocol_bit != 0;
+        let mut negotiated = VhostUserProtocolFeatures::empty();
+        if protocol {
+            let available = frontend.get_protocol_features().map_err(failed("GET_PROTOCOL_FEATURES"))?;
+            negotiated = available & WANTED_PROTOCOL_FEATURES;
+            frontend.set_protocol_features(negotiated).map_err(failed("SET_PROTOCOL_FEATURES"))?;
+            if negotiated.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                // Every set-up message is acknowledged, so a refusal fails activation
+                // instead of passing unnoticed.
+                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
+        }
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(VhostUserGpuError::CreateEventFd);
+        // Without GET_CONFIG, the config space is the one the in-process device shows:
+        // no events, one scanout.
+        let mut config = [0u8; CONFIG_SPACE_SIZE];
+        config[8..12].copy_from_slice(&1u32.to_le_bytes());
+        Ok(VhostUserGpu {
+            path: path.to_path_buf(),
+            frontend,
+            features: offered & !protocol_bit,
+            protocol,
+            remote_config: negotiated.contains(VhostUserProtocolFeatures::CONFIG),
+            reset_device: negotiated.contains(VhostUserProtocolFeatures::RESET_DEVICE),
+            config,
+            queue_sizes: QUEUE_SIZES,
+            kicks: vec![eventfd()?, eventfd()?],
+            call: eventfd()?,
+            state: DeviceState::Inactive,
+        })
+    }
+
+    fn failed(&self, step: &'static str) -> impl FnOnce(vhost::Error) -> VhostUserGpuError + '_ {
+        move |source| VhostUserGpuError::Backend { path: self.path.display().to_string(), step, source }
+    }
+
+    /// Hands the backend the guest RAM and the driver's queues, and starts them.
+    fn start_backend(
+        &mut self,
+        memory: &GuestMemoryMmap,
+        queues: &[Queue],
+        acked: u64,
+    ) -> Result<(), VhostUserGpuError> {
+        let protocol_bit = if self.protocol { VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() } else { 0 };
+        self.frontend.set_features(acked | protocol_bit).map_err(self.failed("SET_FEATURES"))?;
+        let regions = memory
+            .iter()
+            .map(|region| {
+                VhostUserMemoryRegionInfo::from_guest_region(region)
+                    .map_err(|_| VhostUserGpuError::ShareMemory { gpa: region.start_addr().0 })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.frontend.set_mem_table(&regions).map_err(self.failed("SET_MEM_TABLE"))?;
+        let mut frontend = self.frontend.clone();
+        for (index, queue) in queues.iter().enumerate() {
+            // The backend translates ring addresses through the memory table's host
+            // addresses (this process's mapping), as vhost-user defines them.
+            let host = |addr: u64| {
+                memory
+                    .get_host_address(GuestAddress(addr))
+                    .map(|pointer| pointer as u64)
+                    .map_err(|_| VhostUserGpuError::TranslateQueue { index })
+            };
+            let rings = VringConfigData {
+                queue_max_size: queue.max_size(),
+                queue_size: queue.size(),
+                flags: 0,
+                desc_table_addr: host(queue.desc_table())?,
+                used_ring_addr: host(queue.used_ring())?,
+                avail_ring_addr: host(queue.avail_ring())?,
+                log_addr: None,
+            };
+            frontend.set_vring_num(index, queue.size()).map_err(self.failed("SET_VRING_NUM"))?;
+            frontend.set_vring_addr(index, &rings).map_err(self.failed("SET_VRING_ADDR"))?;
+            frontend.set_vring_base(index, queue.next_avail()).map_err(self.failed("SET_VRING_BASE"))?;
+            frontend.set_vring_kick(index, &self.kicks[index]).map_err(self.failed("SET_VRING_KICK"))?;
+            frontend.set_vring_call(index, &self.call).map_err(self.failed("SET_VRING_CALL"))?;
+            if self.protocol {
+                frontend.set_vring_enable(index, true).map_err(self.failed("SET_VRING_ENABLE"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the backend's queues (GET_VRING_BASE) and resets its device.
+    fn stop_backend(&mut self) -> Result<(), VhostUserGpuError> {
+        for index in 0..self.queue_sizes.len() {
+            self.frontend.get_vring_base(index).map_err(self.failed("GET_VRING_BASE"))?;
+        }
+        if self.reset_device {
+            let mut frontend = self.frontend.clone();
+            frontend.reset_device().map_err(self.failed("RESET_DEVICE"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Connects to `path`, retrying while the backend has not created or opened its socket.
+fn connect_with_retry(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(stream) => return Ok(stream),
+            Err(err)
+                if matches!(err.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused)
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+impl VirtioDevice for VhostUserGpu {
+    fn device_type(&self) -> u32 {
+        virtio_id::GPU
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn device_features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let in_range = offset < CONFIG_SPACE_SIZE as u64 && !data.is_empty();
+        if !self.remote_config || !in_range {
+            return read_config_bytes(&self.config, offset, data);
+        }
+        let mut frontend = self.frontend.clone();
+        let asked = vec![0u8; data.len()];
+        match frontend.get_config(offset as u32, data.len() as u32, VhostUserConfigFlags::empty(), &asked) {
+            Ok((_, bytes)) if bytes.len() == data.len() => data.copy_from_slice(&bytes),
+            // A backend that cannot answer reads as the local copy: the driver sees a
+            // plausible device, and the failure shows at activation.
+            _ => read_config_bytes(&self.config, offset, data),
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        if self.remote_config && offset < CONFIG_SPACE_SIZE as u64 && !data.is_empty() {
+            let mut frontend = self.frontend.clone();
+            // Only events_clear is writable; a lost write leaves an event bit the driver
+            // clears again on its next read.
+            let _ = frontend.set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data);
+        }
+    }
+
+    fn activate(&mut self, state: ActiveState, acked_features: u64) -> Result<(), ActivateError> {
+        if state.queues.len() != self.queue_sizes.len() {
+            return Err(ActivateError::QueueCount { needed: self.queue_sizes.len(), got: state.queues.len() });
+        }
+        if let Err(err) = self.start_backend(&state.memory, &state.queues, acked_features) {
+            // ActivateError has no variant for a backend; the transport only needs to know
+            // activation failed (it sets DEVICE_NEEDS_RESET), the operator needs the cause.
+            eprintln!("carrel-vmm: the GPU backend could not be started: {err}");
+            return Err(ActivateError::InvalidQueue { index: 0 });
+        }
+        // Buffers the driver queued before DRIVER_OK get looked at now.
+        for kick in &self.kicks {
+            let _ = kick.write(1);
+        }
+        self.state = DeviceState::Active(state);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if matches!(self.state, DeviceState::Active(_)) {
+            if let Err(err) = self.stop_backend() {
+                eprintln!("carrel-vmm: the GPU backend did not reset: {err}");
+            }
+        }
+        let _ = self.call.read();
+        self.state = DeviceState::Inactive;
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        if let (DeviceState::Active(_), Some(kick)) = (&self.state, self.kicks.get(index)) {
+            // A full counter means a kick is pending already.
+            let _ = kick.write(1);
+        }
+    }
+
+    fn event_fd(&self) -> Option<RawFd> {
+        Some(self.call.as_raw_fd())
+    }
+
+    fn process_events(&mut self) {
+        // Reading resets the counter, so the level-triggered event loop sleeps again.
+        if self.call.read().is_ok() {
+            if let DeviceState::Active(active) = &self.state {
+                active.interrupt.signal(INTERRUPT_USED_RING);
+            }
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! The screen out of process: the Desk kernel draws through a vhost-user GPU served by
+//! `carrel-gpu-backend`, which maps the VM's memfd; screenshots and input go through the
+//! VM's control socket exactly as with the in-process device. Desk's driver is the same.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use carrel_vmm::control::{
+    ControlClient, ImageFormat, InputRequest, Request, Response, Screenshot, ScreenshotRequest, Wait,
+};
+use carrel_vmm::input::{Action, Button};
+use common::{decode_png, differences, gpu_backend_binary, guest, inside, scratch_path, RunningVm};
+
+const BOOT_DEADLINE: Duration = Duration::from_secs(30);
+const WIDTH: u32 = 1280;
+const HEIGHT: u32 = 800;
+/// Where the Desk clock is drawn: the only area that changes by itself.
+const CLOCK: [u32; 4] = [WIDTH - 104, 0, 104, 32];
+const CHECKBOX_CENTER: (u32, u32) = (294, 334);
+/// A pixel of the checkbox's tick that Desk's cursor (tip at the click point) leaves visible.
+const CHECKBOX_TICK: (u32, u32) = (289, 329);
+const ACCENT: [u8; 3] = [0x2f, 0x6f, 0xd6];
+
+/// A backend process and a VM using it; dropped in field order: the VM first.
+struct VhostUserDesk {
+    vm: RunningVm,
+    backend: RunningVm,
+    socket: PathBuf,
+}
+
+fn boot_desk_with_backend(name: &str) -> VhostUserDesk {
+    let (vhost, screen, socket) =
+        (scratch_path(&format!("{name}-gpu.sock")), scratch_path(&format!("{name}-screen.sock")), scratch_path(name));
+    let mut backend = RunningVm::start_binary(
+        &gpu_backend_binary(),
+        &["--socket", vhost.to_str().unwrap(), "--screen-socket", screen.to_str().unwrap()],
+    );
+    backend.wait_for_line("carrel-gpu-backend: ready", BOOT_DEADLINE);
+    let kernel = guest("desk.elf");
+    let mut vm = RunningVm::start(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--socket",
+        socket.to_str().unwrap(),
+        "--gpu-backend",
+        vhost.to_str().unwrap(),
+        "--gpu-screen",
+        screen.to_str().unwrap(),
+    ]);
+    vm.wait_for_line("first frame drawn", BOOT_DEADLINE);
+    VhostUserDesk { vm, backend, socket }
+}
+
+fn screenshot(socket: &Path, wait: Wait) -> Screenshot {
+    let request = ScreenshotRequest {
+        format: ImageFormat::Png,
+        crop: None,
+        scale: None,
+        cursor: false,
+        wait,
+        timeout_ms: 10_000,
+    };
+    match ControlClient::connect(socket).unwrap().call(&Request::Screenshot(request), Duration::from_secs(20)).unwrap()
+    {
+        Response::Screenshot(shot) => shot,
+        other => panic!("expected a screenshot, got {other:?}"),
+    }
+}
+
+fn pixel(rgb: &[u8], (x, y): (u32, u32)) -> [u8; 3] {
+    let offset = ((y * WIDTH + x) * 3) as usize;
+    [rgb[offset], rgb[offset + 1], rgb[offset + 2]]
+}
+
+#[test]
+fn desk_through_gpu_backend_matches_golden_image_except_clock() {
+    let desk = boot_desk_with_backend("golden.sock");
+    let shot = screenshot(&desk.socket, Wait::FirstFrame);
+    let (width, height, pixels) = decode_png(&shot.bytes);
+    assert_eq!((width, height), (WIDTH, HEIGHT));
+    let golden_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/desk-1280x800.png");
+    let (_, _, golden) = decode_png(&std::fs::read(golden_path).expect("golden image"));
+    let outside_clock: Vec<_> =
+        differences(&pixels, &golden, WIDTH).into_iter().filter(|(x, y)| !inside(CLOCK, *x, *y)).collect();
+    assert!(
+        outside_clock.is_empty(),
+        "{} pixels differ from the golden image, first at {:?}",
+        outside_clock.len(),
+        outside_clock.first()
+    );
+    // The next frame (the clock's) arrives through the backend's frame clock too.
+    let next = screenshot(&desk.socket, Wait::FrameAfter(shot.frame));
+    assert!(next.frame > shot.frame);
+}
+
+#[test]
+fn click_through_gpu_backend_ticks_the_checkbox() {
+    let desk = boot_desk_with_backend("click.sock");
+    let before = screenshot(&desk.socket, Wait::FirstFrame);
+    assert_ne!(pixel(&decode_png(&before.bytes).2, CHECKBOX_TICK), ACCENT, "the checkbox starts unticked");
+
+    let (x, y) = CHECKBOX_CENTER;
+    let request = InputRequest {
+        action: Action::Click { x, y, button: Button::Left, count: 1 },
+        wait: Some(Wait::FrameAfter(0)),
+        screenshot: Some(ImageFormat::Png),
+        timeout_ms: 5_000,
+        hold_ms: None,
+        gap_ms: None,
+    };
+    let result = match ControlClient::connect(&desk.socket)
+        .unwrap()
+        .call(&Request::Input(request), Duration::from_secs(20))
+        .unwrap()
+    {
+        Response::Input(result) => result,
+        other => panic!("expected an input result, got {other:?}"),
+    };
+    assert!(!result.timed_out, "the click drew no frame");
+    // The frame after the click may be the clock's; the tick shows within the next few.
+    let mut shot = result.screenshot.expect("a screenshot after the click");
+    for _ in 0..3 {
+        if pixel(&decode_png(&shot.bytes).2, CHECKBOX_TICK) == ACCENT {
+            break;
+        }
+        shot = screenshot(&desk.socket, Wait::FrameAfter(shot.frame));
+    }
+    assert_eq!(pixel(&decode_png(&shot.bytes).2, CHECKBOX_TICK), ACCENT, "the checkbox is ticked");
+}
+
+#[test]
+fn gpu_backend_exits_when_the_vm_stops() {
+    let mut desk = boot_desk_with_backend("stop.sock");
+    let answer = ControlClient::connect(&desk.socket).unwrap().call(&Request::Stop, Duration::from_secs(10)).unwrap();
+    assert_eq!(answer, Response::Stopping);
+    assert!(desk.vm.wait_for_exit(BOOT_DEADLINE).success(), "{}", desk.vm.text());
+    let status = desk.backend.wait_for_exit(BOOT_DEADLINE);
+    assert!(status.success(), "the backend ends cleanly with its frontend: {}", desk.backend.text());
+}
+
+#[test]
+fn vm_with_gpu_backend_that_is_not_running_fails_with_a_clear_error() {
+    let kernel = guest("desk.elf");
+    let missing = scratch_path("missing-gpu.sock");
+    let screen = scratch_path("missing-screen.sock");
+    let mut vm = RunningVm::start(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--gpu-backend",
+        missing.to_str().unwrap(),
+        "--gpu-screen",
+        screen.to_str().unwrap(),
+    ]);
+    let status = vm.wait_for_exit(BOOT_DEADLINE);
+    assert!(!status.success());
+    assert!(vm.text().contains("start carrel-gpu-backend"), "{}", vm.text());
+}
