@@ -224,3 +224,52 @@ fn bind_replacing(path: &Path) -> io::Result<UnixListener> {
     }
     UnixListener::bind(path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Rect;
+    use crate::testing::{memfd_memory, Harness, MEMORY_SIZE, PIXELS_ADDR};
+
+    #[test]
+    fn features_offer_version_1_and_protocol_features_but_not_event_idx() {
+        let backend = GpuBackend::new(GpuConfig::default()).unwrap();
+        let features = backend.features();
+        assert_eq!(features & Gpu::features(), Gpu::features());
+        assert_ne!(features & VIRTIO_F_VERSION_1, 0);
+        assert_ne!(features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0);
+        assert_eq!(features & (1 << 29), 0, "EVENT_IDX is not offered");
+        assert!(backend.protocol_features().contains(VhostUserProtocolFeatures::CONFIG));
+        assert_eq!((backend.num_queues(), backend.max_queue_size()), (2, 256));
+    }
+
+    #[test]
+    fn get_config_answers_exactly_the_size_asked_with_one_scanout() {
+        let backend = GpuBackend::new(GpuConfig::default()).unwrap();
+        assert_eq!(backend.get_config(8, 4), 1u32.to_le_bytes());
+        assert_eq!(backend.get_config(0, 16).len(), 16);
+        assert_eq!(backend.get_config(12, 40), vec![0; 40], "past the end reads as zero");
+        assert_eq!(backend.get_config(0, u32::MAX).len(), MAX_CONFIG_READ as usize, "reads are capped");
+    }
+
+    #[test]
+    fn update_memory_views_the_memfd_and_a_new_table_resets_the_device() {
+        let backend = GpuBackend::new(GpuConfig::default()).unwrap();
+        let (memory, _memfd) = memfd_memory(&[(0, MEMORY_SIZE)]);
+        backend.update_memory(GuestMemoryAtomic::new(memory.clone())).unwrap();
+        {
+            // Drive the backend's device as a queue would, through a harness sharing it.
+            let mut harness = Harness { memory: memory.clone(), gpu: Gpu::new(GpuConfig::default(), memory).unwrap() };
+            std::mem::swap(&mut harness.gpu, &mut backend.lock());
+            harness.show(1, 16, 16, PIXELS_ADDR);
+            harness.flush(1, Rect::new(0, 0, 16, 16));
+            std::mem::swap(&mut harness.gpu, &mut backend.lock());
+        }
+        assert_eq!(backend.screen().latest_frame().unwrap().number, 1);
+        assert_eq!(backend.screen().scanout_is_zero_copy(), Some(true), "the memfd view works here too");
+        let (memory, _memfd) = memfd_memory(&[(0, MEMORY_SIZE)]);
+        backend.update_memory(GuestMemoryAtomic::new(memory)).unwrap();
+        assert_eq!(backend.screen().scanout_size(), None, "a new memory table starts a fresh device");
+        assert_eq!(backend.lock().resource_bytes(), 0);
+    }
+}

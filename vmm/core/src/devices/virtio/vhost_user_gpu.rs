@@ -297,3 +297,105 @@ impl VirtioDevice for VhostUserGpu {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    use carrel_gpu::backend::{BackendConfig, BoundBackend};
+    use carrel_gpu::protocol::{CMD_GET_DISPLAY_INFO, RESP_OK_DISPLAY_INFO};
+    use carrel_gpu::GpuConfig;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::Bytes;
+
+    use crate::devices::virtio::{VirtioInterrupt, VIRTIO_F_VERSION_1};
+    use crate::memory::create_guest_ram;
+
+    const REQUEST: u64 = 0x4_0000;
+    const RESPONSE: u64 = 0x4_1000;
+
+    /// Runs a carrel-gpu backend on a fresh socket in this process; returns its socket and
+    /// the thread serving it (which ends when the frontend disconnects).
+    fn start_backend(name: &str) -> (PathBuf, std::thread::JoinHandle<Result<(), String>>) {
+        let base = std::env::temp_dir().join(format!("carrel-vhost-user-gpu-{}-{name}", std::process::id()));
+        let config = BackendConfig {
+            socket: base.with_extension("vhost.sock"),
+            screen_socket: base.with_extension("screen.sock"),
+            gpu: GpuConfig::default(),
+        };
+        let socket = config.socket.clone();
+        let bound = BoundBackend::bind(config).unwrap();
+        (socket, std::thread::spawn(move || bound.serve().map_err(|err| err.to_string())))
+    }
+
+    fn wait_readable(fd: RawFd) -> bool {
+        let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut poll, 1, 5_000) == 1 }
+    }
+
+    #[test]
+    fn connect_offers_backend_features_without_the_protocol_bit_and_reads_config_from_it() {
+        let (socket, backend) = start_backend("config");
+        let device = VhostUserGpu::connect(&socket).unwrap();
+        assert_eq!(device.device_type(), virtio_id::GPU);
+        assert_eq!(device.device_features() & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0);
+        assert_eq!(device.device_features() & carrel_gpu::Gpu::features(), carrel_gpu::Gpu::features());
+        assert!(device.remote_config);
+        let mut scanouts = [0u8; 4];
+        device.read_config(8, &mut scanouts);
+        assert_eq!(u32::from_le_bytes(scanouts), 1);
+        let mut past_end = [0xffu8; 4];
+        device.read_config(64, &mut past_end);
+        assert_eq!(past_end, [0; 4]);
+        drop(device);
+        assert_eq!(backend.join().unwrap(), Ok(()), "the backend ends cleanly with its frontend");
+    }
+
+    #[test]
+    fn request_is_kicked_to_backend_and_its_call_raises_the_used_ring_interrupt() {
+        let (socket, backend) = start_backend("queue");
+        let mut device = VhostUserGpu::connect(&socket).unwrap();
+        let ram = create_guest_ram(16).unwrap();
+        let control = MockSplitQueue::create(&ram.memory, GuestAddress(0x1_0000), 16);
+        let cursor = MockSplitQueue::create(&ram.memory, GuestAddress(0x2_0000), 16);
+        let mut header = [0u8; 24];
+        header[..4].copy_from_slice(&CMD_GET_DISPLAY_INFO.to_le_bytes());
+        ram.memory.write_slice(&header, GuestAddress(REQUEST)).unwrap();
+        let chain = [
+            RawDescriptor::from(Descriptor::new(REQUEST, 24, 1, 1)),
+            RawDescriptor::from(Descriptor::new(RESPONSE, 408, 2, 0)),
+        ];
+        control.add_desc_chains(&chain, 0).unwrap();
+        let interrupt = Arc::new(VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let queues = vec![control.create_queue().unwrap(), cursor.create_queue().unwrap()];
+        let state = ActiveState { memory: ram.memory.clone(), queues, interrupt: interrupt.clone() };
+        device.activate(state, VIRTIO_F_VERSION_1).unwrap();
+
+        device.process_queue(0);
+        assert!(wait_readable(device.event_fd().unwrap()), "the backend signals the call eventfd");
+        device.process_events();
+        assert_ne!(interrupt.status() & INTERRUPT_USED_RING, 0);
+        assert_eq!(control.used().idx().load(), 1);
+        let response: u32 = ram.memory.read_obj(GuestAddress(RESPONSE)).unwrap();
+        assert_eq!(response, RESP_OK_DISPLAY_INFO);
+        let width: u32 = ram.memory.read_obj(GuestAddress(RESPONSE + 24 + 8)).unwrap();
+        assert_eq!(width, 1280);
+
+        device.reset();
+        assert!(matches!(device.state, DeviceState::Inactive));
+        drop(device);
+        assert_eq!(backend.join().unwrap(), Ok(()));
+    }
+
+    #[test]
+    fn connect_to_missing_backend_names_the_program_to_start() {
+        let path = std::env::temp_dir().join(format!("carrel-vhost-user-gpu-{}-missing.sock", std::process::id()));
+        let error = connect_with_retry(&path, Duration::ZERO).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::NotFound);
+        let error = VhostUserGpuError::ConnectBackend { path: path.display().to_string(), source: error };
+        assert!(error.to_string().contains("start carrel-gpu-backend"), "{error}");
+    }
+}
