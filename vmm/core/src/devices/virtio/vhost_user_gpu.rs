@@ -355,7 +355,7 @@ mod tests {
     }
 
     #[test]
-    fn request_is_kicked_to_backend_and_its_call_raises_the_used_ring_interrupt() {
+    fn request_is_kicked_to_backend_and_its_call_raises_the_used_ring_interrupt_before_and_after_reset() {
         let (socket, backend) = start_backend("queue");
         let mut device = VhostUserGpu::connect(&socket).unwrap();
         let ram = create_guest_ram(16).unwrap();
@@ -384,8 +384,25 @@ mod tests {
         let width: u32 = ram.memory.read_obj(GuestAddress(RESPONSE + 24 + 8)).unwrap();
         assert_eq!(width, 1280);
 
+        // After a reset the driver sets the queues up afresh and the device serves again.
         device.reset();
         assert!(matches!(device.state, DeviceState::Inactive));
+        ram.memory.write_slice(&[0u8; 0x2_0000], GuestAddress(0x1_0000)).unwrap();
+        let control = MockSplitQueue::create(&ram.memory, GuestAddress(0x1_0000), 16);
+        let cursor = MockSplitQueue::create(&ram.memory, GuestAddress(0x2_0000), 16);
+        control.add_desc_chains(&chain, 0).unwrap();
+        ram.memory.write_obj(0u32, GuestAddress(RESPONSE)).unwrap();
+        let queues = vec![control.create_queue().unwrap(), cursor.create_queue().unwrap()];
+        let state = ActiveState { memory: ram.memory.clone(), queues, interrupt: interrupt.clone() };
+        interrupt.acknowledge(u32::MAX);
+        device.activate(state, VIRTIO_F_VERSION_1).unwrap();
+        device.process_queue(0);
+        assert!(wait_readable(device.event_fd().unwrap()), "the backend serves the new queues");
+        device.process_events();
+        assert_ne!(interrupt.status() & INTERRUPT_USED_RING, 0);
+        assert_eq!(control.used().idx().load(), 1);
+        assert_eq!(ram.memory.read_obj::<u32>(GuestAddress(RESPONSE)).unwrap(), RESP_OK_DISPLAY_INFO);
+
         drop(device);
         assert_eq!(backend.join().unwrap(), Ok(()));
     }
