@@ -81,6 +81,7 @@ pub struct AgentExec {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: Option<String>,
+    #[serde(with = "serde_bytes")]
     pub stdin: Vec<u8>,
     pub timeout_ms: Option<u64>,
 }
@@ -155,6 +156,8 @@ pub struct Screenshot {
     pub pixel_format: String,
     /// The last frame the guest had finished when the capture started.
     pub frame: u64,
+    /// As one block on the wire, not byte by byte.
+    #[serde(with = "serde_bytes")]
     pub bytes: Vec<u8>,
 }
 

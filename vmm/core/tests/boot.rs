@@ -323,8 +323,10 @@ fn audit_log_records_every_control_request_and_verifies_offline() {
 fn missing_dev_kvm_is_one_clear_error() {
     // A private mount namespace whose /dev is an empty tmpfs: the host has no KVM there.
     let kernel = guest("desk.elf");
-    let script = format!("mount -t tmpfs none /dev && exec {} run --kernel {}", vmm_binary().display(), kernel.display());
-    let output = Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
+    let script =
+        format!("mount -t tmpfs none /dev && exec {} run --kernel {}", vmm_binary().display(), kernel.display());
+    let output =
+        Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");

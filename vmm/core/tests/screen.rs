@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use carrel_vmm::control::{ControlClient, ImageFormat, Request, Response, Screenshot, ScreenshotRequest, Wait};
-use common::{guest, scratch_path, RunningVm};
+use common::{decode_png, differences, guest, inside, scratch_path, RunningVm};
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(30);
 const WIDTH: u32 = 1280;
@@ -34,34 +34,6 @@ fn capture(socket: &std::path::Path, format: ImageFormat, wait: Wait) -> Screens
         Response::Screenshot(shot) => shot,
         other => panic!("expected a screenshot, got {other:?}"),
     }
-}
-
-/// Decodes a PNG into (width, height, RGB bytes).
-fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
-    let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
-    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
-    let mut reader = decoder.read_info().unwrap();
-    let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut pixels).unwrap();
-    pixels.truncate(info.buffer_size());
-    // Normalise to RGB.
-    let channels = info.color_type.samples();
-    let rgb = pixels.chunks_exact(channels).flat_map(|pixel| [pixel[0], pixel[1], pixel[2]]).collect();
-    (info.width, info.height, rgb)
-}
-
-fn inside(rect: [u32; 4], x: u32, y: u32) -> bool {
-    x >= rect[0] && x < rect[0] + rect[2] && y >= rect[1] && y < rect[1] + rect[3]
-}
-
-/// Pixels that differ between two RGB images, as (x, y).
-fn differences(a: &[u8], b: &[u8], width: u32) -> Vec<(u32, u32)> {
-    a.chunks_exact(3)
-        .zip(b.chunks_exact(3))
-        .enumerate()
-        .filter(|(_, (pa, pb))| pa != pb)
-        .map(|(index, _)| (index as u32 % width, index as u32 / width))
-        .collect()
 }
 
 #[test]

@@ -33,6 +33,8 @@ pub enum ActivateError {
     QueueCount { needed: usize, got: usize },
     #[error("queue {index} is not valid in guest memory")]
     InvalidQueue { index: usize },
+    #[error("the device's backend process refused to start: {0}")]
+    Backend(String),
 }
 
 /// A device's interrupt line: the status register the driver reads plus the irqfd.

@@ -254,10 +254,9 @@ impl VirtioDevice for VhostUserGpu {
             return Err(ActivateError::QueueCount { needed: self.queue_sizes.len(), got: state.queues.len() });
         }
         if let Err(err) = self.start_backend(&state.memory, &state.queues, acked_features) {
-            // ActivateError has no variant for a backend; the transport only needs to know
-            // activation failed (it sets DEVICE_NEEDS_RESET), the operator needs the cause.
+            // The transport sets DEVICE_NEEDS_RESET; the operator needs the cause.
             eprintln!("carrel-vmm: the GPU backend could not be started: {err}");
-            return Err(ActivateError::InvalidQueue { index: 0 });
+            return Err(ActivateError::Backend(err.to_string()));
         }
         // Buffers the driver queued before DRIVER_OK get looked at now.
         for kick in &self.kicks {
