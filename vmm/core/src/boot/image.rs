@@ -42,6 +42,8 @@ pub enum ImageKind {
         desk_boot_info_version: Option<u32>,
         /// The PVH 32-bit entry point, when the image has the Xen PVH note.
         pvh_entry: Option<u32>,
+        /// The image carries Linux's own ELF notes: it is a Linux kernel.
+        linux: bool,
     },
     BzImage,
 }
@@ -107,6 +109,7 @@ fn inspect_elf(file: &mut File, header: &[u8], path: &str) -> Result<ImageKind, 
 
     let mut desk_boot_info_version = None;
     let mut pvh_entry = None;
+    let mut linux = false;
     for entry in table.chunks_exact(56) {
         if u32_at(entry, 0) != PT_NOTE {
             continue;
@@ -122,6 +125,7 @@ fn inspect_elf(file: &mut File, header: &[u8], path: &str) -> Result<ImageKind, 
         for note in parse_notes(&notes) {
             match (note.name, note.kind) {
                 (b"Xen\0", XEN_ELFNOTE_PHYS32_ENTRY) if note.desc.len() >= 4 => pvh_entry = Some(u32_at(note.desc, 0)),
+                (b"Linux\0", _) => linux = true,
                 (name, DESK_NOTE_TYPE) if name == DESK_NOTE_NAME && note.desc.len() >= 4 => {
                     desk_boot_info_version = Some(u32_at(note.desc, 0))
                 }
@@ -129,7 +133,7 @@ fn inspect_elf(file: &mut File, header: &[u8], path: &str) -> Result<ImageKind, 
             }
         }
     }
-    Ok(ImageKind::Elf { desk_boot_info_version, pvh_entry })
+    Ok(ImageKind::Elf { desk_boot_info_version, pvh_entry, linux })
 }
 
 /// One ELF note.

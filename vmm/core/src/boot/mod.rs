@@ -128,10 +128,10 @@ pub fn load(memory: &GuestMemoryMmap, ram_size: u64, request: &BootRequest<'_>) 
             load_desk(memory, ram_size, request)
         }
         BootProtocol::Pvh => {
-            let ImageKind::Elf { pvh_entry: Some(entry), .. } = kind else {
+            let ImageKind::Elf { pvh_entry: Some(entry), linux, .. } = kind else {
                 return Err(BootError::NoPvhEntry { path });
             };
-            load_pvh(memory, ram_size, request, entry)
+            load_pvh(memory, ram_size, request, entry, linux)
         }
         BootProtocol::Linux | BootProtocol::Auto => load_linux(memory, ram_size, request, kind == ImageKind::BzImage),
     }
@@ -328,11 +328,15 @@ fn load_linux(
 
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 
+/// `linux`: the image is a Linux kernel, which gets the i8254 PIT it may calibrate
+/// against; other PVH images (test images, unikernels) start without it, since creating
+/// it costs milliseconds of VM start here.
 fn load_pvh(
     memory: &GuestMemoryMmap,
     ram_size: u64,
     request: &BootRequest<'_>,
     entry: u32,
+    linux: bool,
 ) -> Result<BootSetup, BootError> {
     load_elf(memory, request.kernel)?;
     write_cmdline(memory, request.cmdline)?;
@@ -368,7 +372,7 @@ fn load_pvh(
         guest: GuestKind::Stock,
         lint: LintSetup::LegacyPic,
         wants_vif: false,
-        wants_pit: true,
+        wants_pit: linux,
     })
 }
 
