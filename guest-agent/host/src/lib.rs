@@ -479,11 +479,12 @@ impl<S: Read + Write> Client<S> {
         loop {
             match self.reply_to(id)? {
                 Message::Data(bytes) => {
+                    credit.on_receive()?;
                     file.write_all(&bytes)
                         .map_err(|source| ClientError::WriteLocal { path: local.to_path_buf(), source })?;
                     hasher.update(&bytes);
                     received += bytes.len() as u64;
-                    if let Some(chunks) = credit.on_chunk()? {
+                    if let Some(chunks) = credit.on_consume() {
                         self.send_to(id, &Message::Credit(Credit { chunks }))?;
                     }
                     on_progress(received, size);

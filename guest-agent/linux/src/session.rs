@@ -359,18 +359,15 @@ impl Session {
         // Data for a put that already failed or was cancelled is dropped: the host learns
         // of the failure from the error sent when it happened.
         let Some((put, credit)) = self.puts.get_mut(&id) else { return Ok(()) };
-        let grant = match credit.on_chunk() {
-            Ok(grant) => grant,
-            Err(error) => {
-                self.puts.remove(&id);
-                return self.writer.send_error(id, ErrorCode::FLOW_CONTROL, &error);
-            }
-        };
+        if let Err(error) = credit.on_receive() {
+            self.puts.remove(&id);
+            return self.writer.send_error(id, ErrorCode::FLOW_CONTROL, &error);
+        }
         if let Err(error) = put.write(data) {
             self.puts.remove(&id);
             return self.writer.send_error(id, error.code(), &error);
         }
-        match grant {
+        match credit.on_consume() {
             Some(chunks) => self.writer.send(id, &Message::Credit(Credit { chunks })),
             None => Ok(()),
         }

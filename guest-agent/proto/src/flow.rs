@@ -54,8 +54,11 @@ impl SendCredit {
 
 /// The receiver's side: counts chunks as they are consumed and says when to grant more.
 ///
-/// Credit is returned in batches of half a window, after the chunks have been written out,
-/// so at most one window is ever buffered between the two sides.
+/// Credit is returned in batches of half a window, after the chunks have been written out
+/// ([`RecvCredit::on_consume`]), so at most one window is ever buffered between the two
+/// sides. A receiver that handles each chunk as it reads it (the Linux agent, the host
+/// client) holds one chunk at a time whatever the sender does; the check in
+/// [`RecvCredit::on_receive`] matters to a receiver that queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecvCredit {
     window: u32,
@@ -73,20 +76,26 @@ impl RecvCredit {
         (RecvCredit { window, outstanding: window, consumed: 0 }, window)
     }
 
-    /// Records one chunk received and consumed; returns a grant to send, if one is due.
-    pub fn on_chunk(&mut self) -> Result<Option<u32>, FlowError> {
+    /// Records one chunk arriving; an error when the sender had no credit for it. A
+    /// receiver that queues chunks catches a sender that ignores credit here.
+    pub fn on_receive(&mut self) -> Result<(), FlowError> {
         if self.outstanding == 0 {
             return Err(FlowError::AcceptChunk);
         }
         self.outstanding -= 1;
+        Ok(())
+    }
+
+    /// Records one received chunk written out; returns a grant to send, if one is due.
+    pub fn on_consume(&mut self) -> Option<u32> {
         self.consumed += 1;
         if self.consumed >= (self.window / 2).max(1) {
             let grant = self.consumed;
             self.outstanding += grant;
             self.consumed = 0;
-            return Ok(Some(grant));
+            return Some(grant);
         }
-        Ok(None)
+        None
     }
 
     /// The window this receiver grants.
@@ -126,18 +135,25 @@ mod tests {
     fn recv_credit_grants_half_window_batches() {
         let (mut recv, first) = RecvCredit::new(8);
         assert_eq!(first, 8);
-        let grants: Vec<Option<u32>> = (0..8).map(|_| recv.on_chunk().unwrap()).collect();
+        let grants: Vec<Option<u32>> = (0..8)
+            .map(|_| {
+                recv.on_receive().unwrap();
+                recv.on_consume()
+            })
+            .collect();
         assert_eq!(grants, [None, None, None, Some(4), None, None, None, Some(4)]);
     }
 
     #[test]
     fn recv_credit_chunk_beyond_credit_returns_error() {
-        let (mut recv, _) = RecvCredit::new(1);
-        // A window of one grants one chunk back after each chunk, so the sender is never
-        // ahead; a sender that ignores credit is caught by a fresh receiver with none left.
-        assert_eq!(recv.on_chunk(), Ok(Some(1)));
-        let mut starved = RecvCredit { window: 4, outstanding: 0, consumed: 0 };
-        assert_eq!(starved.on_chunk(), Err(FlowError::AcceptChunk));
+        let (mut recv, first) = RecvCredit::new(2);
+        assert_eq!(first, 2);
+        recv.on_receive().unwrap();
+        recv.on_receive().unwrap();
+        // A queueing receiver has consumed nothing yet, so a third chunk had no credit.
+        assert_eq!(recv.on_receive(), Err(FlowError::AcceptChunk));
+        assert_eq!(recv.on_consume(), Some(1));
+        recv.on_receive().unwrap();
     }
 
     #[test]
@@ -152,7 +168,8 @@ mod tests {
                 assert!(in_flight <= 16);
             }
             in_flight -= 1;
-            if let Some(grant) = recv.on_chunk().unwrap() {
+            recv.on_receive().unwrap();
+            if let Some(grant) = recv.on_consume() {
                 send.grant(grant).unwrap();
             }
         }
