@@ -507,3 +507,56 @@ fn agent_binary_with_unknown_argument_prints_usage_and_fails() {
     assert!(!output.status.success());
     assert!(stderr.contains("usage"), "{stderr}");
 }
+
+#[test]
+fn agent_as_pid1_mounts_proc_and_reaps_orphans() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("init.sock");
+    // A fresh PID and mount namespace makes the agent PID 1 without a VM; its mounts stay in
+    // that namespace. Without the privilege for it, there is nothing to test here.
+    let spawned = Command::new("unshare")
+        .args(["--pid", "--fork", "--kill-child", "--mount", "--propagation", "private"])
+        .arg(env!("CARGO_BIN_EXE_carrel-guest-agent"))
+        .arg("--unix")
+        .arg(&socket)
+        .args(["--heartbeat-ms", "100"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn();
+    let Ok(child) = spawned else {
+        eprintln!("unshare is not available; PID-1 mode was not exercised");
+        return;
+    };
+    let mut init = KillOnDrop(child);
+    let deadline = std::time::Instant::now() + READY;
+    while !socket.exists() {
+        if init.0.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
+            let mut stderr = String::new();
+            init.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+            eprintln!("could not start the agent in a PID namespace ({stderr}); PID-1 mode was not exercised");
+            return;
+        }
+        // No event announces the socket from inside the namespace.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut client = connect_unix_ready(&socket, READY).unwrap();
+    let (stdout, _, status) = run(&mut client, ExecRequest::shell("cat /proc/1/comm; test -d /sys/kernel && echo sys"));
+    assert!(status.success());
+    assert_eq!(String::from_utf8(stdout).unwrap(), "carrel-guest-ag\nsys\n");
+
+    // The shell exits at once; its background sleep is re-parented to the agent (init),
+    // which must reap it when it exits.
+    let (stdout, _, status) = run(&mut client, ExecRequest::shell("sleep 0.2 >/dev/null 2>&1 & echo $!"));
+    assert!(status.success());
+    let orphan = String::from_utf8(stdout).unwrap().trim().to_string();
+    let probe = format!("cut -d' ' -f3 /proc/{orphan}/stat 2>/dev/null || true");
+    let deadline = std::time::Instant::now() + READY;
+    loop {
+        let (state, _, _) = run(&mut client, ExecRequest::shell(probe.clone()));
+        if state.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "orphan {orphan} still in state {state:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
