@@ -9,6 +9,9 @@
 //! The checks resolve the path and then open it, so a process in the guest that swaps a
 //! directory for a symlink in between can still escape; `openat2(RESOLVE_IN_ROOT)` would
 //! close that window.
+//!
+//! The root confines file requests only: an exec runs with the agent's user and can reach
+//! whatever that user can.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
