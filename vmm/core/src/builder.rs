@@ -166,14 +166,14 @@ fn wire_vm(config: &VmConfig, kernel: &std::path::Path, vm: &Vm, ram: &GuestRam)
     let exit = Arc::new(VmExitSignal::new().map_err(|source| BuildError::CreateEventFd { what: "VM exit", source })?);
 
     let mut io_bus = Bus::new();
-    let serial = attach_serial(&vm, &mut io_bus, console.clone())?;
+    let serial = attach_serial(vm, &mut io_bus, console.clone())?;
     attach_power_ports(&mut io_bus, &exit, ram, &console)?;
 
     let mut mmio_bus = Bus::new();
     let mut virtio = Vec::new();
     let mut devices = Vec::new();
     if config.rng {
-        let (attached, entry) = attach_virtio(&vm, &mut mmio_bus, &ram, "rng", Box::new(Rng::new()), devices.len())?;
+        let (attached, entry) = attach_virtio(vm, &mut mmio_bus, ram, "rng", Box::new(Rng::new()), devices.len())?;
         virtio.push(attached);
         devices.push(entry);
     }

@@ -1,6 +1,6 @@
 //! `carrel-vmm`: run a VM, or talk to a running VM's control socket.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -349,7 +349,7 @@ fn parse_input(args: &[String]) -> Result<(PathBuf, Option<PathBuf>, InputReques
     Ok((socket.ok_or_else(|| Usage("--socket PATH is required".into()))?, output, request))
 }
 
-fn input(socket: &PathBuf, output: Option<&std::path::Path>, request: InputRequest) -> anyhow::Result<ExitCode> {
+fn input(socket: &Path, output: Option<&Path>, request: InputRequest) -> anyhow::Result<ExitCode> {
     let timeout = Duration::from_millis(request.timeout_ms) + CALL_TIMEOUT;
     match ControlClient::connect(socket)?.call(&Request::Input(request), timeout)? {
         Response::Input(result) => {
@@ -379,7 +379,7 @@ fn absolute(path: &str) -> PathBuf {
 
 /// Runs an agent command; the exit code is the guest command's (128 + signal when killed,
 /// 124 on timeout), so scripts can use it.
-fn agent(socket: &PathBuf, request: AgentRequest) -> anyhow::Result<ExitCode> {
+fn agent(socket: &Path, request: AgentRequest) -> anyhow::Result<ExitCode> {
     let timeout = match &request {
         AgentRequest::Exec(exec) => Duration::from_millis(exec.timeout_ms.unwrap_or(3_600_000)) + CALL_TIMEOUT,
         _ => Duration::from_secs(3600),
@@ -419,7 +419,7 @@ fn agent(socket: &PathBuf, request: AgentRequest) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn screenshot(socket: &PathBuf, output: &PathBuf, request: ScreenshotRequest) -> anyhow::Result<ExitCode> {
+fn screenshot(socket: &Path, output: &Path, request: ScreenshotRequest) -> anyhow::Result<ExitCode> {
     let timeout = Duration::from_millis(request.timeout_ms) + CALL_TIMEOUT;
     match ControlClient::connect(socket)?.call(&Request::Screenshot(request), timeout)? {
         Response::Screenshot(shot) => {
@@ -469,7 +469,7 @@ fn run(config: VmConfig, started: Instant) -> anyhow::Result<ExitCode> {
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn status(socket: &PathBuf, json: bool) -> anyhow::Result<ExitCode> {
+fn status(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
     match ControlClient::connect(socket)?.call(&Request::Status, CALL_TIMEOUT)? {
         Response::Status(status) if json => {
             println!(
@@ -494,7 +494,7 @@ fn status(socket: &PathBuf, json: bool) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn stop(socket: &PathBuf) -> anyhow::Result<ExitCode> {
+fn stop(socket: &Path) -> anyhow::Result<ExitCode> {
     match ControlClient::connect(socket)?.call(&Request::Stop, CALL_TIMEOUT)? {
         Response::Stopping => Ok(ExitCode::SUCCESS),
         Response::Error(message) => anyhow::bail!("{message}"),

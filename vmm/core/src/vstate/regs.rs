@@ -72,7 +72,7 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 /// The `kvm_segment` a GDT entry describes, as KVM wants it.
 fn segment(selector: u16, entry: u64) -> kvm_segment {
     let flags = ((entry >> 40) & 0xf0ff) as u16;
-    let base = (((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000);
     let limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let granular = (flags >> 15) & 1 == 1;
     kvm_segment {

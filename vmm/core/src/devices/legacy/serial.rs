@@ -80,10 +80,7 @@ impl SerialDevice {
     /// Queues bytes typed on the host for the guest to read; returns how many fit.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         let room = self.uart.fifo_capacity().min(bytes.len());
-        match self.uart.enqueue_raw_bytes(&bytes[..room]) {
-            Ok(count) => count,
-            Err(_) => 0,
-        }
+        self.uart.enqueue_raw_bytes(&bytes[..room]).unwrap_or_default()
     }
 }
 

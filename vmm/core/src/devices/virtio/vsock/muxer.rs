@@ -272,12 +272,10 @@ impl Muxer {
             }
             op::RESPONSE => return self.reset(key, true),
             op::RST => return self.reset(key, false),
-            op::SHUTDOWN => {
-                if header.flags & (SHUTDOWN_RECEIVE | SHUTDOWN_SEND) == (SHUTDOWN_RECEIVE | SHUTDOWN_SEND) {
-                    // Flush what we can, then close; the guest expects our RST.
-                    let _ = Self::write_to_host(connection, &self.metrics);
-                    return self.reset(key, true);
-                }
+            op::SHUTDOWN if header.flags & (SHUTDOWN_RECEIVE | SHUTDOWN_SEND) == (SHUTDOWN_RECEIVE | SHUTDOWN_SEND) => {
+                // Flush what we can, then close; the guest expects our RST.
+                let _ = Self::write_to_host(connection, &self.metrics);
+                return self.reset(key, true);
             }
             op::RW => {
                 if connection.state != State::Established {
