@@ -100,6 +100,7 @@ impl<'a> Canvas<'a> {
     }
 
     /// Draws `text` centred in the rectangle.
+    #[allow(clippy::too_many_arguments)] // a rectangle, the text and its style, like `text`
     pub fn text_centered(
         &mut self,
         x: i32,

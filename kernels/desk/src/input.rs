@@ -44,9 +44,9 @@ impl InputDevice {
         let _status = device.setup_queue(1, &STATUS_QUEUES[index])?;
         let ring = EVENT_QUEUES[index].get();
         let buffers = BUFFERS[index].get();
-        for slot in 0..QUEUE_SIZE as usize {
+        for (slot, buffer) in buffers.iter().enumerate() {
             ring.descriptors[slot] =
-                Descriptor { addr: &buffers[slot] as *const Event as u64, len: 8, flags: DESC_F_WRITE, next: 0 };
+                Descriptor { addr: buffer as *const Event as u64, len: 8, flags: DESC_F_WRITE, next: 0 };
             ring.avail_ring[slot] = slot as u16;
         }
         core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);

@@ -139,11 +139,7 @@ fn cmdline(info: &BootInfo) -> &'static str {
 }
 
 fn microseconds(cycles: u64, tsc_khz: u64) -> u64 {
-    if tsc_khz == 0 {
-        0
-    } else {
-        cycles * 1000 / tsc_khz
-    }
+    (cycles * 1000).checked_div(tsc_khz).unwrap_or(0)
 }
 
 #[no_mangle]
