@@ -350,9 +350,21 @@ pub fn verify_dir(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, V
     }
     pending.sort_by_key(|p| (p.checkpoint.checkpoint.tree_size, p.external));
 
-    let stored = TreeStore::open_read_only(&layout.tree()).ok();
+    let stored = match TreeStore::open_read_only(&layout.tree()) {
+        Ok(tree) => Some(tree),
+        Err(error) => {
+            if layout.tree().exists() {
+                warnings.push(format!(
+                    "the stored tree cannot be read ({}); checked from the records alone (a writer rebuilds it on open)",
+                    crate::audit::error_chain(&error)
+                ));
+            }
+            None
+        }
+    };
     let stored_tree_size = stored.as_ref().map_or(0, |tree| tree.size());
     let mut stored_nodes_compared = 0u64;
+    let mut stored_nodes_missing = 0u64;
     let mut stored_mismatches = 0u64;
     let mut last_mismatch_leaf: Option<u64> = None;
 
@@ -463,6 +475,10 @@ pub fn verify_dir(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, V
                     return;
                 };
                 let Some(stored_hash) = stored.node(level, node_index) else {
+                    // A node the stored size says is there but its level file lacks.
+                    if (node_index + 1) << level <= stored_tree_size {
+                        stored_nodes_missing += 1;
+                    }
                     return;
                 };
                 stored_nodes_compared += 1;
@@ -494,6 +510,16 @@ pub fn verify_dir(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, V
             size: entry.checkpoint.checkpoint.tree_size,
             records,
         });
+    }
+    if stored_nodes_missing > 0 {
+        warnings.push(format!(
+            "the stored tree lacks {stored_nodes_missing} hashes its size says it holds (damaged tree files; a writer rebuilds them on open)"
+        ));
+    }
+    if stored.is_some() && stored_tree_size < records {
+        warnings.push(format!(
+            "the stored tree covers {stored_tree_size} of {records} records (short tree files: a crash before their sync, or damage; a writer rebuilds them on open)"
+        ));
     }
     if stored_tree_size > records {
         warnings.push(format!("the stored tree has {stored_tree_size} leaves but the log has {records} records"));

@@ -453,4 +453,37 @@ mod tests {
         let answer: Response = read_frame(&mut raw, MAX_RESPONSE_BYTES).unwrap().unwrap();
         assert!(matches!(answer, Response::Error(message) if message.contains("larger")));
     }
+
+    #[test]
+    fn random_and_mutated_request_frames_never_panic() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut valid = Vec::new();
+        write_frame(&mut valid, &Request::Status).unwrap();
+        let mut decoded = 0;
+        for _ in 0..20_000 {
+            let mut bytes = if next() % 2 == 0 {
+                let len = (next() % 64) as usize;
+                let mut bytes = (len as u32).to_le_bytes().to_vec();
+                bytes.extend((0..len).map(|_| next() as u8));
+                bytes
+            } else {
+                let mut bytes = valid.clone();
+                let index = (next() as usize) % bytes.len();
+                bytes[index] ^= (next() as u8) | 1;
+                bytes
+            };
+            bytes.truncate((next() as usize) % (bytes.len() + 1));
+            if let Ok(Some(_)) = read_frame::<Request>(&mut bytes.as_slice(), MAX_REQUEST_BYTES) {
+                decoded += 1;
+            }
+        }
+        // Some random frames happen to be valid requests; most must be refused.
+        assert!(decoded < 20_000);
+    }
 }

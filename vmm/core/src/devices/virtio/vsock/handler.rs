@@ -333,4 +333,46 @@ mod tests {
         let packets = receive_in_guest(&memory, &mut muxer, 1, 4096);
         assert_eq!({ packets[0].0.op }, op::REQUEST);
     }
+
+    /// xorshift64: deterministic pseudo-random numbers for the hostile-input test.
+    fn next(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[test]
+    fn random_guest_packets_never_panic_and_stay_bounded() {
+        let memory = memory();
+        let path = socket_path("random");
+        let _listener = UnixListener::bind(format!("{}_5", path.display())).unwrap();
+        let mut muxer = Muxer::new(GUEST_CID, &path).unwrap();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..3000 {
+            let r = next(&mut state);
+            // Mostly plausible headers (so connections open and carry data), some garbage.
+            let plausible = r % 4 != 0;
+            let mut header = guest_header((r >> 8) as u16 % 9, (r >> 16) as u32 % 4, (r >> 24) as u32 % 8, 0);
+            if !plausible {
+                header.src_cid = next(&mut state) % 5;
+                header.dst_cid = next(&mut state) % 5;
+                header.kind = (next(&mut state) % 3) as u16;
+            }
+            header.buf_alloc = (next(&mut state) % (1 << 20)) as u32;
+            header.fwd_cnt = next(&mut state) as u32;
+            header.flags = (next(&mut state) % 4) as u32;
+            let payload_len = (next(&mut state) % 2048) as usize;
+            let payload: Vec<u8> = (0..payload_len).map(|i| i as u8).collect();
+            header.len = if next(&mut state) % 8 == 0 { next(&mut state) as u32 } else { payload_len as u32 };
+            send_from_guest(&memory, &mut muxer, header, &payload);
+            if r % 16 == 0 {
+                receive_in_guest(&memory, &mut muxer, 8, 4096);
+                muxer.process_host_events();
+            }
+        }
+        assert!(muxer.metrics.malformed_packets.load(Ordering::Relaxed) > 0);
+        assert!(muxer.connection_count() <= 32, "connections stay bounded by the ports used");
+        std::fs::remove_file(format!("{}_5", path.display())).unwrap();
+    }
 }
