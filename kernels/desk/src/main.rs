@@ -187,13 +187,6 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
     println!("desk: cmdline \"{cmdline}\"");
 
     phys::init(info);
-    // Half of free memory is heap (agent messages and files); the rest stays for
-    // buffers the host reads (framebuffers, vsock rings).
-    let heap_size = (usable / 2).min(1 << 30) & !0xfff;
-    match phys::allocate(heap_size) {
-        Some(start) => heap::init(start, heap_size),
-        None => println!("desk: no memory for a heap"),
-    }
     interrupts::install_idt(info.idt_addr);
     lapic::enable(info.lapic_addr);
 
@@ -235,6 +228,13 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
     }
 
     let mut agent_link = start_agent(info, timeout);
+    // Device buffers the host reads (framebuffers, vsock rings) are taken first; half of
+    // what is left becomes the heap (agent messages and files).
+    let heap_size = (phys::free_bytes() / 2).min(1 << 30) & !0xfff;
+    match phys::allocate(heap_size) {
+        Some(start) => heap::init(start, heap_size),
+        None => println!("desk: no memory for a heap"),
+    }
     let mut input_state = ui::InputState::default();
     let mut input_events = alloc::vec::Vec::new();
 

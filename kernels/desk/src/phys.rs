@@ -30,6 +30,12 @@ pub fn init(info: &BootInfo) {
     }
 }
 
+/// Bytes not handed out yet.
+pub fn free_bytes() -> u64 {
+    let free = FREE.get();
+    free.ranges[..free.count].iter().map(|(start, end)| end - start).sum()
+}
+
 /// A page-aligned block of `size` bytes, or `None` when memory is short. The block is
 /// zero: guest RAM starts as a fresh zero-filled memfd and nothing is handed out twice.
 /// (Writing zeroes anyway would fault in every page of the heap at boot: ~15 µs a page.)

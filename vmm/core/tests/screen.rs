@@ -158,3 +158,42 @@ fn waiting_for_a_frame_that_never_comes_times_out_with_an_error() {
     assert!(matches!(&answer, Response::Error(message) if message.contains("no frame after")), "{answer:?}");
     assert!(started.elapsed() < Duration::from_secs(5), "the wait ends at its timeout");
 }
+
+#[test]
+fn desk_draws_at_the_configured_display_size_up_to_4k() {
+    let kernel = guest("desk.elf");
+    let socket = scratch_path("4k.sock");
+    let mut vm = RunningVm::start(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--socket",
+        socket.to_str().unwrap(),
+        "--display",
+        "3840x2160",
+    ]);
+    vm.wait_for_line("desk: screen 3840x2160 first frame drawn", BOOT_DEADLINE);
+    let shot = capture(&socket, ImageFormat::Png, Wait::FirstFrame);
+    assert_eq!((shot.width, shot.height), (3840, 2160));
+    let (width, height, pixels) = decode_png(&shot.bytes);
+    assert_eq!((width, height), (3840, 2160));
+    // The window is centred: its title bar (rgb 2b579a) crosses the middle column.
+    let title_row = (0..height).find(|y| {
+        let offset = ((y * width + width / 2) * 3) as usize;
+        pixels[offset..offset + 3] == [0x2b, 0x57, 0x9a]
+    });
+    let title_row = title_row.expect("a title bar in the middle column");
+    assert!(title_row > 600 && title_row < 1000, "centred vertically: row {title_row}");
+}
+
+#[test]
+fn display_size_out_of_range_is_a_clear_error() {
+    let kernel = guest("desk.elf");
+    let output = std::process::Command::new(common::vmm_binary())
+        .args(["run", "--kernel", kernel.to_str().unwrap(), "--display", "8000x8000"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("8000") && stderr.lines().count() == 1, "{stderr}");
+}
