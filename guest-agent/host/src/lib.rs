@@ -18,7 +18,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use carrel_agent_proto::io::{write_frame, write_raw_frame, FrameIoError, FrameReader};
+use carrel_agent_proto::io::{read_full, write_frame, write_raw_frame, FrameIoError, FrameReader};
 use carrel_agent_proto::{
     kind, Credit, DirEntry, End, ErrorCode, Exec, ExecExit, FileStat, FlowError, GetFile, Heartbeat, Hello, Kill,
     Message, MessageError, PathRequest, Ping, PutFile, RecvCredit, Remove, SendCredit, DEFAULT_WINDOW, MAX_CHUNK,
@@ -573,18 +573,4 @@ impl<S: Read + Write + ReadTimeout> Client<S> {
         self.io.get_ref().set_read_timeout(None).map_err(ClientError::SetTimeout)?;
         result
     }
-}
-
-/// Reads until `buf` is full or the file ends.
-fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(read) => filled += read,
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-            Err(error) => return Err(error),
-        }
-    }
-    Ok(filled)
 }

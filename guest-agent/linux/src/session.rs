@@ -14,7 +14,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use carrel_agent_proto::io::{write_frame, write_raw_frame, FrameIoError, FrameReader};
+use carrel_agent_proto::io::{read_full, write_frame, write_raw_frame, FrameIoError, FrameReader};
 use carrel_agent_proto::{
     kind, Credit, DirEntries, End, ErrorCode, FileInfo, FrameError, GetFile, Heartbeat, Hello, Message, PutFile,
     RecvCredit, SendCredit, DEFAULT_WINDOW, MAX_CHUNK, PROTOCOL_VERSION,
@@ -440,20 +440,6 @@ fn send_file(id: u32, path: &str, mut file: File, control: &GetControl, writer: 
         size += read as u64;
     }
     let _ = writer.send(id, &Message::End(End { size, digest: *hasher.finalize().as_bytes() }));
-}
-
-/// Reads until `buf` is full or the file ends, so chunks are full-size.
-fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(read) => filled += read,
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-            Err(error) => return Err(error),
-        }
-    }
-    Ok(filled)
 }
 
 #[cfg(test)]

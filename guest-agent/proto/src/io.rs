@@ -116,6 +116,21 @@ pub fn write_raw_frame<W: Write + ?Sized>(
     writer.write_all(&header).and_then(|()| writer.write_all(payload)).map_err(|source| FrameIoError::Write { source })
 }
 
+/// Reads until `buf` is full or the reader ends, so file chunks are full-size; returns the
+/// bytes read.
+pub fn read_full<R: Read + ?Sized>(reader: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(read) => filled += read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(filled)
+}
+
 #[cfg(test)]
 mod tests {
     use std::vec::Vec;
