@@ -225,21 +225,10 @@ fn wire_vm(config: &VmConfig, kernel: &std::path::Path, vm: &Vm, ram: &GuestRam)
     let platform = platform::detect(&vcpus[0].fd);
     let tsc_khz = vcpus[0].fd.get_tsc_khz().unwrap_or(0);
 
-    let default_cmdline = |boot: &str| match boot {
-        "desk" => String::new(),
-        _ => "console=ttyS0 reboot=k panic=1".to_string(),
-    };
-    let kind = boot::image::inspect(kernel)?;
-    let desk = matches!(kind, boot::image::ImageKind::Elf { desk_boot_info_version: Some(_), .. })
-        && matches!(config.boot, boot::BootProtocol::Auto | boot::BootProtocol::Desk);
-    let mut cmdline = config.cmdline.clone().unwrap_or_else(|| default_cmdline(if desk { "desk" } else { "linux" }));
-    if !desk {
-        cmdline.push_str(&boot::linux_device_args(&devices));
-    }
     let request = BootRequest {
         kernel,
         initrd: config.initrd.as_deref(),
-        cmdline: &cmdline,
+        cmdline: config.cmdline.as_deref(),
         protocol: config.boot,
         platform,
         vcpu_count,

@@ -1,7 +1,6 @@
 //! The running VMM: vCPU threads plus one event loop thread (this one) that serves queue
 //! notifications, console input, control requests, signals and the guest's power off.
 
-use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
@@ -230,8 +229,10 @@ impl Vmm {
                 Ok(Some(VmOutcome::PoweredOff(self.built.exit.code())))
             }
             TOKEN_SIGNAL => {
-                let mut info = [0u8; 128];
-                let _ = std::fs::File::from(self.signals.try_clone().map_err(RunError::EventLoop)?).read(&mut info);
+                // The signal's details do not matter: SIGTERM and SIGINT both stop the VM.
+                let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+                // SAFETY: reads into a stack buffer of the given length from our signalfd.
+                let _ = unsafe { libc::read(self.signals.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
                 Ok(Some(VmOutcome::Stopped))
             }
             TOKEN_VCPU_EVENT => {

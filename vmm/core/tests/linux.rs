@@ -82,7 +82,7 @@ fn debian_bzimage_loads_with_its_setup_header_and_64_bit_entry() {
     let request = BootRequest {
         kernel: &bzimage,
         initrd: None,
-        cmdline: CMDLINE,
+        cmdline: Some(CMDLINE),
         protocol: BootProtocol::Auto,
         platform: carrel_firmware::PlatformKind::Hardware,
         vcpu_count: 1,

@@ -93,11 +93,13 @@ pub struct BootSetup {
 }
 
 /// Everything a loader needs to know about the VM.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct BootRequest<'a> {
     pub kernel: &'a Path,
     pub initrd: Option<&'a Path>,
-    pub cmdline: &'a str,
+    /// The command line given; `None` takes the default of the guest kind. Linux guests
+    /// get their virtio-mmio devices appended either way.
+    pub cmdline: Option<&'a str>,
     pub protocol: BootProtocol,
     pub platform: PlatformKind,
     pub vcpu_count: u8,
@@ -117,6 +119,12 @@ pub fn load(memory: &GuestMemoryMmap, ram_size: u64, request: &BootRequest<'_>) 
         (BootProtocol::Auto, _) => BootProtocol::Linux,
         (chosen, _) => chosen,
     };
+    // Desk reads its devices from BootInfo; Linux learns them from the command line.
+    let cmdline = match (protocol, request.cmdline) {
+        (BootProtocol::Desk, given) => given.unwrap_or_default().to_string(),
+        (_, given) => given.unwrap_or(DEFAULT_LINUX_CMDLINE).to_string() + &linux_device_args(request.devices),
+    };
+    let request = &BootRequest { cmdline: Some(&cmdline), ..*request };
     match protocol {
         BootProtocol::Desk => {
             let ImageKind::Elf { desk_boot_info_version: Some(version), .. } = kind else {
@@ -177,7 +185,7 @@ pub fn ram_map(ram_size: u64) -> Vec<(u64, u64)> {
 
 fn load_desk(memory: &GuestMemoryMmap, ram_size: u64, request: &BootRequest<'_>) -> Result<BootSetup, BootError> {
     let loaded = load_elf(memory, request.kernel)?;
-    write_cmdline(memory, request.cmdline)?;
+    write_cmdline(memory, request.cmdline.unwrap_or_default())?;
 
     let mut info = BootInfo::new();
     info.platform = request.platform as u32;
@@ -185,7 +193,7 @@ fn load_desk(memory: &GuestMemoryMmap, ram_size: u64, request: &BootRequest<'_>)
     info.vif_addr = if request.platform == PlatformKind::Pvm { layout::VIF_ADDR } else { 0 };
     info.tsc_khz = u64::from(request.tsc_khz);
     info.cmdline_addr = CMDLINE_ADDR;
-    info.cmdline_len = request.cmdline.len() as u32;
+    info.cmdline_len = request.cmdline.unwrap_or_default().len() as u32;
     info.lapic_addr = layout::LAPIC_ADDR;
     info.ioapic_addr = layout::IOAPIC_ADDR;
     info.idt_addr = layout::IDT_ADDR;
@@ -285,7 +293,7 @@ fn load_linux(
         let entry = loaded.kernel_load.0;
         (loaded, entry)
     };
-    write_cmdline(memory, request.cmdline)?;
+    write_cmdline(memory, request.cmdline.unwrap_or_default())?;
 
     let mut params = boot_params::default();
     if let Some(header) = loaded.setup_header {
@@ -297,7 +305,7 @@ fn load_linux(
     }
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
-    params.hdr.cmdline_size = request.cmdline.len() as u32 + 1;
+    params.hdr.cmdline_size = request.cmdline.unwrap_or_default().len() as u32 + 1;
     if let Some(initrd) = request.initrd {
         let limit = match params.hdr.initrd_addr_max {
             0 => DEFAULT_INITRD_ADDR_MAX,
@@ -339,7 +347,7 @@ fn load_pvh(
     linux: bool,
 ) -> Result<BootSetup, BootError> {
     load_elf(memory, request.kernel)?;
-    write_cmdline(memory, request.cmdline)?;
+    write_cmdline(memory, request.cmdline.unwrap_or_default())?;
     let memmap: Vec<hvm_memmap_table_entry> = ram_map(ram_size)
         .into_iter()
         .map(|(addr, size)| hvm_memmap_table_entry { addr, size, type_: E820_RAM, reserved: 0 })
@@ -375,6 +383,9 @@ fn load_pvh(
         wants_pit: linux,
     })
 }
+
+/// The command line of a Linux guest when none is given.
+pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
 /// The `virtio_mmio.device=` arguments that describe `devices` to Linux.
 pub fn linux_device_args(devices: &[DeviceEntry]) -> String {
@@ -436,7 +447,7 @@ mod tests {
         BootRequest {
             kernel,
             initrd,
-            cmdline,
+            cmdline: Some(cmdline),
             protocol: BootProtocol::Auto,
             platform: PlatformKind::Hardware,
             vcpu_count: 1,
