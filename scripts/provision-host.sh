@@ -41,12 +41,15 @@ fi
 #   qemu-system-x86   comparison benchmarks and PVH/Linux boot tests
 #   lz4, binutils     Linux kernel extraction (scripts/fetch-linux-kernel.sh), guest images
 #   xz-utils          compressed images and packages
+#   cpio, busybox-static  the Linux guest's initramfs (kernels/linux/build-initramfs.sh)
 #   ca-certificates   HTTPS to the package registries
 PACKAGES=(
     "qemu-system-x86:qemu-system-x86_64"
     "lz4:lz4"
     "binutils:readelf"
     "xz-utils:xz"
+    "cpio:cpio"
+    "busybox-static:busybox"
     "ca-certificates:"
 )
 # Benchmarks only (perf/src/bin/screen.rs): the screenshot path agents use today.

@@ -31,9 +31,15 @@ fn e820_line(start: u64, len: u64) -> String {
     format!("BIOS-e820: [mem {:#018x}-{:#018x}] usable", start, start + len - 1)
 }
 
+/// Size of the initrd handed to the early-boot tests; Linux reserves it before it looks
+/// inside, so any bytes do.
+const INITRD_BYTES: u64 = 3 << 20;
+
 fn boot_and_check_early_messages(boot: &str) {
     let kernel = vmlinux();
     let mem = MEM_MIB.to_string();
+    let initrd = common::scratch_path("initrd.bin");
+    std::fs::write(&initrd, vec![0x5a; INITRD_BYTES as usize]).unwrap();
     let started = Instant::now();
     let mut vm = RunningVm::start(&[
         "run",
@@ -45,6 +51,8 @@ fn boot_and_check_early_messages(boot: &str) {
         &mem,
         "--cmdline",
         CMDLINE,
+        "--initrd",
+        initrd.to_str().unwrap(),
     ]);
     vm.wait_for_line("carrel-vmm:", EARLY_BOOT_DEADLINE);
     let version = vm.wait_for_line("Linux version", EARLY_BOOT_DEADLINE);
@@ -56,16 +64,21 @@ fn boot_and_check_early_messages(boot: &str) {
     for (start, len) in carrel_vmm::boot::ram_map(MEM_MIB << 20) {
         vm.wait_for_line(&e820_line(start, len), EARLY_BOOT_DEADLINE);
     }
+    // The VMM puts the initrd page-aligned at the top of low RAM.
+    let initrd_start = ((MEM_MIB << 20) - INITRD_BYTES) & !0xfff;
+    let ramdisk = format!("RAMDISK: [mem {:#010x}-{:#010x}]", initrd_start, (MEM_MIB << 20) - 1);
+    vm.wait_for_line(&ramdisk, EARLY_BOOT_DEADLINE);
+    std::fs::remove_file(&initrd).unwrap();
     eprintln!("{boot}: {version:?} after {first_message:?}; e820 after {:?}", started.elapsed());
 }
 
 #[test]
-fn debian_vmlinux_via_pvh_prints_version_cmdline_and_our_e820_map() {
+fn debian_vmlinux_via_pvh_prints_version_cmdline_our_e820_map_and_initrd() {
     boot_and_check_early_messages("pvh");
 }
 
 #[test]
-fn debian_vmlinux_via_64_bit_entry_prints_version_cmdline_and_our_e820_map() {
+fn debian_vmlinux_via_64_bit_entry_prints_version_cmdline_our_e820_map_and_initrd() {
     boot_and_check_early_messages("linux");
 }
 
