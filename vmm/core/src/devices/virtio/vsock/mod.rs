@@ -13,7 +13,7 @@
 
 mod device;
 mod handler;
-mod muxer;
+pub mod muxer;
 mod packet;
 
 pub use device::{Vsock, VsockConfig, VsockError};
