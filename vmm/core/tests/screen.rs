@@ -197,3 +197,65 @@ fn display_size_out_of_range_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("8000") && stderr.lines().count() == 1, "{stderr}");
 }
+
+#[test]
+fn screenshot_whose_audit_record_cannot_be_written_is_withheld() {
+    // The audit log lives on a 1 MiB tmpfs in the VM's own mount namespace: screenshots
+    // (stored as blobs) fill it after a few captures.
+    let kernel = guest("desk.elf");
+    let socket = scratch_path("full-audit.sock");
+    let audit = scratch_path("full-audit");
+    std::fs::create_dir_all(&audit).unwrap();
+    let script = format!(
+        "mount -t tmpfs -o size=1m none {audit} && exec {vmm} run --kernel {kernel} --socket {socket} --audit {audit}",
+        audit = audit.display(),
+        vmm = common::vmm_binary().display(),
+        kernel = kernel.display(),
+        socket = socket.display(),
+    );
+    let mut vm = RunningVm::start_binary(
+        std::path::Path::new("unshare"),
+        &["--mount", "--propagation", "private", "sh", "-c", &script],
+    );
+    vm.wait_for_line("first frame drawn", BOOT_DEADLINE);
+    let mut served = 0;
+    let mut refusal = None;
+    for _ in 0..40 {
+        let request = ScreenshotRequest {
+            format: ImageFormat::Raw,
+            crop: None,
+            scale: None,
+            cursor: false,
+            wait: Wait::FirstFrame,
+            timeout_ms: 1_000,
+        };
+        match ControlClient::connect(&socket)
+            .unwrap()
+            .call(&Request::Screenshot(request), Duration::from_secs(10))
+            .unwrap()
+        {
+            Response::Screenshot(_) => served += 1,
+            Response::Error(message) => {
+                refusal = Some(message);
+                break;
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    let refusal = refusal.expect("the full audit log must stop screenshots");
+    assert!(refusal.contains("audit log failed") && refusal.contains("withheld"), "{refusal}");
+    assert!(served < 40, "served {served} screenshots before the log filled");
+    // And it stays refused: nothing unrecorded is handed out later either.
+    let request = ScreenshotRequest {
+        format: ImageFormat::Png,
+        crop: None,
+        scale: None,
+        cursor: false,
+        wait: Wait::FirstFrame,
+        timeout_ms: 1_000,
+    };
+    let again =
+        ControlClient::connect(&socket).unwrap().call(&Request::Screenshot(request), Duration::from_secs(10)).unwrap();
+    assert!(matches!(again, Response::Error(_)), "{again:?}");
+    let _ = std::fs::remove_dir_all(&audit);
+}
