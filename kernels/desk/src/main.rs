@@ -222,7 +222,7 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
     if let Some(display) = screen.as_mut() {
         let full = display.full();
         let started = rdtsc();
-        draw_frame(display, &desktop, full);
+        let _ = draw_frame(display, &desktop, full);
         let took = microseconds(rdtsc() - started, tsc_khz);
         println!("desk: screen {}x{} first frame drawn in {took} us", display.width, display.height);
     }
@@ -275,7 +275,9 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
             }
         }
         if let (Some(display), Some(damage)) = (screen.as_mut(), damage) {
-            draw_frame(display, &desktop, damage);
+            if !draw_frame(display, &desktop, damage) {
+                screen = None;
+            }
         }
     }
 }
@@ -341,12 +343,18 @@ fn start_screen(info: &BootInfo, timeout: u64) -> Option<gpu::Display> {
 
 /// Renders the whole desktop into the back buffer and shows it; `damage` is the part that
 /// differs from the previous frame.
-fn draw_frame(display: &mut gpu::Display, desktop: &Desktop, damage: gpu::Rect) {
+/// Returns whether the display still works: a device that stopped answering (its host
+/// side went away) is given up rather than waited on for every later frame.
+fn draw_frame(display: &mut gpu::Display, desktop: &Desktop, damage: gpu::Rect) -> bool {
     let (width, height) = (display.width, display.height);
     let mut canvas = draw::Canvas::new(display.back_buffer(), width, height);
     desktop::render(&mut canvas, desktop);
-    if let Err(err) = display.present(damage) {
-        println!("desk: frame {} failed: {err:?}", display.frames + 1);
+    match display.present(damage) {
+        Ok(()) => true,
+        Err(err) => {
+            println!("desk: frame {} failed: {err:?}; the screen is given up", display.frames + 1);
+            false
+        }
     }
 }
 

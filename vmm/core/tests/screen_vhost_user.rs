@@ -159,3 +159,30 @@ fn vm_with_gpu_backend_that_is_not_running_fails_with_a_clear_error() {
     assert!(!status.success());
     assert!(vm.text().contains("start carrel-gpu-backend"), "{}", vm.text());
 }
+
+#[test]
+fn vm_says_so_when_the_gpu_backend_dies_and_keeps_serving_everything_else() {
+    let mut desk = boot_desk_with_backend("dies.sock");
+    screenshot(&desk.socket, Wait::FirstFrame);
+    desk.backend.signal(libc::SIGKILL);
+    desk.backend.wait_for_exit(BOOT_DEADLINE);
+    desk.vm.wait_for_line("the GPU backend at", BOOT_DEADLINE);
+    let request = ScreenshotRequest {
+        format: ImageFormat::Png,
+        crop: None,
+        scale: None,
+        cursor: false,
+        wait: Wait::FirstFrame,
+        timeout_ms: 1_000,
+    };
+    let answer = ControlClient::connect(&desk.socket)
+        .unwrap()
+        .call(&Request::Screenshot(request), Duration::from_secs(10))
+        .unwrap();
+    assert!(matches!(answer, Response::Error(_)), "no screenshot without the backend: {answer:?}");
+    let status = ControlClient::connect(&desk.socket).unwrap().call(&Request::Status, Duration::from_secs(10)).unwrap();
+    assert!(matches!(status, Response::Status(_)), "the VM still answers: {status:?}");
+    let stop = ControlClient::connect(&desk.socket).unwrap().call(&Request::Stop, Duration::from_secs(10)).unwrap();
+    assert_eq!(stop, Response::Stopping);
+    assert!(desk.vm.wait_for_exit(BOOT_DEADLINE).success(), "{}", desk.vm.text());
+}

@@ -24,6 +24,7 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::virtio::{
@@ -51,7 +52,13 @@ pub enum VhostUserGpuError {
     ShareMemory { gpa: u64 },
     #[error("queue {index} is not in guest RAM")]
     TranslateQueue { index: usize },
+    #[error("cannot watch the GPU backend's events: {0}")]
+    WatchBackend(#[source] io::Error),
 }
+
+/// Tokens of the device's own epoll.
+const CALL_TOKEN: u64 = 0;
+const BACKEND_SOCKET_TOKEN: u64 = 1;
 
 /// The virtio-gpu device, served by a vhost-user backend process.
 pub struct VhostUserGpu {
@@ -68,6 +75,11 @@ pub struct VhostUserGpu {
     queue_sizes: [u16; 2],
     kicks: Vec<EventFd>,
     call: EventFd,
+    /// Watches the backend's call eventfd and its socket (for hang-up): the device's
+    /// event fd in the VMM's loop.
+    events: Epoll,
+    /// The backend closed its socket: the screen is gone until the VM restarts.
+    backend_gone: bool,
     state: DeviceState,
 }
 
@@ -115,6 +127,16 @@ impl VhostUserGpu {
         // no events, one scanout.
         let mut config = [0u8; CONFIG_SPACE_SIZE];
         config[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let call = eventfd()?;
+        let events = Epoll::new().map_err(VhostUserGpuError::WatchBackend)?;
+        events
+            .ctl(ControlOperation::Add, call.as_raw_fd(), EpollEvent::new(EventSet::IN, CALL_TOKEN))
+            .map_err(VhostUserGpuError::WatchBackend)?;
+        // The backend never writes unasked on this socket: readable means it hung up.
+        let hang_up = EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP;
+        events
+            .ctl(ControlOperation::Add, frontend.as_raw_fd(), EpollEvent::new(hang_up, BACKEND_SOCKET_TOKEN))
+            .map_err(VhostUserGpuError::WatchBackend)?;
         Ok(VhostUserGpu {
             path: path.to_path_buf(),
             frontend,
@@ -125,7 +147,9 @@ impl VhostUserGpu {
             config,
             queue_sizes: QUEUE_SIZES,
             kicks: vec![eventfd()?, eventfd()?],
-            call: eventfd()?,
+            call,
+            events,
+            backend_gone: false,
             state: DeviceState::Inactive,
         })
     }
@@ -284,14 +308,31 @@ impl VirtioDevice for VhostUserGpu {
     }
 
     fn event_fd(&self) -> Option<RawFd> {
-        Some(self.call.as_raw_fd())
+        Some(self.events.as_raw_fd())
     }
 
     fn process_events(&mut self) {
-        // Reading resets the counter, so the level-triggered event loop sleeps again.
-        if self.call.read().is_ok() {
-            if let DeviceState::Active(active) = &self.state {
-                active.interrupt.signal(INTERRUPT_USED_RING);
+        let mut ready = [EpollEvent::default(); 2];
+        let count = self.events.wait(0, &mut ready).unwrap_or(0);
+        for event in &ready[..count] {
+            match event.data() {
+                // Reading resets the counter, so the level-triggered event loop sleeps again.
+                CALL_TOKEN if self.call.read().is_ok() => {
+                    if let DeviceState::Active(active) = &self.state {
+                        active.interrupt.signal(INTERRUPT_USED_RING);
+                    }
+                }
+                BACKEND_SOCKET_TOKEN if !self.backend_gone => {
+                    // Stop watching (a hang-up stays readable) and say so once; the guest's
+                    // requests now go unanswered and screenshots fail with the cause.
+                    let _ = self.events.ctl(ControlOperation::Delete, self.frontend.as_raw_fd(), EpollEvent::default());
+                    self.backend_gone = true;
+                    eprintln!(
+                        "carrel-vmm: the GPU backend at {} hung up; the screen is gone until the VM restarts",
+                        self.path.display()
+                    );
+                }
+                _ => {}
             }
         }
     }
