@@ -24,6 +24,9 @@ pub const MAX_RESPONSE_BYTES: u32 = 256 << 20;
 pub enum Request {
     Status,
     Stop,
+    /// Stop running the guest's vCPUs (devices keep serving); `Resume` goes on.
+    Pause,
+    Resume,
     Screenshot(ScreenshotRequest),
     Agent(AgentRequest),
     Input(InputRequest),
@@ -34,6 +37,8 @@ pub enum Request {
 pub enum Response {
     Status(VmStatus),
     Stopping,
+    Paused,
+    Resumed,
     Screenshot(Screenshot),
     Agent(AgentResponse),
     Input(InputResult),

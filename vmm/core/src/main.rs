@@ -22,6 +22,7 @@ const USAGE: &str = "usage:
   carrel-vmm run --config vm.toml [flags above override the file]
   carrel-vmm status --socket PATH [--json]
   carrel-vmm stop --socket PATH
+  carrel-vmm pause --socket PATH | resume --socket PATH
   carrel-vmm screenshot --socket PATH -o FILE [--format png|qoi|raw] [--scale WxH]
                  [--crop x,y,w,h] [--cursor] [--after FRAME | --still MS] [--timeout S]
   carrel-vmm agent --socket PATH ping | ls PATH | rm PATH | put LOCAL REMOTE | get REMOTE LOCAL
@@ -41,6 +42,8 @@ fn main() -> ExitCode {
         Some("run") => parse_run(&args[1..]).map(|config| run(config, started)),
         Some("status") => parse_socket(&args[1..]).map(|(socket, json)| status(&socket, json)),
         Some("stop") => parse_socket(&args[1..]).map(|(socket, _)| stop(&socket)),
+        Some("pause") => parse_socket(&args[1..]).map(|(socket, _)| simple(&socket, Request::Pause)),
+        Some("resume") => parse_socket(&args[1..]).map(|(socket, _)| simple(&socket, Request::Resume)),
         Some("agent") => parse_agent(&args[1..]).map(|(socket, request)| agent(&socket, request)),
         Some("input") => {
             parse_input(&args[1..]).map(|(socket, output, request)| input(&socket, output.as_deref(), request))
@@ -489,6 +492,15 @@ fn status(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
             println!("pid:       {}", status.pid);
             Ok(ExitCode::SUCCESS)
         }
+        Response::Error(message) => anyhow::bail!("{message}"),
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    }
+}
+
+/// A request whose only answer is "done".
+fn simple(socket: &Path, request: Request) -> anyhow::Result<ExitCode> {
+    match ControlClient::connect(socket)?.call(&request, CALL_TIMEOUT)? {
+        Response::Paused | Response::Resumed => Ok(ExitCode::SUCCESS),
         Response::Error(message) => anyhow::bail!("{message}"),
         other => anyhow::bail!("unexpected answer {other:?}"),
     }

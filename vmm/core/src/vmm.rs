@@ -20,7 +20,7 @@ use crate::services::agent::AgentService;
 use crate::services::input::InputService;
 use crate::services::screen::ScreenService;
 use crate::services::ConnectionServices;
-use crate::vstate::vcpu::{install_kick_handler, VcpuEvent, VcpuEventSender, VcpuHandle, VcpuStop};
+use crate::vstate::vcpu::{install_kick_handler, VcpuEvent, VcpuEventSender, VcpuHandle, VcpuMessage, VcpuStop};
 
 /// Errors running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,8 @@ pub enum RunError {
     OpenAudit(#[source] carrel_audit::AuditError),
     #[error("cannot record the VM's start in the audit log: {0}")]
     RecordStart(String),
+    #[error("the vCPUs did not answer a {} request in time", if *pause { "pause" } else { "resume" })]
+    VcpuNoAnswer { pause: bool },
     #[error("vCPU {id} stopped: {stop}")]
     VcpuStopped { id: u8, stop: VcpuStop },
 }
@@ -49,6 +51,9 @@ pub enum VmOutcome {
     /// SIGTERM/SIGINT or a control-socket stop.
     Stopped,
 }
+
+/// How long vCPUs have to answer a pause or resume.
+const VCPU_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long a stopping VMM waits for its last control answer to be written.
 const LAST_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -102,6 +107,7 @@ pub struct Vmm {
     request_wake: Arc<EventFd>,
     signals: OwnedFd,
     recorder: Recorder,
+    paused: bool,
     _control: Option<ControlServer>,
 }
 
@@ -180,6 +186,7 @@ impl Vmm {
             request_wake,
             signals,
             recorder,
+            paused: false,
             _control: control,
         })
     }
@@ -298,7 +305,7 @@ impl Vmm {
     /// Serves one request and records it through the recorder, like every request; a
     /// request whose record cannot be written fails, and one that would stop the VM is
     /// recorded before it does.
-    fn serve(&self, pending: &PendingRequest) -> (Response, bool) {
+    fn serve(&mut self, pending: &PendingRequest) -> (Response, bool) {
         let action = request_action(&pending.request);
         if matches!(pending.request, Request::Stop) {
             if let Err(err) = self.recorder.record(pending.peer, Record { action, ..Default::default() }) {
@@ -318,10 +325,18 @@ impl Vmm {
     }
 
     /// Handles one control request; `true` when the VM should stop after answering.
-    fn handle_request(&self, request: &Request) -> (Response, bool) {
+    fn handle_request(&mut self, request: &Request) -> (Response, bool) {
         match request {
             Request::Status => (Response::Status(self.status()), false),
             Request::Stop => (Response::Stopping, true),
+            Request::Pause => match self.set_paused(true) {
+                Ok(()) => (Response::Paused, false),
+                Err(err) => (Response::Error(err.to_string()), false),
+            },
+            Request::Resume => match self.set_paused(false) {
+                Ok(()) => (Response::Resumed, false),
+                Err(err) => (Response::Error(err.to_string()), false),
+            },
             // Served on the connection thread by the screen service.
             Request::Screenshot(_) | Request::Agent(_) | Request::Input(_) => {
                 (Response::Error("served on the connection thread, not here".into()), false)
@@ -329,10 +344,36 @@ impl Vmm {
         }
     }
 
+    /// Pauses or resumes every vCPU and waits until each has answered: a paused VM's
+    /// vCPU threads sleep on their message channel and cost no CPU. Devices keep serving.
+    fn set_paused(&mut self, pause: bool) -> Result<(), RunError> {
+        if self.paused == pause {
+            return Ok(());
+        }
+        let message = if pause { VcpuMessage::Pause } else { VcpuMessage::Resume };
+        for handle in &self.handles {
+            handle.send(message);
+        }
+        let mut answered = 0;
+        let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
+        while answered < self.handles.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.vcpu_events.recv_timeout(left) {
+                Ok(VcpuEvent::Paused(_)) if pause => answered += 1,
+                Ok(VcpuEvent::Resumed(_)) if !pause => answered += 1,
+                Ok(VcpuEvent::Stopped(id, stop)) => return Err(RunError::VcpuStopped { id, stop }),
+                Ok(_) => {}
+                Err(_) => return Err(RunError::VcpuNoAnswer { pause }),
+            }
+        }
+        self.paused = pause;
+        Ok(())
+    }
+
     fn status(&self) -> VmStatus {
         VmStatus {
             platform: self.built.platform.name().to_string(),
-            state: "running".to_string(),
+            state: if self.paused { "paused" } else { "running" }.to_string(),
             boot_protocol: format!("{:?}", self.built.boot.protocol).to_lowercase(),
             kernel: self.config.kernel.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
             vcpus: self.handles.len() as u8,
@@ -349,6 +390,8 @@ fn request_action(request: &Request) -> &'static str {
     match request {
         Request::Status => "status",
         Request::Stop => "stop",
+        Request::Pause => "pause",
+        Request::Resume => "resume",
         Request::Screenshot(_) => "screenshot",
         Request::Agent(_) => "agent",
         Request::Input(_) => "input",

@@ -260,3 +260,32 @@ fn screenshot_whose_audit_record_cannot_be_written_is_withheld() {
     assert!(matches!(again, Response::Error(_)), "{again:?}");
     let _ = std::fs::remove_dir_all(&audit);
 }
+
+#[test]
+fn paused_vm_draws_no_frames_until_resumed() {
+    let socket = scratch_path("pause.sock");
+    let _vm = boot_desk(&socket);
+    let call =
+        |request: Request| ControlClient::connect(&socket).unwrap().call(&request, Duration::from_secs(10)).unwrap();
+    assert_eq!(call(Request::Pause), Response::Paused);
+    assert_eq!(call(Request::Pause), Response::Paused, "pausing twice is fine");
+    let Response::Status(status) = call(Request::Status) else { panic!("expected a status") };
+    assert_eq!(status.state, "paused");
+    let on_screen = capture(&socket, ImageFormat::Png, Wait::FirstFrame).frame;
+    // Running, the clock draws a frame every second; paused, nothing is drawn.
+    let waiting = ScreenshotRequest {
+        format: ImageFormat::Png,
+        crop: None,
+        scale: None,
+        cursor: false,
+        wait: Wait::FrameAfter(on_screen),
+        timeout_ms: 1_500,
+    };
+    let answer = call(Request::Screenshot(waiting.clone()));
+    assert!(matches!(&answer, Response::Error(message) if message.contains("no frame after")), "{answer:?}");
+    assert_eq!(call(Request::Resume), Response::Resumed);
+    let Response::Status(status) = call(Request::Status) else { panic!("expected a status") };
+    assert_eq!(status.state, "running");
+    let answer = call(Request::Screenshot(ScreenshotRequest { timeout_ms: 5_000, ..waiting }));
+    assert!(matches!(answer, Response::Screenshot(shot) if shot.frame > on_screen));
+}
