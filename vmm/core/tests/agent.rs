@@ -6,22 +6,12 @@ use std::time::Duration;
 
 use carrel_agent_client::connect_vsock_uds;
 use carrel_agent_client::{Client, ExecRequest, OutputStream};
-use common::{guest, scratch_path, RunningVm};
+use common::{scratch_path, RunningVm};
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(30);
 
 fn boot_with_agent(socket: &std::path::Path) -> RunningVm {
-    let kernel = guest("desk.elf");
-    let mut vm = RunningVm::start(&[
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--mem",
-        "256",
-        "--vsock",
-        socket.to_str().unwrap(),
-        "--no-display",
-    ]);
+    let mut vm = RunningVm::start_desk(&["--mem", "256", "--vsock", socket.to_str().unwrap(), "--no-display"]);
     vm.wait_for_line("desk: agent listening", BOOT_DEADLINE);
     vm
 }
@@ -121,12 +111,8 @@ fn desk_agent_refuses_paths_with_dot_dot_and_survives_a_garbage_frame() {
 #[test]
 fn agent_cli_on_control_socket_returns_exit_codes_and_is_audited() {
     use std::process::Command;
-    let kernel = guest("desk.elf");
     let (control, vsock, audit) = (scratch_path("cli.sock"), scratch_path("cli-vsock.sock"), scratch_path("cli-audit"));
-    let mut vm = RunningVm::start(&[
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
+    let mut vm = RunningVm::start_desk(&[
         "--socket",
         control.to_str().unwrap(),
         "--vsock",

@@ -48,10 +48,8 @@ fn desk_gets_fresh_entropy_each_boot() {
 
 #[test]
 fn desk_without_exit_flag_keeps_running_until_sigterm_then_exits_zero() {
-    let kernel = guest("desk.elf");
     let log = scratch_path("console.log");
-    let mut vm =
-        RunningVm::start(&["run", "--kernel", kernel.to_str().unwrap(), "--console-log", log.to_str().unwrap()]);
+    let mut vm = RunningVm::start_desk(&["--console-log", log.to_str().unwrap()]);
     vm.wait_for_line("desk: ready", BOOT_DEADLINE);
     vm.signal(libc::SIGTERM);
     let status = vm.wait_for_exit(BOOT_DEADLINE);
@@ -73,10 +71,9 @@ fn desk_stops_cleanly_on_sigint() {
 
 #[test]
 fn control_socket_reports_status_and_stops_the_vm() {
-    let kernel = guest("desk.elf");
     let socket = scratch_path("vm.sock");
     let socket_arg = socket.to_str().unwrap();
-    let mut vm = RunningVm::start(&["run", "--kernel", kernel.to_str().unwrap(), "--socket", socket_arg]);
+    let mut vm = RunningVm::start_desk(&["--socket", socket_arg]);
     vm.wait_for_line("desk: ready", BOOT_DEADLINE);
 
     let status = Command::new(vmm_binary()).args(["status", "--socket", socket_arg, "--json"]).output().unwrap();
@@ -275,21 +272,11 @@ fn malformed_config_file_is_a_clear_error() {
 
 #[test]
 fn audit_log_records_every_control_request_and_verifies_offline() {
-    let kernel = guest("desk.elf");
     let socket = scratch_path("audited.sock");
     let audit = scratch_path("audit");
     let socket_arg = socket.to_str().unwrap();
-    let mut vm = RunningVm::start(&[
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--socket",
-        socket_arg,
-        "--audit",
-        audit.to_str().unwrap(),
-        "--name",
-        "agent-7",
-    ]);
+    let mut vm =
+        RunningVm::start_desk(&["--socket", socket_arg, "--audit", audit.to_str().unwrap(), "--name", "agent-7"]);
     vm.wait_for_line("desk: ready", BOOT_DEADLINE);
     for _ in 0..2 {
         let status = Command::new(vmm_binary()).args(["status", "--socket", socket_arg]).output().unwrap();

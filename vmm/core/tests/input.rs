@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use carrel_vmm::control::{ControlClient, ImageFormat, InputRequest, InputResult, Request, Response, Wait};
 use carrel_vmm::input::{Action, Button};
-use common::{guest, scratch_path, RunningVm};
+use common::{scratch_path, RunningVm};
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(30);
 const WIDTH: u32 = 1280;
@@ -89,8 +89,7 @@ fn act(socket: &std::path::Path, action: Action) -> (InputResult, Screen) {
 }
 
 fn boot(socket: &std::path::Path) -> RunningVm {
-    let kernel = guest("desk.elf");
-    let mut vm = RunningVm::start(&["run", "--kernel", kernel.to_str().unwrap(), "--socket", socket.to_str().unwrap()]);
+    let mut vm = RunningVm::start_desk(&["--socket", socket.to_str().unwrap()]);
     vm.wait_for_line("first frame drawn", BOOT_DEADLINE);
     vm
 }
@@ -155,10 +154,9 @@ fn bad_input_requests_are_clear_errors_and_never_hang() {
 #[test]
 fn action_that_draws_nothing_returns_at_its_timeout_marked_so() {
     let socket = scratch_path("nodraw.sock");
-    let kernel = guest("desk.elf");
     // Without a timer-driven redraw in the way: the clock only changes once a second, so a
     // right-button press (which the desktop ignores) draws nothing for a while.
-    let mut vm = RunningVm::start(&["run", "--kernel", kernel.to_str().unwrap(), "--socket", socket.to_str().unwrap()]);
+    let mut vm = RunningVm::start_desk(&["--socket", socket.to_str().unwrap()]);
     vm.wait_for_line("first frame drawn", BOOT_DEADLINE);
     let request = InputRequest {
         action: Action::ButtonDown { button: Button::Right },

@@ -21,8 +21,7 @@ fn golden_path() -> PathBuf {
 }
 
 fn boot_desk(socket: &std::path::Path) -> RunningVm {
-    let kernel = guest("desk.elf");
-    let mut vm = RunningVm::start(&["run", "--kernel", kernel.to_str().unwrap(), "--socket", socket.to_str().unwrap()]);
+    let mut vm = RunningVm::start_desk(&["--socket", socket.to_str().unwrap()]);
     // The desktop is drawn just after `desk: ready`; waits like "still for 50 ms" need a frame.
     vm.wait_for_line("first frame drawn", BOOT_DEADLINE);
     vm
@@ -116,16 +115,8 @@ fn raw_qoi_scaled_and_cropped_captures_agree_with_png() {
 
 #[test]
 fn screenshot_of_vm_without_display_is_a_clear_error() {
-    let kernel = guest("desk.elf");
     let socket = scratch_path("nodisplay.sock");
-    let mut vm = RunningVm::start(&[
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--socket",
-        socket.to_str().unwrap(),
-        "--no-display",
-    ]);
+    let mut vm = RunningVm::start_desk(&["--socket", socket.to_str().unwrap(), "--no-display"]);
     vm.wait_for_line("desk: ready", BOOT_DEADLINE);
     let request = ScreenshotRequest {
         format: ImageFormat::Png,
@@ -162,17 +153,8 @@ fn waiting_for_a_frame_that_never_comes_times_out_with_an_error() {
 
 #[test]
 fn desk_draws_at_the_configured_display_size_up_to_4k() {
-    let kernel = guest("desk.elf");
     let socket = scratch_path("4k.sock");
-    let mut vm = RunningVm::start(&[
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--socket",
-        socket.to_str().unwrap(),
-        "--display",
-        "3840x2160",
-    ]);
+    let mut vm = RunningVm::start_desk(&["--socket", socket.to_str().unwrap(), "--display", "3840x2160"]);
     vm.wait_for_line("desk: screen 3840x2160 first frame drawn", BOOT_DEADLINE);
     let shot = capture(&socket, ImageFormat::Png, Wait::FirstFrame);
     assert_eq!((shot.width, shot.height), (3840, 2160));

@@ -11,7 +11,7 @@ use carrel_vmm::control::{
     ControlClient, ImageFormat, InputRequest, Request, Response, Screenshot, ScreenshotRequest, Wait,
 };
 use carrel_vmm::input::{Action, Button};
-use common::{decode_png, differences, gpu_backend_binary, guest, inside, scratch_path, RunningVm};
+use common::{decode_png, differences, gpu_backend_binary, inside, scratch_path, RunningVm};
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(30);
 const WIDTH: u32 = 1280;
@@ -38,11 +38,7 @@ fn boot_desk_with_backend(name: &str) -> VhostUserDesk {
         &["--socket", vhost.to_str().unwrap(), "--screen-socket", screen.to_str().unwrap()],
     );
     backend.wait_for_line("carrel-gpu-backend: ready", BOOT_DEADLINE);
-    let kernel = guest("desk.elf");
-    let mut vm = RunningVm::start(&[
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
+    let mut vm = RunningVm::start_desk(&[
         "--socket",
         socket.to_str().unwrap(),
         "--gpu-backend",
@@ -143,18 +139,10 @@ fn gpu_backend_exits_when_the_vm_stops() {
 
 #[test]
 fn vm_with_gpu_backend_that_is_not_running_fails_with_a_clear_error() {
-    let kernel = guest("desk.elf");
     let missing = scratch_path("missing-gpu.sock");
     let screen = scratch_path("missing-screen.sock");
-    let mut vm = RunningVm::start(&[
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--gpu-backend",
-        missing.to_str().unwrap(),
-        "--gpu-screen",
-        screen.to_str().unwrap(),
-    ]);
+    let mut vm =
+        RunningVm::start_desk(&["--gpu-backend", missing.to_str().unwrap(), "--gpu-screen", screen.to_str().unwrap()]);
     let status = vm.wait_for_exit(BOOT_DEADLINE);
     assert!(!status.success());
     assert!(vm.text().contains("start carrel-gpu-backend"), "{}", vm.text());

@@ -54,6 +54,14 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
+    /// Boots the Desk kernel with `carrel-vmm run --kernel desk.elf` and `extra` flags.
+    pub fn start_desk(extra: &[&str]) -> RunningVm {
+        let kernel = guest("desk.elf");
+        let mut args = vec!["run", "--kernel", kernel.to_str().expect("UTF-8 path")];
+        args.extend_from_slice(extra);
+        RunningVm::start(&args)
+    }
+
     pub fn start(args: &[&str]) -> RunningVm {
         RunningVm::start_binary(&vmm_binary(), args)
     }
