@@ -17,7 +17,7 @@ pub mod page_tables;
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"CARRELBI");
 
 /// Version of the [`BootInfo`] layout. A guest refuses a version it does not know.
-pub const BOOT_INFO_VERSION: u32 = 1;
+pub const BOOT_INFO_VERSION: u32 = 2;
 
 /// Name of the ELF note that marks a Desk kernel (a kernel that reads [`BootInfo`]).
 pub const DESK_NOTE_NAME: &[u8] = b"Carrel\0";
@@ -126,6 +126,9 @@ pub struct BootInfo {
     pub idt_addr: u64,
     /// First byte past the loaded kernel image: free memory starts above it.
     pub kernel_end: u64,
+    /// How many times this VM was restored from a snapshot: the VMM writes it into guest
+    /// memory before the restored vCPUs run; the guest re-reads it to notice a restore.
+    pub restores: u64,
 }
 
 impl BootInfo {
@@ -152,8 +155,12 @@ impl BootInfo {
             ioapic_addr: 0,
             idt_addr: 0,
             kernel_end: 0,
+            restores: 0,
         }
     }
+
+    /// Offset of [`BootInfo::restores`] in the block, for the VMM to write it in place.
+    pub const RESTORES_OFFSET: u64 = core::mem::offset_of!(BootInfo, restores) as u64;
 
     /// Whether magic, version and size are the ones this build knows.
     pub fn is_valid(&self) -> bool {
@@ -293,6 +300,7 @@ mod tests {
             + MAX_DEVICES * core::mem::size_of::<DeviceEntry>()
             + 4
             + 4
+            + 8
             + 8
             + 8
             + 8

@@ -99,6 +99,24 @@ impl Gpu {
     /// A device rebuilt from `state` on `memory`, every part checked as a guest command.
     pub fn restore(config: GpuConfig, memory: GuestMemoryMmap, state: &GpuState) -> Result<Gpu, PersistError> {
         let mut gpu = Gpu::new(config, memory)?;
+        gpu.load(state)?;
+        Ok(gpu)
+    }
+
+    /// Loads `state` into this device after a reset, keeping its [`crate::Screen`] (whoever
+    /// holds the screen sees the restored one). A state that fails a check leaves the
+    /// device reset.
+    pub fn load(&mut self, state: &GpuState) -> Result<(), PersistError> {
+        self.reset();
+        let result = self.replay(state);
+        if result.is_err() {
+            self.reset();
+        }
+        result
+    }
+
+    fn replay(&mut self, state: &GpuState) -> Result<(), PersistError> {
+        let gpu = self;
         for resource in &state.resources {
             let resource_id = resource.resource_id;
             let mut replay = |command: Command| match gpu.execute(&command) {
@@ -134,9 +152,10 @@ impl Gpu {
         };
         let screen = gpu.screen();
         screen.set_cursor(CursorState { image, hot_x: saved.hot_x, hot_y: saved.hot_y, x: saved.x, y: saved.y });
-        screen.continue_frames_from(state.last_frame);
+        let shown = state.scanout.map(|(_, _, _, width, height)| Rect::new(0, 0, width, height));
+        screen.continue_frames_from(state.last_frame, shown);
         gpu.set_events_read(state.events_read);
-        Ok(gpu)
+        Ok(())
     }
 }
 
@@ -184,7 +203,7 @@ mod tests {
             memory: harness.memory.clone(),
             gpu: Gpu::restore(GpuConfig::default(), harness.memory.clone(), &harness.gpu.save()).unwrap(),
         };
-        assert_eq!(restored.gpu.screen().latest_frame(), None);
+        assert_eq!(restored.gpu.screen().latest_frame().unwrap().number, 2, "the saved frame is on screen");
         restored.flush(1, Rect::new(0, 0, 1, 1));
         assert_eq!(restored.gpu.screen().latest_frame().unwrap().number, 3);
     }

@@ -246,10 +246,16 @@ impl Screen {
     }
 
     /// Makes the next frame number `last_frame + 1` (after a restore).
-    pub(crate) fn continue_frames_from(&self, last_frame: u64) {
+    /// Numbers frames on from `last_frame` after a restore. When the restored device shows
+    /// a scanout (`shown`, its rectangle), that saved frame is the latest again, so a
+    /// screenshot right after a restore needs no new frame from the guest.
+    pub(crate) fn continue_frames_from(&self, last_frame: u64, shown: Option<Rect>) {
         let mut state = self.lock();
         state.restored_frame = last_frame;
-        state.latest = None;
+        state.latest = match shown {
+            Some(damage) if last_frame > 0 => Some(Frame { number: last_frame, damage, time: Instant::now() }),
+            _ => None,
+        };
     }
 
     /// Forgets the scanout and cursor (device reset); the frame count continues.

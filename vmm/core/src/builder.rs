@@ -1,21 +1,23 @@
-//! The one place a VM is wired together for a fresh boot, in the order it happens:
-//! memory, VM, buses and devices, vCPUs and platform, kernel, boot state.
+//! The one place a VM is wired together, in the order it happens: memory, VM, buses and
+//! devices, vCPUs and platform, then the kernel and boot state for a fresh boot
+//! ([`build_vm`]) or the saved state for a restore ([`restore_vm`]).
 
 use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use carrel_firmware::layout::{self, FIRST_DEVICE_IRQ, LAST_DEVICE_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
-use carrel_firmware::{ports, DeviceEntry, PlatformKind};
+use carrel_firmware::{ports, BootInfo, DeviceEntry, PlatformKind};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::boot::{self, BootRequest, BootSetup};
+use crate::boot::{self, BootProtocol, BootRequest, BootSetup};
 use crate::config::VmConfig;
-use crate::devices::bus::{Bus, BusDevice};
+use crate::devices::bus::{lock, Bus, BusDevice};
 use crate::devices::legacy::power::PowerPort;
 use crate::devices::legacy::{ConsoleOutput, PowerDevice, SerialDevice, VmExitSignal};
 use crate::devices::virtio::gpu::GpuDevice;
-use crate::devices::virtio::input::{InputDevice, InputKind, InputSink};
+use crate::devices::virtio::input::{InputDevice, InputKind};
 use crate::devices::virtio::mmio::{reg, MmioTransport};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vhost_user_gpu::VhostUserGpu;
@@ -23,6 +25,8 @@ use crate::devices::virtio::vsock::{Vsock, VsockConfig};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::memory::{create_guest_ram, GuestRam};
 use crate::platform;
+use crate::snapshot::{self, LoadedSnapshot, SnapshotError, SnapshotState};
+use crate::vstate::persist;
 use crate::services::input::InputSinks;
 use crate::services::screen::ScreenSource;
 use crate::vstate::regs;
@@ -69,6 +73,14 @@ pub enum BuildError {
     OpenConsoleLog { path: String, source: std::io::Error },
     #[error("more virtio devices than interrupt lines")]
     TooManyDevices,
+    #[error(transparent)]
+    Persist(#[from] crate::vstate::persist::PersistError),
+    #[error("cannot restore a device: {0}")]
+    VirtioPersist(#[from] crate::devices::virtio::persist::VirtioPersistError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("cannot restore the snapshot: {0}")]
+    Restore(String),
 }
 
 /// A virtio device as the event loop sees it: its transport and one eventfd per queue.
@@ -86,7 +98,7 @@ pub struct BuiltVm {
     pub ram: GuestRam,
     pub vcpus: Vec<Vcpu>,
     pub platform: PlatformKind,
-    pub boot: BootSetup,
+    pub protocol: BootProtocol,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub exit: Arc<VmExitSignal>,
     pub virtio: Vec<AttachedVirtio>,
@@ -94,6 +106,10 @@ pub struct BuiltVm {
     pub screen: Option<ScreenSource>,
     /// Keyboard and tablet, which come with the screen.
     pub input: Option<InputSinks>,
+    /// How many restores led here (0 for a fresh boot).
+    pub restores: u64,
+    /// The snapshot directory and state digest (hex) this VM was restored from.
+    pub restored_from: Option<(std::path::PathBuf, String)>,
     pub started: Instant,
 }
 
@@ -101,7 +117,7 @@ fn eventfd(what: &'static str) -> Result<EventFd, BuildError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::CreateEventFd { what, source })
 }
 
-/// Builds a VM from `config`, ready for its vCPUs to start.
+/// Builds a VM from `config` for a fresh boot, ready for its vCPUs to start.
 pub fn build_vm(config: &VmConfig, started: Instant) -> Result<BuiltVm, BuildError> {
     let kernel = config.validate()?;
 
@@ -112,47 +128,142 @@ pub fn build_vm(config: &VmConfig, started: Instant) -> Result<BuiltVm, BuildErr
     // vCPUs run, so it overlaps with the rest of the build.
     std::thread::scope(|scope| {
         let registering = scope.spawn(|| vm.register_memory(&ram.memory));
-        let devices = wire_vm(config, kernel, &vm, &ram);
+        let wired = wire_fresh(config, kernel, &vm, &ram);
         let registered = registering.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         registered?;
-        let wired = devices?;
+        let (wired, boot) = wired?;
         // kvm_pvm checks the VIF address against the memory slots: only now may it be set.
-        if wired.boot.wants_vif {
+        if boot.wants_vif {
             for vcpu in &wired.vcpus {
                 platform::register_vif_page(wired.platform, &vcpu.fd, layout::VIF_ADDR)?;
             }
         }
-        Ok::<Wired, BuildError>(wired)
+        Ok::<(Wired, BootProtocol), BuildError>((wired, boot.protocol))
     })
-    .map(|wired| BuiltVm {
-        vm,
-        ram,
-        vcpus: wired.vcpus,
-        platform: wired.platform,
-        boot: wired.boot,
-        serial: wired.serial,
-        exit: wired.exit,
-        virtio: wired.virtio,
-        screen: wired.screen,
-        input: wired.input,
-        started,
-    })
+    .map(|(wired, protocol)| wired.into_built(vm, ram, protocol, 0, started))
+}
+
+/// Builds a VM from a snapshot: the same devices as the fresh boot that led to it, each
+/// loaded from its saved state; memory read from `memory.bin` and checked. The guest
+/// continues where it was when its vCPUs run.
+pub fn restore_vm(config: &VmConfig, snapshot: &LoadedSnapshot, started: Instant) -> Result<BuiltVm, BuildError> {
+    config.validate_machine()?;
+    let saved = &snapshot.state;
+    let ram = create_guest_ram(config.mem_mib)?;
+    let vm = Vm::new()?;
+    // The memory slot's fixed cost overlaps with reading memory.bin and the devices.
+    let wired = std::thread::scope(|scope| {
+        let registering = scope.spawn(|| vm.register_memory(&ram.memory));
+        let loaded = snapshot::memory::read_image(&ram, &snapshot.dir.join(snapshot::MEMORY_FILE), &saved.memory)
+            .map_err(SnapshotError::from);
+        let wired = loaded.map_err(BuildError::from).and_then(|()| wire(config, &vm, &ram, Some(saved)));
+        let registered = registering.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        registered?;
+        wired
+    })?;
+    if wired.platform != snapshot.platform {
+        return Err(BuildError::Restore(format!(
+            "the snapshot was taken on {} KVM and this host runs {} KVM: vCPU state does not move between them",
+            snapshot.platform.name(),
+            wired.platform.name()
+        )));
+    }
+    vm.restore_state(&saved.vm)?;
+    for (vcpu, state) in wired.vcpus.iter().zip(&saved.vcpus) {
+        let refused = persist::restore_vcpu(&vcpu.fd, state)?;
+        if refused > 0 {
+            eprintln!("carrel-vmm: restore: KVM refused {refused} saved MSR(s) of vCPU {}", vcpu.id);
+        }
+    }
+    let restores = saved.restores + 1;
+    if saved.protocol == BootProtocol::Desk {
+        // Desk re-reads this to notice it was restored (fresh entropy, reconnects).
+        ram.memory
+            .write_obj(restores, GuestAddress(layout::BOOT_INFO_ADDR + BootInfo::RESTORES_OFFSET))
+            .map_err(|err| BuildError::Restore(format!("cannot tell the guest it was restored: {err}")))?;
+    }
+    let mut built = wired.into_built(vm, ram, saved.protocol, restores, started);
+    let digest = snapshot.digest.iter().map(|byte| format!("{byte:02x}")).collect();
+    built.restored_from = Some((snapshot.dir.clone(), digest));
+    Ok(built)
 }
 
 /// Everything of a VM but its memory and VM fd.
 struct Wired {
     vcpus: Vec<Vcpu>,
     platform: PlatformKind,
-    boot: BootSetup,
     serial: Arc<Mutex<SerialDevice>>,
     exit: Arc<VmExitSignal>,
     virtio: Vec<AttachedVirtio>,
+    devices: Vec<DeviceEntry>,
     screen: Option<ScreenSource>,
     input: Option<InputSinks>,
 }
 
-/// Devices, vCPUs, kernel and boot state, in that order.
-fn wire_vm(config: &VmConfig, kernel: &std::path::Path, vm: &Vm, ram: &GuestRam) -> Result<Wired, BuildError> {
+impl Wired {
+    fn into_built(self, vm: Vm, ram: GuestRam, protocol: BootProtocol, restores: u64, started: Instant) -> BuiltVm {
+        BuiltVm {
+            vm,
+            ram,
+            vcpus: self.vcpus,
+            platform: self.platform,
+            protocol,
+            serial: self.serial,
+            exit: self.exit,
+            virtio: self.virtio,
+            screen: self.screen,
+            input: self.input,
+            restores,
+            restored_from: None,
+            started,
+        }
+    }
+}
+
+/// A fresh boot: devices and vCPUs, then the kernel and the boot state.
+fn wire_fresh(
+    config: &VmConfig,
+    kernel: &std::path::Path,
+    vm: &Vm,
+    ram: &GuestRam,
+) -> Result<(Wired, BootSetup), BuildError> {
+    let wired = wire(config, vm, ram, None)?;
+    let vcpu_count = wired.vcpus.len() as u8;
+    let tsc_khz = wired.vcpus[0].fd.get_tsc_khz().unwrap_or(0);
+    let request = BootRequest {
+        kernel,
+        initrd: config.initrd.as_deref(),
+        cmdline: config.cmdline.as_deref(),
+        protocol: config.boot,
+        platform: wired.platform,
+        vcpu_count,
+        tsc_khz,
+        devices: &wired.devices,
+        framebuffer: wired.screen.as_ref().map_or((0, 0), ScreenSource::display_size),
+    };
+    let boot = boot::load(&ram.memory, ram.size, &request)?;
+    if boot.wants_pit {
+        vm.create_pit()?;
+    }
+
+    regs::write_descriptor_tables(&ram.memory)?;
+    let mapped_gib = ram_gib(ram.size).clamp(4, layout::PAGE_TABLES_MAX_GIB);
+    regs::write_page_tables(&ram.memory, mapped_gib)?;
+    let supported = vm.supported_cpuid()?;
+    for vcpu in &wired.vcpus {
+        let mut cpuid = supported.clone();
+        platform::adjust_cpuid(&mut cpuid, wired.platform, boot.guest, vcpu.id, vcpu_count);
+        vcpu.set_cpuid(&cpuid)?;
+        regs::set_lint(&vcpu.fd, boot.lint)?;
+    }
+    // The boot vCPU starts at the entry point; the others wait for the guest's SIPI.
+    regs::set_entry_state(&wired.vcpus[0].fd, boot.entry)?;
+    Ok((wired, boot))
+}
+
+/// Buses, devices and vCPUs, in that order; with `saved`, every device is loaded from
+/// its saved state and must match it one for one.
+fn wire(config: &VmConfig, vm: &Vm, ram: &GuestRam, saved: Option<&SnapshotState>) -> Result<Wired, BuildError> {
     let vcpu_count = config.cpus as u8;
 
     let console_log = match &config.console_log {
@@ -167,15 +278,14 @@ fn wire_vm(config: &VmConfig, kernel: &std::path::Path, vm: &Vm, ram: &GuestRam)
 
     let mut io_bus = Bus::new();
     let serial = attach_serial(vm, &mut io_bus, console.clone())?;
+    if let Some(saved) = saved {
+        lock(&serial).restore(&saved.serial).map_err(BuildError::Restore)?;
+    }
     attach_power_ports(&mut io_bus, &exit, ram, &console)?;
 
-    let mut mmio_bus = Bus::new();
-    let mut virtio = Vec::new();
-    let mut devices = Vec::new();
+    let mut virtio_bus = VirtioBus { vm, ram, mmio: Bus::new(), attached: Vec::new(), entries: Vec::new(), saved };
     if config.rng {
-        let (attached, entry) = attach_virtio(vm, &mut mmio_bus, ram, "rng", Box::new(Rng::new()), devices.len())?;
-        virtio.push(attached);
-        devices.push(entry);
+        virtio_bus.attach("rng", Box::new(Rng::new()))?;
     }
 
     let mut screen = None;
@@ -195,66 +305,41 @@ fn wire_vm(config: &VmConfig, kernel: &std::path::Path, vm: &Vm, ram: &GuestRam)
     };
     if let Some((device, source)) = gpu {
         screen = Some(source);
-        let (attached, entry) = attach_virtio(vm, &mut mmio_bus, ram, "gpu", device, devices.len())?;
-        virtio.push(attached);
-        devices.push(entry);
+        virtio_bus.attach("gpu", device)?;
         // A screen comes with a keyboard and a tablet (absolute pointer).
-        let mut sink = |kind: InputKind, name: &'static str| -> Result<Arc<InputSink>, BuildError> {
-            let (device, sink) = InputDevice::new(kind)?;
-            let (attached, entry) = attach_virtio(vm, &mut mmio_bus, ram, name, Box::new(device), devices.len())?;
-            virtio.push(attached);
-            devices.push(entry);
-            Ok(sink)
-        };
-        let keyboard = sink(InputKind::Keyboard, "keyboard")?;
-        let tablet = sink(InputKind::Tablet, "tablet")?;
-        input = Some(InputSinks { keyboard, tablet });
+        let (keyboard, keyboard_sink) = InputDevice::new(InputKind::Keyboard)?;
+        virtio_bus.attach("keyboard", Box::new(keyboard))?;
+        let (tablet, tablet_sink) = InputDevice::new(InputKind::Tablet)?;
+        virtio_bus.attach("tablet", Box::new(tablet))?;
+        input = Some(InputSinks { keyboard: keyboard_sink, tablet: tablet_sink });
     }
     if let Some(socket) = &config.vsock {
         let vsock = Vsock::new(VsockConfig { guest_cid: config.guest_cid, socket: socket.clone() })?;
-        let (attached, entry) = attach_virtio(vm, &mut mmio_bus, ram, "vsock", Box::new(vsock), devices.len())?;
-        virtio.push(attached);
-        devices.push(entry);
+        virtio_bus.attach("vsock", Box::new(vsock))?;
+    }
+    let VirtioBus { mmio, attached: virtio, entries: devices, .. } = virtio_bus;
+    if let Some(saved) = saved {
+        if saved.virtio.len() != virtio.len() {
+            return Err(BuildError::Restore(format!(
+                "the snapshot has {} virtio devices, this configuration {}",
+                saved.virtio.len(),
+                virtio.len()
+            )));
+        }
     }
 
     let io_bus = Arc::new(io_bus);
-    let mmio_bus = Arc::new(mmio_bus);
-    let vcpus = (0..vcpu_count)
-        .map(|id| Vcpu::new(vm.fd(), id, io_bus.clone(), mmio_bus.clone()))
-        .collect::<Result<Vec<_>, _>>()?;
-    let platform = platform::detect(&vcpus[0].fd);
-    let tsc_khz = vcpus[0].fd.get_tsc_khz().unwrap_or(0);
-
-    let request = BootRequest {
-        kernel,
-        initrd: config.initrd.as_deref(),
-        cmdline: config.cmdline.as_deref(),
-        protocol: config.boot,
-        platform,
-        vcpu_count,
-        tsc_khz,
-        devices: &devices,
-        framebuffer: screen.as_ref().map_or((0, 0), ScreenSource::display_size),
-    };
-    let boot = boot::load(&ram.memory, ram.size, &request)?;
-    if boot.wants_pit {
-        vm.create_pit()?;
+    let mmio_bus = Arc::new(mmio);
+    // The first vCPU tells the platform, which decides the MSRs every vCPU saves.
+    let mut first = Vcpu::new(vm.fd(), 0, io_bus.clone(), mmio_bus.clone(), Arc::from(Vec::new()))?;
+    let platform = platform::detect(&first.fd);
+    let msr_indices: Arc<[u32]> = Arc::from(vm.saved_msr_indices(platform)?);
+    first.set_msr_indices(msr_indices.clone());
+    let mut vcpus = vec![first];
+    for id in 1..vcpu_count {
+        vcpus.push(Vcpu::new(vm.fd(), id, io_bus.clone(), mmio_bus.clone(), msr_indices.clone())?);
     }
-
-    regs::write_descriptor_tables(&ram.memory)?;
-    let mapped_gib = ram_gib(ram.size).clamp(4, layout::PAGE_TABLES_MAX_GIB);
-    regs::write_page_tables(&ram.memory, mapped_gib)?;
-    let supported = vm.supported_cpuid()?;
-    for vcpu in &vcpus {
-        let mut cpuid = supported.clone();
-        platform::adjust_cpuid(&mut cpuid, platform, boot.guest, vcpu.id, vcpu_count);
-        vcpu.set_cpuid(&cpuid)?;
-        regs::set_lint(&vcpu.fd, boot.lint)?;
-    }
-    // The boot vCPU starts at the entry point; the others wait for the guest's SIPI.
-    regs::set_entry_state(&vcpus[0].fd, boot.entry)?;
-
-    Ok(Wired { vcpus, platform, boot, serial, exit, virtio, screen, input })
+    Ok(Wired { vcpus, platform, serial, exit, virtio, devices, screen, input })
 }
 
 fn ram_gib(bytes: u64) -> u64 {
@@ -265,7 +350,9 @@ fn ram_gib(bytes: u64) -> u64 {
 fn attach_serial(vm: &Vm, io_bus: &mut Bus, console: ConsoleOutput) -> Result<Arc<Mutex<SerialDevice>>, BuildError> {
     let interrupt = eventfd("serial interrupt")?;
     vm.register_irqfd(&interrupt, layout::SERIAL_IRQ)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(interrupt, console)));
+    let serial = SerialDevice::new(interrupt, console)
+        .map_err(|source| BuildError::CreateEventFd { what: "serial interrupt", source })?;
+    let serial = Arc::new(Mutex::new(serial));
     io_bus.insert(serial.clone(), u64::from(ports::SERIAL_COM1), 8)?;
     Ok(serial)
 }
@@ -288,32 +375,50 @@ fn attach_power_ports(
     Ok(())
 }
 
-fn attach_virtio(
-    vm: &Vm,
-    mmio_bus: &mut Bus,
-    ram: &GuestRam,
-    name: &'static str,
-    device: Box<dyn VirtioDevice>,
-    index: usize,
-) -> Result<(AttachedVirtio, DeviceEntry), BuildError> {
-    let irq = FIRST_DEVICE_IRQ + index as u32;
-    if irq > LAST_DEVICE_IRQ {
-        return Err(BuildError::TooManyDevices);
+/// The virtio-mmio bus as devices are attached, one window and interrupt line each.
+struct VirtioBus<'a> {
+    vm: &'a Vm,
+    ram: &'a GuestRam,
+    mmio: Bus,
+    attached: Vec<AttachedVirtio>,
+    entries: Vec<DeviceEntry>,
+    /// On a restore, the saved state of each device in attach order.
+    saved: Option<&'a SnapshotState>,
+}
+
+impl VirtioBus<'_> {
+    fn attach(&mut self, name: &'static str, device: Box<dyn VirtioDevice>) -> Result<(), BuildError> {
+        let index = self.attached.len();
+        let irq = FIRST_DEVICE_IRQ + index as u32;
+        if irq > LAST_DEVICE_IRQ {
+            return Err(BuildError::TooManyDevices);
+        }
+        let base = VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE;
+        let irqfd = eventfd("virtio interrupt")?;
+        self.vm.register_irqfd(&irqfd, irq)?;
+        let device_type = device.device_type();
+        let queue_count = device.queue_max_sizes().len();
+        let interrupt = Arc::new(VirtioInterrupt::new(irqfd));
+        let memory = self.ram.memory.clone();
+        let transport = match self.saved {
+            None => MmioTransport::new(device, memory, interrupt),
+            Some(saved) => {
+                let state = saved.virtio.get(index).ok_or_else(|| {
+                    BuildError::Restore(format!("the snapshot has no state for device {index} ({name})"))
+                })?;
+                MmioTransport::restore(device, memory, interrupt, state)?
+            }
+        };
+        let transport = Arc::new(Mutex::new(transport));
+        let mut queue_events = Vec::with_capacity(queue_count);
+        for queue in 0..queue_count {
+            let event = eventfd("virtio queue notification")?;
+            self.vm.register_mmio_ioevent(&event, base + reg::QUEUE_NOTIFY, queue as u32)?;
+            queue_events.push(event);
+        }
+        self.mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
+        self.entries.push(DeviceEntry { base, size: VIRTIO_MMIO_SIZE, irq, device_type });
+        self.attached.push(AttachedVirtio { name, transport, queue_events });
+        Ok(())
     }
-    let base = VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE;
-    let irqfd = eventfd("virtio interrupt")?;
-    vm.register_irqfd(&irqfd, irq)?;
-    let device_type = device.device_type();
-    let queue_count = device.queue_max_sizes().len();
-    let interrupt = Arc::new(VirtioInterrupt::new(irqfd));
-    let transport = Arc::new(Mutex::new(MmioTransport::new(device, ram.memory.clone(), interrupt)));
-    let mut queue_events = Vec::with_capacity(queue_count);
-    for queue in 0..queue_count {
-        let event = eventfd("virtio queue notification")?;
-        vm.register_mmio_ioevent(&event, base + reg::QUEUE_NOTIFY, queue as u32)?;
-        queue_events.push(event);
-    }
-    mmio_bus.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
-    let entry = DeviceEntry { base, size: VIRTIO_MMIO_SIZE, irq, device_type };
-    Ok((AttachedVirtio { name, transport, queue_events }, entry))
 }

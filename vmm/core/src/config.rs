@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::boot::BootProtocol;
 
@@ -31,7 +31,7 @@ pub enum ConfigError {
 }
 
 /// Everything needed to build a VM.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     pub kernel: Option<PathBuf>,
@@ -163,11 +163,17 @@ impl VmConfig {
                 return Err(ConfigError::InitrdNotFound { path: initrd.display().to_string() });
             }
         }
+        self.validate_machine()?;
+        Ok(kernel)
+    }
+
+    /// The checks that also hold for a restore, which loads no kernel: sizes and counts.
+    pub fn validate_machine(&self) -> Result<(), ConfigError> {
         self.display_size()?;
         if self.cpus == 0 || self.cpus > u64::from(MAX_VCPUS) {
             return Err(ConfigError::BadCpus { got: self.cpus });
         }
-        Ok(kernel)
+        Ok(())
     }
 }
 

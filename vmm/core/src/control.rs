@@ -30,6 +30,15 @@ pub enum Request {
     Screenshot(ScreenshotRequest),
     Agent(AgentRequest),
     Input(InputRequest),
+    /// Save the whole VM into a new snapshot directory; with `hibernate`, end the VM once
+    /// the snapshot is on disk.
+    Snapshot(SnapshotRequest),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRequest {
+    pub dir: PathBuf,
+    pub hibernate: bool,
 }
 
 /// The VMM's answer.
@@ -42,6 +51,7 @@ pub enum Response {
     Screenshot(Screenshot),
     Agent(AgentResponse),
     Input(InputResult),
+    Snapshot(crate::snapshot::SnapshotInfo),
     Error(String),
 }
 

@@ -14,5 +14,6 @@ pub mod memory;
 pub mod platform;
 pub mod recorder;
 pub mod services;
+pub mod snapshot;
 pub mod vmm;
 pub mod vstate;

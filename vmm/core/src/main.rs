@@ -8,7 +8,7 @@ use carrel_vmm::builder::build_vm;
 use carrel_vmm::config::VmConfig;
 use carrel_vmm::control::{
     AgentExec, AgentRequest, AgentResponse, ControlClient, ImageFormat, InputRequest, Request, Response,
-    ScreenshotRequest, Wait,
+    ScreenshotRequest, SnapshotRequest, Wait,
 };
 use carrel_vmm::input::{Action, Button};
 use carrel_vmm::vmm::{VmOutcome, Vmm};
@@ -20,10 +20,14 @@ const USAGE: &str = "usage:
                  [--audit DIR] [--name NAME] [--display WxH | --no-display]
                  [--gpu-backend VHOST.sock --gpu-screen SCREEN.sock]
   carrel-vmm run --config vm.toml [flags above override the file]
+  carrel-vmm run --restore SNAPSHOT_DIR [--eager] [--socket PATH] [--vsock PATH] [--cid N] [--name NAME]
+                 [--audit DIR] [--console-log PATH] [--no-console]
+  carrel-vmm snapshot --socket PATH --dir DIR     (the VM goes on)
+  carrel-vmm hibernate --socket PATH --dir DIR    (snapshot, then the VM process ends)
   carrel-vmm status --socket PATH [--json]
   carrel-vmm stop --socket PATH
   carrel-vmm pause --socket PATH | resume --socket PATH
-  carrel-vmm screenshot --socket PATH -o FILE [--format png|qoi|raw] [--scale WxH]
+  carrel-vmm screenshot (--socket PATH | --snapshot DIR) -o FILE [--format png|qoi|raw] [--scale WxH]
                  [--crop x,y,w,h] [--cursor] [--after FRAME | --still MS] [--timeout S]
   carrel-vmm agent --socket PATH ping | ls PATH | rm PATH | put LOCAL REMOTE | get REMOTE LOCAL
   carrel-vmm agent --socket PATH exec [--timeout S] [--cwd DIR] [--env K=V]... -- CMD ARGS...
@@ -39,7 +43,12 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
+        Some("run") if args.iter().any(|arg| arg == "--restore") => {
+            parse_restore(&args[1..]).map(|(dir, overrides)| restore(&dir, &overrides, started))
+        }
         Some("run") => parse_run(&args[1..]).map(|config| run(config, started)),
+        Some("snapshot") => parse_snapshot(&args[1..], false).map(|(socket, request)| snapshot(&socket, request)),
+        Some("hibernate") => parse_snapshot(&args[1..], true).map(|(socket, request)| snapshot(&socket, request)),
         Some("status") => parse_socket(&args[1..]).map(|(socket, json)| status(&socket, json)),
         Some("stop") => parse_socket(&args[1..]).map(|(socket, _)| stop(&socket)),
         Some("pause") => parse_socket(&args[1..]).map(|(socket, _)| simple(&socket, Request::Pause)),
@@ -49,7 +58,7 @@ fn main() -> ExitCode {
             parse_input(&args[1..]).map(|(socket, output, request)| input(&socket, output.as_deref(), request))
         }
         Some("screenshot") => {
-            parse_screenshot(&args[1..]).map(|(socket, output, request)| screenshot(&socket, &output, request))
+            parse_screenshot(&args[1..]).map(|(target, output, request)| screenshot(&target, &output, request))
         }
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
@@ -117,6 +126,68 @@ fn parse_run(args: &[String]) -> Result<VmConfig, Usage> {
     Ok(config)
 }
 
+/// What a restore may set anew: the VM's identity and where it talks, never its machine.
+#[derive(Debug, Default)]
+struct RestoreOverrides {
+    socket: Option<PathBuf>,
+    vsock: Option<PathBuf>,
+    cid: Option<u64>,
+    name: Option<String>,
+    audit: Option<PathBuf>,
+    console_log: Option<PathBuf>,
+    no_console: bool,
+}
+
+fn parse_restore(args: &[String]) -> Result<(PathBuf, RestoreOverrides), Usage> {
+    let mut dir = None;
+    let mut overrides = RestoreOverrides::default();
+    let mut index = 0;
+    while index < args.len() {
+        let flag = args[index].as_str();
+        match flag {
+            "--restore" => dir = Some(PathBuf::from(value(args, &mut index, flag)?)),
+            // Memory is read whole before the guest runs; lazy loading is not built yet.
+            "--eager" => {}
+            "--lazy" => {
+                return Err(Usage(
+                    "--lazy is not implemented yet: restores read memory.bin whole (--eager, the default)".into(),
+                ))
+            }
+            "--socket" => overrides.socket = Some(value(args, &mut index, flag)?.into()),
+            "--vsock" => overrides.vsock = Some(value(args, &mut index, flag)?.into()),
+            "--cid" => overrides.cid = Some(number(value(args, &mut index, flag)?, flag)?),
+            "--name" => overrides.name = Some(value(args, &mut index, flag)?.to_string()),
+            "--audit" => overrides.audit = Some(value(args, &mut index, flag)?.into()),
+            "--console-log" => overrides.console_log = Some(value(args, &mut index, flag)?.into()),
+            "--no-console" => overrides.no_console = true,
+            other => {
+                return Err(Usage(format!(
+                    "{other:?} cannot be given with --restore: the machine is the snapshot's (vm.json)"
+                )))
+            }
+        }
+        index += 1;
+    }
+    Ok((dir.ok_or_else(|| Usage("--restore needs a value".into()))?, overrides))
+}
+
+fn parse_snapshot(args: &[String], hibernate: bool) -> Result<(PathBuf, SnapshotRequest), Usage> {
+    let (mut socket, mut dir) = (None, None);
+    let mut index = 0;
+    while index < args.len() {
+        let flag = args[index].as_str();
+        match flag {
+            "--socket" => socket = Some(PathBuf::from(value(args, &mut index, flag)?)),
+            "--dir" => dir = Some(absolute(value(args, &mut index, flag)?)),
+            other => return Err(Usage(format!("unknown flag {other:?}"))),
+        }
+        index += 1;
+    }
+    let socket = socket.ok_or_else(|| Usage("--socket PATH is required".into()))?;
+    let dir = dir.ok_or_else(|| Usage("--dir DIR is required: the new snapshot's directory".into()))?;
+    Ok((socket, SnapshotRequest { dir, hibernate }))
+}
+
 fn parse_socket(args: &[String]) -> Result<(PathBuf, bool), Usage> {
     let mut socket = None;
     let mut json = false;
@@ -147,8 +218,14 @@ fn rectangle(text: &str, flag: &str) -> Result<[u32; 4], Usage> {
     parts.try_into().map_err(|_| Usage(format!("{flag} takes four numbers x,y,w,h, got {text:?}")))
 }
 
-fn parse_screenshot(args: &[String]) -> Result<(PathBuf, PathBuf, ScreenshotRequest), Usage> {
-    let (mut socket, mut output) = (None, None);
+/// Where a screenshot comes from: a running VM, or a hibernated VM's snapshot.
+enum ScreenTarget {
+    Socket(PathBuf),
+    Snapshot(PathBuf),
+}
+
+fn parse_screenshot(args: &[String]) -> Result<(ScreenTarget, PathBuf, ScreenshotRequest), Usage> {
+    let (mut socket, mut output, mut snapshot) = (None, None, None);
     let mut request = ScreenshotRequest {
         format: ImageFormat::Png,
         crop: None,
@@ -163,6 +240,7 @@ fn parse_screenshot(args: &[String]) -> Result<(PathBuf, PathBuf, ScreenshotRequ
         let flag = args[index].as_str();
         match flag {
             "--socket" => socket = Some(PathBuf::from(value(args, &mut index, flag)?)),
+            "--snapshot" => snapshot = Some(PathBuf::from(value(args, &mut index, flag)?)),
             "-o" | "--output" => output = Some(PathBuf::from(value(args, &mut index, flag)?)),
             "--format" => {
                 format_given = true;
@@ -196,7 +274,12 @@ fn parse_screenshot(args: &[String]) -> Result<(PathBuf, PathBuf, ScreenshotRequ
             _ => {}
         }
     }
-    Ok((socket.ok_or_else(|| Usage("--socket PATH is required".into()))?, output, request))
+    let target = match (socket, snapshot) {
+        (Some(socket), None) => ScreenTarget::Socket(socket),
+        (None, Some(dir)) => ScreenTarget::Snapshot(dir),
+        _ => return Err(Usage("give --socket PATH (a running VM) or --snapshot DIR (a hibernated one)".into())),
+    };
+    Ok((target, output, request))
 }
 
 fn parse_agent(args: &[String]) -> Result<(PathBuf, AgentRequest), Usage> {
@@ -422,9 +505,13 @@ fn agent(socket: &Path, request: AgentRequest) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn screenshot(socket: &Path, output: &Path, request: ScreenshotRequest) -> anyhow::Result<ExitCode> {
+fn screenshot(target: &ScreenTarget, output: &Path, request: ScreenshotRequest) -> anyhow::Result<ExitCode> {
     let timeout = Duration::from_millis(request.timeout_ms) + CALL_TIMEOUT;
-    match ControlClient::connect(socket)?.call(&Request::Screenshot(request), timeout)? {
+    let answer = match target {
+        ScreenTarget::Socket(socket) => ControlClient::connect(socket)?.call(&Request::Screenshot(request), timeout)?,
+        ScreenTarget::Snapshot(dir) => Response::Screenshot(carrel_vmm::snapshot::screen::screenshot(dir, &request)?),
+    };
+    match answer {
         Response::Screenshot(shot) => {
             std::fs::write(output, &shot.bytes)
                 .map_err(|err| anyhow::anyhow!("cannot write {}: {err}", output.display()))?;
@@ -446,6 +533,59 @@ fn screenshot(socket: &Path, output: &Path, request: ScreenshotRequest) -> anyho
     }
 }
 
+fn snapshot(socket: &Path, request: SnapshotRequest) -> anyhow::Result<ExitCode> {
+    let hibernate = request.hibernate;
+    // Writing guest memory takes about a second per GiB on a slow disk.
+    match ControlClient::connect(socket)?.call(&Request::Snapshot(request), Duration::from_secs(600))? {
+        Response::Snapshot(info) => {
+            println!(
+                "{}: {} MiB of memory, {} bytes on disk, paused {:.1} ms, state {}{}",
+                info.dir.display(),
+                info.memory_bytes >> 20,
+                info.disk_bytes,
+                info.paused_us as f64 / 1e3,
+                &info.digest[..16],
+                if hibernate { "; the VM has ended (wake it with run --restore)" } else { "" }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Response::Error(message) => anyhow::bail!("{message}"),
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    }
+}
+
+fn restore(dir: &Path, overrides: &RestoreOverrides, started: Instant) -> anyhow::Result<ExitCode> {
+    let snapshot = carrel_vmm::snapshot::load_snapshot(dir)?;
+    let mut config = snapshot.config.clone();
+    config.socket = overrides.socket.clone().or(config.socket);
+    config.vsock = overrides.vsock.clone().or(config.vsock);
+    config.guest_cid = overrides.cid.unwrap_or(config.guest_cid);
+    config.name = overrides.name.clone().unwrap_or(config.name);
+    config.audit = overrides.audit.clone().or(config.audit);
+    config.console_log = overrides.console_log.clone().or(config.console_log);
+    config.console_stdout &= !overrides.no_console;
+    let built = carrel_vmm::builder::restore_vm(&config, &snapshot, started)?;
+    eprintln!(
+        "carrel-vmm: restored {} ({} KVM, {} MiB, restore {}) in {:.1} ms",
+        dir.display(),
+        built.platform.name(),
+        config.mem_mib,
+        built.restores,
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    finish(Vmm::start(built, config)?.run()?)
+}
+
+fn finish(outcome: VmOutcome) -> anyhow::Result<ExitCode> {
+    Ok(match outcome {
+        VmOutcome::PoweredOff(0) | VmOutcome::Stopped => ExitCode::SUCCESS,
+        VmOutcome::PoweredOff(code) => {
+            eprintln!("carrel-vmm: guest powered off with code {code}");
+            ExitCode::from(code.clamp(1, 255) as u8)
+        }
+    })
+}
+
 fn run(config: VmConfig, started: Instant) -> anyhow::Result<ExitCode> {
     let built = build_vm(&config, started)?;
     eprintln!(
@@ -455,19 +595,12 @@ fn run(config: VmConfig, started: Instant) -> anyhow::Result<ExitCode> {
             carrel_vmm::platform::PlatformKind::Pvm => "paravirtual kvm_pvm",
             carrel_vmm::platform::PlatformKind::Hardware => "VMX/SVM",
         },
-        format!("{:?}", built.boot.protocol).to_lowercase(),
+        format!("{:?}", built.protocol).to_lowercase(),
         config.mem_mib,
         config.cpus,
         started.elapsed().as_secs_f64() * 1e3
     );
-    let outcome = Vmm::start(built, config)?.run()?;
-    Ok(match outcome {
-        VmOutcome::PoweredOff(0) | VmOutcome::Stopped => ExitCode::SUCCESS,
-        VmOutcome::PoweredOff(code) => {
-            eprintln!("carrel-vmm: guest powered off with code {code}");
-            ExitCode::from(code.clamp(1, 255) as u8)
-        }
-    })
+    finish(Vmm::start(built, config)?.run()?)
 }
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);

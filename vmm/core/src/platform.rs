@@ -28,6 +28,15 @@ pub enum PlatformError {
     VifRefused { vif_addr: u64 },
 }
 
+/// MSRs of this platform that KVM_GET_MSR_INDEX_LIST leaves out but a snapshot must keep:
+/// on PVM the VIF page address (shared/PLATFORM.md).
+pub fn unlisted_msrs(kind: PlatformKind) -> &'static [u32] {
+    match kind {
+        PlatformKind::Pvm => &[MSR_PVM_VIF],
+        PlatformKind::Hardware => &[],
+    }
+}
+
 /// Which KVM this is: asks a fresh vCPU for the PVM signature MSR, and falls back to
 /// `/sys/module/kvm_pvm` when the MSR read itself fails.
 pub fn detect(vcpu: &VcpuFd) -> PlatformKind {

@@ -2,6 +2,7 @@
 //! notifications, console input, control requests, signals and the guest's power off.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,7 +14,9 @@ use carrel_audit::AuditLog;
 
 use crate::builder::BuiltVm;
 use crate::config::VmConfig;
-use crate::control::{ControlServer, PendingRequest, Request, RequestQueue, Response, VmStatus};
+use crate::control::{ControlServer, PendingRequest, Request, RequestQueue, Response, SnapshotRequest, VmStatus};
+use crate::snapshot::memory::MemoryImage;
+use crate::snapshot::{write_snapshot, SnapshotInfo, SnapshotState};
 use crate::devices::bus::lock;
 use crate::recorder::{Record, Recorder};
 use crate::services::agent::AgentService;
@@ -145,13 +148,25 @@ impl Vmm {
             None => None,
         };
         let recorder = Recorder::new(audit);
-        let start = Record {
-            action: "vm.start",
-            params: vec![
-                ("kernel", config.kernel.as_ref().map(|p| p.display().to_string()).unwrap_or_default()),
-                ("platform", built.platform.name().to_string()),
-            ],
-            ..Default::default()
+        let start = match &built.restored_from {
+            None => Record {
+                action: "vm.start",
+                params: vec![
+                    ("kernel", config.kernel.as_ref().map(|p| p.display().to_string()).unwrap_or_default()),
+                    ("platform", built.platform.name().to_string()),
+                ],
+                ..Default::default()
+            },
+            Some((dir, digest)) => Record {
+                action: "vm.restore",
+                params: vec![
+                    ("snapshot", dir.display().to_string()),
+                    ("state_digest", digest.clone()),
+                    ("restores", built.restores.to_string()),
+                    ("platform", built.platform.name().to_string()),
+                ],
+                ..Default::default()
+            },
         };
         recorder.record(None, start).map_err(RunError::RecordStart)?;
 
@@ -318,7 +333,8 @@ impl Vmm {
             Response::Error(message) => Some(message.clone()),
             _ => None,
         };
-        match self.recorder.record(pending.peer, Record { action, error, ..Default::default() }) {
+        let params = response_params(&response);
+        match self.recorder.record(pending.peer, Record { action, params, error, ..Default::default() }) {
             Ok(()) => (response, stop),
             Err(err) => (Response::Error(format!("the audit log failed, request not served: {err}")), false),
         }
@@ -336,6 +352,10 @@ impl Vmm {
             Request::Resume => match self.set_paused(false) {
                 Ok(()) => (Response::Resumed, false),
                 Err(err) => (Response::Error(err.to_string()), false),
+            },
+            Request::Snapshot(request) => match self.snapshot(&request.dir) {
+                Ok(info) => (Response::Snapshot(info), request.hibernate),
+                Err(message) => (Response::Error(message), false),
             },
             // Served on the connection thread by the screen service.
             Request::Screenshot(_) | Request::Agent(_) | Request::Input(_) => {
@@ -370,11 +390,88 @@ impl Vmm {
         Ok(())
     }
 
+    /// Pauses the VM (if it runs), saves every vCPU, the VM and every device, writes the
+    /// snapshot, and lets the VM go on as it was. Devices are served on this thread, so
+    /// none touches guest memory while the snapshot is taken.
+    fn snapshot(&mut self, dir: &Path) -> Result<SnapshotInfo, String> {
+        let paused_at = Instant::now();
+        let was_paused = self.paused;
+        self.set_paused(true).map_err(|err| format!("cannot pause the VM for a snapshot: {err}"))?;
+        let result = self
+            .capture_state()
+            .and_then(|state| {
+                write_snapshot(dir, &self.config, self.built.platform, &self.built.ram, state, paused_at)
+                    .map_err(|err| err.to_string())
+            })
+            .map_err(|err| format!("snapshot not taken: {err}"));
+        if !was_paused {
+            if let Err(err) = self.set_paused(false) {
+                return Err(format!("{}; and the VM did not resume: {err}", result.err().unwrap_or_default()));
+            }
+        }
+        if let Ok(info) = &result {
+            eprintln!(
+                "carrel-vmm: snapshot {}: {} MiB of memory in {:.1} ms ({:.1} ms paused)",
+                info.dir.display(),
+                info.memory_bytes >> 20,
+                info.memory_write_us as f64 / 1e3,
+                info.paused_us as f64 / 1e3
+            );
+        }
+        result
+    }
+
+    /// The state of the paused VM, memory aside.
+    fn capture_state(&mut self) -> Result<SnapshotState, String> {
+        // A notification the guest sent just before the pause is served first, so the
+        // saved queues hold no kick that a restored device would never hear.
+        for attached in &self.built.virtio {
+            for (queue, event) in attached.queue_events.iter().enumerate() {
+                if event.read().is_ok() {
+                    lock(&attached.transport).notify_queue(queue);
+                }
+            }
+        }
+        for handle in &self.handles {
+            handle.send(VcpuMessage::SaveState);
+        }
+        let mut vcpus = Vec::with_capacity(self.handles.len());
+        let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
+        while vcpus.len() < self.handles.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.vcpu_events.recv_timeout(left) {
+                Ok(VcpuEvent::Saved(_, Ok(state))) => vcpus.push(*state),
+                Ok(VcpuEvent::Saved(id, Err(err))) => return Err(format!("vCPU {id}: {err}")),
+                Ok(VcpuEvent::Stopped(id, stop)) => return Err(format!("vCPU {id} stopped: {stop}")),
+                Ok(_) => {}
+                Err(_) => return Err("the vCPUs did not answer a save request in time".into()),
+            }
+        }
+        vcpus.sort_by_key(|vcpu| vcpu.id);
+        let vm = self.built.vm.save_state().map_err(|err| err.to_string())?;
+        let virtio = self
+            .built
+            .virtio
+            .iter()
+            .map(|attached| lock(&attached.transport).save())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| err.to_string())?;
+        Ok(SnapshotState {
+            protocol: self.built.protocol,
+            restores: self.built.restores,
+            vm,
+            vcpus,
+            serial: lock(&self.built.serial).save(),
+            virtio,
+            memory: MemoryImage { size: self.built.ram.size, chunks: Vec::new() },
+        })
+    }
+
     fn status(&self) -> VmStatus {
         VmStatus {
             platform: self.built.platform.name().to_string(),
             state: if self.paused { "paused" } else { "running" }.to_string(),
-            boot_protocol: format!("{:?}", self.built.boot.protocol).to_lowercase(),
+            boot_protocol: format!("{:?}", self.built.protocol).to_lowercase(),
             kernel: self.config.kernel.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
             vcpus: self.handles.len() as u8,
             mem_mib: self.config.mem_mib,
@@ -395,5 +492,20 @@ fn request_action(request: &Request) -> &'static str {
         Request::Screenshot(_) => "screenshot",
         Request::Agent(_) => "agent",
         Request::Input(_) => "input",
+        Request::Snapshot(SnapshotRequest { hibernate: false, .. }) => "snapshot",
+        Request::Snapshot(SnapshotRequest { hibernate: true, .. }) => "hibernate",
+    }
+}
+
+/// What the audit log keeps of a request's answer beyond its action.
+fn response_params(response: &Response) -> Vec<(&'static str, String)> {
+    match response {
+        Response::Snapshot(info) => vec![
+            ("dir", info.dir.display().to_string()),
+            ("state_digest", info.digest.clone()),
+            ("memory_bytes", info.memory_bytes.to_string()),
+            ("paused_us", info.paused_us.to_string()),
+        ],
+        _ => Vec::new(),
     }
 }

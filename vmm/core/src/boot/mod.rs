@@ -25,7 +25,7 @@ use crate::vstate::regs::{EntryState, LintSetup};
 use image::ImageKind;
 
 /// Which boot protocol to use; `Auto` decides from the image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BootProtocol {
     /// Desk note -> Desk; PVH note -> PVH; other ELF or bzImage -> Linux.

@@ -13,7 +13,7 @@
 //!
 //! A message reaches a vCPU inside KVM_RUN by a signal that sets `immediate_exit`, so the
 //! run returns at once instead of at the next exit. Register state is only read while the
-//! vCPU is not running (a SaveState message arrives with the snapshot issue).
+//! vCPU is paused: a SaveState message to a running vCPU is refused, not raced.
 
 use std::cell::Cell;
 use std::fmt::Write as _;
@@ -26,6 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::bus::Bus;
+use crate::vstate::persist::{self, VcpuState};
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
 fn kick_signal() -> i32 {
@@ -71,6 +72,8 @@ pub enum VcpuError {
 pub enum VcpuMessage {
     Pause,
     Resume,
+    /// Save the registers (answered with [`VcpuEvent::Saved`]); only while paused.
+    SaveState,
     Exit,
 }
 
@@ -95,11 +98,13 @@ impl std::fmt::Display for VcpuStop {
 }
 
 /// What a vCPU thread reports to the VMM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuEvent {
     Paused(u8),
     Resumed(u8),
     Stopped(u8, VcpuStop),
+    /// The answer to SaveState: the state, or why it could not be saved.
+    Saved(u8, Result<Box<VcpuState>, String>),
 }
 
 /// Where vCPU threads send [`VcpuEvent`]s: a channel plus an eventfd the event loop polls.
@@ -129,12 +134,28 @@ pub struct Vcpu {
     pub fd: VcpuFd,
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
+    /// The MSRs a SaveState reads.
+    msr_indices: Arc<[u32]>,
 }
 
 impl Vcpu {
-    pub fn new(vm: &kvm_ioctls::VmFd, id: u8, io_bus: Arc<Bus>, mmio_bus: Arc<Bus>) -> Result<Vcpu, VcpuError> {
+    pub fn new(
+        vm: &kvm_ioctls::VmFd,
+        id: u8,
+        io_bus: Arc<Bus>,
+        mmio_bus: Arc<Bus>,
+        msr_indices: Arc<[u32]>,
+    ) -> Result<Vcpu, VcpuError> {
         let fd = vm.create_vcpu(u64::from(id)).map_err(|source| VcpuError::CreateVcpu { id, source })?;
-        Ok(Vcpu { id, fd, io_bus, mmio_bus })
+        Ok(Vcpu { id, fd, io_bus, mmio_bus, msr_indices })
+    }
+
+    pub fn set_msr_indices(&mut self, msr_indices: Arc<[u32]>) {
+        self.msr_indices = msr_indices;
+    }
+
+    fn save_state(&self) -> Result<Box<VcpuState>, String> {
+        persist::save_vcpu(&self.fd, self.id, &self.msr_indices).map(Box::new).map_err(|err| err.to_string())
     }
 
     pub fn set_cpuid(&self, cpuid: &kvm_bindings::CpuId) -> Result<(), VcpuError> {
@@ -163,6 +184,10 @@ impl Vcpu {
                         events.send(VcpuEvent::Paused(self.id));
                         VcpuRunState::Paused
                     }
+                    Ok(VcpuMessage::SaveState) => {
+                        events.send(VcpuEvent::Saved(self.id, Err("the vCPU is running: pause it first".into())));
+                        VcpuRunState::Running
+                    }
                     Ok(VcpuMessage::Resume) | Err(mpsc::TryRecvError::Empty) => match self.run_once() {
                         Ok(()) => VcpuRunState::Running,
                         Err(stop) => {
@@ -177,10 +202,18 @@ impl Vcpu {
                         VcpuRunState::Running
                     }
                     Ok(VcpuMessage::Pause) => VcpuRunState::Paused,
+                    Ok(VcpuMessage::SaveState) => {
+                        events.send(VcpuEvent::Saved(self.id, self.save_state()));
+                        VcpuRunState::Paused
+                    }
                     Ok(VcpuMessage::Exit) | Err(_) => break,
                 },
                 VcpuRunState::Stopped => match messages.recv() {
                     Ok(VcpuMessage::Exit) | Err(_) => break,
+                    Ok(VcpuMessage::SaveState) => {
+                        events.send(VcpuEvent::Saved(self.id, Err("the vCPU has stopped".into())));
+                        VcpuRunState::Stopped
+                    }
                     Ok(_) => VcpuRunState::Stopped,
                 },
             };

@@ -5,6 +5,11 @@ use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::persist::{self, PersistError, VmState};
+use crate::platform::PlatformKind;
+
 /// Errors setting up the VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -37,6 +42,8 @@ const TSS_ADDRESS: usize = 0xfffb_d000;
 pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
+    /// Whether the i8254 PIT was created (its state is then part of a snapshot).
+    has_pit: AtomicBool,
 }
 
 impl Vm {
@@ -46,13 +53,38 @@ impl Vm {
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         fd.set_tss_address(TSS_ADDRESS).map_err(VmError::SetTssAddress)?;
         fd.create_irq_chip().map_err(VmError::CreateIrqchip)?;
-        Ok(Vm { kvm, fd })
+        Ok(Vm { kvm, fd, has_pit: AtomicBool::new(false) })
     }
 
     /// Adds the i8254 PIT, which stock kernels calibrate against.
     pub fn create_pit(&self) -> Result<(), VmError> {
         let config = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        self.fd.create_pit2(config).map_err(VmError::CreatePit)
+        self.fd.create_pit2(config).map_err(VmError::CreatePit)?;
+        self.has_pit.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn has_pit(&self) -> bool {
+        self.has_pit.load(Ordering::Relaxed)
+    }
+
+    /// The MSRs a snapshot saves of each vCPU: KVM's list plus the platform's own.
+    pub fn saved_msr_indices(&self, platform: PlatformKind) -> Result<Vec<u32>, PersistError> {
+        persist::saved_msr_indices(&self.kvm, crate::platform::unlisted_msrs(platform))
+    }
+
+    /// The VM-wide state (irqchip, PIT, clock); only while every vCPU is paused.
+    pub fn save_state(&self) -> Result<VmState, PersistError> {
+        persist::save_vm(&self.fd, self.has_pit())
+    }
+
+    /// Puts saved VM-wide state into this fresh VM, creating the PIT if it had one.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), crate::builder::BuildError> {
+        if state.pit.is_some() && !self.has_pit() {
+            self.create_pit()?;
+        }
+        persist::restore_vm(&self.fd, state)?;
+        Ok(())
     }
 
     /// Gives every region of `memory` to KVM, one slot each.

@@ -4,4 +4,4 @@ pub mod power;
 pub mod serial;
 
 pub use power::{PowerDevice, VmExitSignal};
-pub use serial::{ConsoleOutput, SerialDevice};
+pub use serial::{ConsoleOutput, SerialDevice, SerialSaved};

@@ -70,11 +70,62 @@ impl Trigger for IrqTrigger {
 #[derive(Debug)]
 pub struct SerialDevice {
     uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleOutput>,
+    /// The interrupt and console again, for rebuilding the UART from saved state.
+    interrupt: EventFd,
+    output: ConsoleOutput,
+}
+
+/// The UART's registers and receive FIFO as saved (vm-superio's `SerialState`, as serde).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSaved {
+    pub registers: [u8; 9],
+    pub in_buffer: Vec<u8>,
 }
 
 impl SerialDevice {
-    pub fn new(interrupt: EventFd, output: ConsoleOutput) -> SerialDevice {
-        SerialDevice { uart: Serial::new(IrqTrigger(interrupt), output) }
+    pub fn new(interrupt: EventFd, output: ConsoleOutput) -> io::Result<SerialDevice> {
+        let trigger = IrqTrigger(interrupt.try_clone()?);
+        Ok(SerialDevice { uart: Serial::new(trigger, output.clone()), interrupt, output })
+    }
+
+    pub fn save(&self) -> SerialSaved {
+        let s = self.uart.state();
+        SerialSaved {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Loads saved UART state; vm-superio checks the FIFO fits.
+    pub fn restore(&mut self, saved: &SerialSaved) -> Result<(), String> {
+        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+            saved.registers;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let trigger = IrqTrigger(self.interrupt.try_clone().map_err(|err| err.to_string())?);
+        self.uart = Serial::from_state(&state, trigger, vm_superio::serial::NoEvents, self.output.clone())
+            .map_err(|err| format!("saved serial port state is invalid: {err:?}"))?;
+        Ok(())
     }
 
     /// Queues bytes typed on the host for the guest to read; returns how many fit.
@@ -112,7 +163,7 @@ mod tests {
         let log = File::create(&log_path).unwrap();
         let output = ConsoleOutput::new(false, Some(log));
         let interrupt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut serial = SerialDevice::new(interrupt, output);
+        let mut serial = SerialDevice::new(interrupt, output).unwrap();
         for byte in b"hi\n" {
             serial.write(0, &[*byte]);
         }
@@ -121,9 +172,30 @@ mod tests {
     }
 
     #[test]
+    fn serial_state_round_trips_into_a_fresh_device() {
+        let mut serial = SerialDevice::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), ConsoleOutput::new(false, None)).unwrap();
+        serial.write(3, &[0x83]); // line control: DLAB on, 8 bits
+        serial.write(7, &[0x5a]); // scratch
+        serial.enqueue_input(b"ab");
+        let saved = serial.save();
+        let bytes = postcard::to_allocvec(&saved).unwrap();
+        let mut fresh = SerialDevice::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), ConsoleOutput::new(false, None)).unwrap();
+        fresh.restore(&postcard::from_bytes(&bytes).unwrap()).unwrap();
+        assert_eq!(fresh.save(), saved);
+    }
+
+    #[test]
+    fn serial_restore_refuses_an_overfull_fifo() {
+        let mut serial = SerialDevice::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), ConsoleOutput::new(false, None)).unwrap();
+        let mut saved = serial.save();
+        saved.in_buffer = vec![0; 1 << 16];
+        assert!(serial.restore(&saved).is_err());
+    }
+
+    #[test]
     fn serial_input_is_readable_from_rbr() {
         let output = ConsoleOutput::new(false, None);
-        let mut serial = SerialDevice::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), output);
+        let mut serial = SerialDevice::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), output).unwrap();
         assert_eq!(serial.enqueue_input(b"x"), 1);
         let mut data = [0u8];
         serial.read(0, &mut data);

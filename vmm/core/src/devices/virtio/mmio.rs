@@ -59,16 +59,17 @@ pub mod status {
 /// One virtio device on the MMIO bus.
 #[derive(Debug)]
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
-    memory: GuestMemoryMmap,
-    interrupt: Arc<VirtioInterrupt>,
-    queues: Vec<Queue>,
-    queue_select: u32,
-    device_features_select: u32,
-    driver_features_select: u32,
-    driver_features: u64,
-    status: u32,
-    config_generation: u32,
+    // The fields are the transport's register file; `persist` saves and restores them.
+    pub(super) device: Box<dyn VirtioDevice>,
+    pub(super) memory: GuestMemoryMmap,
+    pub(super) interrupt: Arc<VirtioInterrupt>,
+    pub(super) queues: Vec<Queue>,
+    pub(super) queue_select: u32,
+    pub(super) device_features_select: u32,
+    pub(super) driver_features_select: u32,
+    pub(super) driver_features: u64,
+    pub(super) status: u32,
+    pub(super) config_generation: u32,
 }
 
 impl MmioTransport {
@@ -361,6 +362,15 @@ mod tests {
         }
         fn process_queue(&mut self, index: usize) {
             self.processed.lock().unwrap().push(index);
+        }
+        fn active_queues(&self) -> Option<&[Queue]> {
+            self.state.queues()
+        }
+        fn save(&self) -> Result<crate::devices::virtio::persist::VirtioDeviceState, crate::devices::virtio::persist::VirtioPersistError> {
+            Ok(crate::devices::virtio::persist::VirtioDeviceState::Rng)
+        }
+        fn restore(&mut self, _state: &crate::devices::virtio::persist::VirtioDeviceState) -> Result<(), crate::devices::virtio::persist::VirtioPersistError> {
+            Ok(())
         }
     }
 

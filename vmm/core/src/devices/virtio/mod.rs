@@ -8,6 +8,7 @@
 pub mod gpu;
 pub mod input;
 pub mod mmio;
+pub mod persist;
 pub mod rng;
 pub mod vhost_user_gpu;
 pub mod vsock;
@@ -110,6 +111,27 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     }
     /// Handles whatever made [`VirtioDevice::event_fd`] readable.
     fn process_events(&mut self) {}
+    /// The queues the active device works on (their ring positions go into a snapshot);
+    /// `None` while inactive.
+    fn active_queues(&self) -> Option<&[Queue]>;
+    /// The device's own state for a snapshot, as plain data.
+    fn save(&self) -> Result<persist::VirtioDeviceState, persist::VirtioPersistError>;
+    /// Loads saved state into this freshly built device, before the transport activates
+    /// it again; the state is untrusted and checked.
+    fn restore(&mut self, state: &persist::VirtioDeviceState) -> Result<(), persist::VirtioPersistError>;
+    /// Called once a restored device runs again: the place to tell the guest what did not
+    /// survive the snapshot (vsock connections, for one).
+    fn restored(&mut self) {}
+}
+
+impl DeviceState {
+    /// The active queues, for [`VirtioDevice::active_queues`].
+    pub fn queues(&self) -> Option<&[Queue]> {
+        match self {
+            DeviceState::Inactive => None,
+            DeviceState::Active(active) => Some(&active.queues),
+        }
+    }
 }
 
 /// Copies the bytes of `config` at `offset` into `data`, zero past the end.

@@ -336,6 +336,24 @@ impl VirtioDevice for VhostUserGpu {
             }
         }
     }
+
+    fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
+        None
+    }
+
+    fn save(&self) -> Result<super::persist::VirtioDeviceState, super::persist::VirtioPersistError> {
+        Err(super::persist::VirtioPersistError::Save {
+            device: "gpu",
+            reason: "snapshots of a VM whose screen runs in a vhost-user backend are not implemented yet".into(),
+        })
+    }
+
+    fn restore(&mut self, _state: &super::persist::VirtioDeviceState) -> Result<(), super::persist::VirtioPersistError> {
+        Err(super::persist::VirtioPersistError::Save {
+            device: "gpu",
+            reason: "restoring into a vhost-user GPU backend is not implemented yet".into(),
+        })
+    }
 }
 
 #[cfg(test)]

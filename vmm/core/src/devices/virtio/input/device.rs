@@ -18,6 +18,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::config::{InputConfig, InputKind};
 use super::handler::{process_event_queue, process_status_queue};
+use super::persist::InputState;
+use crate::devices::virtio::persist::{VirtioDeviceState, VirtioPersistError};
 use crate::devices::virtio::{ActivateError, ActiveState, DeviceState, VirtioDevice, INTERRUPT_USED_RING};
 use crate::input::{InputError, InputEvent, EV_LED};
 
@@ -270,6 +272,21 @@ impl VirtioDevice for InputDevice {
         // Nonblocking: a read that finds the counter at zero just means nothing new.
         let _ = self.sink.wake.read();
         self.deliver();
+    }
+
+    fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
+        self.state.queues()
+    }
+
+    fn save(&self) -> Result<VirtioDeviceState, VirtioPersistError> {
+        Ok(VirtioDeviceState::Input(InputState::of(self.kind(), &self.config)))
+    }
+
+    fn restore(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioPersistError> {
+        let VirtioDeviceState::Input(saved) = state else {
+            return Err(VirtioPersistError::WrongDevice { saved: state.kind().into(), built: "input" });
+        };
+        saved.load_into(&mut self.config)
     }
 }
 

@@ -10,6 +10,7 @@
 mod config;
 mod device;
 mod handler;
+mod persist;
 
 pub use config::{
     answer as config_answer, InputConfig, InputKind, CONFIG_SIZE, UNION_OFFSET, VENDOR_CARREL,
@@ -17,4 +18,5 @@ pub use config::{
     VIRTIO_INPUT_CFG_ID_SERIAL, VIRTIO_INPUT_CFG_PROP_BITS, VIRTIO_INPUT_CFG_UNSET,
 };
 pub use device::{InputDevice, InputDeviceError, InputMetrics, InputSink, SINK_CAPACITY};
+pub use persist::InputState;
 pub use handler::{process_event_queue, process_status_queue, EventQueueOutcome, StatusQueueOutcome};

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use carrel_firmware::virtio_id;
 
 use super::handler::{process_request_queue, RequestOutcome};
+use crate::devices::virtio::persist::{VirtioDeviceState, VirtioPersistError};
 use crate::devices::virtio::{ActivateError, ActiveState, DeviceState, VirtioDevice, INTERRUPT_USED_RING};
 
 const QUEUE_SIZES: &[u16] = &[256];
@@ -101,6 +102,22 @@ impl VirtioDevice for Rng {
         self.metrics.bytes_served.fetch_add(bytes, Ordering::Relaxed);
         if needs_interrupt {
             active.interrupt.signal(INTERRUPT_USED_RING);
+        }
+    }
+
+    fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
+        self.state.queues()
+    }
+
+    /// The entropy device keeps nothing beyond its queues (the metrics start again).
+    fn save(&self) -> Result<VirtioDeviceState, VirtioPersistError> {
+        Ok(VirtioDeviceState::Rng)
+    }
+
+    fn restore(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioPersistError> {
+        match state {
+            VirtioDeviceState::Rng => Ok(()),
+            other => Err(VirtioPersistError::WrongDevice { saved: other.kind().into(), built: "rng" }),
         }
     }
 }

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use carrel_firmware::virtio_id;
 
-use super::handler::{process_rx_queue, process_tx_queue};
+use super::handler::{post_transport_reset, process_rx_queue, process_tx_queue};
+use super::persist::VsockState;
+use crate::devices::virtio::persist::{VirtioDeviceState, VirtioPersistError};
 use super::muxer::Muxer;
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, ActiveState, DeviceState, VirtioDevice, INTERRUPT_USED_RING,
@@ -15,6 +17,7 @@ use crate::devices::virtio::{
 const QUEUE_SIZES: &[u16] = &[256, 256, 16];
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
+const EVENT_QUEUE: usize = 2;
 
 /// Where the device lives.
 #[derive(Debug, Clone)]
@@ -41,6 +44,8 @@ pub struct Vsock {
     config: VsockConfig,
     muxer: Muxer,
     state: DeviceState,
+    /// A transport reset the guest has not been told of yet (no event buffer was posted).
+    reset_pending: bool,
 }
 
 impl Vsock {
@@ -50,7 +55,7 @@ impl Vsock {
         }
         let muxer = Muxer::new(config.guest_cid, &config.socket)
             .map_err(|source| VsockError::Listen { path: config.socket.display().to_string(), source })?;
-        Ok(Vsock { config, muxer, state: DeviceState::Inactive })
+        Ok(Vsock { config, muxer, state: DeviceState::Inactive, reset_pending: false })
     }
 
     pub fn metrics(&self) -> std::sync::Arc<super::VsockMetrics> {
@@ -63,6 +68,21 @@ impl Vsock {
         let Some(queue) = active.queues.get_mut(RX_QUEUE) else { return };
         if process_rx_queue(queue, &active.memory, &mut self.muxer) {
             active.interrupt.signal(INTERRUPT_USED_RING);
+        }
+    }
+
+    /// Tells the guest its connections are gone, once it has an event buffer for it.
+    fn post_pending_reset(&mut self) {
+        let DeviceState::Active(active) = &mut self.state else { return };
+        if !self.reset_pending {
+            return;
+        }
+        let Some(queue) = active.queues.get_mut(EVENT_QUEUE) else { return };
+        if let Some(needs_interrupt) = post_transport_reset(queue, &active.memory) {
+            self.reset_pending = false;
+            if needs_interrupt {
+                active.interrupt.signal(INTERRUPT_USED_RING);
+            }
         }
     }
 }
@@ -97,9 +117,13 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.state = DeviceState::Inactive;
+        self.reset_pending = false;
     }
 
     fn process_queue(&mut self, index: usize) {
+        if index == EVENT_QUEUE {
+            return self.post_pending_reset();
+        }
         if index == TX_QUEUE {
             let DeviceState::Active(active) = &mut self.state else { return };
             let Some(queue) = active.queues.get_mut(TX_QUEUE) else { return };
@@ -119,5 +143,27 @@ impl VirtioDevice for Vsock {
         if self.muxer.process_host_events() {
             self.fill_rx();
         }
+    }
+
+    fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
+        self.state.queues()
+    }
+
+    fn save(&self) -> Result<VirtioDeviceState, VirtioPersistError> {
+        Ok(VirtioDeviceState::Vsock(VsockState { guest_cid: self.config.guest_cid }))
+    }
+
+    /// Connections do not survive a snapshot (their host ends are sockets of the old
+    /// process); the guest CID may differ too: each restored VM has its own identity.
+    fn restore(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioPersistError> {
+        match state {
+            VirtioDeviceState::Vsock(_) => Ok(()),
+            other => Err(VirtioPersistError::WrongDevice { saved: other.kind().into(), built: "vsock" }),
+        }
+    }
+
+    fn restored(&mut self) {
+        self.reset_pending = true;
+        self.post_pending_reset();
     }
 }

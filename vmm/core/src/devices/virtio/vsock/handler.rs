@@ -93,6 +93,26 @@ pub fn process_rx_queue(queue: &mut Queue, memory: &GuestMemoryMmap, muxer: &mut
     used_any && queue.needs_notification(memory).unwrap_or(true)
 }
 
+/// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: the guest must drop every connection and read its
+/// CID again (virtio 1.2, 5.10.6.6).
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
+
+/// Puts a transport reset event in the driver's first event buffer. Returns `None` when
+/// the driver has posted no buffer yet (try again when it does), else whether the used
+/// ring needs an interrupt; a buffer too small or read-only is completed empty.
+pub fn post_transport_reset(queue: &mut Queue, memory: &GuestMemoryMmap) -> Option<bool> {
+    let chain = queue.pop_descriptor_chain(memory)?;
+    let head = chain.head_index();
+    let written = match chain.writer(memory) {
+        Ok(mut writer) if writer.available_bytes() >= 4 => {
+            writer.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes()).map_or(0, |()| 4)
+        }
+        _ => 0,
+    };
+    queue.add_used(memory, head, written).ok()?;
+    Some(queue.needs_notification(memory).unwrap_or(true))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,8 +15,10 @@ mod device;
 mod handler;
 pub mod muxer;
 mod packet;
+mod persist;
 
 pub use device::{Vsock, VsockConfig, VsockError};
+pub use persist::VsockState;
 pub use muxer::VsockMetrics;
 pub use packet::{op, PacketHeader, HEADER_SIZE};
 

@@ -1,13 +1,14 @@
-//! The screen: carrel-gpu's virtio-gpu 2D device model behind Carrel's virtio transport.
-//! The device model (commands, zero-copy scanout view, frame clock, encoders) lives in the
-//! `carrel-gpu` crate so it can also run out of process; this adapter only hands it its
-//! queues and raises its interrupt.
+//! The virtio-gpu adapter: hands carrel-gpu its queues and raises its interrupt.
 
 use std::sync::Arc;
 
 use carrel_firmware::virtio_id;
 use carrel_gpu::{Gpu, Screen};
 
+use virtio_queue::Queue;
+
+use super::persist::GpuDeviceState;
+use crate::devices::virtio::persist::{VirtioDeviceState, VirtioPersistError};
 use crate::devices::virtio::{ActivateError, ActiveState, DeviceState, VirtioDevice, INTERRUPT_USED_RING};
 
 const CONTROL_QUEUE: usize = 0;
@@ -77,5 +78,31 @@ impl VirtioDevice for GpuDevice {
         if notify {
             active.interrupt.signal(INTERRUPT_USED_RING);
         }
+    }
+
+    fn active_queues(&self) -> Option<&[Queue]> {
+        self.state.queues()
+    }
+
+    fn save(&self) -> Result<VirtioDeviceState, VirtioPersistError> {
+        let config = self.gpu.config();
+        Ok(VirtioDeviceState::Gpu(GpuDeviceState { width: config.width, height: config.height, gpu: self.gpu.save() }))
+    }
+
+    fn restore(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioPersistError> {
+        let VirtioDeviceState::Gpu(saved) = state else {
+            return Err(VirtioPersistError::WrongDevice { saved: state.kind().into(), built: "gpu" });
+        };
+        let config = self.gpu.config();
+        if (saved.width, saved.height) != (config.width, config.height) {
+            return Err(VirtioPersistError::BadState {
+                device: "gpu",
+                reason: format!(
+                    "saved display {}x{}, this VM's is {}x{}",
+                    saved.width, saved.height, config.width, config.height
+                ),
+            });
+        }
+        self.gpu.load(&saved.gpu).map_err(|err| VirtioPersistError::BadState { device: "gpu", reason: err.to_string() })
     }
 }

@@ -1,0 +1,389 @@
+//! `memory.bin`: guest RAM as a sparse file laid out like the RAM memfd (file offset =
+//! memfd offset), written and read with io_uring.
+//!
+//! Only the memfd's data extents are written (pages the guest never touched are holes in
+//! the memfd and stay holes in the file), cut into chunks; a chunk that is all zeros is
+//! left a hole too. Every written chunk's blake3 goes into `state.bin`, so a restore
+//! checks each byte it loads. Chunks are written from the guest mapping itself (no copy),
+//! several in flight, with O_DIRECT where the filesystem allows.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use io_uring::{opcode, types, IoUring};
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::memory::GuestRam;
+
+/// Bytes per chunk: the unit of I/O, of the digest and of hole detection.
+pub const CHUNK_BYTES: u64 = 256 << 10;
+/// Chunks in flight at once.
+const QUEUE_DEPTH: u32 = 16;
+
+/// Errors writing or reading the memory file.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryFileError {
+    #[error("cannot create {path}: {source}")]
+    Create { path: String, source: io::Error },
+    #[error("cannot open {path}: {source}")]
+    Open { path: String, source: io::Error },
+    #[error("cannot find the guest RAM's data extents: {0}")]
+    Extents(#[source] io::Error),
+    #[error("io_uring set-up failed: {0}")]
+    Ring(#[source] io::Error),
+    #[error("writing {path} failed at offset {offset:#x}: {source}")]
+    Write { path: String, offset: u64, source: io::Error },
+    #[error("reading {path} failed at offset {offset:#x}: {source}")]
+    Read { path: String, offset: u64, source: io::Error },
+    #[error("{path} is {found} bytes, the VM's RAM is {expected}: the memory file is truncated or not this VM's")]
+    WrongSize { path: String, found: u64, expected: u64 },
+    #[error("{path} is corrupt: the chunk at offset {offset:#x} does not match its digest")]
+    Corrupt { path: String, offset: u64 },
+    #[error("the saved memory map is invalid: chunk at {offset:#x} of {len} bytes lies outside {size} bytes of RAM")]
+    BadChunk { offset: u64, len: u64, size: u64 },
+}
+
+/// One written chunk of guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    pub offset: u64,
+    pub len: u64,
+    pub digest: [u8; 32],
+}
+
+/// What `memory.bin` holds: its size and the chunks with data (the rest is zeros).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryImage {
+    pub size: u64,
+    pub chunks: Vec<Chunk>,
+}
+
+impl MemoryImage {
+    pub fn data_bytes(&self) -> u64 {
+        self.chunks.iter().map(|chunk| chunk.len).sum()
+    }
+
+    /// Checks the chunk list fits the RAM and is in order without overlaps.
+    pub fn validate(&self, ram_size: u64) -> Result<(), MemoryFileError> {
+        let mut end = 0;
+        for chunk in &self.chunks {
+            let bad = || MemoryFileError::BadChunk { offset: chunk.offset, len: chunk.len, size: ram_size };
+            let chunk_end = chunk.offset.checked_add(chunk.len).ok_or_else(bad)?;
+            if chunk.offset < end || chunk_end > ram_size || chunk.len == 0 || chunk.len > CHUNK_BYTES {
+                return Err(bad());
+            }
+            end = chunk_end;
+        }
+        if self.size != ram_size {
+            return Err(MemoryFileError::BadChunk { offset: 0, len: self.size, size: ram_size });
+        }
+        Ok(())
+    }
+}
+
+/// The (offset, length) ranges of `file` that hold data, by SEEK_DATA/SEEK_HOLE.
+pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut extents = Vec::new();
+    let mut position = 0i64;
+    while (position as u64) < size {
+        // SAFETY: lseek on an fd this function borrows; no memory is touched.
+        let data = unsafe { libc::lseek(fd, position, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data past `position`
+            }
+            return Err(err);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let end = (hole as u64).min(size);
+        if end > data as u64 {
+            extents.push((data as u64, end - data as u64));
+        }
+        position = hole;
+    }
+    Ok(extents)
+}
+
+/// Guest RAM as (memfd offset, host address, length) regions.
+fn ram_regions(ram: &GuestRam) -> Vec<(u64, *mut u8, u64)> {
+    let mut offset = 0;
+    ram.memory
+        .iter()
+        .map(|region| {
+            let entry = (offset, region.as_ptr(), region.len());
+            offset += region.len();
+            entry
+        })
+        .collect()
+}
+
+/// The host address of RAM bytes `offset..offset + len`, if they lie in one region.
+fn host_address(regions: &[(u64, *mut u8, u64)], offset: u64, len: u64) -> Option<*mut u8> {
+    regions.iter().find_map(|&(start, host, size)| {
+        let inside = offset >= start && offset.checked_add(len)? <= start + size;
+        // SAFETY (of the pointer arithmetic): `offset - start` is inside the region's
+        // mapping of `size` bytes, checked just above.
+        inside.then(|| unsafe { host.add((offset - start) as usize) })
+    })
+}
+
+/// Cuts extents into chunks that never cross a RAM region or a chunk boundary.
+fn chunk_ranges(extents: &[(u64, u64)], regions: &[(u64, *mut u8, u64)]) -> Vec<(u64, u64)> {
+    let mut chunks = Vec::new();
+    for &(start, len) in extents {
+        let mut offset = start;
+        let end = start + len;
+        while offset < end {
+            let next_chunk = (offset / CHUNK_BYTES + 1) * CHUNK_BYTES;
+            let region_end =
+                regions.iter().find(|(s, _, l)| offset >= *s && offset < s + l).map_or(end, |(s, _, l)| s + l);
+            let stop = end.min(next_chunk).min(region_end);
+            chunks.push((offset, stop - offset));
+            offset = stop;
+        }
+    }
+    chunks
+}
+
+/// A slice of guest RAM.
+///
+/// # Safety
+/// `host` must point at `len` mapped bytes of guest RAM that stay mapped while the slice
+/// lives; the guest must not be running (its vCPUs paused or not started).
+unsafe fn ram_slice<'a>(host: *mut u8, len: u64) -> &'a [u8] {
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts(host, len as usize) }
+}
+
+/// blake3 of every chunk, on two threads.
+fn digest_chunks(regions: &[(u64, *mut u8, u64)], ranges: &[(u64, u64)]) -> Vec<[u8; 32]> {
+    // Host addresses as integers, so the two hashing threads can share them.
+    let jobs: Vec<(usize, u64)> = ranges
+        .iter()
+        .map(|&(offset, len)| (host_address(regions, offset, len).map_or(0, |host| host as usize), len))
+        .collect();
+    let hash = |part: &[(usize, u64)]| -> Vec<[u8; 32]> {
+        part.iter()
+            .map(|&(host, len)| match host {
+                0 => [0; 32],
+                // SAFETY: `host_address` found `len` mapped bytes of guest RAM, which the
+                // caller keeps mapped and the paused guest does not change.
+                host => *blake3::hash(unsafe { ram_slice(host as *mut u8, len) }).as_bytes(),
+            })
+            .collect()
+    };
+    let half = jobs.len() / 2;
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| hash(&jobs[..half]));
+        let mut second = hash(&jobs[half..]);
+        let mut digests = first.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        digests.append(&mut second);
+        digests
+    })
+}
+
+/// The blake3 of `len` zero bytes, to spot all-zero chunks by their digest.
+fn zero_digest(len: u64) -> [u8; 32] {
+    *blake3::hash(&vec![0u8; len as usize]).as_bytes()
+}
+
+/// Runs every (host address, length, file offset) transfer through one io_uring, up to
+/// [`QUEUE_DEPTH`] at once; short transfers are continued. Returns the failing offset.
+fn transfer(file: &File, ops: &[(*mut u8, u64, u64)], write: bool) -> Result<(), (u64, io::Error)> {
+    let mut ring = IoUring::new(QUEUE_DEPTH).map_err(|err| (0, err))?;
+    let fd = types::Fd(file.as_raw_fd());
+    // What is left of each op: (host, remaining, file offset).
+    let mut pending: Vec<(*mut u8, u64, u64)> = ops.to_vec();
+    let mut next = 0usize;
+    let mut in_flight = 0u32;
+    let mut retry: Vec<usize> = Vec::new();
+    loop {
+        while in_flight < QUEUE_DEPTH && (next < pending.len() || !retry.is_empty()) {
+            let index = retry.pop().unwrap_or_else(|| {
+                next += 1;
+                next - 1
+            });
+            let (host, len, offset) = pending[index];
+            let entry = if write {
+                opcode::Write::new(fd, host, len as u32).offset(offset).build()
+            } else {
+                opcode::Read::new(fd, host, len as u32).offset(offset).build()
+            };
+            // SAFETY: the buffer is guest RAM that stays mapped until this function
+            // returns, which is only after every submitted entry completed.
+            unsafe { ring.submission().push(&entry.user_data(index as u64)) }
+                .map_err(|_| (offset, io::Error::other("io_uring submission queue full")))?;
+            in_flight += 1;
+        }
+        if in_flight == 0 {
+            return Ok(());
+        }
+        ring.submit_and_wait(1).map_err(|err| (0, err))?;
+        let completed: Vec<(u64, i32)> = ring.completion().map(|cqe| (cqe.user_data(), cqe.result())).collect();
+        for (index, result) in completed {
+            in_flight -= 1;
+            let index = index as usize;
+            let (host, len, offset) = pending[index];
+            if result < 0 {
+                return Err((offset, io::Error::from_raw_os_error(-result)));
+            }
+            let done = result as u64;
+            if done == 0 {
+                return Err((offset, io::Error::new(io::ErrorKind::UnexpectedEof, "the file ended early")));
+            }
+            if done < len {
+                // SAFETY: `done < len`, so the new start is still inside the buffer.
+                pending[index] = (unsafe { host.add(done as usize) }, len - done, offset + done);
+                retry.push(index);
+            }
+        }
+    }
+}
+
+/// Writes guest RAM to `path` (created; O_DIRECT when allowed), fsyncs it, and returns
+/// what it holds. The guest must be paused. `progress` hears (bytes done, bytes total).
+pub fn write_image(ram: &GuestRam, path: &Path) -> Result<MemoryImage, MemoryFileError> {
+    let name = path.display().to_string();
+    let regions = ram_regions(ram);
+    let extents = data_extents(&ram.memfd, ram.size).map_err(MemoryFileError::Extents)?;
+    let ranges = chunk_ranges(&extents, &regions);
+    let digests = digest_chunks(&regions, &ranges);
+    let zero_full = zero_digest(CHUNK_BYTES);
+    let chunks: Vec<Chunk> = ranges
+        .iter()
+        .zip(digests)
+        .filter(|(&(_, len), digest)| *digest != if len == CHUNK_BYTES { zero_full } else { zero_digest(len) })
+        .map(|(&(offset, len), digest)| Chunk { offset, len, digest })
+        .collect();
+
+    let create = |direct: bool| {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+            .open(path)
+    };
+    // tmpfs and some others refuse O_DIRECT; the page cache then does the job.
+    let file = match create(true) {
+        Ok(file) => file,
+        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+            create(false).map_err(|source| MemoryFileError::Create { path: name.clone(), source })?
+        }
+        Err(source) => return Err(MemoryFileError::Create { path: name, source }),
+    };
+    file.set_len(ram.size).map_err(|source| MemoryFileError::Write { path: name.clone(), offset: 0, source })?;
+    let ops: Vec<(*mut u8, u64, u64)> = chunks
+        .iter()
+        .filter_map(|chunk| Some((host_address(&regions, chunk.offset, chunk.len)?, chunk.len, chunk.offset)))
+        .collect();
+    transfer(&file, &ops, true).map_err(|(offset, source)| MemoryFileError::Write { path: name.clone(), offset, source })?;
+    file.sync_all().map_err(|source| MemoryFileError::Write { path: name, offset: ram.size, source })?;
+    Ok(MemoryImage { size: ram.size, chunks })
+}
+
+/// Loads `image` from `path` into fresh guest RAM (which reads as zeros elsewhere) and
+/// checks every chunk against its digest. The guest must not run yet.
+pub fn read_image(ram: &GuestRam, path: &Path, image: &MemoryImage) -> Result<(), MemoryFileError> {
+    let name = path.display().to_string();
+    image.validate(ram.size)?;
+    let file = File::open(path).map_err(|source| MemoryFileError::Open { path: name.clone(), source })?;
+    let found = file.metadata().map_err(|source| MemoryFileError::Open { path: name.clone(), source })?.len();
+    if found != ram.size {
+        return Err(MemoryFileError::WrongSize { path: name, found, expected: ram.size });
+    }
+    let regions = ram_regions(ram);
+    let mut ops = Vec::with_capacity(image.chunks.len());
+    let mut ranges = Vec::with_capacity(image.chunks.len());
+    for chunk in &image.chunks {
+        let host = host_address(&regions, chunk.offset, chunk.len).ok_or(MemoryFileError::BadChunk {
+            offset: chunk.offset,
+            len: chunk.len,
+            size: ram.size,
+        })?;
+        ops.push((host, chunk.len, chunk.offset));
+        ranges.push((chunk.offset, chunk.len));
+    }
+    transfer(&file, &ops, false).map_err(|(offset, source)| MemoryFileError::Read { path: name.clone(), offset, source })?;
+    let digests = digest_chunks(&regions, &ranges);
+    for (chunk, digest) in image.chunks.iter().zip(digests) {
+        if chunk.digest != digest {
+            return Err(MemoryFileError::Corrupt { path: name, offset: chunk.offset });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::create_guest_ram;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn untouched_ram_has_no_extents_and_writes_no_chunks() {
+        let ram = create_guest_ram(16).unwrap();
+        assert!(data_extents(&ram.memfd, ram.size).unwrap().is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let image = write_image(&ram, &dir.path().join("memory.bin")).unwrap();
+        assert!(image.chunks.is_empty());
+        assert_eq!(std::fs::metadata(dir.path().join("memory.bin")).unwrap().len(), 16 << 20);
+    }
+
+    #[test]
+    fn memory_round_trips_and_zero_chunks_stay_holes() {
+        let ram = create_guest_ram(16).unwrap();
+        ram.memory.write_slice(&[0xab; 5000], GuestAddress(0x10_0000)).unwrap();
+        ram.memory.write_obj(0x1234_5678_u32, GuestAddress(0xff_fffc)).unwrap();
+        // Touched but zero: a data extent in the memfd, a hole in the file.
+        ram.memory.write_slice(&[0u8; 8192], GuestAddress(0x80_0000)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.bin");
+        let image = write_image(&ram, &path).unwrap();
+        assert_eq!(image.chunks.len(), 2, "{:?}", image.chunks);
+        let restored = create_guest_ram(16).unwrap();
+        read_image(&restored, &path, &image).unwrap();
+        let mut bytes = vec![0u8; 5000];
+        restored.memory.read_slice(&mut bytes, GuestAddress(0x10_0000)).unwrap();
+        assert!(bytes.iter().all(|&b| b == 0xab));
+        assert_eq!(restored.memory.read_obj::<u32>(GuestAddress(0xff_fffc)).unwrap(), 0x1234_5678);
+    }
+
+    #[test]
+    fn flipped_byte_in_memory_file_is_refused() {
+        use std::os::unix::fs::FileExt;
+        let ram = create_guest_ram(16).unwrap();
+        ram.memory.write_slice(&[7; 4096], GuestAddress(0x2000)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.bin");
+        let image = write_image(&ram, &path).unwrap();
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[8], 0x2100).unwrap();
+        let error = read_image(&create_guest_ram(16).unwrap(), &path, &image).unwrap_err();
+        assert!(matches!(error, MemoryFileError::Corrupt { offset: 0, .. }), "{error}");
+    }
+
+    #[test]
+    fn truncated_memory_file_or_bad_chunk_list_is_refused() {
+        let ram = create_guest_ram(16).unwrap();
+        ram.memory.write_slice(&[7; 4096], GuestAddress(0x2000)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.bin");
+        let image = write_image(&ram, &path).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(1 << 20).unwrap();
+        let error = read_image(&create_guest_ram(16).unwrap(), &path, &image).unwrap_err();
+        assert!(matches!(error, MemoryFileError::WrongSize { .. }), "{error}");
+        let mut bad = image.clone();
+        bad.chunks[0].offset = 16 << 20;
+        assert!(matches!(bad.validate(16 << 20), Err(MemoryFileError::BadChunk { .. })));
+    }
+}

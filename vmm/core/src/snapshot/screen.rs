@@ -1,0 +1,109 @@
+//! The screen of a hibernated VM, straight from its snapshot files: no KVM, no VM.
+//!
+//! `memory.bin` is mapped privately and read-only; carrel-gpu rebuilds the saved device on
+//! it (the same validating restore a wake uses) and captures the scanout. The chunks the
+//! scanout's pixels lie in are checked against their digests first.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use carrel_gpu::{Gpu, GpuConfig};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+use super::{load_snapshot, SnapshotError, MEMORY_FILE};
+use crate::control::{Screenshot, ScreenshotRequest};
+use crate::devices::virtio::persist::VirtioDeviceState;
+use crate::memory::ram_ranges;
+use crate::services::screen::{capture, ScreenSource};
+
+fn refused(dir: &Path, reason: impl std::fmt::Display) -> SnapshotError {
+    SnapshotError::Mismatch(format!("{}: {reason}", dir.display()))
+}
+
+/// Guest RAM of `size` bytes as a private, read-only mapping of `memory.bin`.
+fn map_memory(dir: &Path, size: u64) -> Result<GuestMemoryMmap, SnapshotError> {
+    let path = dir.join(MEMORY_FILE);
+    let error = |source| SnapshotError::ReadFile { path: path.display().to_string(), source };
+    let file = File::open(&path).map_err(error)?;
+    let found = file.metadata().map_err(error)?.len();
+    if found != size {
+        return Err(super::MemoryFileError::WrongSize { path: path.display().to_string(), found, expected: size }.into());
+    }
+    let mut regions = Vec::new();
+    let mut offset = 0;
+    for (gpa, len) in ram_ranges(size) {
+        let file = file.try_clone().map_err(error)?;
+        let mapping =
+            MmapRegion::build(Some(FileOffset::new(file, offset)), len as usize, libc::PROT_READ, libc::MAP_PRIVATE)
+                .map_err(|err| refused(dir, format!("cannot map {MEMORY_FILE}: {err}")))?;
+        regions.push(
+            GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or_else(|| refused(dir, "bad memory region"))?,
+        );
+        offset += len;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|err| refused(dir, err))
+}
+
+/// The memfd offset of guest-physical `gpa`, for RAM of `size` bytes.
+fn file_offset(gpa: u64, size: u64) -> Option<u64> {
+    let mut offset = 0;
+    for (start, len) in ram_ranges(size) {
+        if gpa >= start && gpa < start + len {
+            return Some(offset + gpa - start);
+        }
+        offset += len;
+    }
+    None
+}
+
+/// A screenshot of the VM saved in `dir`, as its screen was when the snapshot was taken.
+pub fn screenshot(dir: &Path, request: &ScreenshotRequest) -> Result<Screenshot, SnapshotError> {
+    let snapshot = load_snapshot(dir)?;
+    let gpu_state = snapshot
+        .state
+        .virtio
+        .iter()
+        .find_map(|device| match &device.device {
+            VirtioDeviceState::Gpu(state) => Some(state),
+            _ => None,
+        })
+        .ok_or_else(|| refused(dir, "the VM has no screen"))?;
+    let size = snapshot.state.memory.size;
+    snapshot.state.memory.validate(size)?;
+    let memory = map_memory(dir, size)?;
+
+    // Check the chunks under the scanout's backing before showing their pixels.
+    let scanout_resource = gpu_state.gpu.scanout.map(|(id, ..)| id);
+    let backing = gpu_state
+        .gpu
+        .resources
+        .iter()
+        .filter(|resource| Some(resource.resource_id) == scanout_resource)
+        .flat_map(|resource| resource.backing.iter().flatten());
+    let memory_file = File::open(dir.join(MEMORY_FILE))
+        .map_err(|source| SnapshotError::ReadFile { path: dir.join(MEMORY_FILE).display().to_string(), source })?;
+    let mut checked = std::collections::BTreeSet::new();
+    for &(gpa, len) in backing {
+        let (Some(first), Some(last)) = (file_offset(gpa, size), file_offset(gpa + u64::from(len).max(1) - 1, size))
+        else {
+            continue; // outside RAM: the device restore below refuses it
+        };
+        for (index, chunk) in snapshot.state.memory.chunks.iter().enumerate() {
+            if chunk.offset <= last && chunk.offset + chunk.len > first && checked.insert(index) {
+                let mut bytes = vec![0u8; chunk.len as usize];
+                let read = memory_file.read_exact_at(&mut bytes, chunk.offset);
+                if read.is_err() || blake3::hash(&bytes).as_bytes() != &chunk.digest {
+                    return Err(super::MemoryFileError::Corrupt {
+                        path: dir.join(MEMORY_FILE).display().to_string(),
+                        offset: chunk.offset,
+                    }
+                    .into());
+                }
+            }
+        }
+    }
+    let config = GpuConfig::new(gpu_state.width, gpu_state.height).map_err(|err| refused(dir, err))?;
+    let gpu = Gpu::restore(config, memory, &gpu_state.gpu).map_err(|err| refused(dir, err))?;
+    capture(&ScreenSource::Local(gpu.screen()), request).map_err(|err| refused(dir, err))
+}
