@@ -15,14 +15,14 @@ use carrel_audit::AuditLog;
 use crate::builder::BuiltVm;
 use crate::config::VmConfig;
 use crate::control::{ControlServer, PendingRequest, Request, RequestQueue, Response, SnapshotRequest, VmStatus};
-use crate::snapshot::memory::MemoryImage;
-use crate::snapshot::{write_snapshot, SnapshotInfo, SnapshotState};
 use crate::devices::bus::lock;
 use crate::recorder::{Record, Recorder};
 use crate::services::agent::AgentService;
 use crate::services::input::InputService;
 use crate::services::screen::ScreenService;
 use crate::services::ConnectionServices;
+use crate::snapshot::memory::MemoryImage;
+use crate::snapshot::{write_snapshot, SnapshotInfo, SnapshotState};
 use crate::vstate::vcpu::{install_kick_handler, VcpuEvent, VcpuEventSender, VcpuHandle, VcpuMessage, VcpuStop};
 
 /// Errors running a VM.

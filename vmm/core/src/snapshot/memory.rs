@@ -267,11 +267,7 @@ pub fn write_image(ram: &GuestRam, path: &Path) -> Result<MemoryImage, MemoryFil
         .collect();
 
     let create = |direct: bool| {
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(if direct { libc::O_DIRECT } else { 0 })
-            .open(path)
+        OpenOptions::new().write(true).create_new(true).custom_flags(if direct { libc::O_DIRECT } else { 0 }).open(path)
     };
     // tmpfs and some others refuse O_DIRECT; the page cache then does the job.
     let file = match create(true) {
@@ -286,7 +282,11 @@ pub fn write_image(ram: &GuestRam, path: &Path) -> Result<MemoryImage, MemoryFil
         .iter()
         .filter_map(|chunk| Some((host_address(&regions, chunk.offset, chunk.len)?, chunk.len, chunk.offset)))
         .collect();
-    transfer(&file, &ops, true).map_err(|(offset, source)| MemoryFileError::Write { path: name.clone(), offset, source })?;
+    transfer(&file, &ops, true).map_err(|(offset, source)| MemoryFileError::Write {
+        path: name.clone(),
+        offset,
+        source,
+    })?;
     file.sync_all().map_err(|source| MemoryFileError::Write { path: name, offset: ram.size, source })?;
     Ok(MemoryImage { size: ram.size, chunks })
 }
@@ -313,7 +313,11 @@ pub fn read_image(ram: &GuestRam, path: &Path, image: &MemoryImage) -> Result<()
         ops.push((host, chunk.len, chunk.offset));
         ranges.push((chunk.offset, chunk.len));
     }
-    transfer(&file, &ops, false).map_err(|(offset, source)| MemoryFileError::Read { path: name.clone(), offset, source })?;
+    transfer(&file, &ops, false).map_err(|(offset, source)| MemoryFileError::Read {
+        path: name.clone(),
+        offset,
+        source,
+    })?;
     let digests = digest_chunks(&regions, &ranges);
     for (chunk, digest) in image.chunks.iter().zip(digests) {
         if chunk.digest != digest {

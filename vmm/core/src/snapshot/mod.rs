@@ -165,9 +165,8 @@ pub fn write_snapshot(
             return Err(err);
         }
     };
-    let renamed = fsync_dir(&temporary)
-        .and_then(|()| std::fs::rename(&temporary, dir))
-        .and_then(|()| fsync_dir(&parent));
+    let renamed =
+        fsync_dir(&temporary).and_then(|()| std::fs::rename(&temporary, dir)).and_then(|()| fsync_dir(&parent));
     if let Err(source) = renamed {
         let _ = std::fs::remove_dir_all(&temporary);
         return Err(SnapshotError::WriteFile { path: name, source });
@@ -186,15 +185,13 @@ fn write_files(
     let started = Instant::now();
     state.memory = memory::write_image(ram, &temporary.join(MEMORY_FILE))?;
     let memory_write_us = started.elapsed().as_micros() as u64;
-    let json = serde_json::to_vec_pretty(config).map_err(|err| SnapshotError::Config {
-        path: CONFIG_FILE.into(),
-        message: err.to_string(),
-    })?;
+    let json = serde_json::to_vec_pretty(config)
+        .map_err(|err| SnapshotError::Config { path: CONFIG_FILE.into(), message: err.to_string() })?;
     write_synced(&temporary.join(CONFIG_FILE), &json)?;
     // The state goes last: its digest covers the memory map, and a directory without a
     // whole state.bin is never taken for a snapshot.
-    let encoded = format::encode(platform, &*state)
-        .map_err(|source| SnapshotError::State { path: STATE_FILE.into(), source })?;
+    let encoded =
+        format::encode(platform, &*state).map_err(|source| SnapshotError::State { path: STATE_FILE.into(), source })?;
     write_synced(&temporary.join(STATE_FILE), &encoded)?;
     let memory_bytes = state.memory.data_bytes();
     Ok(SnapshotInfo {

@@ -28,7 +28,9 @@ fn map_memory(dir: &Path, size: u64) -> Result<GuestMemoryMmap, SnapshotError> {
     let file = File::open(&path).map_err(error)?;
     let found = file.metadata().map_err(error)?.len();
     if found != size {
-        return Err(super::MemoryFileError::WrongSize { path: path.display().to_string(), found, expected: size }.into());
+        return Err(
+            super::MemoryFileError::WrongSize { path: path.display().to_string(), found, expected: size }.into()
+        );
     }
     let mut regions = Vec::new();
     let mut offset = 0;
@@ -37,9 +39,8 @@ fn map_memory(dir: &Path, size: u64) -> Result<GuestMemoryMmap, SnapshotError> {
         let mapping =
             MmapRegion::build(Some(FileOffset::new(file, offset)), len as usize, libc::PROT_READ, libc::MAP_PRIVATE)
                 .map_err(|err| refused(dir, format!("cannot map {MEMORY_FILE}: {err}")))?;
-        regions.push(
-            GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or_else(|| refused(dir, "bad memory region"))?,
-        );
+        regions
+            .push(GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or_else(|| refused(dir, "bad memory region"))?);
         offset += len;
     }
     GuestMemoryMmap::from_regions(regions).map_err(|err| refused(dir, err))

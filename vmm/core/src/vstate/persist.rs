@@ -54,7 +54,8 @@ pub struct VmState {
 
 /// The MSRs a vCPU has: KVM's index list plus the platform's own that the list omits.
 pub fn saved_msr_indices(kvm: &kvm_ioctls::Kvm, extra: &[u32]) -> Result<Vec<u32>, PersistError> {
-    let list = kvm.get_msr_index_list().map_err(|source| PersistError::Vm { what: "KVM_GET_MSR_INDEX_LIST", source })?;
+    let list =
+        kvm.get_msr_index_list().map_err(|source| PersistError::Vm { what: "KVM_GET_MSR_INDEX_LIST", source })?;
     let mut indices: Vec<u32> = list.as_slice().to_vec();
     for index in extra {
         if !indices.contains(index) {
@@ -75,7 +76,8 @@ fn read_msrs(vcpu: &VcpuFd, id: u8, indices: &[u32]) -> Result<Vec<kvm_msr_entry
             batch.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
         let mut msrs = Msrs::from_entries(&entries)
             .map_err(|err| PersistError::Malformed { id, reason: format!("MSR list: {err:?}") })?;
-        let read = vcpu.get_msrs(&mut msrs).map_err(|source| PersistError::Vcpu { id, what: "KVM_GET_MSRS", source })?;
+        let read =
+            vcpu.get_msrs(&mut msrs).map_err(|source| PersistError::Vcpu { id, what: "KVM_GET_MSRS", source })?;
         saved.extend_from_slice(&msrs.as_slice()[..read]);
         // Skip the one KVM refused, if the batch stopped early.
         let consumed = if read < batch.len() { read + 1 } else { read };
@@ -87,11 +89,8 @@ fn read_msrs(vcpu: &VcpuFd, id: u8, indices: &[u32]) -> Result<Vec<kvm_msr_entry
 /// Saves a paused vCPU.
 pub fn save_vcpu(vcpu: &VcpuFd, id: u8, msr_indices: &[u32]) -> Result<VcpuState, PersistError> {
     let err = |what| move |source| PersistError::Vcpu { id, what, source };
-    let cpuid = vcpu
-        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(err("KVM_GET_CPUID2"))?
-        .as_slice()
-        .to_vec();
+    let cpuid =
+        vcpu.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(err("KVM_GET_CPUID2"))?.as_slice().to_vec();
     Ok(VcpuState {
         id,
         cpuid,
@@ -170,11 +169,16 @@ pub fn save_vm(vm: &VmFd, has_pit: bool) -> Result<VmState, PersistError> {
 
 /// Restores the VM-wide state into a fresh VM that has its irqchip (and PIT, if saved).
 pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), PersistError> {
-    for (chip, expected) in
-        [(&state.pic_master, KVM_IRQCHIP_PIC_MASTER), (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE), (&state.ioapic, KVM_IRQCHIP_IOAPIC)]
-    {
+    for (chip, expected) in [
+        (&state.pic_master, KVM_IRQCHIP_PIC_MASTER),
+        (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+        (&state.ioapic, KVM_IRQCHIP_IOAPIC),
+    ] {
         if chip.chip_id != expected {
-            return Err(PersistError::Malformed { id: 0, reason: format!("irqchip {} saved as {expected}", chip.chip_id) });
+            return Err(PersistError::Malformed {
+                id: 0,
+                reason: format!("irqchip {} saved as {expected}", chip.chip_id),
+            });
         }
         vm.set_irqchip(chip).map_err(|source| PersistError::Vm { what: "KVM_SET_IRQCHIP", source })?;
     }

@@ -173,20 +173,23 @@ mod tests {
 
     #[test]
     fn serial_state_round_trips_into_a_fresh_device() {
-        let mut serial = SerialDevice::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), ConsoleOutput::new(false, None)).unwrap();
+        let mut serial =
+            SerialDevice::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), ConsoleOutput::new(false, None)).unwrap();
         serial.write(3, &[0x83]); // line control: DLAB on, 8 bits
         serial.write(7, &[0x5a]); // scratch
         serial.enqueue_input(b"ab");
         let saved = serial.save();
         let bytes = postcard::to_allocvec(&saved).unwrap();
-        let mut fresh = SerialDevice::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), ConsoleOutput::new(false, None)).unwrap();
+        let mut fresh =
+            SerialDevice::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), ConsoleOutput::new(false, None)).unwrap();
         fresh.restore(&postcard::from_bytes(&bytes).unwrap()).unwrap();
         assert_eq!(fresh.save(), saved);
     }
 
     #[test]
     fn serial_restore_refuses_an_overfull_fifo() {
-        let mut serial = SerialDevice::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), ConsoleOutput::new(false, None)).unwrap();
+        let mut serial =
+            SerialDevice::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), ConsoleOutput::new(false, None)).unwrap();
         let mut saved = serial.save();
         saved.in_buffer = vec![0; 1 << 16];
         assert!(serial.restore(&saved).is_err());

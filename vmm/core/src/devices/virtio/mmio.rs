@@ -366,10 +366,18 @@ mod tests {
         fn active_queues(&self) -> Option<&[Queue]> {
             self.state.queues()
         }
-        fn save(&self) -> Result<crate::devices::virtio::persist::VirtioDeviceState, crate::devices::virtio::persist::VirtioPersistError> {
+        fn save(
+            &self,
+        ) -> Result<
+            crate::devices::virtio::persist::VirtioDeviceState,
+            crate::devices::virtio::persist::VirtioPersistError,
+        > {
             Ok(crate::devices::virtio::persist::VirtioDeviceState::Rng)
         }
-        fn restore(&mut self, _state: &crate::devices::virtio::persist::VirtioDeviceState) -> Result<(), crate::devices::virtio::persist::VirtioPersistError> {
+        fn restore(
+            &mut self,
+            _state: &crate::devices::virtio::persist::VirtioDeviceState,
+        ) -> Result<(), crate::devices::virtio::persist::VirtioPersistError> {
             Ok(())
         }
     }

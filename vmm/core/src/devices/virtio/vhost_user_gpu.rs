@@ -348,7 +348,10 @@ impl VirtioDevice for VhostUserGpu {
         })
     }
 
-    fn restore(&mut self, _state: &super::persist::VirtioDeviceState) -> Result<(), super::persist::VirtioPersistError> {
+    fn restore(
+        &mut self,
+        _state: &super::persist::VirtioDeviceState,
+    ) -> Result<(), super::persist::VirtioPersistError> {
         Err(super::persist::VirtioPersistError::Save {
             device: "gpu",
             reason: "restoring into a vhost-user GPU backend is not implemented yet".into(),

@@ -18,5 +18,5 @@ pub use config::{
     VIRTIO_INPUT_CFG_ID_SERIAL, VIRTIO_INPUT_CFG_PROP_BITS, VIRTIO_INPUT_CFG_UNSET,
 };
 pub use device::{InputDevice, InputDeviceError, InputMetrics, InputSink, SINK_CAPACITY};
-pub use persist::InputState;
 pub use handler::{process_event_queue, process_status_queue, EventQueueOutcome, StatusQueueOutcome};
+pub use persist::InputState;

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use carrel_firmware::virtio_id;
 
 use super::handler::{post_transport_reset, process_rx_queue, process_tx_queue};
+use super::muxer::Muxer;
 use super::persist::VsockState;
 use crate::devices::virtio::persist::{VirtioDeviceState, VirtioPersistError};
-use super::muxer::Muxer;
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, ActiveState, DeviceState, VirtioDevice, INTERRUPT_USED_RING,
 };

@@ -18,9 +18,9 @@ mod packet;
 mod persist;
 
 pub use device::{Vsock, VsockConfig, VsockError};
-pub use persist::VsockState;
 pub use muxer::VsockMetrics;
 pub use packet::{op, PacketHeader, HEADER_SIZE};
+pub use persist::VsockState;
 
 /// The host's CID, always 2.
 pub const HOST_CID: u64 = 2;
