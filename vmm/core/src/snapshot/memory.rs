@@ -373,7 +373,7 @@ mod tests {
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.write_all_at(&[8], 0x2100).unwrap();
         let error = read_image(&create_guest_ram(16).unwrap(), &path, &image).unwrap_err();
-        assert!(matches!(error, MemoryFileError::Corrupt { offset: 0, .. }), "{error}");
+        assert!(matches!(error, MemoryFileError::Corrupt { offset: 0x2000, .. }), "{error}");
     }
 
     #[test]
