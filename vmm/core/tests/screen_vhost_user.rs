@@ -4,14 +4,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use carrel_vmm::control::{
-    ControlClient, ImageFormat, InputRequest, Request, Response, Screenshot, ScreenshotRequest, Wait,
-};
+use carrel_vmm::control::{ControlClient, ImageFormat, InputRequest, Request, Response, ScreenshotRequest, Wait};
 use carrel_vmm::input::{Action, Button};
-use common::{decode_png, differences, gpu_backend_binary, inside, scratch_path, RunningVm};
+use common::{decode_png, differences, gpu_backend_binary, inside, scratch_path, screenshot, RunningVm};
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(30);
 const WIDTH: u32 = 1280;
@@ -48,22 +46,6 @@ fn boot_desk_with_backend(name: &str) -> VhostUserDesk {
     ]);
     vm.wait_for_line("first frame drawn", BOOT_DEADLINE);
     VhostUserDesk { vm, backend, socket }
-}
-
-fn screenshot(socket: &Path, wait: Wait) -> Screenshot {
-    let request = ScreenshotRequest {
-        format: ImageFormat::Png,
-        crop: None,
-        scale: None,
-        cursor: false,
-        wait,
-        timeout_ms: 10_000,
-    };
-    match ControlClient::connect(socket).unwrap().call(&Request::Screenshot(request), Duration::from_secs(20)).unwrap()
-    {
-        Response::Screenshot(shot) => shot,
-        other => panic!("expected a screenshot, got {other:?}"),
-    }
 }
 
 fn pixel(rgb: &[u8], (x, y): (u32, u32)) -> [u8; 3] {

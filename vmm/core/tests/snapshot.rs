@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use carrel_vmm::control::{ControlClient, ImageFormat, Request, Response, Screenshot, ScreenshotRequest, Wait};
-use common::{decode_png, differences, inside, run_to_exit, scratch_path, vmm_binary, RunningVm};
+use carrel_vmm::control::{ControlClient, Screenshot, Wait};
+use common::{decode_png, differences, inside, run_to_exit, scratch_path, screenshot, vmm_binary, RunningVm};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const WIDTH: u32 = 1280;
@@ -69,22 +69,6 @@ fn cli_fails(args: &[&str]) -> String {
     let output = Command::new(vmm_binary()).args(args).output().expect("carrel-vmm runs");
     assert!(!output.status.success(), "carrel-vmm {args:?} should fail");
     String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn screenshot(socket: &Path, wait: Wait) -> Screenshot {
-    let request = ScreenshotRequest {
-        format: ImageFormat::Png,
-        crop: None,
-        scale: None,
-        cursor: false,
-        wait,
-        timeout_ms: 10_000,
-    };
-    match ControlClient::connect(socket).unwrap().call(&Request::Screenshot(request), Duration::from_secs(20)).unwrap()
-    {
-        Response::Screenshot(shot) => shot,
-        other => panic!("expected a screenshot, got {other:?}"),
-    }
 }
 
 fn pixels(shot: &Screenshot) -> Vec<u8> {

@@ -222,3 +222,23 @@ pub fn differences(a: &[u8], b: &[u8], width: u32) -> Vec<(u32, u32)> {
         .map(|(index, _)| (index as u32 % width, index as u32 / width))
         .collect()
 }
+
+/// A PNG screenshot over the control socket after `wait`.
+pub fn screenshot(socket: &Path, wait: carrel_vmm::control::Wait) -> carrel_vmm::control::Screenshot {
+    let request = carrel_vmm::control::ScreenshotRequest {
+        format: carrel_vmm::control::ImageFormat::Png,
+        crop: None,
+        scale: None,
+        cursor: false,
+        wait,
+        timeout_ms: 10_000,
+    };
+    match carrel_vmm::control::ControlClient::connect(socket)
+        .unwrap()
+        .call(&carrel_vmm::control::Request::Screenshot(request), Duration::from_secs(20))
+        .unwrap()
+    {
+        carrel_vmm::control::Response::Screenshot(shot) => shot,
+        other => panic!("expected a screenshot, got {other:?}"),
+    }
+}
