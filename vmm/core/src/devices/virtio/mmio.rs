@@ -496,6 +496,44 @@ mod tests {
     }
 
     #[test]
+    fn transport_state_round_trips_into_a_fresh_device_and_it_runs_again() {
+        let (mut original, _) = transport();
+        negotiate(&mut original, 1);
+        setup_queue(&mut original, 0, 0x10000);
+        setup_queue(&mut original, 1, 0x20000);
+        write32(&mut original, reg::STATUS, ALL);
+        let saved = original.save().unwrap();
+        let bytes = postcard::to_allocvec(&saved).unwrap();
+        let loaded: super::super::persist::MmioState = postcard::from_bytes(&bytes).unwrap();
+        let (fresh, processed) = transport();
+        let MmioTransport { device, memory, interrupt, .. } = fresh;
+        let mut restored = MmioTransport::restore(device, memory, interrupt, &loaded).unwrap();
+        assert_eq!(restored.save().unwrap(), saved, "save, restore, save again: the same state");
+        assert!(restored.is_active());
+        restored.notify_queue(0);
+        assert_eq!(*processed.lock().unwrap(), vec![0], "the restored device serves its queues");
+    }
+
+    #[test]
+    fn restore_refuses_saved_queues_outside_memory_or_of_another_device() {
+        let (mut original, _) = transport();
+        negotiate(&mut original, 1);
+        setup_queue(&mut original, 0, 0x10000);
+        setup_queue(&mut original, 1, 0x20000);
+        write32(&mut original, reg::STATUS, ALL);
+        let mut saved = original.save().unwrap();
+        saved.active_queues[1].used_ring = 0x4000_0000;
+        let (fresh, _) = transport();
+        let MmioTransport { device, memory, interrupt, .. } = fresh;
+        assert!(MmioTransport::restore(device, memory, interrupt, &saved).is_err());
+        let mut other = original.save().unwrap();
+        other.device_type = 19;
+        let (fresh, _) = transport();
+        let MmioTransport { device, memory, interrupt, .. } = fresh;
+        assert!(MmioTransport::restore(device, memory, interrupt, &other).is_err());
+    }
+
+    #[test]
     fn driver_ok_with_queue_outside_memory_sets_needs_reset() {
         let (mut transport, processed) = transport();
         negotiate(&mut transport, 1);
