@@ -266,7 +266,8 @@ fn damaged_snapshots_are_refused_with_one_clear_line() {
     let good = &prepared.snapshot;
     let state_len = std::fs::metadata(good.join("state.bin")).unwrap().len();
 
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    type Damage = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Damage, &str)> = vec![
         ("state-flip", Box::new(move |dir| flip_byte(&dir.join("state.bin"), state_len / 2)), "digest does not match"),
         (
             "state-truncated",

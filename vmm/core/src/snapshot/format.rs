@@ -97,7 +97,7 @@ mod tests {
     use super::*;
 
     /// Re-signs a tampered file so a check after the digest can be reached.
-    fn resign(bytes: &mut Vec<u8>) {
+    fn resign(bytes: &mut [u8]) {
         let end = bytes.len() - DIGEST_BYTES;
         let digest = blake3::hash(&bytes[..end]);
         bytes[end..].copy_from_slice(digest.as_bytes());

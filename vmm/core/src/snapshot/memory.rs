@@ -131,9 +131,11 @@ fn ram_regions(ram: &GuestRam) -> Vec<(u64, *mut u8, u64)> {
 fn host_address(regions: &[(u64, *mut u8, u64)], offset: u64, len: u64) -> Option<*mut u8> {
     regions.iter().find_map(|&(start, host, size)| {
         let inside = offset >= start && offset.checked_add(len)? <= start + size;
-        // SAFETY (of the pointer arithmetic): `offset - start` is inside the region's
-        // mapping of `size` bytes, checked just above.
-        inside.then(|| unsafe { host.add((offset - start) as usize) })
+        inside.then(|| {
+            // SAFETY: `offset - start` is inside the region's mapping of `size` bytes,
+            // checked just above, so the pointer stays within that one allocation.
+            unsafe { host.add((offset - start) as usize) }
+        })
     })
 }
 
