@@ -183,8 +183,7 @@ pub fn restore_vm(config: &VmConfig, snapshot: &LoadedSnapshot, started: Instant
             .map_err(|err| BuildError::Restore(format!("cannot tell the guest it was restored: {err}")))?;
     }
     let mut built = wired.into_built(vm, ram, saved.protocol, restores, started);
-    let digest = snapshot.digest.iter().map(|byte| format!("{byte:02x}")).collect();
-    built.restored_from = Some((snapshot.dir.clone(), digest));
+    built.restored_from = Some((snapshot.dir.clone(), snapshot::hex(&snapshot.digest)));
     Ok(built)
 }
 

@@ -253,7 +253,7 @@ fn transfer(file: &File, ops: &[(*mut u8, u64, u64)], write: bool) -> Result<(),
 }
 
 /// Writes guest RAM to `path` (created; O_DIRECT when allowed), fsyncs it, and returns
-/// what it holds. The guest must be paused. `progress` hears (bytes done, bytes total).
+/// what it holds. The guest must be paused.
 pub fn write_image(ram: &GuestRam, path: &Path) -> Result<MemoryImage, MemoryFileError> {
     let name = path.display().to_string();
     let regions = ram_regions(ram);

@@ -97,7 +97,8 @@ pub struct LoadedSnapshot {
     pub digest: [u8; 32],
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex, as digests are shown and logged.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 

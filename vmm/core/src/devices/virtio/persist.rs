@@ -165,7 +165,7 @@ impl MmioTransport {
         }
         let queue = |index: usize, queue: &QueueSaved| -> Result<Queue, VirtioPersistError> {
             let bad = |reason: String| VirtioPersistError::BadQueue { device: name, index, reason };
-            if queue.max_size != max_sizes[index.min(max_sizes.len() - 1)] {
+            if max_sizes.get(index) != Some(&queue.max_size) {
                 return Err(bad(format!("max size {} is not the device's", queue.max_size)));
             }
             queue.to_queue().map_err(|err| bad(format!("{err:?}")))
