@@ -5,6 +5,10 @@
 //! Requests are served in the main loop as frames arrive; work that waits (a `sleep`, a
 //! file sent under the host's credit) is kept per request and resumed on later wakes, so
 //! one slow request never holds up another connection.
+//!
+//! Two kinds of state outlive connections: the entropy `random` prints (renewed by the
+//! main loop after every restore) and the `fill` buffer, memory kept dirty on purpose so
+//! snapshots can be tested against a known pattern (`checksum`).
 
 use alloc::collections::BTreeMap;
 use alloc::format;
@@ -19,10 +23,16 @@ use carrel_agent_proto::message::{
 };
 use carrel_agent_proto::{MAX_CHUNK, PROTOCOL_VERSION};
 
+use crate::console::Hex;
 use crate::vsock::{Vsock, VsockEvent, MAX_CONNECTIONS};
 
 /// Longest a `sleep` may ask for.
 const MAX_SLEEP_MS: u64 = 3_600_000;
+const MIB: usize = 1 << 20;
+/// Heap a `fill` leaves free for the agent's own messages and files: an allocation that
+/// fails there would stop the kernel.
+const FILL_RESERVE_MIB: usize = 8;
+const WORDS_PER_MIB: usize = MIB / core::mem::size_of::<u64>();
 
 struct File {
     /// Shared with transfers in flight, so a get never copies the file.
@@ -53,10 +63,20 @@ struct Session {
     heartbeat_seq: u64,
 }
 
+/// The `fill` buffer: `mib` MiB of one seed's SplitMix64 words.
+struct Fill {
+    words: Vec<u64>,
+    mib: usize,
+}
+
 pub struct Agent {
     files: BTreeMap<String, File>,
     sessions: [Option<Session>; MAX_CONNECTIONS],
     last_heartbeat_ms: u64,
+    /// The 32 bytes last drawn from virtio-rng (at boot or after the last restore); `None`
+    /// when there is no rng or its last draw failed.
+    random: Option<[u8; 32]>,
+    fill: Option<Fill>,
 }
 
 /// A path in the in-memory filesystem: absolute, no `.`/`..`, no empty components.
@@ -79,8 +99,13 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Message {
 }
 
 impl Agent {
-    pub fn new() -> Agent {
-        Agent { files: BTreeMap::new(), sessions: Default::default(), last_heartbeat_ms: 0 }
+    pub fn new(random: Option<[u8; 32]>) -> Agent {
+        Agent { files: BTreeMap::new(), sessions: Default::default(), last_heartbeat_ms: 0, random, fill: None }
+    }
+
+    /// Replaces the entropy `random` prints (after a restore).
+    pub fn set_random(&mut self, random: Option<[u8; 32]>) {
+        self.random = random;
     }
 
     fn send(vsock: &mut Vsock, slot: usize, id: u32, message: &Message) {
@@ -447,6 +472,22 @@ impl Agent {
                     format!("heap_total {total}\nheap_free {free}\nfiles {} ({files} bytes)\n", self.files.len());
                 (text.into_bytes(), Vec::new(), 0)
             }
+            "random" => match self.random {
+                Some(bytes) => (format!("{}\n", Hex(&bytes)).into_bytes(), Vec::new(), 0),
+                None => {
+                    (Vec::new(), b"random: no entropy: the VM has no rng device or its last draw failed\n".to_vec(), 1)
+                }
+            },
+            "fill" => match self.fill_memory(args) {
+                Ok(text) => (text.into_bytes(), Vec::new(), 0),
+                Err(text) => (Vec::new(), format!("fill: {text}\n").into_bytes(), 1),
+            },
+            "checksum" => match self.fill.as_ref() {
+                Some(fill) => {
+                    (format!("checksum {:016x} {} MiB\n", fnv1a(&fill.words), fill.mib).into_bytes(), Vec::new(), 0)
+                }
+                None => (Vec::new(), b"checksum: nothing filled\n".to_vec(), 1),
+            },
             "sleep" => match args.first().and_then(|arg| parse_seconds_ms(arg)) {
                 Some(ms) if ms <= MAX_SLEEP_MS => {
                     if let Some(session) = self.sessions[slot].as_mut() {
@@ -458,8 +499,11 @@ impl Agent {
             },
             other => (
                 Vec::new(),
-                format!("{other}: command not found (built-ins: echo ls cat write rm uptime meminfo sleep)\n")
-                    .into_bytes(),
+                format!(
+                    "{other}: command not found (built-ins: echo ls cat write rm uptime meminfo sleep random fill \
+                     checksum)\n"
+                )
+                .into_bytes(),
                 127,
             ),
         };
@@ -471,6 +515,67 @@ impl Agent {
         }
         Some(Message::ExecExit(ExecExit { code: Some(code), signal: None, timed_out: false }))
     }
+
+    /// `fill MIB [SEED]`: keeps a buffer of MIB MiB filled with the pattern of SEED
+    /// (default 1); `fill 0` frees it. Returns the line to print, or why not.
+    fn fill_memory(&mut self, args: &[String]) -> Result<String, String> {
+        let (Some(size), seed) = (args.first(), args.get(1)) else {
+            return Err("give a size in MiB and an optional seed, e.g. fill 64 7".to_string());
+        };
+        if args.len() > 2 {
+            return Err("too many arguments: fill MIB [SEED]".to_string());
+        }
+        let mib: usize = size.parse().map_err(|_| format!("{size}: not a size in MiB"))?;
+        let seed: u64 = match seed {
+            Some(seed) => seed.parse().map_err(|_| format!("{seed}: not a seed (a number up to 2^64-1)"))?,
+            None => 1,
+        };
+        if mib == 0 {
+            let freed = self.fill.take().map_or(0, |fill| fill.mib);
+            return Ok(format!("freed {freed} MiB\n"));
+        }
+        let heap_mib = crate::heap::size_bytes() / MIB;
+        if mib > heap_mib {
+            return Err(format!("{mib} MiB is more than the whole heap ({heap_mib} MiB)"));
+        }
+        let mut state = seed;
+        match self.fill.as_mut() {
+            Some(fill) if fill.mib == mib => fill.words.iter_mut().for_each(|word| *word = splitmix64(&mut state)),
+            _ => {
+                // The old buffer goes first, so a new size may reuse its memory; when the
+                // new one does not fit, nothing stays filled.
+                self.fill = None;
+                let free_mib = crate::heap::free_bytes() / MIB;
+                let count = mib * WORDS_PER_MIB;
+                let mut words = Vec::new();
+                if mib + FILL_RESERVE_MIB > free_mib || words.try_reserve_exact(count).is_err() {
+                    return Err(format!(
+                        "{mib} MiB do not fit in the heap ({free_mib} MiB free of {heap_mib} MiB, \
+                         {FILL_RESERVE_MIB} MiB kept for the agent)"
+                    ));
+                }
+                words.extend((0..count).map(|_| splitmix64(&mut state)));
+                self.fill = Some(Fill { words, mib });
+            }
+        }
+        Ok(format!("filled {mib} MiB seed {seed}\n"))
+    }
+}
+
+/// The next word of SplitMix64 from `state`: any seed (0 too) gives a sequence of
+/// well-mixed words, so a filled buffer neither compresses nor has zero pages.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut value = *state;
+    value = (value ^ (value >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    value = (value ^ (value >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    value ^ (value >> 31)
+}
+
+/// 64-bit FNV-1a taken a little-endian word at a time rather than a byte at a time:
+/// eight times fewer multiplications over a buffer of hundreds of MiB.
+fn fnv1a(words: &[u64]) -> u64 {
+    words.iter().fold(0xcbf2_9ce4_8422_2325, |hash, word| (hash ^ word).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// "1", "0.25", "2.5" seconds as milliseconds.

@@ -60,3 +60,15 @@ macro_rules! print {
         let _ = write!($crate::console::Console, $($arg)*);
     }};
 }
+
+/// Bytes shown as lowercase hex, two digits each, for log lines and command output.
+pub struct Hex<'a>(pub &'a [u8]);
+
+impl fmt::Display for Hex<'_> {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in self.0 {
+            write!(formatter, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}

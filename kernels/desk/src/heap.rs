@@ -1,5 +1,6 @@
-//! The kernel heap (for the guest agent's messages and files): a first-fit free list
-//! over one block of physical memory taken at start.
+//! The kernel heap (for the guest agent's messages, files and `fill` buffers): a
+//! first-fit free list over the largest block of physical memory left at start, nearly
+//! all of guest RAM.
 
 use linked_list_allocator::LockedHeap;
 

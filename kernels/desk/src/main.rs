@@ -1,10 +1,12 @@
-//! Desk: Carrel's own guest kernel. No std, no allocator yet; runs native on the
-//! paravirtual kvm_pvm (VIF page) and on hardware KVM alike.
+//! Desk: Carrel's own guest kernel. No std; runs native on the paravirtual kvm_pvm (VIF
+//! page) and on hardware KVM alike.
 //!
-//! This first stage prints a banner with the BootInfo summary, reads entropy from
-//! virtio-rng, starts a 1 kHz LAPIC timer and says `desk: ready`. With `desk.exit=1` on
-//! the command line it counts ten timer interrupts and powers off; otherwise it idles in
-//! `hlt` with the timer ticking until the VMM stops it.
+//! It prints a banner with the BootInfo summary, reads entropy from virtio-rng, starts a
+//! 1 kHz LAPIC timer and says `desk: ready`. With `desk.exit=1` on the command line it
+//! counts ten timer interrupts and powers off; otherwise it brings up the screen, input
+//! and the guest agent and serves them from one loop, woken by interrupts, until the VMM
+//! stops it. A restored VM goes on in that loop without booting again: the loop notices
+//! the restore count in BootInfo change and draws fresh entropy.
 
 #![no_std]
 #![no_main]
@@ -32,6 +34,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::Ordering;
 
 use carrel_firmware::{ports, virtio_id, BootInfo, BOOT_INFO_VERSION, DESK_NOTE_TYPE};
+use console::Hex;
 use desktop::Desktop;
 use interrupts::{Platform, TICKS, TIMER_VECTOR};
 
@@ -192,21 +195,17 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
 
     let tsc_khz = info.tsc_khz;
     let timeout = if tsc_khz == 0 { 5_000_000_000 } else { tsc_khz * 1000 };
-    match info.devices().iter().find(|device| device.device_type == virtio_id::ENTROPY) {
-        Some(device) => {
-            let mut entropy = [0u8; 32];
-            match virtio::Rng::new(device.base).and_then(|mut rng| rng.fill(&mut entropy, timeout)) {
-                Ok(count) => {
-                    print!("desk: rng {count} bytes: ");
-                    for byte in &entropy[..count.min(entropy.len())] {
-                        print!("{byte:02x}");
-                    }
-                    println!();
-                }
-                Err(err) => println!("desk: rng failed: {err:?}"),
+    // The device is kept: every restore draws fresh bytes from it.
+    let mut rng = start_rng(info);
+    let mut random = None;
+    if let Some(device) = rng.as_mut() {
+        match device.draw(timeout) {
+            Ok(bytes) => {
+                println!("desk: rng {} bytes: {}", bytes.len(), Hex(&bytes));
+                random = Some(bytes);
             }
+            Err(err) => println!("desk: rng failed: {err:?}"),
         }
-        None => println!("desk: no rng device"),
     }
 
     lapic::start_timer(TIMER_VECTOR, 1000);
@@ -227,12 +226,13 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
         println!("desk: screen {}x{} first frame drawn in {took} us", display.width, display.height);
     }
 
-    let mut agent_link = start_agent(info, timeout);
-    // Device buffers the host reads (framebuffers, vsock rings) are taken first; half of
-    // what is left becomes the heap (agent messages and files).
-    let heap_size = (phys::free_bytes() / 2).min(1 << 30) & !0xfff;
-    match phys::allocate(heap_size) {
-        Some(start) => heap::init(start, heap_size),
+    let mut agent_link = start_agent(info, timeout, random);
+    // Device buffers the host reads (framebuffers, vsock rings) are taken first and
+    // nothing takes physical memory later, so the heap (agent messages, files, `fill`
+    // buffers) gets the largest block left: nearly all of guest RAM. Its pages are only
+    // touched when used, so an idle heap costs the host nothing.
+    match phys::allocate_largest() {
+        Some((start, size)) => heap::init(start, size),
         None => println!("desk: no memory for a heap"),
     }
     let mut input_state = ui::InputState::default();
@@ -243,9 +243,22 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
         count_ticks_and_power_off(platform, tsc_khz);
     }
     let mut events = alloc::vec::Vec::new();
+    // A fresh boot is restore 0. Starting from 0 rather than from a read now also catches
+    // a snapshot taken while Desk was still starting.
+    let mut restores_seen = 0;
     loop {
         platform.wait_for_interrupt();
         let now_ms = TICKS.load(Ordering::Relaxed);
+        // Checked before the agent runs, so a command served in this same wake already
+        // sees the new entropy.
+        let restores = read_restores(boot_info);
+        if restores != restores_seen {
+            restores_seen = restores;
+            let random = draw_after_restore(rng.as_mut(), restores, timeout);
+            if let Some((_, agent)) = agent_link.as_mut() {
+                agent.set_random(random);
+            }
+        }
         if let Some((vsock, agent)) = agent_link.as_mut() {
             // Interrupts stay off while the agent works: handlers only count, and the
             // agent polls the rings itself.
@@ -282,7 +295,50 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
     }
 }
 
-fn start_agent(info: &BootInfo, timeout: u64) -> Option<(vsock::Vsock, agent::Agent)> {
+fn start_rng(info: &BootInfo) -> Option<virtio::Rng> {
+    let Some(device) = info.devices().iter().find(|device| device.device_type == virtio_id::ENTROPY) else {
+        println!("desk: no rng device");
+        return None;
+    };
+    match virtio::Rng::new(device.base) {
+        Ok(rng) => Some(rng),
+        Err(err) => {
+            println!("desk: rng failed: {err:?}");
+            None
+        }
+    }
+}
+
+/// How many times this VM was restored, as the VMM last wrote it into BootInfo.
+fn read_restores(boot_info: u64) -> u64 {
+    let info = boot_info as *const BootInfo;
+    // SAFETY: `boot_info` is the BootInfo block checked at entry, identity mapped for the
+    // kernel's lifetime; the VMM rewrites `restores` behind the compiler's back (while the
+    // vCPU is stopped), so it is read volatile through a raw pointer, never a reference.
+    unsafe { core::ptr::addr_of!((*info).restores).read_volatile() }
+}
+
+/// Draws fresh entropy after a restore and says so on the console. A clone of a snapshot
+/// must not repeat the bytes of its siblings, so when the draw fails the old bytes are
+/// dropped too (`None`), never kept.
+fn draw_after_restore(rng: Option<&mut virtio::Rng>, restores: u64, timeout: u64) -> Option<[u8; 32]> {
+    let Some(rng) = rng else {
+        println!("desk: restored (restore {restores}); rng failed: no rng device");
+        return None;
+    };
+    match rng.draw(timeout) {
+        Ok(bytes) => {
+            println!("desk: restored (restore {restores}); rng {} bytes: {}", bytes.len(), Hex(&bytes));
+            Some(bytes)
+        }
+        Err(err) => {
+            println!("desk: restored (restore {restores}); rng failed: {err:?}");
+            None
+        }
+    }
+}
+
+fn start_agent(info: &BootInfo, timeout: u64, random: Option<[u8; 32]>) -> Option<(vsock::Vsock, agent::Agent)> {
     let device = info.devices().iter().find(|device| device.device_type == virtio_id::VSOCK)?;
     match vsock::Vsock::new(device.base, carrel_agent_proto::AGENT_VSOCK_PORT, timeout) {
         Ok(vsock) => {
@@ -292,7 +348,7 @@ fn start_agent(info: &BootInfo, timeout: u64) -> Option<(vsock::Vsock, agent::Ag
                 carrel_agent_proto::AGENT_VSOCK_PORT,
                 vsock.cid
             );
-            Some((vsock, agent::Agent::new()))
+            Some((vsock, agent::Agent::new(random)))
         }
         Err(err) => {
             println!("desk: vsock failed: {err:?}");

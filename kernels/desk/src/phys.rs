@@ -1,7 +1,7 @@
 //! Physical memory for buffers the host reads (framebuffers): a bump allocator over the
 //! usable ranges of BootInfo. Memory is identity mapped, so an allocation's physical
 //! address is also where the kernel writes it. Nothing is freed: Desk allocates its
-//! buffers once at start.
+//! buffers once at start, then hands the largest block left to the heap.
 
 use carrel_firmware::{memory_kind, BootInfo, MAX_MEMORY_RANGES};
 
@@ -30,12 +30,6 @@ pub fn init(info: &BootInfo) {
     }
 }
 
-/// Bytes not handed out yet.
-pub fn free_bytes() -> u64 {
-    let free = FREE.get();
-    free.ranges[..free.count].iter().map(|(start, end)| end - start).sum()
-}
-
 /// A page-aligned block of `size` bytes, or `None` when memory is short. The block is
 /// zero: guest RAM starts as a fresh zero-filled memfd and nothing is handed out twice.
 /// (Writing zeroes anyway would fault in every page of the heap at boot: ~15 µs a page.)
@@ -50,4 +44,15 @@ pub fn allocate(size: u64) -> Option<u64> {
         }
     }
     None
+}
+
+/// The largest free block whole, as (start, size): what is left once the device buffers
+/// are taken becomes the heap. `None` when nothing is free.
+pub fn allocate_largest() -> Option<(u64, u64)> {
+    let free = FREE.get();
+    let range =
+        free.ranges[..free.count].iter_mut().filter(|range| range.1 > range.0).max_by_key(|range| range.1 - range.0)?;
+    let block = (range.0, range.1 - range.0);
+    range.0 = range.1;
+    Some(block)
 }

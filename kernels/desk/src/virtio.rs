@@ -46,6 +46,7 @@ pub enum VirtioError {
     FeaturesRefused,
     QueueUnavailable,
     Timeout,
+    Empty,
 }
 
 #[repr(C, align(16))]
@@ -301,5 +302,22 @@ impl Rng {
     pub fn fill(&mut self, buffer: &mut [u8], timeout_cycles: u64) -> Result<usize, VirtioError> {
         let request = Buffer { addr: buffer.as_mut_ptr() as u64, len: buffer.len() as u32, writable: true };
         self.queue.submit_and_wait(&self.device, &[request], timeout_cycles).map(|len| len as usize)
+    }
+
+    /// 32 bytes of entropy, asking again while the device returns fewer than asked;
+    /// [`VirtioError::Empty`] when it returns a request with nothing written.
+    pub fn draw(&mut self, timeout_cycles: u64) -> Result<[u8; 32], VirtioError> {
+        let mut bytes = [0u8; 32];
+        let mut filled = 0;
+        while filled < bytes.len() {
+            // The device reports the length it wrote; a length past the buffer is not
+            // believed.
+            let count = self.fill(&mut bytes[filled..], timeout_cycles)?.min(bytes.len() - filled);
+            if count == 0 {
+                return Err(VirtioError::Empty);
+            }
+            filled += count;
+        }
+        Ok(bytes)
     }
 }

@@ -3,18 +3,23 @@
 //! RX buffers are posted ahead and polled on each wake (the device interrupt wakes the
 //! CPU); TX packets go one at a time. Credit follows the spec: we never send the host more
 //! than it advertised room for, and tell it how much we consumed.
+//!
+//! The event queue carries transport resets (the VMM posts one after a restore: the
+//! host ends of every connection are gone and the CID may be new). A reset closes every
+//! connection and re-reads the CID; listening goes on, so the host can connect again.
 
 use alloc::vec::Vec;
 
 use crate::virtio::{
     drain_used, empty_queue, Buffer, MmioDevice, SplitQueue, VirtioError, Virtqueue, DESC_F_WRITE, QUEUE_SIZE,
 };
-use crate::{phys, GuestCell};
+use crate::{phys, println, GuestCell};
 
 const HEADER_SIZE: usize = 44;
 const MAX_PAYLOAD: usize = 64 * 1024;
 const RX_BUFFER_SIZE: usize = HEADER_SIZE + MAX_PAYLOAD;
 const HOST_CID: u64 = 2;
+const EVENT_QUEUE_INDEX: u32 = 2;
 const TYPE_STREAM: u16 = 1;
 /// What we let the host have in flight per connection.
 const BUFFER_ALLOC: u32 = 1024 * 1024;
@@ -35,7 +40,14 @@ mod op {
 static RX_QUEUE: GuestCell<SplitQueue> = GuestCell::new(empty_queue());
 static TX_QUEUE: GuestCell<SplitQueue> = GuestCell::new(empty_queue());
 static EVENT_QUEUE: GuestCell<SplitQueue> = GuestCell::new(empty_queue());
-static EVENT_BUFFER: GuestCell<[u8; 8]> = GuestCell::new([0; 8]);
+/// `struct virtio_vsock_event { le32 id }`.
+const EVENT_SIZE: usize = 4;
+/// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.
+const EVENT_TRANSPORT_RESET: u32 = 0;
+/// One buffer per event descriptor, so whatever id the device returns in the used ring
+/// names a buffer we own.
+static EVENT_BUFFERS: GuestCell<[[u8; EVENT_SIZE]; QUEUE_SIZE as usize]> =
+    GuestCell::new([[0; EVENT_SIZE]; QUEUE_SIZE as usize]);
 
 #[repr(C, packed)]
 #[derive(Clone, Copy, Default)]
@@ -100,6 +112,7 @@ pub struct Vsock {
     _event: Virtqueue,
     rx_buffers: [u64; QUEUE_SIZE as usize],
     rx_seen: u16,
+    event_seen: u16,
     pub cid: u64,
     listen_port: u32,
     pub connections: [Option<Connection>; MAX_CONNECTIONS],
@@ -110,31 +123,22 @@ pub struct Vsock {
 impl Vsock {
     pub fn new(base: u64, listen_port: u32, timeout_cycles: u64) -> Result<Vsock, VsockError> {
         let device = MmioDevice::negotiate(base, carrel_firmware::virtio_id::VSOCK, 0)?;
-        let cid = u64::from(device.read_config(0)) | (u64::from(device.read_config(4)) << 32);
+        let cid = read_cid(&device);
         let _rx = device.setup_queue(0, &RX_QUEUE)?;
         let tx = device.setup_queue(1, &TX_QUEUE)?;
-        let mut event = device.setup_queue(2, &EVENT_QUEUE)?;
+        let event = device.setup_queue(EVENT_QUEUE_INDEX, &EVENT_QUEUE)?;
         let mut rx_buffers = [0u64; QUEUE_SIZE as usize];
         for buffer in rx_buffers.iter_mut() {
             *buffer = phys::allocate(RX_BUFFER_SIZE as u64).ok_or(VsockError::OutOfMemory)?;
         }
-        // The event queue gets one buffer; transport reset events are not acted on.
-        let _ = &mut event;
-        let ring = EVENT_QUEUE.get();
-        ring.descriptors[0] = crate::virtio::Descriptor {
-            addr: EVENT_BUFFER.get().as_ptr() as u64,
-            len: 8,
-            flags: DESC_F_WRITE,
-            next: 0,
-        };
-        ring.avail_ring[0] = 0;
-        ring.avail_idx = 1;
+        post_all_events();
         let mut vsock = Vsock {
             device,
             tx,
             _event: event,
             rx_buffers,
             rx_seen: 0,
+            event_seen: 0,
             cid,
             listen_port,
             connections: Default::default(),
@@ -158,9 +162,12 @@ impl Vsock {
         ring.avail_idx = QUEUE_SIZE;
     }
 
-    /// Handles every packet the device returned; events are appended to `events`.
+    /// Handles every event and packet the device returned; what happened to connections
+    /// is appended to `events`.
     pub fn poll(&mut self, events: &mut Vec<VsockEvent>) {
         events.append(&mut self.events);
+        // Events first: packets that follow a reset belong to connections opened after it.
+        self.process_event_queue();
         let buffers = self.rx_buffers;
         let mut seen = self.rx_seen;
         let reposted = drain_used(&RX_QUEUE, &mut seen, |slot, len| {
@@ -179,6 +186,41 @@ impl Vsock {
             self.device.notify(0);
         }
         events.append(&mut self.events);
+    }
+
+    /// Acts on the events the device returned and gives their buffers back.
+    fn process_event_queue(&mut self) {
+        let mut seen = self.event_seen;
+        let mut reset = false;
+        let reposted = drain_used(&EVENT_QUEUE, &mut seen, |slot, len| {
+            if len < EVENT_SIZE {
+                return;
+            }
+            // SAFETY: `slot` is below QUEUE_SIZE (drain_used reduces the device's id) and
+            // names our own buffer, which the device finished writing before it published
+            // the used entry; read volatile because the device wrote it, not the program.
+            let id = unsafe { core::ptr::read_volatile(&EVENT_BUFFERS.get()[slot]) };
+            reset |= u32::from_le_bytes(id) == EVENT_TRANSPORT_RESET;
+        });
+        self.event_seen = seen;
+        if reset {
+            self.reset_transport();
+        }
+        if reposted {
+            self.device.notify(EVENT_QUEUE_INDEX as u16);
+        }
+    }
+
+    /// The host dropped every connection (virtio 1.2, 5.10.6.6): forget them without a
+    /// reply, since their host ends no longer exist, and learn the CID again.
+    fn reset_transport(&mut self) {
+        for (slot, connection) in self.connections.iter_mut().enumerate() {
+            if connection.take().is_some() {
+                self.events.push(VsockEvent::Closed(slot));
+            }
+        }
+        self.cid = read_cid(&self.device);
+        println!("desk: vsock transport reset (cid {})", self.cid);
     }
 
     fn find(&self, local_port: u32, host_port: u32) -> Option<usize> {
@@ -369,4 +411,26 @@ impl Vsock {
         }
         bytes
     }
+}
+
+/// The guest CID from the device's configuration space (le64 at offset 0).
+fn read_cid(device: &MmioDevice) -> u64 {
+    u64::from(device.read_config(0)) | (u64::from(device.read_config(4)) << 32)
+}
+
+/// Posts every event buffer, descriptor i holding buffer i.
+fn post_all_events() {
+    let ring = EVENT_QUEUE.get();
+    let buffers = EVENT_BUFFERS.get();
+    for (index, buffer) in buffers.iter_mut().enumerate() {
+        ring.descriptors[index] = crate::virtio::Descriptor {
+            addr: buffer.as_mut_ptr() as u64,
+            len: EVENT_SIZE as u32,
+            flags: DESC_F_WRITE,
+            next: 0,
+        };
+        ring.avail_ring[index] = index as u16;
+    }
+    core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+    ring.avail_idx = QUEUE_SIZE;
 }
