@@ -15,11 +15,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{FileOffset, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::device::{Gpu, GpuConfig, GpuError, CONTROL_QUEUE, CURSOR_QUEUE, QUEUE_SIZES};
+use crate::memory::{GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use crate::screen::Screen;
 
 /// VIRTIO_F_VERSION_1: a vhost-user backend offers the transport's feature bits too.
@@ -71,6 +72,26 @@ impl GpuBackend {
     }
 }
 
+/// The frontend's memory table as vhost-user-backend maps it (no dirty bitmap).
+type FrontendMemory = vm_memory::GuestMemoryMmap<()>;
+
+/// The frontend's memory mapped again with the device's memory type. The bitmap records
+/// nothing anyone reads: this process's writes are not part of the VMM's dirty tracking,
+/// and the VMM does not snapshot a VM whose GPU runs here.
+fn with_bitmap(memory: &FrontendMemory) -> io::Result<GuestMemoryMmap> {
+    let mut regions = Vec::new();
+    for region in memory.iter() {
+        let file = region.file_offset().ok_or_else(|| io::Error::other("guest memory region without a file"))?;
+        let offset = FileOffset::new(file.file().try_clone()?, file.start());
+        let mapping = MmapRegion::from_file(offset, region.len() as usize).map_err(io::Error::other)?;
+        regions.push(
+            GuestRegionMmap::new(mapping, region.start_addr())
+                .ok_or_else(|| io::Error::other("guest memory region out of range"))?,
+        );
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(io::Error::other)
+}
+
 impl VhostUserBackend for GpuBackend {
     type Bitmap = ();
     type Vring = VringRwLock;
@@ -110,12 +131,13 @@ impl VhostUserBackend for GpuBackend {
         Ok(())
     }
 
-    fn update_memory(&self, memory: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+    fn update_memory(&self, memory: GuestMemoryAtomic<FrontendMemory>) -> io::Result<()> {
         // A new memory table comes with each activation: the device starts afresh in it, so
         // no resource keeps a backing checked against the old table.
+        let tracked = with_bitmap(&memory.memory())?;
         let mut gpu = self.lock();
         gpu.reset();
-        gpu.memory = GuestMemoryMmap::clone(&memory.memory());
+        gpu.memory = tracked;
         Ok(())
     }
 
@@ -186,7 +208,7 @@ impl BoundBackend {
             .name("screen-server".into())
             .spawn(move || crate::remote::serve(screen_listener, screen))
             .map_err(BackendError::StartScreenServer)?;
-        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let memory = GuestMemoryAtomic::new(FrontendMemory::new());
         let daemon = VhostUserDaemon::new("carrel-gpu-backend".into(), backend, memory)
             .map_err(|err| BackendError::CreateDaemon { message: err.to_string() })?;
         let listener = Listener::new(&config.socket, true).map_err(|err| BackendError::BindVhostSocket {
@@ -252,11 +274,19 @@ mod tests {
         assert_eq!(backend.get_config(0, u32::MAX).len(), MAX_CONFIG_READ as usize, "reads are capped");
     }
 
+    /// The memory table as vhost-user-backend maps it from the frontend's fd.
+    fn frontend_memory(memfd: &std::fs::File) -> FrontendMemory {
+        let offset = FileOffset::new(memfd.try_clone().unwrap(), 0);
+        let mapping = vm_memory::MmapRegion::from_file(offset, MEMORY_SIZE as usize).unwrap();
+        let region = vm_memory::GuestRegionMmap::new(mapping, vm_memory::GuestAddress(0)).unwrap();
+        FrontendMemory::from_regions(vec![region]).unwrap()
+    }
+
     #[test]
     fn update_memory_views_the_memfd_and_a_new_table_resets_the_device() {
         let backend = GpuBackend::new(GpuConfig::default()).unwrap();
-        let (memory, _memfd) = memfd_memory(&[(0, MEMORY_SIZE)]);
-        backend.update_memory(GuestMemoryAtomic::new(memory.clone())).unwrap();
+        let (memory, memfd) = memfd_memory(&[(0, MEMORY_SIZE)]);
+        backend.update_memory(GuestMemoryAtomic::new(frontend_memory(&memfd))).unwrap();
         {
             // Drive the backend's device as a queue would, through a harness sharing it.
             let mut harness = Harness { memory: memory.clone(), gpu: Gpu::new(GpuConfig::default(), memory).unwrap() };
@@ -267,8 +297,8 @@ mod tests {
         }
         assert_eq!(backend.screen().latest_frame().unwrap().number, 1);
         assert_eq!(backend.screen().scanout_is_zero_copy(), Some(true), "the memfd view works here too");
-        let (memory, _memfd) = memfd_memory(&[(0, MEMORY_SIZE)]);
-        backend.update_memory(GuestMemoryAtomic::new(memory)).unwrap();
+        let (_, memfd) = memfd_memory(&[(0, MEMORY_SIZE)]);
+        backend.update_memory(GuestMemoryAtomic::new(frontend_memory(&memfd))).unwrap();
         assert_eq!(backend.screen().scanout_size(), None, "a new memory table starts a fresh device");
         assert_eq!(backend.lock().resource_bytes(), 0);
     }

@@ -9,8 +9,8 @@
 
 use std::io::{Read, Write};
 
+use crate::memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use crate::device::Gpu;
 use crate::metrics::bump;

@@ -24,6 +24,7 @@ pub mod device;
 pub mod edid;
 pub mod format;
 mod handler;
+pub mod memory;
 pub mod metrics;
 pub mod persist;
 pub mod protocol;

@@ -8,8 +8,8 @@
 
 use std::sync::Arc;
 
+use crate::memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
 
 use crate::capture::CursorImage;
 use crate::device::{Gpu, GpuConfig, GpuError, MAX_CURSOR_DIMENSION};

@@ -4,10 +4,11 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
+use crate::memory::{GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{Bytes, FileOffset, GuestAddress};
 
 use crate::device::{Gpu, GpuConfig};
 use crate::protocol::{

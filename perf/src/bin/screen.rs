@@ -20,11 +20,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use carrel_gpu::memory::{GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use carrel_gpu::protocol::{Command as GpuCommand, MemoryEntry, Rect, Response};
 use carrel_gpu::{CaptureFormat, CaptureOptions, Gpu, GpuConfig};
 use carrel_perf::{report, Summary};
 use serde_json::{json, Value};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{Bytes, FileOffset, GuestAddress};
 
 const WIDTH: u32 = 1280;
 const HEIGHT: u32 = 800;

@@ -7,7 +7,8 @@ use std::os::fd::FromRawFd;
 
 use carrel_gpu::{parse_request, CaptureFormat, CaptureOptions, Gpu, GpuConfig};
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{FileOffset, GuestAddress};
+use carrel_gpu::memory::{GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 const RAM_BYTES: usize = 8 << 20;
 

@@ -108,8 +108,8 @@ pub struct BuiltVm {
     pub input: Option<InputSinks>,
     /// How many restores led here (0 for a fresh boot).
     pub restores: u64,
-    /// The snapshot directory and state digest (hex) this VM was restored from.
-    pub restored_from: Option<(std::path::PathBuf, String)>,
+    /// The snapshot this VM was restored from (the parent of its first diff).
+    pub restored_from: Option<snapshot::memory::Parent>,
     pub started: Instant,
 }
 
@@ -154,8 +154,8 @@ pub fn restore_vm(config: &VmConfig, snapshot: &LoadedSnapshot, started: Instant
     // The memory slot's fixed cost overlaps with reading memory.bin and the devices.
     let wired = std::thread::scope(|scope| {
         let registering = scope.spawn(|| vm.register_memory(&ram.memory));
-        let loaded = snapshot::memory::read_image(&ram, &snapshot.dir.join(snapshot::MEMORY_FILE), &saved.memory)
-            .map_err(SnapshotError::from);
+        let loaded =
+            snapshot::load_parents(snapshot).and_then(|parents| snapshot::read_memory(&ram, snapshot, &parents));
         let wired = loaded.map_err(BuildError::from).and_then(|()| wire(config, &vm, &ram, Some(saved)));
         let registered = registering.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         registered?;
@@ -183,7 +183,8 @@ pub fn restore_vm(config: &VmConfig, snapshot: &LoadedSnapshot, started: Instant
             .map_err(|err| BuildError::Restore(format!("cannot tell the guest it was restored: {err}")))?;
     }
     let mut built = wired.into_built(vm, ram, saved.protocol, restores, started);
-    built.restored_from = Some((snapshot.dir.clone(), snapshot::hex(&snapshot.digest)));
+    let dir = std::fs::canonicalize(&snapshot.dir).unwrap_or_else(|_| snapshot.dir.clone());
+    built.restored_from = Some(snapshot::memory::Parent { dir, digest: snapshot.digest });
     Ok(built)
 }
 

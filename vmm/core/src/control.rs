@@ -39,6 +39,9 @@ pub enum Request {
 pub struct SnapshotRequest {
     pub dir: PathBuf,
     pub hibernate: bool,
+    /// Only what changed since the VM's last snapshot (or the one it was restored from).
+    #[serde(default)]
+    pub diff: bool,
 }
 
 /// The VMM's answer.

@@ -22,8 +22,10 @@ const USAGE: &str = "usage:
   carrel-vmm run --config vm.toml [flags above override the file]
   carrel-vmm run --restore SNAPSHOT_DIR [--eager] [--socket PATH] [--vsock PATH] [--cid N] [--name NAME]
                  [--audit DIR] [--console-log PATH] [--no-console]
-  carrel-vmm snapshot --socket PATH --dir DIR     (the VM goes on)
-  carrel-vmm hibernate --socket PATH --dir DIR    (snapshot, then the VM process ends)
+  carrel-vmm snapshot --socket PATH --dir DIR [--diff]   (the VM goes on; --diff: only what
+                 changed since its last snapshot or the one it was restored from)
+  carrel-vmm hibernate --socket PATH --dir DIR [--diff]  (snapshot, then the VM process ends)
+  carrel-vmm snapshot merge --dir DIFF --out DIR         (fold a diff chain into one full snapshot)
   carrel-vmm status --socket PATH [--json]
   carrel-vmm stop --socket PATH
   carrel-vmm pause --socket PATH | resume --socket PATH
@@ -47,6 +49,9 @@ fn main() -> ExitCode {
             parse_restore(&args[1..]).map(|(dir, overrides)| restore(&dir, &overrides, started))
         }
         Some("run") => parse_run(&args[1..]).map(|config| run(config, started)),
+        Some("snapshot") if args.get(1).map(String::as_str) == Some("merge") => {
+            parse_merge(&args[2..]).map(|(dir, out)| merge(&dir, &out))
+        }
         Some("snapshot") => parse_snapshot(&args[1..], false).map(|(socket, request)| snapshot(&socket, request)),
         Some("hibernate") => parse_snapshot(&args[1..], true).map(|(socket, request)| snapshot(&socket, request)),
         Some("status") => parse_socket(&args[1..]).map(|(socket, json)| status(&socket, json)),
@@ -172,20 +177,38 @@ fn parse_restore(args: &[String]) -> Result<(PathBuf, RestoreOverrides), Usage> 
 }
 
 fn parse_snapshot(args: &[String], hibernate: bool) -> Result<(PathBuf, SnapshotRequest), Usage> {
-    let (mut socket, mut dir) = (None, None);
+    let (mut socket, mut dir, mut diff) = (None, None, false);
     let mut index = 0;
     while index < args.len() {
         let flag = args[index].as_str();
         match flag {
             "--socket" => socket = Some(PathBuf::from(value(args, &mut index, flag)?)),
             "--dir" => dir = Some(absolute(value(args, &mut index, flag)?)),
+            "--diff" => diff = true,
             other => return Err(Usage(format!("unknown flag {other:?}"))),
         }
         index += 1;
     }
     let socket = socket.ok_or_else(|| Usage("--socket PATH is required".into()))?;
     let dir = dir.ok_or_else(|| Usage("--dir DIR is required: the new snapshot's directory".into()))?;
-    Ok((socket, SnapshotRequest { dir, hibernate }))
+    Ok((socket, SnapshotRequest { dir, hibernate, diff }))
+}
+
+fn parse_merge(args: &[String]) -> Result<(PathBuf, PathBuf), Usage> {
+    let (mut dir, mut out) = (None, None);
+    let mut index = 0;
+    while index < args.len() {
+        let flag = args[index].as_str();
+        match flag {
+            "--dir" => dir = Some(absolute(value(args, &mut index, flag)?)),
+            "--out" => out = Some(absolute(value(args, &mut index, flag)?)),
+            other => return Err(Usage(format!("unknown flag {other:?}"))),
+        }
+        index += 1;
+    }
+    let dir = dir.ok_or_else(|| Usage("--dir DIR is required: the last snapshot of the chain".into()))?;
+    let out = out.ok_or_else(|| Usage("--out DIR is required: the merged snapshot's directory".into()))?;
+    Ok((dir, out))
 }
 
 fn parse_socket(args: &[String]) -> Result<(PathBuf, bool), Usage> {
@@ -538,20 +561,33 @@ fn snapshot(socket: &Path, request: SnapshotRequest) -> anyhow::Result<ExitCode>
     // Writing guest memory takes about a second per GiB on a slow disk.
     match ControlClient::connect(socket)?.call(&Request::Snapshot(request), Duration::from_secs(600))? {
         Response::Snapshot(info) => {
-            println!(
-                "{}: {} MiB of memory, {} bytes on disk, paused {:.1} ms, state {}{}",
-                info.dir.display(),
-                info.memory_bytes >> 20,
-                info.disk_bytes,
-                info.paused_us as f64 / 1e3,
-                &info.digest[..16],
-                if hibernate { "; the VM has ended (wake it with run --restore)" } else { "" }
-            );
+            print_snapshot(&info);
+            if hibernate {
+                println!("the VM has ended (wake it with run --restore)");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Response::Error(message) => anyhow::bail!("{message}"),
         other => anyhow::bail!("unexpected answer {other:?}"),
     }
+}
+
+fn print_snapshot(info: &carrel_vmm::snapshot::SnapshotInfo) {
+    println!(
+        "{}: {} KiB of memory, {} bytes on disk, paused {:.1} ms, state {}{}",
+        info.dir.display(),
+        info.memory_bytes >> 10,
+        info.disk_bytes,
+        info.paused_us as f64 / 1e3,
+        &info.digest[..16],
+        info.parent.as_ref().map(|parent| format!(", a diff over {}", &parent[..16])).unwrap_or_default(),
+    );
+}
+
+fn merge(dir: &Path, out: &Path) -> anyhow::Result<ExitCode> {
+    let info = carrel_vmm::snapshot::merge(dir, out)?;
+    print_snapshot(&info);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn restore(dir: &Path, overrides: &RestoreOverrides, started: Instant) -> anyhow::Result<ExitCode> {

@@ -7,7 +7,8 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 
 use carrel_firmware::layout::{MMIO_GAP_END, MMIO_GAP_START};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+pub use carrel_gpu::memory::{AtomicBitmap, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{FileOffset, GuestAddress};
 
 /// Smallest guest RAM accepted: room for boot structures and a small kernel.
 pub const MIN_MEM_MIB: u64 = 16;

@@ -21,7 +21,7 @@ use crate::services::agent::AgentService;
 use crate::services::input::InputService;
 use crate::services::screen::ScreenService;
 use crate::services::ConnectionServices;
-use crate::snapshot::memory::MemoryImage;
+use crate::snapshot::memory::{MemoryImage, Parent};
 use crate::snapshot::{write_snapshot, SnapshotInfo, SnapshotState};
 use crate::vstate::vcpu::{install_kick_handler, VcpuEvent, VcpuEventSender, VcpuHandle, VcpuMessage, VcpuStop};
 
@@ -111,6 +111,8 @@ pub struct Vmm {
     signals: OwnedFd,
     recorder: Recorder,
     paused: bool,
+    /// The snapshot this VM's memory last matched, which a diff snapshot applies over.
+    parent: Option<Parent>,
     _control: Option<ControlServer>,
 }
 
@@ -157,11 +159,11 @@ impl Vmm {
                 ],
                 ..Default::default()
             },
-            Some((dir, digest)) => Record {
+            Some(parent) => Record {
                 action: "vm.restore",
                 params: vec![
-                    ("snapshot", dir.display().to_string()),
-                    ("state_digest", digest.clone()),
+                    ("snapshot", parent.dir.display().to_string()),
+                    ("state_digest", crate::snapshot::hex(&parent.digest)),
                     ("restores", built.restores.to_string()),
                     ("platform", built.platform.name().to_string()),
                 ],
@@ -190,6 +192,7 @@ impl Vmm {
         for vcpu in vcpus {
             handles.push(vcpu.start(VcpuEventSender::new(event_sender.clone(), vcpu_wake.clone()))?);
         }
+        let parent = built.restored_from.clone();
         Ok(Vmm {
             built,
             config,
@@ -202,6 +205,7 @@ impl Vmm {
             signals,
             recorder,
             paused: false,
+            parent,
             _control: control,
         })
     }
@@ -353,7 +357,7 @@ impl Vmm {
                 Ok(()) => (Response::Resumed, false),
                 Err(err) => (Response::Error(err.to_string()), false),
             },
-            Request::Snapshot(request) => match self.snapshot(&request.dir) {
+            Request::Snapshot(request) => match self.snapshot(&request.dir, request.diff) {
                 Ok(info) => (Response::Snapshot(info), request.hibernate),
                 Err(message) => (Response::Error(message), false),
             },
@@ -393,17 +397,44 @@ impl Vmm {
     /// Pauses the VM (if it runs), saves every vCPU, the VM and every device, writes the
     /// snapshot, and lets the VM go on as it was. Devices are served on this thread, so
     /// none touches guest memory while the snapshot is taken.
-    fn snapshot(&mut self, dir: &Path) -> Result<SnapshotInfo, String> {
+    ///
+    /// Every snapshot starts a new dirty-page set; a `diff` one writes only the pages of the
+    /// set it ends, over the VM's last snapshot. A snapshot not taken gives its set back.
+    fn snapshot(&mut self, dir: &Path, diff: bool) -> Result<SnapshotInfo, String> {
+        let parent = match (&self.parent, diff) {
+            (None, true) => {
+                return Err("snapshot not taken: a diff needs a parent, and this VM has had no snapshot since it \
+                            booted: take a full snapshot first"
+                    .into())
+            }
+            (parent, _) => parent.clone().filter(|_| diff),
+        };
         let paused_at = Instant::now();
         let was_paused = self.paused;
         self.set_paused(true).map_err(|err| format!("cannot pause the VM for a snapshot: {err}"))?;
-        let result = self
-            .capture_state()
-            .and_then(|state| {
-                write_snapshot(dir, &self.config, self.built.platform, &self.built.ram, state, paused_at)
-                    .map_err(|err| err.to_string())
-            })
-            .map_err(|err| format!("snapshot not taken: {err}"));
+        let result = self.capture_state().and_then(|state| {
+            let memory = &self.built.ram.memory;
+            let dirty = self.built.vm.take_dirty_pages(memory).map_err(|err| err.to_string())?;
+            let written = write_snapshot(
+                dir,
+                &self.config,
+                self.built.platform,
+                &self.built.ram,
+                state,
+                paused_at,
+                parent.map(|parent| (&dirty[..], parent)),
+            );
+            if written.is_err() {
+                give_back_dirty_pages(memory, &dirty);
+            }
+            written.map_err(|err| err.to_string())
+        });
+        let result = result.map_err(|err| format!("snapshot not taken: {err}"));
+        if let Ok(info) = &result {
+            let dir = std::fs::canonicalize(&info.dir).unwrap_or_else(|_| info.dir.clone());
+            let digest = crate::snapshot::digest_from_hex(&info.digest);
+            self.parent = digest.map(|digest| Parent { dir, digest });
+        }
         if !was_paused {
             if let Err(err) = self.set_paused(false) {
                 return Err(format!("{}; and the VM did not resume: {err}", result.err().unwrap_or_default()));
@@ -463,7 +494,7 @@ impl Vmm {
             vcpus,
             serial: lock(&self.built.serial).save(),
             virtio,
-            memory: MemoryImage { size: self.built.ram.size, chunks: Vec::new() },
+            memory: MemoryImage::empty(self.built.ram.size),
         })
     }
 
@@ -492,7 +523,8 @@ fn request_action(request: &Request) -> &'static str {
         Request::Screenshot(_) => "screenshot",
         Request::Agent(_) => "agent",
         Request::Input(_) => "input",
-        Request::Snapshot(SnapshotRequest { hibernate: false, .. }) => "snapshot",
+        Request::Snapshot(SnapshotRequest { hibernate: false, diff: false, .. }) => "snapshot",
+        Request::Snapshot(SnapshotRequest { hibernate: false, diff: true, .. }) => "snapshot.diff",
         Request::Snapshot(SnapshotRequest { hibernate: true, .. }) => "hibernate",
     }
 }
@@ -500,12 +532,33 @@ fn request_action(request: &Request) -> &'static str {
 /// What the audit log keeps of a request's answer beyond its action.
 fn response_params(response: &Response) -> Vec<(&'static str, String)> {
     match response {
-        Response::Snapshot(info) => vec![
-            ("dir", info.dir.display().to_string()),
-            ("state_digest", info.digest.clone()),
-            ("memory_bytes", info.memory_bytes.to_string()),
-            ("paused_us", info.paused_us.to_string()),
-        ],
+        Response::Snapshot(info) => {
+            let mut params = vec![
+                ("dir", info.dir.display().to_string()),
+                ("state_digest", info.digest.clone()),
+                ("memory_bytes", info.memory_bytes.to_string()),
+                ("paused_us", info.paused_us.to_string()),
+            ];
+            if let Some(parent) = &info.parent {
+                params.push(("parent_digest", parent.clone()));
+            }
+            params
+        }
         _ => Vec::new(),
+    }
+}
+
+/// Marks `dirty` pages in the regions' bitmaps again, so the next diff still holds them.
+fn give_back_dirty_pages(memory: &crate::memory::GuestMemoryMmap, dirty: &crate::snapshot::memory::DirtyPages) {
+    use vm_memory::GuestMemoryBackend;
+    for (region, bitmap) in memory.iter().zip(dirty) {
+        let mapping: &crate::memory::MmapRegion = region;
+        for (index, &word) in bitmap.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                mapping.bitmap().set_bit(index * 64 + bits.trailing_zeros() as usize);
+                bits &= bits - 1;
+            }
+        }
     }
 }

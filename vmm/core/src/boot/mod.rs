@@ -9,6 +9,7 @@ pub mod image;
 use std::fs::File;
 use std::path::Path;
 
+use crate::memory::GuestMemoryMmap;
 use carrel_firmware::layout::{self, BOOT_INFO_ADDR, CMDLINE_ADDR, CMDLINE_MAX, EBDA_START, HIMEM_START};
 use carrel_firmware::{memory_kind, BootInfo, DeviceEntry, MemoryRange, PlatformKind, BOOT_INFO_VERSION};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
@@ -17,7 +18,7 @@ use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::ram_ranges;
 use crate::platform::GuestKind;
@@ -422,7 +423,7 @@ mod tests {
     }
 
     fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap()
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap()
     }
 
     /// A minimal bzImage: setup header with the magic, one setup sector, a few bytes of

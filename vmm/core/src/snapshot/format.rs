@@ -13,7 +13,7 @@ use carrel_firmware::PlatformKind;
 
 pub const MAGIC: &[u8; 8] = b"CRRLSNAP";
 /// The format version this VMM writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const HEADER_BYTES: usize = 8 + 4 + 4 + 8;
 const DIGEST_BYTES: usize = 32;
 /// Largest body accepted: VM state is small (memory lives in memory.bin).

@@ -6,12 +6,17 @@
 //! left a hole too. Every written chunk's blake3 goes into `state.bin`, so a restore
 //! checks each byte it loads. Chunks are written from the guest mapping itself (no copy),
 //! several in flight, with O_DIRECT where the filesystem allows.
+//!
+//! A diff image holds only the pages written since its parent was taken (KVM's dirty log
+//! and the devices' bitmaps, [`crate::vstate::vm::Vm::take_dirty_pages`]): the written
+//! chunks with data, and the written ranges that became all zeros. Loading a chain loads
+//! the full image at its root, then each diff over it in order.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use io_uring::{opcode, types, IoUring};
 use serde::{Deserialize, Serialize};
@@ -45,7 +50,16 @@ pub enum MemoryFileError {
     Corrupt { path: String, offset: u64 },
     #[error("the saved memory map is invalid: chunk at {offset:#x} of {len} bytes lies outside {size} bytes of RAM")]
     BadChunk { offset: u64, len: u64, size: u64 },
+    #[error("cannot clear guest RAM at {offset:#x}: {source}")]
+    Clear { offset: u64, source: io::Error },
 }
+
+/// Pages written since the parent snapshot: one bitmap per RAM region, in region order
+/// (bit `n` of word `n / 64` is the region's page `n`).
+pub type DirtyPages = [Vec<u64>];
+
+/// Bytes per page of the dirty bitmaps.
+pub const PAGE_BYTES: u64 = 4096;
 
 /// One written chunk of guest RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,14 +69,30 @@ pub struct Chunk {
     pub digest: [u8; 32],
 }
 
-/// What `memory.bin` holds: its size and the chunks with data (the rest is zeros).
+/// The snapshot a diff applies to: its directory and its `state.bin` digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Parent {
+    pub dir: PathBuf,
+    pub digest: [u8; 32],
+}
+
+/// What `memory.bin` holds. A full image: the chunks with data (the rest is zeros). A
+/// diff: what changed over `parent`, as chunks with data and ranges now all zeros.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryImage {
     pub size: u64,
     pub chunks: Vec<Chunk>,
+    /// (offset, length) ranges a diff clears; empty in a full image.
+    pub zeroed: Vec<(u64, u64)>,
+    pub parent: Option<Parent>,
 }
 
 impl MemoryImage {
+    /// An image of `size` bytes of RAM that holds nothing yet.
+    pub fn empty(size: u64) -> MemoryImage {
+        MemoryImage { size, chunks: Vec::new(), zeroed: Vec::new(), parent: None }
+    }
+
     pub fn data_bytes(&self) -> u64 {
         self.chunks.iter().map(|chunk| chunk.len).sum()
     }
@@ -77,6 +107,15 @@ impl MemoryImage {
                 return Err(bad());
             }
             end = chunk_end;
+        }
+        let mut end = 0;
+        for &(offset, len) in &self.zeroed {
+            let bad = || MemoryFileError::BadChunk { offset, len, size: ram_size };
+            let range_end = offset.checked_add(len).ok_or_else(bad)?;
+            if offset < end || range_end > ram_size || len == 0 {
+                return Err(bad());
+            }
+            end = range_end;
         }
         if self.size != ram_size {
             return Err(MemoryFileError::BadChunk { offset: 0, len: self.size, size: ram_size });
@@ -112,6 +151,31 @@ pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
         position = hole;
     }
     Ok(extents)
+}
+
+/// The (memfd offset, length) runs of pages `dirty` marks, for RAM laid out as `regions`.
+fn dirty_extents(dirty: &DirtyPages, regions: &[(u64, *mut u8, u64)]) -> Vec<(u64, u64)> {
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    for (bitmap, &(region_offset, _, region_len)) in dirty.iter().zip(regions) {
+        let pages = region_len.div_ceil(PAGE_BYTES);
+        for (index, &word) in bitmap.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let page = index as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                if page >= pages {
+                    break;
+                }
+                let offset = region_offset + page * PAGE_BYTES;
+                let len = PAGE_BYTES.min(region_len - page * PAGE_BYTES);
+                match extents.last_mut() {
+                    Some((start, run)) if *start + *run == offset => *run += len,
+                    _ => extents.push((offset, len)),
+                }
+            }
+        }
+    }
+    extents
 }
 
 /// Guest RAM as (memfd offset, host address, length) regions.
@@ -252,21 +316,40 @@ fn transfer(file: &File, ops: &[(*mut u8, u64, u64)], write: bool) -> Result<(),
     }
 }
 
+/// Bytes a diff of `dirty` pages writes at most.
+pub fn dirty_bytes(ram: &GuestRam, dirty: &DirtyPages) -> u64 {
+    dirty_extents(dirty, &ram_regions(ram)).iter().map(|(_, len)| len).sum()
+}
+
 /// Writes guest RAM to `path` (created; O_DIRECT when allowed), fsyncs it, and returns
-/// what it holds. The guest must be paused.
-pub fn write_image(ram: &GuestRam, path: &Path) -> Result<MemoryImage, MemoryFileError> {
+/// what it holds: all of RAM, or with `diff` only the pages it marks, over its parent.
+/// The guest must be paused.
+pub fn write_image(
+    ram: &GuestRam,
+    path: &Path,
+    diff: Option<(&DirtyPages, Parent)>,
+) -> Result<MemoryImage, MemoryFileError> {
     let name = path.display().to_string();
     let regions = ram_regions(ram);
-    let extents = data_extents(&ram.memfd, ram.size).map_err(MemoryFileError::Extents)?;
+    let extents = match &diff {
+        None => data_extents(&ram.memfd, ram.size).map_err(MemoryFileError::Extents)?,
+        Some((dirty, _)) => dirty_extents(dirty, &regions),
+    };
     let ranges = chunk_ranges(&extents, &regions);
     let digests = digest_chunks(&regions, &ranges);
     let zero_full = zero_digest(CHUNK_BYTES);
-    let chunks: Vec<Chunk> = ranges
-        .iter()
-        .zip(digests)
-        .filter(|(&(_, len), digest)| *digest != if len == CHUNK_BYTES { zero_full } else { zero_digest(len) })
-        .map(|(&(offset, len), digest)| Chunk { offset, len, digest })
-        .collect();
+    let mut chunks = Vec::with_capacity(ranges.len());
+    let mut zeroed: Vec<(u64, u64)> = Vec::new();
+    for (&(offset, len), digest) in ranges.iter().zip(digests) {
+        if digest != if len == CHUNK_BYTES { zero_full } else { zero_digest(len) } {
+            chunks.push(Chunk { offset, len, digest });
+        } else if diff.is_some() {
+            match zeroed.last_mut() {
+                Some((start, run)) if *start + *run == offset => *run += len,
+                _ => zeroed.push((offset, len)),
+            }
+        }
+    }
 
     let create = |direct: bool| {
         OpenOptions::new().write(true).create_new(true).custom_flags(if direct { libc::O_DIRECT } else { 0 }).open(path)
@@ -290,14 +373,36 @@ pub fn write_image(ram: &GuestRam, path: &Path) -> Result<MemoryImage, MemoryFil
         source,
     })?;
     file.sync_all().map_err(|source| MemoryFileError::Write { path: name, offset: ram.size, source })?;
-    Ok(MemoryImage { size: ram.size, chunks })
+    Ok(MemoryImage { size: ram.size, chunks, zeroed, parent: diff.map(|(_, parent)| parent) })
 }
 
-/// Loads `image` from `path` into fresh guest RAM (which reads as zeros elsewhere) and
-/// checks every chunk against its digest. The guest must not run yet.
+/// Makes RAM bytes `offset..offset + len` read as zeros again (a hole in the memfd).
+fn clear(ram: &GuestRam, offset: u64, len: u64) -> Result<(), MemoryFileError> {
+    // SAFETY: fallocate on the RAM memfd this function borrows; punching a hole keeps the
+    // size and the mappings, which then read zeros there.
+    let done = unsafe {
+        libc::fallocate(
+            ram.memfd.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if done != 0 {
+        return Err(MemoryFileError::Clear { offset, source: io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+/// Loads `image` from `path` into guest RAM and checks every chunk against its digest.
+/// A full image goes into fresh RAM (which reads as zeros elsewhere); a diff over RAM
+/// that holds its parent. The guest must not run yet.
 pub fn read_image(ram: &GuestRam, path: &Path, image: &MemoryImage) -> Result<(), MemoryFileError> {
     let name = path.display().to_string();
     image.validate(ram.size)?;
+    for &(offset, len) in &image.zeroed {
+        clear(ram, offset, len)?;
+    }
     let file = File::open(path).map_err(|source| MemoryFileError::Open { path: name.clone(), source })?;
     let found = file.metadata().map_err(|source| MemoryFileError::Open { path: name.clone(), source })?.len();
     if found != ram.size {
@@ -340,7 +445,7 @@ mod tests {
         let ram = create_guest_ram(16).unwrap();
         assert!(data_extents(&ram.memfd, ram.size).unwrap().is_empty());
         let dir = tempfile::tempdir().unwrap();
-        let image = write_image(&ram, &dir.path().join("memory.bin")).unwrap();
+        let image = write_image(&ram, &dir.path().join("memory.bin"), None).unwrap();
         assert!(image.chunks.is_empty());
         assert_eq!(std::fs::metadata(dir.path().join("memory.bin")).unwrap().len(), 16 << 20);
     }
@@ -354,7 +459,7 @@ mod tests {
         ram.memory.write_slice(&[0u8; 8192], GuestAddress(0x80_0000)).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memory.bin");
-        let image = write_image(&ram, &path).unwrap();
+        let image = write_image(&ram, &path, None).unwrap();
         assert_eq!(image.chunks.len(), 2, "{:?}", image.chunks);
         let restored = create_guest_ram(16).unwrap();
         read_image(&restored, &path, &image).unwrap();
@@ -364,6 +469,56 @@ mod tests {
         assert_eq!(restored.memory.read_obj::<u32>(GuestAddress(0xff_fffc)).unwrap(), 0x1234_5678);
     }
 
+    /// The pages device-side writes marked in the regions' bitmaps, cleared.
+    fn device_dirty_pages(ram: &GuestRam) -> Vec<Vec<u64>> {
+        ram.memory
+            .iter()
+            .map(|region| {
+                let mapping: &crate::memory::MmapRegion = region;
+                mapping.bitmap().get_and_reset()
+            })
+            .collect()
+    }
+
+    fn ram_bytes(ram: &GuestRam) -> Vec<u8> {
+        let mut bytes = vec![0u8; ram.size as usize];
+        ram.memory.read_slice(&mut bytes, GuestAddress(0)).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn a_diff_holds_only_written_pages_and_its_chain_restores_ram() {
+        let ram = create_guest_ram(16).unwrap();
+        ram.memory.write_slice(&[0xab; 5000], GuestAddress(0x10_0000)).unwrap();
+        ram.memory.write_slice(&[0xcd; 8192], GuestAddress(0x80_0000)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let full = write_image(&ram, &dir.path().join("full.bin"), None).unwrap();
+        device_dirty_pages(&ram);
+
+        // One page changes, one page becomes zeros, one new page gets data.
+        ram.memory.write_obj(0x55aa_u16, GuestAddress(0x10_0010)).unwrap();
+        ram.memory.write_slice(&[0u8; 4096], GuestAddress(0x80_0000)).unwrap();
+        ram.memory.write_slice(&[0x11; 100], GuestAddress(0xf0_0000)).unwrap();
+        let dirty = device_dirty_pages(&ram);
+        assert_eq!(dirty_bytes(&ram, &dirty), 3 * PAGE_BYTES);
+        let parent = Parent { dir: dir.path().into(), digest: [7; 32] };
+        let diff = write_image(&ram, &dir.path().join("diff.bin"), Some((&dirty, parent.clone()))).unwrap();
+        let offsets: Vec<(u64, u64)> = diff.chunks.iter().map(|chunk| (chunk.offset, chunk.len)).collect();
+        assert_eq!(offsets, vec![(0x10_0000, PAGE_BYTES), (0xf0_0000, PAGE_BYTES)]);
+        assert_eq!(diff.zeroed, vec![(0x80_0000, PAGE_BYTES)]);
+        assert_eq!(diff.parent, Some(parent));
+
+        let restored = create_guest_ram(16).unwrap();
+        read_image(&restored, &dir.path().join("full.bin"), &full).unwrap();
+        read_image(&restored, &dir.path().join("diff.bin"), &diff).unwrap();
+        assert!(ram_bytes(&restored) == ram_bytes(&ram), "base + diff is the RAM as it was at the diff");
+        let extents = data_extents(&restored.memfd, restored.size).unwrap();
+        assert!(
+            !extents.iter().any(|&(offset, _)| offset == 0x80_0000),
+            "the zeroed page is a hole again: {extents:?}"
+        );
+    }
+
     #[test]
     fn flipped_byte_in_memory_file_is_refused() {
         use std::os::unix::fs::FileExt;
@@ -371,7 +526,7 @@ mod tests {
         ram.memory.write_slice(&[7; 4096], GuestAddress(0x2000)).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memory.bin");
-        let image = write_image(&ram, &path).unwrap();
+        let image = write_image(&ram, &path, None).unwrap();
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.write_all_at(&[8], 0x2100).unwrap();
         let error = read_image(&create_guest_ram(16).unwrap(), &path, &image).unwrap_err();
@@ -384,7 +539,7 @@ mod tests {
         ram.memory.write_slice(&[7; 4096], GuestAddress(0x2000)).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memory.bin");
-        let image = write_image(&ram, &path).unwrap();
+        let image = write_image(&ram, &path, None).unwrap();
         std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(1 << 20).unwrap();
         let error = read_image(&create_guest_ram(16).unwrap(), &path, &image).unwrap_err();
         assert!(matches!(error, MemoryFileError::WrongSize { .. }), "{error}");

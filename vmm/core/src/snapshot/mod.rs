@@ -10,6 +10,10 @@
 //! renamed into place: a crash or a full disk midway leaves no directory under the
 //! snapshot's name, and an existing snapshot is never overwritten. A restore reads the
 //! files and changes none of them.
+//!
+//! A diff snapshot's `memory.bin` holds only what changed since its parent, which it
+//! names by directory and `state.bin` digest; a restore loads the chain from its full
+//! root, and [`merge`] folds a chain into one full snapshot.
 
 pub mod format;
 pub mod memory;
@@ -29,7 +33,7 @@ use crate::devices::virtio::persist::MmioState;
 use crate::memory::GuestRam;
 use crate::vstate::persist::{VcpuState, VmState};
 use carrel_firmware::PlatformKind;
-use memory::{MemoryFileError, MemoryImage};
+use memory::{DirtyPages, MemoryFileError, MemoryImage, Parent};
 
 pub const CONFIG_FILE: &str = "vm.json";
 pub const STATE_FILE: &str = "state.bin";
@@ -56,7 +60,16 @@ pub enum SnapshotError {
     Memory(#[from] MemoryFileError),
     #[error("the saved state does not match its configuration: {0}")]
     Mismatch(String),
+    #[error("{path} is a diff over {parent}, which cannot be used: {reason}")]
+    Parent { path: String, parent: String, reason: String },
+    #[error("{path} is a diff chain deeper than {MAX_CHAIN} snapshots: merge it (carrel-vmm snapshot merge)")]
+    ChainTooLong { path: String },
+    #[error("cannot set up memory to merge {path} into: {reason}")]
+    MergeMemory { path: String, reason: String },
 }
+
+/// The most snapshots a diff chain may hold, its full root included.
+pub const MAX_CHAIN: usize = 64;
 
 /// Everything of a VM but its memory, as saved in `state.bin`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -84,6 +97,8 @@ pub struct SnapshotInfo {
     /// Time with the vCPUs paused, and of the memory write alone.
     pub paused_us: u64,
     pub memory_write_us: u64,
+    /// For a diff: its parent's digest, hex.
+    pub parent: Option<String>,
 }
 
 /// A snapshot read back and checked.
@@ -100,6 +115,18 @@ pub struct LoadedSnapshot {
 /// Lowercase hex, as digests are shown and logged.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// A digest from its [`hex`] form.
+pub fn digest_from_hex(text: &str) -> Option<[u8; 32]> {
+    let mut digest = [0u8; 32];
+    if text.len() != 64 {
+        return None;
+    }
+    for (byte, pair) in digest.iter_mut().zip(text.as_bytes().chunks(2)) {
+        *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(digest)
 }
 
 /// Free bytes for an unprivileged writer on the filesystem holding `path`.
@@ -132,7 +159,8 @@ pub fn memory_bytes_needed(ram: &GuestRam) -> Result<u64, SnapshotError> {
     Ok(extents.iter().map(|(_, len)| len).sum())
 }
 
-/// Writes a snapshot of a paused VM to `dir`, all or nothing.
+/// Writes a snapshot of a paused VM to `dir`, all or nothing: a full one, or with `diff`
+/// only the pages it marks, over its parent.
 pub fn write_snapshot(
     dir: &Path,
     config: &VmConfig,
@@ -140,6 +168,7 @@ pub fn write_snapshot(
     ram: &GuestRam,
     mut state: SnapshotState,
     paused_at: Instant,
+    diff: Option<(&DirtyPages, Parent)>,
 ) -> Result<SnapshotInfo, SnapshotError> {
     let name = dir.display().to_string();
     if dir.exists() {
@@ -149,7 +178,11 @@ pub fn write_snapshot(
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let needed = memory_bytes_needed(ram)? + (1 << 20);
+    let memory_bytes = match &diff {
+        Some((dirty, _)) => memory::dirty_bytes(ram, dirty),
+        None => memory_bytes_needed(ram)?,
+    };
+    let needed = memory_bytes + (1 << 20);
     let free = free_bytes(&parent).map_err(|source| SnapshotError::CreateDir { path: name.clone(), source })?;
     if needed > free {
         return Err(SnapshotError::NoSpace { path: name, needed, free });
@@ -158,7 +191,7 @@ pub fn write_snapshot(
     let temporary = parent.join(format!(".{file_name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&temporary);
     std::fs::create_dir(&temporary).map_err(|source| SnapshotError::CreateDir { path: name.clone(), source })?;
-    let result = write_files(&temporary, config, platform, ram, &mut state, paused_at);
+    let result = write_files(&temporary, config, platform, ram, &mut state, paused_at, diff);
     let info = match result {
         Ok(info) => info,
         Err(err) => {
@@ -182,9 +215,10 @@ fn write_files(
     ram: &GuestRam,
     state: &mut SnapshotState,
     paused_at: Instant,
+    diff: Option<(&DirtyPages, Parent)>,
 ) -> Result<SnapshotInfo, SnapshotError> {
     let started = Instant::now();
-    state.memory = memory::write_image(ram, &temporary.join(MEMORY_FILE))?;
+    state.memory = memory::write_image(ram, &temporary.join(MEMORY_FILE), diff)?;
     let memory_write_us = started.elapsed().as_micros() as u64;
     let json = serde_json::to_vec_pretty(config)
         .map_err(|err| SnapshotError::Config { path: CONFIG_FILE.into(), message: err.to_string() })?;
@@ -202,6 +236,7 @@ fn write_files(
         digest: hex(&format::digest_of(&encoded)),
         paused_us: paused_at.elapsed().as_micros() as u64,
         memory_write_us,
+        parent: state.memory.parent.as_ref().map(|parent| hex(&parent.digest)),
     })
 }
 
@@ -230,4 +265,70 @@ pub fn load_snapshot(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
         return Err(SnapshotError::Mismatch(format!("{} vCPUs saved, {} configured", state.vcpus.len(), config.cpus)));
     }
     Ok(LoadedSnapshot { dir: dir.to_path_buf(), config, state, platform, digest: format::digest_of(&bytes) })
+}
+
+/// Where `parent` of the diff in `child` is: where it was when the diff was taken, or,
+/// when a set of snapshots moved together, beside the diff under the same name.
+fn find_parent(child: &Path, parent: &Parent) -> PathBuf {
+    if parent.dir.join(STATE_FILE).exists() {
+        return parent.dir.clone();
+    }
+    match (child.parent(), parent.dir.file_name()) {
+        (Some(beside), Some(name)) if beside.join(name).join(STATE_FILE).exists() => beside.join(name),
+        _ => parent.dir.clone(),
+    }
+}
+
+/// The snapshots a diff applies over, its full root first; empty for a full snapshot.
+/// Each parent must be there, unchanged (its digest), and of the same machine.
+pub fn load_parents(snapshot: &LoadedSnapshot) -> Result<Vec<LoadedSnapshot>, SnapshotError> {
+    let mut chain: Vec<LoadedSnapshot> = Vec::new();
+    let mut next = snapshot.state.memory.parent.clone().map(|parent| (snapshot.dir.clone(), parent));
+    while let Some((child, parent)) = next {
+        if chain.len() + 1 >= MAX_CHAIN {
+            return Err(SnapshotError::ChainTooLong { path: snapshot.dir.display().to_string() });
+        }
+        let refused = |reason: String| SnapshotError::Parent {
+            path: child.display().to_string(),
+            parent: parent.dir.display().to_string(),
+            reason,
+        };
+        let loaded = load_snapshot(&find_parent(&child, &parent)).map_err(|err| refused(err.to_string()))?;
+        if loaded.digest != parent.digest {
+            return Err(refused(format!(
+                "its state.bin digest is {}, the diff was taken over {}",
+                hex(&loaded.digest),
+                hex(&parent.digest)
+            )));
+        }
+        if loaded.config.mem_mib != snapshot.config.mem_mib || loaded.platform != snapshot.platform {
+            return Err(refused("it is of another machine (memory size or KVM platform)".into()));
+        }
+        next = loaded.state.memory.parent.clone().map(|grandparent| (loaded.dir.clone(), grandparent));
+        chain.push(loaded);
+    }
+    chain.reverse();
+    Ok(chain)
+}
+
+/// Loads the memory of `snapshot` into fresh RAM: its parents' first, root first.
+pub fn read_memory(ram: &GuestRam, snapshot: &LoadedSnapshot, parents: &[LoadedSnapshot]) -> Result<(), SnapshotError> {
+    for layer in parents.iter().chain(std::iter::once(snapshot)) {
+        memory::read_image(ram, &layer.dir.join(MEMORY_FILE), &layer.state.memory)?;
+    }
+    Ok(())
+}
+
+/// Folds the diff chain ending in `dir` into one full snapshot at `out`, which restores
+/// exactly as `dir` does. `dir` and its parents are only read.
+pub fn merge(dir: &Path, out: &Path) -> Result<SnapshotInfo, SnapshotError> {
+    let started = Instant::now();
+    let snapshot = load_snapshot(dir)?;
+    let parents = load_parents(&snapshot)?;
+    let ram = crate::memory::create_guest_ram(snapshot.config.mem_mib)
+        .map_err(|err| SnapshotError::MergeMemory { path: dir.display().to_string(), reason: err.to_string() })?;
+    read_memory(&ram, &snapshot, &parents)?;
+    let LoadedSnapshot { config, mut state, platform, .. } = snapshot;
+    state.memory = MemoryImage::empty(ram.size);
+    write_snapshot(out, &config, platform, &ram, state, started, None)
 }

@@ -2,14 +2,16 @@
 //!
 //! `memory.bin` is mapped privately and read-only; carrel-gpu rebuilds the saved device on
 //! it (the same validating restore a wake uses) and captures the scanout. The chunks the
-//! scanout's pixels lie in are checked against their digests first.
+//! scanout's pixels lie in are checked against their digests first. A diff is shown from
+//! its chain loaded into fresh memory, every chunk checked.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use crate::memory::{GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use carrel_gpu::{Gpu, GpuConfig};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{FileOffset, GuestAddress};
 
 use super::{load_snapshot, SnapshotError, MEMORY_FILE};
 use crate::control::{Screenshot, ScreenshotRequest};
@@ -72,6 +74,14 @@ pub fn screenshot(dir: &Path, request: &ScreenshotRequest) -> Result<Screenshot,
         .ok_or_else(|| refused(dir, "the VM has no screen"))?;
     let size = snapshot.state.memory.size;
     snapshot.state.memory.validate(size)?;
+    let config = GpuConfig::new(gpu_state.width, gpu_state.height).map_err(|err| refused(dir, err))?;
+    if snapshot.state.memory.parent.is_some() {
+        let parents = super::load_parents(&snapshot)?;
+        let ram = crate::memory::create_guest_ram(snapshot.config.mem_mib).map_err(|err| refused(dir, err))?;
+        super::read_memory(&ram, &snapshot, &parents)?;
+        let gpu = Gpu::restore(config, ram.memory, &gpu_state.gpu).map_err(|err| refused(dir, err))?;
+        return capture(&ScreenSource::Local(gpu.screen()), request).map_err(|err| refused(dir, err));
+    }
     let memory = map_memory(dir, size)?;
 
     // Check the chunks under the scanout's backing before showing their pixels.
@@ -104,7 +114,6 @@ pub fn screenshot(dir: &Path, request: &ScreenshotRequest) -> Result<Screenshot,
             }
         }
     }
-    let config = GpuConfig::new(gpu_state.width, gpu_state.height).map_err(|err| refused(dir, err))?;
     let gpu = Gpu::restore(config, memory, &gpu_state.gpu).map_err(|err| refused(dir, err))?;
     capture(&ScreenSource::Local(gpu.screen()), request).map_err(|err| refused(dir, err))
 }

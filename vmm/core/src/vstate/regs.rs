@@ -1,11 +1,12 @@
 //! The register state a guest starts in: 64-bit long mode with the VMM's page tables
 //! (Desk kernel, Linux 64-bit entry) or 32-bit protected mode without paging (PVH).
 
+use crate::memory::GuestMemoryMmap;
 use carrel_firmware::layout::{self, selector};
 use carrel_firmware::page_tables;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_MP: u64 = 1 << 1;

@@ -1,8 +1,9 @@
 //! The KVM VM: memory slots, the in-kernel irqchip, irqfds and ioeventfds.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use crate::memory::{GuestMemoryMmap, MmapRegion};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +32,8 @@ pub enum VmError {
     RegisterIoevent { addr: u64, source: kvm_ioctls::Error },
     #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
     GetSupportedCpuid(#[source] kvm_ioctls::Error),
+    #[error("KVM_GET_DIRTY_LOG for slot {slot} failed: {source}")]
+    GetDirtyLog { slot: u32, source: kvm_ioctls::Error },
 }
 
 /// Where KVM's real-mode TSS goes on VMX: three pages just below the IOAPIC, inside the
@@ -87,7 +90,8 @@ impl Vm {
         Ok(())
     }
 
-    /// Gives every region of `memory` to KVM, one slot each.
+    /// Gives every region of `memory` to KVM, one slot each, with KVM's dirty log on: the
+    /// pages the vCPUs write are what a diff snapshot saves.
     pub fn register_memory(&self, memory: &GuestMemoryMmap) -> Result<(), VmError> {
         for (slot, region) in memory.iter().enumerate() {
             let slot = slot as u32;
@@ -95,7 +99,7 @@ impl Vm {
             let host = region.as_ptr() as u64;
             let region = kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
                 guest_phys_addr: gpa,
                 memory_size: region.len(),
                 userspace_addr: host,
@@ -109,6 +113,29 @@ impl Vm {
             })?;
         }
         Ok(())
+    }
+
+    /// The pages written since the last call, one bitmap per region of `memory` (bit `n`
+    /// of word `n / 64` is the region's page `n`): the vCPUs' writes from KVM's dirty log
+    /// and the devices' from the regions' bitmaps, both cleared by the call. Only while
+    /// every vCPU is paused and no device runs, or a write may land between the two.
+    pub fn take_dirty_pages(&self, memory: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, VmError> {
+        memory
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                let slot = slot as u32;
+                let mut pages = self
+                    .fd
+                    .get_dirty_log(slot, region.len() as usize)
+                    .map_err(|source| VmError::GetDirtyLog { slot, source })?;
+                let mapping: &MmapRegion = region;
+                for (word, device) in pages.iter_mut().zip(mapping.bitmap().get_and_reset()) {
+                    *word |= device;
+                }
+                Ok(pages)
+            })
+            .collect()
     }
 
     /// Routes writes of `eventfd` to interrupt line `gsi`.

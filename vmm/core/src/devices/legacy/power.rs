@@ -4,8 +4,9 @@
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
+use crate::memory::GuestMemoryMmap;
 use carrel_firmware::{ports, CONSOLE_RECORD_MAX};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
@@ -112,7 +113,7 @@ mod tests {
 
     fn device(port: PowerPort, log: Option<std::fs::File>) -> (PowerDevice, Arc<VmExitSignal>) {
         let exit = Arc::new(VmExitSignal::new().unwrap());
-        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let console = ConsoleOutput::new(false, log);
         (PowerDevice::new(port, exit.clone(), memory, console), exit)
     }

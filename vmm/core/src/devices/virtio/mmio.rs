@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
+use crate::memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::{ActiveState, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
@@ -383,7 +383,7 @@ mod tests {
     }
 
     fn transport() -> (MmioTransport, Arc<Mutex<Vec<usize>>>) {
-        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let processed = Arc::new(Mutex::new(Vec::new()));
         let device = TestDevice {
             state: DeviceState::Inactive,

@@ -15,8 +15,8 @@ pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::memory::GuestMemoryMmap;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// VIRTIO_F_VERSION_1: every Carrel device is a modern device.

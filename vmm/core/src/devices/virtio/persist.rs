@@ -8,9 +8,9 @@
 
 use std::sync::Arc;
 
+use crate::memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::gpu::GpuDeviceState;
 use super::input::InputState;

@@ -295,11 +295,12 @@ mod tests {
     use super::*;
     use crate::devices::virtio::VirtioInterrupt;
     use crate::input::{ABS_X, BTN_LEFT, EV_ABS, LED_CAPSL, LED_NUML};
+    use crate::memory::GuestMemoryMmap;
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
 
     const WRITE: u16 = VRING_DESC_F_WRITE as u16;
     const EVENT_RING: u64 = 0;
@@ -308,7 +309,7 @@ mod tests {
     const STATUS_BUFFERS: u64 = 0x18_0000;
 
     fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
     }
 
     fn descriptor(addr: u64, len: u32, flags: u16) -> RawDescriptor {

@@ -9,8 +9,9 @@
 
 use std::collections::VecDeque;
 
+use crate::memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 use crate::input::{InputEvent, EVENT_SIZE};
 
@@ -120,7 +121,7 @@ mod tests {
     const BUFFERS: u64 = 0x10_0000;
 
     fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
     }
 
     fn descriptor(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {

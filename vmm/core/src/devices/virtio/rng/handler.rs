@@ -5,8 +5,9 @@
 //! nothing) and count it as malformed; the host never panics and never writes outside the
 //! guest's buffers.
 
+use crate::memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 /// Most entropy one request gets, however large its buffers claim to be.
 pub const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
@@ -83,7 +84,7 @@ mod tests {
     const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 
     fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
     }
 
     fn fill_0xab(buffer: &mut [u8]) -> std::io::Result<()> {

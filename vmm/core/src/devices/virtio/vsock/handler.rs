@@ -7,8 +7,9 @@
 use std::io::{Read, Write};
 use std::sync::atomic::Ordering;
 
+use crate::memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{ByteValued, GuestMemoryMmap};
+use vm_memory::ByteValued;
 
 use super::muxer::Muxer;
 use super::packet::{PacketHeader, HEADER_SIZE, MAX_PAYLOAD};
@@ -131,7 +132,7 @@ mod tests {
     const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 
     fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
     }
 
     fn socket_path(name: &str) -> std::path::PathBuf {
