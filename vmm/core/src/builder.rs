@@ -27,6 +27,7 @@ use crate::memory::{create_guest_ram, GuestRam};
 use crate::platform;
 use crate::services::input::InputSinks;
 use crate::services::screen::ScreenSource;
+use crate::snapshot::lazy::{LazyError, LazyMemory};
 use crate::snapshot::{self, LoadedSnapshot, SnapshotError, SnapshotState};
 use crate::vstate::persist;
 use crate::vstate::regs;
@@ -110,7 +111,21 @@ pub struct BuiltVm {
     pub restores: u64,
     /// The snapshot this VM was restored from (the parent of its first diff).
     pub restored_from: Option<snapshot::memory::Parent>,
+    /// Guest RAM still being filled from the snapshot (a lazy restore).
+    pub lazy: Option<LazyMemory>,
     pub started: Instant,
+}
+
+/// How a restore loads guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemoryLoad {
+    /// All of it, checked, before the guest runs.
+    Eager,
+    /// On first touch and in the background (userfaultfd); refused where unavailable.
+    Lazy,
+    /// Lazily where userfaultfd is available, else eagerly (said on stderr).
+    #[default]
+    LazyIfPossible,
 }
 
 fn eventfd(what: &'static str) -> Result<EventFd, BuildError> {
@@ -146,16 +161,43 @@ pub fn build_vm(config: &VmConfig, started: Instant) -> Result<BuiltVm, BuildErr
 /// Builds a VM from a snapshot: the same devices as the fresh boot that led to it, each
 /// loaded from its saved state; memory read from `memory.bin` and checked. The guest
 /// continues where it was when its vCPUs run.
-pub fn restore_vm(config: &VmConfig, snapshot: &LoadedSnapshot, started: Instant) -> Result<BuiltVm, BuildError> {
+pub fn restore_vm(
+    config: &VmConfig,
+    snapshot: &LoadedSnapshot,
+    load: MemoryLoad,
+    started: Instant,
+) -> Result<BuiltVm, BuildError> {
     config.validate_machine()?;
     let saved = &snapshot.state;
     let ram = create_guest_ram(config.mem_mib)?;
     let vm = Vm::new()?;
+    let parents = snapshot::load_parents(snapshot)?;
+    // Lazily, RAM must be registered before anything (the devices' restore) touches it.
+    let lazy = match load {
+        MemoryLoad::Eager => None,
+        MemoryLoad::Lazy | MemoryLoad::LazyIfPossible => {
+            let layers: Vec<(std::path::PathBuf, &snapshot::memory::MemoryImage)> = parents
+                .iter()
+                .chain(std::iter::once(snapshot))
+                .map(|layer| (layer.dir.clone(), &layer.state.memory))
+                .collect();
+            match LazyMemory::start(&ram, &layers, &viewed_ram(saved, ram.size)) {
+                Ok(lazy) => Some(lazy),
+                Err(LazyError::Unavailable(err)) if load == MemoryLoad::LazyIfPossible => {
+                    eprintln!("carrel-vmm: restore: no userfaultfd ({err}): memory is read whole instead");
+                    None
+                }
+                Err(err) => return Err(SnapshotError::from(err).into()),
+            }
+        }
+    };
     // The memory slot's fixed cost overlaps with reading memory.bin and the devices.
     let wired = std::thread::scope(|scope| {
         let registering = scope.spawn(|| vm.register_memory(&ram.memory));
-        let loaded =
-            snapshot::load_parents(snapshot).and_then(|parents| snapshot::read_memory(&ram, snapshot, &parents));
+        let loaded = match lazy {
+            Some(_) => Ok(()),
+            None => snapshot::read_memory(&ram, snapshot, &parents),
+        };
         let wired = loaded.map_err(BuildError::from).and_then(|()| wire(config, &vm, &ram, Some(saved)));
         let registered = registering.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         registered?;
@@ -185,7 +227,23 @@ pub fn restore_vm(config: &VmConfig, snapshot: &LoadedSnapshot, started: Instant
     let mut built = wired.into_built(vm, ram, saved.protocol, restores, started);
     let dir = std::fs::canonicalize(&snapshot.dir).unwrap_or_else(|_| snapshot.dir.clone());
     built.restored_from = Some(snapshot::memory::Parent { dir, digest: snapshot.digest });
+    built.lazy = lazy;
     Ok(built)
+}
+
+/// The RAM (memfd offset, length) that other mappings than the guest's read: the GPU
+/// resources' backing, which the screen views in place. A lazy restore loads it first.
+fn viewed_ram(saved: &SnapshotState, size: u64) -> Vec<(u64, u64)> {
+    saved
+        .virtio
+        .iter()
+        .filter_map(|device| match &device.device {
+            crate::devices::virtio::persist::VirtioDeviceState::Gpu(state) => Some(state),
+            _ => None,
+        })
+        .flat_map(|state| state.gpu.resources.iter().flat_map(|resource| resource.backing.iter().flatten()))
+        .filter_map(|&(gpa, len)| Some((crate::memory::ram_offset(gpa, size)?, u64::from(len))))
+        .collect()
 }
 
 /// Everything of a VM but its memory and VM fd.
@@ -215,6 +273,7 @@ impl Wired {
             input: self.input,
             restores,
             restored_from: None,
+            lazy: None,
             started,
         }
     }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use carrel_vmm::builder::build_vm;
+use carrel_vmm::builder::{build_vm, MemoryLoad};
 use carrel_vmm::config::VmConfig;
 use carrel_vmm::control::{
     AgentExec, AgentRequest, AgentResponse, ControlClient, ImageFormat, InputRequest, Request, Response,
@@ -20,7 +20,7 @@ const USAGE: &str = "usage:
                  [--audit DIR] [--name NAME] [--display WxH | --no-display]
                  [--gpu-backend VHOST.sock --gpu-screen SCREEN.sock]
   carrel-vmm run --config vm.toml [flags above override the file]
-  carrel-vmm run --restore SNAPSHOT_DIR [--eager] [--socket PATH] [--vsock PATH] [--cid N] [--name NAME]
+  carrel-vmm run --restore SNAPSHOT_DIR [--lazy|--eager] [--socket PATH] [--vsock PATH] [--cid N] [--name NAME]
                  [--audit DIR] [--console-log PATH] [--no-console]
   carrel-vmm snapshot --socket PATH --dir DIR [--diff]   (the VM goes on; --diff: only what
                  changed since its last snapshot or the one it was restored from)
@@ -134,6 +134,7 @@ fn parse_run(args: &[String]) -> Result<VmConfig, Usage> {
 /// What a restore may set anew: the VM's identity and where it talks, never its machine.
 #[derive(Debug, Default)]
 struct RestoreOverrides {
+    load: MemoryLoad,
     socket: Option<PathBuf>,
     vsock: Option<PathBuf>,
     cid: Option<u64>,
@@ -151,13 +152,8 @@ fn parse_restore(args: &[String]) -> Result<(PathBuf, RestoreOverrides), Usage> 
         let flag = args[index].as_str();
         match flag {
             "--restore" => dir = Some(PathBuf::from(value(args, &mut index, flag)?)),
-            // Memory is read whole before the guest runs; lazy loading is not built yet.
-            "--eager" => {}
-            "--lazy" => {
-                return Err(Usage(
-                    "--lazy is not implemented yet: restores read memory.bin whole (--eager, the default)".into(),
-                ))
-            }
+            "--eager" => overrides.load = MemoryLoad::Eager,
+            "--lazy" => overrides.load = MemoryLoad::Lazy,
             "--socket" => overrides.socket = Some(value(args, &mut index, flag)?.into()),
             "--vsock" => overrides.vsock = Some(value(args, &mut index, flag)?.into()),
             "--cid" => overrides.cid = Some(number(value(args, &mut index, flag)?, flag)?),
@@ -600,7 +596,7 @@ fn restore(dir: &Path, overrides: &RestoreOverrides, started: Instant) -> anyhow
     config.audit = overrides.audit.clone().or(config.audit);
     config.console_log = overrides.console_log.clone().or(config.console_log);
     config.console_stdout &= !overrides.no_console;
-    let built = carrel_vmm::builder::restore_vm(&config, &snapshot, started)?;
+    let built = carrel_vmm::builder::restore_vm(&config, &snapshot, overrides.load, started)?;
     eprintln!(
         "carrel-vmm: restored {} ({} KVM, {} MiB, restore {}) in {:.1} ms",
         dir.display(),

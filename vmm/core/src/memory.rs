@@ -53,6 +53,18 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
     ranges
 }
 
+/// The memfd offset of guest-physical `gpa`, for RAM of `size` bytes.
+pub fn ram_offset(gpa: u64, size: u64) -> Option<u64> {
+    let mut offset = 0;
+    for (start, len) in ram_ranges(size) {
+        if gpa >= start && gpa < start + len {
+            return Some(offset + gpa - start);
+        }
+        offset += len;
+    }
+    None
+}
+
 /// Creates `mib` MiB of guest RAM backed by a fresh memfd.
 pub fn create_guest_ram(mib: u64) -> Result<GuestRam, MemoryError> {
     if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mib) {

@@ -409,6 +409,11 @@ impl Vmm {
             }
             (parent, _) => parent.clone().filter(|_| diff),
         };
+        // A lazily restored VM's RAM is made whole first: a block not yet loaded is a
+        // hole of the memfd that the snapshot would take for zeros.
+        if let Some(lazy) = self.built.lazy.take() {
+            lazy.finish().map_err(|err| format!("snapshot not taken: {err}"))?;
+        }
         let paused_at = Instant::now();
         let was_paused = self.paused;
         self.set_paused(true).map_err(|err| format!("cannot pause the VM for a snapshot: {err}"))?;

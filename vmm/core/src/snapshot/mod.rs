@@ -16,8 +16,10 @@
 //! root, and [`merge`] folds a chain into one full snapshot.
 
 pub mod format;
+pub mod lazy;
 pub mod memory;
 pub mod screen;
+mod uffd;
 
 use std::fs::File;
 use std::io::Write;
@@ -58,6 +60,8 @@ pub enum SnapshotError {
     Config { path: String, message: String },
     #[error(transparent)]
     Memory(#[from] MemoryFileError),
+    #[error(transparent)]
+    Lazy(#[from] lazy::LazyError),
     #[error("the saved state does not match its configuration: {0}")]
     Mismatch(String),
     #[error("{path} is a diff over {parent}, which cannot be used: {reason}")]

@@ -16,7 +16,7 @@ use vm_memory::{FileOffset, GuestAddress};
 use super::{load_snapshot, SnapshotError, MEMORY_FILE};
 use crate::control::{Screenshot, ScreenshotRequest};
 use crate::devices::virtio::persist::VirtioDeviceState;
-use crate::memory::ram_ranges;
+use crate::memory::{ram_offset as file_offset, ram_ranges};
 use crate::services::screen::{capture, ScreenSource};
 
 fn refused(dir: &Path, reason: impl std::fmt::Display) -> SnapshotError {
@@ -46,18 +46,6 @@ fn map_memory(dir: &Path, size: u64) -> Result<GuestMemoryMmap, SnapshotError> {
         offset += len;
     }
     GuestMemoryMmap::from_regions(regions).map_err(|err| refused(dir, err))
-}
-
-/// The memfd offset of guest-physical `gpa`, for RAM of `size` bytes.
-fn file_offset(gpa: u64, size: u64) -> Option<u64> {
-    let mut offset = 0;
-    for (start, len) in ram_ranges(size) {
-        if gpa >= start && gpa < start + len {
-            return Some(offset + gpa - start);
-        }
-        offset += len;
-    }
-    None
 }
 
 /// A screenshot of the VM saved in `dir`, as its screen was when the snapshot was taken.

@@ -117,14 +117,13 @@ impl Userfault {
         Ok(fault)
     }
 
-    pub fn as_raw_fd(&self) -> libc::c_int {
-        self.fd.as_raw_fd()
-    }
-
     /// Routes missing-page faults in `[start, start + len)` of this process to this fd.
     pub fn register(&self, start: *mut u8, len: u64) -> io::Result<()> {
-        let mut register =
-            UffdioRegister { range: UffdioRange { start: start as u64, len }, mode: UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
+        let mut register = UffdioRegister {
+            range: UffdioRange { start: start as u64, len },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
         // SAFETY: UFFDIO_REGISTER reads the range and fills `ioctls`; the kernel checks
         // the range is mapped.
         check(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut register) })?;

@@ -1,0 +1,389 @@
+//! Lazy restore: guest RAM filled on first touch, from the snapshot's files, with
+//! userfaultfd.
+//!
+//! RAM stays the memfd it always is (so the zero-copy screen, KVM's slots and the next
+//! snapshot work as after an eager restore); its mappings are registered for missing-page
+//! faults. RAM is cut into blocks of [`CHUNK_BYTES`]; a block is built once from every
+//! layer of the chain (the full root, then each diff's chunks and cleared ranges), each
+//! chunk checked against its digest, and copied in whole. A loader thread serves faults
+//! first (a vCPU's, a device's, KVM's own) and, between them, fetches the remaining data
+//! blocks in order; when none is left it unregisters RAM and ends. Blocks the snapshot
+//! holds no data for are holes of the memfd and read as zeros without its help.
+//!
+//! The hazard: a page read through another mapping of the memfd (the screen's view maps
+//! the scanout's pages on its own) would be allocated as zeros and never fault here.
+//! [`LazyMemory::start`] loads the blocks under such ranges before it returns, and a block
+//! found partly present is completed by plain copies instead of refusing.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use super::memory::{MemoryImage, CHUNK_BYTES};
+use super::uffd::{Copied, Userfault};
+use crate::memory::GuestRam;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+/// Errors of a lazy restore.
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    #[error("lazy restore needs userfaultfd, which is not available here ({0}); restore with --eager")]
+    Unavailable(#[source] std::io::Error),
+    #[error("cannot register guest RAM with userfaultfd: {0}")]
+    Register(#[source] std::io::Error),
+    #[error("cannot open {path}: {source}")]
+    Open { path: String, source: std::io::Error },
+    #[error("reading {path} at offset {offset:#x} failed: {source}")]
+    Read { path: String, offset: u64, source: std::io::Error },
+    #[error("{path} is corrupt: the chunk at offset {offset:#x} does not match its digest")]
+    Corrupt { path: String, offset: u64 },
+    #[error("filling guest RAM at offset {offset:#x} failed: {source}")]
+    Fill { offset: u64, source: std::io::Error },
+    #[error("a fault at {address:#x} lies outside guest RAM")]
+    Stray { address: u64 },
+    #[error("the lazy loader thread could not start: {0}")]
+    Thread(#[source] std::io::Error),
+    #[error(transparent)]
+    Image(#[from] super::memory::MemoryFileError),
+}
+
+/// A piece of one block, from one layer.
+#[derive(Debug, Clone, Copy)]
+enum Piece {
+    /// Bytes of chunk `offset..offset + len` of layer `layer`, with its digest.
+    Data {
+        layer: usize,
+        offset: u64,
+        len: u64,
+        digest: [u8; 32],
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// How a lazy restore went, once RAM is whole.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LazyStats {
+    /// Blocks filled because something touched them, and in the background.
+    pub faulted: u64,
+    pub fetched: u64,
+    /// Bytes copied in, and time from start until RAM was whole.
+    pub bytes: u64,
+    pub elapsed_us: u64,
+}
+
+/// The layers, their files, and guest RAM's host mappings: what builds and fills a block.
+struct Source {
+    files: Vec<(String, File)>,
+    /// Pieces of every block that has any, by block index, in layer order.
+    blocks: BTreeMap<u64, Vec<Piece>>,
+    /// (memfd offset, host address, length) of each RAM region.
+    regions: Vec<(u64, usize, u64)>,
+    fault: Userfault,
+    /// Blocks already filled.
+    filled: Vec<bool>,
+    buffer: Vec<u8>,
+    stats: LazyStats,
+}
+
+/// Guest RAM being filled lazily; [`LazyMemory::finish`] waits until it is whole.
+#[derive(Debug)]
+pub struct LazyMemory {
+    loader: Option<JoinHandle<Result<LazyStats, LazyError>>>,
+}
+
+impl Source {
+    fn host(&self, offset: u64) -> Option<(usize, u64)> {
+        self.regions.iter().find_map(|&(start, host, len)| {
+            (offset >= start && offset < start + len)
+                .then_some((host + (offset - start) as usize, start + len - offset))
+        })
+    }
+
+    fn offset_of(&self, address: u64) -> Option<u64> {
+        self.regions.iter().find_map(|&(start, host, len)| {
+            let host = host as u64;
+            (address >= host && address < host + len).then_some(start + address - host)
+        })
+    }
+
+    /// Builds block `index` from its pieces and copies it into RAM, if not done yet.
+    fn fill(&mut self, index: u64) -> Result<bool, LazyError> {
+        if self.filled.get(index as usize).copied().unwrap_or(true) {
+            return Ok(false);
+        }
+        let start = index * CHUNK_BYTES;
+        let Some((host, room)) = self.host(start) else { return Ok(false) };
+        let len = CHUNK_BYTES.min(room) as usize;
+        let buffer = &mut self.buffer[..len];
+        buffer.fill(0);
+        for piece in self.blocks.get(&index).into_iter().flatten() {
+            match *piece {
+                Piece::Zero { offset, len } => {
+                    let at = (offset - start) as usize;
+                    buffer[at..at + len as usize].fill(0);
+                }
+                Piece::Data { layer, offset, len, digest } => {
+                    let (path, file) = &self.files[layer];
+                    let at = (offset - start) as usize;
+                    let target = &mut buffer[at..at + len as usize];
+                    file.read_exact_at(target, offset).map_err(|source| LazyError::Read {
+                        path: path.clone(),
+                        offset,
+                        source,
+                    })?;
+                    if blake3::hash(target).as_bytes() != &digest {
+                        return Err(LazyError::Corrupt { path: path.clone(), offset });
+                    }
+                }
+            }
+        }
+        let fill_error = |source| LazyError::Fill { offset: start, source };
+        if let Copied::Exists { .. } = self.fault.copy(host as *mut u8, buffer).map_err(fill_error)? {
+            // Some page was already there (touched through another mapping): fill the
+            // block page by page, writing present pages through the mapping directly.
+            let page = super::memory::PAGE_BYTES as usize;
+            for at in (0..len).step_by(page) {
+                let end = (at + page).min(len);
+                let target = (host + at) as *mut u8;
+                if let Copied::Exists { .. } = self.fault.copy(target, &buffer[at..end]).map_err(fill_error)? {
+                    // SAFETY: the page is present (the copy said so), so writing it
+                    // cannot fault back into this thread; it is guest RAM owned by the
+                    // VM for as long as the loader runs.
+                    unsafe { std::ptr::copy_nonoverlapping(buffer[at..end].as_ptr(), target, end - at) };
+                }
+            }
+        }
+        self.filled[index as usize] = true;
+        self.stats.bytes += len as u64;
+        Ok(true)
+    }
+
+    /// Serves every waiting fault; false when there was none.
+    fn serve_faults(&mut self) -> Result<bool, LazyError> {
+        let mut any = false;
+        while let Some(address) = self.fault.next_fault().map_err(|source| LazyError::Fill { offset: 0, source })? {
+            let offset = self.offset_of(address).ok_or(LazyError::Stray { address })?;
+            let index = offset / CHUNK_BYTES;
+            // A fault on a block filled since it was queued was woken by that fill.
+            if self.fill(index)? {
+                self.stats.faulted += 1;
+            }
+            any = true;
+        }
+        Ok(any)
+    }
+
+    /// Serves faults and fetches data blocks until every one is in, then lets RAM go.
+    fn run(mut self, started: Instant) -> Result<LazyStats, LazyError> {
+        let pending: Vec<u64> = self.blocks.keys().copied().collect();
+        let mut next = pending.into_iter();
+        loop {
+            self.serve_faults()?;
+            match next.next() {
+                Some(index) => {
+                    if self.fill(index)? {
+                        self.stats.fetched += 1;
+                    }
+                }
+                None => break,
+            }
+        }
+        // A fault still queued is woken by the unregister and retried as an ordinary one.
+        for &(_, host, len) in &self.regions {
+            self.fault.unregister(host as *mut u8, len).map_err(LazyError::Register)?;
+        }
+        self.stats.elapsed_us = started.elapsed().as_micros() as u64;
+        Ok(self.stats)
+    }
+}
+
+impl LazyMemory {
+    /// Registers `ram` (fresh, all holes) for lazy filling from `layers` (directory and
+    /// memory image, the full root first), loads the blocks under `preload` (memfd
+    /// offset, length) at once, and starts the loader thread.
+    pub fn start(
+        ram: &GuestRam,
+        layers: &[(PathBuf, &MemoryImage)],
+        preload: &[(u64, u64)],
+    ) -> Result<LazyMemory, LazyError> {
+        let started = Instant::now();
+        let fault = Userfault::open().map_err(LazyError::Unavailable)?;
+        let mut offset = 0;
+        let mut regions = Vec::new();
+        for region in ram.memory.iter() {
+            regions.push((offset, region.as_ptr() as usize, region.len()));
+            offset += region.len();
+        }
+        for &(_, host, len) in &regions {
+            fault.register(host as *mut u8, len).map_err(LazyError::Register)?;
+        }
+        let mut files = Vec::with_capacity(layers.len());
+        let mut blocks: BTreeMap<u64, Vec<Piece>> = BTreeMap::new();
+        for (layer, (dir, image)) in layers.iter().enumerate() {
+            image.validate(ram.size)?;
+            let path = dir.join(super::MEMORY_FILE);
+            let name = path.display().to_string();
+            let file = File::open(&path).map_err(|source| LazyError::Open { path: name.clone(), source })?;
+            let found = file.metadata().map_err(|source| LazyError::Open { path: name.clone(), source })?.len();
+            if found != ram.size {
+                let wrong = super::memory::MemoryFileError::WrongSize { path: name, found, expected: ram.size };
+                return Err(wrong.into());
+            }
+            files.push((name, file));
+            for &(offset, len) in &image.zeroed {
+                // A cleared range may span blocks: one piece per block.
+                let mut at = offset;
+                while at < offset + len {
+                    let end = ((at / CHUNK_BYTES + 1) * CHUNK_BYTES).min(offset + len);
+                    blocks.entry(at / CHUNK_BYTES).or_default().push(Piece::Zero { offset: at, len: end - at });
+                    at = end;
+                }
+            }
+            for chunk in &image.chunks {
+                let piece = Piece::Data { layer, offset: chunk.offset, len: chunk.len, digest: chunk.digest };
+                blocks.entry(chunk.offset / CHUNK_BYTES).or_default().push(piece);
+            }
+        }
+        let mut source = Source {
+            files,
+            blocks,
+            regions,
+            fault,
+            filled: vec![false; ram.size.div_ceil(CHUNK_BYTES) as usize],
+            buffer: vec![0; CHUNK_BYTES as usize],
+            stats: LazyStats::default(),
+        };
+        for &(offset, len) in preload {
+            for index in offset / CHUNK_BYTES..(offset + len.max(1)).div_ceil(CHUNK_BYTES) {
+                if source.fill(index)? {
+                    source.stats.fetched += 1;
+                }
+            }
+        }
+        let loader = std::thread::Builder::new()
+            .name("lazy-memory".into())
+            .spawn(move || {
+                let result = source.run(started);
+                match &result {
+                    Ok(stats) => eprintln!(
+                        "carrel-vmm: lazy restore: memory whole in {:.1} ms ({} MiB; {} blocks on first touch, {} fetched ahead)",
+                        stats.elapsed_us as f64 / 1e3,
+                        stats.bytes >> 20,
+                        stats.faulted,
+                        stats.fetched
+                    ),
+                    // Whatever waits on a page now would wait forever, and RAM cannot be
+                    // completed truthfully: end the VM with the reason.
+                    Err(err) => {
+                        eprintln!("carrel-vmm: lazy restore failed: {err}; the VM cannot go on");
+                        std::process::exit(1);
+                    }
+                }
+                result
+            })
+            .map_err(LazyError::Thread)?;
+        Ok(LazyMemory { loader: Some(loader) })
+    }
+
+    /// Whether RAM is whole (the loader has ended).
+    pub fn is_done(&self) -> bool {
+        self.loader.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Waits until RAM is whole.
+    pub fn finish(mut self) -> Result<LazyStats, LazyError> {
+        match self.loader.take() {
+            Some(loader) => loader.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            None => Ok(LazyStats::default()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::create_guest_ram;
+    use crate::snapshot::memory::{write_image, DirtyPages, Parent};
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    }
+
+    fn ram_bytes(ram: &GuestRam) -> Vec<u8> {
+        let mut bytes = vec![0u8; ram.size as usize];
+        ram.memory.read_slice(&mut bytes, GuestAddress(0)).unwrap();
+        bytes
+    }
+
+    fn device_dirty_pages(ram: &GuestRam) -> Vec<Vec<u64>> {
+        ram.memory
+            .iter()
+            .map(|region| {
+                let mapping: &crate::memory::MmapRegion = region;
+                mapping.bitmap().get_and_reset()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lazily_filled_ram_reads_as_the_chain_and_the_viewed_range_is_loaded_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base_dir, diff_dir) = (dir.path().join("base"), dir.path().join("diff"));
+        std::fs::create_dir_all(&base_dir).unwrap();
+        std::fs::create_dir_all(&diff_dir).unwrap();
+        let ram = create_guest_ram(32).unwrap();
+        ram.memory.write_slice(&pattern(3 << 20, 1), GuestAddress(0x10_0000)).unwrap();
+        ram.memory.write_slice(&pattern(8192, 2), GuestAddress(0x1f0_0000)).unwrap();
+        let base = write_image(&ram, &base_dir.join("memory.bin"), None).unwrap();
+        device_dirty_pages(&ram);
+        ram.memory.write_slice(&pattern(4096, 3), GuestAddress(0x20_0000)).unwrap();
+        ram.memory.write_slice(&[0u8; 4096], GuestAddress(0x1f0_0000)).unwrap();
+        let dirty: Vec<Vec<u64>> = device_dirty_pages(&ram);
+        let parent = Parent { dir: base_dir.clone(), digest: [0; 32] };
+        let dirty: &DirtyPages = &dirty;
+        let diff = write_image(&ram, &diff_dir.join("memory.bin"), Some((dirty, parent))).unwrap();
+
+        let restored = create_guest_ram(32).unwrap();
+        let layers = [(base_dir, &base), (diff_dir, &diff)];
+        // A range read through another mapping before anything touches it.
+        let viewed = (0x30_0000u64, 0x1000u64);
+        let lazy = LazyMemory::start(&restored, &layers, &[viewed]).expect("userfaultfd (tests run as root)");
+        let mut other = vec![0u8; viewed.1 as usize];
+        {
+            use std::os::unix::fs::FileExt;
+            restored.memfd.read_exact_at(&mut other, viewed.0).unwrap();
+        }
+        assert_eq!(other, pattern(3 << 20, 1)[0x20_0000..0x20_1000], "the viewed range holds the snapshot's bytes");
+        // Touch the far end first: a fault the loader serves ahead of its own order.
+        let mut last = vec![0u8; 8192];
+        restored.memory.read_slice(&mut last, GuestAddress(0x1f0_0000)).unwrap();
+        assert!(last[..4096].iter().all(|&b| b == 0) && last[4096..] == pattern(8192, 2)[4096..]);
+        let stats = lazy.finish().unwrap();
+        assert!(ram_bytes(&restored) == ram_bytes(&ram), "RAM is the chain's: base, then the diff");
+        assert!(stats.faulted + stats.fetched >= 3, "{stats:?}");
+    }
+
+    #[test]
+    fn a_corrupt_chunk_is_refused_when_it_is_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let ram = create_guest_ram(16).unwrap();
+        ram.memory.write_slice(&pattern(4096, 9), GuestAddress(0x8000)).unwrap();
+        let image = write_image(&ram, &dir.path().join("memory.bin"), None).unwrap();
+        {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::OpenOptions::new().write(true).open(dir.path().join("memory.bin")).unwrap();
+            file.write_all_at(&[0xff], 0x8010).unwrap();
+        }
+        let restored = create_guest_ram(16).unwrap();
+        let layers = [(dir.path().to_path_buf(), &image)];
+        let error = LazyMemory::start(&restored, &layers, &[(0x8000, 16)]).unwrap_err();
+        assert!(matches!(error, LazyError::Corrupt { offset: 0x8000, .. }), "{error}");
+    }
+}
