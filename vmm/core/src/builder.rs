@@ -181,7 +181,8 @@ pub fn restore_vm(
                 .chain(std::iter::once(snapshot))
                 .map(|layer| (layer.dir.clone(), &layer.state.memory))
                 .collect();
-            match LazyMemory::start(&ram, &layers, &viewed_ram(saved, ram.size)) {
+            let sockets = config.socket.iter().chain(&config.vsock).cloned().collect();
+            match LazyMemory::start(&ram, &layers, &viewed_ram(saved, ram.size), sockets) {
                 Ok(lazy) => Some(lazy),
                 Err(LazyError::Unavailable(err)) if load == MemoryLoad::LazyIfPossible => {
                     eprintln!("carrel-vmm: restore: no userfaultfd ({err}): memory is read whole instead");

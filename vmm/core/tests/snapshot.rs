@@ -43,8 +43,14 @@ fn boot(paths: &Paths) -> RunningVm {
 }
 
 fn restore(dir: &Path, paths: &Paths) -> RunningVm {
+    restore_with(dir, paths, &[])
+}
+
+/// Restores with extra flags (`--eager`, `--lazy`).
+fn restore_with(dir: &Path, paths: &Paths, extra: &[&str]) -> RunningVm {
     let mut args = vec!["run".to_string(), "--restore".into(), dir.display().to_string()];
     args.extend(paths.flags());
+    args.extend(extra.iter().map(|flag| flag.to_string()));
     let mut vm = RunningVm::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     vm.wait_for_line("carrel-vmm: restored", DEADLINE);
     // The control socket opens right after the restore is reported.
@@ -173,11 +179,19 @@ fn restored_desk_continues_with_its_screen_text_and_files() {
 fn one_snapshot_restored_three_times_side_by_side_all_run_on_their_own() {
     let prepared = prepare("triplets", false);
     let mut vms = Vec::new();
-    for index in 0..3 {
+    // Lazily (the default), lazily by request, and read whole.
+    for (index, mode) in [&[][..], &["--lazy"], &["--eager"]].into_iter().enumerate() {
         let paths = Paths::new(&format!("triplet-{index}"));
-        let vm = restore(&prepared.snapshot, &paths);
+        let mut vm = restore_with(&prepared.snapshot, &paths, mode);
+        vm.wait_for_line("desk: restored (restore 1); rng 32 bytes", DEADLINE);
         vms.push((vm, paths));
     }
+    // Each restored guest drew its own entropy.
+    let random: Vec<String> = vms.iter().map(|(_, paths)| agent_exec(paths, &["random"])).collect();
+    for value in &random {
+        assert_eq!(value.trim().len(), 64, "32 bytes in hex: {value:?}");
+    }
+    assert!(random[0] != random[1] && random[1] != random[2] && random[0] != random[2], "{random:?}");
     for (index, (_, paths)) in vms.iter().enumerate() {
         let socket = socket_arg(paths);
         let name = format!("/data/own-{index}");
@@ -251,9 +265,14 @@ fn rewrite_header(path: &Path, offset: usize, value: u8) {
 }
 
 fn restore_fails(dir: &Path) -> String {
+    restore_fails_with(dir, &[])
+}
+
+fn restore_fails_with(dir: &Path, extra: &[&str]) -> String {
     let paths = Paths::new("refused");
     let mut args = vec!["run".to_string(), "--restore".into(), dir.display().to_string()];
     args.extend(paths.flags());
+    args.extend(extra.iter().map(|flag| flag.to_string()));
     let (code, output) = run_to_exit(&args.iter().map(String::as_str).collect::<Vec<_>>(), DEADLINE);
     assert_eq!(code, Some(1), "a bad snapshot is refused: {output}");
     assert!(!paths.socket.exists(), "nothing half-restored is left listening");
@@ -289,6 +308,11 @@ fn damaged_snapshots_are_refused_with_one_clear_line() {
         ),
         ("memory-flip", Box::new(|dir| flip_byte(&dir.join("memory.bin"), 0x7010)), "does not match its digest"),
         (
+            "memory-flip-late",
+            Box::new(|dir| flip_byte(&dir.join("memory.bin"), 0x20_0010)),
+            "does not match its digest",
+        ),
+        (
             "memory-truncated",
             Box::new(|dir| {
                 std::fs::OpenOptions::new().write(true).open(dir.join("memory.bin")).unwrap().set_len(64 << 20).unwrap()
@@ -301,9 +325,16 @@ fn damaged_snapshots_are_refused_with_one_clear_line() {
     for (name, damage, expected) in cases {
         let dir = copy_snapshot(good, name);
         damage(&dir);
-        let output = restore_fails(&dir);
-        let error = output.lines().find(|line| line.contains("error")).unwrap_or_default();
-        assert!(error.contains(expected), "{name}: expected {expected:?} in the error line, got:\n{output}");
+        // Lazily (the default: a damaged chunk ends the VM when it is loaded) and eagerly
+        // (refused before the guest runs).
+        for mode in [&[][..], &["--eager"]] {
+            let output = restore_fails_with(&dir, mode);
+            let error = output.lines().find(|line| line.contains("error")).unwrap_or_default();
+            assert!(
+                error.contains(expected),
+                "{name} {mode:?}: expected {expected:?} in the error line, got:\n{output}"
+            );
+        }
     }
 }
 
@@ -365,4 +396,87 @@ fn killing_the_vmm_mid_snapshot_never_leaves_a_complete_looking_snapshot() {
         }
         assert_eq!(snapshot_digests(&prepared.snapshot), good, "the earlier snapshot is intact");
     }
+}
+
+/// Allocated bytes of a file (holes excluded).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn diff_snapshots_restore_merge_and_roll_back() {
+    let paths = Paths::new("chain");
+    let mut vm = boot(&paths);
+    let socket = socket_arg(&paths);
+    cli(&["input", "--socket", &socket, "click", "640", "228"]);
+    cli(&["input", "--socket", &socket, "type", "first"]);
+    assert_eq!(agent_exec(&paths, &["fill", "16", "5"]), "filled 16 MiB seed 5\n");
+    let checksum = agent_exec(&paths, &["checksum"]);
+    let first_screen = screenshot(&paths.socket, Wait::StillFor(50));
+    let base = scratch_path("chain-base");
+    cli(&["snapshot", "--socket", &socket, "--dir", base.to_str().unwrap()]);
+
+    // A small change, then a diff over the full snapshot.
+    cli(&["input", "--socket", &socket, "type", " and second"]);
+    agent_exec(&paths, &["write", "/data/late", "after the base"]);
+    let second_screen = screenshot(&paths.socket, Wait::StillFor(50));
+    let diff = scratch_path("chain-diff");
+    let said = cli(&["snapshot", "--socket", &socket, "--dir", diff.to_str().unwrap(), "--diff"]);
+    assert!(said.contains("a diff over"), "{said}");
+    cli(&["stop", "--socket", &socket]);
+    vm.wait_for_exit(DEADLINE);
+    let (base_bytes, diff_bytes) = (allocated(&base.join("memory.bin")), allocated(&diff.join("memory.bin")));
+    assert!(diff_bytes * 2 < base_bytes, "the diff holds only what changed: {diff_bytes} vs {base_bytes} bytes");
+    let untouched = [snapshot_digests(&base), snapshot_digests(&diff)];
+
+    // Base + diff, then the merged snapshot: the later screen, files and memory.
+    let merged = scratch_path("chain-merged");
+    cli(&["snapshot", "merge", "--dir", diff.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
+    for (name, dir, mode) in [("chain-from-diff", &diff, "--lazy"), ("chain-from-merged", &merged, "--eager")] {
+        let restored = Paths::new(name);
+        let _vm = restore_with(dir, &restored, &[mode]);
+        let shot = screenshot(&restored.socket, Wait::FirstFrame);
+        assert_eq!(differ_outside_clock(&pixels(&shot), &pixels(&second_screen)), 0, "{name}: the later screen");
+        assert_eq!(agent_exec(&restored, &["cat", "/data/late"]), "after the base", "{name}");
+        assert_eq!(agent_exec(&restored, &["checksum"]), checksum, "{name}: the filled memory is intact");
+        let later = screenshot(&restored.socket, Wait::FrameAfter(shot.frame));
+        assert!(later.frame > shot.frame, "{name}: the guest runs on");
+    }
+    let merged_state = carrel_vmm::snapshot::load_snapshot(&merged).unwrap();
+    assert!(merged_state.state.memory.parent.is_none(), "a merged snapshot stands alone");
+
+    // Rollback: the earlier snapshot shows the earlier screen, without the later file.
+    let rolled = Paths::new("chain-rollback");
+    let _vm = restore(&base, &rolled);
+    let shot = screenshot(&rolled.socket, Wait::FirstFrame);
+    assert_eq!(differ_outside_clock(&pixels(&shot), &pixels(&first_screen)), 0, "the earlier screen");
+    assert!(differ_outside_clock(&pixels(&shot), &pixels(&second_screen)) > 0);
+    let socket = socket_arg(&rolled);
+    let missing = cli_fails(&["agent", "--socket", &socket, "exec", "--", "cat", "/data/late"]);
+    assert!(missing.contains("no such file"), "the later file is not there: {missing}");
+    assert_eq!(untouched, [snapshot_digests(&base), snapshot_digests(&diff)], "restores change no snapshot");
+
+    // A diff whose parent is missing, or is another snapshot, is refused.
+    let away = scratch_path("chain-base-away");
+    std::fs::rename(&base, &away).unwrap();
+    let output = restore_fails(&diff);
+    assert!(output.contains("cannot be used"), "missing parent: {output}");
+    std::fs::create_dir(&base).unwrap();
+    for file in ["vm.json", "state.bin", "memory.bin"] {
+        std::fs::copy(merged.join(file), base.join(file)).unwrap();
+    }
+    let output = restore_fails(&diff);
+    assert!(output.contains("the diff was taken over"), "another parent: {output}");
+}
+
+#[test]
+fn a_diff_needs_a_parent() {
+    let paths = Paths::new("orphan");
+    let _vm = boot(&paths);
+    let target = scratch_path("orphan-diff");
+    let error = cli_fails(&["snapshot", "--socket", &socket_arg(&paths), "--dir", target.to_str().unwrap(), "--diff"]);
+    assert!(error.contains("take a full snapshot first"), "{error}");
+    assert!(!target.exists());
+    assert!(cli(&["status", "--socket", &socket_arg(&paths)]).contains("running"));
 }

@@ -207,10 +207,15 @@ impl LazyMemory {
     /// Registers `ram` (fresh, all holes) for lazy filling from `layers` (directory and
     /// memory image, the full root first), loads the blocks under `preload` (memfd
     /// offset, length) at once, and starts the loader thread.
+    ///
+    /// A chunk found damaged later cannot be refused any more: the process ends with
+    /// exit code 1 and the reason, after removing `sockets` (the VM's listening sockets),
+    /// so nothing half-restored stays reachable.
     pub fn start(
         ram: &GuestRam,
         layers: &[(PathBuf, &MemoryImage)],
         preload: &[(u64, u64)],
+        sockets: Vec<PathBuf>,
     ) -> Result<LazyMemory, LazyError> {
         let started = Instant::now();
         let fault = Userfault::open().map_err(LazyError::Unavailable)?;
@@ -281,7 +286,10 @@ impl LazyMemory {
                     // Whatever waits on a page now would wait forever, and RAM cannot be
                     // completed truthfully: end the VM with the reason.
                     Err(err) => {
-                        eprintln!("carrel-vmm: lazy restore failed: {err}; the VM cannot go on");
+                        for socket in &sockets {
+                            let _ = std::fs::remove_file(socket);
+                        }
+                        eprintln!("carrel-vmm: error: lazy restore: {err}; the VM is stopped");
                         std::process::exit(1);
                     }
                 }
@@ -354,7 +362,8 @@ mod tests {
         let layers = [(base_dir, &base), (diff_dir, &diff)];
         // A range read through another mapping before anything touches it.
         let viewed = (0x30_0000u64, 0x1000u64);
-        let lazy = LazyMemory::start(&restored, &layers, &[viewed]).expect("userfaultfd (tests run as root)");
+        let lazy =
+            LazyMemory::start(&restored, &layers, &[viewed], Vec::new()).expect("userfaultfd (tests run as root)");
         let mut other = vec![0u8; viewed.1 as usize];
         {
             use std::os::unix::fs::FileExt;
@@ -383,7 +392,7 @@ mod tests {
         }
         let restored = create_guest_ram(16).unwrap();
         let layers = [(dir.path().to_path_buf(), &image)];
-        let error = LazyMemory::start(&restored, &layers, &[(0x8000, 16)]).unwrap_err();
+        let error = LazyMemory::start(&restored, &layers, &[(0x8000, 16)], Vec::new()).unwrap_err();
         assert!(matches!(error, LazyError::Corrupt { offset: 0x8000, .. }), "{error}");
     }
 }
