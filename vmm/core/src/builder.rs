@@ -170,10 +170,10 @@ pub fn restore_vm(
     config.validate_machine()?;
     let saved = &snapshot.state;
     let ram = create_guest_ram(config.mem_mib)?;
-    let vm = Vm::new()?;
     let parents = snapshot::load_parents(snapshot)?;
-    // Lazily, RAM must be registered before anything (the devices' restore) touches it.
-    let lazy = match load {
+    // Lazily, RAM is registered before anything (the devices' restore) touches it, and
+    // the loader fills the screen's memory while the VM is built.
+    let mut lazy = match load {
         MemoryLoad::Eager => None,
         MemoryLoad::Lazy | MemoryLoad::LazyIfPossible => {
             let layers: Vec<(std::path::PathBuf, &snapshot::memory::MemoryImage)> = parents
@@ -182,7 +182,7 @@ pub fn restore_vm(
                 .map(|layer| (layer.dir.clone(), &layer.state.memory))
                 .collect();
             let sockets = config.socket.iter().chain(&config.vsock).cloned().collect();
-            match LazyMemory::start(&ram, &layers, &viewed_ram(saved, ram.size), sockets) {
+            match LazyMemory::start(&ram, &layers, viewed_ram(saved, ram.size), sockets) {
                 Ok(lazy) => Some(lazy),
                 Err(LazyError::Unavailable(err)) if load == MemoryLoad::LazyIfPossible => {
                     eprintln!("carrel-vmm: restore: no userfaultfd ({err}): memory is read whole instead");
@@ -192,10 +192,11 @@ pub fn restore_vm(
             }
         }
     };
+    let vm = Vm::new()?;
     // The memory slot's fixed cost overlaps with reading memory.bin and the devices.
     let wired = std::thread::scope(|scope| {
         let registering = scope.spawn(|| vm.register_memory(&ram.memory));
-        let loaded = match lazy {
+        let loaded = match &lazy {
             Some(_) => Ok(()),
             None => snapshot::read_memory(&ram, snapshot, &parents),
         };
@@ -210,6 +211,9 @@ pub fn restore_vm(
             snapshot.platform.name(),
             wired.platform.name()
         )));
+    }
+    if let Some(lazy) = &mut lazy {
+        lazy.wait_viewed().map_err(SnapshotError::from)?;
     }
     vm.restore_state(&saved.vm)?;
     for (vcpu, state) in wired.vcpus.iter().zip(&saved.vcpus) {

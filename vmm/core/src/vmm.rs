@@ -192,6 +192,10 @@ impl Vmm {
         for vcpu in vcpus {
             handles.push(vcpu.start(VcpuEventSender::new(event_sender.clone(), vcpu_wake.clone()))?);
         }
+        eprintln!("carrel-vmm: vCPUs running {:.1} ms after start", built.started.elapsed().as_secs_f64() * 1e3);
+        if let Some(lazy) = &built.lazy {
+            lazy.fetch_ahead();
+        }
         let parent = built.restored_from.clone();
         Ok(Vmm {
             built,

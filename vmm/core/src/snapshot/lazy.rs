@@ -6,17 +6,20 @@
 //! faults. RAM is cut into blocks of [`CHUNK_BYTES`]; a block is built once from every
 //! layer of the chain (the full root, then each diff's chunks and cleared ranges), each
 //! chunk checked against its digest, and copied in whole. A loader thread serves faults
-//! first (a vCPU's, a device's, KVM's own) and, between them, fetches the remaining data
-//! blocks in order; when none is left it unregisters RAM and ends. Blocks the snapshot
+//! (a vCPU's, a device's, KVM's own) and, once the VM runs ([`LazyMemory::fetch_ahead`]:
+//! not before, so the restore has the CPUs to itself), fetches the remaining data blocks
+//! in order between faults; when none is left it unregisters RAM and ends. Blocks the snapshot
 //! holds no data for are holes of the memfd and read as zeros without its help.
 //!
 //! The hazard: a page read through another mapping of the memfd (the screen's view maps
 //! the scanout's pages on its own) would be allocated as zeros and never fault here.
-//! [`LazyMemory::start`] loads the blocks under such ranges before it returns, and a block
-//! found partly present is completed by plain copies instead of refusing.
+//! The loader fills the blocks under such ranges first, and [`LazyMemory::wait_viewed`]
+//! holds the restore until they are in; a block found partly present is completed by
+//! plain copies instead of refusing.
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::thread::JoinHandle;
@@ -26,6 +29,7 @@ use super::memory::{MemoryImage, CHUNK_BYTES};
 use super::uffd::{Copied, Userfault};
 use crate::memory::GuestRam;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Errors of a lazy restore.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +52,8 @@ pub enum LazyError {
     Thread(#[source] std::io::Error),
     #[error(transparent)]
     Image(#[from] super::memory::MemoryFileError),
+    #[error("the lazy restore was abandoned: the screen's memory could not be loaded")]
+    Abandoned,
 }
 
 /// A piece of one block, from one layer.
@@ -85,6 +91,8 @@ struct Source {
     /// (memfd offset, host address, length) of each RAM region.
     regions: Vec<(u64, usize, u64)>,
     fault: Userfault,
+    /// Written when fetching ahead may begin.
+    go: EventFd,
     /// Blocks already filled.
     filled: Vec<bool>,
     buffer: Vec<u8>,
@@ -95,6 +103,9 @@ struct Source {
 #[derive(Debug)]
 pub struct LazyMemory {
     loader: Option<JoinHandle<Result<LazyStats, LazyError>>>,
+    /// Says once whether the viewed ranges are in.
+    viewed: Option<std::sync::mpsc::Receiver<Result<(), LazyError>>>,
+    go: EventFd,
 }
 
 impl Source {
@@ -179,8 +190,41 @@ impl Source {
         Ok(any)
     }
 
+    /// Fills the blocks under `ranges` (memfd offset, length), serving faults between them.
+    fn preload(&mut self, ranges: &[(u64, u64)]) -> Result<(), LazyError> {
+        for &(offset, len) in ranges {
+            for index in offset / CHUNK_BYTES..(offset + len.max(1)).div_ceil(CHUNK_BYTES) {
+                self.serve_faults()?;
+                if self.fill(index)? {
+                    self.stats.fetched += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves faults until told to fetch ahead.
+    fn serve_until_go(&mut self) -> Result<(), LazyError> {
+        loop {
+            self.serve_faults()?;
+            let mut polls = [
+                libc::pollfd { fd: self.fault.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: self.go.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: two pollfds, valid for the call.
+            let ready = unsafe { libc::poll(polls.as_mut_ptr(), 2, -1) };
+            if ready < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return Err(LazyError::Fill { offset: 0, source: std::io::Error::last_os_error() });
+            }
+            if polls[1].revents & libc::POLLIN != 0 {
+                return Ok(());
+            }
+        }
+    }
+
     /// Serves faults and fetches data blocks until every one is in, then lets RAM go.
     fn run(mut self, started: Instant) -> Result<LazyStats, LazyError> {
+        self.serve_until_go()?;
         let pending: Vec<u64> = self.blocks.keys().copied().collect();
         let mut next = pending.into_iter();
         loop {
@@ -205,8 +249,8 @@ impl Source {
 
 impl LazyMemory {
     /// Registers `ram` (fresh, all holes) for lazy filling from `layers` (directory and
-    /// memory image, the full root first), loads the blocks under `preload` (memfd
-    /// offset, length) at once, and starts the loader thread.
+    /// memory image, the full root first) and starts the loader thread, which fills the
+    /// blocks under `viewed` (memfd offset, length: RAM other mappings read) first.
     ///
     /// A chunk found damaged later cannot be refused any more: the process ends with
     /// exit code 1 and the reason, after removing `sockets` (the VM's listening sockets),
@@ -214,11 +258,13 @@ impl LazyMemory {
     pub fn start(
         ram: &GuestRam,
         layers: &[(PathBuf, &MemoryImage)],
-        preload: &[(u64, u64)],
+        viewed: Vec<(u64, u64)>,
         sockets: Vec<PathBuf>,
     ) -> Result<LazyMemory, LazyError> {
         let started = Instant::now();
         let fault = Userfault::open().map_err(LazyError::Unavailable)?;
+        let go = EventFd::new(libc::EFD_NONBLOCK).map_err(LazyError::Thread)?;
+        let go_later = go.try_clone().map_err(LazyError::Thread)?;
         let mut offset = 0;
         let mut regions = Vec::new();
         for region in ram.memory.iter() {
@@ -260,20 +306,21 @@ impl LazyMemory {
             blocks,
             regions,
             fault,
+            go,
             filled: vec![false; ram.size.div_ceil(CHUNK_BYTES) as usize],
             buffer: vec![0; CHUNK_BYTES as usize],
             stats: LazyStats::default(),
         };
-        for &(offset, len) in preload {
-            for index in offset / CHUNK_BYTES..(offset + len.max(1)).div_ceil(CHUNK_BYTES) {
-                if source.fill(index)? {
-                    source.stats.fetched += 1;
-                }
-            }
-        }
+        let (ready, viewed_in) = std::sync::mpsc::channel();
         let loader = std::thread::Builder::new()
             .name("lazy-memory".into())
             .spawn(move || {
+                if let Err(err) = source.preload(&viewed) {
+                    // The restore waits for this answer and is refused with it.
+                    let _ = ready.send(Err(err));
+                    return Err(LazyError::Abandoned);
+                }
+                let _ = ready.send(Ok(()));
                 let result = source.run(started);
                 match &result {
                     Ok(stats) => eprintln!(
@@ -296,7 +343,15 @@ impl LazyMemory {
                 result
             })
             .map_err(LazyError::Thread)?;
-        Ok(LazyMemory { loader: Some(loader) })
+        Ok(LazyMemory { loader: Some(loader), viewed: Some(viewed_in), go: go_later })
+    }
+
+    /// Waits until the viewed ranges are in (the first time; at once after that).
+    pub fn wait_viewed(&mut self) -> Result<(), LazyError> {
+        match self.viewed.take() {
+            Some(answer) => answer.recv().unwrap_or(Err(LazyError::Abandoned)),
+            None => Ok(()),
+        }
     }
 
     /// Whether RAM is whole (the loader has ended).
@@ -304,8 +359,14 @@ impl LazyMemory {
         self.loader.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
-    /// Waits until RAM is whole.
+    /// Lets the loader fetch the rest of RAM ahead of the guest, between faults.
+    pub fn fetch_ahead(&self) {
+        let _ = self.go.write(1);
+    }
+
+    /// Fetches ahead and waits until RAM is whole.
     pub fn finish(mut self) -> Result<LazyStats, LazyError> {
+        self.fetch_ahead();
         match self.loader.take() {
             Some(loader) => loader.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
             None => Ok(LazyStats::default()),
@@ -392,7 +453,8 @@ mod tests {
         }
         let restored = create_guest_ram(16).unwrap();
         let layers = [(dir.path().to_path_buf(), &image)];
-        let error = LazyMemory::start(&restored, &layers, &[(0x8000, 16)], Vec::new()).unwrap_err();
+        let mut lazy = LazyMemory::start(&restored, &layers, vec![(0x8000, 16)], Vec::new()).unwrap();
+        let error = lazy.wait_viewed().unwrap_err();
         assert!(matches!(error, LazyError::Corrupt { offset: 0x8000, .. }), "{error}");
     }
 }

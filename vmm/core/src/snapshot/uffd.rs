@@ -117,6 +117,10 @@ impl Userfault {
         Ok(fault)
     }
 
+    pub fn as_raw_fd(&self) -> libc::c_int {
+        self.fd.as_raw_fd()
+    }
+
     /// Routes missing-page faults in `[start, start + len)` of this process to this fd.
     pub fn register(&self, start: *mut u8, len: u64) -> io::Result<()> {
         let mut register = UffdioRegister {

@@ -1,0 +1,545 @@
+//! Hibernation benchmark: snapshots, hibernation and restores of Desk guests, side by
+//! side with QEMU's migration to a file, in one run.
+//!
+//! For each guest size (`--sizes 256,1024` MiB) the Desk agent first dirties three
+//! quarters of RAM (`fill`), then:
+//! - the disk's own O_DIRECT sequential write speed (8 MiB writes, then fdatasync): the
+//!   limit a full snapshot is measured against;
+//! - a full snapshot: time paused, memory write time, bytes;
+//! - diff snapshots, each after typing a line into the Desk text field;
+//! - hibernate: the request until the VMM process has ended;
+//! - a screenshot of the hibernated VM from its files (`screenshot --snapshot`, CLI wall);
+//! - restores, lazy and eager, with the page cache warm and (when /proc/sys/vm/drop_caches
+//!   is writable) cold: process start to the vCPUs running (the first guest instruction),
+//!   to the first screenshot served (raw pixels) and to the first agent ping;
+//! - QEMU (`-accel tcg -S`, RAM of the same size, the same number of non-zero bytes
+//!   loaded into it): migrate to a file (`exec:cat`, bandwidth unlimited) and the fsync
+//!   after it, and an incoming restore from that file until the VM is paused and ready.
+//!
+//! Snapshots go under `--dir` (default target/perf-hibernate, on the same filesystem as
+//! the build). Needs `cargo build --release -p carrel-vmm`, `scripts/build-guests.sh` and
+//! qemu-system-x86_64. `--runs N` restores per mode (default 5). `--firecracker PATH` is
+//! not implemented yet.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use carrel_perf::{desk_kernel, report, workspace_root, Summary};
+use carrel_vmm::control::{
+    AgentRequest, ControlClient, ImageFormat, Request, Response, ScreenshotRequest, SnapshotRequest, Wait,
+};
+use carrel_vmm::snapshot::SnapshotInfo;
+use serde_json::{json, Value};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+struct Options {
+    sizes: Vec<u64>,
+    runs: usize,
+    dir: PathBuf,
+}
+
+fn options() -> anyhow::Result<Options> {
+    let mut options = Options { sizes: vec![256, 1024], runs: 5, dir: workspace_root().join("target/perf-hibernate") };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut index = 0;
+    while index < args.len() {
+        let value = args.get(index + 1).cloned().unwrap_or_default();
+        match args[index].as_str() {
+            "--sizes" => options.sizes = value.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--runs" => options.runs = value.parse()?,
+            "--dir" => options.dir = value.into(),
+            "--firecracker" => bail!("--firecracker is not implemented yet: no Firecracker run is part of this bench"),
+            other => bail!("unknown flag {other:?} (--sizes A,B --runs N --dir DIR)"),
+        }
+        index += 2;
+    }
+    Ok(options)
+}
+
+fn vmm() -> PathBuf {
+    workspace_root().join("target/release/carrel-vmm")
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
+/// A carrel-vmm process whose stderr lines arrive, timestamped, on a channel.
+struct Vmm {
+    child: Child,
+    started: Instant,
+    lines: mpsc::Receiver<(Instant, String)>,
+    socket: PathBuf,
+}
+
+impl Vmm {
+    fn spawn(args: &[String], socket: PathBuf) -> anyhow::Result<Vmm> {
+        let started = Instant::now();
+        let mut child = Command::new(vmm())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning carrel-vmm")?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = sender.send((Instant::now(), line));
+            }
+        });
+        Ok(Vmm { child, started, lines, socket })
+    }
+
+    /// Time from spawn to a stderr line containing `needle`.
+    fn until_line(&self, needle: &str) -> anyhow::Result<Duration> {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let (at, line) = self
+                .lines
+                .recv_timeout(end.saturating_duration_since(Instant::now()))
+                .with_context(|| format!("no {needle:?} line from carrel-vmm"))?;
+            if line.contains(needle) {
+                return Ok(at - self.started);
+            }
+            if line.contains("error") {
+                bail!("carrel-vmm: {line}");
+            }
+        }
+    }
+
+    fn client(&self) -> anyhow::Result<ControlClient> {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            match ControlClient::connect(&self.socket) {
+                Ok(client) => return Ok(client),
+                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_micros(200)),
+                Err(err) => bail!("control socket {}: {err}", self.socket.display()),
+            }
+        }
+    }
+
+    fn call(&self, request: &Request) -> anyhow::Result<Response> {
+        Ok(self.client()?.call(request, DEADLINE)?)
+    }
+
+    fn exec(&self, argv: &[&str]) -> anyhow::Result<()> {
+        let output = Command::new(vmm())
+            .args(["agent", "--socket", &self.socket.display().to_string(), "exec", "--timeout", "120", "--"])
+            .args(argv)
+            .output()?;
+        if !output.status.success() {
+            bail!("agent exec {argv:?}: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(())
+    }
+
+    fn input(&self, action: &[&str]) -> anyhow::Result<()> {
+        let status = Command::new(vmm())
+            .args(["input", "--socket", &self.socket.display().to_string()])
+            .args(action)
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("input {action:?} failed");
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self, dir: &Path, hibernate: bool, diff: bool) -> anyhow::Result<SnapshotInfo> {
+        let request = Request::Snapshot(SnapshotRequest { dir: dir.to_path_buf(), hibernate, diff });
+        match self.call(&request)? {
+            Response::Snapshot(info) => Ok(info),
+            other => bail!("snapshot {}: {other:?}", dir.display()),
+        }
+    }
+
+    fn stop(mut self) -> anyhow::Result<()> {
+        let _ = self.call(&Request::Stop);
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+fn snapshot_json(info: &SnapshotInfo) -> Value {
+    json!({
+        "paused_ms": info.paused_us as f64 / 1e3,
+        "memory_write_ms": info.memory_write_us as f64 / 1e3,
+        "memory_bytes": info.memory_bytes,
+        "disk_bytes": info.disk_bytes,
+    })
+}
+
+/// Sequential O_DIRECT writes of `bytes` in 8 MiB pieces, then fdatasync: MB/s.
+fn disk_write_speed(dir: &Path, bytes: u64) -> anyhow::Result<f64> {
+    const PIECE: usize = 8 << 20;
+    let path = dir.join("disk-speed.bin");
+    let _ = std::fs::remove_file(&path);
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(&path)?;
+    let layout = std::alloc::Layout::from_size_align(PIECE, 4096)?;
+    // SAFETY: a non-zero size with a valid alignment; freed below.
+    let buffer = unsafe { std::alloc::alloc(layout) };
+    anyhow::ensure!(!buffer.is_null(), "no memory for the write buffer");
+    // SAFETY: `buffer` holds PIECE bytes just allocated.
+    let piece = unsafe { std::slice::from_raw_parts_mut(buffer, PIECE) };
+    let mut state = 0x243f_6a88_85a3_08d3u64;
+    for word in piece.chunks_exact_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        word.copy_from_slice(&state.to_le_bytes());
+    }
+    let started = Instant::now();
+    let mut written = 0u64;
+    let result = (|| -> std::io::Result<()> {
+        while written < bytes {
+            file.write_all(piece)?;
+            written += PIECE as u64;
+        }
+        file.sync_data()
+    })();
+    let elapsed = started.elapsed();
+    // SAFETY: allocated above with this layout.
+    unsafe { std::alloc::dealloc(buffer, layout) };
+    let _ = std::fs::remove_file(&path);
+    result?;
+    Ok(written as f64 / 1e6 / elapsed.as_secs_f64())
+}
+
+fn drop_caches() -> bool {
+    std::fs::write("/proc/sys/vm/drop_caches", "1").is_ok()
+}
+
+/// One restore: spawn to vCPUs running, to a screenshot, to an agent ping; then stop.
+fn restore_once(dir: &Path, mode: &str, scratch: &Path) -> anyhow::Result<(Duration, Duration, Duration)> {
+    let socket = scratch.join("restore.sock");
+    let vsock = scratch.join("restore.vsock");
+    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&vsock);
+    let args: Vec<String> = [
+        "run",
+        "--restore",
+        &dir.display().to_string(),
+        mode,
+        "--socket",
+        &socket.display().to_string(),
+        "--vsock",
+        &vsock.display().to_string(),
+        "--no-console",
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect();
+    let vm = Vmm::spawn(&args, socket)?;
+    let running = vm.until_line("vCPUs running")?;
+    let shot = ScreenshotRequest {
+        format: ImageFormat::Raw,
+        crop: None,
+        scale: None,
+        cursor: false,
+        wait: Wait::FirstFrame,
+        timeout_ms: 10_000,
+    };
+    let mut client = vm.client()?;
+    match client.call(&Request::Screenshot(shot), DEADLINE)? {
+        Response::Screenshot(_) => {}
+        other => bail!("screenshot after restore: {other:?}"),
+    }
+    let screenshot = vm.started.elapsed();
+    let end = Instant::now() + DEADLINE;
+    loop {
+        match client.call(&Request::Agent(AgentRequest::Ping), DEADLINE)? {
+            Response::Agent(_) => break,
+            _ if Instant::now() < end => std::thread::sleep(Duration::from_micros(200)),
+            other => bail!("agent ping after restore: {other:?}"),
+        }
+    }
+    let ping = vm.started.elapsed();
+    vm.stop()?;
+    Ok((running, screenshot, ping))
+}
+
+fn restores(dir: &Path, scratch: &Path, runs: usize) -> anyhow::Result<Value> {
+    let mut results = serde_json::Map::new();
+    let cold_possible = drop_caches();
+    for mode in ["--lazy", "--eager"] {
+        for cold in [false, true] {
+            if cold && !cold_possible {
+                continue;
+            }
+            let (mut running, mut screenshot, mut ping) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..runs {
+                if cold {
+                    drop_caches();
+                }
+                let (r, s, p) = restore_once(dir, mode, scratch)?;
+                running.push(r);
+                screenshot.push(s);
+                ping.push(p);
+            }
+            let summary = |samples: &[Duration]| Summary::of(samples).map(|s| s.to_json_ms()).unwrap_or(Value::Null);
+            let name = format!("{}_{}", mode.trim_start_matches("--"), if cold { "cold" } else { "warm" });
+            results.insert(
+                name,
+                json!({
+                    "to_vcpus_running": summary(&running),
+                    "to_first_screenshot": summary(&screenshot),
+                    "to_first_agent_ping": summary(&ping),
+                }),
+            );
+        }
+    }
+    if !cold_possible {
+        results.insert("cold".into(), json!("not measured: /proc/sys/vm/drop_caches is not writable"));
+    }
+    Ok(Value::Object(results))
+}
+
+fn hibernated_screenshots(dir: &Path, scratch: &Path, runs: usize) -> anyhow::Result<Value> {
+    let out = scratch.join("hibernated.png");
+    let mut samples = Vec::new();
+    for _ in 0..runs.max(5) {
+        let started = Instant::now();
+        let status = Command::new(vmm())
+            .args(["screenshot", "--snapshot", &dir.display().to_string(), "-o", &out.display().to_string()])
+            .stdout(Stdio::null())
+            .status()?;
+        samples.push(started.elapsed());
+        anyhow::ensure!(status.success(), "screenshot --snapshot failed");
+    }
+    Ok(Summary::of(&samples).map(|s| s.to_json_ms()).unwrap_or(Value::Null))
+}
+
+/// A minimal QMP client: one command at a time, events skipped.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> anyhow::Result<Qmp> {
+        let end = Instant::now() + DEADLINE;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(stream) => break stream,
+                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_micros(200)),
+                Err(err) => bail!("QMP socket {}: {err}", path.display()),
+            }
+        };
+        let mut qmp = Qmp { reader: BufReader::new(stream.try_clone()?), writer: stream };
+        let mut greeting = String::new();
+        qmp.reader.read_line(&mut greeting)?;
+        qmp.execute("qmp_capabilities", json!({}))?;
+        Ok(qmp)
+    }
+
+    fn execute(&mut self, command: &str, arguments: Value) -> anyhow::Result<Value> {
+        writeln!(self.writer, "{}", json!({ "execute": command, "arguments": arguments }))?;
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                bail!("QEMU closed QMP during {command}");
+            }
+            let reply: Value = serde_json::from_str(&line)?;
+            if let Some(result) = reply.get("return") {
+                return Ok(result.clone());
+            }
+            if let Some(error) = reply.get("error") {
+                bail!("QMP {command}: {error}");
+            }
+        }
+    }
+}
+
+fn qemu(size_mib: u64, qmp: &Path, extra: &[String]) -> anyhow::Result<Child> {
+    let mut command = Command::new("qemu-system-x86_64");
+    command
+        .args(["-accel", "tcg", "-machine", "pc", "-nodefaults", "-display", "none", "-S", "-m"])
+        .arg(format!("{size_mib}M"))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command.spawn().context("spawning qemu-system-x86_64 (scripts/provision-host.sh installs it)")
+}
+
+/// QEMU with `dirty_mib` of non-zero bytes in RAM: migrate to a file, then restore.
+fn qemu_side(size_mib: u64, dirty_mib: u64, scratch: &Path, runs: usize) -> anyhow::Result<Value> {
+    let blob = scratch.join("qemu-dirty.bin");
+    let mut bytes = vec![0u8; (dirty_mib << 20) as usize];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for word in bytes.chunks_exact_mut(8) {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        word.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    std::fs::write(&blob, &bytes)?;
+    drop(bytes);
+    let image = scratch.join("qemu.mig");
+    let qmp_path = scratch.join("qemu.qmp");
+    let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_file(&qmp_path);
+    let loader = format!("loader,file={},addr=0x100000,force-raw=on", blob.display());
+    let mut source = qemu(size_mib, &qmp_path, &["-device".into(), loader.clone()])?;
+    let mut qmp = Qmp::connect(&qmp_path)?;
+    qmp.execute("migrate-set-parameters", json!({ "max-bandwidth": 100u64 << 30 }))?;
+    let started = Instant::now();
+    qmp.execute("migrate", json!({ "uri": format!("exec:cat > {}", image.display()) }))?;
+    let total_ms = loop {
+        let status = qmp.execute("query-migrate", json!({}))?;
+        match status.get("status").and_then(Value::as_str) {
+            Some("completed") => break status.get("total-time").and_then(Value::as_f64),
+            Some("failed") => bail!("QEMU migration failed: {status}"),
+            _ => std::thread::sleep(Duration::from_micros(500)),
+        }
+    };
+    let migrated = started.elapsed();
+    let _ = qmp.execute("quit", json!({}));
+    source.wait()?;
+    let synced_at = Instant::now();
+    std::fs::OpenOptions::new().write(true).open(&image)?.sync_all()?;
+    let fsync = synced_at.elapsed();
+    let file_bytes = std::fs::metadata(&image)?.len();
+
+    let mut restores = Vec::new();
+    for _ in 0..runs {
+        let _ = std::fs::remove_file(&qmp_path);
+        let started = Instant::now();
+        let mut target = qemu(size_mib, &qmp_path, &["-incoming".into(), format!("exec:cat {}", image.display())])?;
+        let mut qmp = Qmp::connect(&qmp_path)?;
+        loop {
+            let status = qmp.execute("query-status", json!({}))?;
+            if status.get("status").and_then(Value::as_str) != Some("inmigrate") {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        restores.push(started.elapsed());
+        let _ = qmp.execute("quit", json!({}));
+        target.wait()?;
+    }
+    let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_file(&blob);
+    Ok(json!({
+        "machine": "qemu-system-x86_64 -accel tcg -machine pc -S (the guest never runs; its RAM holds the same number of non-zero bytes)",
+        "migrate_to_file_ms": ms(migrated),
+        "qemu_total_time_ms": total_ms,
+        "fsync_after_ms": ms(fsync),
+        "file_bytes": file_bytes,
+        "incoming_restore": Summary::of(&restores).map(|s| s.to_json_ms()).unwrap_or(Value::Null),
+    }))
+}
+
+fn one_size(size_mib: u64, options: &Options) -> anyhow::Result<Value> {
+    let scratch = options.dir.join(format!("{size_mib}"));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch)?;
+    let dirty_mib = size_mib * 3 / 4;
+    let disk = disk_write_speed(&scratch, (size_mib << 20).max(512 << 20))?;
+
+    let socket = scratch.join("vm.sock");
+    let vsock = scratch.join("vm.vsock");
+    let args: Vec<String> = [
+        "run",
+        "--kernel",
+        &desk_kernel().display().to_string(),
+        "--mem",
+        &size_mib.to_string(),
+        "--socket",
+        &socket.display().to_string(),
+        "--vsock",
+        &vsock.display().to_string(),
+        "--no-console",
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect();
+    let mut vm = Vmm::spawn(&args, socket)?;
+    vm.until_line("vCPUs running")?;
+    let end = Instant::now() + DEADLINE;
+    while vm.call(&Request::Agent(AgentRequest::Ping)).map(|r| !matches!(r, Response::Agent(_))).unwrap_or(true) {
+        anyhow::ensure!(Instant::now() < end, "the Desk agent never answered");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm.exec(&["fill", &dirty_mib.to_string(), "3"])?;
+    vm.input(&["click", "640", "228"])?;
+
+    let full = vm.snapshot(&scratch.join("full"), false, false)?;
+    let write_mb_s = full.memory_bytes as f64 / 1e6 / (full.memory_write_us as f64 / 1e6);
+    let mut diffs = Vec::new();
+    let mut parent_diffs = Vec::new();
+    for run in 0..options.runs {
+        vm.input(&["type", &format!("line {run} typed before a diff")])?;
+        let info = vm.snapshot(&scratch.join(format!("diff-{run}")), false, true)?;
+        diffs.push(Duration::from_micros(info.paused_us));
+        parent_diffs.push(snapshot_json(&info));
+    }
+    let hibernate_dir = scratch.join("hibernated");
+    let started = Instant::now();
+    let hibernated = vm.snapshot(&hibernate_dir, true, false)?;
+    vm.child.wait()?;
+    let hibernate_ms = ms(started.elapsed());
+
+    let hibernated_screenshot = hibernated_screenshots(&hibernate_dir, &scratch, options.runs)?;
+    let restore = restores(&hibernate_dir, &scratch, options.runs)?;
+    let qemu = qemu_side(size_mib, dirty_mib, &scratch, options.runs)?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(json!({
+        "size_mib": size_mib,
+        "dirty_mib": dirty_mib,
+        "disk_o_direct_write_mb_s": disk,
+        "full_snapshot": {
+            "snapshot": snapshot_json(&full),
+            "memory_write_mb_s": write_mb_s,
+            "fraction_of_disk_speed": write_mb_s / disk,
+        },
+        "diff_snapshot_after_typing": {
+            "paused": Summary::of(&diffs).map(|s| s.to_json_ms()),
+            "each": parent_diffs,
+        },
+        "hibernate": { "request_to_process_end_ms": hibernate_ms, "snapshot": snapshot_json(&hibernated) },
+        "screenshot_of_hibernated_vm_cli": hibernated_screenshot,
+        "restore": restore,
+        "qemu": qemu,
+    }))
+}
+
+fn main() -> anyhow::Result<()> {
+    let options = options()?;
+    if !vmm().exists() || !desk_kernel().exists() {
+        bail!("build first: cargo build --release -p carrel-vmm && scripts/build-guests.sh");
+    }
+    std::fs::create_dir_all(&options.dir)?;
+    let mut sizes = Vec::new();
+    for &size in &options.sizes {
+        eprintln!("hibernate bench: {size} MiB guest");
+        sizes.push(one_size(size, &options)?);
+    }
+    let path = report(
+        "hibernate",
+        json!({
+            "targets": {
+                "restore_to_first_instruction_median_ms": 5,
+                "restore_to_screenshot_ms": 10,
+                "diff_snapshot_ms": 20,
+                "full_snapshot_fraction_of_disk_speed": 0.7,
+                "hibernated_screenshot_ms": 15,
+            },
+            "sizes": sizes,
+        }),
+    )?;
+    eprintln!("hibernate bench: results in {}", path.display());
+    Ok(())
+}
