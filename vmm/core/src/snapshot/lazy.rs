@@ -423,8 +423,9 @@ mod tests {
         let layers = [(base_dir, &base), (diff_dir, &diff)];
         // A range read through another mapping before anything touches it.
         let viewed = (0x30_0000u64, 0x1000u64);
-        let lazy =
-            LazyMemory::start(&restored, &layers, &[viewed], Vec::new()).expect("userfaultfd (tests run as root)");
+        let mut lazy =
+            LazyMemory::start(&restored, &layers, vec![viewed], Vec::new()).expect("userfaultfd (tests run as root)");
+        lazy.wait_viewed().unwrap();
         let mut other = vec![0u8; viewed.1 as usize];
         {
             use std::os::unix::fs::FileExt;
