@@ -28,6 +28,8 @@ use crate::memory::GuestRam;
 pub const CHUNK_BYTES: u64 = 256 << 10;
 /// Chunks in flight at once.
 const QUEUE_DEPTH: u32 = 16;
+/// Chunks hashed ahead of the write, per pipeline stage (16 MiB).
+const PIPELINE_CHUNKS: usize = 64;
 
 /// Errors writing or reading the memory file.
 #[derive(Debug, thiserror::Error)]
@@ -231,23 +233,30 @@ unsafe fn ram_slice<'a>(host: *mut u8, len: u64) -> &'a [u8] {
     unsafe { std::slice::from_raw_parts(host, len as usize) }
 }
 
-/// blake3 of every chunk, on two threads.
-fn digest_chunks(regions: &[(u64, *mut u8, u64)], ranges: &[(u64, u64)]) -> Vec<[u8; 32]> {
-    // Host addresses as integers, so the two hashing threads can share them.
-    let jobs: Vec<(usize, u64)> = ranges
+/// (host address as an integer, length) of each range, 0 for a range outside RAM, so
+/// hashing threads can share them.
+fn hash_jobs(regions: &[(u64, *mut u8, u64)], ranges: &[(u64, u64)]) -> Vec<(usize, u64)> {
+    ranges
         .iter()
         .map(|&(offset, len)| (host_address(regions, offset, len).map_or(0, |host| host as usize), len))
-        .collect();
-    let hash = |part: &[(usize, u64)]| -> Vec<[u8; 32]> {
-        part.iter()
-            .map(|&(host, len)| match host {
-                0 => [0; 32],
-                // SAFETY: `host_address` found `len` mapped bytes of guest RAM, which the
-                // caller keeps mapped and the paused guest does not change.
-                host => *blake3::hash(unsafe { ram_slice(host as *mut u8, len) }).as_bytes(),
-            })
-            .collect()
-    };
+        .collect()
+}
+
+/// blake3 of each job's bytes (zeros for a job outside RAM).
+fn hash(jobs: &[(usize, u64)]) -> Vec<[u8; 32]> {
+    jobs.iter()
+        .map(|&(host, len)| match host {
+            0 => [0; 32],
+            // SAFETY: `hash_jobs` found `len` mapped bytes of guest RAM, which the caller
+            // keeps mapped and the paused guest does not change.
+            host => *blake3::hash(unsafe { ram_slice(host as *mut u8, len) }).as_bytes(),
+        })
+        .collect()
+}
+
+/// blake3 of every chunk, on two threads.
+fn digest_chunks(regions: &[(u64, *mut u8, u64)], ranges: &[(u64, u64)]) -> Vec<[u8; 32]> {
+    let jobs = hash_jobs(regions, ranges);
     let half = jobs.len() / 2;
     std::thread::scope(|scope| {
         let first = scope.spawn(|| hash(&jobs[..half]));
@@ -336,21 +345,6 @@ pub fn write_image(
         Some((dirty, _)) => dirty_extents(dirty, &regions),
     };
     let ranges = chunk_ranges(&extents, &regions);
-    let digests = digest_chunks(&regions, &ranges);
-    let zero_full = zero_digest(CHUNK_BYTES);
-    let mut chunks = Vec::with_capacity(ranges.len());
-    let mut zeroed: Vec<(u64, u64)> = Vec::new();
-    for (&(offset, len), digest) in ranges.iter().zip(digests) {
-        if digest != if len == CHUNK_BYTES { zero_full } else { zero_digest(len) } {
-            chunks.push(Chunk { offset, len, digest });
-        } else if diff.is_some() {
-            match zeroed.last_mut() {
-                Some((start, run)) if *start + *run == offset => *run += len,
-                _ => zeroed.push((offset, len)),
-            }
-        }
-    }
-
     let create = |direct: bool| {
         OpenOptions::new().write(true).create_new(true).custom_flags(if direct { libc::O_DIRECT } else { 0 }).open(path)
     };
@@ -363,14 +357,40 @@ pub fn write_image(
         Err(source) => return Err(MemoryFileError::Create { path: name, source }),
     };
     file.set_len(ram.size).map_err(|source| MemoryFileError::Write { path: name.clone(), offset: 0, source })?;
-    let ops: Vec<(*mut u8, u64, u64)> = chunks
-        .iter()
-        .filter_map(|chunk| Some((host_address(&regions, chunk.offset, chunk.len)?, chunk.len, chunk.offset)))
-        .collect();
-    transfer(&file, &ops, true).map_err(|(offset, source)| MemoryFileError::Write {
-        path: name.clone(),
-        offset,
-        source,
+
+    // Batches in a pipeline: the next batch is hashed on a second thread while this one
+    // is written, so the write runs at the disk's speed rather than after the hashing.
+    let zero_full = zero_digest(CHUNK_BYTES);
+    let mut chunks = Vec::with_capacity(ranges.len());
+    let mut zeroed: Vec<(u64, u64)> = Vec::new();
+    let jobs = hash_jobs(&regions, &ranges);
+    std::thread::scope(|scope| {
+        let mut batches = ranges.chunks(PIPELINE_CHUNKS).zip(jobs.chunks(PIPELINE_CHUNKS));
+        let mut next = batches.next().map(|(ranges, jobs)| (ranges, scope.spawn(move || hash(jobs))));
+        while let Some((batch, hashing)) = next.take() {
+            let digests = hashing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            next = batches.next().map(|(ranges, jobs)| (ranges, scope.spawn(move || hash(jobs))));
+            let mut ops = Vec::with_capacity(batch.len());
+            for (&(offset, len), digest) in batch.iter().zip(digests) {
+                if digest != if len == CHUNK_BYTES { zero_full } else { zero_digest(len) } {
+                    chunks.push(Chunk { offset, len, digest });
+                    if let Some(host) = host_address(&regions, offset, len) {
+                        ops.push((host, len, offset));
+                    }
+                } else if diff.is_some() {
+                    match zeroed.last_mut() {
+                        Some((start, run)) if *start + *run == offset => *run += len,
+                        _ => zeroed.push((offset, len)),
+                    }
+                }
+            }
+            transfer(&file, &ops, true).map_err(|(offset, source)| MemoryFileError::Write {
+                path: name.clone(),
+                offset,
+                source,
+            })?;
+        }
+        Ok::<(), MemoryFileError>(())
     })?;
     file.sync_all().map_err(|source| MemoryFileError::Write { path: name, offset: ram.size, source })?;
     Ok(MemoryImage { size: ram.size, chunks, zeroed, parent: diff.map(|(_, parent)| parent) })
