@@ -192,6 +192,13 @@ pub struct VmStatus {
     pub uptime_ms: u64,
     pub devices: Vec<String>,
     pub pid: u32,
+    /// Whether the screen is read in place from guest memory (None: no scanout, or a
+    /// screen in another process).
+    #[serde(default)]
+    pub zero_copy_screen: Option<bool>,
+    /// Whether guest RAM is still being filled from a snapshot (a lazy restore).
+    #[serde(default)]
+    pub memory_loading: bool,
 }
 
 /// Errors of the control socket.
@@ -416,6 +423,8 @@ mod tests {
             uptime_ms: 5,
             devices: vec!["rng".into()],
             pid: 1,
+            zero_copy_screen: Some(true),
+            memory_loading: false,
         });
         write_frame(&mut buffer, &status).unwrap();
         let mut reader = buffer.as_slice();

@@ -640,9 +640,10 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 fn status(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
     match ControlClient::connect(socket)?.call(&Request::Status, CALL_TIMEOUT)? {
         Response::Status(status) if json => {
+            let zero_copy = status.zero_copy_screen.map_or("null".to_string(), |zero_copy| zero_copy.to_string());
             println!(
-                "{{\"platform\":\"{}\",\"state\":\"{}\",\"boot_protocol\":\"{}\",\"vcpus\":{},\"mem_mib\":{},\"uptime_ms\":{},\"pid\":{}}}",
-                status.platform, status.state, status.boot_protocol, status.vcpus, status.mem_mib, status.uptime_ms, status.pid
+                "{{\"platform\":\"{}\",\"state\":\"{}\",\"boot_protocol\":\"{}\",\"vcpus\":{},\"mem_mib\":{},\"uptime_ms\":{},\"pid\":{},\"zero_copy_screen\":{},\"memory_loading\":{}}}",
+                status.platform, status.state, status.boot_protocol, status.vcpus, status.mem_mib, status.uptime_ms, status.pid, zero_copy, status.memory_loading
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -651,7 +652,17 @@ fn status(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
             println!("platform:  {}", status.platform);
             println!("boot:      {} ({})", status.boot_protocol, status.kernel);
             println!("vcpus:     {}", status.vcpus);
-            println!("memory:    {} MiB", status.mem_mib);
+            println!(
+                "memory:    {} MiB{}",
+                status.mem_mib,
+                if status.memory_loading { " (loading from its snapshot)" } else { "" }
+            );
+            let screen = match status.zero_copy_screen {
+                Some(true) => "read in place (zero-copy)",
+                Some(false) => "copied on each transfer",
+                None => "no local scanout",
+            };
+            println!("screen:    {screen}");
             println!("devices:   {}", status.devices.join(", "));
             println!("uptime:    {} ms", status.uptime_ms);
             println!("pid:       {}", status.pid);

@@ -20,6 +20,7 @@ use crate::recorder::{Record, Recorder};
 use crate::services::agent::AgentService;
 use crate::services::input::InputService;
 use crate::services::screen::ScreenService;
+use crate::services::screen::ScreenSource;
 use crate::services::ConnectionServices;
 use crate::snapshot::memory::{MemoryImage, Parent};
 use crate::snapshot::{write_snapshot, SnapshotInfo, SnapshotState};
@@ -432,6 +433,7 @@ impl Vmm {
                 state,
                 paused_at,
                 parent.map(|parent| (&dirty[..], parent)),
+                &mut crate::snapshot::progress_line(dir),
             );
             if written.is_err() {
                 give_back_dirty_pages(memory, &dirty);
@@ -518,6 +520,11 @@ impl Vmm {
             uptime_ms: Instant::now().duration_since(self.built.started).as_millis() as u64,
             devices: self.built.virtio.iter().map(|device| device.name.to_string()).collect(),
             pid: std::process::id(),
+            zero_copy_screen: match &self.built.screen {
+                Some(ScreenSource::Local(screen)) => screen.scanout_is_zero_copy(),
+                _ => None,
+            },
+            memory_loading: self.built.lazy.as_ref().is_some_and(|lazy| !lazy.is_done()),
         }
     }
 }

@@ -199,7 +199,12 @@ fn one_snapshot_restored_three_times_side_by_side_all_run_on_their_own() {
         assert_eq!(agent_exec(paths, &["cat", &name]), "mine");
         let shot = screenshot(&paths.socket, Wait::FirstFrame);
         assert!(screenshot(&paths.socket, Wait::FrameAfter(shot.frame)).frame > shot.frame, "VM {index} draws");
-        assert!(cli(&["status", "--socket", &socket]).contains("running"));
+        let status = cli(&["status", "--socket", &socket, "--json"]);
+        assert!(status.contains("\"state\":\"running\""), "{status}");
+        assert!(
+            status.contains("\"zero_copy_screen\":true"),
+            "VM {index}: the restored screen is read in place: {status}"
+        );
     }
     // Each VM's files are its own after the restore.
     assert!(agent_exec(&vms[1].1, &["ls", "/data"]).lines().all(|line| line != "own-0"));

@@ -330,13 +330,24 @@ pub fn dirty_bytes(ram: &GuestRam, dirty: &DirtyPages) -> u64 {
     dirty_extents(dirty, &ram_regions(ram)).iter().map(|(_, len)| len).sum()
 }
 
-/// Writes guest RAM to `path` (created; O_DIRECT when allowed), fsyncs it, and returns
-/// what it holds: all of RAM, or with `diff` only the pages it marks, over its parent.
-/// The guest must be paused.
+/// [`write_image_with_progress`] without progress reports.
 pub fn write_image(
     ram: &GuestRam,
     path: &Path,
     diff: Option<(&DirtyPages, Parent)>,
+) -> Result<MemoryImage, MemoryFileError> {
+    write_image_with_progress(ram, path, diff, &mut |_, _| {})
+}
+
+/// Writes guest RAM to `path` (created; O_DIRECT when allowed), fsyncs it, and returns
+/// what it holds: all of RAM, or with `diff` only the pages it marks, over its parent.
+/// `progress` hears (bytes looked at, bytes to look at) after every 16 MiB. The guest
+/// must be paused.
+pub fn write_image_with_progress(
+    ram: &GuestRam,
+    path: &Path,
+    diff: Option<(&DirtyPages, Parent)>,
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<MemoryImage, MemoryFileError> {
     let name = path.display().to_string();
     let regions = ram_regions(ram);
@@ -366,6 +377,8 @@ pub fn write_image(
     let jobs = hash_jobs(&regions, &ranges);
     std::thread::scope(|scope| {
         let mut batches = ranges.chunks(PIPELINE_CHUNKS).zip(jobs.chunks(PIPELINE_CHUNKS));
+        let total: u64 = ranges.iter().map(|(_, len)| len).sum();
+        let mut done = 0;
         let mut next = batches.next().map(|(ranges, jobs)| (ranges, scope.spawn(move || hash(jobs))));
         while let Some((batch, hashing)) = next.take() {
             let digests = hashing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
@@ -389,6 +402,8 @@ pub fn write_image(
                 offset,
                 source,
             })?;
+            done += batch.iter().map(|(_, len)| len).sum::<u64>();
+            progress(done, total);
         }
         Ok::<(), MemoryFileError>(())
     })?;
@@ -537,6 +552,22 @@ mod tests {
             !extents.iter().any(|&(offset, _)| offset == 0x80_0000),
             "the zeroed page is a hole again: {extents:?}"
         );
+    }
+
+    #[test]
+    fn progress_is_reported_per_batch_up_to_the_whole() {
+        let ram = create_guest_ram(64).unwrap();
+        ram.memory.write_slice(&vec![0x5a; 40 << 20], GuestAddress(0)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut reports = Vec::new();
+        write_image_with_progress(&ram, &dir.path().join("memory.bin"), None, &mut |done, total| {
+            reports.push((done, total))
+        })
+        .unwrap();
+        let total = reports.last().unwrap().1;
+        assert!(total >= 40 << 20, "{reports:?}");
+        assert_eq!(reports.last().unwrap().0, total, "the last report is the whole");
+        assert!(reports.len() >= 3 && reports.windows(2).all(|pair| pair[0].0 < pair[1].0), "{reports:?}");
     }
 
     #[test]

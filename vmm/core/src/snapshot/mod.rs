@@ -164,7 +164,9 @@ pub fn memory_bytes_needed(ram: &GuestRam) -> Result<u64, SnapshotError> {
 }
 
 /// Writes a snapshot of a paused VM to `dir`, all or nothing: a full one, or with `diff`
-/// only the pages it marks, over its parent.
+/// only the pages it marks, over its parent. `progress` hears (bytes of memory looked
+/// at, bytes to look at) as the memory is written.
+#[allow(clippy::too_many_arguments)] // each is one part of the snapshot being written
 pub fn write_snapshot(
     dir: &Path,
     config: &VmConfig,
@@ -173,6 +175,7 @@ pub fn write_snapshot(
     mut state: SnapshotState,
     paused_at: Instant,
     diff: Option<(&DirtyPages, Parent)>,
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<SnapshotInfo, SnapshotError> {
     let name = dir.display().to_string();
     if dir.exists() {
@@ -195,7 +198,7 @@ pub fn write_snapshot(
     let temporary = parent.join(format!(".{file_name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&temporary);
     std::fs::create_dir(&temporary).map_err(|source| SnapshotError::CreateDir { path: name.clone(), source })?;
-    let result = write_files(&temporary, config, platform, ram, &mut state, paused_at, diff);
+    let result = write_files(&temporary, config, platform, ram, &mut state, paused_at, diff, progress);
     let info = match result {
         Ok(info) => info,
         Err(err) => {
@@ -212,6 +215,7 @@ pub fn write_snapshot(
     Ok(SnapshotInfo { dir: dir.to_path_buf(), ..info })
 }
 
+#[allow(clippy::too_many_arguments)] // each is one part of the snapshot being written
 fn write_files(
     temporary: &Path,
     config: &VmConfig,
@@ -220,9 +224,10 @@ fn write_files(
     state: &mut SnapshotState,
     paused_at: Instant,
     diff: Option<(&DirtyPages, Parent)>,
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<SnapshotInfo, SnapshotError> {
     let started = Instant::now();
-    state.memory = memory::write_image(ram, &temporary.join(MEMORY_FILE), diff)?;
+    state.memory = memory::write_image_with_progress(ram, &temporary.join(MEMORY_FILE), diff, progress)?;
     let memory_write_us = started.elapsed().as_micros() as u64;
     let json = serde_json::to_vec_pretty(config)
         .map_err(|err| SnapshotError::Config { path: CONFIG_FILE.into(), message: err.to_string() })?;
@@ -334,5 +339,16 @@ pub fn merge(dir: &Path, out: &Path) -> Result<SnapshotInfo, SnapshotError> {
     read_memory(&ram, &snapshot, &parents)?;
     let LoadedSnapshot { config, mut state, platform, .. } = snapshot;
     state.memory = MemoryImage::empty(ram.size);
-    write_snapshot(out, &config, platform, &ram, state, started, None)
+    write_snapshot(out, &config, platform, &ram, state, started, None, &mut progress_line(out))
+}
+
+/// A progress report for long snapshots: one stderr line at most every half second.
+pub fn progress_line(dir: &Path) -> impl FnMut(u64, u64) + '_ {
+    let mut last = Instant::now();
+    move |done, total| {
+        if last.elapsed() >= std::time::Duration::from_millis(500) && done < total {
+            last = Instant::now();
+            eprintln!("carrel-vmm: snapshot {}: {} of {} MiB", dir.display(), done >> 20, total >> 20);
+        }
+    }
 }
