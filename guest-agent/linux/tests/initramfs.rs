@@ -48,7 +48,8 @@ fn boot_initramfs() -> Guest {
         .unwrap();
     assert!(unpacked.success(), "the archive unpacks with cpio");
     let child = Command::new("unshare")
-        .args(["--pid", "--fork", "--mount", "--propagation", "private", "chroot"])
+        // --kill-child: the namespace's PID 1 ends with unshare, so Drop leaves nothing behind.
+        .args(["--pid", "--fork", "--kill-child", "--mount", "--propagation", "private", "chroot"])
         .arg(&root)
         .args(["/init", "--unix", "/tmp/agent.sock"])
         .stdout(Stdio::null())
