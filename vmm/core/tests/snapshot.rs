@@ -378,7 +378,7 @@ fn killing_the_vmm_mid_snapshot_never_leaves_a_complete_looking_snapshot() {
     let prepared = prepare("killed", false);
     let good = snapshot_digests(&prepared.snapshot);
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    for round in 0..6 {
+    for round in 0..10 {
         let paths = Paths::new(&format!("killed-{round}"));
         let mut vm = restore(&prepared.snapshot, &paths);
         let target = scratch_path(&format!("killed-{round}-snapshot"));

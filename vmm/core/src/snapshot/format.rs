@@ -156,4 +156,120 @@ mod tests {
             let _ = decode::<Vec<u64>>(&bytes);
         }
     }
+
+    /// A state with every part present: a vCPU, a virtio device, and a diff memory image.
+    fn snapshot_state() -> crate::snapshot::SnapshotState {
+        use crate::devices::virtio::persist::{MmioState, QueueSaved, VirtioDeviceState};
+        use crate::snapshot::memory::{Chunk, MemoryImage, Parent};
+        use crate::vstate::persist::{VcpuState, VmState};
+
+        let queue = QueueSaved {
+            max_size: 256,
+            next_avail: 3,
+            next_used: 3,
+            event_idx_enabled: false,
+            size: 16,
+            ready: true,
+            desc_table: 0x1000,
+            avail_ring: 0x2000,
+            used_ring: 0x3000,
+        };
+        crate::snapshot::SnapshotState {
+            protocol: crate::boot::BootProtocol::Desk,
+            restores: 2,
+            vm: VmState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                pit: Some(Default::default()),
+                clock: Default::default(),
+            },
+            vcpus: vec![VcpuState {
+                id: 0,
+                cpuid: vec![Default::default(); 2],
+                mp_state: Default::default(),
+                regs: Default::default(),
+                sregs: Default::default(),
+                xsave: Default::default(),
+                xcrs: Default::default(),
+                debug_regs: Default::default(),
+                lapic: Default::default(),
+                msrs: vec![Default::default(); 2],
+                vcpu_events: Default::default(),
+            }],
+            serial: crate::devices::legacy::SerialSaved { registers: [1; 9], in_buffer: b"desk".to_vec() },
+            virtio: vec![MmioState {
+                device_type: 4,
+                status: 15,
+                driver_features: 1 << 32,
+                device_features_select: 0,
+                driver_features_select: 1,
+                queue_select: 0,
+                config_generation: 0,
+                interrupt_status: 0,
+                queues: vec![queue],
+                active_queues: vec![queue],
+                device: VirtioDeviceState::Rng,
+            }],
+            memory: MemoryImage {
+                size: 1 << 20,
+                chunks: vec![Chunk { offset: 0, len: 4096, digest: [7; 32] }],
+                zeroed: vec![(8192, 4096)],
+                parent: Some(Parent { dir: "base".into(), digest: [9; 32] }),
+            },
+        }
+    }
+
+    /// A well-formed, correctly signed file around `body`, so decoding reaches postcard.
+    fn frame(body: &[u8]) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(HEADER_BYTES + body.len() + DIGEST_BYTES);
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&(PlatformKind::Pvm as u32).to_le_bytes());
+        bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(body);
+        bytes.extend_from_slice(&[0; DIGEST_BYTES]);
+        resign(&mut bytes);
+        bytes
+    }
+
+    #[test]
+    fn snapshot_state_truncated_at_any_length_is_refused() {
+        let bytes = encode(PlatformKind::Pvm, &snapshot_state()).unwrap();
+        let (_, state) = decode::<crate::snapshot::SnapshotState>(&bytes).unwrap();
+        assert_eq!((state.vcpus.len(), state.virtio.len()), (1, 1));
+        state.memory.validate(state.memory.size).unwrap();
+        assert_eq!(frame(&bytes[HEADER_BYTES..bytes.len() - DIGEST_BYTES]), bytes, "frame matches encode");
+
+        for len in 0..bytes.len() {
+            let refused = decode::<crate::snapshot::SnapshotState>(&bytes[..len]);
+            assert!(matches!(refused, Err(FormatError::Truncated { .. })), "file cut at {len}: {refused:?}");
+        }
+        // A body cut short but framed and signed as if whole gets past every header check
+        // to postcard, which must run out of bytes, not panic or read past them.
+        let body = &bytes[HEADER_BYTES..bytes.len() - DIGEST_BYTES];
+        for len in 0..body.len() {
+            let refused = decode::<crate::snapshot::SnapshotState>(&frame(&body[..len]));
+            assert!(matches!(refused, Err(FormatError::Decode(_))), "body cut at {len}: {refused:?}");
+        }
+    }
+
+    #[test]
+    fn random_snapshot_state_files_and_bodies_are_refused_without_panic() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for case in 0..400usize {
+            let len = case * 7 % 2048;
+            let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let refused = decode::<crate::snapshot::SnapshotState>(&bytes);
+            assert!(refused.is_err(), "random file {case}: {refused:?}");
+            let refused = decode::<crate::snapshot::SnapshotState>(&frame(&bytes));
+            assert!(matches!(refused, Err(FormatError::Decode(_))), "random body {case}: {refused:?}");
+        }
+    }
 }
