@@ -13,7 +13,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::GuestMemoryMmap;
 
@@ -197,6 +197,15 @@ impl MappedView {
             let file_offset = file.start() + region_offset;
             if file_offset % PAGE_SIZE != 0 || count % PAGE_SIZE != 0 {
                 return Err(BackingError::AlignBacking { addr: gpa, length: count });
+            }
+            // Each page is touched through the guest's own mapping before this second
+            // mapping of it exists. Where guest RAM is filled lazily (a restore with
+            // userfaultfd), that loads the page: MAP_POPULATE here would otherwise allocate
+            // it as zeros, hiding the snapshot's bytes from the screen and the guest alike.
+            for page in (0..count).step_by(PAGE_SIZE as usize) {
+                memory
+                    .read_obj::<u8>(GuestAddress(gpa + page))
+                    .map_err(|_| BackingError::CheckBacking { addr: gpa + page, length: PAGE_SIZE })?;
             }
             let target = position + done;
             // SAFETY: `target..target + count` lies inside this view's reservation (the
