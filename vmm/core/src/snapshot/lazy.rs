@@ -446,6 +446,32 @@ mod tests {
     }
 
     #[test]
+    fn a_screen_view_mapped_during_a_lazy_restore_sees_the_snapshot_not_zeros() {
+        use carrel_gpu::protocol::MemoryEntry;
+        use carrel_gpu::view::{Backing, MappedView};
+        let dir = tempfile::tempdir().unwrap();
+        let ram = create_guest_ram(16).unwrap();
+        let pixels = pattern(64 << 10, 4);
+        ram.memory.write_slice(&pixels, GuestAddress(0x40_0000)).unwrap();
+        let image = write_image(&ram, &dir.path().join("memory.bin"), None).unwrap();
+        let restored = create_guest_ram(16).unwrap();
+        let layers = [(dir.path().to_path_buf(), &image)];
+        // Nothing is loaded ahead: the view is the first to want these pages.
+        let mut lazy = LazyMemory::start(&restored, &layers, Vec::new(), Vec::new()).unwrap();
+        lazy.wait_viewed().unwrap();
+        let entries = [MemoryEntry { addr: 0x40_0000, length: pixels.len() as u32 }];
+        let backing = Backing::new(&restored.memory, &entries).unwrap();
+        let view = MappedView::map(&restored.memory, &backing, pixels.len() as u64).unwrap();
+        // SAFETY: the view maps `pixels.len()` readable bytes for as long as it lives.
+        let seen = unsafe { std::slice::from_raw_parts(view.as_ptr(), pixels.len()) };
+        assert!(seen == pixels.as_slice(), "the view shows the snapshot's pixels");
+        let mut guest = vec![0u8; pixels.len()];
+        restored.memory.read_slice(&mut guest, GuestAddress(0x40_0000)).unwrap();
+        assert!(guest == pixels, "and the guest sees them too");
+        lazy.finish().unwrap();
+    }
+
+    #[test]
     fn a_corrupt_chunk_is_refused_when_it_is_loaded() {
         let dir = tempfile::tempdir().unwrap();
         let ram = create_guest_ram(16).unwrap();
