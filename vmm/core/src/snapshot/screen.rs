@@ -1,8 +1,9 @@
 //! The screen of a hibernated VM, straight from its snapshot files: no KVM, no VM.
 //!
-//! `memory.bin` is mapped privately and read-only; carrel-gpu rebuilds the saved device on
-//! it (the same validating restore a wake uses) and captures the scanout. The chunks the
-//! scanout's pixels lie in are checked against their digests first. A diff is shown from
+//! `memory.bin` is mapped shared and read-only, so the screen's resources are viewed in
+//! place as in the running VM and nothing can write the file. carrel-gpu rebuilds the
+//! saved device on it (the same validating restore a wake uses) and captures the scanout.
+//! The chunks the scanout's pixels lie in are checked against their digests first. A diff is shown from
 //! its chain loaded into fresh memory, every chunk checked.
 
 use std::fs::File;
@@ -23,7 +24,7 @@ fn refused(dir: &Path, reason: impl std::fmt::Display) -> SnapshotError {
     SnapshotError::Mismatch(format!("{}: {reason}", dir.display()))
 }
 
-/// Guest RAM of `size` bytes as a private, read-only mapping of `memory.bin`.
+/// Guest RAM of `size` bytes as a shared, read-only mapping of `memory.bin`.
 fn map_memory(dir: &Path, size: u64) -> Result<GuestMemoryMmap, SnapshotError> {
     let path = dir.join(MEMORY_FILE);
     let error = |source| SnapshotError::ReadFile { path: path.display().to_string(), source };
@@ -39,7 +40,7 @@ fn map_memory(dir: &Path, size: u64) -> Result<GuestMemoryMmap, SnapshotError> {
     for (gpa, len) in ram_ranges(size) {
         let file = file.try_clone().map_err(error)?;
         let mapping =
-            MmapRegion::build(Some(FileOffset::new(file, offset)), len as usize, libc::PROT_READ, libc::MAP_PRIVATE)
+            MmapRegion::build(Some(FileOffset::new(file, offset)), len as usize, libc::PROT_READ, libc::MAP_SHARED)
                 .map_err(|err| refused(dir, format!("cannot map {MEMORY_FILE}: {err}")))?;
         regions
             .push(GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or_else(|| refused(dir, "bad memory region"))?);
