@@ -169,6 +169,15 @@ impl Vmm {
     }
 }
 
+/// `carrel-vmm run` with `flags`, talking on `socket` and `vsock`, its console off.
+fn run_args(flags: &[&str], socket: &Path, vsock: &Path) -> Vec<String> {
+    let mut args = vec!["run".to_string()];
+    args.extend(flags.iter().map(|flag| flag.to_string()));
+    let (socket, vsock) = (socket.display().to_string(), vsock.display().to_string());
+    args.extend(["--socket".into(), socket, "--vsock".into(), vsock, "--no-console".into()]);
+    args
+}
+
 fn snapshot_json(info: &SnapshotInfo) -> Value {
     json!({
         "paused_ms": info.paused_us as f64 / 1e3,
@@ -224,21 +233,7 @@ fn restore_once(dir: &Path, mode: &str, scratch: &Path) -> anyhow::Result<(Durat
     let vsock = scratch.join("restore.vsock");
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&vsock);
-    let args: Vec<String> = [
-        "run",
-        "--restore",
-        &dir.display().to_string(),
-        mode,
-        "--socket",
-        &socket.display().to_string(),
-        "--vsock",
-        &vsock.display().to_string(),
-        "--no-console",
-    ]
-    .iter()
-    .map(|arg| arg.to_string())
-    .collect();
-    let vm = Vmm::spawn(&args, socket)?;
+    let vm = Vmm::spawn(&run_args(&["--restore", &dir.display().to_string(), mode], &socket, &vsock), socket)?;
     let running = vm.until_line("vCPUs running")?;
     let shot = ScreenshotRequest {
         format: ImageFormat::Raw,
@@ -451,22 +446,8 @@ fn one_size(size_mib: u64, options: &Options) -> anyhow::Result<Value> {
 
     let socket = scratch.join("vm.sock");
     let vsock = scratch.join("vm.vsock");
-    let args: Vec<String> = [
-        "run",
-        "--kernel",
-        &desk_kernel().display().to_string(),
-        "--mem",
-        &size_mib.to_string(),
-        "--socket",
-        &socket.display().to_string(),
-        "--vsock",
-        &vsock.display().to_string(),
-        "--no-console",
-    ]
-    .iter()
-    .map(|arg| arg.to_string())
-    .collect();
-    let mut vm = Vmm::spawn(&args, socket)?;
+    let machine = ["--kernel", &desk_kernel().display().to_string(), "--mem", &size_mib.to_string()];
+    let mut vm = Vmm::spawn(&run_args(&machine, &socket, &vsock), socket)?;
     vm.until_line("vCPUs running")?;
     let end = Instant::now() + DEADLINE;
     while vm.call(&Request::Agent(AgentRequest::Ping)).map(|r| !matches!(r, Response::Agent(_))).unwrap_or(true) {

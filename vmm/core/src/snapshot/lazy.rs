@@ -382,27 +382,12 @@ impl LazyMemory {
 mod tests {
     use super::*;
     use crate::memory::create_guest_ram;
+    use crate::snapshot::memory::testing::{device_dirty_pages, ram_bytes};
     use crate::snapshot::memory::{write_image, DirtyPages, Parent};
     use vm_memory::{Bytes, GuestAddress};
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
-    }
-
-    fn ram_bytes(ram: &GuestRam) -> Vec<u8> {
-        let mut bytes = vec![0u8; ram.size as usize];
-        ram.memory.read_slice(&mut bytes, GuestAddress(0)).unwrap();
-        bytes
-    }
-
-    fn device_dirty_pages(ram: &GuestRam) -> Vec<Vec<u64>> {
-        ram.memory
-            .iter()
-            .map(|region| {
-                let mapping: &crate::memory::MmapRegion = region;
-                mapping.bitmap().get_and_reset()
-            })
-            .collect()
     }
 
     #[test]

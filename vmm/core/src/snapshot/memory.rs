@@ -469,8 +469,34 @@ pub fn read_image(ram: &GuestRam, path: &Path, image: &MemoryImage) -> Result<()
     Ok(())
 }
 
+/// Helpers for the snapshot tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::memory::GuestRam;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+    /// The pages device-side writes marked in the regions' bitmaps, cleared.
+    pub fn device_dirty_pages(ram: &GuestRam) -> Vec<Vec<u64>> {
+        ram.memory
+            .iter()
+            .map(|region| {
+                let mapping: &crate::memory::MmapRegion = region;
+                mapping.bitmap().get_and_reset()
+            })
+            .collect()
+    }
+
+    /// All of guest RAM, copied out.
+    pub fn ram_bytes(ram: &GuestRam) -> Vec<u8> {
+        let mut bytes = vec![0u8; ram.size as usize];
+        ram.memory.read_slice(&mut bytes, GuestAddress(0)).unwrap();
+        bytes
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::{device_dirty_pages, ram_bytes};
     use super::*;
     use crate::memory::create_guest_ram;
     use vm_memory::{Bytes, GuestAddress};
@@ -502,23 +528,6 @@ mod tests {
         restored.memory.read_slice(&mut bytes, GuestAddress(0x10_0000)).unwrap();
         assert!(bytes.iter().all(|&b| b == 0xab));
         assert_eq!(restored.memory.read_obj::<u32>(GuestAddress(0xff_fffc)).unwrap(), 0x1234_5678);
-    }
-
-    /// The pages device-side writes marked in the regions' bitmaps, cleared.
-    fn device_dirty_pages(ram: &GuestRam) -> Vec<Vec<u64>> {
-        ram.memory
-            .iter()
-            .map(|region| {
-                let mapping: &crate::memory::MmapRegion = region;
-                mapping.bitmap().get_and_reset()
-            })
-            .collect()
-    }
-
-    fn ram_bytes(ram: &GuestRam) -> Vec<u8> {
-        let mut bytes = vec![0u8; ram.size as usize];
-        ram.memory.read_slice(&mut bytes, GuestAddress(0)).unwrap();
-        bytes
     }
 
     #[test]

@@ -314,6 +314,43 @@ impl BusDevice for MmioTransport {
     }
 }
 
+/// A driver's side of the transport, for the devices' tests.
+#[cfg(test)]
+pub(crate) mod driver {
+    use super::{reg, status, MmioTransport};
+    use crate::devices::bus::BusDevice;
+    use crate::devices::virtio::VirtioInterrupt;
+    use crate::memory::GuestMemoryMmap;
+    use std::sync::Arc;
+    use virtio_queue::mock::MockSplitQueue;
+
+    pub fn interrupt() -> Arc<VirtioInterrupt> {
+        Arc::new(VirtioInterrupt::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap()))
+    }
+
+    /// Drives `transport` as a driver does, up to DRIVER_OK, queue `n` on `mocks[n]`, each
+    /// of `queue_size` entries.
+    pub fn start(transport: &mut MmioTransport, mocks: &[MockSplitQueue<GuestMemoryMmap>], queue_size: u16) {
+        let mut write = |offset: u64, value: u32| transport.write(offset, &value.to_le_bytes());
+        let negotiated = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        write(reg::STATUS, status::ACKNOWLEDGE);
+        write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        write(reg::DRIVER_FEATURES_SEL, 1);
+        write(reg::DRIVER_FEATURES, 1);
+        write(reg::STATUS, negotiated);
+        for (index, mock) in mocks.iter().enumerate() {
+            write(reg::QUEUE_SEL, index as u32);
+            write(reg::QUEUE_NUM, u32::from(queue_size));
+            write(reg::QUEUE_DESC_LOW, mock.desc_table_addr().0 as u32);
+            write(reg::QUEUE_AVAIL_LOW, mock.avail_addr().0 as u32);
+            write(reg::QUEUE_USED_LOW, mock.used_addr().0 as u32);
+            write(reg::QUEUE_READY, 1);
+        }
+        write(reg::STATUS, negotiated | status::DRIVER_OK);
+        assert!(transport.is_active());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -125,17 +125,14 @@ impl VirtioDevice for Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::bus::BusDevice;
-    use crate::devices::virtio::mmio::{reg, status, MmioTransport};
+    use crate::devices::virtio::mmio::{driver, MmioTransport};
     use crate::devices::virtio::persist::MmioState;
     use crate::devices::virtio::vsock::VsockState;
-    use crate::devices::virtio::VirtioInterrupt;
     use crate::memory::GuestMemoryMmap;
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
-    use vmm_sys_util::eventfd::EventFd;
 
     const QUEUE_SIZE: u16 = 16;
     const BUFFERS: u64 = 0x10_0000;
@@ -144,40 +141,19 @@ mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
     }
 
-    fn interrupt() -> Arc<VirtioInterrupt> {
-        Arc::new(VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()))
-    }
-
     fn request(index: u16) -> RawDescriptor {
         let flags = VRING_DESC_F_WRITE as u16;
         RawDescriptor::from(SplitDescriptor::new(BUFFERS + u64::from(index) * 0x100, 32, flags, 0))
     }
 
-    /// Drives `transport` as a driver does, up to DRIVER_OK, with its request queue on `mock`.
-    fn start(transport: &mut MmioTransport, mock: &MockSplitQueue<GuestMemoryMmap>) {
-        let mut write = |offset: u64, value: u32| transport.write(offset, &value.to_le_bytes());
-        let negotiated = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
-        write(reg::STATUS, status::ACKNOWLEDGE);
-        write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        write(reg::DRIVER_FEATURES_SEL, 1);
-        write(reg::DRIVER_FEATURES, 1);
-        write(reg::STATUS, negotiated);
-        write(reg::QUEUE_SEL, 0);
-        write(reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
-        write(reg::QUEUE_DESC_LOW, mock.desc_table_addr().0 as u32);
-        write(reg::QUEUE_AVAIL_LOW, mock.avail_addr().0 as u32);
-        write(reg::QUEUE_USED_LOW, mock.used_addr().0 as u32);
-        write(reg::QUEUE_READY, 1);
-        write(reg::STATUS, negotiated | status::DRIVER_OK);
-        assert!(transport.is_active());
-    }
+    use crate::devices::virtio::mmio::driver::interrupt;
 
     #[test]
     fn snapshot_round_trips_into_a_fresh_rng_that_serves_only_new_requests() {
         let memory = memory();
         let mock = MockSplitQueue::create(&memory, GuestAddress(0), QUEUE_SIZE);
         let mut original = MmioTransport::new(Box::new(Rng::new()), memory.clone(), interrupt());
-        start(&mut original, &mock);
+        driver::start(&mut original, std::slice::from_ref(&mock), QUEUE_SIZE);
         mock.add_desc_chains(&[request(0)], 0).unwrap();
         original.notify_queue(0);
         assert_eq!(mock.used().idx().load(), 1);

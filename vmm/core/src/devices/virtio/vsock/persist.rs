@@ -10,22 +10,18 @@ pub struct VsockState {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::super::handler::EVENT_TRANSPORT_RESET;
     use super::super::{Vsock, VsockConfig};
     use super::*;
-    use crate::devices::bus::BusDevice;
     use crate::devices::virtio::input::InputState;
-    use crate::devices::virtio::mmio::{reg, status, MmioTransport};
+    use crate::devices::virtio::mmio::{driver, MmioTransport};
     use crate::devices::virtio::persist::{MmioState, VirtioDeviceState, VirtioPersistError};
-    use crate::devices::virtio::{VirtioDevice, VirtioInterrupt, INTERRUPT_USED_RING};
+    use crate::devices::virtio::{VirtioDevice, INTERRUPT_USED_RING};
     use crate::memory::GuestMemoryMmap;
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
-    use vmm_sys_util::eventfd::EventFd;
 
     const GUEST_CID: u64 = 42;
     const QUEUE_SIZE: u16 = 16;
@@ -34,10 +30,6 @@ mod tests {
 
     fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
-    }
-
-    fn interrupt() -> Arc<VirtioInterrupt> {
-        Arc::new(VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()))
     }
 
     fn vsock(dir: &tempfile::TempDir, name: &str, guest_cid: u64) -> Box<Vsock> {
@@ -50,27 +42,7 @@ mod tests {
         u64::from_le_bytes(bytes)
     }
 
-    /// Drives `transport` as a driver does, up to DRIVER_OK, with rx, tx and event queues
-    /// on `mocks`.
-    fn start(transport: &mut MmioTransport, mocks: &[MockSplitQueue<GuestMemoryMmap>]) {
-        let mut write = |offset: u64, value: u32| transport.write(offset, &value.to_le_bytes());
-        let negotiated = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
-        write(reg::STATUS, status::ACKNOWLEDGE);
-        write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        write(reg::DRIVER_FEATURES_SEL, 1);
-        write(reg::DRIVER_FEATURES, 1);
-        write(reg::STATUS, negotiated);
-        for (index, mock) in mocks.iter().enumerate() {
-            write(reg::QUEUE_SEL, index as u32);
-            write(reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
-            write(reg::QUEUE_DESC_LOW, mock.desc_table_addr().0 as u32);
-            write(reg::QUEUE_AVAIL_LOW, mock.avail_addr().0 as u32);
-            write(reg::QUEUE_USED_LOW, mock.used_addr().0 as u32);
-            write(reg::QUEUE_READY, 1);
-        }
-        write(reg::STATUS, negotiated | status::DRIVER_OK);
-        assert!(transport.is_active());
-    }
+    use crate::devices::virtio::mmio::driver::interrupt;
 
     #[test]
     fn vsock_state_round_trips_into_a_fresh_device_that_resets_the_guest_transport() {
@@ -79,7 +51,7 @@ mod tests {
         let mocks: Vec<_> =
             (0..3).map(|index| MockSplitQueue::create(&memory, GuestAddress(index * 0x1000), QUEUE_SIZE)).collect();
         let mut original = MmioTransport::new(vsock(&dir, "original.sock", GUEST_CID), memory.clone(), interrupt());
-        start(&mut original, &mocks);
+        driver::start(&mut original, &mocks, QUEUE_SIZE);
 
         let saved = original.save().unwrap();
         assert_eq!(saved.device, VirtioDeviceState::Vsock(VsockState { guest_cid: GUEST_CID }));
