@@ -24,18 +24,30 @@ pub struct Canvas<'a> {
     pixels: &'a mut [u32],
     pub width: u32,
     pub height: u32,
+    /// Drawing lands only inside this (x0, y0, x1, y1); the rest keeps its pixels.
+    bounds: (i32, i32, i32, i32),
 }
 
 impl<'a> Canvas<'a> {
-    pub fn new(pixels: &'a mut [u32], width: u32, height: u32) -> Canvas<'a> {
-        Canvas { pixels, width, height }
+    /// A canvas of `pixels` (rows `width` apart) that draws only inside the rectangle at
+    /// (x, y).
+    pub fn clipped(pixels: &'a mut [u32], width: u32, height: u32, x: u32, y: u32, w: u32, h: u32) -> Canvas<'a> {
+        let right = x.saturating_add(w).min(width) as i32;
+        let bottom = y.saturating_add(h).min(height) as i32;
+        Canvas { pixels, width, height, bounds: (x.min(width) as i32, y.min(height) as i32, right, bottom) }
+    }
+
+    fn inside(&self, x: i32, y: i32) -> bool {
+        let (x0, y0, x1, y1) = self.bounds;
+        x >= x0 && x < x1 && y >= y0 && y < y1
     }
 
     fn clip(&self, x: i32, y: i32, width: u32, height: u32) -> Option<(usize, usize, usize, usize)> {
-        let x0 = x.max(0) as u32;
-        let y0 = y.max(0) as u32;
-        let x1 = (x + width as i32).clamp(0, self.width as i32) as u32;
-        let y1 = (y + height as i32).clamp(0, self.height as i32) as u32;
+        let (bx0, by0, bx1, by1) = self.bounds;
+        let x0 = x.max(bx0);
+        let y0 = y.max(by0);
+        let x1 = (x + width as i32).min(bx1);
+        let y1 = (y + height as i32).min(by1);
         (x0 < x1 && y0 < y1).then_some((x0 as usize, y0 as usize, x1 as usize, y1 as usize))
     }
 
@@ -76,12 +88,9 @@ impl<'a> Canvas<'a> {
             if let Some(glyph) = glyph {
                 for (row_index, row) in glyph.rows().enumerate() {
                     let py = y + row_index as i32;
-                    if py < 0 || py >= self.height as i32 {
-                        continue;
-                    }
                     for (column, coverage) in row.iter().enumerate() {
                         let px = pen + column as i32;
-                        if *coverage == 0 || px < 0 || px >= self.width as i32 {
+                        if *coverage == 0 || !self.inside(px, py) {
                             continue;
                         }
                         let index = py as usize * self.width as usize + px as usize;

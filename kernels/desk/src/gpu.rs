@@ -63,6 +63,17 @@ pub struct Rect {
     pub height: u32,
 }
 
+impl Rect {
+    /// The smallest rectangle holding both.
+    pub fn union(self, other: Rect) -> Rect {
+        let x = self.x.min(other.x);
+        let y = self.y.min(other.y);
+        let right = (self.x + self.width).max(other.x + other.width);
+        let bottom = (self.y + self.height).max(other.y + other.height);
+        Rect { x, y, width: right - x, height: bottom - y }
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct DisplayMode {
@@ -132,6 +143,8 @@ pub struct Display {
     front: usize,
     timeout_cycles: u64,
     pub frames: u64,
+    /// What changed in the frame on screen: the back buffer, two frames old, lacks it.
+    previous_damage: Option<Rect>,
 }
 
 impl Display {
@@ -150,6 +163,7 @@ impl Display {
             front: 1,
             timeout_cycles,
             frames: 0,
+            previous_damage: None,
         };
 
         let mut info = DisplayInfo { header: Header::default(), modes: [DisplayMode::default(); MAX_SCANOUTS] };
@@ -222,14 +236,27 @@ impl Display {
         Rect { x: 0, y: 0, width: self.width, height: self.height }
     }
 
-    /// Shows the back buffer: `damage` is what changed since the previous frame.
+    /// What the back buffer needs redrawn for a frame whose changes are `damage`: those,
+    /// and the previous frame's (drawn into the other buffer). All of it before the
+    /// buffer was ever drawn.
+    pub fn redraw(&self, damage: Rect) -> Rect {
+        match self.previous_damage {
+            Some(previous) => previous.union(damage),
+            None => self.full(),
+        }
+    }
+
+    /// Shows the back buffer: `damage` is what changed since the previous frame. The
+    /// buffer's [`Display::redraw`] rectangle goes to the host, which holds its own copy
+    /// when it cannot view the buffer in place.
     pub fn present(&mut self, damage: Rect) -> Result<(), GpuError> {
         let back = 1 - self.front;
         let resource_id = back as u32 + 1;
-        let offset = u64::from(damage.y) * u64::from(self.width) * 4 + u64::from(damage.x) * 4;
+        let redraw = self.redraw(damage);
+        let offset = u64::from(redraw.y) * u64::from(self.width) * 4 + u64::from(redraw.x) * 4;
         let transfer = TransferToHost2d {
             header: Header::new(TRANSFER_TO_HOST_2D),
-            rect: damage,
+            rect: redraw,
             offset,
             resource_id,
             padding: 0,
@@ -241,6 +268,8 @@ impl Display {
         self.command_nodata(&flush, RESOURCE_FLUSH)?;
         self.front = back;
         self.frames += 1;
+        // Until the second frame, the new back buffer was never drawn.
+        self.previous_damage = if self.frames >= 2 { Some(damage) } else { None };
         Ok(())
     }
 }

@@ -359,12 +359,7 @@ fn start_agent(info: &BootInfo, timeout: u64, random: Option<[u8; 32]>) -> Optio
 
 /// The bounding box of two rectangles.
 fn union(a: Option<gpu::Rect>, b: gpu::Rect) -> gpu::Rect {
-    let Some(a) = a else { return b };
-    let x = a.x.min(b.x);
-    let y = a.y.min(b.y);
-    let right = (a.x + a.width).max(b.x + b.width);
-    let bottom = (a.y + a.height).max(b.y + b.height);
-    gpu::Rect { x, y, width: right - x, height: bottom - y }
+    a.map_or(b, |a| a.union(b))
 }
 
 fn start_inputs(info: &BootInfo) -> [Option<input::InputDevice>; input::MAX_INPUT_DEVICES] {
@@ -397,13 +392,16 @@ fn start_screen(info: &BootInfo, timeout: u64) -> Option<gpu::Display> {
     }
 }
 
-/// Renders the whole desktop into the back buffer and shows it; `damage` is the part that
-/// differs from the previous frame.
+/// Renders the desktop into the back buffer where it is out of date (this frame's damage
+/// and the previous frame's) and shows it; `damage` is the part that differs from the
+/// previous frame.
 /// Returns whether the display still works: a device that stopped answering (its host
 /// side went away) is given up rather than waited on for every later frame.
 fn draw_frame(display: &mut gpu::Display, desktop: &Desktop, damage: gpu::Rect) -> bool {
     let (width, height) = (display.width, display.height);
-    let mut canvas = draw::Canvas::new(display.back_buffer(), width, height);
+    let redraw = display.redraw(damage);
+    let mut canvas =
+        draw::Canvas::clipped(display.back_buffer(), width, height, redraw.x, redraw.y, redraw.width, redraw.height);
     desktop::render(&mut canvas, desktop);
     match display.present(damage) {
         Ok(()) => true,

@@ -189,10 +189,12 @@ impl InputState {
         }
         self.key_count = 0;
         let moved = desktop.pointer != before;
-        match (changed, moved) {
-            (true, _) => Some(Rect { x: 0, y: 0, width, height }),
-            (false, true) => Some(cursor_damage(before, desktop.pointer, width, height)),
-            (false, false) => None,
+        // Every state a key, click or wheel changes is drawn inside the window.
+        let cursor = moved.then(|| cursor_damage(before, desktop.pointer, width, height));
+        match (changed, cursor) {
+            (true, Some(cursor)) => Some(layout.window.union(cursor)),
+            (true, None) => Some(layout.window),
+            (false, cursor) => cursor,
         }
     }
 
