@@ -218,12 +218,15 @@ fn render_window(canvas: &mut Canvas, desktop: &Desktop, layout: &Layout) {
     outline(canvas, field, if desktop.text_focused { ACCENT } else { WINDOW_BORDER });
     let text_x = field.x as i32 + 10;
     let text_y = field.y as i32 + 9;
+    // Text longer than the field is cut at its border, so a change of it stays inside.
+    let mut inside =
+        canvas.within(field.x + 1, field.y + 1, field.width.saturating_sub(2), field.height.saturating_sub(2));
     if desktop.text.as_str().is_empty() && !desktop.text_focused {
-        canvas.text(text_x, text_y, "Type here", MUTED, Weight::Regular, TextSize::Size16);
+        inside.text(text_x, text_y, "Type here", MUTED, Weight::Regular, TextSize::Size16);
     } else {
-        let end = canvas.text(text_x, text_y, desktop.text.as_str(), TEXT, Weight::Regular, TextSize::Size16);
+        let end = inside.text(text_x, text_y, desktop.text.as_str(), TEXT, Weight::Regular, TextSize::Size16);
         if desktop.text_focused {
-            canvas.fill(end + 1, field.y as i32 + 7, 2, 22, ACCENT);
+            inside.fill(end + 1, field.y as i32 + 7, 2, 22, ACCENT);
         }
     }
 
@@ -277,5 +280,6 @@ fn render_window(canvas: &mut Canvas, desktop: &Desktop, layout: &Layout) {
     // Status line.
     let status = layout.status;
     let text = if desktop.status.as_str().is_empty() { "Ready" } else { desktop.status.as_str() };
-    canvas.text(status.x as i32, status.y as i32 + 2, text, MUTED, Weight::Regular, TextSize::Size16);
+    let mut inside = canvas.within(status.x, status.y, status.width, status.height);
+    inside.text(status.x as i32, status.y as i32 + 2, text, MUTED, Weight::Regular, TextSize::Size16);
 }

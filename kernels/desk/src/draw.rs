@@ -37,6 +37,18 @@ impl<'a> Canvas<'a> {
         Canvas { pixels, width, height, bounds: (x.min(width) as i32, y.min(height) as i32, right, bottom) }
     }
 
+    /// This canvas, drawing only where it does and inside the rectangle at (x, y) too.
+    pub fn within(&mut self, x: u32, y: u32, width: u32, height: u32) -> Canvas<'_> {
+        let (x0, y0, x1, y1) = self.bounds;
+        let bounds = (
+            x0.max(x as i32),
+            y0.max(y as i32),
+            x1.min(x.saturating_add(width) as i32),
+            y1.min(y.saturating_add(height) as i32),
+        );
+        Canvas { pixels: &mut *self.pixels, width: self.width, height: self.height, bounds }
+    }
+
     fn inside(&self, x: i32, y: i32) -> bool {
         let (x0, y0, x1, y1) = self.bounds;
         x >= x0 && x < x1 && y >= y0 && y < y1

@@ -179,26 +179,31 @@ impl InputState {
                 // evdev: positive is away from the user (scroll up).
                 let scroll = desktop.list_scroll as i32 - self.wheel;
                 desktop.list_scroll = scroll.clamp(0, max as i32) as u32;
-                changed = true;
+                changed = true; // the list
             }
             self.wheel = 0;
         }
+        let mut widgets: Option<Rect> = None;
         let keys = self.keys;
         for (code, value) in keys.iter().take(self.key_count) {
-            changed |= self.key(*code, *value, desktop, &layout, x, y);
+            if let Some(rect) = self.key(*code, *value, desktop, &layout, x, y) {
+                widgets = Some(widgets.map_or(rect, |widgets| widgets.union(rect)));
+            }
         }
         self.key_count = 0;
         let moved = desktop.pointer != before;
-        // Every state a key, click or wheel changes is drawn inside the window.
+        if changed {
+            widgets = Some(widgets.map_or(layout.list, |widgets| widgets.union(layout.list)));
+        }
         let cursor = moved.then(|| cursor_damage(before, desktop.pointer, width, height));
-        match (changed, cursor) {
-            (true, Some(cursor)) => Some(layout.window.union(cursor)),
-            (true, None) => Some(layout.window),
-            (false, cursor) => cursor,
+        match (widgets, cursor) {
+            (Some(widgets), Some(cursor)) => Some(widgets.union(cursor)),
+            (widgets, cursor) => widgets.or(cursor),
         }
     }
 
-    fn key(&mut self, code: u16, value: u32, desktop: &mut Desktop, layout: &Layout, x: u32, y: u32) -> bool {
+    /// Applies one key event; returns where the screen changed, if it did.
+    fn key(&mut self, code: u16, value: u32, desktop: &mut Desktop, layout: &Layout, x: u32, y: u32) -> Option<Rect> {
         let pressed = value != 0;
         let modifier = match code {
             KEY_LEFTCTRL | KEY_RIGHTCTRL => Some(&mut self.ctrl),
@@ -209,33 +214,34 @@ impl InputState {
         };
         if let Some(count) = modifier {
             *count = if pressed { count.saturating_add(1) } else { count.saturating_sub(1) };
-            return false;
+            return None;
         }
         if code == BTN_LEFT {
-            return self.left_button(pressed, desktop, layout, x, y);
+            // A click may change focus, a button, the checkbox: all inside the window.
+            return self.left_button(pressed, desktop, layout, x, y).then_some(layout.window);
         }
         if !pressed || code >= 0x100 {
-            return false;
+            return None;
         }
         if code == KEY_CAPSLOCK {
             self.caps = !self.caps;
-            return false;
+            return None;
         }
         let shift = self.shift > 0;
         let chord = self.ctrl > 0 || self.alt > 0 || self.meta > 0;
         if desktop.text_focused && !chord {
             if code == KEY_BACKSPACE {
                 desktop.text.pop();
-                return true;
+                return Some(layout.text_field);
             }
             if code == KEY_ENTER {
                 desktop.status.clear();
                 let _ = write!(desktop.status, "Entered: {}", desktop.text.as_str());
-                return true;
+                return Some(layout.status);
             }
             if let Some(c) = character(code, shift ^ (self.caps && (c_is_letter(code)))) {
                 let _ = write!(desktop.text, "{c}");
-                return true;
+                return Some(layout.text_field);
             }
         }
         // Anything else is a key (combo) for the status bar.
@@ -257,7 +263,7 @@ impl InputState {
                 let _ = write!(desktop.status, "key {code}");
             }
         }
-        true
+        Some(layout.status)
     }
 
     fn left_button(&mut self, pressed: bool, desktop: &mut Desktop, layout: &Layout, x: u32, y: u32) -> bool {
