@@ -306,7 +306,8 @@ impl ControlServer {
             // A socket file nobody listens on: left over from a VMM that died.
             let _ = std::fs::remove_file(path);
         }
-        let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind { path: name.clone(), source })?;
+        let listener =
+            crate::sockets::bind(path).map_err(|source| ControlError::Bind { path: name.clone(), source })?;
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || accept_loop(listener, queue))

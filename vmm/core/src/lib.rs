@@ -15,5 +15,6 @@ pub mod platform;
 pub mod recorder;
 pub mod services;
 pub mod snapshot;
+pub mod sockets;
 pub mod vmm;
 pub mod vstate;

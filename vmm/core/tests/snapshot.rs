@@ -280,7 +280,7 @@ fn restore_fails_with(dir: &Path, extra: &[&str]) -> String {
     args.extend(extra.iter().map(|flag| flag.to_string()));
     let (code, output) = run_to_exit(&args.iter().map(String::as_str).collect::<Vec<_>>(), DEADLINE);
     assert_eq!(code, Some(1), "a bad snapshot is refused: {output}");
-    assert!(!paths.socket.exists(), "nothing half-restored is left listening");
+    assert!(!paths.socket.exists(), "nothing half-restored is left listening: {output}");
     output
 }
 

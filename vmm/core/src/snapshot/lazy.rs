@@ -337,11 +337,8 @@ impl LazyMemory {
                     // Whatever waits on a page now would wait forever, and RAM cannot be
                     // completed truthfully: end the VM with the reason.
                     Err(err) => {
-                        for socket in &sockets {
-                            let _ = std::fs::remove_file(socket);
-                        }
                         eprintln!("carrel-vmm: error: lazy restore: {err}; the VM is stopped");
-                        std::process::exit(1);
+                        crate::sockets::remove_and_exit(&sockets, 1);
                     }
                 }
                 result

@@ -155,7 +155,7 @@ impl Muxer {
     /// Listens on `socket_path` for host connections.
     pub fn new(guest_cid: u64, socket_path: &Path) -> std::io::Result<Muxer> {
         let _ = std::fs::remove_file(socket_path);
-        let listener = UnixListener::bind(socket_path)?;
+        let listener = crate::sockets::bind(socket_path)?;
         listener.set_nonblocking(true)?;
         let epoll = Epoll::new()?;
         epoll.ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN, LISTENER_TOKEN))?;
