@@ -230,8 +230,7 @@ pub fn restore_vm(
             .map_err(|err| BuildError::Restore(format!("cannot tell the guest it was restored: {err}")))?;
     }
     let mut built = wired.into_built(vm, ram, saved.protocol, restores, started);
-    let dir = std::fs::canonicalize(&snapshot.dir).unwrap_or_else(|_| snapshot.dir.clone());
-    built.restored_from = Some(snapshot::memory::Parent { dir, digest: snapshot.digest });
+    built.restored_from = Some(snapshot::memory::Parent::new(&snapshot.dir, snapshot.digest));
     built.lazy = lazy;
     Ok(built)
 }
@@ -240,12 +239,8 @@ pub fn restore_vm(
 /// resources' backing, which the screen views in place. A lazy restore loads it first.
 fn viewed_ram(saved: &SnapshotState, size: u64) -> Vec<(u64, u64)> {
     saved
-        .virtio
-        .iter()
-        .filter_map(|device| match &device.device {
-            crate::devices::virtio::persist::VirtioDeviceState::Gpu(state) => Some(state),
-            _ => None,
-        })
+        .gpu()
+        .into_iter()
         .flat_map(|state| state.gpu.resources.iter().flat_map(|resource| resource.backing.iter().flatten()))
         .filter_map(|&(gpa, len)| Some((crate::memory::ram_offset(gpa, size)?, u64::from(len))))
         .collect()

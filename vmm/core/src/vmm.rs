@@ -406,13 +406,14 @@ impl Vmm {
     /// Every snapshot starts a new dirty-page set; a `diff` one writes only the pages of the
     /// set it ends, over the VM's last snapshot. A snapshot not taken gives its set back.
     fn snapshot(&mut self, dir: &Path, diff: bool) -> Result<SnapshotInfo, String> {
-        let parent = match (&self.parent, diff) {
-            (None, true) => {
+        let parent = match &self.parent {
+            Some(parent) if diff => Some(parent.clone()),
+            None if diff => {
                 return Err("snapshot not taken: a diff needs a parent, and this VM has had no snapshot since it \
                             booted: take a full snapshot first"
                     .into())
             }
-            (parent, _) => parent.clone().filter(|_| diff),
+            _ => None,
         };
         // A lazily restored VM's RAM is made whole first: a block not yet loaded is a
         // hole of the memfd that the snapshot would take for zeros.
@@ -440,12 +441,10 @@ impl Vmm {
             }
             written.map_err(|err| err.to_string())
         });
-        let result = result.map_err(|err| format!("snapshot not taken: {err}"));
-        if let Ok(info) = &result {
-            let dir = std::fs::canonicalize(&info.dir).unwrap_or_else(|_| info.dir.clone());
-            let digest = crate::snapshot::digest_from_hex(&info.digest);
-            self.parent = digest.map(|digest| Parent { dir, digest });
-        }
+        let result = result.map_err(|err| format!("snapshot not taken: {err}")).map(|(info, parent)| {
+            self.parent = Some(parent);
+            info
+        });
         if !was_paused {
             if let Err(err) = self.set_paused(false) {
                 return Err(format!("{}; and the VM did not resume: {err}", result.err().unwrap_or_default()));
@@ -569,12 +568,8 @@ fn give_back_dirty_pages(memory: &crate::memory::GuestMemoryMmap, dirty: &crate:
     use vm_memory::GuestMemoryBackend;
     for (region, bitmap) in memory.iter().zip(dirty) {
         let mapping: &crate::memory::MmapRegion = region;
-        for (index, &word) in bitmap.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                mapping.bitmap().set_bit(index * 64 + bits.trailing_zeros() as usize);
-                bits &= bits - 1;
-            }
+        for page in crate::snapshot::memory::set_bits(bitmap) {
+            mapping.bitmap().set_bit(page as usize);
         }
     }
 }

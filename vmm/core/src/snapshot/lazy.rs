@@ -28,7 +28,6 @@ use std::time::Instant;
 use super::memory::{MemoryImage, CHUNK_BYTES};
 use super::uffd::{Copied, Userfault};
 use crate::memory::GuestRam;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Errors of a lazy restore.
@@ -38,8 +37,6 @@ pub enum LazyError {
     Unavailable(#[source] std::io::Error),
     #[error("cannot register guest RAM with userfaultfd: {0}")]
     Register(#[source] std::io::Error),
-    #[error("cannot open {path}: {source}")]
-    Open { path: String, source: std::io::Error },
     #[error("reading {path} at offset {offset:#x} failed: {source}")]
     Read { path: String, offset: u64, source: std::io::Error },
     #[error("{path} is corrupt: the chunk at offset {offset:#x} does not match its digest")]
@@ -175,19 +172,16 @@ impl Source {
         Ok(true)
     }
 
-    /// Serves every waiting fault; false when there was none.
-    fn serve_faults(&mut self) -> Result<bool, LazyError> {
-        let mut any = false;
+    /// Serves every waiting fault.
+    fn serve_faults(&mut self) -> Result<(), LazyError> {
         while let Some(address) = self.fault.next_fault().map_err(|source| LazyError::Fill { offset: 0, source })? {
             let offset = self.offset_of(address).ok_or(LazyError::Stray { address })?;
-            let index = offset / CHUNK_BYTES;
             // A fault on a block filled since it was queued was woken by that fill.
-            if self.fill(index)? {
+            if self.fill(offset / CHUNK_BYTES)? {
                 self.stats.faulted += 1;
             }
-            any = true;
         }
-        Ok(any)
+        Ok(())
     }
 
     /// Fills the blocks under `ranges` (memfd offset, length), serving faults between them.
@@ -269,12 +263,11 @@ impl LazyMemory {
         let fault = Userfault::open().map_err(LazyError::Unavailable)?;
         let go = EventFd::new(libc::EFD_NONBLOCK).map_err(LazyError::Thread)?;
         let go_later = go.try_clone().map_err(LazyError::Thread)?;
-        let mut offset = 0;
-        let mut regions = Vec::new();
-        for region in ram.memory.iter() {
-            regions.push((offset, region.as_ptr() as usize, region.len()));
-            offset += region.len();
-        }
+        // Host addresses as integers: the loader thread owns this list.
+        let regions: Vec<(u64, usize, u64)> = super::memory::ram_regions(ram)
+            .into_iter()
+            .map(|(offset, host, len)| (offset, host as usize, len))
+            .collect();
         for &(_, host, len) in &regions {
             fault.register(host as *mut u8, len).map_err(LazyError::Register)?;
         }
@@ -283,14 +276,8 @@ impl LazyMemory {
         for (layer, (dir, image)) in layers.iter().enumerate() {
             image.validate(ram.size)?;
             let path = dir.join(super::MEMORY_FILE);
-            let name = path.display().to_string();
-            let file = File::open(&path).map_err(|source| LazyError::Open { path: name.clone(), source })?;
-            let found = file.metadata().map_err(|source| LazyError::Open { path: name.clone(), source })?.len();
-            if found != ram.size {
-                let wrong = super::memory::MemoryFileError::WrongSize { path: name, found, expected: ram.size };
-                return Err(wrong.into());
-            }
-            files.push((name, file));
+            let file = super::memory::open_image(&path, ram.size)?;
+            files.push((path.display().to_string(), file));
             for &(offset, len) in &image.zeroed {
                 // A cleared range may span blocks: one piece per block.
                 let mut at = offset;

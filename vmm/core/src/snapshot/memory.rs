@@ -78,6 +78,14 @@ pub struct Parent {
     pub digest: [u8; 32],
 }
 
+impl Parent {
+    /// The snapshot in `dir` whose state.bin has `digest`, named by its absolute path so
+    /// a diff finds it from wherever it is restored.
+    pub fn new(dir: &Path, digest: [u8; 32]) -> Parent {
+        Parent { dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()), digest }
+    }
+}
+
 /// What `memory.bin` holds. A full image: the chunks with data (the rest is zeros). A
 /// diff: what changed over `parent`, as chunks with data and ranges now all zeros.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,31 +107,64 @@ impl MemoryImage {
         self.chunks.iter().map(|chunk| chunk.len).sum()
     }
 
-    /// Checks the chunk list fits the RAM and is in order without overlaps.
+    /// Checks the chunk list and the cleared ranges fit the RAM, each in order without
+    /// overlaps.
     pub fn validate(&self, ram_size: u64) -> Result<(), MemoryFileError> {
-        let mut end = 0;
-        for chunk in &self.chunks {
-            let bad = || MemoryFileError::BadChunk { offset: chunk.offset, len: chunk.len, size: ram_size };
-            let chunk_end = chunk.offset.checked_add(chunk.len).ok_or_else(bad)?;
-            if chunk.offset < end || chunk_end > ram_size || chunk.len == 0 || chunk.len > CHUNK_BYTES {
-                return Err(bad());
-            }
-            end = chunk_end;
-        }
-        let mut end = 0;
-        for &(offset, len) in &self.zeroed {
-            let bad = || MemoryFileError::BadChunk { offset, len, size: ram_size };
-            let range_end = offset.checked_add(len).ok_or_else(bad)?;
-            if offset < end || range_end > ram_size || len == 0 {
-                return Err(bad());
-            }
-            end = range_end;
-        }
+        check_ranges(self.chunks.iter().map(|chunk| (chunk.offset, chunk.len)), ram_size, CHUNK_BYTES)?;
+        check_ranges(self.zeroed.iter().copied(), ram_size, u64::MAX)?;
         if self.size != ram_size {
             return Err(MemoryFileError::BadChunk { offset: 0, len: self.size, size: ram_size });
         }
         Ok(())
     }
+}
+
+/// Checks (offset, length) ranges are non-empty, at most `max_len`, in order without
+/// overlaps, and inside `ram_size` bytes.
+fn check_ranges(ranges: impl Iterator<Item = (u64, u64)>, ram_size: u64, max_len: u64) -> Result<(), MemoryFileError> {
+    let mut end = 0;
+    for (offset, len) in ranges {
+        let bad = || MemoryFileError::BadChunk { offset, len, size: ram_size };
+        let range_end = offset.checked_add(len).ok_or_else(bad)?;
+        if offset < end || range_end > ram_size || len == 0 || len > max_len {
+            return Err(bad());
+        }
+        end = range_end;
+    }
+    Ok(())
+}
+
+/// Appends `offset..offset + len` to `runs`, joining it to the last run when they touch.
+fn push_run(runs: &mut Vec<(u64, u64)>, offset: u64, len: u64) {
+    match runs.last_mut() {
+        Some((start, run)) if *start + *run == offset => *run += len,
+        _ => runs.push((offset, len)),
+    }
+}
+
+/// The indices of the set bits of `bitmap` (bit `n` of word `n / 64`), in order.
+pub fn set_bits(bitmap: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    bitmap.iter().enumerate().flat_map(|(index, &word)| {
+        let mut bits = word;
+        std::iter::from_fn(move || {
+            (bits != 0).then(|| {
+                let bit = index as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                bit
+            })
+        })
+    })
+}
+
+/// Opens a memory file and checks it is exactly `size` bytes, as RAM is.
+pub fn open_image(path: &Path, size: u64) -> Result<File, MemoryFileError> {
+    let name = || path.display().to_string();
+    let file = File::open(path).map_err(|source| MemoryFileError::Open { path: name(), source })?;
+    let found = file.metadata().map_err(|source| MemoryFileError::Open { path: name(), source })?.len();
+    if found != size {
+        return Err(MemoryFileError::WrongSize { path: name(), found, expected: size });
+    }
+    Ok(file)
 }
 
 /// The (offset, length) ranges of `file` that hold data, by SEEK_DATA/SEEK_HOLE.
@@ -159,29 +200,16 @@ pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
 fn dirty_extents(dirty: &DirtyPages, regions: &[(u64, *mut u8, u64)]) -> Vec<(u64, u64)> {
     let mut extents: Vec<(u64, u64)> = Vec::new();
     for (bitmap, &(region_offset, _, region_len)) in dirty.iter().zip(regions) {
-        let pages = region_len.div_ceil(PAGE_BYTES);
-        for (index, &word) in bitmap.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let page = index as u64 * 64 + u64::from(bits.trailing_zeros());
-                bits &= bits - 1;
-                if page >= pages {
-                    break;
-                }
-                let offset = region_offset + page * PAGE_BYTES;
-                let len = PAGE_BYTES.min(region_len - page * PAGE_BYTES);
-                match extents.last_mut() {
-                    Some((start, run)) if *start + *run == offset => *run += len,
-                    _ => extents.push((offset, len)),
-                }
-            }
+        for page in set_bits(bitmap).take_while(|&page| page < region_len.div_ceil(PAGE_BYTES)) {
+            let len = PAGE_BYTES.min(region_len - page * PAGE_BYTES);
+            push_run(&mut extents, region_offset + page * PAGE_BYTES, len);
         }
     }
     extents
 }
 
 /// Guest RAM as (memfd offset, host address, length) regions.
-fn ram_regions(ram: &GuestRam) -> Vec<(u64, *mut u8, u64)> {
+pub(super) fn ram_regions(ram: &GuestRam) -> Vec<(u64, *mut u8, u64)> {
     let mut offset = 0;
     ram.memory
         .iter()
@@ -267,9 +295,9 @@ fn digest_chunks(regions: &[(u64, *mut u8, u64)], ranges: &[(u64, u64)]) -> Vec<
     })
 }
 
-/// The blake3 of `len` zero bytes, to spot all-zero chunks by their digest.
-fn zero_digest(len: u64) -> [u8; 32] {
-    *blake3::hash(&vec![0u8; len as usize]).as_bytes()
+/// The blake3 of a chunk of zeros, to spot all-zero chunks by their digest.
+fn zero_digest() -> [u8; 32] {
+    *blake3::hash(&vec![0u8; CHUNK_BYTES as usize]).as_bytes()
 }
 
 /// Runs every (host address, length, file offset) transfer through one io_uring, up to
@@ -371,7 +399,7 @@ pub fn write_image_with_progress(
 
     // Batches in a pipeline: the next batch is hashed on a second thread while this one
     // is written, so the write runs at the disk's speed rather than after the hashing.
-    let zero_full = zero_digest(CHUNK_BYTES);
+    let zero_full = zero_digest();
     let mut chunks = Vec::with_capacity(ranges.len());
     let mut zeroed: Vec<(u64, u64)> = Vec::new();
     let jobs = hash_jobs(&regions, &ranges);
@@ -385,16 +413,22 @@ pub fn write_image_with_progress(
             next = batches.next().map(|(ranges, jobs)| (ranges, scope.spawn(move || hash(jobs))));
             let mut ops = Vec::with_capacity(batch.len());
             for (&(offset, len), digest) in batch.iter().zip(digests) {
-                if digest != if len == CHUNK_BYTES { zero_full } else { zero_digest(len) } {
+                let host = host_address(&regions, offset, len);
+                // A whole chunk of zeros is known by its digest; a shorter one (a diff's
+                // run of pages, an extent's edge) by its bytes, with no digest to make.
+                let zeros = match host {
+                    _ if len == CHUNK_BYTES => digest == zero_full,
+                    // SAFETY: `host_address` found `len` mapped bytes of the paused guest's RAM.
+                    Some(host) => unsafe { ram_slice(host, len) }.iter().all(|&byte| byte == 0),
+                    None => true,
+                };
+                if !zeros {
                     chunks.push(Chunk { offset, len, digest });
-                    if let Some(host) = host_address(&regions, offset, len) {
+                    if let Some(host) = host {
                         ops.push((host, len, offset));
                     }
                 } else if diff.is_some() {
-                    match zeroed.last_mut() {
-                        Some((start, run)) if *start + *run == offset => *run += len,
-                        _ => zeroed.push((offset, len)),
-                    }
+                    push_run(&mut zeroed, offset, len);
                 }
             }
             transfer(&file, &ops, true).map_err(|(offset, source)| MemoryFileError::Write {
@@ -438,11 +472,7 @@ pub fn read_image(ram: &GuestRam, path: &Path, image: &MemoryImage) -> Result<()
     for &(offset, len) in &image.zeroed {
         clear(ram, offset, len)?;
     }
-    let file = File::open(path).map_err(|source| MemoryFileError::Open { path: name.clone(), source })?;
-    let found = file.metadata().map_err(|source| MemoryFileError::Open { path: name.clone(), source })?.len();
-    if found != ram.size {
-        return Err(MemoryFileError::WrongSize { path: name, found, expected: ram.size });
-    }
+    let file = open_image(path, ram.size)?;
     let regions = ram_regions(ram);
     let mut ops = Vec::with_capacity(image.chunks.len());
     let mut ranges = Vec::with_capacity(image.chunks.len());

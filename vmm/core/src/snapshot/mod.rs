@@ -89,6 +89,16 @@ pub struct SnapshotState {
     pub memory: MemoryImage,
 }
 
+impl SnapshotState {
+    /// The saved state of the VM's screen, if it has one.
+    pub fn gpu(&self) -> Option<&crate::devices::virtio::gpu::GpuDeviceState> {
+        self.virtio.iter().find_map(|device| match &device.device {
+            crate::devices::virtio::persist::VirtioDeviceState::Gpu(state) => Some(state),
+            _ => None,
+        })
+    }
+}
+
 /// What taking a snapshot did, for the caller and the audit log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
@@ -119,18 +129,6 @@ pub struct LoadedSnapshot {
 /// Lowercase hex, as digests are shown and logged.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
-}
-
-/// A digest from its [`hex`] form.
-pub fn digest_from_hex(text: &str) -> Option<[u8; 32]> {
-    let mut digest = [0u8; 32];
-    if text.len() != 64 {
-        return None;
-    }
-    for (byte, pair) in digest.iter_mut().zip(text.as_bytes().chunks(2)) {
-        *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
-    }
-    Some(digest)
 }
 
 /// Free bytes for an unprivileged writer on the filesystem holding `path`.
@@ -165,7 +163,8 @@ pub fn memory_bytes_needed(ram: &GuestRam) -> Result<u64, SnapshotError> {
 
 /// Writes a snapshot of a paused VM to `dir`, all or nothing: a full one, or with `diff`
 /// only the pages it marks, over its parent. `progress` hears (bytes of memory looked
-/// at, bytes to look at) as the memory is written.
+/// at, bytes to look at) as the memory is written. Returns what was written and the new
+/// snapshot as the parent of a diff over it.
 #[allow(clippy::too_many_arguments)] // each is one part of the snapshot being written
 pub fn write_snapshot(
     dir: &Path,
@@ -176,7 +175,7 @@ pub fn write_snapshot(
     paused_at: Instant,
     diff: Option<(&DirtyPages, Parent)>,
     progress: &mut dyn FnMut(u64, u64),
-) -> Result<SnapshotInfo, SnapshotError> {
+) -> Result<(SnapshotInfo, Parent), SnapshotError> {
     let name = dir.display().to_string();
     if dir.exists() {
         return Err(SnapshotError::Exists { path: name });
@@ -199,8 +198,8 @@ pub fn write_snapshot(
     let _ = std::fs::remove_dir_all(&temporary);
     std::fs::create_dir(&temporary).map_err(|source| SnapshotError::CreateDir { path: name.clone(), source })?;
     let result = write_files(&temporary, config, platform, ram, &mut state, paused_at, diff, progress);
-    let info = match result {
-        Ok(info) => info,
+    let (info, digest) = match result {
+        Ok(written) => written,
         Err(err) => {
             let _ = std::fs::remove_dir_all(&temporary);
             return Err(err);
@@ -212,7 +211,7 @@ pub fn write_snapshot(
         let _ = std::fs::remove_dir_all(&temporary);
         return Err(SnapshotError::WriteFile { path: name, source });
     }
-    Ok(SnapshotInfo { dir: dir.to_path_buf(), ..info })
+    Ok((SnapshotInfo { dir: dir.to_path_buf(), ..info }, Parent::new(dir, digest)))
 }
 
 #[allow(clippy::too_many_arguments)] // each is one part of the snapshot being written
@@ -225,7 +224,7 @@ fn write_files(
     paused_at: Instant,
     diff: Option<(&DirtyPages, Parent)>,
     progress: &mut dyn FnMut(u64, u64),
-) -> Result<SnapshotInfo, SnapshotError> {
+) -> Result<(SnapshotInfo, [u8; 32]), SnapshotError> {
     let started = Instant::now();
     state.memory = memory::write_image_with_progress(ram, &temporary.join(MEMORY_FILE), diff, progress)?;
     let memory_write_us = started.elapsed().as_micros() as u64;
@@ -238,15 +237,17 @@ fn write_files(
         format::encode(platform, &*state).map_err(|source| SnapshotError::State { path: STATE_FILE.into(), source })?;
     write_synced(&temporary.join(STATE_FILE), &encoded)?;
     let memory_bytes = state.memory.data_bytes();
-    Ok(SnapshotInfo {
+    let digest = format::digest_of(&encoded);
+    let info = SnapshotInfo {
         dir: temporary.to_path_buf(),
         memory_bytes,
         disk_bytes: memory_bytes + json.len() as u64 + encoded.len() as u64,
-        digest: hex(&format::digest_of(&encoded)),
+        digest: hex(&digest),
         paused_us: paused_at.elapsed().as_micros() as u64,
         memory_write_us,
         parent: state.memory.parent.as_ref().map(|parent| hex(&parent.digest)),
-    })
+    };
+    Ok((info, digest))
 }
 
 /// Reads and checks a snapshot's configuration and state (memory is loaded by the
@@ -339,7 +340,7 @@ pub fn merge(dir: &Path, out: &Path) -> Result<SnapshotInfo, SnapshotError> {
     read_memory(&ram, &snapshot, &parents)?;
     let LoadedSnapshot { config, mut state, platform, .. } = snapshot;
     state.memory = MemoryImage::empty(ram.size);
-    write_snapshot(out, &config, platform, &ram, state, started, None, &mut progress_line(out))
+    write_snapshot(out, &config, platform, &ram, state, started, None, &mut progress_line(out)).map(|(info, _)| info)
 }
 
 /// A progress report for long snapshots: one stderr line at most every half second.

@@ -16,7 +16,6 @@ use vm_memory::{FileOffset, GuestAddress};
 
 use super::{load_snapshot, SnapshotError, MEMORY_FILE};
 use crate::control::{Screenshot, ScreenshotRequest};
-use crate::devices::virtio::persist::VirtioDeviceState;
 use crate::memory::{ram_offset as file_offset, ram_ranges};
 use crate::services::screen::{capture, ScreenSource};
 
@@ -28,13 +27,7 @@ fn refused(dir: &Path, reason: impl std::fmt::Display) -> SnapshotError {
 fn map_memory(dir: &Path, size: u64) -> Result<GuestMemoryMmap, SnapshotError> {
     let path = dir.join(MEMORY_FILE);
     let error = |source| SnapshotError::ReadFile { path: path.display().to_string(), source };
-    let file = File::open(&path).map_err(error)?;
-    let found = file.metadata().map_err(error)?.len();
-    if found != size {
-        return Err(
-            super::MemoryFileError::WrongSize { path: path.display().to_string(), found, expected: size }.into()
-        );
-    }
+    let file = super::memory::open_image(&path, size)?;
     let mut regions = Vec::new();
     let mut offset = 0;
     for (gpa, len) in ram_ranges(size) {
@@ -52,15 +45,7 @@ fn map_memory(dir: &Path, size: u64) -> Result<GuestMemoryMmap, SnapshotError> {
 /// A screenshot of the VM saved in `dir`, as its screen was when the snapshot was taken.
 pub fn screenshot(dir: &Path, request: &ScreenshotRequest) -> Result<Screenshot, SnapshotError> {
     let snapshot = load_snapshot(dir)?;
-    let gpu_state = snapshot
-        .state
-        .virtio
-        .iter()
-        .find_map(|device| match &device.device {
-            VirtioDeviceState::Gpu(state) => Some(state),
-            _ => None,
-        })
-        .ok_or_else(|| refused(dir, "the VM has no screen"))?;
+    let gpu_state = snapshot.state.gpu().ok_or_else(|| refused(dir, "the VM has no screen"))?;
     let size = snapshot.state.memory.size;
     snapshot.state.memory.validate(size)?;
     let config = GpuConfig::new(gpu_state.width, gpu_state.height).map_err(|err| refused(dir, err))?;

@@ -79,6 +79,12 @@ pub struct Userfault {
     fd: OwnedFd,
 }
 
+impl AsRawFd for Userfault {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 fn check(result: libc::c_int) -> io::Result<()> {
     if result < 0 {
         Err(io::Error::last_os_error())
@@ -115,10 +121,6 @@ impl Userfault {
         // SAFETY: UFFDIO_API reads and fills the struct it is given.
         check(unsafe { libc::ioctl(fault.fd.as_raw_fd(), UFFDIO_API, &mut api) })?;
         Ok(fault)
-    }
-
-    pub fn as_raw_fd(&self) -> libc::c_int {
-        self.fd.as_raw_fd()
     }
 
     /// Routes missing-page faults in `[start, start + len)` of this process to this fd.
