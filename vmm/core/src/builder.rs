@@ -182,7 +182,7 @@ pub fn restore_vm(
                 .map(|layer| (layer.dir.clone(), &layer.state.memory))
                 .collect();
             let sockets = config.socket.iter().chain(&config.vsock).cloned().collect();
-            match LazyMemory::start(&ram, &layers, viewed_ram(saved, ram.size), sockets) {
+            match LazyMemory::start(&ram, &layers, saved.viewed_ram(), sockets) {
                 Ok(lazy) => Some(lazy),
                 Err(LazyError::Unavailable(err)) if load == MemoryLoad::LazyIfPossible => {
                     eprintln!("carrel-vmm: restore: no userfaultfd ({err}): memory is read whole instead");
@@ -233,17 +233,6 @@ pub fn restore_vm(
     built.restored_from = Some(snapshot::memory::Parent::new(&snapshot.dir, snapshot.digest));
     built.lazy = lazy;
     Ok(built)
-}
-
-/// The RAM (memfd offset, length) that other mappings than the guest's read: the GPU
-/// resources' backing, which the screen views in place. A lazy restore loads it first.
-fn viewed_ram(saved: &SnapshotState, size: u64) -> Vec<(u64, u64)> {
-    saved
-        .gpu()
-        .into_iter()
-        .flat_map(|state| state.gpu.resources.iter().flat_map(|resource| resource.backing.iter().flatten()))
-        .filter_map(|&(gpa, len)| Some((crate::memory::ram_offset(gpa, size)?, u64::from(len))))
-        .collect()
 }
 
 /// Everything of a VM but its memory and VM fd.

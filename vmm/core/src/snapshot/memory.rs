@@ -467,6 +467,17 @@ fn clear(ram: &GuestRam, offset: u64, len: u64) -> Result<(), MemoryFileError> {
 /// A full image goes into fresh RAM (which reads as zeros elsewhere); a diff over RAM
 /// that holds its parent. The guest must not run yet.
 pub fn read_image(ram: &GuestRam, path: &Path, image: &MemoryImage) -> Result<(), MemoryFileError> {
+    read_image_within(ram, path, image, None)
+}
+
+/// [`read_image`], of only the chunks that touch one of the (offset, length) ranges in
+/// `within` when given: what a screenshot of a diff needs of each layer.
+pub fn read_image_within(
+    ram: &GuestRam,
+    path: &Path,
+    image: &MemoryImage,
+    within: Option<&[(u64, u64)]>,
+) -> Result<(), MemoryFileError> {
     let name = path.display().to_string();
     image.validate(ram.size)?;
     for &(offset, len) in &image.zeroed {
@@ -474,9 +485,15 @@ pub fn read_image(ram: &GuestRam, path: &Path, image: &MemoryImage) -> Result<()
     }
     let file = open_image(path, ram.size)?;
     let regions = ram_regions(ram);
-    let mut ops = Vec::with_capacity(image.chunks.len());
-    let mut ranges = Vec::with_capacity(image.chunks.len());
-    for chunk in &image.chunks {
+    let wanted = |chunk: &&Chunk| {
+        within.is_none_or(|ranges| {
+            ranges.iter().any(|&(start, len)| chunk.offset < start + len && start < chunk.offset + chunk.len)
+        })
+    };
+    let chunks: Vec<&Chunk> = image.chunks.iter().filter(wanted).collect();
+    let mut ops = Vec::with_capacity(chunks.len());
+    let mut ranges = Vec::with_capacity(chunks.len());
+    for chunk in &chunks {
         let host = host_address(&regions, chunk.offset, chunk.len).ok_or(MemoryFileError::BadChunk {
             offset: chunk.offset,
             len: chunk.len,
@@ -491,7 +508,7 @@ pub fn read_image(ram: &GuestRam, path: &Path, image: &MemoryImage) -> Result<()
         source,
     })?;
     let digests = digest_chunks(&regions, &ranges);
-    for (chunk, digest) in image.chunks.iter().zip(digests) {
+    for (chunk, digest) in chunks.iter().zip(digests) {
         if chunk.digest != digest {
             return Err(MemoryFileError::Corrupt { path: name, offset: chunk.offset });
         }

@@ -97,6 +97,16 @@ impl SnapshotState {
             _ => None,
         })
     }
+
+    /// The RAM (memfd offset, length) that other mappings than the guest's read: the GPU
+    /// resources' backing, which the screen views in place.
+    pub fn viewed_ram(&self) -> Vec<(u64, u64)> {
+        self.gpu()
+            .into_iter()
+            .flat_map(|state| state.gpu.resources.iter().flat_map(|resource| resource.backing.iter().flatten()))
+            .filter_map(|&(gpa, len)| Some((crate::memory::ram_offset(gpa, self.memory.size)?, u64::from(len))))
+            .collect()
+    }
 }
 
 /// What taking a snapshot did, for the caller and the audit log.

@@ -3,8 +3,9 @@
 //! `memory.bin` is mapped shared and read-only, so the screen's resources are viewed in
 //! place as in the running VM and nothing can write the file. carrel-gpu rebuilds the
 //! saved device on it (the same validating restore a wake uses) and captures the scanout.
-//! The chunks the scanout's pixels lie in are checked against their digests first. A diff is shown from
-//! its chain loaded into fresh memory, every chunk checked.
+//! The chunks the scanout's pixels lie in are checked against their digests first. A diff
+//! is shown from the screen's chunks of each layer of its chain, loaded into fresh memory
+//! and checked.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -52,7 +53,11 @@ pub fn screenshot(dir: &Path, request: &ScreenshotRequest) -> Result<Screenshot,
     if snapshot.state.memory.parent.is_some() {
         let parents = super::load_parents(&snapshot)?;
         let ram = crate::memory::create_guest_ram(snapshot.config.mem_mib).map_err(|err| refused(dir, err))?;
-        super::read_memory(&ram, &snapshot, &parents)?;
+        let viewed = snapshot.state.viewed_ram();
+        for layer in parents.iter().chain(std::iter::once(&snapshot)) {
+            let path = layer.dir.join(MEMORY_FILE);
+            super::memory::read_image_within(&ram, &path, &layer.state.memory, Some(&viewed))?;
+        }
         let gpu = Gpu::restore(config, ram.memory, &gpu_state.gpu).map_err(|err| refused(dir, err))?;
         return capture(&ScreenSource::Local(gpu.screen()), request).map_err(|err| refused(dir, err));
     }
