@@ -176,11 +176,8 @@ pub fn restore_vm(
     let mut lazy = match load {
         MemoryLoad::Eager => None,
         MemoryLoad::Lazy | MemoryLoad::LazyIfPossible => {
-            let layers: Vec<(std::path::PathBuf, &snapshot::memory::MemoryImage)> = parents
-                .iter()
-                .chain(std::iter::once(snapshot))
-                .map(|layer| (layer.dir.clone(), &layer.state.memory))
-                .collect();
+            let layers: Vec<(std::path::PathBuf, &snapshot::memory::MemoryImage)> =
+                snapshot::layers(snapshot, &parents).map(|layer| (layer.dir.clone(), &layer.state.memory)).collect();
             let sockets = config.socket.iter().chain(&config.vsock).cloned().collect();
             match LazyMemory::start(&ram, &layers, saved.viewed_ram(), sockets) {
                 Ok(lazy) => Some(lazy),

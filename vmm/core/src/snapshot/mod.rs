@@ -331,9 +331,17 @@ pub fn load_parents(snapshot: &LoadedSnapshot) -> Result<Vec<LoadedSnapshot>, Sn
     Ok(chain)
 }
 
+/// The snapshots whose memory makes up `snapshot`'s, root first: its parents, then itself.
+pub fn layers<'a>(
+    snapshot: &'a LoadedSnapshot,
+    parents: &'a [LoadedSnapshot],
+) -> impl Iterator<Item = &'a LoadedSnapshot> {
+    parents.iter().chain(std::iter::once(snapshot))
+}
+
 /// Loads the memory of `snapshot` into fresh RAM: its parents' first, root first.
 pub fn read_memory(ram: &GuestRam, snapshot: &LoadedSnapshot, parents: &[LoadedSnapshot]) -> Result<(), SnapshotError> {
-    for layer in parents.iter().chain(std::iter::once(snapshot)) {
+    for layer in layers(snapshot, parents) {
         memory::read_image(ram, &layer.dir.join(MEMORY_FILE), &layer.state.memory)?;
     }
     Ok(())

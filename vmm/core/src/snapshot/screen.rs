@@ -54,7 +54,7 @@ pub fn screenshot(dir: &Path, request: &ScreenshotRequest) -> Result<Screenshot,
         let parents = super::load_parents(&snapshot)?;
         let ram = crate::memory::create_guest_ram(snapshot.config.mem_mib).map_err(|err| refused(dir, err))?;
         let viewed = snapshot.state.viewed_ram();
-        for layer in parents.iter().chain(std::iter::once(&snapshot)) {
+        for layer in super::layers(&snapshot, &parents) {
             let path = layer.dir.join(MEMORY_FILE);
             super::memory::read_image_within(&ram, &path, &layer.state.memory, Some(&viewed))?;
         }
