@@ -16,6 +16,7 @@ use crate::config::VmConfig;
 use crate::devices::bus::{lock, Bus, BusDevice};
 use crate::devices::legacy::power::PowerPort;
 use crate::devices::legacy::{ConsoleOutput, PowerDevice, SerialDevice, VmExitSignal};
+use crate::devices::virtio::block::Block;
 use crate::devices::virtio::gpu::GpuDevice;
 use crate::devices::virtio::input::{InputDevice, InputKind};
 use crate::devices::virtio::mmio::{reg, MmioTransport};
@@ -66,6 +67,8 @@ pub enum BuildError {
     Input(#[from] crate::devices::virtio::input::InputDeviceError),
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    #[error(transparent)]
+    Block(#[from] crate::devices::virtio::block::BlockError),
     #[error(transparent)]
     Bus(#[from] crate::devices::bus::BusError),
     #[error("cannot create an eventfd for {what}: {source}")]
@@ -357,6 +360,16 @@ fn wire(config: &VmConfig, vm: &Vm, ram: &GuestRam, saved: Option<&SnapshotState
         let (tablet, tablet_sink) = InputDevice::new(InputKind::Tablet)?;
         virtio_bus.attach("tablet", Box::new(tablet))?;
         input = Some(InputSinks { keyboard: keyboard_sink, tablet: tablet_sink });
+    }
+    for spec in &config.disks {
+        let block = match saved {
+            None => Block::new(spec.clone())?,
+            Some(_) => Block::awaiting_restore(spec.clone()),
+        };
+        if let Some(disk) = block.disk() {
+            eprintln!("carrel-vmm: disk {}: {} ({})", spec.path.display(), disk.describe(), block.engine_name());
+        }
+        virtio_bus.attach("disk", Box::new(block))?;
     }
     if let Some(socket) = &config.vsock {
         let vsock = Vsock::new(VsockConfig { guest_cid: config.guest_cid, socket: socket.clone() })?;

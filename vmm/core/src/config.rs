@@ -80,6 +80,10 @@ pub struct VmConfig {
     /// The backend's screen socket (its `--screen-socket`): screenshots and input waits.
     #[serde(default)]
     pub gpu_screen: Option<PathBuf>,
+    /// Disks, in the order the guest sees them (`/dev/vda`, `/dev/vdb`, ...): `[[disk]]`
+    /// tables in `vm.toml`, `--disk PATH[,readonly][,base=RAW][,size=N]` on the command line.
+    #[serde(default, rename = "disk")]
+    pub disks: Vec<crate::disk::DiskSpec>,
 }
 
 fn default_display() -> String {
@@ -126,6 +130,7 @@ impl Default for VmConfig {
             guest_cid: 3,
             gpu_backend: None,
             gpu_screen: None,
+            disks: Vec::new(),
         }
     }
 }
@@ -200,6 +205,25 @@ mod tests {
         assert_eq!(config.cpus, 2);
         assert_eq!(config.boot, BootProtocol::Desk);
         assert!(config.rng && config.console_stdout);
+    }
+
+    #[test]
+    fn toml_disk_tables_parse_in_order() {
+        let config = VmConfig::from_toml(
+            r#"
+            kernel = "desk.elf"
+            [[disk]]
+            path = "agent.layer"
+            base = "debian.raw"
+            [[disk]]
+            path = "scratch.img"
+            readonly = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.disks.len(), 2);
+        assert_eq!(config.disks[0].base.as_deref(), Some(Path::new("debian.raw")));
+        assert!(config.disks[1].readonly && !config.disks[0].readonly);
     }
 
     #[test]

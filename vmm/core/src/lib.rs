@@ -9,6 +9,7 @@ pub mod builder;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod disk;
 pub mod input;
 pub mod memory;
 pub mod platform;

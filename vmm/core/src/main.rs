@@ -16,7 +16,7 @@ use carrel_vmm::vmm::{VmOutcome, Vmm};
 const USAGE: &str = "usage:
   carrel-vmm run --kernel PATH [--initrd PATH] [--cmdline S] [--mem MiB] [--cpus N]
                  [--console-log PATH] [--no-console] [--socket PATH] [--boot auto|desk|linux|pvh]
-                 [--no-rng] [--vsock PATH] [--cid N]
+                 [--no-rng] [--vsock PATH] [--cid N] [--disk PATH[,readonly][,base=RAW][,size=N]]...
                  [--audit DIR] [--name NAME] [--display WxH | --no-display]
                  [--gpu-backend VHOST.sock --gpu-screen SCREEN.sock]
   carrel-vmm run --config vm.toml [flags above override the file]
@@ -26,6 +26,10 @@ const USAGE: &str = "usage:
                  changed since its last snapshot or the one it was restored from)
   carrel-vmm hibernate --socket PATH --dir DIR [--diff]  (snapshot, then the VM process ends)
   carrel-vmm snapshot merge --dir DIFF --out DIR         (fold a diff chain into one full snapshot)
+  carrel-vmm disk create PATH (--size N[K|M|G] | --base RAW)  (a new layer: empty, or over a raw base)
+  carrel-vmm disk info PATH                              (size, layers, base, blocks written)
+  carrel-vmm disk commit PATH [--out LAYER]              (fold PATH's chain of frozen layers into one
+                 layer over the same base: in place, or into LAYER; the frozen layers stay)
   carrel-vmm status --socket PATH [--json]
   carrel-vmm stop --socket PATH
   carrel-vmm pause --socket PATH | resume --socket PATH
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
         }
         Some("snapshot") => parse_snapshot(&args[1..], false).map(|(socket, request)| snapshot(&socket, request)),
         Some("hibernate") => parse_snapshot(&args[1..], true).map(|(socket, request)| snapshot(&socket, request)),
+        Some("disk") => disk_command(&args[1..]),
         Some("status") => parse_socket(&args[1..]).map(|(socket, json)| status(&socket, json)),
         Some("stop") => parse_socket(&args[1..]).map(|(socket, _)| stop(&socket)),
         Some("pause") => parse_socket(&args[1..]).map(|(socket, _)| simple(&socket, Request::Pause)),
@@ -124,6 +129,11 @@ fn parse_run(args: &[String]) -> Result<VmConfig, Usage> {
             "--audit" => config.audit = Some(value(args, &mut index, flag)?.into()),
             "--name" => config.name = value(args, &mut index, flag)?.to_string(),
             "--cid" => config.guest_cid = number(value(args, &mut index, flag)?, flag)?,
+            "--disk" => config.disks.push(
+                value(args, &mut index, flag)?
+                    .parse()
+                    .map_err(|err: carrel_vmm::disk::DiskError| Usage(err.to_string()))?,
+            ),
             other => return Err(Usage(format!("unknown flag {other:?}"))),
         }
         index += 1;
@@ -578,6 +588,66 @@ fn print_snapshot(info: &carrel_vmm::snapshot::SnapshotInfo) {
         &info.digest[..16],
         info.parent.as_ref().map(|parent| format!(", a diff over {}", &parent[..16])).unwrap_or_default(),
     );
+}
+
+/// `carrel-vmm disk create|info|commit`.
+fn disk_command(args: &[String]) -> Result<anyhow::Result<ExitCode>, Usage> {
+    use carrel_vmm::disk::{self, layer::Layer, layer::ParentRef, parse_size, Disk, DiskSpec};
+    let (Some(command), Some(path)) = (args.first().map(String::as_str), args.get(1).map(PathBuf::from)) else {
+        return Err(Usage("disk needs a command and a PATH".into()));
+    };
+    let mut options = (None, None, None);
+    let mut index = 2;
+    while index < args.len() {
+        let flag = args[index].as_str();
+        match flag {
+            "--size" => {
+                let text = value(args, &mut index, flag)?;
+                options.0 =
+                    Some(parse_size(text).ok_or_else(|| Usage(format!("--size takes e.g. 64M, got {text:?}")))?);
+            }
+            "--base" => options.1 = Some(PathBuf::from(value(args, &mut index, flag)?)),
+            "--out" => options.2 = Some(PathBuf::from(value(args, &mut index, flag)?)),
+            other => return Err(Usage(format!("unknown flag {other:?} for disk {command}"))),
+        }
+        index += 1;
+    }
+    Ok(match (command, options) {
+        ("create", (size, base, None)) if size.is_some() != base.is_some() => (|| {
+            let disk = match base {
+                Some(base) => {
+                    Disk::open(&DiskSpec { path: path.clone(), readonly: false, base: Some(base), size: None })?
+                }
+                None => {
+                    Layer::create(&path, size.unwrap_or_default(), ParentRef::None)?;
+                    Disk::open(&DiskSpec { path: path.clone(), readonly: true, base: None, size: None })?
+                }
+            };
+            println!("{}: {}", path.display(), disk.describe());
+            Ok(ExitCode::SUCCESS)
+        })(),
+        ("create", _) => return Err(Usage("disk create takes --size N or --base RAW".into())),
+        ("info", (None, None, None)) => (|| {
+            let disk = Disk::open(&DiskSpec { path: path.clone(), readonly: true, base: None, size: None })?;
+            println!("{}: {}", path.display(), disk.describe());
+            for (layer, id) in disk.state().layers {
+                let hex: String = id.iter().map(|byte| format!("{byte:02x}")).collect();
+                println!("  layer {} (id {hex})", layer.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        })(),
+        ("commit", (None, None, out)) => {
+            disk::commit(&path, out.as_deref()).map_err(anyhow::Error::from).map(|blocks| {
+                println!(
+                    "{}: folded, {} MiB in one layer",
+                    out.as_ref().unwrap_or(&path).display(),
+                    blocks * 4096 >> 20
+                );
+                ExitCode::SUCCESS
+            })
+        }
+        (other, _) => return Err(Usage(format!("unknown disk command {other:?} (create, info, commit) or flags"))),
+    })
 }
 
 fn merge(dir: &Path, out: &Path) -> anyhow::Result<ExitCode> {

@@ -472,6 +472,7 @@ impl Vmm {
                     lock(&attached.transport).notify_queue(queue);
                 }
             }
+            lock(&attached.transport).prepare_snapshot().map_err(|err| format!("{} device: {err}", attached.name))?;
         }
         for handle in &self.handles {
             handle.send(VcpuMessage::SaveState);

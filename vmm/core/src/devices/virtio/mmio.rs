@@ -116,6 +116,12 @@ impl MmioTransport {
         }
     }
 
+    /// Readies the device for a snapshot (see [`VirtioDevice::prepare_snapshot`]); a
+    /// device the driver never started has nothing to prepare unless it holds a disk.
+    pub fn prepare_snapshot(&mut self) -> Result<(), String> {
+        self.device.prepare_snapshot()
+    }
+
     /// The device's own event fd, if it has one (see [`VirtioDevice::event_fd`]).
     pub fn device_event_fd(&self) -> Option<std::os::fd::RawFd> {
         self.device.event_fd()

@@ -5,6 +5,7 @@
 //! sets DRIVER_OK. Queue notifications arrive as ioeventfds on the event loop thread and
 //! interrupts leave as irqfds: no exit to the VMM on the hot path.
 
+pub mod block;
 pub mod gpu;
 pub mod input;
 pub mod mmio;
@@ -119,6 +120,11 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     /// Loads saved state into this freshly built device, before the transport activates
     /// it again; the state is untrusted and checked.
     fn restore(&mut self, state: &persist::VirtioDeviceState) -> Result<(), persist::VirtioPersistError>;
+    /// Called with the vCPUs paused, before [`VirtioDevice::save`]: finish the work in
+    /// flight and put what the snapshot names into a state that stays (a disk freezes).
+    fn prepare_snapshot(&mut self) -> Result<(), String> {
+        Ok(())
+    }
     /// Called once a restored device runs again: the place to tell the guest what did not
     /// survive the snapshot (vsock connections, for one).
     fn restored(&mut self) {}

@@ -12,6 +12,7 @@ use crate::memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 
+use super::block::BlockState;
 use super::gpu::GpuDeviceState;
 use super::input::InputState;
 use super::mmio::{status, MmioTransport};
@@ -84,6 +85,7 @@ pub enum VirtioDeviceState {
     Gpu(GpuDeviceState),
     Input(InputState),
     Vsock(VsockState),
+    Block(BlockState),
 }
 
 impl VirtioDeviceState {
@@ -93,6 +95,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::Gpu(_) => "gpu",
             VirtioDeviceState::Input(_) => "input",
             VirtioDeviceState::Vsock(_) => "vsock",
+            VirtioDeviceState::Block(_) => "block",
         }
     }
 }

@@ -3,5 +3,5 @@
 mod device;
 mod handler;
 
-pub use device::{Rng, RngMetrics};
+pub use device::{host_entropy, Rng, RngMetrics};
 pub use handler::{process_request_queue, RequestOutcome, MAX_BYTES_PER_REQUEST};

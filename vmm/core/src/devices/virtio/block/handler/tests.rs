@@ -1,0 +1,333 @@
+//! Every request type and each malformed chain, against a mock queue and a real disk
+//! file, with both I/O engines.
+
+use super::*;
+use crate::disk::DiskSpec;
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+
+const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const HEADER: u64 = 0x10_0000;
+const DATA: u64 = 0x20_0000;
+const STATUS: u64 = 0x30_0000;
+const DISK_BYTES: u64 = 1 << 20;
+
+struct Rig {
+    memory: GuestMemoryMmap,
+    mock: MockSplitQueue<'static, GuestMemoryMmap>,
+    queue: Queue,
+    backend: BlockBackend,
+    next_desc: u16,
+    _dir: tempfile::TempDir,
+}
+
+fn leak_memory() -> &'static GuestMemoryMmap {
+    Box::leak(Box::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x80_0000)]).unwrap()))
+}
+
+fn rig_with(engine: Engine, readonly: bool) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.raw");
+    let bytes: Vec<u8> = (0..DISK_BYTES).map(|i| (i / 512) as u8).collect();
+    std::fs::write(&path, bytes).unwrap();
+    let disk = Disk::open(&DiskSpec { path, readonly, base: None, size: None }).unwrap();
+    let memory = leak_memory();
+    let mock = MockSplitQueue::new(memory, 64);
+    let queue: Queue = mock.create_queue().unwrap();
+    Rig { memory: memory.clone(), mock, queue, backend: BlockBackend::new(disk, engine), next_desc: 0, _dir: dir }
+}
+
+fn rig() -> Rig {
+    rig_with(Engine::synchronous(), false)
+}
+
+fn header(kind: u32, sector: u64) -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    bytes[0..4].copy_from_slice(&kind.to_le_bytes());
+    bytes[8..16].copy_from_slice(&sector.to_le_bytes());
+    bytes
+}
+
+fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+}
+
+impl Rig {
+    /// Adds a chain of (addr, len, device-writable) buffers; returns its head.
+    fn chain(&mut self, buffers: &[(u64, u32, bool)]) -> u16 {
+        let first = self.next_desc;
+        let descriptors: Vec<_> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, (addr, len, writable))| {
+                let last = i + 1 == buffers.len();
+                let flags = if *writable { WRITE } else { 0 } | if last { 0 } else { NEXT };
+                desc(*addr, *len, flags, if last { 0 } else { first + i as u16 + 1 })
+            })
+            .collect();
+        self.mock.add_desc_chains(&descriptors, first).unwrap();
+        self.next_desc += buffers.len() as u16;
+        first
+    }
+
+    /// A standard request: header, data buffers, status byte.
+    fn request(&mut self, kind: u32, sector: u64, data: &[(u64, u32, bool)]) -> u16 {
+        self.memory.write_slice(&header(kind, sector), GuestAddress(HEADER)).unwrap();
+        self.memory.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let mut buffers = vec![(HEADER, 16, false)];
+        buffers.extend_from_slice(data);
+        buffers.push((STATUS, 1, true));
+        self.chain(&buffers)
+    }
+
+    fn serve(&mut self) -> Served {
+        let mut served = self.backend.process_request_queue(&mut self.queue, &self.memory);
+        let drained = self.backend.drain(&mut self.queue, &self.memory);
+        served.completed += drained.completed;
+        served.errors += drained.errors;
+        served
+    }
+
+    fn status(&self) -> u8 {
+        self.memory.read_obj(GuestAddress(STATUS)).unwrap()
+    }
+
+    fn used(&self, index: u16) -> (u16, u32) {
+        let used = self.mock.used().ring().ref_at(index as usize).unwrap().load();
+        (used.id() as u16, used.len())
+    }
+
+    fn guest(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; len];
+        self.memory.read_slice(&mut bytes, GuestAddress(addr)).unwrap();
+        bytes
+    }
+}
+
+fn read_and_write_round_trip(engine: Engine) {
+    let mut rig = rig_with(engine, false);
+    // Read sectors 2..4 into two buffers.
+    rig.request(VIRTIO_BLK_T_IN, 2, &[(DATA, 512, true), (DATA + 0x1000, 512, true)]);
+    let served = rig.serve();
+    assert_eq!((served.completed, served.malformed, served.errors), (1, 0, 0));
+    assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(rig.used(0).1, 1024 + 1, "data bytes plus the status byte");
+    assert_eq!(rig.guest(DATA, 512), vec![2; 512]);
+    assert_eq!(rig.guest(DATA + 0x1000, 512), vec![3; 512]);
+
+    // Write 4 KiB at sector 8, flush, read it back.
+    rig.memory.write_slice(&[0x5a; 4096], GuestAddress(DATA)).unwrap();
+    rig.request(VIRTIO_BLK_T_OUT, 8, &[(DATA, 4096, false)]);
+    rig.serve();
+    assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(rig.used(1).1, 1, "a write returns only the status byte");
+    rig.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    rig.serve();
+    assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
+    rig.memory.write_slice(&[0; 4096], GuestAddress(DATA + 0x4000)).unwrap();
+    rig.request(VIRTIO_BLK_T_IN, 8, &[(DATA + 0x4000, 4096, true)]);
+    rig.serve();
+    assert_eq!(rig.guest(DATA + 0x4000, 4096), vec![0x5a; 4096]);
+}
+
+#[test]
+fn read_write_flush_round_trip_synchronously() {
+    read_and_write_round_trip(Engine::synchronous());
+}
+
+#[test]
+fn read_write_flush_round_trip_on_io_uring() {
+    let engine = Engine::new();
+    assert_eq!(engine.name(), "io_uring", "this host has io_uring");
+    read_and_write_round_trip(engine);
+}
+
+#[test]
+fn many_requests_in_flight_on_io_uring_all_complete() {
+    let mut rig = rig_with(Engine::new(), false);
+    for i in 0..20u64 {
+        rig.memory.write_obj(0u8, GuestAddress(STATUS + 16 * i)).unwrap();
+        let header_at = HEADER + 16 * i;
+        rig.memory.write_slice(&header(VIRTIO_BLK_T_IN, i), GuestAddress(header_at)).unwrap();
+        rig.chain(&[(header_at, 16, false), (DATA + 512 * i, 512, true), (STATUS + 16 * i, 1, true)]);
+    }
+    let served = rig.serve();
+    assert_eq!(served.completed, 20);
+    for i in 0..20u64 {
+        assert_eq!(rig.guest(DATA + 512 * i, 512), vec![i as u8; 512], "request {i}");
+        assert_eq!(rig.memory.read_obj::<u8>(GuestAddress(STATUS + 16 * i)).unwrap(), 0);
+    }
+}
+
+#[test]
+fn get_id_writes_twenty_bytes() {
+    let mut rig = rig();
+    rig.request(VIRTIO_BLK_T_GET_ID, 0, &[(DATA, 20, true)]);
+    rig.serve();
+    assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(rig.used(0).1, 21);
+    assert_eq!(&rig.guest(DATA, 8), b"disk.raw");
+}
+
+fn segment(sector: u64, sectors: u32, flags: u32) -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    bytes[0..8].copy_from_slice(&sector.to_le_bytes());
+    bytes[8..12].copy_from_slice(&sectors.to_le_bytes());
+    bytes[12..16].copy_from_slice(&flags.to_le_bytes());
+    bytes
+}
+
+#[test]
+fn write_zeroes_and_discard_make_sectors_read_zero() {
+    for kind in [VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_T_DISCARD] {
+        let mut rig = rig();
+        rig.memory.write_slice(&segment(16, 8, 0), GuestAddress(DATA)).unwrap();
+        rig.request(kind, 0, &[(DATA, 16, false)]);
+        rig.serve();
+        assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8, "type {kind}");
+        rig.request(VIRTIO_BLK_T_IN, 15, &[(DATA + 0x1000, 512 * 10, true)]);
+        rig.serve();
+        let bytes = rig.guest(DATA + 0x1000, 512 * 10);
+        assert_eq!(bytes[..512], [15; 512]);
+        assert!(bytes[512..512 * 9].iter().all(|byte| *byte == 0), "type {kind}");
+        assert_eq!(bytes[512 * 9..], [24; 512]);
+    }
+}
+
+/// Serves one request and returns its status byte and the served counters.
+fn outcome(rig: &mut Rig) -> (u8, Served) {
+    let served = rig.serve();
+    (rig.status(), served)
+}
+
+#[test]
+fn out_of_range_and_overflowing_sectors_get_ioerr() {
+    let mut rig = rig();
+    let last = DISK_BYTES / 512;
+    for sector in [last, last - 1, u64::MAX, u64::MAX / 512] {
+        rig.request(VIRTIO_BLK_T_IN, sector, &[(DATA, 1024, true)]);
+        let (status, served) = outcome(&mut rig);
+        assert_eq!((status, served.malformed), (VIRTIO_BLK_S_IOERR as u8, 1), "sector {sector}");
+    }
+    rig.memory.write_slice(&segment(u64::MAX - 1, 4, 0), GuestAddress(DATA)).unwrap();
+    rig.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[(DATA, 16, false)]);
+    assert_eq!(outcome(&mut rig).0, VIRTIO_BLK_S_IOERR as u8);
+    rig.memory.write_slice(&segment(0, 4, 0x80), GuestAddress(DATA)).unwrap();
+    rig.request(VIRTIO_BLK_T_DISCARD, 0, &[(DATA, 16, false)]);
+    assert_eq!(outcome(&mut rig).0, VIRTIO_BLK_S_IOERR as u8, "unknown segment flags");
+}
+
+#[test]
+fn lengths_that_are_not_whole_sectors_get_ioerr() {
+    let mut rig = rig();
+    rig.request(VIRTIO_BLK_T_IN, 0, &[(DATA, 100, true)]);
+    assert_eq!(outcome(&mut rig).0, VIRTIO_BLK_S_IOERR as u8);
+    rig.request(VIRTIO_BLK_T_DISCARD, 0, &[(DATA, 15, false)]);
+    assert_eq!(outcome(&mut rig).0, VIRTIO_BLK_S_IOERR as u8);
+    rig.request(VIRTIO_BLK_T_OUT, 0, &[(DATA, u32::MAX - 511, false)]);
+    assert_eq!(outcome(&mut rig).0, VIRTIO_BLK_S_IOERR as u8, "a request larger than the device takes");
+}
+
+#[test]
+fn wrong_descriptor_directions_get_ioerr_and_nothing_is_written() {
+    let mut rig = rig();
+    // A read into a device-readable buffer.
+    rig.memory.write_slice(&[0x77; 512], GuestAddress(DATA)).unwrap();
+    rig.request(VIRTIO_BLK_T_IN, 0, &[(DATA, 512, false)]);
+    assert_eq!(outcome(&mut rig).0, VIRTIO_BLK_S_IOERR as u8);
+    assert_eq!(rig.guest(DATA, 512), vec![0x77; 512]);
+    // A write from a device-writable buffer.
+    rig.request(VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, true)]);
+    assert_eq!(outcome(&mut rig).0, VIRTIO_BLK_S_IOERR as u8);
+    // A device-writable header.
+    rig.memory.write_slice(&header(VIRTIO_BLK_T_IN, 0), GuestAddress(HEADER)).unwrap();
+    rig.chain(&[(HEADER, 16, true), (DATA, 512, true), (STATUS, 1, true)]);
+    assert_eq!(outcome(&mut rig).0, VIRTIO_BLK_S_IOERR as u8);
+    let disk = &rig.backend.disk;
+    let mut first = [0u8; 512];
+    disk.read_at(&mut first, 0).unwrap();
+    assert_eq!(first, [0; 512], "sector 0 kept its bytes");
+}
+
+#[test]
+fn a_chain_without_a_status_byte_is_returned_unused() {
+    let mut rig = rig();
+    rig.memory.write_slice(&header(VIRTIO_BLK_T_IN, 0), GuestAddress(HEADER)).unwrap();
+    let head = rig.chain(&[(HEADER, 16, false), (DATA, 512, false)]);
+    let served = rig.serve();
+    assert_eq!((served.completed, served.malformed), (1, 1));
+    assert_eq!(rig.used(0), (head, 0));
+    // Header alone, and a zero-length status.
+    rig.chain(&[(HEADER, 16, false)]);
+    rig.chain(&[(HEADER, 16, false), (STATUS, 0, true)]);
+    let served = rig.serve();
+    assert_eq!((served.completed, served.malformed), (2, 2));
+}
+
+#[test]
+fn short_header_or_header_outside_memory_gets_ioerr() {
+    let mut rig = rig();
+    rig.chain(&[(HEADER, 8, false), (STATUS, 1, true)]);
+    rig.memory.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    assert_eq!(outcome(&mut rig).0, VIRTIO_BLK_S_IOERR as u8);
+    rig.chain(&[(0x1_0000_0000, 16, false), (STATUS, 1, true)]);
+    assert_eq!(outcome(&mut rig).0, VIRTIO_BLK_S_IOERR as u8);
+}
+
+#[test]
+fn data_outside_guest_memory_gets_ioerr_without_panic() {
+    let mut rig = rig();
+    rig.request(VIRTIO_BLK_T_IN, 0, &[(0x7f_f000, 0x2000, true)]);
+    assert_eq!(outcome(&mut rig).0, VIRTIO_BLK_S_IOERR as u8);
+    rig.request(VIRTIO_BLK_T_OUT, 0, &[(0x10_0000_0000, 512, false)]);
+    assert_eq!(outcome(&mut rig).0, VIRTIO_BLK_S_IOERR as u8);
+}
+
+#[test]
+fn unknown_request_types_get_unsupp() {
+    let mut rig = rig();
+    rig.request(2, 0, &[(DATA, 512, false)]);
+    assert_eq!(outcome(&mut rig).0, VIRTIO_BLK_S_UNSUPP as u8);
+}
+
+#[test]
+fn a_read_only_disk_refuses_writes_discards_and_zeroes_but_reads() {
+    let mut rig = rig_with(Engine::synchronous(), true);
+    rig.request(VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, false)]);
+    assert_eq!(outcome(&mut rig).0, VIRTIO_BLK_S_IOERR as u8);
+    rig.memory.write_slice(&segment(0, 1, 0), GuestAddress(DATA)).unwrap();
+    for kind in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+        rig.request(kind, 0, &[(DATA, 16, false)]);
+        assert_eq!(outcome(&mut rig).0, VIRTIO_BLK_S_IOERR as u8);
+    }
+    rig.request(VIRTIO_BLK_T_IN, 1, &[(DATA, 512, true)]);
+    assert_eq!(outcome(&mut rig).0, VIRTIO_BLK_S_OK as u8);
+    assert_eq!(rig.guest(DATA, 512), vec![1; 512]);
+}
+
+#[test]
+fn a_looping_chain_terminates() {
+    let mut rig = rig();
+    rig.memory.write_slice(&header(VIRTIO_BLK_T_IN, 0), GuestAddress(HEADER)).unwrap();
+    rig.mock.add_desc_chains(&[desc(HEADER, 16, NEXT, 1), desc(DATA, 512, WRITE | NEXT, 0)], 0).unwrap();
+    rig.mock.desc_table().store(1, desc(DATA, 512, WRITE | NEXT, 0)).unwrap();
+    let served = rig.serve();
+    assert_eq!(served.completed, 1, "the loop ends at the queue's size and the chain is returned");
+}
+
+#[test]
+fn a_device_written_buffer_is_marked_dirty_for_diff_snapshots() {
+    let mut rig = rig_with(Engine::new(), false);
+    let dirty_words = |memory: &GuestMemoryMmap| {
+        let region: &crate::memory::MmapRegion = memory.iter().next().unwrap();
+        region.bitmap().get_and_reset()
+    };
+    let _ = dirty_words(&rig.memory);
+    rig.request(VIRTIO_BLK_T_IN, 0, &[(DATA + 0x3000, 4096, true)]);
+    rig.serve();
+    let words = dirty_words(&rig.memory);
+    let page = ((DATA + 0x3000) / 4096) as usize;
+    assert_ne!(words[page / 64] & (1 << (page % 64)), 0, "the page the device read into is dirty");
+}
