@@ -40,6 +40,9 @@ fn boot_and_check_early_messages(boot: &str) {
     let mem = MEM_MIB.to_string();
     let initrd = common::scratch_path("initrd.bin");
     std::fs::write(&initrd, vec![0x5a; INITRD_BYTES as usize]).unwrap();
+    let disk = common::scratch_path("linux-disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk_flag = format!("{},readonly", disk.display());
     let started = Instant::now();
     let mut vm = RunningVm::start(&[
         "run",
@@ -53,6 +56,8 @@ fn boot_and_check_early_messages(boot: &str) {
         CMDLINE,
         "--initrd",
         initrd.to_str().unwrap(),
+        "--disk",
+        &disk_flag,
     ]);
     vm.wait_for_line("carrel-vmm:", EARLY_BOOT_DEADLINE);
     let version = vm.wait_for_line("Linux version", EARLY_BOOT_DEADLINE);
@@ -61,6 +66,8 @@ fn boot_and_check_early_messages(boot: &str) {
     let given = command_line.split("Command line: ").nth(1).unwrap_or_default();
     assert!(given.starts_with(CMDLINE), "the kernel saw {given:?}, we gave {CMDLINE:?}");
     assert!(given.contains("virtio_mmio.device=4K@0xd0000000:5"), "the rng device is on the command line: {given}");
+    // rng, gpu, keyboard, tablet, then the disk: the fifth window and line.
+    assert!(given.contains("virtio_mmio.device=4K@0xd0004000:9"), "the disk is on the command line: {given}");
     for (start, len) in carrel_vmm::boot::ram_map(MEM_MIB << 20) {
         vm.wait_for_line(&e820_line(start, len), EARLY_BOOT_DEADLINE);
     }
@@ -69,6 +76,7 @@ fn boot_and_check_early_messages(boot: &str) {
     let ramdisk = format!("RAMDISK: [mem {:#010x}-{:#010x}]", initrd_start, (MEM_MIB << 20) - 1);
     vm.wait_for_line(&ramdisk, EARLY_BOOT_DEADLINE);
     std::fs::remove_file(&initrd).unwrap();
+    std::fs::remove_file(&disk).unwrap();
     eprintln!("{boot}: {version:?} after {first_message:?}; e820 after {:?}", started.elapsed());
 }
 
