@@ -331,3 +331,69 @@ fn a_device_written_buffer_is_marked_dirty_for_diff_snapshots() {
     let page = ((DATA + 0x3000) / 4096) as usize;
     assert_ne!(words[page / 64] & (1 << (page % 64)), 0, "the page the device read into is dirty");
 }
+
+/// A small tmpfs, unmounted on drop; `None` where this process may not mount.
+struct TinyFs(PathBuf);
+
+impl TinyFs {
+    fn mount(size: &str) -> Option<TinyFs> {
+        let dir = std::env::temp_dir().join(format!("carrel-blk-tinyfs-{}-{size}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", dir.to_str()?])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        status.success().then_some(TinyFs(dir))
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+use std::path::PathBuf;
+
+#[test]
+fn a_full_host_filesystem_fails_the_write_and_keeps_what_was_flushed() {
+    let Some(fs) = TinyFs::mount("1m") else {
+        panic!("this test mounts a tmpfs and needs root (CI and the dev machines run as root)");
+    };
+    let path = fs.0.join("full.layer");
+    let disk = Disk::open(&DiskSpec { path: path.clone(), readonly: false, base: None, size: Some(64 << 20) }).unwrap();
+    let mut rig = rig();
+    rig.backend = BlockBackend::new(disk, Engine::new());
+    rig.memory.write_slice(&[0x11; 4096], GuestAddress(DATA)).unwrap();
+    rig.request(VIRTIO_BLK_T_OUT, 0, &[(DATA, 4096, false)]);
+    rig.serve();
+    rig.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    rig.serve();
+    assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
+    // 64 KiB writes until the 1 MiB filesystem is full.
+    rig.memory.write_slice(&[0x22; 65536], GuestAddress(DATA)).unwrap();
+    let mut failed_at = None;
+    for i in 1..64u64 {
+        rig.next_desc = 0;
+        rig.request(VIRTIO_BLK_T_OUT, i * 128, &[(DATA, 65536, false)]);
+        rig.serve();
+        if rig.status() == VIRTIO_BLK_S_IOERR as u8 {
+            failed_at = Some(i);
+            break;
+        }
+    }
+    assert!(failed_at.is_some(), "a 1 MiB filesystem takes no 4 MiB of writes");
+    // The device goes on: the flushed block reads back, and a flush still answers.
+    rig.next_desc = 0;
+    rig.request(VIRTIO_BLK_T_IN, 0, &[(DATA + 0x8_0000, 4096, true)]);
+    rig.serve();
+    assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
+    assert!(rig.guest(DATA + 0x8_0000, 4096).iter().all(|byte| *byte == 0x11), "the flushed block reads back");
+    drop(rig);
+    let reopened = Disk::open(&DiskSpec { path, readonly: true, base: None, size: None }).unwrap();
+    let mut block = vec![0u8; 4096];
+    reopened.read_at(&mut block, 0).unwrap();
+    assert!(block.iter().all(|byte| *byte == 0x11), "what was flushed survives the full disk");
+}
