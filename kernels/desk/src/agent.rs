@@ -1,6 +1,7 @@
 //! The Desk guest agent: the same protocol as the Linux agent (`carrel-agent-proto`) over
-//! vsock port 1024, with built-in commands and an in-memory filesystem (a persistent
-//! disk comes later).
+//! vsock port 1024, with built-in commands and files: in memory, or in the file store on
+//! disk 0 when one is mounted ([`Files`]); a put to the store is acknowledged only once
+//! it is durable.
 //!
 //! Requests are served in the main loop as frames arrive; work that waits (a `sleep`, a
 //! file sent under the host's credit) is kept per request and resumed on later wakes, so
@@ -23,7 +24,9 @@ use carrel_agent_proto::message::{
 };
 use carrel_agent_proto::{MAX_CHUNK, PROTOCOL_VERSION};
 
+use crate::blk::Block;
 use crate::console::Hex;
+use crate::files::Files;
 use crate::vsock::{Vsock, VsockEvent, MAX_CONNECTIONS};
 
 /// Longest a `sleep` may ask for.
@@ -33,21 +36,8 @@ const MIB: usize = 1 << 20;
 /// fails there would stop the kernel.
 const FILL_RESERVE_MIB: usize = 8;
 const WORDS_PER_MIB: usize = MIB / core::mem::size_of::<u64>();
-
-struct File {
-    /// Shared with transfers in flight, so a get never copies the file.
-    data: Rc<Vec<u8>>,
-    mode: u32,
-    /// blake3 of `data`, computed once when the file is stored.
-    digest: [u8; 32],
-}
-
-impl File {
-    fn new(data: Vec<u8>, mode: u32) -> File {
-        let digest = *blake3::hash(&data).as_bytes();
-        File { data: Rc::new(data), mode, digest }
-    }
-}
+/// What `diskbench` measures when not told: 256 MiB, or the whole disk when smaller.
+const DISKBENCH_DEFAULT_MIB: u64 = 256;
 
 /// Work a request still has to do.
 enum Pending {
@@ -70,7 +60,10 @@ struct Fill {
 }
 
 pub struct Agent {
-    files: BTreeMap<String, File>,
+    files: Files,
+    /// Disks without a store, for `diskbench`.
+    raw_disks: Vec<Block>,
+    tsc_khz: u64,
     sessions: [Option<Session>; MAX_CONNECTIONS],
     last_heartbeat_ms: u64,
     /// The 32 bytes last drawn from virtio-rng (at boot or after the last restore); `None`
@@ -99,8 +92,8 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Message {
 }
 
 impl Agent {
-    pub fn new(random: Option<[u8; 32]>) -> Agent {
-        Agent { files: BTreeMap::new(), sessions: Default::default(), last_heartbeat_ms: 0, random, fill: None }
+    pub fn new(random: Option<[u8; 32]>, files: Files, raw_disks: Vec<Block>, tsc_khz: u64) -> Agent {
+        Agent { files, raw_disks, tsc_khz, sessions: Default::default(), last_heartbeat_ms: 0, random, fill: None }
     }
 
     /// Replaces the entropy `random` prints (after a restore).
@@ -240,6 +233,8 @@ impl Agent {
                     let free = crate::heap::free_bytes() as u64;
                     if put.size > free / 2 {
                         Some(error(ErrorCode::IO, format!("{} bytes do not fit in memory ({free} free)", put.size)))
+                    } else if let Err((code, text)) = self.files.check_room(&path, put.size) {
+                        Some(error(code, text))
                     } else {
                         let (credit, grant) = RecvCredit::new(carrel_agent_proto::DEFAULT_WINDOW);
                         let data = Vec::with_capacity(put.size as usize);
@@ -256,9 +251,9 @@ impl Agent {
             Message::End(end) => self.put_end(slot, id, end),
             Message::GetFile(get) => match normalize(&get.path) {
                 Err((code, text)) => Some(error(code, text)),
-                Ok(path) => match self.files.get(&path) {
-                    None => Some(error(ErrorCode::NOT_FOUND, format!("{path}: no such file"))),
-                    Some(file) => {
+                Ok(path) => match self.files.read(&path) {
+                    Err((code, text)) => Some(error(code, text)),
+                    Ok(file) => {
                         let mut credit = SendCredit::new();
                         if credit.grant(get.window).is_err() {
                             Some(error(ErrorCode::FLOW_CONTROL, "window larger than allowed"))
@@ -269,7 +264,7 @@ impl Agent {
                                 id,
                                 &Message::FileInfo(FileInfo { size: file.data.len() as u64, mode: file.mode }),
                             );
-                            let (data, digest) = (file.data.clone(), file.digest);
+                            let (data, digest) = (file.data, file.digest);
                             if let Some(session) = self.sessions[slot].as_mut() {
                                 session.pending.insert(id, Pending::Get { data, digest, offset: 0, credit });
                             }
@@ -291,18 +286,21 @@ impl Agent {
             Message::ListDir(request) => Some(self.list(&request.path)),
             Message::Remove(remove) => Some(match normalize(&remove.path) {
                 Err((code, text)) => error(code, text),
-                Ok(path) => match self.files.remove(&path) {
-                    Some(_) => Message::Done,
-                    None if self.is_dir(&path) && remove.recursive => {
-                        let prefix = format!("{}/", path.trim_end_matches('/'));
-                        self.files.retain(|name, _| !name.starts_with(&prefix));
-                        Message::Done
+                Ok(path) => {
+                    let done = if self.files.stat(&path).is_some() {
+                        self.files.remove(&path)
+                    } else if self.files.is_dir(&path) && remove.recursive {
+                        self.files.remove_dir(&path)
+                    } else if self.files.is_dir(&path) {
+                        Err((ErrorCode::DIRECTORY_NOT_EMPTY, format!("{path} is a directory")))
+                    } else {
+                        Err((ErrorCode::NOT_FOUND, format!("{path}: no such file")))
+                    };
+                    match done {
+                        Ok(()) => Message::Done,
+                        Err((code, text)) => error(code, text),
                     }
-                    None if self.is_dir(&path) => {
-                        error(ErrorCode::DIRECTORY_NOT_EMPTY, format!("{path} is a directory"))
-                    }
-                    None => error(ErrorCode::NOT_FOUND, format!("{path}: no such file")),
-                },
+                }
             }),
             other => Some(error(ErrorCode::UNEXPECTED, format!("message kind {} is not a request", other.kind()))),
         };
@@ -340,17 +338,15 @@ impl Agent {
                 format!("got {} bytes, sender says {}", data.len(), end.size),
             ));
         }
-        let file = File::new(data, mode);
-        if file.digest != end.digest {
+        let digest = *blake3::hash(&data).as_bytes();
+        if digest != end.digest {
             return Some(error(ErrorCode::DIGEST_MISMATCH, format!("{path}: blake3 of the received bytes differs")));
         }
-        self.files.insert(path, file);
-        Some(Message::Done)
-    }
-
-    fn is_dir(&self, path: &str) -> bool {
-        let prefix = if path == "/" { "/".to_string() } else { format!("{path}/") };
-        path == "/" || self.files.keys().any(|name| name.starts_with(&prefix))
+        // On disk this returns after the commit's last flush: Done means durable.
+        Some(match self.files.write(path, mode, data, digest) {
+            Ok(()) => Message::Done,
+            Err((code, text)) => error(code, text),
+        })
     }
 
     fn stat(&self, path: &str) -> Message {
@@ -358,15 +354,10 @@ impl Agent {
             Ok(path) => path,
             Err((code, text)) => return error(code, text),
         };
-        if let Some(file) = self.files.get(&path) {
-            return Message::StatReply(FileStat {
-                kind: FileKind::File,
-                size: file.data.len() as u64,
-                mode: file.mode,
-                mtime_secs: 0,
-            });
+        if let Some((size, mode)) = self.files.stat(&path) {
+            return Message::StatReply(FileStat { kind: FileKind::File, size, mode, mtime_secs: 0 });
         }
-        if self.is_dir(&path) {
+        if self.files.is_dir(&path) {
             return Message::StatReply(FileStat { kind: FileKind::Dir, size: 0, mode: 0o755, mtime_secs: 0 });
         }
         error(ErrorCode::NOT_FOUND, format!("{path}: no such file"))
@@ -376,7 +367,7 @@ impl Agent {
     fn children(&self, path: &str) -> Vec<DirEntry> {
         let prefix = if path == "/" { "/".to_string() } else { format!("{path}/") };
         let mut entries: BTreeMap<String, DirEntry> = BTreeMap::new();
-        for (name, file) in self.files.range(prefix.clone()..) {
+        for (name, size) in self.files.under(path) {
             let Some(rest) = name.strip_prefix(&prefix) else { break };
             match rest.split_once('/') {
                 Some((dir, _)) => {
@@ -387,10 +378,7 @@ impl Agent {
                     });
                 }
                 None => {
-                    entries.insert(
-                        rest.to_string(),
-                        DirEntry { name: rest.to_string(), kind: FileKind::File, size: file.data.len() as u64 },
-                    );
+                    entries.insert(rest.to_string(), DirEntry { name: rest.to_string(), kind: FileKind::File, size });
                 }
             }
         }
@@ -400,10 +388,10 @@ impl Agent {
     fn list(&self, path: &str) -> Message {
         match normalize(path) {
             Err((code, text)) => error(code, text),
-            Ok(path) if self.files.contains_key(&path) => {
+            Ok(path) if self.files.stat(&path).is_some() => {
                 error(ErrorCode::NOT_A_DIRECTORY, format!("{path} is a file"))
             }
-            Ok(path) if !self.is_dir(&path) => error(ErrorCode::NOT_FOUND, format!("{path}: no such directory")),
+            Ok(path) if !self.files.is_dir(&path) => error(ErrorCode::NOT_FOUND, format!("{path}: no such directory")),
             Ok(path) => Message::DirEntries(DirEntries { entries: self.children(&path), done: true }),
         }
     }
@@ -429,9 +417,12 @@ impl Agent {
                 let mut out = Vec::new();
                 let mut err = Vec::new();
                 for arg in args {
-                    match normalize(arg).ok().and_then(|path| self.files.get(&path)) {
-                        Some(file) => out.extend_from_slice(&file.data),
-                        None => err.extend_from_slice(format!("cat: {arg}: no such file\n").as_bytes()),
+                    match normalize(arg).map(|path| self.files.read(&path)) {
+                        Ok(Ok(file)) => out.extend_from_slice(&file.data),
+                        Ok(Err((ErrorCode::NOT_FOUND, _))) | Err(_) => {
+                            err.extend_from_slice(format!("cat: {arg}: no such file\n").as_bytes())
+                        }
+                        Ok(Err((_, text))) => err.extend_from_slice(format!("cat: {text}\n").as_bytes()),
                     }
                 }
                 let code = i32::from(!err.is_empty());
@@ -452,24 +443,26 @@ impl Agent {
                 Ok(path) => {
                     let mut data = args[1..].join(" ").into_bytes();
                     data.extend_from_slice(stdin);
-                    self.files.insert(path, File::new(data, 0o644));
-                    (Vec::new(), Vec::new(), 0)
+                    let digest = *blake3::hash(&data).as_bytes();
+                    match self.files.write(path, 0o644, data, digest) {
+                        Ok(()) => (Vec::new(), Vec::new(), 0),
+                        Err((_, text)) => (Vec::new(), format!("write: {text}\n").into_bytes(), 1),
+                    }
                 }
                 Err((_, text)) => (Vec::new(), format!("write: {text}\n").into_bytes(), 1),
             },
-            "rm" if !args.is_empty() => {
-                let removed = normalize(&args[0]).ok().and_then(|path| self.files.remove(&path));
-                match removed {
-                    Some(_) => (Vec::new(), Vec::new(), 0),
-                    None => (Vec::new(), format!("rm: {}: no such file\n", args[0]).into_bytes(), 1),
+            "rm" if !args.is_empty() => match normalize(&args[0]).map(|path| self.files.remove(&path)) {
+                Ok(Ok(())) => (Vec::new(), Vec::new(), 0),
+                Ok(Err((ErrorCode::NOT_FOUND, _))) | Err(_) => {
+                    (Vec::new(), format!("rm: {}: no such file\n", args[0]).into_bytes(), 1)
                 }
-            }
+                Ok(Err((_, text))) => (Vec::new(), format!("rm: {text}\n").into_bytes(), 1),
+            },
             "uptime" => (format!("up {}.{:03} s\n", now_ms / 1000, now_ms % 1000).into_bytes(), Vec::new(), 0),
             "meminfo" => {
                 let (free, total) = (crate::heap::free_bytes(), crate::heap::size_bytes());
-                let files: usize = self.files.values().map(|file| file.data.len()).sum();
-                let text =
-                    format!("heap_total {total}\nheap_free {free}\nfiles {} ({files} bytes)\n", self.files.len());
+                let (count, bytes) = self.files.summary();
+                let text = format!("heap_total {total}\nheap_free {free}\nfiles {count} ({bytes} bytes)\n");
                 (text.into_bytes(), Vec::new(), 0)
             }
             "random" => match self.random {
@@ -488,6 +481,11 @@ impl Agent {
                 }
                 None => (Vec::new(), b"checksum: nothing filled\n".to_vec(), 1),
             },
+            "disks" => (crate::disks::report(self.files.store(), &self.raw_disks).into_bytes(), Vec::new(), 0),
+            "diskbench" => match self.diskbench(args) {
+                Ok(text) => (text.into_bytes(), Vec::new(), 0),
+                Err(text) => (Vec::new(), format!("diskbench: {text}\n").into_bytes(), 1),
+            },
             "sleep" => match args.first().and_then(|arg| parse_seconds_ms(arg)) {
                 Some(ms) if ms <= MAX_SLEEP_MS => {
                     if let Some(session) = self.sessions[slot].as_mut() {
@@ -501,7 +499,7 @@ impl Agent {
                 Vec::new(),
                 format!(
                     "{other}: command not found (built-ins: echo ls cat write rm uptime meminfo sleep random fill \
-                     checksum)\n"
+                     checksum disks diskbench)\n"
                 )
                 .into_bytes(),
                 127,
@@ -514,6 +512,57 @@ impl Agent {
             }
         }
         Some(Message::ExecExit(ExecExit { code: Some(code), signal: None, timed_out: false }))
+    }
+
+    /// `diskbench [DISK_INDEX] [MIB]`: measures a raw disk (the first one by default),
+    /// never the one holding the file store nor any disk that holds a store.
+    fn diskbench(&mut self, args: &[String]) -> Result<String, String> {
+        if args.len() > 2 {
+            return Err("too many arguments: diskbench [DISK_INDEX] [MIB]".to_string());
+        }
+        let store_disk = self.files.store().map(|store| store.device().index);
+        let index = match args.first() {
+            Some(text) => text.parse::<usize>().map_err(|_| format!("{text}: not a disk index"))?,
+            None => match self.raw_disks.first() {
+                Some(disk) => disk.index,
+                None if store_disk.is_some() => {
+                    return Err(
+                        "no scratch disk: disk 0 holds the file store; attach a second disk to measure".to_string()
+                    )
+                }
+                None => return Err("no disk: attach a scratch disk to measure".to_string()),
+            },
+        };
+        if store_disk == Some(index) {
+            return Err(format!(
+                "disk {index} holds the file store: diskbench writes over the disk and would destroy its files; \
+                 give the index of a scratch disk"
+            ));
+        }
+        let Some(disk) = self.raw_disks.iter_mut().find(|disk| disk.index == index) else {
+            return Err(format!("no disk {index}"));
+        };
+        match carrel_deskfs::inspect(disk) {
+            Ok(carrel_deskfs::DiskContents::Store { generation }) => {
+                return Err(format!(
+                    "disk {index} holds a Carrel file store (generation {generation}): diskbench would destroy it"
+                ))
+            }
+            Ok(carrel_deskfs::DiskContents::Damaged) => {
+                return Err(format!("disk {index} holds a damaged Carrel file store: diskbench would destroy it"))
+            }
+            Ok(_) => {}
+            Err(err) => return Err(format!("disk {index} cannot be read: {err}")),
+        }
+        let disk_mib = disk.capacity_bytes() / MIB as u64;
+        let mib = match args.get(1) {
+            Some(text) => text.parse::<u64>().map_err(|_| format!("{text}: not a size in MiB"))?,
+            None => disk_mib.min(DISKBENCH_DEFAULT_MIB),
+        };
+        if mib == 0 || mib > disk_mib {
+            return Err(format!("{mib} MiB: give 1 to {disk_mib} (the size of disk {index})"));
+        }
+        crate::diskbench::run(disk, mib, self.tsc_khz)
     }
 
     /// `fill MIB [SEED]`: keeps a buffer of MIB MiB filled with the pattern of SEED
@@ -564,7 +613,7 @@ impl Agent {
 
 /// The next word of SplitMix64 from `state`: any seed (0 too) gives a sequence of
 /// well-mixed words, so a filled buffer neither compresses nor has zero pages.
-fn splitmix64(state: &mut u64) -> u64 {
+pub fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
     let mut value = *state;
     value = (value ^ (value >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

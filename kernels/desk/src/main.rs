@@ -3,10 +3,11 @@
 //!
 //! It prints a banner with the BootInfo summary, reads entropy from virtio-rng, starts a
 //! 1 kHz LAPIC timer and says `desk: ready`. With `desk.exit=1` on the command line it
-//! counts ten timer interrupts and powers off; otherwise it brings up the screen, input
-//! and the guest agent and serves them from one loop, woken by interrupts, until the VMM
-//! stops it. A restored VM goes on in that loop without booting again: the loop notices
-//! the restore count in BootInfo change and draws fresh entropy.
+//! counts ten timer interrupts and powers off; otherwise it brings up the screen, input,
+//! the disks (the file store on disk 0, see `disks`) and the guest agent and serves them
+//! from one loop, woken by interrupts, until the VMM stops it. A restored VM goes on in
+//! that loop without booting again: the loop notices the restore count in BootInfo
+//! change and draws fresh entropy.
 
 #![no_std]
 #![no_main]
@@ -14,9 +15,13 @@
 extern crate alloc;
 
 mod agent;
+mod blk;
 mod console;
 mod desktop;
+mod diskbench;
+mod disks;
 mod draw;
+mod files;
 mod gpu;
 mod heap;
 mod input;
@@ -226,7 +231,7 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
         println!("desk: screen {}x{} first frame drawn in {took} us", display.width, display.height);
     }
 
-    let mut agent_link = start_agent(info, timeout, random);
+    let vsock = start_vsock(info, timeout);
     // Device buffers the host reads (framebuffers, vsock rings) are taken first and
     // nothing takes physical memory later, so the heap (agent messages, files, `fill`
     // buffers) gets the largest block left: nearly all of guest RAM. Its pages are only
@@ -235,6 +240,16 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
         Some((start, size)) => heap::init(start, size),
         None => println!("desk: no memory for a heap"),
     }
+    // The store needs the heap (its file table, the data of each put). The vsock device is
+    // up already (it takes physical memory before the heap does); the agent is not.
+    let (store, raw_disks) = disks::start(info, cmdline);
+    let files = store.map_or_else(files::Files::in_memory, |store| files::Files::Disk(alloc::boxed::Box::new(store)));
+    // Said only now, after the disk line: a host that connects on this line finds the
+    // agent's files where they will stay.
+    let mut agent_link = vsock.map(|vsock| {
+        println!("desk: agent listening on vsock port {} (cid {})", carrel_agent_proto::AGENT_VSOCK_PORT, vsock.cid);
+        (vsock, agent::Agent::new(random, files, raw_disks, tsc_khz))
+    });
     let mut input_state = ui::InputState::default();
     let mut input_events = alloc::vec::Vec::new();
 
@@ -338,17 +353,12 @@ fn draw_after_restore(rng: Option<&mut virtio::Rng>, restores: u64, timeout: u64
     }
 }
 
-fn start_agent(info: &BootInfo, timeout: u64, random: Option<[u8; 32]>) -> Option<(vsock::Vsock, agent::Agent)> {
+fn start_vsock(info: &BootInfo, timeout: u64) -> Option<vsock::Vsock> {
     let device = info.devices().iter().find(|device| device.device_type == virtio_id::VSOCK)?;
     match vsock::Vsock::new(device.base, carrel_agent_proto::AGENT_VSOCK_PORT, timeout) {
         Ok(vsock) => {
             ioapic::route(info.ioapic_addr, device.irq);
-            println!(
-                "desk: agent listening on vsock port {} (cid {})",
-                carrel_agent_proto::AGENT_VSOCK_PORT,
-                vsock.cid
-            );
-            Some((vsock, agent::Agent::new(random)))
+            Some(vsock)
         }
         Err(err) => {
             println!("desk: vsock failed: {err:?}");

@@ -1,7 +1,9 @@
 //! A minimal virtio-mmio driver (virtio 1.x) and the entropy device on top of it.
 //!
-//! One split queue per device, in a page-aligned static; requests are polled on the used
-//! ring (the device answers through an ioeventfd-driven host thread, no exit involved).
+//! Split queues live in page-aligned statics, sized per device by a const parameter
+//! (8 descriptors for the small devices, more for the block device). Requests are polled
+//! on the used ring (the device answers through an ioeventfd-driven host thread, no exit
+//! involved); several chains may be in flight and come back in any order.
 
 use core::sync::atomic::{fence, Ordering};
 
@@ -35,6 +37,10 @@ const VERSION_1_HIGH: u32 = 1; // bit 32
 
 const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
+/// Available-ring flag: the driver polls, so the device need not interrupt it.
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// Queue size of the small devices (rng, gpu, input, vsock); the block device's queue is
+/// larger so that many requests are in flight at once.
 pub const QUEUE_SIZE: u16 = 8;
 
 /// Why a device could not be used.
@@ -42,11 +48,19 @@ pub const QUEUE_SIZE: u16 = 8;
 #[derive(Debug, Clone, Copy)]
 pub enum VirtioError {
     NotVirtio,
-    WrongDevice { found: u32 },
+    WrongDevice {
+        found: u32,
+    },
     FeaturesRefused,
     QueueUnavailable,
+    /// More buffers than the queue has free descriptors.
+    QueueFull,
     Timeout,
     Empty,
+    /// The device returned a descriptor that heads no chain in flight.
+    BadUsedEntry {
+        id: u32,
+    },
 }
 
 #[repr(C, align(16))]
@@ -58,29 +72,50 @@ pub struct Descriptor {
     pub next: u16,
 }
 
-#[repr(C, align(4096))]
-pub struct SplitQueue {
-    pub descriptors: [Descriptor; QUEUE_SIZE as usize],
-    pub avail_flags: u16,
-    pub avail_idx: u16,
-    pub avail_ring: [u16; QUEUE_SIZE as usize],
-    _avail_pad: [u8; 4096 - 16 * QUEUE_SIZE as usize - 4 - 2 * QUEUE_SIZE as usize],
-    pub used_flags: u16,
-    pub used_idx: u16,
-    pub used_ring: [[u32; 2]; QUEUE_SIZE as usize],
+/// The used ring (written by the device; 4-byte aligned as virtio 1.x requires).
+#[repr(C, align(4))]
+pub struct UsedRing<const N: usize> {
+    pub flags: u16,
+    pub idx: u16,
+    pub ring: [[u32; 2]; N],
 }
 
-/// A split queue's memory: descriptors, available ring and used ring on one page.
-pub const fn empty_queue() -> SplitQueue {
+/// A split queue of `N` descriptors: descriptor table, available ring and used ring, one
+/// after the other (virtio 1.x lets each part sit anywhere at its own alignment).
+#[repr(C, align(4096))]
+pub struct SplitQueue<const N: usize = { QUEUE_SIZE as usize }> {
+    pub descriptors: [Descriptor; N],
+    pub avail_flags: u16,
+    pub avail_idx: u16,
+    pub avail_ring: [u16; N],
+    pub used: UsedRing<N>,
+}
+
+/// A split queue's memory, all zero.
+pub const fn empty_queue<const N: usize>() -> SplitQueue<N> {
     SplitQueue {
-        descriptors: [Descriptor { addr: 0, len: 0, flags: 0, next: 0 }; QUEUE_SIZE as usize],
+        descriptors: [Descriptor { addr: 0, len: 0, flags: 0, next: 0 }; N],
         avail_flags: 0,
         avail_idx: 0,
-        avail_ring: [0; QUEUE_SIZE as usize],
-        _avail_pad: [0; 4096 - 16 * QUEUE_SIZE as usize - 4 - 2 * QUEUE_SIZE as usize],
-        used_flags: 0,
-        used_idx: 0,
-        used_ring: [[0; 2]; QUEUE_SIZE as usize],
+        avail_ring: [0; N],
+        used: UsedRing { flags: 0, idx: 0, ring: [[0; 2]; N] },
+    }
+}
+
+impl<const N: usize> SplitQueue<N> {
+    /// The device's used index, read volatile: the device writes it behind our back.
+    fn used_idx(&self) -> u16 {
+        // SAFETY: a plain u16 inside this live queue.
+        unsafe { core::ptr::addr_of!(self.used.idx).read_volatile() }
+    }
+
+    /// The used-ring entry at `position` (taken modulo N), as (id, len).
+    fn used_entry(&self, position: u16) -> (u32, u32) {
+        let slot = usize::from(position) % N;
+        // SAFETY: slot < N, inside this live queue; the device wrote it before it
+        // published the used index the caller read (the caller fences in between).
+        let [id, len] = unsafe { core::ptr::addr_of!(self.used.ring[slot]).read_volatile() };
+        (id, len)
     }
 }
 
@@ -89,6 +124,8 @@ static RNG_QUEUE: GuestCell<SplitQueue> = GuestCell::new(empty_queue());
 /// A virtio-mmio device window.
 pub struct MmioDevice {
     base: usize,
+    /// The feature bits 0..31 both sides agreed on.
+    features: u32,
 }
 
 impl MmioDevice {
@@ -106,7 +143,7 @@ impl MmioDevice {
     /// Checks the window, resets the device and negotiates VERSION_1 plus `features`
     /// (low 32 bits) where the device offers them.
     pub fn negotiate(base: u64, device_id: u32, features: u32) -> Result<MmioDevice, VirtioError> {
-        let device = MmioDevice { base: base as usize };
+        let mut device = MmioDevice { base: base as usize, features: 0 };
         if device.read(MAGIC) != 0x7472_6976 || device.read(VERSION) != 2 {
             return Err(VirtioError::NotVirtio);
         }
@@ -122,9 +159,9 @@ impl MmioDevice {
             return Err(VirtioError::FeaturesRefused);
         }
         device.write(DEVICE_FEATURES_SEL, 0);
-        let offered = device.read(DEVICE_FEATURES);
+        device.features = device.read(DEVICE_FEATURES) & features;
         device.write(DRIVER_FEATURES_SEL, 0);
-        device.write(DRIVER_FEATURES, offered & features);
+        device.write(DRIVER_FEATURES, device.features);
         device.write(DRIVER_FEATURES_SEL, 1);
         device.write(DRIVER_FEATURES, VERSION_1_HIGH);
         device.write(STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
@@ -134,16 +171,26 @@ impl MmioDevice {
         Ok(device)
     }
 
+    /// Whether feature `bit` (below 32) was negotiated.
+    pub fn has_feature(&self, bit: u32) -> bool {
+        self.features & (1 << bit) != 0
+    }
+
     /// Sets up queue `index` on `ring`.
-    pub fn setup_queue(&self, index: u32, ring: &'static GuestCell<SplitQueue>) -> Result<Virtqueue, VirtioError> {
+    pub fn setup_queue<const N: usize>(
+        &self,
+        index: u32,
+        ring: &'static GuestCell<SplitQueue<N>>,
+    ) -> Result<Virtqueue<N>, VirtioError> {
+        const { assert!(N.is_power_of_two() && N <= 32768, "a split queue's size is a power of two up to 32768") };
         self.write(QUEUE_SEL, index);
-        if self.read(QUEUE_NUM_MAX) < u32::from(QUEUE_SIZE) {
+        if (self.read(QUEUE_NUM_MAX) as usize) < N {
             return Err(VirtioError::QueueUnavailable);
         }
-        let address = ring.get() as *const SplitQueue as u64;
-        let avail = address + core::mem::offset_of!(SplitQueue, avail_flags) as u64;
-        let used = address + core::mem::offset_of!(SplitQueue, used_flags) as u64;
-        self.write(QUEUE_NUM, u32::from(QUEUE_SIZE));
+        let address = ring.get() as *const SplitQueue<N> as u64;
+        let avail = address + core::mem::offset_of!(SplitQueue<N>, avail_flags) as u64;
+        let used = address + core::mem::offset_of!(SplitQueue<N>, used) as u64;
+        self.write(QUEUE_NUM, N as u32);
         self.write(QUEUE_DESC_LOW, address as u32);
         self.write(QUEUE_DESC_HIGH, (address >> 32) as u32);
         self.write(QUEUE_AVAIL_LOW, avail as u32);
@@ -151,17 +198,22 @@ impl MmioDevice {
         self.write(QUEUE_USED_LOW, used as u32);
         self.write(QUEUE_USED_HIGH, (used >> 32) as u32);
         self.write(QUEUE_READY, 1);
-        Ok(Virtqueue { ring, index })
+        Ok(Virtqueue::new(ring, index))
     }
 
-    /// Tells the device the driver is ready.
     /// Reads a 32-bit word of device configuration space.
     pub fn read_config(&self, offset: usize) -> u32 {
         self.read(0x100 + offset)
     }
 
+    /// Tells the device the driver is ready.
     pub fn activate(&self) {
         self.write(STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    }
+
+    /// Resets the device: it stops using every queue and every buffer it was given.
+    pub fn reset(&self) {
+        self.write(STATUS, 0);
     }
 
     pub fn notify(&self, queue: u16) {
@@ -173,21 +225,23 @@ impl MmioDevice {
 /// (receive queues): calls `handle(buffer index, bytes written)` for each returned buffer
 /// and posts it again. Returns whether any buffer was re-posted (the caller rings the
 /// doorbell once for the batch).
-pub fn drain_used(ring: &GuestCell<SplitQueue>, seen: &mut u16, mut handle: impl FnMut(usize, usize)) -> bool {
+pub fn drain_used<const N: usize>(
+    ring: &GuestCell<SplitQueue<N>>,
+    seen: &mut u16,
+    mut handle: impl FnMut(usize, usize),
+) -> bool {
     let queue = ring.get();
     let mut reposted = false;
     loop {
-        // SAFETY: used_idx is written by the device; read it volatile.
-        let used = unsafe { core::ptr::addr_of!(queue.used_idx).read_volatile() };
-        if used == *seen {
+        if queue.used_idx() == *seen {
             return reposted;
         }
         fence(Ordering::SeqCst);
-        let [id, len] = queue.used_ring[(*seen % QUEUE_SIZE) as usize];
+        let (id, len) = queue.used_entry(*seen);
         *seen = seen.wrapping_add(1);
-        let slot = id as usize % QUEUE_SIZE as usize;
+        let slot = id as usize % N;
         handle(slot, len as usize);
-        queue.avail_ring[(queue.avail_idx % QUEUE_SIZE) as usize] = slot as u16;
+        queue.avail_ring[usize::from(queue.avail_idx) % N] = slot as u16;
         fence(Ordering::SeqCst);
         queue.avail_idx = queue.avail_idx.wrapping_add(1);
         reposted = true;
@@ -212,13 +266,108 @@ impl Buffer {
     }
 }
 
-/// A queue used one batch at a time: submit chains, poll until they all come back.
-pub struct Virtqueue {
-    ring: &'static GuestCell<SplitQueue>,
+/// A queue of chains in flight: [`push`](Virtqueue::push) chains, [`kick`](Virtqueue::kick)
+/// once, [`pop_used`](Virtqueue::pop_used) completions in whatever order the device
+/// returns them. Free descriptors are kept on a list of our own, so what the device
+/// writes into the shared table can never misdirect it.
+pub struct Virtqueue<const N: usize = { QUEUE_SIZE as usize }> {
+    ring: &'static GuestCell<SplitQueue<N>>,
     index: u32,
+    /// First free descriptor; `next` links the free list and each chain in flight.
+    free_head: u16,
+    free_count: usize,
+    next: [u16; N],
+    /// Length of the chain each descriptor heads while it is in flight, else 0.
+    chain_len: [u16; N],
+    /// The next used-ring position to read.
+    last_used: u16,
 }
 
-impl Virtqueue {
+impl<const N: usize> Virtqueue<N> {
+    fn new(ring: &'static GuestCell<SplitQueue<N>>, index: u32) -> Virtqueue<N> {
+        Virtqueue {
+            ring,
+            index,
+            free_head: 0,
+            free_count: N,
+            next: core::array::from_fn(|slot| ((slot + 1) % N) as u16),
+            chain_len: [0; N],
+            last_used: ring.get().used_idx(),
+        }
+    }
+
+    /// Asks the device not to interrupt for this queue: the driver polls it.
+    pub fn suppress_interrupts(&mut self) {
+        self.ring.get().avail_flags = AVAIL_F_NO_INTERRUPT;
+    }
+
+    /// Places `chain` on the available ring (not yet visible to the device: see
+    /// [`kick`](Virtqueue::kick)); returns its head, the id its completion will carry.
+    pub fn push(&mut self, chain: &[Buffer]) -> Result<u16, VirtioError> {
+        if chain.is_empty() || chain.len() > self.free_count {
+            return Err(VirtioError::QueueFull);
+        }
+        let queue = self.ring.get();
+        let head = self.free_head;
+        let mut index = head;
+        for (position, buffer) in chain.iter().enumerate() {
+            let last = position + 1 == chain.len();
+            let next = self.next[usize::from(index)];
+            queue.descriptors[usize::from(index)] = Descriptor {
+                addr: buffer.addr,
+                len: buffer.len,
+                flags: if buffer.writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT },
+                next: if last { 0 } else { next },
+            };
+            if last {
+                self.free_head = next;
+            }
+            index = next;
+        }
+        self.free_count -= chain.len();
+        self.chain_len[usize::from(head)] = chain.len() as u16;
+        queue.avail_ring[usize::from(queue.avail_idx) % N] = head;
+        // The index itself is published by kick, after a fence.
+        queue.avail_idx = queue.avail_idx.wrapping_add(1);
+        Ok(head)
+    }
+
+    /// Publishes every pushed chain and rings the doorbell.
+    pub fn kick(&mut self, device: &MmioDevice) {
+        let queue = self.ring.get();
+        fence(Ordering::SeqCst);
+        // SAFETY: avail_idx is read by the device; a volatile store publishes it.
+        unsafe { core::ptr::addr_of_mut!(queue.avail_idx).write_volatile(queue.avail_idx) };
+        fence(Ordering::SeqCst);
+        device.notify(self.index as u16);
+    }
+
+    /// The next completion, as (head, length the device wrote), or `None` when the
+    /// device has returned nothing new. Its descriptors are free again.
+    pub fn pop_used(&mut self) -> Result<Option<(u16, u32)>, VirtioError> {
+        let queue = self.ring.get();
+        if queue.used_idx() == self.last_used {
+            return Ok(None);
+        }
+        fence(Ordering::SeqCst);
+        let (id, len) = queue.used_entry(self.last_used);
+        self.last_used = self.last_used.wrapping_add(1);
+        let length = match self.chain_len.get(id as usize) {
+            Some(&length) if length > 0 => length,
+            _ => return Err(VirtioError::BadUsedEntry { id }),
+        };
+        let head = id as u16;
+        let mut tail = head;
+        for _ in 1..length {
+            tail = self.next[usize::from(tail)];
+        }
+        self.next[usize::from(tail)] = self.free_head;
+        self.free_head = head;
+        self.free_count += usize::from(length);
+        self.chain_len[usize::from(head)] = 0;
+        Ok(Some((head, len)))
+    }
+
     /// Submits `buffers` as one chain and waits up to `timeout_cycles` for the device to
     /// return it; returns the length the device wrote.
     pub fn submit_and_wait(
@@ -231,8 +380,8 @@ impl Virtqueue {
     }
 
     /// Submits several chains with one doorbell and waits for all of them; returns the
-    /// length the device wrote into the last one. All chains together hold at most
-    /// [`QUEUE_SIZE`] buffers.
+    /// length the device wrote into the last one. All chains together hold at most `N`
+    /// buffers.
     pub fn submit_batch_and_wait(
         &mut self,
         device: &MmioDevice,
@@ -240,47 +389,37 @@ impl Virtqueue {
         timeout_cycles: u64,
     ) -> Result<u32, VirtioError> {
         let total: usize = chains.iter().map(|chain| chain.len()).sum();
-        if chains.is_empty() || chains.iter().any(|chain| chain.is_empty()) || total > QUEUE_SIZE as usize {
+        if chains.is_empty() || chains.iter().any(|chain| chain.is_empty()) || total > N {
             return Err(VirtioError::QueueUnavailable);
         }
-        let queue = self.ring.get();
-        let mut index = 0usize;
-        let mut avail = queue.avail_idx;
+        // Chains an earlier call gave up waiting for may have come back since.
+        while self.free_count < total && self.pop_used()?.is_some() {}
+        let mut waiting = [false; N];
+        let mut last_head = 0;
         for chain in chains {
-            let head = index;
-            for (position, buffer) in chain.iter().enumerate() {
-                let last = position + 1 == chain.len();
-                queue.descriptors[index] = Descriptor {
-                    addr: buffer.addr,
-                    len: buffer.len,
-                    flags: if buffer.writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT },
-                    next: if last { 0 } else { index as u16 + 1 },
-                };
-                index += 1;
-            }
-            queue.avail_ring[(avail % QUEUE_SIZE) as usize] = head as u16;
-            avail = avail.wrapping_add(1);
+            last_head = self.push(chain)?;
+            waiting[usize::from(last_head)] = true;
         }
-        let expected = avail;
-        fence(Ordering::SeqCst);
-        // SAFETY: avail_idx is read by the device; a volatile store publishes it.
-        unsafe { core::ptr::addr_of_mut!(queue.avail_idx).write_volatile(expected) };
-        fence(Ordering::SeqCst);
-        device.notify(self.index as u16);
+        self.kick(device);
+        let mut left = chains.len();
+        let mut last_len = 0;
         let start = crate::rdtsc();
-        loop {
-            // SAFETY: used_idx is written by the device; read it volatile.
-            let used = unsafe { core::ptr::addr_of!(queue.used_idx).read_volatile() };
-            if used == expected {
-                fence(Ordering::SeqCst);
-                let entry = queue.used_ring[(used.wrapping_sub(1) % QUEUE_SIZE) as usize];
-                return Ok(entry[1]);
+        while left > 0 {
+            match self.pop_used()? {
+                Some((head, len)) if waiting[usize::from(head)] => {
+                    waiting[usize::from(head)] = false;
+                    left -= 1;
+                    if head == last_head {
+                        last_len = len;
+                    }
+                }
+                // A chain an earlier call timed out on: its descriptors are free now.
+                Some(_) => {}
+                None if crate::rdtsc().wrapping_sub(start) > timeout_cycles => return Err(VirtioError::Timeout),
+                None => core::hint::spin_loop(),
             }
-            if crate::rdtsc().wrapping_sub(start) > timeout_cycles {
-                return Err(VirtioError::Timeout);
-            }
-            core::hint::spin_loop();
         }
+        Ok(last_len)
     }
 }
 
