@@ -37,6 +37,8 @@ const VERSION_1_HIGH: u32 = 1; // bit 32
 
 const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
+/// Set by a device that will see new chains without a doorbell.
+const USED_F_NO_NOTIFY: u16 = 1;
 /// Available-ring flag: the driver polls, so the device need not interrupt it.
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// Queue size of the small devices (rng, gpu, input, vsock); the block device's queue is
@@ -332,14 +334,20 @@ impl<const N: usize> Virtqueue<N> {
         Ok(head)
     }
 
-    /// Publishes every pushed chain and rings the doorbell.
+    /// Publishes every pushed chain and rings the doorbell, unless the device said it
+    /// is working through the ring anyway (VRING_USED_F_NO_NOTIFY): a doorbell is a VM
+    /// exit.
     pub fn kick(&mut self, device: &MmioDevice) {
         let queue = self.ring.get();
         fence(Ordering::SeqCst);
         // SAFETY: avail_idx is read by the device; a volatile store publishes it.
         unsafe { core::ptr::addr_of_mut!(queue.avail_idx).write_volatile(queue.avail_idx) };
         fence(Ordering::SeqCst);
-        device.notify(self.index as u16);
+        // SAFETY: used_flags is written by the device; read it volatile.
+        let used_flags = unsafe { core::ptr::addr_of!(queue.used.flags).read_volatile() };
+        if used_flags & USED_F_NO_NOTIFY == 0 {
+            device.notify(self.index as u16);
+        }
     }
 
     /// The next completion, as (head, length the device wrote), or `None` when the

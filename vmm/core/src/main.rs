@@ -641,7 +641,7 @@ fn disk_command(args: &[String]) -> Result<anyhow::Result<ExitCode>, Usage> {
                 println!(
                     "{}: folded, {} MiB in one layer",
                     out.as_ref().unwrap_or(&path).display(),
-                    blocks * 4096 >> 20
+                    (blocks * 4096) >> 20
                 );
                 ExitCode::SUCCESS
             })

@@ -616,7 +616,7 @@ impl Disk {
             "{} MiB, {} layer(s), {} MiB written in layers, {base}{}",
             self.capacity >> 20,
             self.layers.len(),
-            held * BLOCK_SIZE >> 20,
+            (held * BLOCK_SIZE) >> 20,
             if self.readonly { ", read-only" } else { "" }
         )
     }

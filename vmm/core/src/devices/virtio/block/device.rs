@@ -20,6 +20,8 @@ use crate::devices::virtio::{
 use crate::disk::{layer::BLOCK_SIZE, Disk, DiskError, DiskSpec, DiskState};
 
 const QUEUE_SIZES: &[u16] = &[256];
+/// How long the device watches the ring for more requests after serving some.
+const POLL_WINDOW: std::time::Duration = std::time::Duration::from_micros(30);
 /// Data segments per request: the queue's size less the header and the status.
 const SEG_MAX: u32 = 254;
 
@@ -198,7 +200,19 @@ impl VirtioDevice for Block {
     }
 
     fn process_queue(&mut self, _index: usize) {
-        self.serve(|backend, queue, memory| backend.process_request_queue(queue, memory));
+        loop {
+            self.serve(|backend, queue, memory| backend.process_request_queue(queue, memory));
+            // Completions are signalled above, before this thread looks for more work.
+            let (DeviceState::Active(active), DiskSlot::Open(backend)) = (&mut self.state, &mut self.disk) else {
+                return;
+            };
+            let Some(queue) = active.queues.get_mut(0) else { return };
+            // With transfers on the kernel's workers (writes that block), this thread
+            // leaves the core to them instead of spinning.
+            if backend.in_flight() > 0 || !backend.poll_for_requests(queue, &active.memory, POLL_WINDOW) {
+                return;
+            }
+        }
     }
 
     fn event_fd(&self) -> Option<std::os::fd::RawFd> {

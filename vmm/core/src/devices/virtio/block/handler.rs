@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
@@ -247,22 +248,15 @@ impl BlockBackend {
         let mut served = Served::default();
         let capacity = self.disk.capacity();
         let readonly = self.disk.is_readonly();
-        while let Some(chain) = queue.pop_descriptor_chain(memory) {
-            let head = chain.head_index();
-            match parse_request(chain, memory, capacity, readonly) {
-                Ok(request) => self.start(request, queue, memory, &mut served),
-                Err((status, err)) => {
-                    served.malformed += 1;
-                    match status {
-                        Some(status) => complete(queue, memory, head, status, err.status(), 0, &mut served),
-                        None => {
-                            // Nowhere to say why: the chain goes back unused.
-                            if queue.add_used(memory, head, 0).is_ok() {
-                                served.completed += 1;
-                            }
-                        }
-                    }
-                }
+        // The driver need not ring while the device works through the ring: doorbells
+        // are VM exits. Notifications come back on before the device stops looking.
+        loop {
+            let _ = queue.disable_notification(memory);
+            while let Some(chain) = queue.pop_descriptor_chain(memory) {
+                self.serve_chain(chain, queue, memory, capacity, readonly, &mut served);
+            }
+            if !queue.enable_notification(memory).unwrap_or(false) {
+                break;
             }
         }
         self.engine.submit();
@@ -271,6 +265,52 @@ impl BlockBackend {
             served.needs_interrupt = queue.needs_notification(memory).unwrap_or(true);
         }
         served
+    }
+
+    fn serve_chain(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        queue: &mut Queue,
+        memory: &GuestMemoryMmap,
+        capacity: u64,
+        readonly: bool,
+        served: &mut Served,
+    ) {
+        let head = chain.head_index();
+        match parse_request(chain, memory, capacity, readonly) {
+            Ok(request) => self.start(request, queue, memory, served),
+            Err((status, err)) => {
+                served.malformed += 1;
+                match status {
+                    Some(status) => complete(queue, memory, head, status, err.status(), 0, served),
+                    None => {
+                        // Nowhere to say why: the chain goes back unused.
+                        if queue.add_used(memory, head, 0).is_ok() {
+                            served.completed += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Watches the available ring for up to `window` with doorbells off: a guest with
+    /// requests in flight usually sends the next ones within microseconds, and a
+    /// doorbell costs a VM exit plus a wake-up of this thread. Returns whether new
+    /// requests arrived (doorbells are on again either way).
+    pub fn poll_for_requests(&mut self, queue: &mut Queue, memory: &GuestMemoryMmap, window: Duration) -> bool {
+        let deadline = Instant::now() + window;
+        let _ = queue.disable_notification(memory);
+        loop {
+            let available = queue.avail_idx(memory, std::sync::atomic::Ordering::Acquire);
+            if available.is_ok_and(|index| index.0 != queue.next_avail()) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return queue.enable_notification(memory).unwrap_or(false);
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Completes every request whose transfers are done.

@@ -73,6 +73,12 @@ pub enum Engine {
     Sync(Vec<Completion>),
 }
 
+impl Default for Engine {
+    fn default() -> Engine {
+        Engine::new()
+    }
+}
+
 impl Engine {
     /// io_uring when the kernel allows it, else synchronous (the reason on stderr).
     pub fn new() -> Engine {
@@ -193,7 +199,9 @@ impl Uring {
     fn new() -> io::Result<Uring> {
         let ring = IoUring::builder().build(RING_ENTRIES)?;
         let eventfd = EventFd::new(libc::EFD_NONBLOCK)?;
-        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        // Only completions that happen later wake the event loop; those done inline at
+        // submission (page-cache hits) are reaped by the submitter.
+        ring.submitter().register_eventfd_async(eventfd.as_raw_fd())?;
         Ok(Uring { ring, eventfd, submitted: Vec::new(), free: Vec::new(), waiting: VecDeque::new(), unsubmitted: 0 })
     }
 
