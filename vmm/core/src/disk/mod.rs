@@ -157,17 +157,28 @@ pub struct Disk {
     top_path: PathBuf,
 }
 
+/// How long a lock held by a VMM that just ended may take to go: the kernel tears down
+/// a dead process's io_uring, and the file references its requests held, after the
+/// process is gone.
+const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn lock(file: &File, exclusive: bool, path: &Path) -> Result<(), DiskError> {
     let kind = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
-    // SAFETY: flock on an fd this function borrows.
-    if unsafe { libc::flock(file.as_raw_fd(), kind | libc::LOCK_NB) } != 0 {
+    let deadline = std::time::Instant::now() + LOCK_GRACE;
+    loop {
+        // SAFETY: flock on an fd this function borrows.
+        if unsafe { libc::flock(file.as_raw_fd(), kind | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
         let err = io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(DiskError::Open { path: path.to_path_buf(), source: err });
+        }
+        if std::time::Instant::now() >= deadline {
             return Err(DiskError::InUse { path: path.to_path_buf() });
         }
-        return Err(DiskError::Open { path: path.to_path_buf(), source: err });
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    Ok(())
 }
 
 fn absolute(path: &Path) -> PathBuf {

@@ -199,9 +199,10 @@ impl Uring {
     fn new() -> io::Result<Uring> {
         let ring = IoUring::builder().build(RING_ENTRIES)?;
         let eventfd = EventFd::new(libc::EFD_NONBLOCK)?;
-        // Only completions that happen later wake the event loop; those done inline at
-        // submission (page-cache hits) are reaped by the submitter.
-        ring.submitter().register_eventfd_async(eventfd.as_raw_fd())?;
+        // Every completion signals, not only the io-wq workers' (register_eventfd_async):
+        // a completion posted by task work in this thread would otherwise sit in the ring
+        // while the event loop sleeps.
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(Uring { ring, eventfd, submitted: Vec::new(), free: Vec::new(), waiting: VecDeque::new(), unsubmitted: 0 })
     }
 
