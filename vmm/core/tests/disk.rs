@@ -323,3 +323,73 @@ fn a_full_host_filesystem_fails_the_put_and_the_vm_and_its_flushed_files_go_on()
     let _ = std::process::Command::new("umount").arg(&mount).status();
     let _ = std::fs::remove_dir(&mount);
 }
+
+#[test]
+fn disk_commands_create_describe_and_fold_layers_and_a_raw_disk_refuses_snapshots() {
+    let base = scratch_path("cli-base.raw");
+    std::fs::write(&base, vec![0u8; 8 << 20]).unwrap();
+    let layer = scratch_path("cli.layer");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(common::vmm_binary()).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (code, text) = cli(&["disk", "create", layer.to_str().unwrap(), "--base", base.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("8 MiB, 1 layer(s)") && text.contains("over base"), "{text}");
+    let (code, text) = cli(&["disk", "create", layer.to_str().unwrap(), "--size", "8M"]);
+    assert_ne!(code, Some(0), "an existing layer is not made again: {text}");
+
+    // A VM writes a file into the layer, a snapshot freezes it, the VM writes more.
+    let spec = format!("{},base={}", layer.display(), base.display());
+    let vm = boot("cli-vm", &spec);
+    let mut client = connect(&vm.vsock);
+    put(&mut client, "/one.txt", b"one");
+    let mut control = ControlClient::connect(&vm.socket).unwrap();
+    let dir = scratch_path("cli-snapshot");
+    let request = SnapshotRequest { dir: dir.clone(), hibernate: false, diff: false };
+    assert!(matches!(control.call(&Request::Snapshot(request), DEADLINE).unwrap(), Response::Snapshot(_)));
+    put(&mut client, "/two.txt", b"two");
+    let (code, text) = cli(&["disk", "commit", layer.to_str().unwrap()]);
+    assert_ne!(code, Some(0), "a disk in use is not folded: {text}");
+    assert!(text.contains("in use"), "{text}");
+    drop(client);
+    power_off(vm);
+
+    let (code, text) = cli(&["disk", "info", layer.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("2 layer(s)") && text.contains(".frozen-"), "{text}");
+    let (code, text) = cli(&["disk", "commit", layer.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{text}");
+    let (_, text) = cli(&["disk", "info", layer.to_str().unwrap()]);
+    assert!(text.contains("1 layer(s)"), "folded into one layer over the base: {text}");
+    let vm = boot("cli-vm-folded", &spec);
+    let mut client = connect(&vm.vsock);
+    assert_eq!(get(&mut client, "/one.txt").as_deref(), Some(&b"one"[..]));
+    assert_eq!(get(&mut client, "/two.txt").as_deref(), Some(&b"two"[..]));
+    drop(client);
+    power_off(vm);
+
+    // A raw disk written in place cannot be frozen: the snapshot is refused, the VM runs on.
+    let raw = scratch_path("cli-raw.img");
+    std::fs::write(&raw, vec![0u8; 8 << 20]).unwrap();
+    let vm = boot("cli-raw", raw.to_str().unwrap());
+    let mut control = ControlClient::connect(&vm.socket).unwrap();
+    let request = SnapshotRequest { dir: scratch_path("cli-raw-snapshot"), hibernate: false, diff: false };
+    match control.call(&Request::Snapshot(request), DEADLINE).unwrap() {
+        Response::Error(message) => assert!(message.contains("raw image written in place"), "{message}"),
+        other => panic!("a snapshot of a writable raw disk: {other:?}"),
+    }
+    let mut client = connect(&vm.vsock);
+    assert!(client.ping().is_ok(), "the VM runs on");
+    drop(client);
+    power_off(vm);
+    let _ = std::fs::remove_dir_all(&dir);
+    for path in std::fs::read_dir(std::env::temp_dir()).unwrap().map(|entry| entry.unwrap().path()) {
+        if path.to_string_lossy().starts_with(&*layer.to_string_lossy()) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    for path in [base, raw] {
+        let _ = std::fs::remove_file(path);
+    }
+}
