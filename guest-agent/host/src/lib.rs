@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use carrel_agent_proto::io::{read_full, write_frame, write_raw_frame, FrameIoError, FrameReader};
 use carrel_agent_proto::{
-    kind, Credit, DirEntry, End, ErrorCode, Exec, ExecExit, FileStat, FlowError, GetFile, Heartbeat, Hello, Kill,
-    Message, MessageError, PathRequest, Ping, PutFile, RecvCredit, Remove, SendCredit, DEFAULT_WINDOW, MAX_CHUNK,
+    kind, Credit, DirEntry, End, ErrorCode, Exec, ExecExit, FileInfo, FileStat, FlowError, GetFile, Heartbeat, Hello,
+    Kill, Message, MessageError, PathRequest, Ping, PutFile, RecvCredit, Remove, SendCredit, DEFAULT_WINDOW, MAX_CHUNK,
     MAX_STDIN, PROTOCOL_VERSION,
 };
 
@@ -392,20 +392,34 @@ impl<S: Read + Write> Client<S> {
         &mut self,
         local: &Path,
         remote: &str,
-        mut on_progress: impl FnMut(u64, u64),
+        on_progress: impl FnMut(u64, u64),
     ) -> Result<u64, ClientError> {
         let open_error = |source| ClientError::OpenLocal { path: local.to_path_buf(), source };
         let mut file = File::open(local).map_err(open_error)?;
         let metadata = file.metadata().map_err(open_error)?;
         let (size, mode) = (metadata.len(), metadata.permissions().mode() & 0o7777);
+        self.put_from(&mut file, local, size, mode, remote, on_progress).map(|(sent, _)| sent)
+    }
+
+    /// Copies `size` bytes from `reader` (named `source` in errors) to `remote` with
+    /// `mode`; returns the bytes sent and their blake3 digest, which the agent checked.
+    pub fn put_from(
+        &mut self,
+        reader: &mut dyn Read,
+        source: &Path,
+        size: u64,
+        mode: u32,
+        remote: &str,
+        mut on_progress: impl FnMut(u64, u64),
+    ) -> Result<(u64, [u8; 32]), ClientError> {
         let id = self.send(&Message::PutFile(PutFile { path: remote.to_string(), size, mode }))?;
         let mut credit = SendCredit::new();
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; MAX_CHUNK];
         let mut sent = 0u64;
         loop {
-            let read = read_full(&mut file, &mut buf)
-                .map_err(|source| ClientError::ReadLocal { path: local.to_path_buf(), source })?;
+            let read = read_full(reader, &mut buf)
+                .map_err(|source_error| ClientError::ReadLocal { path: source.to_path_buf(), source: source_error })?;
             if read == 0 && sent > 0 {
                 break;
             }
@@ -424,10 +438,11 @@ impl<S: Read + Write> Client<S> {
             sent += read as u64;
             on_progress(sent, size);
         }
-        self.send_to(id, &Message::End(End { size: sent, digest: *hasher.finalize().as_bytes() }))?;
+        let digest = *hasher.finalize().as_bytes();
+        self.send_to(id, &Message::End(End { size: sent, digest }))?;
         loop {
             match self.reply_to(id)? {
-                Message::Done => return Ok(sent),
+                Message::Done => return Ok((sent, digest)),
                 Message::Credit(_) => {}
                 other => return Err(ClientError::Unexpected { id, kind: other.kind() }),
             }
@@ -440,54 +455,62 @@ impl<S: Read + Write> Client<S> {
         &mut self,
         remote: &str,
         local: &Path,
-        mut on_progress: impl FnMut(u64, u64),
+        on_progress: impl FnMut(u64, u64),
     ) -> Result<u64, ClientError> {
+        let mut file = None;
+        let result = self.get_into(
+            remote,
+            local,
+            |info| {
+                let opened = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(info.mode)
+                    .open(local)
+                    .map_err(|source| ClientError::OpenLocal { path: local.to_path_buf(), source })?;
+                Ok(file.insert(opened) as &mut dyn Write)
+            },
+            on_progress,
+        );
+        if result.is_err() && file.is_some() {
+            let _ = std::fs::remove_file(local);
+        }
+        result.map(|(received, _)| received)
+    }
+
+    /// Copies `remote` from the guest into the writer `open` returns once the agent has
+    /// said the file's size and mode (`target` names it in errors); checks size and
+    /// blake3 digest and returns both.
+    pub fn get_into<'w>(
+        &mut self,
+        remote: &str,
+        target: &Path,
+        open: impl FnOnce(&FileInfo) -> Result<&'w mut dyn Write, ClientError>,
+        mut on_progress: impl FnMut(u64, u64),
+    ) -> Result<(u64, [u8; 32]), ClientError> {
         let (mut credit, window) = RecvCredit::new(DEFAULT_WINDOW);
         let id = self.send(&Message::GetFile(GetFile { path: remote.to_string(), window }))?;
         let info = match self.reply_to(id)? {
             Message::FileInfo(info) => info,
             other => return Err(ClientError::Unexpected { id, kind: other.kind() }),
         };
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(info.mode)
-            .open(local)
-            .map_err(|source| ClientError::OpenLocal { path: local.to_path_buf(), source })?;
-        let result = self.receive_file(id, remote, local, &mut file, info.size, &mut credit, &mut on_progress);
-        if result.is_err() {
-            drop(file);
-            let _ = std::fs::remove_file(local);
-        }
-        result
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn receive_file(
-        &mut self,
-        id: u32,
-        remote: &str,
-        local: &Path,
-        file: &mut File,
-        size: u64,
-        credit: &mut RecvCredit,
-        on_progress: &mut impl FnMut(u64, u64),
-    ) -> Result<u64, ClientError> {
+        let writer = open(&info)?;
         let mut hasher = blake3::Hasher::new();
         let mut received = 0u64;
         loop {
             match self.reply_to(id)? {
                 Message::Data(bytes) => {
                     credit.on_receive()?;
-                    file.write_all(&bytes)
-                        .map_err(|source| ClientError::WriteLocal { path: local.to_path_buf(), source })?;
+                    writer
+                        .write_all(&bytes)
+                        .map_err(|source| ClientError::WriteLocal { path: target.to_path_buf(), source })?;
                     hasher.update(&bytes);
                     received += bytes.len() as u64;
                     if let Some(chunks) = credit.on_consume() {
                         self.send_to(id, &Message::Credit(Credit { chunks }))?;
                     }
-                    on_progress(received, size);
+                    on_progress(received, info.size);
                 }
                 Message::End(end) => {
                     if end.size != received {
@@ -497,10 +520,12 @@ impl<S: Read + Write> Client<S> {
                             actual: received,
                         });
                     }
-                    if *hasher.finalize().as_bytes() != end.digest {
-                        return Err(ClientError::CheckDigest { remote: remote.into(), local: local.to_path_buf() });
+                    let digest = *hasher.finalize().as_bytes();
+                    if digest != end.digest {
+                        return Err(ClientError::CheckDigest { remote: remote.into(), local: target.to_path_buf() });
                     }
-                    return Ok(received);
+                    writer.flush().map_err(|source| ClientError::WriteLocal { path: target.to_path_buf(), source })?;
+                    return Ok((received, digest));
                 }
                 other => return Err(ClientError::Unexpected { id, kind: other.kind() }),
             }

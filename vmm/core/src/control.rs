@@ -83,16 +83,37 @@ pub struct InputResult {
     pub screenshot: Option<Screenshot>,
 }
 
-/// A request for the guest agent. Local paths are opened by the VMM process.
+/// A request for the guest agent. Files travel as bytes on the control connection: the
+/// VMM never opens a path a client names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentRequest {
     Ping,
     Exec(AgentExec),
-    Put { local: PathBuf, remote: String },
-    Get { remote: String, local: PathBuf },
-    List { path: String },
-    Remove { path: String, recursive: bool },
+    /// Followed on the same connection by [`AgentRequest::Data`] frames that hold exactly
+    /// `size` bytes; answered by `Done` (bytes, blake3) or an error once they are in.
+    Put {
+        remote: String,
+        size: u64,
+        mode: u32,
+    },
+    /// Answered by `FileStart`, then [`AgentResponse::Data`] frames, then `Done` (bytes,
+    /// blake3) or an error.
+    Get {
+        remote: String,
+    },
+    List {
+        path: String,
+    },
+    Remove {
+        path: String,
+        recursive: bool,
+    },
+    /// A piece of a put's file, at most [`TRANSFER_CHUNK`] bytes.
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
 }
+
+/// The most file bytes one `Data` frame carries.
+pub const TRANSFER_CHUNK: usize = 256 << 10;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentExec {
@@ -116,12 +137,19 @@ pub enum AgentResponse {
         stdout: Vec<u8>,
         stderr: Vec<u8>,
     },
-    /// A transfer or removal finished: bytes moved and the blake3 (hex) of the local file.
+    /// A transfer or removal finished: bytes moved and their blake3 (hex).
     Done {
         bytes: u64,
         digest: String,
     },
     Entries(Vec<AgentEntry>),
+    /// A get's file is coming: its size and mode; `Data` frames follow.
+    FileStart {
+        size: u64,
+        mode: u32,
+    },
+    /// A piece of a get's file.
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -362,7 +390,7 @@ fn serve_connection(mut stream: UnixStream, queue: RequestQueue) {
                 return;
             }
         };
-        if let Some(response) = queue.local.serve(&request, peer) {
+        if let Some(response) = queue.local.serve(&request, peer, &mut stream) {
             if write_frame(&mut stream, &response).is_err() {
                 return;
             }
@@ -400,9 +428,67 @@ impl ControlClient {
     pub fn call(&mut self, request: &Request, timeout: Duration) -> Result<Response, ControlError> {
         self.stream.set_read_timeout(Some(timeout))?;
         write_frame(&mut self.stream, request)?;
+        self.answer()
+    }
+
+    fn answer(&mut self) -> Result<Response, ControlError> {
         read_frame(&mut self.stream, MAX_RESPONSE_BYTES)?.ok_or_else(|| {
             ControlError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "VM closed the connection"))
         })
+    }
+
+    /// Puts `size` bytes from `reader` at `remote` in the guest, streamed over this
+    /// connection; the answer is `Done` or an error.
+    pub fn put(
+        &mut self,
+        reader: &mut dyn Read,
+        size: u64,
+        mode: u32,
+        remote: &str,
+        timeout: Duration,
+    ) -> Result<Response, ControlError> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        write_frame(&mut self.stream, &Request::Agent(AgentRequest::Put { remote: remote.into(), size, mode }))?;
+        let mut buffer = vec![0u8; TRANSFER_CHUNK];
+        let mut left = size;
+        while left > 0 {
+            let want = (left as usize).min(TRANSFER_CHUNK);
+            let got = reader.read(&mut buffer[..want])?;
+            if got == 0 {
+                return Err(ControlError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the local file ended {left} bytes early"),
+                )));
+            }
+            write_frame(&mut self.stream, &Request::Agent(AgentRequest::Data(buffer[..got].to_vec())))?;
+            left -= got as u64;
+        }
+        self.answer()
+    }
+
+    /// Gets `remote` from the guest: `open(size, mode)` gives the writer once the file's
+    /// size is known; the answer is `Done` or an error (the writer may then hold part).
+    pub fn get<'w>(
+        &mut self,
+        remote: &str,
+        open: impl FnOnce(u64, u32) -> std::io::Result<&'w mut dyn Write>,
+        timeout: Duration,
+    ) -> Result<Response, ControlError> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        write_frame(&mut self.stream, &Request::Agent(AgentRequest::Get { remote: remote.into() }))?;
+        let writer = match self.answer()? {
+            Response::Agent(AgentResponse::FileStart { size, mode }) => open(size, mode)?,
+            other => return Ok(other),
+        };
+        loop {
+            match self.answer()? {
+                Response::Agent(AgentResponse::Data(bytes)) => writer.write_all(&bytes)?,
+                other => {
+                    writer.flush()?;
+                    return Ok(other);
+                }
+            }
+        }
     }
 }
 

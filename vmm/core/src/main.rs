@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use carrel_vmm::builder::{build_vm, MemoryLoad};
 use carrel_vmm::config::VmConfig;
 use carrel_vmm::control::{
@@ -63,7 +64,7 @@ fn main() -> ExitCode {
         Some("stop") => parse_socket(&args[1..]).map(|(socket, _)| stop(&socket)),
         Some("pause") => parse_socket(&args[1..]).map(|(socket, _)| simple(&socket, Request::Pause)),
         Some("resume") => parse_socket(&args[1..]).map(|(socket, _)| simple(&socket, Request::Resume)),
-        Some("agent") => parse_agent(&args[1..]).map(|(socket, request)| agent(&socket, request)),
+        Some("agent") => parse_agent(&args[1..]).map(|(socket, command)| agent(&socket, command)),
         Some("input") => {
             parse_input(&args[1..]).map(|(socket, output, request)| input(&socket, output.as_deref(), request))
         }
@@ -311,7 +312,14 @@ fn parse_screenshot(args: &[String]) -> Result<(ScreenTarget, PathBuf, Screensho
     Ok((target, output, request))
 }
 
-fn parse_agent(args: &[String]) -> Result<(PathBuf, AgentRequest), Usage> {
+/// An agent command: a request, or a file transfer whose local side this CLI opens.
+enum AgentCommand {
+    Request(AgentRequest),
+    Put { local: PathBuf, remote: String },
+    Get { remote: String, local: PathBuf },
+}
+
+fn parse_agent(args: &[String]) -> Result<(PathBuf, AgentCommand), Usage> {
     let mut socket = None;
     let mut index = 0;
     while index < args.len() && args[index].starts_with("--") {
@@ -330,8 +338,18 @@ fn parse_agent(args: &[String]) -> Result<(PathBuf, AgentRequest), Usage> {
         Some("ping") => AgentRequest::Ping,
         Some("ls") => AgentRequest::List { path: rest.get(1).cloned().unwrap_or_else(|| "/".into()) },
         Some("rm") => AgentRequest::Remove { path: operand(1, "PATH")?, recursive: false },
-        Some("put") => AgentRequest::Put { local: absolute(&operand(1, "LOCAL")?), remote: operand(2, "REMOTE")? },
-        Some("get") => AgentRequest::Get { remote: operand(1, "REMOTE")?, local: absolute(&operand(2, "LOCAL")?) },
+        Some("put") => {
+            return Ok((
+                socket,
+                AgentCommand::Put { local: operand(1, "LOCAL")?.into(), remote: operand(2, "REMOTE")? },
+            ))
+        }
+        Some("get") => {
+            return Ok((
+                socket,
+                AgentCommand::Get { remote: operand(1, "REMOTE")?, local: operand(2, "LOCAL")?.into() },
+            ))
+        }
         Some("exec") => {
             let mut exec = AgentExec::default();
             let mut position = 1;
@@ -368,7 +386,7 @@ fn parse_agent(args: &[String]) -> Result<(PathBuf, AgentRequest), Usage> {
         Some(other) => return Err(Usage(format!("unknown agent command {other:?}"))),
         None => return Err(Usage("agent needs a command: ping, exec, put, get, ls, rm".into())),
     };
-    Ok((socket, request))
+    Ok((socket, AgentCommand::Request(request)))
 }
 
 fn button(text: &str) -> Result<Button, Usage> {
@@ -494,12 +512,42 @@ fn absolute(path: &str) -> PathBuf {
 
 /// Runs an agent command; the exit code is the guest command's (128 + signal when killed,
 /// 124 on timeout), so scripts can use it.
-fn agent(socket: &Path, request: AgentRequest) -> anyhow::Result<ExitCode> {
-    let timeout = match &request {
-        AgentRequest::Exec(exec) => Duration::from_millis(exec.timeout_ms.unwrap_or(3_600_000)) + CALL_TIMEOUT,
-        _ => Duration::from_secs(3600),
+fn agent(socket: &Path, command: AgentCommand) -> anyhow::Result<ExitCode> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let transfer_timeout = Duration::from_secs(3600);
+    let mut client = ControlClient::connect(socket)?;
+    let response = match command {
+        AgentCommand::Request(request) => {
+            let timeout = match &request {
+                AgentRequest::Exec(exec) => Duration::from_millis(exec.timeout_ms.unwrap_or(3_600_000)) + CALL_TIMEOUT,
+                _ => transfer_timeout,
+            };
+            client.call(&Request::Agent(request), timeout)?
+        }
+        AgentCommand::Put { local, remote } => {
+            let mut file = std::fs::File::open(&local).with_context(|| format!("cannot open {}", local.display()))?;
+            let metadata = file.metadata()?;
+            let mode = metadata.permissions().mode() & 0o7777;
+            client.put(&mut file, metadata.len(), mode, &remote, transfer_timeout)?
+        }
+        AgentCommand::Get { remote, local } => {
+            let mut file = None;
+            let response = client.get(
+                &remote,
+                |_, mode| {
+                    let opened =
+                        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&local)?;
+                    Ok(file.insert(opened) as &mut dyn std::io::Write)
+                },
+                transfer_timeout,
+            );
+            // A get that did not end in Done leaves no partial file behind.
+            if !matches!(response, Ok(Response::Agent(AgentResponse::Done { .. }))) && file.is_some() {
+                let _ = std::fs::remove_file(&local);
+            }
+            response.with_context(|| format!("get {remote} into {}", local.display()))?
+        }
     };
-    let response = ControlClient::connect(socket)?.call(&Request::Agent(request), timeout)?;
     let answer = match response {
         Response::Agent(answer) => answer,
         Response::Error(message) => anyhow::bail!("{message}"),
@@ -518,6 +566,7 @@ fn agent(socket: &Path, request: AgentRequest) -> anyhow::Result<ExitCode> {
                 println!("{bytes} bytes, blake3 {digest}");
             }
         }
+        AgentResponse::FileStart { .. } | AgentResponse::Data(_) => anyhow::bail!("a transfer frame out of place"),
         AgentResponse::Exit { code, signal, timed_out, stdout, stderr } => {
             use std::io::Write;
             std::io::stdout().write_all(&stdout)?;

@@ -139,6 +139,11 @@ fn agent_cli_on_control_socket_returns_exit_codes_and_is_audited() {
     let missing = agent(&["get", "/absent", local.to_str().unwrap()]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no such file"));
+    assert_eq!(std::fs::read(&local).unwrap(), b"some bytes", "a failed get leaves the local file alone");
+    let back = scratch_path("cli-back.bin");
+    assert!(agent(&["get", "/f", back.to_str().unwrap()]).status.success());
+    assert_eq!(std::fs::read(&back).unwrap(), b"some bytes");
+    std::fs::remove_file(&back).unwrap();
     assert!(Command::new(common::vmm_binary())
         .args(["stop", "--socket", control.to_str().unwrap()])
         .status()
@@ -155,11 +160,78 @@ fn agent_cli_on_control_socket_returns_exit_codes_and_is_audited() {
     let names: Vec<&str> = actions.iter().map(|(action, _)| action.as_str()).collect();
     assert_eq!(
         names,
-        ["vm.start", "agent.exec", "agent.exec", "agent.put", "agent.list", "agent.get", "stop", "vm.exit"]
+        [
+            "vm.start",
+            "agent.exec",
+            "agent.exec",
+            "agent.put",
+            "agent.list",
+            "agent.get",
+            "agent.get",
+            "stop",
+            "vm.exit"
+        ]
     );
     assert!(!actions[5].1, "the failed get is recorded as an error");
     let report = carrel_audit::verify_dir(&audit, &carrel_audit::VerifyOptions::default()).unwrap();
     assert!(report.findings.is_empty());
     std::fs::remove_file(&local).unwrap();
     std::fs::remove_dir_all(&audit).unwrap();
+}
+
+#[test]
+fn files_stream_over_the_control_socket_and_a_broken_put_leaves_nothing() {
+    use carrel_vmm::control::{AgentRequest, AgentResponse, ControlClient, Request, Response};
+    let (control, vsock) = (scratch_path("stream.sock"), scratch_path("stream-vsock.sock"));
+    let mut vm = RunningVm::start_desk(&[
+        "--socket",
+        control.to_str().unwrap(),
+        "--vsock",
+        vsock.to_str().unwrap(),
+        "--no-display",
+    ]);
+    vm.wait_for_line("desk: agent listening", BOOT_DEADLINE);
+    let timeout = Duration::from_secs(30);
+
+    // 1.5 MiB: six data frames each way.
+    let data: Vec<u8> = (0..3u32 << 19).map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8).collect();
+    let digest = blake3::hash(&data).to_hex().to_string();
+    let mut client = ControlClient::connect(&control).unwrap();
+    let put = client.put(&mut &data[..], data.len() as u64, 0o600, "/streamed.bin", timeout).unwrap();
+    assert_eq!(put, Response::Agent(AgentResponse::Done { bytes: data.len() as u64, digest: digest.clone() }));
+    let mut back = Vec::new();
+    let mut announced = None;
+    let get = client
+        .get(
+            "/streamed.bin",
+            |size, mode| {
+                announced = Some((size, mode));
+                Ok(&mut back as &mut dyn std::io::Write)
+            },
+            timeout,
+        )
+        .unwrap();
+    assert_eq!(get, Response::Agent(AgentResponse::Done { bytes: data.len() as u64, digest }));
+    assert_eq!(announced, Some((data.len() as u64, 0o600)));
+    assert!(back == data, "the file came back the same");
+
+    // The same connection goes on after a transfer; a data frame outside a put is refused.
+    let stray = client.call(&Request::Agent(AgentRequest::Data(vec![1, 2, 3])), timeout).unwrap();
+    assert!(matches!(&stray, Response::Error(message) if message.contains("outside a put")), "{stray:?}");
+
+    // A put that announces 1000 bytes, sends 10 and hangs up: no file, and the VM serves on.
+    {
+        use std::io::Write;
+        let mut raw = std::os::unix::net::UnixStream::connect(&control).unwrap();
+        let put = Request::Agent(AgentRequest::Put { remote: "/broken.bin".into(), size: 1000, mode: 0o644 });
+        carrel_vmm::control::write_frame(&mut raw, &put).unwrap();
+        carrel_vmm::control::write_frame(&mut raw, &Request::Agent(AgentRequest::Data(vec![7; 10]))).unwrap();
+        raw.flush().unwrap();
+    }
+    let mut client = ControlClient::connect(&control).unwrap();
+    let listing = client.call(&Request::Agent(AgentRequest::List { path: "/".into() }), timeout).unwrap();
+    let Response::Agent(AgentResponse::Entries(entries)) = listing else { panic!("{listing:?}") };
+    let names: Vec<_> = entries.iter().map(|entry| entry.name.as_str()).collect();
+    assert_eq!(names, ["streamed.bin"], "a put that never ended left no file");
+    assert!(matches!(client.call(&Request::Status, timeout).unwrap(), Response::Status(_)));
 }

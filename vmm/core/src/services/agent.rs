@@ -1,14 +1,19 @@
 //! Guest agent requests on the control socket: the VMM connects to its own vsock device
 //! (the hybrid-vsock Unix socket), runs the request with the agent client, and records it.
-//! File paths in put/get are host paths opened by this VMM process.
+//! Put and get stream the file's bytes over the control connection itself, so this
+//! process never opens a host path a client named (no confused deputy).
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use carrel_agent_client::{connect_vsock_uds, Client, ExecRequest, OutputStream};
 use carrel_agent_proto::AGENT_VSOCK_PORT;
 
-use crate::control::{AgentEntry, AgentExec, AgentRequest, AgentResponse, Response};
+use crate::control::{
+    read_frame, write_frame, AgentEntry, AgentExec, AgentRequest, AgentResponse, Request, Response, MAX_REQUEST_BYTES,
+    TRANSFER_CHUNK,
+};
 use crate::recorder::{Record, Recorder};
 
 /// Most output kept per stream of an exec answered over the control socket.
@@ -43,9 +48,14 @@ impl AgentService {
     }
 
     /// Serves one agent request and records it with its parameters and result.
-    pub fn serve(&self, request: &AgentRequest, peer: Option<(i32, u32, u32)>) -> Response {
+    pub fn serve(
+        &self,
+        request: &AgentRequest,
+        peer: Option<(i32, u32, u32)>,
+        connection: &mut dyn Connection,
+    ) -> Response {
         let (action, params) = describe(request);
-        let result = self.run(request);
+        let result = self.run(request, connection);
         let (error, mut params) = match &result {
             Ok(response) => (None, [params, result_params(response)].concat()),
             Err(message) => (Some(message.clone()), params),
@@ -60,7 +70,7 @@ impl AgentService {
         }
     }
 
-    fn run(&self, request: &AgentRequest) -> Result<AgentResponse, String> {
+    fn run(&self, request: &AgentRequest, connection: &mut dyn Connection) -> Result<AgentResponse, String> {
         let error = |err: carrel_agent_client::ClientError| err.to_string();
         match request {
             AgentRequest::Ping => {
@@ -69,16 +79,43 @@ impl AgentService {
                 Ok(AgentResponse::Pong { rtt_us: rtt.as_micros() as u64 })
             }
             AgentRequest::Exec(exec) => self.exec(exec),
-            AgentRequest::Put { local, remote } => {
-                let mut client = self.connect(Duration::ZERO)?;
-                let bytes = client.put_file(local, remote, |_, _| {}).map_err(error)?;
-                Ok(AgentResponse::Done { bytes, digest: digest_of(local) })
+            AgentRequest::Put { remote, size, mode } => {
+                let mut incoming = IncomingFile { connection, left: *size, buffer: Vec::new(), at: 0 };
+                let sent = self.connect(Duration::ZERO).and_then(|mut client| {
+                    client
+                        .put_from(&mut incoming, Path::new("<control connection>"), *size, *mode, remote, |_, _| {})
+                        .map_err(error)
+                });
+                // Whatever happened, the rest of the file's frames are read, so the
+                // connection is at a frame boundary for the answer.
+                incoming.drain().map_err(|err| format!("the file's bytes did not arrive: {err}"))?;
+                let (bytes, digest) = sent?;
+                Ok(AgentResponse::Done { bytes, digest: blake3::Hash::from(digest).to_hex().to_string() })
             }
-            AgentRequest::Get { remote, local } => {
+            AgentRequest::Get { remote } => {
                 let mut client = self.connect(Duration::ZERO)?;
-                let bytes = client.get_file(remote, local, |_, _| {}).map_err(error)?;
-                Ok(AgentResponse::Done { bytes, digest: digest_of(local) })
+                let mut outgoing = OutgoingFile { connection, buffer: Vec::with_capacity(TRANSFER_CHUNK) };
+                let outgoing = &mut outgoing;
+                let (bytes, digest) = client
+                    .get_into(
+                        remote,
+                        Path::new("<control connection>"),
+                        move |info| {
+                            let start = Response::Agent(AgentResponse::FileStart { size: info.size, mode: info.mode });
+                            write_frame(&mut outgoing.connection, &start).map_err(|err| {
+                                carrel_agent_client::ClientError::WriteLocal {
+                                    path: "<control connection>".into(),
+                                    source: std::io::Error::other(err.to_string()),
+                                }
+                            })?;
+                            Ok(outgoing as &mut dyn Write)
+                        },
+                        |_, _| {},
+                    )
+                    .map_err(error)?;
+                Ok(AgentResponse::Done { bytes, digest: blake3::Hash::from(digest).to_hex().to_string() })
             }
+            AgentRequest::Data(_) => Err("a file data frame outside a put".into()),
             AgentRequest::List { path } => {
                 let mut client = self.connect(Duration::ZERO)?;
                 let entries = client.list_dir(path).map_err(error)?;
@@ -135,8 +172,85 @@ impl AgentService {
     }
 }
 
-fn digest_of(path: &Path) -> String {
-    std::fs::read(path).map(|bytes| blake3::hash(&bytes).to_hex().to_string()).unwrap_or_default()
+/// What a control connection is to a transfer: frames in and out.
+pub trait Connection: Read + Write {}
+
+impl<T: Read + Write> Connection for T {}
+
+/// A put's bytes as they arrive in `Data` frames; exactly `left` more are expected.
+struct IncomingFile<'c> {
+    connection: &'c mut dyn Connection,
+    left: u64,
+    buffer: Vec<u8>,
+    at: usize,
+}
+
+impl IncomingFile<'_> {
+    fn next_frame(&mut self) -> std::io::Result<()> {
+        let frame = read_frame::<Request>(&mut self.connection, MAX_REQUEST_BYTES)
+            .map_err(|err| std::io::Error::other(err.to_string()))?;
+        match frame {
+            Some(Request::Agent(AgentRequest::Data(bytes))) if bytes.len() as u64 <= self.left && !bytes.is_empty() => {
+                self.left -= bytes.len() as u64;
+                self.buffer = bytes;
+                self.at = 0;
+                Ok(())
+            }
+            Some(Request::Agent(AgentRequest::Data(_))) => {
+                Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "more bytes than the put announced"))
+            }
+            Some(_) => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "another request inside a put")),
+            None => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the client hung up inside a put")),
+        }
+    }
+
+    /// Reads and drops what is still to come.
+    fn drain(&mut self) -> std::io::Result<()> {
+        while self.left > 0 {
+            self.next_frame()?;
+        }
+        Ok(())
+    }
+}
+
+impl Read for IncomingFile<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.at == self.buffer.len() {
+            if self.left == 0 {
+                return Ok(0);
+            }
+            self.next_frame()?;
+        }
+        let count = out.len().min(self.buffer.len() - self.at);
+        out[..count].copy_from_slice(&self.buffer[self.at..self.at + count]);
+        self.at += count;
+        Ok(count)
+    }
+}
+
+/// A get's bytes leaving in `Data` frames of up to [`TRANSFER_CHUNK`].
+struct OutgoingFile<'c> {
+    connection: &'c mut dyn Connection,
+    buffer: Vec<u8>,
+}
+
+impl Write for OutgoingFile<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let count = bytes.len().min(TRANSFER_CHUNK - self.buffer.len());
+        self.buffer.extend_from_slice(&bytes[..count]);
+        if self.buffer.len() == TRANSFER_CHUNK {
+            self.flush()?;
+        }
+        Ok(count)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buffer.is_empty() {
+            let frame = Response::Agent(AgentResponse::Data(std::mem::take(&mut self.buffer)));
+            write_frame(&mut self.connection, &frame).map_err(|err| std::io::Error::other(err.to_string()))?;
+        }
+        Ok(())
+    }
 }
 
 /// The audit action and parameters of a request. Stdin may carry secrets: it is recorded
@@ -152,12 +266,11 @@ fn describe(request: &AgentRequest) -> (&'static str, Vec<(&'static str, String)
                 ("stdin_bytes", exec.stdin.len().to_string()),
             ],
         ),
-        AgentRequest::Put { local, remote } => {
-            ("agent.put", vec![("local", local.display().to_string()), ("remote", remote.clone())])
+        AgentRequest::Put { remote, size, .. } => {
+            ("agent.put", vec![("remote", remote.clone()), ("size", size.to_string())])
         }
-        AgentRequest::Get { remote, local } => {
-            ("agent.get", vec![("remote", remote.clone()), ("local", local.display().to_string())])
-        }
+        AgentRequest::Get { remote } => ("agent.get", vec![("remote", remote.clone())]),
+        AgentRequest::Data(bytes) => ("agent.data", vec![("bytes", bytes.len().to_string())]),
         AgentRequest::List { path } => ("agent.list", vec![("path", path.clone())]),
         AgentRequest::Remove { path, .. } => ("agent.remove", vec![("path", path.clone())]),
     }
@@ -175,5 +288,7 @@ fn result_params(response: &AgentResponse) -> Vec<(&'static str, String)> {
         AgentResponse::Done { bytes, digest } => vec![("bytes", bytes.to_string()), ("blake3", digest.clone())],
         AgentResponse::Pong { rtt_us } => vec![("rtt_us", rtt_us.to_string())],
         AgentResponse::Entries(entries) => vec![("entries", entries.len().to_string())],
+        AgentResponse::FileStart { size, .. } => vec![("size", size.to_string())],
+        AgentResponse::Data(bytes) => vec![("bytes", bytes.len().to_string())],
     }
 }

@@ -26,11 +26,17 @@ impl ConnectionServices {
         Arc::new(ConnectionServices { screen, agent, input })
     }
 
-    /// Answers `request` here, or `None` to hand it to the VMM thread.
-    pub fn serve(&self, request: &Request, peer: Option<(i32, u32, u32)>) -> Option<Response> {
+    /// Answers `request` here, or `None` to hand it to the VMM thread. A file transfer
+    /// reads or writes its bytes on `connection` before the answer.
+    pub fn serve(
+        &self,
+        request: &Request,
+        peer: Option<(i32, u32, u32)>,
+        connection: &mut dyn agent::Connection,
+    ) -> Option<Response> {
         match request {
             Request::Screenshot(screenshot) => Some(self.screen.serve(screenshot, peer)),
-            Request::Agent(agent) => Some(self.agent.serve(agent, peer)),
+            Request::Agent(agent) => Some(self.agent.serve(agent, peer, connection)),
             Request::Input(input) => Some(self.input.serve(input, peer)),
             _ => None,
         }
