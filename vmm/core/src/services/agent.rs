@@ -10,7 +10,7 @@ use std::time::Duration;
 use carrel_agent_client::{connect_vsock_uds, Client, ExecRequest, OutputStream};
 use carrel_agent_proto::AGENT_VSOCK_PORT;
 
-use crate::control::{
+use crate::control::protocol::{
     read_frame, write_frame, AgentEntry, AgentExec, AgentRequest, AgentResponse, Request, Response, MAX_REQUEST_BYTES,
     TRANSFER_CHUNK,
 };

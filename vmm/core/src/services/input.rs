@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::control::{InputRequest, InputResult, Response, ScreenshotRequest, Wait};
+use crate::control::protocol::{InputRequest, InputResult, Response, ScreenshotRequest, Wait};
 use crate::devices::virtio::input::InputSink;
 use crate::input::{plan, Action, Device, Timing};
 use crate::recorder::{Record, Recorder};

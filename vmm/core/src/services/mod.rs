@@ -8,7 +8,7 @@ pub mod screen;
 
 use std::sync::Arc;
 
-use crate::control::{Request, Response};
+use crate::control::protocol::{Request, Response};
 use agent::AgentService;
 use input::InputService;
 use screen::ScreenService;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use carrel_gpu::{Capture, CaptureFormat, CaptureOptions, Frame, Rect, RemoteError, RemoteScreen, Screen, ScreenError};
 
-use crate::control::{ImageFormat, Response, Screenshot, ScreenshotRequest, Wait};
+use crate::control::protocol::{ImageFormat, Response, Screenshot, ScreenshotRequest, Wait};
 use crate::recorder::{Record, Recorder};
 
 /// Longest any wait may last, whatever the caller asks.

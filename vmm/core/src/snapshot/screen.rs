@@ -16,7 +16,7 @@ use carrel_gpu::{Gpu, GpuConfig};
 use vm_memory::{FileOffset, GuestAddress};
 
 use super::{load_snapshot, SnapshotError, MEMORY_FILE};
-use crate::control::{Screenshot, ScreenshotRequest};
+use crate::control::protocol::{Screenshot, ScreenshotRequest};
 use crate::memory::{ram_offset as file_offset, ram_ranges};
 use crate::services::screen::{capture, ScreenSource};
 
