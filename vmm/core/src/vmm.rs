@@ -14,8 +14,11 @@ use carrel_audit::AuditLog;
 
 use crate::builder::BuiltVm;
 use crate::config::VmConfig;
-use crate::control::{ControlServer, PendingRequest, Request, RequestQueue, Response, SnapshotRequest, VmStatus};
+use crate::control::{
+    ControlServer, ErrorKind, Failure, PendingRequest, Request, RequestQueue, Response, SnapshotRequest, VmStatus,
+};
 use crate::devices::bus::lock;
+use crate::devices::virtio::persist::VirtioPersistError;
 use crate::recorder::{Record, Recorder};
 use crate::services::agent::AgentService;
 use crate::services::input::InputService;
@@ -333,19 +336,25 @@ impl Vmm {
         let action = request_action(&pending.request);
         if matches!(pending.request, Request::Stop) {
             if let Err(err) = self.recorder.record(pending.peer, Record { action, ..Default::default() }) {
-                return (Response::Error(format!("not stopped: the audit log failed: {err}")), false);
+                return (
+                    Response::error(ErrorKind::Internal, format!("not stopped: the audit log failed: {err}")),
+                    false,
+                );
             }
             return self.handle_request(&pending.request);
         }
         let (response, stop) = self.handle_request(&pending.request);
         let error = match &response {
-            Response::Error(message) => Some(message.clone()),
+            Response::Error(failure) => Some(failure.message.clone()),
             _ => None,
         };
         let params = response_params(&response);
         match self.recorder.record(pending.peer, Record { action, params, error, ..Default::default() }) {
             Ok(()) => (response, stop),
-            Err(err) => (Response::Error(format!("the audit log failed, request not served: {err}")), false),
+            Err(err) => (
+                Response::error(ErrorKind::Internal, format!("the audit log failed, request not served: {err}")),
+                false,
+            ),
         }
     }
 
@@ -356,19 +365,19 @@ impl Vmm {
             Request::Stop => (Response::Stopping, true),
             Request::Pause => match self.set_paused(true) {
                 Ok(()) => (Response::Paused, false),
-                Err(err) => (Response::Error(err.to_string()), false),
+                Err(err) => (Response::error(ErrorKind::Internal, err.to_string()), false),
             },
             Request::Resume => match self.set_paused(false) {
                 Ok(()) => (Response::Resumed, false),
-                Err(err) => (Response::Error(err.to_string()), false),
+                Err(err) => (Response::error(ErrorKind::Internal, err.to_string()), false),
             },
             Request::Snapshot(request) => match self.snapshot(&request.dir, request.diff) {
                 Ok(info) => (Response::Snapshot(info), request.hibernate),
-                Err(message) => (Response::Error(message), false),
+                Err(failure) => (Response::Error(failure), false),
             },
             // Served on the connection thread by the screen service.
             Request::Screenshot(_) | Request::Agent(_) | Request::Input(_) => {
-                (Response::Error("served on the connection thread, not here".into()), false)
+                (Response::error(ErrorKind::Internal, "served on the connection thread, not here"), false)
             }
         }
     }
@@ -405,27 +414,28 @@ impl Vmm {
     ///
     /// Every snapshot starts a new dirty-page set; a `diff` one writes only the pages of the
     /// set it ends, over the VM's last snapshot. A snapshot not taken gives its set back.
-    fn snapshot(&mut self, dir: &Path, diff: bool) -> Result<SnapshotInfo, String> {
+    fn snapshot(&mut self, dir: &Path, diff: bool) -> Result<SnapshotInfo, Failure> {
         let parent = match &self.parent {
             Some(parent) if diff => Some(parent.clone()),
             None if diff => {
-                return Err("snapshot not taken: a diff needs a parent, and this VM has had no snapshot since it \
-                            booted: take a full snapshot first"
-                    .into())
+                return Err(Failure::precondition(
+                    "snapshot not taken: a diff needs a parent, and this VM has had no snapshot since it booted: \
+                     take a full snapshot first",
+                ))
             }
             _ => None,
         };
         // A lazily restored VM's RAM is made whole first: a block not yet loaded is a
         // hole of the memfd that the snapshot would take for zeros.
         if let Some(lazy) = self.built.lazy.take() {
-            lazy.finish().map_err(|err| format!("snapshot not taken: {err}"))?;
+            lazy.finish().map_err(|err| Failure::internal(format!("snapshot not taken: {err}")))?;
         }
         let paused_at = Instant::now();
         let was_paused = self.paused;
-        self.set_paused(true).map_err(|err| format!("cannot pause the VM for a snapshot: {err}"))?;
+        self.set_paused(true).map_err(|err| Failure::internal(format!("cannot pause the VM for a snapshot: {err}")))?;
         let result = self.capture_state().and_then(|state| {
             let memory = &self.built.ram.memory;
-            let dirty = self.built.vm.take_dirty_pages(memory).map_err(|err| err.to_string())?;
+            let dirty = self.built.vm.take_dirty_pages(memory).map_err(|err| Failure::internal(err.to_string()))?;
             let written = write_snapshot(
                 dir,
                 &self.config,
@@ -439,15 +449,25 @@ impl Vmm {
             if written.is_err() {
                 give_back_dirty_pages(memory, &dirty);
             }
-            written.map_err(|err| err.to_string())
+            written.map_err(|err| {
+                let kind = match err {
+                    crate::snapshot::SnapshotError::Exists { .. } => ErrorKind::AlreadyExists,
+                    crate::snapshot::SnapshotError::NoSpace { .. } => ErrorKind::ResourceExhausted,
+                    _ => ErrorKind::Internal,
+                };
+                Failure::new(kind, err.to_string())
+            })
         });
-        let result = result.map_err(|err| format!("snapshot not taken: {err}")).map(|(info, parent)| {
-            self.parent = Some(parent);
-            info
-        });
+        let result = result
+            .map_err(|failure| Failure::new(failure.kind, format!("snapshot not taken: {}", failure.message)))
+            .map(|(info, parent)| {
+                self.parent = Some(parent);
+                info
+            });
         if !was_paused {
             if let Err(err) = self.set_paused(false) {
-                return Err(format!("{}; and the VM did not resume: {err}", result.err().unwrap_or_default()));
+                let first = result.err().map(|failure| failure.message).unwrap_or_default();
+                return Err(Failure::internal(format!("{first}; and the VM did not resume: {err}")));
             }
         }
         if let Ok(info) = &result {
@@ -462,8 +482,9 @@ impl Vmm {
         result
     }
 
-    /// The state of the paused VM, memory aside.
-    fn capture_state(&mut self) -> Result<SnapshotState, String> {
+    /// The state of the paused VM, memory aside. A device that cannot be saved in this
+    /// configuration (a raw disk written in place) is a failed precondition.
+    fn capture_state(&mut self) -> Result<SnapshotState, Failure> {
         // A notification the guest sent just before the pause is served first, so the
         // saved queues hold no kick that a restored device would never hear.
         for attached in &self.built.virtio {
@@ -472,7 +493,9 @@ impl Vmm {
                     lock(&attached.transport).notify_queue(queue);
                 }
             }
-            lock(&attached.transport).prepare_snapshot().map_err(|err| format!("{} device: {err}", attached.name))?;
+            lock(&attached.transport)
+                .prepare_snapshot()
+                .map_err(|err| Failure::precondition(format!("{} device: {err}", attached.name)))?;
         }
         for handle in &self.handles {
             handle.send(VcpuMessage::SaveState);
@@ -483,21 +506,30 @@ impl Vmm {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.vcpu_events.recv_timeout(left) {
                 Ok(VcpuEvent::Saved(_, Ok(state))) => vcpus.push(*state),
-                Ok(VcpuEvent::Saved(id, Err(err))) => return Err(format!("vCPU {id}: {err}")),
-                Ok(VcpuEvent::Stopped(id, stop)) => return Err(format!("vCPU {id} stopped: {stop}")),
+                Ok(VcpuEvent::Saved(id, Err(err))) => return Err(Failure::internal(format!("vCPU {id}: {err}"))),
+                Ok(VcpuEvent::Stopped(id, stop)) => {
+                    return Err(Failure::internal(format!("vCPU {id} stopped: {stop}")))
+                }
                 Ok(_) => {}
-                Err(_) => return Err("the vCPUs did not answer a save request in time".into()),
+                Err(_) => return Err(Failure::internal("the vCPUs did not answer a save request in time")),
             }
         }
         vcpus.sort_by_key(|vcpu| vcpu.id);
-        let vm = self.built.vm.save_state().map_err(|err| err.to_string())?;
+        let vm = self.built.vm.save_state().map_err(|err| Failure::internal(err.to_string()))?;
         let virtio = self
             .built
             .virtio
             .iter()
             .map(|attached| lock(&attached.transport).save())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|err| err.to_string())?;
+            .map_err(|err| {
+                // A device that cannot be saved at all (a vhost-user GPU) is not built yet.
+                let kind = match err {
+                    VirtioPersistError::Save { .. } => ErrorKind::Unimplemented,
+                    _ => ErrorKind::Internal,
+                };
+                Failure::new(kind, err.to_string())
+            })?;
         Ok(SnapshotState {
             protocol: self.built.protocol,
             restores: self.built.restores,

@@ -217,7 +217,17 @@ fn files_stream_over_the_control_socket_and_a_broken_put_leaves_nothing() {
 
     // The same connection goes on after a transfer; a data frame outside a put is refused.
     let stray = client.call(&Request::Agent(AgentRequest::Data(vec![1, 2, 3])), timeout).unwrap();
-    assert!(matches!(&stray, Response::Error(message) if message.contains("outside a put")), "{stray:?}");
+    assert!(
+        matches!(&stray, Response::Error(failure) if failure.message.contains("outside a put")
+        && failure.kind == carrel_vmm::control::ErrorKind::InvalidArgument),
+        "{stray:?}"
+    );
+    // A guest file that is not there is NOT_FOUND, from the agent's own error code.
+    let missing = client.call(&Request::Agent(AgentRequest::List { path: "/no/such/dir".into() }), timeout).unwrap();
+    assert!(
+        matches!(&missing, Response::Error(failure) if failure.kind == carrel_vmm::control::ErrorKind::NotFound),
+        "{missing:?}"
+    );
 
     // A put that announces 1000 bytes, sends 10 and hangs up: no file, and the VM serves on.
     {

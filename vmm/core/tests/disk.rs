@@ -376,7 +376,10 @@ fn disk_commands_create_describe_and_fold_layers_and_a_raw_disk_refuses_snapshot
     let mut control = ControlClient::connect(&vm.socket).unwrap();
     let request = SnapshotRequest { dir: scratch_path("cli-raw-snapshot"), hibernate: false, diff: false };
     match control.call(&Request::Snapshot(request), DEADLINE).unwrap() {
-        Response::Error(message) => assert!(message.contains("raw image written in place"), "{message}"),
+        Response::Error(failure) => {
+            assert!(failure.message.contains("raw image written in place"), "{failure}");
+            assert_eq!(failure.kind, carrel_vmm::control::ErrorKind::FailedPrecondition);
+        }
         other => panic!("a snapshot of a writable raw disk: {other:?}"),
     }
     let mut client = connect(&vm.vsock);

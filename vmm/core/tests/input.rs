@@ -7,7 +7,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use carrel_vmm::control::{ControlClient, ImageFormat, InputRequest, InputResult, Request, Response, Wait};
+use carrel_vmm::control::{ControlClient, ErrorKind, ImageFormat, InputRequest, InputResult, Request, Response, Wait};
 use carrel_vmm::input::{Action, Button};
 use common::{scratch_path, RunningVm};
 
@@ -140,15 +140,19 @@ fn bad_input_requests_are_clear_errors_and_never_hang() {
         ControlClient::connect(&socket).unwrap().call(&Request::Input(request), Duration::from_secs(10)).unwrap()
     };
     let outside = call(Action::Click { x: 5000, y: 10, button: Button::Left, count: 1 });
-    assert!(matches!(&outside, Response::Error(m) if m.contains("5000")), "{outside:?}");
+    assert!(
+        matches!(&outside, Response::Error(m) if m.message.contains("5000")
+        && m.kind == ErrorKind::InvalidArgument),
+        "{outside:?}"
+    );
     let unknown = call(Action::Key { combo: "ctrl+hyperspace".into() });
-    assert!(matches!(&unknown, Response::Error(m) if m.contains("hyperspace")), "{unknown:?}");
+    assert!(matches!(&unknown, Response::Error(m) if m.message.contains("hyperspace")), "{unknown:?}");
     let empty = call(Action::Type { text: String::new() });
     assert!(matches!(empty, Response::Error(_)));
     let huge = call(Action::Type { text: "x".repeat(100_000) });
     assert!(matches!(huge, Response::Error(_)));
     let emoji = call(Action::Type { text: "caf\u{e9}".into() });
-    assert!(matches!(&emoji, Response::Error(m) if m.contains('\u{e9}')), "{emoji:?}");
+    assert!(matches!(&emoji, Response::Error(m) if m.message.contains('\u{e9}')), "{emoji:?}");
 }
 
 #[test]

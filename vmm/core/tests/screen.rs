@@ -6,7 +6,9 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use carrel_vmm::control::{ControlClient, ImageFormat, Request, Response, Screenshot, ScreenshotRequest, Wait};
+use carrel_vmm::control::{
+    ControlClient, ErrorKind, ImageFormat, Request, Response, Screenshot, ScreenshotRequest, Wait,
+};
 use common::{decode_png, differences, guest, inside, scratch_path, RunningVm};
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(30);
@@ -128,7 +130,11 @@ fn screenshot_of_vm_without_display_is_a_clear_error() {
     };
     let answer =
         ControlClient::connect(&socket).unwrap().call(&Request::Screenshot(request), Duration::from_secs(10)).unwrap();
-    assert!(matches!(answer, Response::Error(message) if message.contains("no screen")));
+    assert!(
+        matches!(&answer, Response::Error(failure) if failure.message.contains("no screen")
+        && failure.kind == ErrorKind::FailedPrecondition),
+        "{answer:?}"
+    );
 }
 
 #[test]
@@ -147,7 +153,11 @@ fn waiting_for_a_frame_that_never_comes_times_out_with_an_error() {
     let started = std::time::Instant::now();
     let answer =
         ControlClient::connect(&socket).unwrap().call(&Request::Screenshot(request), Duration::from_secs(10)).unwrap();
-    assert!(matches!(&answer, Response::Error(message) if message.contains("no frame after")), "{answer:?}");
+    assert!(
+        matches!(&answer, Response::Error(failure) if failure.message.contains("no frame after")
+        && failure.kind == ErrorKind::DeadlineExceeded),
+        "{answer:?}"
+    );
     assert!(started.elapsed() < Duration::from_secs(5), "the wait ends at its timeout");
 }
 
@@ -218,8 +228,8 @@ fn screenshot_whose_audit_record_cannot_be_written_is_withheld() {
             .unwrap()
         {
             Response::Screenshot(_) => served += 1,
-            Response::Error(message) => {
-                refusal = Some(message);
+            Response::Error(failure) => {
+                refusal = Some(failure.message);
                 break;
             }
             other => panic!("unexpected answer {other:?}"),
@@ -264,7 +274,7 @@ fn paused_vm_draws_no_frames_until_resumed() {
         timeout_ms: 1_500,
     };
     let answer = call(Request::Screenshot(waiting.clone()));
-    assert!(matches!(&answer, Response::Error(message) if message.contains("no frame after")), "{answer:?}");
+    assert!(matches!(&answer, Response::Error(message) if message.message.contains("no frame after")), "{answer:?}");
     assert_eq!(call(Request::Resume), Response::Resumed);
     let Response::Status(status) = call(Request::Status) else { panic!("expected a status") };
     assert_eq!(status.state, "running");

@@ -52,7 +52,7 @@ pub enum Response {
     Agent(AgentResponse),
     Input(InputResult),
     Snapshot(crate::snapshot::SnapshotInfo),
-    Error(String),
+    Error(Failure),
 }
 
 /// An action on the keyboard or mouse, then optionally a wait and a screenshot: one call
@@ -78,6 +78,71 @@ pub struct InputResult {
     /// The wait ended at its timeout: the action was done but nothing new was drawn.
     pub timed_out: bool,
     pub screenshot: Option<Screenshot>,
+}
+
+/// What kind of failure an error answer is, so a client (the daemon) can act on it and
+/// map it to a precise status (these follow gRPC's codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The request itself is wrong: a bad frame, coordinates off the screen, an unknown key.
+    InvalidArgument,
+    /// What the request names does not exist (a guest file, a snapshot).
+    NotFound,
+    /// What the request would make exists already.
+    AlreadyExists,
+    /// Refused in the VM's present state or configuration (no screen, no parent snapshot).
+    FailedPrecondition,
+    /// The wait ended before what it waited for happened.
+    DeadlineExceeded,
+    /// A part of the VM cannot be reached now (the guest agent, the GPU backend); retry.
+    Unavailable,
+    /// Not enough room (disk space for a snapshot).
+    ResourceExhausted,
+    /// The guest refused it for lack of rights.
+    PermissionDenied,
+    /// Broken off midway (a transfer whose client hung up).
+    Aborted,
+    /// Not built.
+    Unimplemented,
+    /// Something in the VMM failed (the audit log, KVM).
+    Internal,
+}
+
+/// An error answer: its kind and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Failure {
+        Failure { kind, message: message.into() }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Failure {
+        Failure::new(ErrorKind::InvalidArgument, message)
+    }
+
+    pub fn precondition(message: impl Into<String>) -> Failure {
+        Failure::new(ErrorKind::FailedPrecondition, message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Failure {
+        Failure::new(ErrorKind::Unavailable, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Failure {
+        Failure::new(ErrorKind::Internal, message)
+    }
+}
+
+impl Response {
+    /// An error answer of `kind`.
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
+        Response::Error(Failure::new(kind, message))
+    }
 }
 
 /// A request for the guest agent. Files travel as bytes on the control connection: the

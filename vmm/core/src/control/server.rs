@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::protocol::{read_frame, write_frame, ControlError, Request, Response, MAX_REQUEST_BYTES};
+use super::protocol::{read_frame, write_frame, ControlError, ErrorKind, Request, Response, MAX_REQUEST_BYTES};
 
 /// A request waiting for the VMM thread, with where its answer goes.
 #[derive(Debug)]
@@ -128,7 +128,10 @@ fn serve_connection(mut stream: UnixStream, queue: RequestQueue) {
             // A broken frame: answer once so the client learns why, then hang up, since
             // the stream can no longer be trusted to be at a frame boundary.
             Err(err) => {
-                let _ = write_frame(&mut stream, &Response::Error(format!("bad request: {err}")));
+                let _ = write_frame(
+                    &mut stream,
+                    &Response::error(ErrorKind::InvalidArgument, format!("bad request: {err}")),
+                );
                 return;
             }
         };
@@ -141,9 +144,9 @@ fn serve_connection(mut stream: UnixStream, queue: RequestQueue) {
         let (reply, answer) = mpsc::channel();
         let (written_sender, written) = mpsc::channel();
         let response = if queue.submit(PendingRequest { request, reply, peer, written }) {
-            answer.recv().unwrap_or_else(|_| Response::Error("the VM stopped before answering".into()))
+            answer.recv().unwrap_or_else(|_| Response::error(ErrorKind::Unavailable, "the VM stopped before answering"))
         } else {
-            Response::Error("the VM is shutting down".into())
+            Response::error(ErrorKind::Unavailable, "the VM is shutting down")
         };
         let sent = write_frame(&mut stream, &response);
         let _ = written_sender.send(());
@@ -183,7 +186,10 @@ mod tests {
         let mut raw = UnixStream::connect(&path).unwrap();
         raw.write_all(&(MAX_REQUEST_BYTES + 1).to_le_bytes()).unwrap();
         let answer: Response = read_frame(&mut raw, MAX_RESPONSE_BYTES).unwrap().unwrap();
-        assert!(matches!(answer, Response::Error(message) if message.contains("larger")));
+        assert!(
+            matches!(&answer, Response::Error(failure) if failure.message.contains("larger")
+            && failure.kind == ErrorKind::InvalidArgument),
+            "{answer:?}"
+        );
     }
-
 }

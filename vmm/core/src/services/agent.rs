@@ -11,8 +11,8 @@ use carrel_agent_client::{connect_vsock_uds, Client, ExecRequest, OutputStream};
 use carrel_agent_proto::AGENT_VSOCK_PORT;
 
 use crate::control::protocol::{
-    read_frame, write_frame, AgentEntry, AgentExec, AgentRequest, AgentResponse, Request, Response, MAX_REQUEST_BYTES,
-    TRANSFER_CHUNK,
+    read_frame, write_frame, AgentEntry, AgentExec, AgentRequest, AgentResponse, ErrorKind, Failure, Request, Response,
+    MAX_REQUEST_BYTES, TRANSFER_CHUNK,
 };
 use crate::recorder::{Record, Recorder};
 
@@ -37,13 +37,18 @@ impl AgentService {
         AgentService { vsock, recorder }
     }
 
-    fn connect(&self, extra: Duration) -> Result<AgentClient, String> {
-        let path = self.vsock.as_deref().ok_or("this VM has no vsock device: start it with --vsock PATH")?;
-        let stream =
-            connect_vsock_uds(path, AGENT_VSOCK_PORT).map_err(|err| format!("cannot reach the guest agent: {err}"))?;
-        stream.set_read_timeout(Some(REPLY_TIMEOUT + extra)).map_err(|err| err.to_string())?;
+    fn connect(&self, extra: Duration) -> Result<AgentClient, Failure> {
+        let path = self
+            .vsock
+            .as_deref()
+            .ok_or_else(|| Failure::precondition("this VM has no vsock device: start it with --vsock PATH"))?;
+        let stream = connect_vsock_uds(path, AGENT_VSOCK_PORT)
+            .map_err(|err| Failure::unavailable(format!("cannot reach the guest agent: {err}")))?;
+        stream.set_read_timeout(Some(REPLY_TIMEOUT + extra)).map_err(|err| Failure::internal(err.to_string()))?;
         let mut client = Client::new(stream);
-        client.wait_ready(READY_TIMEOUT).map_err(|err| format!("the guest agent did not answer: {err}"))?;
+        client
+            .wait_ready(READY_TIMEOUT)
+            .map_err(|err| Failure::unavailable(format!("the guest agent did not answer: {err}")))?;
         Ok(client)
     }
 
@@ -58,20 +63,20 @@ impl AgentService {
         let result = self.run(request, connection);
         let (error, mut params) = match &result {
             Ok(response) => (None, [params, result_params(response)].concat()),
-            Err(message) => (Some(message.clone()), params),
+            Err(failure) => (Some(failure.message.clone()), params),
         };
         params.retain(|(_, value)| !value.is_empty());
         if let Err(err) = self.recorder.record(peer, Record { action, params, error, ..Default::default() }) {
-            return Response::Error(format!("the audit log failed, agent answer withheld: {err}"));
+            return Response::error(ErrorKind::Internal, format!("the audit log failed, agent answer withheld: {err}"));
         }
         match result {
             Ok(response) => Response::Agent(response),
-            Err(message) => Response::Error(message),
+            Err(failure) => Response::Error(failure),
         }
     }
 
-    fn run(&self, request: &AgentRequest, connection: &mut dyn Connection) -> Result<AgentResponse, String> {
-        let error = |err: carrel_agent_client::ClientError| err.to_string();
+    fn run(&self, request: &AgentRequest, connection: &mut dyn Connection) -> Result<AgentResponse, Failure> {
+        let error = |err: carrel_agent_client::ClientError| client_failure(&err);
         match request {
             AgentRequest::Ping => {
                 let mut client = self.connect(Duration::ZERO)?;
@@ -88,7 +93,9 @@ impl AgentService {
                 });
                 // Whatever happened, the rest of the file's frames are read, so the
                 // connection is at a frame boundary for the answer.
-                incoming.drain().map_err(|err| format!("the file's bytes did not arrive: {err}"))?;
+                incoming.drain().map_err(|err| {
+                    Failure::new(ErrorKind::Aborted, format!("the file's bytes did not arrive: {err}"))
+                })?;
                 let (bytes, digest) = sent?;
                 Ok(AgentResponse::Done { bytes, digest: blake3::Hash::from(digest).to_hex().to_string() })
             }
@@ -115,7 +122,7 @@ impl AgentService {
                     .map_err(error)?;
                 Ok(AgentResponse::Done { bytes, digest: blake3::Hash::from(digest).to_hex().to_string() })
             }
-            AgentRequest::Data(_) => Err("a file data frame outside a put".into()),
+            AgentRequest::Data(_) => Err(Failure::invalid("a file data frame outside a put")),
             AgentRequest::List { path } => {
                 let mut client = self.connect(Duration::ZERO)?;
                 let entries = client.list_dir(path).map_err(error)?;
@@ -138,7 +145,7 @@ impl AgentService {
         }
     }
 
-    fn exec(&self, exec: &AgentExec) -> Result<AgentResponse, String> {
+    fn exec(&self, exec: &AgentExec) -> Result<AgentResponse, Failure> {
         let timeout = exec.timeout_ms.map(Duration::from_millis);
         let mut client = self.connect(timeout.unwrap_or(Duration::ZERO))?;
         let mut request = ExecRequest::new(exec.argv.clone()).stdin(exec.stdin.clone());
@@ -161,7 +168,7 @@ impl AgentService {
                 let room = MAX_EXEC_OUTPUT.saturating_sub(sink.len());
                 sink.extend_from_slice(&bytes[..bytes.len().min(room)]);
             })
-            .map_err(|err| err.to_string())?;
+            .map_err(|err| client_failure(&err))?;
         Ok(AgentResponse::Exit {
             code: status.code,
             signal: status.signal,
@@ -170,6 +177,36 @@ impl AgentService {
             stderr,
         })
     }
+}
+
+/// An agent client error as an answer of the kind it is: the agent's own refusals by
+/// their code, a silent or gone agent as unavailable.
+fn client_failure(err: &carrel_agent_client::ClientError) -> Failure {
+    use carrel_agent_client::ClientError;
+    use carrel_agent_proto::ErrorCode;
+    let kind = match err {
+        ClientError::Agent { code, .. } => match *code {
+            ErrorCode::NOT_FOUND => ErrorKind::NotFound,
+            ErrorCode::PERMISSION_DENIED => ErrorKind::PermissionDenied,
+            ErrorCode::ALREADY_EXISTS => ErrorKind::AlreadyExists,
+            ErrorCode::INVALID_PATH
+            | ErrorCode::PATH_ESCAPES_ROOT
+            | ErrorCode::NOT_A_DIRECTORY
+            | ErrorCode::MALFORMED
+            | ErrorCode::TOO_LARGE
+            | ErrorCode::UNKNOWN_REQUEST => ErrorKind::InvalidArgument,
+            ErrorCode::BUSY => ErrorKind::Unavailable,
+            ErrorCode::SPAWN_FAILED => ErrorKind::FailedPrecondition,
+            _ => ErrorKind::Internal,
+        },
+        ClientError::Send(_) | ClientError::Receive(_) | ClientError::ReceiveClosed | ClientError::WaitReady { .. } => {
+            ErrorKind::Unavailable
+        }
+        ClientError::BuildExec { .. } => ErrorKind::InvalidArgument,
+        ClientError::ReadLocal { .. } => ErrorKind::Aborted,
+        _ => ErrorKind::Internal,
+    };
+    Failure::new(kind, err.to_string())
 }
 
 /// What a control connection is to a transfer: frames in and out.

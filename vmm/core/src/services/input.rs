@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::control::protocol::{InputRequest, InputResult, Response, ScreenshotRequest, Wait};
+use crate::control::protocol::{ErrorKind, Failure, InputRequest, InputResult, Response, ScreenshotRequest, Wait};
 use crate::devices::virtio::input::InputSink;
 use crate::input::{plan, Action, Device, Timing};
 use crate::recorder::{Record, Recorder};
@@ -40,20 +40,26 @@ impl InputService {
                 screenshot_after: done.screenshot.as_ref().map(|shot| shot.bytes.as_slice()),
                 ..Default::default()
             },
-            Err(message) => Record { action, params, error: Some(message.clone()), ..Default::default() },
+            Err(failure) => Record { action, params, error: Some(failure.message.clone()), ..Default::default() },
         };
         if let Err(err) = self.recorder.record(peer, record) {
-            return Response::Error(format!("the audit log failed after the action; answer withheld: {err}"));
+            return Response::error(
+                ErrorKind::Internal,
+                format!("the audit log failed after the action; answer withheld: {err}"),
+            );
         }
         match result {
             Ok(done) => Response::Input(done),
-            Err(message) => Response::Error(message),
+            Err(failure) => Response::Error(failure),
         }
     }
 
-    fn act(&self, request: &InputRequest) -> Result<InputResult, String> {
-        let sinks = self.sinks.as_ref().ok_or("this VM has no keyboard or mouse (it has no screen)")?;
-        let screen = self.screen.as_ref().ok_or("this VM has no screen")?;
+    fn act(&self, request: &InputRequest) -> Result<InputResult, Failure> {
+        let sinks = self
+            .sinks
+            .as_ref()
+            .ok_or_else(|| Failure::precondition("this VM has no keyboard or mouse (it has no screen)"))?;
+        let screen = self.screen.as_ref().ok_or_else(|| Failure::precondition("this VM has no screen"))?;
         let mut timing = Timing::default();
         if let Some(hold) = request.hold_ms {
             timing.hold = Duration::from_millis(hold.min(10_000));
@@ -61,15 +67,16 @@ impl InputService {
         if let Some(gap) = request.gap_ms {
             timing.gap = Duration::from_millis(gap.min(10_000));
         }
-        let steps = plan(&request.action, screen.display_size(), &timing).map_err(|err| err.to_string())?;
+        let steps =
+            plan(&request.action, screen.display_size(), &timing).map_err(|err| Failure::invalid(err.to_string()))?;
         // An unreachable screen fails the request before anything is done.
-        let before = screen.latest_frame().map_err(|err| err.to_string())?.map_or(0, |frame| frame.number);
+        let before = screen.latest_frame().map_err(|err| err.failure())?.map_or(0, |frame| frame.number);
         for step in steps {
             let sink = match step.device {
                 Device::Keyboard => &sinks.keyboard,
                 Device::Tablet => &sinks.tablet,
             };
-            sink.push(&step.events).map_err(|err| err.to_string())?;
+            sink.push(&step.events).map_err(|err| Failure::unavailable(err.to_string()))?;
             if !step.pause_after.is_zero() {
                 std::thread::sleep(step.pause_after);
             }

@@ -7,9 +7,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use carrel_gpu::{Capture, CaptureFormat, CaptureOptions, Frame, Rect, RemoteError, RemoteScreen, Screen, ScreenError};
+use carrel_gpu::{
+    Capture, CaptureError, CaptureFormat, CaptureOptions, Frame, Rect, RemoteError, RemoteScreen, Screen, ScreenError,
+};
 
-use crate::control::protocol::{ImageFormat, Response, Screenshot, ScreenshotRequest, Wait};
+use crate::control::protocol::{ErrorKind, Failure, ImageFormat, Response, Screenshot, ScreenshotRequest, Wait};
 use crate::recorder::{Record, Recorder};
 
 /// Longest any wait may last, whatever the caller asks.
@@ -99,22 +101,50 @@ impl ScreenService {
                 screenshot_after: Some(&shot.bytes),
                 ..Default::default()
             },
-            Err(message) => Record { action: "screenshot", params, error: Some(message.clone()), ..Default::default() },
+            Err(failure) => {
+                Record { action: "screenshot", params, error: Some(failure.message.clone()), ..Default::default() }
+            }
         };
         if let Err(err) = self.recorder.record(peer, record) {
-            return Response::Error(format!("the audit log failed, screenshot withheld: {err}"));
+            return Response::error(ErrorKind::Internal, format!("the audit log failed, screenshot withheld: {err}"));
         }
         match result {
             Ok(shot) => Response::Screenshot(shot),
-            Err(message) => Response::Error(message),
+            Err(failure) => Response::Error(failure),
         }
     }
 
-    fn screenshot(&self, request: &ScreenshotRequest) -> Result<Screenshot, String> {
-        let screen = self.screen.as_ref().ok_or("this VM has no screen (it was started with --no-display)")?;
+    fn screenshot(&self, request: &ScreenshotRequest) -> Result<Screenshot, Failure> {
+        let screen = self
+            .screen
+            .as_ref()
+            .ok_or_else(|| Failure::precondition("this VM has no screen (it was started with --no-display)"))?;
         let timeout = Duration::from_millis(request.timeout_ms).min(MAX_WAIT);
-        wait_for(screen, request.wait, timeout).map_err(|err| err.to_string())?;
+        wait_for(screen, request.wait, timeout).map_err(|err| err.failure())?;
         capture(screen, request)
+    }
+}
+
+impl ScreenSourceError {
+    /// The error as an answer of the kind it is.
+    pub fn failure(&self) -> Failure {
+        let kind = match self {
+            ScreenSourceError::ReadScreen(ScreenError::FindScanout | ScreenError::FindScanoutBacking) => {
+                ErrorKind::FailedPrecondition
+            }
+            ScreenSourceError::ReadScreen(
+                ScreenError::WaitForFrame { .. }
+                | ScreenError::WaitUntilStill { .. }
+                | ScreenError::WaitUntilStillNoFrame { .. },
+            ) => ErrorKind::DeadlineExceeded,
+            ScreenSourceError::ReadScreen(ScreenError::Capture(
+                CaptureError::CheckCrop { .. } | CaptureError::CheckScale { .. },
+            )) => ErrorKind::InvalidArgument,
+            ScreenSourceError::ReadScreen(ScreenError::Capture(_)) => ErrorKind::Internal,
+            // The screen lives in the GPU backend process, which may be gone.
+            ScreenSourceError::ReadRemoteScreen(_) => ErrorKind::Unavailable,
+        };
+        Failure::new(kind, self.to_string())
     }
 }
 
@@ -129,7 +159,7 @@ pub fn wait_for(screen: &ScreenSource, wait: Wait, timeout: Duration) -> Result<
 }
 
 /// Captures the screen as `request` asks (its wait is not looked at).
-pub fn capture(screen: &ScreenSource, request: &ScreenshotRequest) -> Result<Screenshot, String> {
+pub fn capture(screen: &ScreenSource, request: &ScreenshotRequest) -> Result<Screenshot, Failure> {
     let options = CaptureOptions {
         format: match request.format {
             ImageFormat::Png => CaptureFormat::Png,
@@ -140,7 +170,7 @@ pub fn capture(screen: &ScreenSource, request: &ScreenshotRequest) -> Result<Scr
         scale: request.scale.map(|[width, height]| (width, height)),
         cursor: request.cursor,
     };
-    let capture = screen.capture(&options).map_err(|err| err.to_string())?;
+    let capture = screen.capture(&options).map_err(|err| err.failure())?;
     Ok(Screenshot {
         format: request.format,
         width: capture.width,
