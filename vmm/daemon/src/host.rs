@@ -1,0 +1,150 @@
+//! The daemon's state: every VM with its record and state, who may act on it, and the
+//! watchers that notice a VMM ending (pidfd) and keep the reason.
+
+use std::collections::BTreeMap;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use carrel_api::v1;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::Mutex;
+use tonic::Status;
+
+use crate::registry::{Registry, VmRecord};
+use crate::supervisor::{self, VmPaths};
+
+/// Who is calling, from the socket's peer credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// One VM as the daemon holds it.
+#[derive(Debug)]
+pub struct VmEntry {
+    pub record: VmRecord,
+    pub state: v1::VmState,
+    pub paths: VmPaths,
+}
+
+/// Settings the daemon starts with.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub state: PathBuf,
+    pub vmm: PathBuf,
+    /// The kernel of a VM whose config names none (the Desk kernel).
+    pub default_kernel: PathBuf,
+    /// Members of this group may see and act on every VM.
+    pub admin_gid: Option<u32>,
+}
+
+#[derive(Debug)]
+pub struct Host {
+    pub config: HostConfig,
+    pub registry: Registry,
+    pub vms: Mutex<BTreeMap<String, VmEntry>>,
+}
+
+impl Host {
+    /// Loads the registry and re-attaches to every VMM still running.
+    pub async fn open(config: HostConfig) -> anyhow::Result<Arc<Host>> {
+        let registry = Registry::open(&config.state)?;
+        let records = registry.load()?;
+        let host = Arc::new(Host { config, registry, vms: Mutex::new(BTreeMap::new()) });
+        for (name, mut record) in records {
+            let paths = VmPaths { dir: host.registry.vm_dir(&name) };
+            let mut state = if record.stopped { v1::VmState::Stopped } else { v1::VmState::Crashed };
+            if let Some(pid) = record.pid.filter(|pid| supervisor::alive(*pid)) {
+                let answers = supervisor::call(
+                    &paths.control(),
+                    carrel_vmm::control::Request::Status,
+                    std::time::Duration::from_secs(2),
+                )
+                .await;
+                if answers.is_ok() {
+                    state = v1::VmState::Running;
+                    host.clone().watch_pid(name.clone(), pid);
+                }
+            } else if record.pid.is_some() {
+                record.pid = None;
+                if record.exit_reason.is_none() {
+                    record.exit_reason = Some("the VMM ended while carreld was not running".into());
+                }
+                host.registry.save(&record)?;
+            }
+            host.vms.lock().await.insert(name, VmEntry { record, state, paths });
+        }
+        Ok(host)
+    }
+
+    /// Whether `caller` may see and act on a VM owned by `owner`.
+    pub fn allowed(&self, caller: Caller, owner: u32) -> bool {
+        caller.uid == 0 || caller.uid == owner || self.config.admin_gid == Some(caller.gid)
+    }
+
+    /// Checks that `name` exists and `caller` may use it; a VM the caller may not see is
+    /// answered as permission denied (never its details).
+    pub fn check<'a>(
+        &self,
+        vms: &'a BTreeMap<String, VmEntry>,
+        name: &str,
+        caller: Caller,
+    ) -> Result<&'a VmEntry, Status> {
+        let entry = vms.get(name).ok_or_else(|| Status::not_found(format!("no VM named {name:?}")))?;
+        if !self.allowed(caller, entry.record.owner_uid) {
+            return Err(Status::permission_denied(format!("VM {name:?} belongs to another user")));
+        }
+        Ok(entry)
+    }
+
+    /// Watches a child this daemon started: its exit status becomes the exit reason.
+    pub fn watch_child(self: Arc<Host>, name: String, mut child: tokio::process::Child) {
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let reason = match status {
+                Ok(status) => supervisor::describe_status(status),
+                Err(err) => format!("waiting for the VMM failed: {err}"),
+            };
+            self.ended(&name, reason).await;
+        });
+    }
+
+    /// Watches a VMM this daemon re-attached to (not its child) through a pidfd.
+    pub fn watch_pid(self: Arc<Host>, name: String, pid: u32) {
+        tokio::spawn(async move {
+            // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+            let reason = if fd < 0 {
+                "the VMM ended (its pidfd could not be opened)".to_string()
+            } else {
+                // SAFETY: the fd was just returned by pidfd_open and is owned here only.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+                // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open and the
+                // same for its whole life.
+                match unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) } {
+                    Ok(fd) => {
+                        let _ = fd.readable().await;
+                        "the VMM ended (re-attached after a daemon restart: its exit status went to its parent)".into()
+                    }
+                    Err(err) => format!("cannot watch the VMM: {err}"),
+                }
+            };
+            self.ended(&name, reason).await;
+        });
+    }
+
+    async fn ended(&self, name: &str, reason: String) {
+        let mut vms = self.vms.lock().await;
+        let Some(entry) = vms.get_mut(name) else { return };
+        let stopped = entry.record.stopped;
+        let tail = supervisor::last_lines(&entry.paths, 5);
+        entry.record.pid = None;
+        entry.record.exit_reason = Some(if tail.is_empty() { reason } else { format!("{reason}; last lines: {tail}") });
+        entry.state = if stopped { v1::VmState::Stopped } else { v1::VmState::Crashed };
+        if let Err(err) = self.registry.save(&entry.record) {
+            eprintln!("carreld: {err}");
+        }
+    }
+}

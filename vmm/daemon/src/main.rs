@@ -1,0 +1,115 @@
+//! carreld: the Carrel host daemon. One gRPC socket (package carrel.v1, with gRPC health
+//! and server reflection) for a host of agent computers, each its own supervised
+//! `carrel-vmm` process. VMMs outlive a daemon restart and are re-attached.
+//!
+//! ```text
+//! carreld [--socket /run/carrel/carrel.sock] [--state /var/lib/carrel]
+//!         [--vmm PATH] [--kernel PATH] [--admin-gid GID]
+//! ```
+
+mod host;
+mod registry;
+mod service;
+mod supervisor;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use carrel_api::v1;
+use host::{Host, HostConfig};
+use service::Services;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+const USAGE: &str = "usage: carreld [--socket PATH] [--state DIR] [--vmm PATH] [--kernel PATH] [--admin-gid GID]";
+
+struct Args {
+    socket: PathBuf,
+    config: HostConfig,
+}
+
+fn parse(args: &[String]) -> anyhow::Result<Args> {
+    let exe_dir = std::env::current_exe()?.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut socket = PathBuf::from("/run/carrel/carrel.sock");
+    let mut config = HostConfig {
+        state: "/var/lib/carrel".into(),
+        vmm: exe_dir.join("carrel-vmm"),
+        default_kernel: exe_dir.join("../guests/desk.elf"),
+        admin_gid: None,
+    };
+    let mut index = 0;
+    while index < args.len() {
+        let value = || args.get(index + 1).cloned().with_context(|| format!("{} needs a value\n{USAGE}", args[index]));
+        match args[index].as_str() {
+            "--socket" => socket = value()?.into(),
+            "--state" => config.state = value()?.into(),
+            "--vmm" => config.vmm = value()?.into(),
+            "--kernel" => config.default_kernel = value()?.into(),
+            "--admin-gid" => config.admin_gid = Some(value()?.parse().context("--admin-gid takes a number")?),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown flag {other:?}\n{USAGE}"),
+        }
+        index += 2;
+    }
+    Ok(Args { socket, config })
+}
+
+/// Binds the API socket: a live daemon on it is an error, a stale file is replaced.
+fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
+    if socket.exists() {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            bail!("another carreld is serving {} already", socket.display());
+        }
+        std::fs::remove_file(socket).with_context(|| format!("cannot remove the stale socket {}", socket.display()))?;
+    }
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    UnixListener::bind(socket).with_context(|| format!("cannot listen on {}", socket.display()))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Args { socket, config } = parse(&args)?;
+    std::fs::create_dir_all(&config.state).with_context(|| format!("cannot create {}", config.state.display()))?;
+    let listener = bind(&socket)?;
+    let host = Host::open(config).await?;
+    let services = Services { host: host.clone() };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<v1::vms_server::VmsServer<Services>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(carrel_api::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    eprintln!("carreld: serving {} ({} VMs in the registry)", socket.display(), host.vms.lock().await.len());
+    let shutdown = async {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(v1::host_server::HostServer::new(services.clone()))
+        .add_service(v1::vms_server::VmsServer::new(services.clone()))
+        .add_service(v1::screen_server::ScreenServer::new(services.clone()))
+        .add_service(v1::input_server::InputServer::new(services.clone()))
+        .add_service(v1::agent_server::AgentServer::new(services.clone()))
+        .add_service(v1::console_server::ConsoleServer::new(services.clone()))
+        .add_service(v1::snapshots_server::SnapshotsServer::new(services.clone()))
+        .add_service(v1::audit_server::AuditServer::new(services))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await?;
+    // The VMs run on; the next carreld re-attaches to them.
+    let _ = std::fs::remove_file(&socket);
+    eprintln!("carreld: stopped; the VMs run on");
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! The registry of agent VMs, persisted under the state directory:
+//!
+//! ```text
+//! <state>/vms/<name>/vm.json       the record: owner, config, the VMM's pid, how it ended
+//! <state>/vms/<name>/control.sock  the VMM's private control socket
+//! <state>/vms/<name>/vsock.sock    its guest agent's host side
+//! <state>/vms/<name>/console.log   its serial console
+//! ```
+//!
+//! A record is written to a temporary file, synced and renamed, so a daemon killed
+//! mid-write leaves the previous record, never half of one.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors reading or writing the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("cannot read the registry at {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("registry record {path} is damaged: {reason}")]
+    Damaged { path: PathBuf, reason: String },
+    #[error("cannot write the registry record {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+/// A disk as the API names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRecord {
+    pub path: PathBuf,
+    pub readonly: bool,
+    pub base: Option<PathBuf>,
+    pub size_bytes: Option<u64>,
+}
+
+/// A VM's configuration as given at Create, checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub display: String,
+    pub cmdline: Option<String>,
+    pub disks: Vec<DiskRecord>,
+}
+
+/// What the registry knows of one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub name: String,
+    pub owner_uid: u32,
+    pub spec: VmSpec,
+    /// The carrel-vmm process while it runs (kept so a restarted daemon re-attaches).
+    pub pid: Option<u32>,
+    /// The user asked it to stop: its end is not a crash.
+    pub stopped: bool,
+    pub exit_reason: Option<String>,
+}
+
+/// The on-disk registry.
+#[derive(Debug)]
+pub struct Registry {
+    dir: PathBuf,
+}
+
+/// Whether `name` may name a VM: 1 to 63 of `a-z 0-9 -`, starting with a letter or digit.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+}
+
+impl Registry {
+    pub fn open(state: &Path) -> Result<Registry, RegistryError> {
+        let dir = state.join("vms");
+        std::fs::create_dir_all(&dir).map_err(|source| RegistryError::Write { path: dir.clone(), source })?;
+        Ok(Registry { dir })
+    }
+
+    /// The VM's own directory.
+    pub fn vm_dir(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Every record on disk, by name.
+    pub fn load(&self) -> Result<BTreeMap<String, VmRecord>, RegistryError> {
+        let mut records = BTreeMap::new();
+        let entries =
+            std::fs::read_dir(&self.dir).map_err(|source| RegistryError::Read { path: self.dir.clone(), source })?;
+        for entry in entries {
+            let entry = entry.map_err(|source| RegistryError::Read { path: self.dir.clone(), source })?;
+            let path = entry.path().join("vm.json");
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                // A directory whose record was never written: a Create that did not finish.
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(RegistryError::Read { path, source }),
+            };
+            let record: VmRecord = serde_json::from_str(&text)
+                .map_err(|err| RegistryError::Damaged { path: path.clone(), reason: err.to_string() })?;
+            records.insert(record.name.clone(), record);
+        }
+        Ok(records)
+    }
+
+    /// Writes `record` atomically.
+    pub fn save(&self, record: &VmRecord) -> Result<(), RegistryError> {
+        let dir = self.vm_dir(&record.name);
+        let path = dir.join("vm.json");
+        let fail = |source| RegistryError::Write { path: path.clone(), source };
+        std::fs::create_dir_all(&dir).map_err(fail)?;
+        let temporary = dir.join("vm.json.tmp");
+        let text = serde_json::to_string_pretty(record).expect("a record always serializes");
+        let mut file = std::fs::File::create(&temporary).map_err(fail)?;
+        file.write_all(text.as_bytes()).and_then(|()| file.sync_all()).map_err(fail)?;
+        std::fs::rename(&temporary, &path).map_err(fail)?;
+        std::fs::File::open(&dir).and_then(|dir| dir.sync_all()).map_err(fail)
+    }
+
+    /// Removes the VM's directory and everything in it.
+    pub fn remove(&self, name: &str) -> Result<(), RegistryError> {
+        let dir = self.vm_dir(name);
+        std::fs::remove_dir_all(&dir).map_err(|source| RegistryError::Write { path: dir, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str) -> VmRecord {
+        VmRecord {
+            name: name.into(),
+            owner_uid: 1000,
+            spec: VmSpec {
+                kernel: "desk.elf".into(),
+                memory_mib: 128,
+                cpus: 1,
+                display: "1280x800".into(),
+                cmdline: None,
+                disks: Vec::new(),
+            },
+            pid: Some(42),
+            stopped: false,
+            exit_reason: None,
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_a_damaged_one_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path()).unwrap();
+        registry.save(&record("a")).unwrap();
+        registry.save(&record("b")).unwrap();
+        let loaded = registry.load().unwrap();
+        assert_eq!(loaded.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(loaded["a"], record("a"));
+        registry.remove("a").unwrap();
+        assert_eq!(registry.load().unwrap().len(), 1);
+        std::fs::write(registry.vm_dir("b").join("vm.json"), "{ not json").unwrap();
+        assert!(matches!(registry.load(), Err(RegistryError::Damaged { .. })));
+    }
+
+    #[test]
+    fn names_are_short_lowercase_words() {
+        assert!(valid_name("agent-7"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("-x"));
+        assert!(!valid_name("Agent"));
+        assert!(!valid_name("../etc"));
+        assert!(!valid_name(&"a".repeat(64)));
+    }
+}

@@ -1,0 +1,483 @@
+//! The gRPC services over the host: each call checks the caller's peer credentials
+//! against the VM's owner, then speaks to that VM's carrel-vmm over its control socket.
+//! The VMM's error kinds become precise gRPC codes; what is not built answers
+//! UNIMPLEMENTED with a message.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use carrel_api::v1;
+use carrel_vmm::control::{ErrorKind, Failure, ImageFormat, InputRequest, Request, Response, ScreenshotRequest, Wait};
+use tokio_stream::Stream;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
+
+use crate::host::{Caller, Host, VmEntry};
+use crate::registry::{valid_name, DiskRecord, VmRecord, VmSpec};
+use crate::supervisor;
+
+/// How long one per-VM control call may take beyond what the request itself waits.
+const CALL_SLACK: Duration = Duration::from_secs(10);
+
+/// The services, sharing the host.
+#[derive(Debug, Clone)]
+pub struct Services {
+    pub host: Arc<Host>,
+}
+
+/// The caller's credentials; a connection without them is refused.
+fn caller<T>(request: &GrpcRequest<T>) -> Result<Caller, Status> {
+    let credentials = request
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .ok_or_else(|| Status::unauthenticated("no peer credentials on this connection"))?;
+    Ok(Caller { uid: credentials.uid(), gid: credentials.gid() })
+}
+
+/// A VMM failure as a gRPC status of its kind.
+pub fn status_of(failure: Failure) -> Status {
+    let code = match failure.kind {
+        ErrorKind::InvalidArgument => tonic::Code::InvalidArgument,
+        ErrorKind::NotFound => tonic::Code::NotFound,
+        ErrorKind::AlreadyExists => tonic::Code::AlreadyExists,
+        ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
+        ErrorKind::DeadlineExceeded => tonic::Code::DeadlineExceeded,
+        ErrorKind::Unavailable => tonic::Code::Unavailable,
+        ErrorKind::ResourceExhausted => tonic::Code::ResourceExhausted,
+        ErrorKind::PermissionDenied => tonic::Code::PermissionDenied,
+        ErrorKind::Aborted => tonic::Code::Aborted,
+        ErrorKind::Unimplemented => tonic::Code::Unimplemented,
+        ErrorKind::Internal => tonic::Code::Internal,
+    };
+    Status::new(code, failure.message)
+}
+
+fn vm_message(entry: &VmEntry) -> v1::Vm {
+    let spec = &entry.record.spec;
+    v1::Vm {
+        name: entry.record.name.clone(),
+        state: entry.state as i32,
+        owner_uid: entry.record.owner_uid,
+        config: Some(v1::VmConfig {
+            kernel: spec.kernel.display().to_string(),
+            memory_mib: spec.memory_mib,
+            cpus: spec.cpus,
+            display: spec.display.clone(),
+            cmdline: spec.cmdline.clone().unwrap_or_default(),
+            disks: spec
+                .disks
+                .iter()
+                .map(|disk| v1::Disk {
+                    path: disk.path.display().to_string(),
+                    readonly: disk.readonly,
+                    base: disk.base.as_ref().map(|base| base.display().to_string()).unwrap_or_default(),
+                    size_bytes: disk.size_bytes.unwrap_or_default(),
+                })
+                .collect(),
+        }),
+        pid: entry.record.pid.unwrap_or_default(),
+        exit_reason: entry.record.exit_reason.clone().unwrap_or_default(),
+        platform: String::new(),
+    }
+}
+
+impl Services {
+    /// Checks a Create's config and fills in the defaults.
+    fn spec(&self, config: Option<v1::VmConfig>) -> Result<VmSpec, Status> {
+        let config = config.unwrap_or_default();
+        let kernel =
+            if config.kernel.is_empty() { self.host.config.default_kernel.clone() } else { config.kernel.into() };
+        if !kernel.is_file() {
+            return Err(Status::invalid_argument(format!("kernel {} does not exist", kernel.display())));
+        }
+        let memory_mib = if config.memory_mib == 0 { 128 } else { config.memory_mib };
+        if !(16..=65536).contains(&memory_mib) {
+            return Err(Status::invalid_argument(format!("memory_mib must be 16 to 65536, got {memory_mib}")));
+        }
+        let cpus = if config.cpus == 0 { 1 } else { config.cpus };
+        if cpus > u32::from(carrel_vmm::config::MAX_VCPUS) {
+            return Err(Status::invalid_argument(format!(
+                "cpus must be 1 to {}, got {cpus}",
+                carrel_vmm::config::MAX_VCPUS
+            )));
+        }
+        let display = if config.display.is_empty() { "1280x800".to_string() } else { config.display };
+        let check = carrel_vmm::config::VmConfig { display: display.clone(), ..Default::default() };
+        match check.display_size() {
+            Ok(Some((width, height))) if !(64..=3840).contains(&width) || !(64..=2160).contains(&height) => {
+                return Err(Status::invalid_argument(format!("display {display} is out of range (64x64 to 3840x2160)")))
+            }
+            Ok(_) => {}
+            Err(err) => return Err(Status::invalid_argument(err.to_string())),
+        }
+        let disks = config
+            .disks
+            .into_iter()
+            .map(|disk| DiskRecord {
+                path: disk.path.into(),
+                readonly: disk.readonly,
+                base: (!disk.base.is_empty()).then(|| disk.base.into()),
+                size_bytes: (disk.size_bytes > 0).then_some(disk.size_bytes),
+            })
+            .collect();
+        let cmdline = (!config.cmdline.is_empty()).then_some(config.cmdline);
+        Ok(VmSpec { kernel, memory_mib, cpus, display, cmdline, disks })
+    }
+
+    /// Starts `name`'s VMM and marks it running.
+    async fn boot(&self, name: &str) -> Result<v1::Vm, Status> {
+        let (record, paths) = {
+            let mut vms = self.host.vms.lock().await;
+            let entry = vms.get_mut(name).ok_or_else(|| Status::not_found(format!("no VM named {name:?}")))?;
+            entry.state = v1::VmState::Starting;
+            entry.record.stopped = false;
+            (entry.record.clone(), entry.paths.clone())
+        };
+        let started = supervisor::start(&self.host.config.vmm, &record, &paths).await;
+        let mut vms = self.host.vms.lock().await;
+        let entry = vms.get_mut(name).ok_or_else(|| Status::not_found(format!("{name:?} was deleted")))?;
+        match started {
+            Ok(child) => {
+                entry.record.pid = child.id();
+                entry.record.exit_reason = None;
+                entry.state = v1::VmState::Running;
+                self.host.registry.save(&entry.record).map_err(|err| Status::internal(err.to_string()))?;
+                self.host.clone().watch_child(name.to_string(), child);
+                Ok(vm_message(entry))
+            }
+            Err(reason) => {
+                entry.state = v1::VmState::Crashed;
+                entry.record.exit_reason = Some(reason.clone());
+                let _ = self.host.registry.save(&entry.record);
+                Err(Status::internal(format!("VM {name:?} did not start: {reason}")))
+            }
+        }
+    }
+
+    /// The control socket of a running VM `caller` may use.
+    async fn running(&self, name: &str, caller: Caller) -> Result<std::path::PathBuf, Status> {
+        let vms = self.host.vms.lock().await;
+        let entry = self.host.check(&vms, name, caller)?;
+        if entry.state != v1::VmState::Running {
+            return Err(Status::failed_precondition(format!("VM {name:?} is {:?}, not running", entry.state)));
+        }
+        Ok(entry.paths.control())
+    }
+
+    /// Asks `name`'s VMM to stop and waits for it to end.
+    async fn stop_vm(&self, name: &str, caller: Caller) -> Result<(), Status> {
+        let socket = {
+            let mut vms = self.host.vms.lock().await;
+            self.host.check(&vms, name, caller)?;
+            let entry = vms.get_mut(name).expect("checked above");
+            entry.record.stopped = true;
+            self.host.registry.save(&entry.record).map_err(|err| Status::internal(err.to_string()))?;
+            if entry.state != v1::VmState::Running {
+                entry.state = v1::VmState::Stopped;
+                return Ok(());
+            }
+            entry.paths.control()
+        };
+        let _ = supervisor::call(&socket, Request::Stop, CALL_SLACK).await;
+        let deadline = std::time::Instant::now() + CALL_SLACK;
+        loop {
+            let pid = self.host.vms.lock().await.get(name).and_then(|entry| entry.record.pid);
+            match pid {
+                None => return Ok(()),
+                Some(_) if std::time::Instant::now() > deadline => {
+                    return Err(Status::deadline_exceeded(format!("VM {name:?} did not stop within {CALL_SLACK:?}")))
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::host_server::Host for Services {
+    async fn info(&self, request: GrpcRequest<v1::HostInfoRequest>) -> Result<GrpcResponse<v1::HostInfo>, Status> {
+        let caller = caller(&request)?;
+        let vms = self.host.vms.lock().await;
+        let visible = vms.values().filter(|entry| self.host.allowed(caller, entry.record.owner_uid)).count();
+        // SAFETY: sysconf only reads system configuration.
+        let (cpus, pages, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_NPROCESSORS_ONLN),
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        let platform = if std::path::Path::new("/sys/module/kvm_pvm").exists() { "pvm" } else { "hardware" };
+        Ok(GrpcResponse::new(v1::HostInfo {
+            platform: platform.into(),
+            cpus: cpus.max(0) as u32,
+            memory_bytes: (pages.max(0) as u64) * (page.max(0) as u64),
+            vms: visible as u32,
+            carreld_version: env!("CARGO_PKG_VERSION").into(),
+            carrel_vmm: self.host.config.vmm.display().to_string(),
+        }))
+    }
+}
+
+type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl v1::vms_server::Vms for Services {
+    async fn create(&self, request: GrpcRequest<v1::CreateVmRequest>) -> Result<GrpcResponse<v1::Vm>, Status> {
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let name = request.name;
+        if !valid_name(&name) {
+            return Err(Status::invalid_argument(format!(
+                "VM name {name:?} must be 1 to 63 of a-z, 0-9 and '-', not starting with '-'"
+            )));
+        }
+        let spec = self.spec(request.config)?;
+        {
+            let mut vms = self.host.vms.lock().await;
+            if vms.contains_key(&name) {
+                return Err(Status::already_exists(format!("a VM named {name:?} exists")));
+            }
+            let record = VmRecord {
+                name: name.clone(),
+                owner_uid: caller.uid,
+                spec,
+                pid: None,
+                stopped: false,
+                exit_reason: None,
+            };
+            self.host.registry.save(&record).map_err(|err| Status::internal(err.to_string()))?;
+            let paths = supervisor::VmPaths { dir: self.host.registry.vm_dir(&name) };
+            vms.insert(name.clone(), VmEntry { record, state: v1::VmState::Starting, paths });
+        }
+        self.boot(&name).await.map(GrpcResponse::new)
+    }
+
+    async fn get(&self, request: GrpcRequest<v1::GetVmRequest>) -> Result<GrpcResponse<v1::Vm>, Status> {
+        let caller = caller(&request)?;
+        let vms = self.host.vms.lock().await;
+        let entry = self.host.check(&vms, &request.get_ref().name, caller)?;
+        Ok(GrpcResponse::new(vm_message(entry)))
+    }
+
+    async fn list(
+        &self,
+        request: GrpcRequest<v1::ListVmsRequest>,
+    ) -> Result<GrpcResponse<v1::ListVmsResponse>, Status> {
+        let caller = caller(&request)?;
+        let vms = self.host.vms.lock().await;
+        let visible =
+            vms.values().filter(|entry| self.host.allowed(caller, entry.record.owner_uid)).map(vm_message).collect();
+        Ok(GrpcResponse::new(v1::ListVmsResponse { vms: visible }))
+    }
+
+    async fn start(&self, request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::Vm>, Status> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        {
+            let vms = self.host.vms.lock().await;
+            let entry = self.host.check(&vms, &name, caller)?;
+            if matches!(entry.state, v1::VmState::Running | v1::VmState::Starting) {
+                return Err(Status::failed_precondition(format!("VM {name:?} is running already")));
+            }
+        }
+        self.boot(&name).await.map(GrpcResponse::new)
+    }
+
+    async fn stop(&self, request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::Vm>, Status> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        self.stop_vm(&name, caller).await?;
+        let vms = self.host.vms.lock().await;
+        Ok(GrpcResponse::new(vm_message(self.host.check(&vms, &name, caller)?)))
+    }
+
+    async fn reboot(&self, _request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::Vm>, Status> {
+        Err(Status::unimplemented("Vms.Reboot is not built yet: Stop then Start"))
+    }
+
+    async fn delete(&self, request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::DeleteVmResponse>, Status> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        self.stop_vm(&name, caller).await?;
+        let mut vms = self.host.vms.lock().await;
+        self.host.check(&vms, &name, caller)?;
+        vms.remove(&name);
+        self.host.registry.remove(&name).map_err(|err| Status::internal(err.to_string()))?;
+        Ok(GrpcResponse::new(v1::DeleteVmResponse {}))
+    }
+
+    type WatchStream = Stream2<v1::VmEvent>;
+
+    async fn watch(&self, _request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("Vms.Watch is not built yet: poll Vms.Get"))
+    }
+}
+
+fn image_format(format: i32) -> (ImageFormat, v1::ImageFormat) {
+    match v1::ImageFormat::try_from(format).unwrap_or(v1::ImageFormat::Png) {
+        v1::ImageFormat::Png => (ImageFormat::Png, v1::ImageFormat::Png),
+        v1::ImageFormat::Qoi => (ImageFormat::Qoi, v1::ImageFormat::Qoi),
+        v1::ImageFormat::Raw => (ImageFormat::Raw, v1::ImageFormat::Raw),
+    }
+}
+
+fn screenshot_message(shot: carrel_vmm::control::Screenshot, format: v1::ImageFormat) -> v1::Screenshot {
+    v1::Screenshot {
+        image: shot.bytes,
+        format: format as i32,
+        width: shot.width,
+        height: shot.height,
+        frame: shot.frame,
+    }
+}
+
+#[tonic::async_trait]
+impl v1::screen_server::Screen for Services {
+    async fn screenshot(
+        &self,
+        request: GrpcRequest<v1::ScreenshotRequest>,
+    ) -> Result<GrpcResponse<v1::Screenshot>, Status> {
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let socket = self.running(&request.name, caller).await?;
+        let (format, answer_format) = image_format(request.format);
+        let wait = match (request.after_frame, request.still_ms) {
+            (0, 0) => Wait::FirstFrame,
+            (after, 0) => Wait::FrameAfter(after),
+            (_, still) => Wait::StillFor(still),
+        };
+        let scale = (request.scale_width > 0 && request.scale_height > 0)
+            .then_some([request.scale_width, request.scale_height]);
+        let timeout_ms = if request.timeout_ms == 0 { 5_000 } else { request.timeout_ms };
+        let screenshot = ScreenshotRequest { format, crop: None, scale, cursor: false, wait, timeout_ms };
+        match supervisor::call(&socket, Request::Screenshot(screenshot), Duration::from_millis(timeout_ms) + CALL_SLACK)
+            .await
+        {
+            Ok(Response::Screenshot(shot)) => Ok(GrpcResponse::new(screenshot_message(shot, answer_format))),
+            Ok(Response::Error(failure)) | Err(failure) => Err(status_of(failure)),
+            Ok(other) => Err(Status::internal(format!("unexpected answer from the VMM: {other:?}"))),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::input_server::Input for Services {
+    async fn act(&self, request: GrpcRequest<v1::ActRequest>) -> Result<GrpcResponse<v1::ActResponse>, Status> {
+        use carrel_vmm::input::{Action, Button};
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let socket = self.running(&request.name, caller).await?;
+        let action = match request.action {
+            Some(v1::act_request::Action::Click(click)) => {
+                Action::Click { x: click.x, y: click.y, button: Button::Left, count: 1 }
+            }
+            Some(v1::act_request::Action::TypeText(text)) => Action::Type { text },
+            Some(v1::act_request::Action::Key(combo)) => Action::Key { combo },
+            None => return Err(Status::invalid_argument("an action is required: click, type_text or key")),
+        };
+        let timeout_ms = if request.timeout_ms == 0 { 5_000 } else { request.timeout_ms };
+        let input = InputRequest {
+            action,
+            wait: Some(Wait::FrameAfter(0)),
+            screenshot: request.screenshot.then_some(ImageFormat::Png),
+            timeout_ms,
+            hold_ms: None,
+            gap_ms: None,
+        };
+        match supervisor::call(&socket, Request::Input(input), Duration::from_millis(timeout_ms) + CALL_SLACK).await {
+            Ok(Response::Input(done)) => Ok(GrpcResponse::new(v1::ActResponse {
+                frame: done.frame.unwrap_or_default(),
+                timed_out: done.timed_out,
+                screenshot: done.screenshot.map(|shot| screenshot_message(shot, v1::ImageFormat::Png)),
+            })),
+            Ok(Response::Error(failure)) | Err(failure) => Err(status_of(failure)),
+            Ok(other) => Err(Status::internal(format!("unexpected answer from the VMM: {other:?}"))),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::agent_server::Agent for Services {
+    async fn exec(&self, request: GrpcRequest<v1::ExecRequest>) -> Result<GrpcResponse<v1::ExecResponse>, Status> {
+        use carrel_vmm::control::{AgentExec, AgentRequest, AgentResponse};
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let socket = self.running(&request.name, caller).await?;
+        let timeout_ms = (request.timeout_ms > 0).then_some(request.timeout_ms);
+        let exec = AgentExec { argv: request.argv, env: Vec::new(), cwd: None, stdin: request.stdin, timeout_ms };
+        let wait = Duration::from_millis(timeout_ms.unwrap_or(600_000)) + CALL_SLACK;
+        match supervisor::call(&socket, Request::Agent(AgentRequest::Exec(exec)), wait).await {
+            Ok(Response::Agent(AgentResponse::Exit { code, signal, timed_out, stdout, stderr })) => {
+                let exit_code = code.unwrap_or_else(|| 128 + signal.unwrap_or(0));
+                Ok(GrpcResponse::new(v1::ExecResponse { exit_code, timed_out, stdout, stderr }))
+            }
+            Ok(Response::Error(failure)) | Err(failure) => Err(status_of(failure)),
+            Ok(other) => Err(Status::internal(format!("unexpected answer from the VMM: {other:?}"))),
+        }
+    }
+
+    async fn put(
+        &self,
+        _request: GrpcRequest<tonic::Streaming<v1::PutChunk>>,
+    ) -> Result<GrpcResponse<v1::PutResponse>, Status> {
+        Err(Status::unimplemented("Agent.Put through carreld is not built yet (carrel-vmm agent put works per VM)"))
+    }
+
+    type GetStream = Stream2<v1::GetChunk>;
+
+    async fn get(&self, _request: GrpcRequest<v1::GetRequest>) -> Result<GrpcResponse<Self::GetStream>, Status> {
+        Err(Status::unimplemented("Agent.Get through carreld is not built yet (carrel-vmm agent get works per VM)"))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::console_server::Console for Services {
+    type AttachStream = Stream2<v1::ConsoleOutput>;
+
+    async fn attach(
+        &self,
+        _request: GrpcRequest<tonic::Streaming<v1::ConsoleInput>>,
+    ) -> Result<GrpcResponse<Self::AttachStream>, Status> {
+        Err(Status::unimplemented("Console.Attach is not built yet: the console is in <state>/vms/NAME/console.log"))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::snapshots_server::Snapshots for Services {
+    async fn snapshot(
+        &self,
+        _request: GrpcRequest<v1::SnapshotRequest>,
+    ) -> Result<GrpcResponse<v1::SnapshotInfo>, Status> {
+        Err(Status::unimplemented("Snapshots through carreld are not built yet (carrel-vmm snapshot works per VM)"))
+    }
+
+    async fn hibernate(
+        &self,
+        _request: GrpcRequest<v1::SnapshotRequest>,
+    ) -> Result<GrpcResponse<v1::SnapshotInfo>, Status> {
+        Err(Status::unimplemented("Snapshots.Hibernate through carreld is not built yet"))
+    }
+
+    async fn wake(&self, _request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::Vm>, Status> {
+        Err(Status::unimplemented("Snapshots.Wake through carreld is not built yet"))
+    }
+
+    async fn list(&self, _request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::ListSnapshotsResponse>, Status> {
+        Err(Status::unimplemented("Snapshots.List through carreld is not built yet"))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::audit_server::Audit for Services {
+    type RecordsStream = Stream2<v1::AuditRecord>;
+
+    async fn records(
+        &self,
+        _request: GrpcRequest<v1::AuditRequest>,
+    ) -> Result<GrpcResponse<Self::RecordsStream>, Status> {
+        Err(Status::unimplemented("Audit.Records is not built yet (carrel-audit reads a VM's log)"))
+    }
+}

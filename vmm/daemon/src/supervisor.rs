@@ -1,0 +1,152 @@
+//! One `carrel-vmm` process per VM: started in its own process group (so it outlives a
+//! daemon restart), watched until it ends, and spoken to over its private control socket.
+//! The per-VM protocol is blocking; calls run on tokio's blocking pool.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use carrel_vmm::control::{ControlClient, Failure, Request, Response};
+
+use crate::registry::VmRecord;
+
+/// How long a new VMM has to open its control socket.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Where a VM's files are.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    pub dir: PathBuf,
+}
+
+impl VmPaths {
+    pub fn control(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
+    pub fn vsock(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+
+    pub fn console(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+}
+
+/// The `carrel-vmm run` arguments for `record`.
+pub fn run_args(record: &VmRecord, paths: &VmPaths) -> Vec<String> {
+    let spec = &record.spec;
+    let mut args = vec![
+        "run".to_string(),
+        "--kernel".into(),
+        spec.kernel.display().to_string(),
+        "--mem".into(),
+        spec.memory_mib.to_string(),
+        "--cpus".into(),
+        spec.cpus.to_string(),
+        "--display".into(),
+        spec.display.clone(),
+        "--name".into(),
+        record.name.clone(),
+        "--socket".into(),
+        paths.control().display().to_string(),
+        "--vsock".into(),
+        paths.vsock().display().to_string(),
+        "--console-log".into(),
+        paths.console().display().to_string(),
+        "--no-console".into(),
+    ];
+    if let Some(cmdline) = &spec.cmdline {
+        args.extend(["--cmdline".into(), cmdline.clone()]);
+    }
+    for disk in &spec.disks {
+        let mut text = disk.path.display().to_string();
+        if disk.readonly {
+            text.push_str(",readonly");
+        }
+        if let Some(base) = &disk.base {
+            text.push_str(&format!(",base={}", base.display()));
+        }
+        if let Some(size) = disk.size_bytes {
+            text.push_str(&format!(",size={size}"));
+        }
+        args.extend(["--disk".into(), text]);
+    }
+    args
+}
+
+/// Starts the VMM for `record`; returns the child once its control socket answers.
+pub async fn start(vmm: &Path, record: &VmRecord, paths: &VmPaths) -> Result<tokio::process::Child, String> {
+    for stale in [paths.control(), paths.vsock()] {
+        let _ = std::fs::remove_file(stale);
+    }
+    let stderr =
+        std::fs::File::create(paths.dir.join("vmm.log")).map_err(|err| format!("cannot create vmm.log: {err}"))?;
+    let mut child = tokio::process::Command::new(vmm)
+        .args(run_args(record, paths))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        // Its own process group: a signal to the daemon's group does not end the VMs.
+        .process_group(0)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|err| format!("cannot start {}: {err}", vmm.display()))?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().map_err(|err| err.to_string())? {
+            return Err(format!("carrel-vmm ended at start ({}): {}", describe_status(status), last_lines(paths, 5)));
+        }
+        if call(&paths.control(), Request::Status, Duration::from_secs(2)).await.is_ok() {
+            return Ok(child);
+        }
+        if Instant::now() > deadline {
+            let _ = child.start_kill();
+            return Err(format!("carrel-vmm did not open its control socket within {START_TIMEOUT:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// One request on the VM's control socket.
+pub async fn call(socket: &Path, request: Request, timeout: Duration) -> Result<Response, Failure> {
+    let socket = socket.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut client = ControlClient::connect(&socket).map_err(|err| Failure::unavailable(err.to_string()))?;
+        client.call(&request, timeout).map_err(|err| Failure::unavailable(err.to_string()))
+    })
+    .await
+    .map_err(|err| Failure::internal(err.to_string()))?
+}
+
+/// "exit code N" or "signal N".
+pub fn describe_status(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => format!("signal {signal}"),
+        _ => "ended".into(),
+    }
+}
+
+/// The last `count` lines of the VM's console and VMM log, for an exit reason.
+pub fn last_lines(paths: &VmPaths, count: usize) -> String {
+    let mut lines = Vec::new();
+    for file in [paths.console(), paths.dir.join("vmm.log")] {
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            let tail: Vec<&str> = text.lines().rev().take(count).collect();
+            lines.extend(tail.into_iter().rev().map(str::to_string));
+        }
+    }
+    lines.join(" | ")
+}
+
+/// Whether process `pid` runs (for re-attaching after a daemon restart): a zombie, an
+/// ended VMM nobody has reaped yet, does not count.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}

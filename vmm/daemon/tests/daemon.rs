@@ -1,0 +1,207 @@
+//! carreld end to end through its socket only: VMs created, looked at, acted on, crashed,
+//! re-attached after a daemon restart, stopped and deleted, with nothing left behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use carrel_api::v1;
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// carrel-vmm, brought up to date: it belongs to another package, so Cargo builds it for
+/// that package's tests only.
+fn vmm_binary() -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(["build", "--quiet", "-p", "carrel-vmm", "--bin", "carrel-vmm"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "building carrel-vmm failed");
+    Path::new(env!("CARGO_BIN_EXE_carreld")).with_file_name("carrel-vmm")
+}
+
+fn desk_kernel() -> PathBuf {
+    let kernel = workspace_root().join("target/guests/desk.elf");
+    assert!(kernel.exists(), "run scripts/build-guests.sh first");
+    kernel
+}
+
+struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    fn start(socket: &Path, state: &Path, vmm: &Path) -> Daemon {
+        let child = Command::new(env!("CARGO_BIN_EXE_carreld"))
+            .args(["--socket", socket.to_str().unwrap(), "--state", state.to_str().unwrap()])
+            .args(["--vmm", vmm.to_str().unwrap(), "--kernel", desk_kernel().to_str().unwrap()])
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            assert!(Instant::now() < deadline, "carreld did not open its socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Daemon { child }
+    }
+
+    fn terminate(mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "carreld ends cleanly on SIGTERM: {status:?}");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn connect(socket: &Path) -> Channel {
+    let socket = socket.to_path_buf();
+    Endpoint::try_from("http://carreld")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+        }))
+        .await
+        .unwrap()
+}
+
+/// Whether `pid` runs; a zombie (ended, not yet reaped by whoever inherited it) does not.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+async fn wait_state(vms: &mut v1::vms_client::VmsClient<Channel>, name: &str, state: v1::VmState) -> v1::Vm {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let vm = vms.get(v1::GetVmRequest { name: name.into() }).await.unwrap().into_inner();
+        if vm.state == state as i32 {
+            return vm;
+        }
+        assert!(Instant::now() < deadline, "{name} never reached {state:?}: {vm:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_are_created_used_crash_detected_reattached_and_deleted_through_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
+    let vmm = vmm_binary();
+    let daemon = Daemon::start(&socket, &state, &vmm);
+    let channel = connect(&socket).await;
+    let mut host = v1::host_client::HostClient::new(channel.clone());
+    let mut vms = v1::vms_client::VmsClient::new(channel.clone());
+    let mut screen = v1::screen_client::ScreenClient::new(channel.clone());
+    let mut input = v1::input_client::InputClient::new(channel.clone());
+    let mut agent = v1::agent_client::AgentClient::new(channel.clone());
+
+    let info = host.info(v1::HostInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.vms, 0);
+    assert!(info.platform == "pvm" || info.platform == "hardware", "{info:?}");
+
+    for name in ["one", "two"] {
+        let vm = vms.create(v1::CreateVmRequest { name: name.into(), config: None }).await.unwrap().into_inner();
+        assert_eq!(vm.state, v1::VmState::Running as i32, "{vm:?}");
+        assert!(alive(vm.pid));
+    }
+    let duplicate = vms.create(v1::CreateVmRequest { name: "one".into(), config: None }).await.unwrap_err();
+    assert_eq!(duplicate.code(), tonic::Code::AlreadyExists);
+    let config = v1::VmConfig { memory_mib: 1 << 20, ..Default::default() };
+    let invalid = vms.create(v1::CreateVmRequest { name: "big".into(), config: Some(config) }).await.unwrap_err();
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument, "{invalid:?}");
+    let bad_name = vms.create(v1::CreateVmRequest { name: "../x".into(), config: None }).await.unwrap_err();
+    assert_eq!(bad_name.code(), tonic::Code::InvalidArgument);
+    let missing = vms.get(v1::GetVmRequest { name: "nobody".into() }).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    assert_eq!(vms.list(v1::ListVmsRequest {}).await.unwrap().into_inner().vms.len(), 2);
+
+    // Look at "one", type into it, and see the typing in its screenshot.
+    let still = v1::ScreenshotRequest { name: "one".into(), still_ms: 200, timeout_ms: 10_000, ..Default::default() };
+    let before = screen.screenshot(still.clone()).await.unwrap().into_inner();
+    assert_eq!((before.width, before.height), (1280, 800));
+    assert_eq!(&before.image[..4], b"\x89PNG");
+    let decoder = png::Decoder::new(std::io::Cursor::new(before.image.clone()));
+    let header = decoder.read_info().unwrap().info().clone();
+    assert_eq!((header.width, header.height), (1280, 800));
+    let typed = input
+        .act(v1::ActRequest {
+            name: "one".into(),
+            action: Some(v1::act_request::Action::TypeText("hello".into())),
+            screenshot: true,
+            timeout_ms: 5_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!typed.timed_out && typed.frame > before.frame, "typing drew a frame: {typed:?}");
+    let after = typed.screenshot.expect("act-then-look returns the frame");
+    assert_ne!(after.image, before.image, "the typed text is on the screen");
+
+    // Exec in "two".
+    let exec = v1::ExecRequest { name: "two".into(), argv: vec!["echo".into(), "hi".into()], ..Default::default() };
+    let done = agent.exec(exec).await.unwrap().into_inner();
+    assert_eq!((done.exit_code, done.stdout.as_slice()), (0, b"hi\n".as_slice()));
+
+    // kill -9 "two"'s VMM: the daemon notices and keeps the reason.
+    let two = vms.get(v1::GetVmRequest { name: "two".into() }).await.unwrap().into_inner();
+    // SAFETY: kill(2) on the VMM the daemon started for this test.
+    unsafe { libc::kill(two.pid as i32, libc::SIGKILL) };
+    let crashed = wait_state(&mut vms, "two", v1::VmState::Crashed).await;
+    assert!(crashed.exit_reason.contains("signal 9"), "{crashed:?}");
+    let refused = agent
+        .exec(v1::ExecRequest { name: "two".into(), argv: vec!["echo".into()], ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+
+    // Restart the daemon: "one" is found running, with the same VMM.
+    let one = vms.get(v1::GetVmRequest { name: "one".into() }).await.unwrap().into_inner();
+    drop((host, vms, screen, input, agent, channel));
+    daemon.terminate();
+    assert!(alive(one.pid), "the VMs outlive the daemon");
+    let daemon = Daemon::start(&socket, &state, &vmm);
+    let channel = connect(&socket).await;
+    let mut vms = v1::vms_client::VmsClient::new(channel.clone());
+    let again = vms.get(v1::GetVmRequest { name: "one".into() }).await.unwrap().into_inner();
+    assert_eq!((again.state, again.pid), (v1::VmState::Running as i32, one.pid), "re-attached: {again:?}");
+    let mut screen = v1::screen_client::ScreenClient::new(channel.clone());
+    assert!(screen.screenshot(still).await.is_ok());
+    let two = vms.get(v1::GetVmRequest { name: "two".into() }).await.unwrap().into_inner();
+    assert_eq!(two.state, v1::VmState::Crashed as i32);
+
+    // A second carreld on the same socket is refused.
+    let second = Command::new(env!("CARGO_BIN_EXE_carreld"))
+        .args(["--socket", socket.to_str().unwrap(), "--state", state.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("another carreld"), "{second:?}");
+
+    let stopped = vms.stop(v1::VmName { name: "one".into() }).await.unwrap().into_inner();
+    assert_eq!(stopped.state, v1::VmState::Stopped as i32);
+    assert!(!alive(one.pid));
+    for name in ["one", "two"] {
+        vms.delete(v1::VmName { name: name.into() }).await.unwrap();
+    }
+    assert!(vms.list(v1::ListVmsRequest {}).await.unwrap().into_inner().vms.is_empty());
+    assert_eq!(std::fs::read_dir(state.join("vms")).unwrap().count(), 0, "nothing left in the state dir");
+    drop((vms, screen, channel));
+    daemon.terminate();
+    assert!(!socket.exists(), "the socket goes with the daemon");
+}
