@@ -135,16 +135,77 @@ impl Host {
         });
     }
 
-    async fn ended(&self, name: &str, reason: String) {
+    /// Starts `name`'s VMM and marks it running; a VMM that fails to start leaves the VM
+    /// crashed with the reason. A start by request begins a new run of restarts; a restart
+    /// after a failure does nothing if the VM was stopped meanwhile.
+    pub async fn boot(self: &Arc<Host>, name: &str, by_request: bool) -> Result<v1::Vm, Status> {
+        let (record, paths) = {
+            let mut vms = self.vms.lock().await;
+            let entry = vms.get_mut(name).ok_or_else(|| Status::not_found(format!("no VM named {name:?}")))?;
+            if by_request {
+                entry.record.stopped = false;
+                entry.record.restarts = 0;
+            } else if entry.record.stopped {
+                return Ok(crate::service::vm_message(entry));
+            }
+            entry.state = v1::VmState::Starting;
+            (entry.record.clone(), entry.paths.clone())
+        };
+        let started = supervisor::start(&self.config.vmm, &record, &paths).await;
         let mut vms = self.vms.lock().await;
-        let Some(entry) = vms.get_mut(name) else { return };
-        let stopped = entry.record.stopped;
-        let tail = supervisor::last_lines(&entry.paths, 5);
-        entry.record.pid = None;
-        entry.record.exit_reason = Some(if tail.is_empty() { reason } else { format!("{reason}; last lines: {tail}") });
-        entry.state = if stopped { v1::VmState::Stopped } else { v1::VmState::Crashed };
-        if let Err(err) = self.registry.save(&entry.record) {
-            eprintln!("carreld: {err}");
+        let entry = vms.get_mut(name).ok_or_else(|| Status::not_found(format!("{name:?} was deleted")))?;
+        match started {
+            Ok(child) => {
+                entry.record.pid = child.id();
+                entry.state = v1::VmState::Running;
+                self.registry.save(&entry.record).map_err(|err| Status::internal(err.to_string()))?;
+                self.clone().watch_child(name.to_string(), child);
+                Ok(crate::service::vm_message(entry))
+            }
+            Err(reason) => {
+                entry.state = v1::VmState::Crashed;
+                entry.record.exit_reason = Some(reason.clone());
+                let _ = self.registry.save(&entry.record);
+                Err(Status::internal(format!("VM {name:?} did not start: {reason}")))
+            }
+        }
+    }
+
+    /// A VMM ended: keep why, and restart it when it was not asked to stop and its
+    /// policy allows (at once the first time, then with a doubling backoff).
+    async fn ended(self: &Arc<Host>, name: &str, reason: String) {
+        let restart = {
+            let mut vms = self.vms.lock().await;
+            let Some(entry) = vms.get_mut(name) else { return };
+            let stopped = entry.record.stopped;
+            let tail = supervisor::last_lines(&entry.paths, 5);
+            entry.record.pid = None;
+            entry.record.exit_reason =
+                Some(if tail.is_empty() { reason } else { format!("{reason}; last lines: {tail}") });
+            entry.state = if stopped { v1::VmState::Stopped } else { v1::VmState::Crashed };
+            let restart = !stopped && entry.record.restarts < entry.record.spec.max_restarts;
+            if restart {
+                entry.record.restarts += 1;
+                entry.state = v1::VmState::Starting;
+            }
+            if let Err(err) = self.registry.save(&entry.record) {
+                eprintln!("carreld: {err}");
+            }
+            restart.then(|| RESTART_BACKOFF * ((1u32 << entry.record.restarts.min(8)) / 2))
+        };
+        if let Some(backoff) = restart {
+            let host = self.clone();
+            let name = name.to_string();
+            tokio::spawn(async move {
+                tokio::time::sleep(backoff.min(MAX_BACKOFF)).await;
+                if let Err(status) = host.boot(&name, false).await {
+                    eprintln!("carreld: restarting {name}: {}", status.message());
+                }
+            });
         }
     }
 }
+
+/// The backoff unit between restarts after failures: 0, 100 ms, 200 ms, 400 ms, ...
+const RESTART_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(10);

@@ -45,6 +45,9 @@ pub struct VmSpec {
     pub display: String,
     pub cmdline: Option<String>,
     pub disks: Vec<DiskRecord>,
+    /// Restart after failures, up to this many in a row (0: never).
+    #[serde(default)]
+    pub max_restarts: u32,
 }
 
 /// What the registry knows of one VM.
@@ -58,6 +61,9 @@ pub struct VmRecord {
     /// The user asked it to stop: its end is not a crash.
     pub stopped: bool,
     pub exit_reason: Option<String>,
+    /// Restarts after failures since the last start by request.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// The on-disk registry.
@@ -143,10 +149,12 @@ mod tests {
                 display: "1280x800".into(),
                 cmdline: None,
                 disks: Vec::new(),
+                max_restarts: 5,
             },
             pid: Some(42),
             stopped: false,
             exit_reason: None,
+            restarts: 0,
         }
     }
 

@@ -54,7 +54,7 @@ pub fn status_of(failure: Failure) -> Status {
     Status::new(code, failure.message)
 }
 
-fn vm_message(entry: &VmEntry) -> v1::Vm {
+pub fn vm_message(entry: &VmEntry) -> v1::Vm {
     let spec = &entry.record.spec;
     v1::Vm {
         name: entry.record.name.clone(),
@@ -66,6 +66,12 @@ fn vm_message(entry: &VmEntry) -> v1::Vm {
             cpus: spec.cpus,
             display: spec.display.clone(),
             cmdline: spec.cmdline.clone().unwrap_or_default(),
+            restart: if spec.max_restarts == 0 {
+                v1::RestartPolicy::Never as i32
+            } else {
+                v1::RestartPolicy::OnFailure as i32
+            },
+            max_restarts: spec.max_restarts,
             disks: spec
                 .disks
                 .iter()
@@ -80,6 +86,7 @@ fn vm_message(entry: &VmEntry) -> v1::Vm {
         pid: entry.record.pid.unwrap_or_default(),
         exit_reason: entry.record.exit_reason.clone().unwrap_or_default(),
         platform: String::new(),
+        restarts: entry.record.restarts,
     }
 }
 
@@ -123,37 +130,13 @@ impl Services {
             })
             .collect();
         let cmdline = (!config.cmdline.is_empty()).then_some(config.cmdline);
-        Ok(VmSpec { kernel, memory_mib, cpus, display, cmdline, disks })
-    }
-
-    /// Starts `name`'s VMM and marks it running.
-    async fn boot(&self, name: &str) -> Result<v1::Vm, Status> {
-        let (record, paths) = {
-            let mut vms = self.host.vms.lock().await;
-            let entry = vms.get_mut(name).ok_or_else(|| Status::not_found(format!("no VM named {name:?}")))?;
-            entry.state = v1::VmState::Starting;
-            entry.record.stopped = false;
-            (entry.record.clone(), entry.paths.clone())
+        let max_restarts = match v1::RestartPolicy::try_from(config.restart) {
+            Ok(v1::RestartPolicy::Never) => 0,
+            Ok(v1::RestartPolicy::OnFailure) if config.max_restarts == 0 => 5,
+            Ok(v1::RestartPolicy::OnFailure) => config.max_restarts,
+            Err(_) => return Err(Status::invalid_argument(format!("unknown restart policy {}", config.restart))),
         };
-        let started = supervisor::start(&self.host.config.vmm, &record, &paths).await;
-        let mut vms = self.host.vms.lock().await;
-        let entry = vms.get_mut(name).ok_or_else(|| Status::not_found(format!("{name:?} was deleted")))?;
-        match started {
-            Ok(child) => {
-                entry.record.pid = child.id();
-                entry.record.exit_reason = None;
-                entry.state = v1::VmState::Running;
-                self.host.registry.save(&entry.record).map_err(|err| Status::internal(err.to_string()))?;
-                self.host.clone().watch_child(name.to_string(), child);
-                Ok(vm_message(entry))
-            }
-            Err(reason) => {
-                entry.state = v1::VmState::Crashed;
-                entry.record.exit_reason = Some(reason.clone());
-                let _ = self.host.registry.save(&entry.record);
-                Err(Status::internal(format!("VM {name:?} did not start: {reason}")))
-            }
-        }
+        Ok(VmSpec { kernel, memory_mib, cpus, display, cmdline, disks, max_restarts })
     }
 
     /// The control socket of a running VM `caller` may use.
@@ -247,12 +230,13 @@ impl v1::vms_server::Vms for Services {
                 pid: None,
                 stopped: false,
                 exit_reason: None,
+                restarts: 0,
             };
             self.host.registry.save(&record).map_err(|err| Status::internal(err.to_string()))?;
             let paths = supervisor::VmPaths { dir: self.host.registry.vm_dir(&name) };
             vms.insert(name.clone(), VmEntry { record, state: v1::VmState::Starting, paths });
         }
-        self.boot(&name).await.map(GrpcResponse::new)
+        self.host.boot(&name, true).await.map(GrpcResponse::new)
     }
 
     async fn get(&self, request: GrpcRequest<v1::GetVmRequest>) -> Result<GrpcResponse<v1::Vm>, Status> {
@@ -283,7 +267,7 @@ impl v1::vms_server::Vms for Services {
                 return Err(Status::failed_precondition(format!("VM {name:?} is running already")));
             }
         }
-        self.boot(&name).await.map(GrpcResponse::new)
+        self.host.boot(&name, true).await.map(GrpcResponse::new)
     }
 
     async fn stop(&self, request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::Vm>, Status> {

@@ -115,8 +115,10 @@ async fn vms_are_created_used_crash_detected_reattached_and_deleted_through_the_
     assert_eq!(info.vms, 0);
     assert!(info.platform == "pvm" || info.platform == "hardware", "{info:?}");
 
-    for name in ["one", "two"] {
-        let vm = vms.create(v1::CreateVmRequest { name: name.into(), config: None }).await.unwrap().into_inner();
+    for name in ["one", "two", "never"] {
+        let config =
+            (name == "never").then(|| v1::VmConfig { restart: v1::RestartPolicy::Never as i32, ..Default::default() });
+        let vm = vms.create(v1::CreateVmRequest { name: name.into(), config }).await.unwrap().into_inner();
         assert_eq!(vm.state, v1::VmState::Running as i32, "{vm:?}");
         assert!(alive(vm.pid));
     }
@@ -129,7 +131,7 @@ async fn vms_are_created_used_crash_detected_reattached_and_deleted_through_the_
     assert_eq!(bad_name.code(), tonic::Code::InvalidArgument);
     let missing = vms.get(v1::GetVmRequest { name: "nobody".into() }).await.unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
-    assert_eq!(vms.list(v1::ListVmsRequest {}).await.unwrap().into_inner().vms.len(), 2);
+    assert_eq!(vms.list(v1::ListVmsRequest {}).await.unwrap().into_inner().vms.len(), 3);
 
     // Look at "one", type into it, and see the typing in its screenshot.
     let still = v1::ScreenshotRequest { name: "one".into(), still_ms: 200, timeout_ms: 10_000, ..Default::default() };
@@ -158,14 +160,34 @@ async fn vms_are_created_used_crash_detected_reattached_and_deleted_through_the_
     let done = agent.exec(exec).await.unwrap().into_inner();
     assert_eq!((done.exit_code, done.stdout.as_slice()), (0, b"hi\n".as_slice()));
 
-    // kill -9 "two"'s VMM: the daemon notices and keeps the reason.
+    // kill -9 "two"'s VMM: the daemon notices, keeps the reason and restarts it by policy.
     let two = vms.get(v1::GetVmRequest { name: "two".into() }).await.unwrap().into_inner();
+    let killed_at = Instant::now();
     // SAFETY: kill(2) on the VMM the daemon started for this test.
     unsafe { libc::kill(two.pid as i32, libc::SIGKILL) };
-    let crashed = wait_state(&mut vms, "two", v1::VmState::Crashed).await;
+    let restarted = loop {
+        let vm = vms.get(v1::GetVmRequest { name: "two".into() }).await.unwrap().into_inner();
+        if vm.state == v1::VmState::Running as i32 && vm.pid != two.pid {
+            break vm;
+        }
+        assert!(killed_at.elapsed() < Duration::from_secs(10), "never restarted: {vm:?}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let crash_to_running = killed_at.elapsed();
+    assert_eq!(restarted.restarts, 1);
+    assert!(restarted.exit_reason.contains("signal 9"), "{restarted:?}");
+    eprintln!("crash to running again: {crash_to_running:?}");
+    let exec = v1::ExecRequest { name: "two".into(), argv: vec!["echo".into(), "back".into()], ..Default::default() };
+    assert_eq!(agent.exec(exec).await.unwrap().into_inner().stdout, b"back\n");
+
+    // With restarts off, a crash stays a crash.
+    let never = vms.get(v1::GetVmRequest { name: "never".into() }).await.unwrap().into_inner();
+    // SAFETY: as above.
+    unsafe { libc::kill(never.pid as i32, libc::SIGKILL) };
+    let crashed = wait_state(&mut vms, "never", v1::VmState::Crashed).await;
     assert!(crashed.exit_reason.contains("signal 9"), "{crashed:?}");
     let refused = agent
-        .exec(v1::ExecRequest { name: "two".into(), argv: vec!["echo".into()], ..Default::default() })
+        .exec(v1::ExecRequest { name: "never".into(), argv: vec!["echo".into()], ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
@@ -182,8 +204,10 @@ async fn vms_are_created_used_crash_detected_reattached_and_deleted_through_the_
     assert_eq!((again.state, again.pid), (v1::VmState::Running as i32, one.pid), "re-attached: {again:?}");
     let mut screen = v1::screen_client::ScreenClient::new(channel.clone());
     assert!(screen.screenshot(still).await.is_ok());
+    let never = vms.get(v1::GetVmRequest { name: "never".into() }).await.unwrap().into_inner();
+    assert_eq!(never.state, v1::VmState::Crashed as i32);
     let two = vms.get(v1::GetVmRequest { name: "two".into() }).await.unwrap().into_inner();
-    assert_eq!(two.state, v1::VmState::Crashed as i32);
+    assert_eq!((two.state, two.pid), (v1::VmState::Running as i32, restarted.pid), "re-attached: {two:?}");
 
     // A second carreld on the same socket is refused.
     let second = Command::new(env!("CARGO_BIN_EXE_carreld"))
@@ -196,9 +220,10 @@ async fn vms_are_created_used_crash_detected_reattached_and_deleted_through_the_
     let stopped = vms.stop(v1::VmName { name: "one".into() }).await.unwrap().into_inner();
     assert_eq!(stopped.state, v1::VmState::Stopped as i32);
     assert!(!alive(one.pid));
-    for name in ["one", "two"] {
+    for name in ["one", "two", "never"] {
         vms.delete(v1::VmName { name: name.into() }).await.unwrap();
     }
+    assert!(!alive(two.pid), "deleting a running VM stops its VMM");
     assert!(vms.list(v1::ListVmsRequest {}).await.unwrap().into_inner().vms.is_empty());
     assert_eq!(std::fs::read_dir(state.join("vms")).unwrap().count(), 0, "nothing left in the state dir");
     drop((vms, screen, channel));
