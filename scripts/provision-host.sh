@@ -134,3 +134,16 @@ if ((RUNTIME_ONLY == 0)); then
 (https://rustup.rs) and put ~/.cargo/bin on PATH, or pass --runtime-only on a host that only runs Carrel"
     "$cargo_bin" --version >/dev/null 2>&1 || die "$cargo_bin does not run (broken Rust toolchain?)"
 fi
+
+# --- Python test client -------------------------------------------------------------------
+# The daemon's tests call carreld from a gRPC client that is not ours: Python grpcio with
+# server reflection (vmm/daemon/tests/generic_client.py). Pinned, installed once.
+if ((RUNTIME_ONLY == 0)); then
+    if ! python3 -c "import grpc, grpc_reflection, google.protobuf" >/dev/null 2>&1; then
+        command -v python3 >/dev/null 2>&1 || die "python3 not found: the daemon tests need it"
+        log "installing the Python gRPC test client (grpcio, grpcio-reflection, protobuf)"
+        python3 -m pip install --quiet --disable-pip-version-check \
+            grpcio==1.85.3 grpcio-reflection==1.85.1 protobuf==7.36.2 \
+            || die "pip install of grpcio failed: check access to PyPI"
+    fi
+fi

@@ -82,9 +82,13 @@ async fn main() -> anyhow::Result<()> {
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<v1::vms_server::VmsServer<Services>>().await;
+    // Both reflection versions: grpcurl speaks v1, Python's grpcio-reflection v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(carrel_api::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(carrel_api::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
 
     eprintln!("carreld: serving {} ({} VMs in the registry)", socket.display(), host.vms.lock().await.len());
     let shutdown = async {
@@ -98,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(v1::host_server::HostServer::new(services.clone()))
         .add_service(v1::vms_server::VmsServer::new(services.clone()))
         .add_service(v1::screen_server::ScreenServer::new(services.clone()))

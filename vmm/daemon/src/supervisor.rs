@@ -82,7 +82,19 @@ pub async fn start(vmm: &Path, record: &VmRecord, paths: &VmPaths) -> Result<tok
     }
     let stderr =
         std::fs::File::create(paths.dir.join("vmm.log")).map_err(|err| format!("cannot create vmm.log: {err}"))?;
-    let mut child = tokio::process::Command::new(vmm)
+    let mut command = tokio::process::Command::new(vmm);
+    // SAFETY: the closure runs in the forked child before exec and makes one syscall.
+    unsafe {
+        command.pre_exec(|| {
+            // Nothing of the daemon's but stdio reaches the VMM: every other fd closes on
+            // exec (CLOSE_RANGE_CLOEXEC keeps the spawn's own error pipe working).
+            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
         .args(run_args(record, paths))
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -34,6 +34,7 @@ fn desk_kernel() -> PathBuf {
 
 struct Daemon {
     child: Child,
+    state: PathBuf,
 }
 
 impl Daemon {
@@ -48,21 +49,34 @@ impl Daemon {
             assert!(Instant::now() < deadline, "carreld did not open its socket");
             std::thread::sleep(Duration::from_millis(10));
         }
-        Daemon { child }
+        Daemon { child, state: state.to_path_buf() }
     }
 
+    /// Ends the daemon with SIGTERM; its VMs run on.
     fn terminate(mut self) {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = self.child.wait().unwrap();
         assert!(status.success(), "carreld ends cleanly on SIGTERM: {status:?}");
+        // Not a failure: the VMs stay for the next daemon.
+        self.state = PathBuf::new();
     }
 }
 
 impl Drop for Daemon {
+    /// A test that failed midway leaves no VMM behind: the VMMs outlive the daemon by
+    /// design, so their pids are read from the registry and ended here.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for entry in std::fs::read_dir(self.state.join("vms")).into_iter().flatten().flatten() {
+            let record = std::fs::read_to_string(entry.path().join("vm.json")).unwrap_or_default();
+            let pid = serde_json::from_str::<serde_json::Value>(&record).ok().and_then(|record| record["pid"].as_u64());
+            if let Some(pid) = pid {
+                // SAFETY: kill(2) on a VMM this test's daemon started.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
     }
 }
 
@@ -229,4 +243,24 @@ async fn vms_are_created_used_crash_detected_reattached_and_deleted_through_the_
     drop((vms, screen, channel));
     daemon.terminate();
     assert!(!socket.exists(), "the socket goes with the daemon");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generic_python_client_uses_reflection_to_list_and_screenshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
+    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    let mut vms = v1::vms_client::VmsClient::new(connect(&socket).await);
+    vms.create(v1::CreateVmRequest { name: "seen".into(), config: None }).await.unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/generic_client.py");
+    let output = tokio::process::Command::new("python3").arg(&script).arg(&socket).arg("seen").output().await.unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let answer: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|err| panic!("{err}: {text}"));
+    assert_eq!(answer["vms"], serde_json::json!(["seen"]));
+    assert_eq!(answer["png"], serde_json::json!([1280, 800]), "the PNG decodes to the screen's size");
+    assert_eq!(answer["reported"], answer["png"]);
+    vms.delete(v1::VmName { name: "seen".into() }).await.unwrap();
+    drop(vms);
+    daemon.terminate();
 }
