@@ -264,3 +264,63 @@ async fn a_generic_python_client_uses_reflection_to_list_and_screenshot() {
     drop(vms);
     daemon.terminate();
 }
+
+/// The `carrel` CLI, brought up to date like carrel-vmm.
+fn cli_binary() -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(["build", "--quiet", "-p", "carrel-cli", "--bin", "carrel"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "building carrel failed");
+    Path::new(env!("CARGO_BIN_EXE_carreld")).with_file_name("carrel")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_can_neither_see_nor_act_on_a_vm() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
+    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    let cli = cli_binary();
+    let carrel = |user: Option<u32>, args: &[&str]| {
+        let mut command = match user {
+            Some(uid) => {
+                let mut command = Command::new("setpriv");
+                command.args(["--reuid", &uid.to_string(), "--regid", &uid.to_string(), "--clear-groups"]).arg(&cli);
+                command
+            }
+            None => Command::new(&cli),
+        };
+        let output = command.arg("--socket").arg(&socket).args(args).output().unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let (code, text) = carrel(None, &["create", "private"]);
+    assert_eq!(code, Some(0), "{text}");
+    let nobody = Some(65534);
+    let (code, text) = carrel(nobody, &["--json", "ls"]);
+    assert_eq!((code, text.trim()), (Some(0), "[]"), "another user lists nothing: {text}");
+    for args in [&["get", "private"][..], &["stop", "private"], &["rm", "private"], &["exec", "private", "--", "echo"]]
+    {
+        let (code, text) = carrel(nobody, args);
+        assert_eq!(code, Some(17), "{args:?} as another user is PERMISSION_DENIED: {text}");
+        assert!(text.contains("PermissionDenied"), "{text}");
+    }
+    let shot = dir.path().join("shot.png");
+    let (code, _) = carrel(nobody, &["screenshot", "private", "-o", shot.to_str().unwrap()]);
+    assert_eq!(code, Some(17));
+    assert!(!shot.exists(), "no pixels for another user");
+    let (code, text) = carrel(None, &["--json", "get", "private"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("\"state\":\"running\""), "the owner's VM runs on: {text}");
+    let (code, text) = carrel(None, &["get", "nobody-has-this"]);
+    assert_eq!(code, Some(15), "NOT_FOUND: {text}");
+    let (code, text) = carrel(None, &["rm", "private"]);
+    assert_eq!(code, Some(0), "{text}");
+    daemon.terminate();
+}

@@ -1,0 +1,322 @@
+//! carrel: the command-line client of carreld. Human output by default, `--json` for
+//! scripts. Exit codes: 0 done; 2 usage; 10 + the gRPC status code when carreld refuses
+//! (15 not found, 16 already exists, 17 permission denied, 19 failed precondition, 12
+//! unimplemented, ...); `exec` exits with the guest command's own code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use carrel_api::v1;
+use clap::{Parser, Subcommand};
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+#[derive(Debug, Parser)]
+#[command(name = "carrel", about = "Drive the agent computers of a Carrel host (carreld)")]
+struct Cli {
+    /// carreld's socket.
+    #[arg(long, default_value = "/run/carrel/carrel.sock", global = true)]
+    socket: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The host: platform, CPUs, memory, VMs.
+    Info,
+    /// The VMs you may see.
+    Ls,
+    /// Create and start a VM.
+    Create {
+        name: String,
+        #[arg(long, default_value_t = 128)]
+        mem: u64,
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        #[arg(long, default_value = "1280x800")]
+        display: String,
+        /// The guest kernel (default: carreld's Desk kernel).
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Leave it crashed when its VMM fails instead of restarting it.
+        #[arg(long)]
+        no_restart: bool,
+    },
+    /// One VM's state, owner, exit reason.
+    Get {
+        name: String,
+    },
+    Start {
+        name: String,
+    },
+    Stop {
+        name: String,
+    },
+    /// Stop and delete a VM.
+    Rm {
+        name: String,
+    },
+    /// Save a screenshot as PNG.
+    Screenshot {
+        name: String,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Wait until the screen has been still this many ms first.
+        #[arg(long, default_value_t = 0)]
+        still: u64,
+    },
+    /// Click at X Y, then wait for the frame that shows it.
+    Click {
+        name: String,
+        x: u32,
+        y: u32,
+    },
+    /// Type text.
+    Type {
+        name: String,
+        text: String,
+    },
+    /// Press a key combination such as ctrl+shift+t.
+    Key {
+        name: String,
+        combo: String,
+    },
+    /// Run a command in the guest; exits with its exit code.
+    Exec {
+        name: String,
+        #[arg(required = true, last = true)]
+        argv: Vec<String>,
+    },
+}
+
+async fn connect(socket: &std::path::Path) -> Result<Channel, String> {
+    let socket = socket.to_path_buf();
+    let shown = socket.display().to_string();
+    Endpoint::try_from("http://carreld")
+        .map_err(|err| err.to_string())?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+        }))
+        .await
+        .map_err(|err| format!("cannot reach carreld at {shown}: {err}. Is carreld running?"))
+}
+
+fn state_name(state: i32) -> &'static str {
+    match v1::VmState::try_from(state) {
+        Ok(v1::VmState::Starting) => "starting",
+        Ok(v1::VmState::Running) => "running",
+        Ok(v1::VmState::Paused) => "paused",
+        Ok(v1::VmState::Stopped) => "stopped",
+        Ok(v1::VmState::Crashed) => "crashed",
+        _ => "unknown",
+    }
+}
+
+fn vm_json(vm: &v1::Vm) -> serde_json::Value {
+    serde_json::json!({
+        "name": vm.name,
+        "state": state_name(vm.state),
+        "owner_uid": vm.owner_uid,
+        "pid": vm.pid,
+        "restarts": vm.restarts,
+        "exit_reason": vm.exit_reason,
+    })
+}
+
+fn print_vm(vm: &v1::Vm, json: bool) {
+    if json {
+        println!("{}", vm_json(vm));
+    } else {
+        println!(
+            "{:<20} {:<9} uid {:<6} pid {:<8} restarts {}",
+            vm.name,
+            state_name(vm.state),
+            vm.owner_uid,
+            vm.pid,
+            vm.restarts
+        );
+        if !vm.exit_reason.is_empty() {
+            println!("  last exit: {}", vm.exit_reason);
+        }
+    }
+}
+
+/// The exit code of a refusal: 10 + its gRPC code.
+fn refused(status: tonic::Status) -> Outcome {
+    Outcome::Refused(status)
+}
+
+enum Outcome {
+    Done,
+    Code(u8),
+    Refused(tonic::Status),
+}
+
+async fn run(cli: Cli) -> Result<Outcome, String> {
+    let channel = connect(&cli.socket).await?;
+    let mut vms = v1::vms_client::VmsClient::new(channel.clone());
+    let json = cli.json;
+    let act = |name: String, action: v1::act_request::Action| v1::ActRequest {
+        name,
+        action: Some(action),
+        screenshot: false,
+        timeout_ms: 5_000,
+    };
+    match cli.command {
+        Command::Info => match v1::host_client::HostClient::new(channel).info(v1::HostInfoRequest {}).await {
+            Ok(info) => {
+                let info = info.into_inner();
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"platform": info.platform, "cpus": info.cpus, "memory_bytes": info.memory_bytes, "vms": info.vms, "version": info.carreld_version})
+                    );
+                } else {
+                    println!(
+                        "platform {}, {} CPUs, {} MiB, {} VMs, carreld {}",
+                        info.platform,
+                        info.cpus,
+                        info.memory_bytes >> 20,
+                        info.vms,
+                        info.carreld_version
+                    );
+                }
+                Ok(Outcome::Done)
+            }
+            Err(status) => Ok(refused(status)),
+        },
+        Command::Ls => match vms.list(v1::ListVmsRequest {}).await {
+            Ok(list) => {
+                let list = list.into_inner().vms;
+                if json {
+                    println!("{}", serde_json::Value::Array(list.iter().map(vm_json).collect()));
+                } else {
+                    for vm in &list {
+                        print_vm(vm, false);
+                    }
+                }
+                Ok(Outcome::Done)
+            }
+            Err(status) => Ok(refused(status)),
+        },
+        Command::Create { name, mem, cpus, display, kernel, no_restart } => {
+            let config = v1::VmConfig {
+                kernel: kernel.unwrap_or_default(),
+                memory_mib: mem,
+                cpus,
+                display,
+                restart: if no_restart { v1::RestartPolicy::Never as i32 } else { v1::RestartPolicy::OnFailure as i32 },
+                ..Default::default()
+            };
+            Ok(match vms.create(v1::CreateVmRequest { name, config: Some(config) }).await {
+                Ok(vm) => {
+                    print_vm(&vm.into_inner(), json);
+                    Outcome::Done
+                }
+                Err(status) => refused(status),
+            })
+        }
+        Command::Get { name } => Ok(match vms.get(v1::GetVmRequest { name }).await {
+            Ok(vm) => {
+                print_vm(&vm.into_inner(), json);
+                Outcome::Done
+            }
+            Err(status) => refused(status),
+        }),
+        Command::Start { name } => Ok(match vms.start(v1::VmName { name }).await {
+            Ok(vm) => {
+                print_vm(&vm.into_inner(), json);
+                Outcome::Done
+            }
+            Err(status) => refused(status),
+        }),
+        Command::Stop { name } => Ok(match vms.stop(v1::VmName { name }).await {
+            Ok(vm) => {
+                print_vm(&vm.into_inner(), json);
+                Outcome::Done
+            }
+            Err(status) => refused(status),
+        }),
+        Command::Rm { name } => Ok(match vms.delete(v1::VmName { name }).await {
+            Ok(_) => Outcome::Done,
+            Err(status) => refused(status),
+        }),
+        Command::Screenshot { name, output, still } => {
+            let request = v1::ScreenshotRequest { name, still_ms: still, timeout_ms: 10_000, ..Default::default() };
+            Ok(match v1::screen_client::ScreenClient::new(channel).screenshot(request).await {
+                Ok(shot) => {
+                    let shot = shot.into_inner();
+                    std::fs::write(&output, &shot.image)
+                        .map_err(|err| format!("cannot write {}: {err}", output.display()))?;
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"width": shot.width, "height": shot.height, "frame": shot.frame, "file": output})
+                        );
+                    } else {
+                        println!("{}x{} frame {} -> {}", shot.width, shot.height, shot.frame, output.display());
+                    }
+                    Outcome::Done
+                }
+                Err(status) => refused(status),
+            })
+        }
+        Command::Click { name, x, y } => {
+            input(channel, act(name, v1::act_request::Action::Click(v1::Click { x, y })), json).await
+        }
+        Command::Type { name, text } => input(channel, act(name, v1::act_request::Action::TypeText(text)), json).await,
+        Command::Key { name, combo } => input(channel, act(name, v1::act_request::Action::Key(combo)), json).await,
+        Command::Exec { name, argv } => {
+            let request = v1::ExecRequest { name, argv, ..Default::default() };
+            Ok(match v1::agent_client::AgentClient::new(channel).exec(request).await {
+                Ok(done) => {
+                    use std::io::Write;
+                    let done = done.into_inner();
+                    std::io::stdout().write_all(&done.stdout).map_err(|err| err.to_string())?;
+                    std::io::stderr().write_all(&done.stderr).map_err(|err| err.to_string())?;
+                    Outcome::Code(if done.timed_out { 124 } else { done.exit_code.clamp(0, 255) as u8 })
+                }
+                Err(status) => refused(status),
+            })
+        }
+    }
+}
+
+async fn input(channel: Channel, request: v1::ActRequest, json: bool) -> Result<Outcome, String> {
+    Ok(match v1::input_client::InputClient::new(channel).act(request).await {
+        Ok(done) => {
+            let done = done.into_inner();
+            if json {
+                println!("{}", serde_json::json!({"frame": done.frame, "timed_out": done.timed_out}));
+            } else if done.timed_out {
+                println!("done; no new frame within the timeout");
+            } else {
+                println!("done; frame {}", done.frame);
+            }
+            Outcome::Done
+        }
+        Err(status) => refused(status),
+    })
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(Outcome::Done) => ExitCode::SUCCESS,
+        Ok(Outcome::Code(code)) => ExitCode::from(code),
+        Ok(Outcome::Refused(status)) => {
+            eprintln!("carrel: {:?}: {}", status.code(), status.message());
+            ExitCode::from(10 + status.code() as u8)
+        }
+        Err(message) => {
+            eprintln!("carrel: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
