@@ -191,7 +191,8 @@ impl Host {
             if let Err(err) = self.registry.save(&entry.record) {
                 eprintln!("carreld: {err}");
             }
-            restart.then(|| RESTART_BACKOFF * ((1u32 << entry.record.restarts.min(8)) / 2))
+            // The first restart at once, then 100 ms, 200 ms, 400 ms, ...
+            restart.then(|| RESTART_BACKOFF * ((1u32 << (entry.record.restarts - 1).min(8)) / 2))
         };
         if let Some(backoff) = restart {
             let host = self.clone();
