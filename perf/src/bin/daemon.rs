@@ -10,9 +10,7 @@ use anyhow::{bail, Context};
 use carrel_api::v1;
 use carrel_perf::{desk_kernel, report, workspace_root, Summary};
 use carrel_vmm::control::{ControlClient, Request};
-use hyper_util::rt::TokioIo;
 use serde_json::json;
-use tonic::transport::{Endpoint, Uri};
 
 fn arg(args: &[String], name: &str, default: usize) -> anyhow::Result<usize> {
     match args.iter().position(|arg| arg == name) {
@@ -55,13 +53,7 @@ async fn main() -> anyhow::Result<()> {
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let path = socket.clone();
-    let channel = Endpoint::try_from("http://carreld")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
-        }))
-        .await?;
+    let channel = carrel_api::connect(&socket).await?;
     let mut host = v1::host_client::HostClient::new(channel.clone());
     let mut vms = v1::vms_client::VmsClient::new(channel.clone());
 

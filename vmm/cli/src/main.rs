@@ -8,8 +8,7 @@ use std::process::ExitCode;
 
 use carrel_api::v1;
 use clap::{Parser, Subcommand};
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 #[derive(Debug, Parser)]
 #[command(name = "carrel", about = "Drive the agent computers of a Carrel host (carreld)")]
@@ -94,16 +93,9 @@ enum Command {
 }
 
 async fn connect(socket: &std::path::Path) -> Result<Channel, String> {
-    let socket = socket.to_path_buf();
-    let shown = socket.display().to_string();
-    Endpoint::try_from("http://carreld")
-        .map_err(|err| err.to_string())?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
-        }))
+    carrel_api::connect(socket)
         .await
-        .map_err(|err| format!("cannot reach carreld at {shown}: {err}. Is carreld running?"))
+        .map_err(|err| format!("cannot reach carreld at {}: {err}. Is carreld running?", socket.display()))
 }
 
 fn state_name(state: i32) -> &'static str {
@@ -149,6 +141,17 @@ fn print_vm(vm: &v1::Vm, json: bool) {
 /// The exit code of a refusal: 10 + its gRPC code.
 fn refused(status: tonic::Status) -> Outcome {
     Outcome::Refused(status)
+}
+
+/// Prints the VM an RPC answered with, or the refusal.
+fn vm_answer(answer: Result<tonic::Response<v1::Vm>, tonic::Status>, json: bool) -> Outcome {
+    match answer {
+        Ok(vm) => {
+            print_vm(&vm.into_inner(), json);
+            Outcome::Done
+        }
+        Err(status) => refused(status),
+    }
 }
 
 enum Outcome {
@@ -213,35 +216,11 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
                 restart: if no_restart { v1::RestartPolicy::Never as i32 } else { v1::RestartPolicy::OnFailure as i32 },
                 ..Default::default()
             };
-            Ok(match vms.create(v1::CreateVmRequest { name, config: Some(config) }).await {
-                Ok(vm) => {
-                    print_vm(&vm.into_inner(), json);
-                    Outcome::Done
-                }
-                Err(status) => refused(status),
-            })
+            Ok(vm_answer(vms.create(v1::CreateVmRequest { name, config: Some(config) }).await, json))
         }
-        Command::Get { name } => Ok(match vms.get(v1::GetVmRequest { name }).await {
-            Ok(vm) => {
-                print_vm(&vm.into_inner(), json);
-                Outcome::Done
-            }
-            Err(status) => refused(status),
-        }),
-        Command::Start { name } => Ok(match vms.start(v1::VmName { name }).await {
-            Ok(vm) => {
-                print_vm(&vm.into_inner(), json);
-                Outcome::Done
-            }
-            Err(status) => refused(status),
-        }),
-        Command::Stop { name } => Ok(match vms.stop(v1::VmName { name }).await {
-            Ok(vm) => {
-                print_vm(&vm.into_inner(), json);
-                Outcome::Done
-            }
-            Err(status) => refused(status),
-        }),
+        Command::Get { name } => Ok(vm_answer(vms.get(v1::GetVmRequest { name }).await, json)),
+        Command::Start { name } => Ok(vm_answer(vms.start(v1::VmName { name }).await, json)),
+        Command::Stop { name } => Ok(vm_answer(vms.stop(v1::VmName { name }).await, json)),
         Command::Rm { name } => Ok(match vms.delete(v1::VmName { name }).await {
             Ok(_) => Outcome::Done,
             Err(status) => refused(status),

@@ -6,8 +6,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use carrel_api::v1;
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -81,15 +80,7 @@ impl Drop for Daemon {
 }
 
 async fn connect(socket: &Path) -> Channel {
-    let socket = socket.to_path_buf();
-    Endpoint::try_from("http://carreld")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
-        }))
-        .await
-        .unwrap()
+    carrel_api::connect(socket).await.unwrap()
 }
 
 /// Whether `pid` runs; a zombie (ended, not yet reaped by whoever inherited it) does not.
