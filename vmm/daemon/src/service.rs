@@ -54,6 +54,19 @@ pub fn status_of(failure: Failure) -> Status {
     Status::new(code, failure.message)
 }
 
+/// One request to a VM's carrel-vmm; an error answer becomes its gRPC status.
+async fn ask(socket: &std::path::Path, request: Request, timeout: Duration) -> Result<Response, Status> {
+    match supervisor::call(socket, request, timeout).await {
+        Ok(Response::Error(failure)) | Err(failure) => Err(status_of(failure)),
+        Ok(answer) => Ok(answer),
+    }
+}
+
+/// An answer of the wrong kind from a VMM.
+fn unexpected(answer: Response) -> Status {
+    Status::internal(format!("unexpected answer from the VMM: {answer:?}"))
+}
+
 pub fn vm_message(entry: &VmEntry) -> v1::Vm {
     let spec = &entry.record.spec;
     v1::Vm {
@@ -337,12 +350,9 @@ impl v1::screen_server::Screen for Services {
             .then_some([request.scale_width, request.scale_height]);
         let timeout_ms = if request.timeout_ms == 0 { 5_000 } else { request.timeout_ms };
         let screenshot = ScreenshotRequest { format, crop: None, scale, cursor: false, wait, timeout_ms };
-        match supervisor::call(&socket, Request::Screenshot(screenshot), Duration::from_millis(timeout_ms) + CALL_SLACK)
-            .await
-        {
-            Ok(Response::Screenshot(shot)) => Ok(GrpcResponse::new(screenshot_message(shot, answer_format))),
-            Ok(Response::Error(failure)) | Err(failure) => Err(status_of(failure)),
-            Ok(other) => Err(Status::internal(format!("unexpected answer from the VMM: {other:?}"))),
+        match ask(&socket, Request::Screenshot(screenshot), Duration::from_millis(timeout_ms) + CALL_SLACK).await? {
+            Response::Screenshot(shot) => Ok(GrpcResponse::new(screenshot_message(shot, answer_format))),
+            other => Err(unexpected(other)),
         }
     }
 }
@@ -371,14 +381,13 @@ impl v1::input_server::Input for Services {
             hold_ms: None,
             gap_ms: None,
         };
-        match supervisor::call(&socket, Request::Input(input), Duration::from_millis(timeout_ms) + CALL_SLACK).await {
-            Ok(Response::Input(done)) => Ok(GrpcResponse::new(v1::ActResponse {
+        match ask(&socket, Request::Input(input), Duration::from_millis(timeout_ms) + CALL_SLACK).await? {
+            Response::Input(done) => Ok(GrpcResponse::new(v1::ActResponse {
                 frame: done.frame.unwrap_or_default(),
                 timed_out: done.timed_out,
                 screenshot: done.screenshot.map(|shot| screenshot_message(shot, v1::ImageFormat::Png)),
             })),
-            Ok(Response::Error(failure)) | Err(failure) => Err(status_of(failure)),
-            Ok(other) => Err(Status::internal(format!("unexpected answer from the VMM: {other:?}"))),
+            other => Err(unexpected(other)),
         }
     }
 }
@@ -393,13 +402,12 @@ impl v1::agent_server::Agent for Services {
         let timeout_ms = (request.timeout_ms > 0).then_some(request.timeout_ms);
         let exec = AgentExec { argv: request.argv, env: Vec::new(), cwd: None, stdin: request.stdin, timeout_ms };
         let wait = Duration::from_millis(timeout_ms.unwrap_or(600_000)) + CALL_SLACK;
-        match supervisor::call(&socket, Request::Agent(AgentRequest::Exec(exec)), wait).await {
-            Ok(Response::Agent(AgentResponse::Exit { code, signal, timed_out, stdout, stderr })) => {
+        match ask(&socket, Request::Agent(AgentRequest::Exec(exec)), wait).await? {
+            Response::Agent(AgentResponse::Exit { code, signal, timed_out, stdout, stderr }) => {
                 let exit_code = code.unwrap_or_else(|| 128 + signal.unwrap_or(0));
                 Ok(GrpcResponse::new(v1::ExecResponse { exit_code, timed_out, stdout, stderr }))
             }
-            Ok(Response::Error(failure)) | Err(failure) => Err(status_of(failure)),
-            Ok(other) => Err(Status::internal(format!("unexpected answer from the VMM: {other:?}"))),
+            other => Err(unexpected(other)),
         }
     }
 
