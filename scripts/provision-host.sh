@@ -2,10 +2,13 @@
 # Set up a Carrel host (development, CI or production). Idempotent: a second run
 # installs nothing and prints only the KVM line.
 #
-#   scripts/provision-host.sh [--runtime-only] [--bench]
+#   scripts/provision-host.sh [--runtime-only] [--bench] [--systemd] [--check] [--print-unit]
 #
 # --runtime-only   production host that only runs Carrel: skip the Rust toolchain check.
 # --bench          also the baselines the benchmarks compare against (Xvfb + xwd + netpbm).
+# --systemd        also install carreld's unit (scripts/carreld.service) and its slice.
+# --check          report what is missing or wrong; change nothing (exit 1 if anything is).
+# --print-unit     print carreld's unit as --systemd would install it, and exit.
 #
 # Runs as root; re-runs itself with sudo otherwise. Non-interactive (CI=true is fine).
 set -euo pipefail
@@ -18,14 +21,72 @@ die() { printf 'carrel: error: %s\n' "$*" >&2; exit 1; }
 
 RUNTIME_ONLY=0
 BENCH=0
+SYSTEMD=0
+CHECK=0
+PRINT_UNIT=0
 for arg in "$@"; do
     case "$arg" in
         --runtime-only) RUNTIME_ONLY=1 ;;
         --bench) BENCH=1 ;;
-        -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --systemd) SYSTEMD=1 ;;
+        --check) CHECK=1 ;;
+        --print-unit) PRINT_UNIT=1 ;;
+        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument '$arg' (try --help)" ;;
     esac
 done
+
+# carreld's unit with this checkout's release binaries and Desk kernel.
+render_unit() {
+    sed -e "s|@CARRELD@|${CARRELD:-$REPO_ROOT/target/release/carreld}|" \
+        -e "s|@VMM@|${CARREL_VMM:-$REPO_ROOT/target/release/carrel-vmm}|" \
+        -e "s|@KERNEL@|${CARREL_KERNEL:-$REPO_ROOT/target/guests/desk.elf}|" \
+        -e "s|@REPO@|$REPO_ROOT|" "$REPO_ROOT/scripts/carreld.service"
+}
+if ((PRINT_UNIT)); then
+    render_unit
+    exit 0
+fi
+
+# --- --check: report, change nothing ---------------------------------------------------
+if ((CHECK)); then
+    problems=0
+    report() { printf 'carrel: check: %s\n' "$*"; }
+    problem() { printf 'carrel: check: MISSING: %s\n' "$*"; problems=$((problems + 1)); }
+    if [[ -c /dev/kvm ]]; then
+        if [[ -d /sys/module/kvm_pvm ]]; then report "kvm: paravirtual kvm_pvm"
+        elif [[ -d /sys/module/kvm_intel ]]; then report "kvm: hardware VMX (kvm_intel)"
+        elif [[ -d /sys/module/kvm_amd ]]; then report "kvm: hardware SVM (kvm_amd)"
+        else report "kvm: /dev/kvm present, no known module loaded"; fi
+        [[ -r /dev/kvm && -w /dev/kvm ]] || problem "/dev/kvm is not readable and writable by $(id -un)"
+    else
+        problem "/dev/kvm (load kvm_intel, kvm_amd or kvm_pvm)"
+    fi
+    for tool in qemu-system-x86_64 lz4 readelf xz cpio busybox python3; do
+        command -v "$tool" >/dev/null 2>&1 || problem "$tool (run this script without --check)"
+    done
+    python3 -c "import grpc, grpc_reflection" >/dev/null 2>&1 || problem "Python grpcio for the daemon tests"
+    command -v cargo >/dev/null 2>&1 || ((RUNTIME_ONLY)) || problem "cargo (a Rust toolchain)"
+    if [[ -f /etc/systemd/system/carreld.service ]]; then
+        report "carreld unit installed"
+    else
+        report "carreld unit not installed (--systemd installs it)"
+    fi
+    if command -v systemd-analyze >/dev/null 2>&1; then
+        unit_dir="$(mktemp -d)"
+        render_unit >"$unit_dir/carreld.service"
+        if [[ -x "${CARRELD:-$REPO_ROOT/target/release/carreld}" ]]; then
+            systemd-analyze verify "$unit_dir/carreld.service" >/dev/null 2>&1 \
+                && report "carreld unit: systemd-analyze verify passes" \
+                || problem "carreld unit: systemd-analyze verify fails"
+        else
+            report "carreld unit not verified: build carreld first"
+        fi
+        rm -rf "$unit_dir"
+    fi
+    ((problems == 0)) && report "ok" || { report "$problems problem(s)"; exit 1; }
+    exit 0
+fi
 
 # --- root --------------------------------------------------------------------------
 if [[ "$(id -u)" -ne 0 ]]; then
@@ -43,6 +104,7 @@ fi
 #   xz-utils          compressed images and packages
 #   cpio, busybox-static  the Linux guest's initramfs (kernels/linux/build-initramfs.sh)
 #   ca-certificates   HTTPS to the package registries
+#   systemd           systemd-analyze, which checks carreld's unit
 PACKAGES=(
     "qemu-system-x86:qemu-system-x86_64"
     "lz4:lz4"
@@ -51,6 +113,7 @@ PACKAGES=(
     "cpio:cpio"
     "busybox-static:busybox"
     "ca-certificates:"
+    "systemd:systemd-analyze"
 )
 # Benchmarks only (perf/src/bin/screen.rs): the screenshot path agents use today.
 if ((BENCH)); then
@@ -145,5 +208,22 @@ if ((RUNTIME_ONLY == 0)); then
         python3 -m pip install --quiet --disable-pip-version-check \
             grpcio==1.85.3 grpcio-reflection==1.85.1 protobuf==7.36.2 \
             || die "pip install of grpcio failed: check access to PyPI"
+    fi
+fi
+
+# --- carreld under systemd ----------------------------------------------------------------
+if ((SYSTEMD)); then
+    getent group carrel >/dev/null || { groupadd --system carrel && log "created group carrel"; }
+    install -d -m 0755 /var/lib/carrel
+    unit="$(render_unit)"
+    if [[ "$(cat /etc/systemd/system/carreld.service 2>/dev/null)" != "$unit" ]]; then
+        printf '%s\n' "$unit" >/etc/systemd/system/carreld.service
+        printf '[Unit]\nDescription=Carrel agent VMs\n' >/etc/systemd/system/carrel.slice
+        log "installed /etc/systemd/system/carreld.service and carrel.slice"
+        if [[ -d /run/systemd/system ]]; then
+            systemctl daemon-reload
+        else
+            log "systemd is not running here: the unit is installed, not started"
+        fi
     fi
 fi

@@ -315,3 +315,21 @@ async fn another_user_can_neither_see_nor_act_on_a_vm() {
     assert_eq!(code, Some(0), "{text}");
     daemon.terminate();
 }
+
+#[test]
+fn provision_check_reports_the_host_and_carreld_unit_verifies() {
+    let script = workspace_root().join("scripts/provision-host.sh");
+    let output = Command::new("bash")
+        .arg(&script)
+        .arg("--check")
+        .env("CARRELD", env!("CARGO_BIN_EXE_carreld"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "provision-host.sh --check found problems: {text}");
+    assert!(text.contains("check: kvm: "), "{text}");
+    assert!(text.contains("carreld unit: systemd-analyze verify passes"), "{text}");
+    let unit = Command::new("bash").arg(&script).arg("--print-unit").output().unwrap();
+    let unit = String::from_utf8_lossy(&unit.stdout);
+    assert!(unit.contains("KillMode=process") && !unit.contains('@'), "the unit is filled in: {unit}");
+}
