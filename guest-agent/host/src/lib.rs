@@ -570,6 +570,13 @@ impl<S: Read + Write> Client<S> {
 
 impl<S: Read + Write + ReadTimeout> Client<S> {
     /// Waits for the agent's first heartbeat (returns at once if one was already seen).
+    /// Waits up to `timeout` for a heartbeat newer than any seen so far (a watchdog's
+    /// question: is the agent still alive?).
+    pub fn next_heartbeat(&mut self, timeout: Duration) -> Result<Heartbeat, ClientError> {
+        self.last_heartbeat = None;
+        self.wait_ready(timeout)
+    }
+
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<Heartbeat, ClientError> {
         if let Some(heartbeat) = self.last_heartbeat {
             return Ok(heartbeat);

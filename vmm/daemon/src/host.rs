@@ -27,6 +27,8 @@ pub struct VmEntry {
     pub record: VmRecord,
     pub state: v1::VmState,
     pub paths: VmPaths,
+    /// Why the daemon itself ended the VMM (the watchdog), for the exit reason.
+    pub ended_by: Option<String>,
 }
 
 /// Settings the daemon starts with.
@@ -74,7 +76,12 @@ impl Host {
                 }
                 host.registry.save(&record)?;
             }
-            host.vms.lock().await.insert(name, VmEntry { record, state, paths });
+            if state == v1::VmState::Running && record.spec.watchdog_seconds > 0 {
+                if let Some(pid) = record.pid {
+                    host.clone().watch_heartbeat(name.clone(), pid, paths.vsock(), record.spec.watchdog_seconds);
+                }
+            }
+            host.vms.lock().await.insert(name, VmEntry { record, state, paths, ended_by: None });
         }
         Ok(host)
     }
@@ -159,7 +166,11 @@ impl Host {
                 entry.record.pid = child.id();
                 entry.state = v1::VmState::Running;
                 self.registry.save(&entry.record).map_err(|err| Status::internal(err.to_string()))?;
+                let pid = child.id();
                 self.clone().watch_child(name.to_string(), child);
+                if let (Some(pid), watchdog @ 1..) = (pid, entry.record.spec.watchdog_seconds) {
+                    self.clone().watch_heartbeat(name.to_string(), pid, paths.vsock(), watchdog);
+                }
                 Ok(crate::service::vm_message(entry))
             }
             Err(reason) => {
@@ -171,6 +182,52 @@ impl Host {
         }
     }
 
+    /// The watchdog: a VM whose guest agent sends no heartbeat for `seconds` is hung;
+    /// its VMM is killed and the restart policy brings it back. The first heartbeat may
+    /// take the boot's time (30 s at most).
+    pub fn watch_heartbeat(self: Arc<Host>, name: String, pid: u32, vsock: PathBuf, seconds: u32) {
+        use carrel_agent_client::{connect_vsock_uds, Client, ClientError};
+        let timeout = std::time::Duration::from_secs(u64::from(seconds));
+        tokio::spawn(async move {
+            let hung = tokio::task::spawn_blocking(move || {
+                let boot = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                let stream = loop {
+                    match connect_vsock_uds(&vsock, carrel_agent_proto::AGENT_VSOCK_PORT) {
+                        Ok(stream) => break stream,
+                        Err(_) if std::time::Instant::now() < boot && supervisor::alive(pid) => {
+                            std::thread::sleep(std::time::Duration::from_millis(50))
+                        }
+                        Err(_) => return false,
+                    }
+                };
+                let mut client = Client::new(stream);
+                if matches!(client.wait_ready(std::time::Duration::from_secs(30)), Err(ClientError::WaitReady { .. })) {
+                    return supervisor::alive(pid);
+                }
+                loop {
+                    match client.next_heartbeat(timeout) {
+                        Ok(_) => {}
+                        // Silence while the VMM runs: the guest is hung.
+                        Err(ClientError::WaitReady { .. }) => return supervisor::alive(pid),
+                        // The connection ended with the VMM: nothing to do.
+                        Err(_) => return false,
+                    }
+                }
+            })
+            .await
+            .unwrap_or(false);
+            if !hung {
+                return;
+            }
+            let mut vms = self.vms.lock().await;
+            if let Some(entry) = vms.get_mut(&name).filter(|entry| entry.record.pid == Some(pid)) {
+                entry.ended_by = Some(format!("watchdog: no heartbeat from the guest agent for {seconds} s"));
+                // SAFETY: kill(2) on the VMM this daemon runs for the VM.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        });
+    }
+
     /// A VMM ended: keep why, and restart it when it was not asked to stop and its
     /// policy allows (at once the first time, then with a doubling backoff).
     async fn ended(self: &Arc<Host>, name: &str, reason: String) {
@@ -179,6 +236,10 @@ impl Host {
             let Some(entry) = vms.get_mut(name) else { return };
             let stopped = entry.record.stopped;
             let tail = supervisor::last_lines(&entry.paths, 5);
+            let reason = match entry.ended_by.take() {
+                Some(why) => format!("{why} ({reason})"),
+                None => reason,
+            };
             entry.record.pid = None;
             entry.record.exit_reason =
                 Some(if tail.is_empty() { reason } else { format!("{reason}; last lines: {tail}") });

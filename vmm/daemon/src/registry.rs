@@ -48,6 +48,9 @@ pub struct VmSpec {
     /// Restart after failures, up to this many in a row (0: never).
     #[serde(default)]
     pub max_restarts: u32,
+    /// Restart the VM when its agent sends no heartbeat this long (0: no watchdog).
+    #[serde(default)]
+    pub watchdog_seconds: u32,
 }
 
 /// What the registry knows of one VM.
@@ -150,6 +153,7 @@ mod tests {
                 cmdline: None,
                 disks: Vec::new(),
                 max_restarts: 5,
+                watchdog_seconds: 0,
             },
             pid: Some(42),
             stopped: false,

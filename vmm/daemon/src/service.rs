@@ -85,6 +85,7 @@ pub fn vm_message(entry: &VmEntry) -> v1::Vm {
                 v1::RestartPolicy::OnFailure as i32
             },
             max_restarts: spec.max_restarts,
+            watchdog_seconds: spec.watchdog_seconds,
             disks: spec
                 .disks
                 .iter()
@@ -149,7 +150,19 @@ impl Services {
             Ok(v1::RestartPolicy::OnFailure) => config.max_restarts,
             Err(_) => return Err(Status::invalid_argument(format!("unknown restart policy {}", config.restart))),
         };
-        Ok(VmSpec { kernel, memory_mib, cpus, display, cmdline, disks, max_restarts })
+        if config.watchdog_seconds > 3600 {
+            return Err(Status::invalid_argument("watchdog_seconds must be 0 (off) to 3600"));
+        }
+        Ok(VmSpec {
+            kernel,
+            memory_mib,
+            cpus,
+            display,
+            cmdline,
+            disks,
+            max_restarts,
+            watchdog_seconds: config.watchdog_seconds,
+        })
     }
 
     /// The control socket of a running VM `caller` may use.
@@ -247,7 +260,7 @@ impl v1::vms_server::Vms for Services {
             };
             self.host.registry.save(&record).map_err(|err| Status::internal(err.to_string()))?;
             let paths = supervisor::VmPaths { dir: self.host.registry.vm_dir(&name) };
-            vms.insert(name.clone(), VmEntry { record, state: v1::VmState::Starting, paths });
+            vms.insert(name.clone(), VmEntry { record, state: v1::VmState::Starting, paths, ended_by: None });
         }
         self.host.boot(&name, true).await.map(GrpcResponse::new)
     }

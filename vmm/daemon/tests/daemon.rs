@@ -333,3 +333,43 @@ fn provision_check_reports_the_host_and_carreld_unit_verifies() {
     let unit = String::from_utf8_lossy(&unit.stdout);
     assert!(unit.contains("KillMode=process") && !unit.contains('@'), "the unit is filled in: {unit}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_restarts_a_vm_whose_agent_goes_silent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
+    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    let mut vms = v1::vms_client::VmsClient::new(connect(&socket).await);
+    let config = v1::VmConfig { watchdog_seconds: 2, ..Default::default() };
+    let vm = vms.create(v1::CreateVmRequest { name: "hang".into(), config: Some(config) }).await.unwrap().into_inner();
+    // Heartbeats flow for a while: no restart.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let still = vms.get(v1::GetVmRequest { name: "hang".into() }).await.unwrap().into_inner();
+    assert_eq!((still.pid, still.restarts), (vm.pid, 0), "a live agent is left alone: {still:?}");
+    // Pausing the vCPUs silences the guest's agent while the VMM runs on: a hang.
+    let control = state.join("vms/hang/control.sock");
+    let paused = tokio::task::spawn_blocking(move || {
+        carrel_vmm::control::ControlClient::connect(&control)
+            .unwrap()
+            .call(&carrel_vmm::control::Request::Pause, Duration::from_secs(5))
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(paused, carrel_vmm::control::Response::Paused);
+    let hung_at = Instant::now();
+    let restarted = loop {
+        let now = vms.get(v1::GetVmRequest { name: "hang".into() }).await.unwrap().into_inner();
+        if now.state == v1::VmState::Running as i32 && now.pid != vm.pid {
+            break now;
+        }
+        assert!(hung_at.elapsed() < Duration::from_secs(15), "the hung VM was not restarted: {now:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    eprintln!("hang to running again: {:?} (watchdog 2 s)", hung_at.elapsed());
+    assert!(restarted.exit_reason.contains("watchdog: no heartbeat"), "{restarted:?}");
+    assert_eq!(restarted.restarts, 1);
+    vms.delete(v1::VmName { name: "hang".into() }).await.unwrap();
+    drop(vms);
+    daemon.terminate();
+}
