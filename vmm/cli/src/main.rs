@@ -44,6 +44,9 @@ enum Command {
         /// Leave it crashed when its VMM fails instead of restarting it.
         #[arg(long)]
         no_restart: bool,
+        /// Restart it when its guest agent sends no heartbeat for this many seconds.
+        #[arg(long, default_value_t = 0)]
+        watchdog: u32,
     },
     /// One VM's state, owner, exit reason.
     Get {
@@ -207,13 +210,14 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
             }
             Err(status) => Ok(refused(status)),
         },
-        Command::Create { name, mem, cpus, display, kernel, no_restart } => {
+        Command::Create { name, mem, cpus, display, kernel, no_restart, watchdog } => {
             let config = v1::VmConfig {
                 kernel: kernel.unwrap_or_default(),
                 memory_mib: mem,
                 cpus,
                 display,
                 restart: if no_restart { v1::RestartPolicy::Never as i32 } else { v1::RestartPolicy::OnFailure as i32 },
+                watchdog_seconds: watchdog,
                 ..Default::default()
             };
             Ok(vm_answer(vms.create(v1::CreateVmRequest { name, config: Some(config) }).await, json))
