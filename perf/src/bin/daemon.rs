@@ -1,7 +1,9 @@
 //! carreld: a trivial RPC's latency next to a per-VM control socket call, Create to
 //! `desk: ready` through the daemon, and a VMM's crash to its VM running again.
 //! Needs `cargo build --release -p carrel-vmm -p carrel-daemon` and
-//! `scripts/build-guests.sh`. `--runs N` (default 10), `--calls N` (default 2000).
+//! `scripts/build-guests.sh`. `--runs N` (default 10), `--calls N` (default 2000),
+//! `--density N` (default 100): that many 128 MiB Desk VMs at once, their host memory
+//! (RSS of every VMM) and their idle CPU over 5 s.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -32,11 +34,34 @@ async fn wait_for_line(path: &Path, needle: &str, deadline: Duration) -> anyhow:
     }
 }
 
+/// A `/proc/PID/status` field in KiB (0 when the process is gone).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|line| line.starts_with(field))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// User plus system CPU ticks of every thread of `pid` so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let runs = arg(&args, "--runs", 10)?;
     let calls = arg(&args, "--calls", 2000)?;
+    let density = arg(&args, "--density", 100)?;
     let release = workspace_root().join("target/release");
     let (carreld, vmm) = (release.join("carreld"), release.join("carrel-vmm"));
     if !carreld.exists() || !vmm.exists() {
@@ -117,6 +142,41 @@ async fn main() -> anyhow::Result<()> {
         vms.start(v1::VmName { name: kept.clone() }).await?;
     }
     vms.delete(v1::VmName { name: kept }).await?;
+
+    // Density: N Desk VMs at once, each booted to `desk: ready`.
+    let mut pids = Vec::new();
+    let mut refused = None;
+    for index in 0..density {
+        let name = format!("dense-{index}");
+        match vms.create(v1::CreateVmRequest { name: name.clone(), config: None }).await {
+            Ok(vm) => {
+                pids.push(vm.into_inner().pid);
+                wait_for_line(
+                    &state.join("vms").join(&name).join("console.log"),
+                    "desk: ready",
+                    Duration::from_secs(60),
+                )
+                .await?;
+            }
+            Err(status) => {
+                refused = Some(format!("VM {index}: {status}"));
+                break;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_kib: u64 = pids.iter().map(|pid| status_kib(*pid, "VmRSS:")).sum();
+    let cpu_before: u64 = pids.iter().map(|pid| cpu_ticks(*pid)).sum();
+    let idle = Duration::from_secs(5);
+    tokio::time::sleep(idle).await;
+    let cpu_after: u64 = pids.iter().map(|pid| cpu_ticks(*pid)).sum();
+    // SAFETY: sysconf only reads configuration.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let idle_cores = cpu_after.saturating_sub(cpu_before) as f64 / ticks_per_s / idle.as_secs_f64();
+    let running = pids.len();
+    for index in 0..running {
+        vms.delete(v1::VmName { name: format!("dense-{index}") }).await?;
+    }
     let _ = daemon.kill();
     let _ = daemon.wait();
     let _ = std::fs::remove_dir_all(&dir);
@@ -132,7 +192,17 @@ async fn main() -> anyhow::Result<()> {
             "create_to_desk_ready": Summary::of(&create_to_ready).map(|s| s.to_json_ms()),
             "crash_to_running_again": Summary::of(&crash_to_running).map(|s| s.to_json_ms()),
             "targets": { "rpc_median_us": 200, "create_to_ready_ms": 40, "crash_to_running_ms": 1000 },
-            "not_measured": "how many 128 MiB Desk VMs run at once, their memory and idle CPU (planned)"
+            "density": {
+                "asked": density,
+                "running_at_once": running,
+                "refused": refused,
+                "guest_memory_mib_each": 128,
+                "host_rss_mib_total": rss_kib as f64 / 1024.0,
+                "host_rss_mib_each": rss_kib as f64 / 1024.0 / running.max(1) as f64,
+                "idle_cpu_cores_total": idle_cores,
+                "idle_cpu_percent_of_a_core_each": idle_cores * 100.0 / running.max(1) as f64,
+            },
+            "density_target_vms": 100
         }),
     )?;
     Ok(())
