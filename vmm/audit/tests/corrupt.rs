@@ -79,6 +79,7 @@ fn randomly_damaged_logs_are_reported_by_verify_and_never_panic() {
         let target = &targets[(next(&mut seed) as usize) % targets.len()];
         let damaged = copy.join(target.strip_prefix(&original).unwrap());
         let mut bytes = std::fs::read(&damaged).unwrap();
+        let before = bytes.clone();
         let what = if next(&mut seed) % 4 == 0 {
             let cut = (next(&mut seed) as usize) % bytes.len();
             bytes.truncate(cut);
@@ -89,6 +90,11 @@ fn randomly_damaged_logs_are_reported_by_verify_and_never_panic() {
             format!("byte {index} flipped")
         };
         std::fs::write(&damaged, &bytes).unwrap();
+        // Cutting off only a text file's trailing newline (host.pub is hex and a newline)
+        // leaves its content whole: nothing to find.
+        if bytes.trim_ascii_end() == before.trim_ascii_end() {
+            continue;
+        }
 
         // Damage to evidence is a finding. The stored tree is a cache verify never trusts:
         // a changed hash is a finding, missing hashes are at least a warning.
