@@ -12,17 +12,21 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// carrel-vmm, brought up to date: it belongs to another package, so Cargo builds it for
-/// that package's tests only.
-fn vmm_binary() -> PathBuf {
+/// A binary of another package of the workspace, brought up to date: Cargo builds those
+/// for their own package's tests only.
+fn workspace_binary(package: &str, binary: &str) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(workspace_root())
-        .args(["build", "--quiet", "-p", "carrel-vmm", "--bin", "carrel-vmm"])
+        .args(["build", "--quiet", "-p", package, "--bin", binary])
         .status()
         .unwrap();
-    assert!(status.success(), "building carrel-vmm failed");
-    Path::new(env!("CARGO_BIN_EXE_carreld")).with_file_name("carrel-vmm")
+    assert!(status.success(), "building {binary} failed");
+    Path::new(env!("CARGO_BIN_EXE_carreld")).with_file_name(binary)
+}
+
+fn vmm_binary() -> PathBuf {
+    workspace_binary("carrel-vmm", "carrel-vmm")
 }
 
 fn desk_kernel() -> PathBuf {
@@ -256,16 +260,8 @@ async fn a_generic_python_client_uses_reflection_to_list_and_screenshot() {
     daemon.terminate();
 }
 
-/// The `carrel` CLI, brought up to date like carrel-vmm.
 fn cli_binary() -> PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace_root())
-        .args(["build", "--quiet", "-p", "carrel-cli", "--bin", "carrel"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "building carrel failed");
-    Path::new(env!("CARGO_BIN_EXE_carreld")).with_file_name("carrel")
+    workspace_binary("carrel-cli", "carrel")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

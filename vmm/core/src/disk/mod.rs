@@ -575,27 +575,15 @@ impl Disk {
         // A second name first: a crash before the new top is in place leaves the old top
         // at the configured path, as if no snapshot had started.
         std::fs::hard_link(&path, &frozen).map_err(freeze_error)?;
-        let mut temporary = path.as_os_str().to_os_string();
-        temporary.push(".new");
-        let temporary = PathBuf::from(temporary);
-        let _ = std::fs::remove_file(&temporary);
-        let made = Layer::create(&temporary, self.capacity, ParentRef::Layer { path: frozen.clone(), id });
-        let top = match made {
+        let top = match new_top(&path, self.capacity, ParentRef::Layer { path: frozen.clone(), id }) {
             Ok(top) => top,
             Err(err) => {
                 let _ = std::fs::remove_file(&frozen);
-                return Err(err.into());
+                return Err(err);
             }
         };
-        if let Err(err) = std::fs::rename(&temporary, &path).and_then(|()| fsync_dir(&path)) {
-            let _ = std::fs::remove_file(&temporary);
-            let _ = std::fs::remove_file(&frozen);
-            return Err(freeze_error(err));
-        }
-        lock(&top.file, true, &path)?;
         // The old top is read-only from now on: reopened so, and its mode says so.
-        let old = std::mem::replace(&mut self.layers[0], top);
-        drop(old);
+        self.layers[0] = top;
         let reopened = open_layer(&frozen, false)?;
         let _ = std::fs::set_permissions(&frozen, std::fs::Permissions::from_mode(0o444));
         self.layers.insert(1, reopened);
@@ -633,17 +621,19 @@ impl Disk {
     }
 }
 
+/// A new empty layer made beside `path` and renamed over it (what was there is
+/// replaced whole or not at all), locked for writing.
 fn new_top(path: &Path, capacity: u64, parent: ParentRef) -> Result<Layer, DiskError> {
     let mut temporary = path.as_os_str().to_os_string();
     temporary.push(".new");
     let temporary = PathBuf::from(temporary);
     let _ = std::fs::remove_file(&temporary);
-    let top = Layer::create(&temporary, capacity, parent)?;
-    std::fs::rename(&temporary, path)
-        .and_then(|()| fsync_dir(path))
-        .map_err(|source| DiskError::Freeze { path: path.to_path_buf(), source })?;
+    let mut top = Layer::create(&temporary, capacity, parent)?;
+    if let Err(source) = std::fs::rename(&temporary, path).and_then(|()| fsync_dir(path)) {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(DiskError::Freeze { path: path.to_path_buf(), source });
+    }
     lock(&top.file, true, path)?;
-    let mut top = top;
     top.path = path.to_path_buf();
     Ok(top)
 }
