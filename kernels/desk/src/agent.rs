@@ -5,7 +5,9 @@
 //!
 //! Requests are served in the main loop as frames arrive; work that waits (a `sleep`, a
 //! file sent under the host's credit) is kept per request and resumed on later wakes, so
-//! one slow request never holds up another connection.
+//! one slow request never holds up another connection. The only waits on time (the next
+//! heartbeat, a `sleep` that ends) are told to the main loop by `next_deadline_ms`, so
+//! it can arm its timer for them and for nothing else.
 //!
 //! Two kinds of state outlive connections: the entropy `random` prints (renewed by the
 //! main loop after every restore) and the `fill` buffer, memory kept dirty on purpose so
@@ -65,7 +67,9 @@ pub struct Agent {
     raw_disks: Vec<Block>,
     tsc_khz: u64,
     sessions: [Option<Session>; MAX_CONNECTIONS],
-    last_heartbeat_ms: u64,
+    /// When the next heartbeat goes to every connection: on the whole seconds of uptime,
+    /// the instants the clock on screen changes too, so one wake serves both.
+    next_heartbeat_ms: u64,
     /// The 32 bytes last drawn from virtio-rng (at boot or after the last restore); `None`
     /// when there is no rng or its last draw failed.
     random: Option<[u8; 32]>,
@@ -93,7 +97,7 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Message {
 
 impl Agent {
     pub fn new(random: Option<[u8; 32]>, files: Files, raw_disks: Vec<Block>, tsc_khz: u64) -> Agent {
-        Agent { files, raw_disks, tsc_khz, sessions: Default::default(), last_heartbeat_ms: 0, random, fill: None }
+        Agent { files, raw_disks, tsc_khz, sessions: Default::default(), next_heartbeat_ms: 0, random, fill: None }
     }
 
     /// Replaces the entropy `random` prints (after a restore).
@@ -114,6 +118,11 @@ impl Agent {
             VsockEvent::Connected(slot) => {
                 self.sessions[slot] = Some(Session::default());
                 self.heartbeat(slot, vsock, now_ms);
+                // Nobody was listening for a while: the schedule resumes from now, not
+                // with a second beat right after this one.
+                if self.next_heartbeat_ms <= now_ms {
+                    self.next_heartbeat_ms = next_heartbeat_after(now_ms);
+                }
             }
             VsockEvent::Closed(slot) => self.sessions[slot] = None,
             VsockEvent::Data(slot) => {
@@ -145,11 +154,11 @@ impl Agent {
         Self::send(vsock, slot, 0, &beat);
     }
 
-    /// Periodic work: heartbeats every second, finished sleeps.
+    /// Work that is due by time: heartbeats every second, finished sleeps.
     pub fn tick(&mut self, vsock: &mut Vsock, now_ms: u64) {
-        let beat = now_ms >= self.last_heartbeat_ms + carrel_agent_proto::HEARTBEAT_INTERVAL_MS;
+        let beat = now_ms >= self.next_heartbeat_ms;
         if beat {
-            self.last_heartbeat_ms = now_ms;
+            self.next_heartbeat_ms = next_heartbeat_after(now_ms);
         }
         for slot in 0..MAX_CONNECTIONS {
             if self.sessions[slot].is_none() {
@@ -160,6 +169,22 @@ impl Agent {
             }
             self.pump(slot, vsock, now_ms);
         }
+    }
+
+    /// The uptime at which [`Agent::tick`] next has work to do, if it ever has without a
+    /// packet arriving first: the next heartbeat while anyone is connected, and the end
+    /// of the earliest `sleep`. Transfers wait on packets from the host, not on time.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        let sessions = || self.sessions.iter().flatten();
+        let heartbeat = sessions().next().map(|_| self.next_heartbeat_ms);
+        let sleep_end = sessions()
+            .flat_map(|session| session.pending.values())
+            .filter_map(|pending| match pending {
+                Pending::Sleep { until_ms } => Some(*until_ms),
+                _ => None,
+            })
+            .min();
+        crate::time::earliest(heartbeat, sleep_end)
     }
 
     /// Resumes requests that can make progress.
@@ -609,6 +634,12 @@ impl Agent {
         }
         Ok(format!("filled {mib} MiB seed {seed}\n"))
     }
+}
+
+/// The first whole heartbeat interval of uptime after `now_ms`.
+fn next_heartbeat_after(now_ms: u64) -> u64 {
+    let interval = carrel_agent_proto::HEARTBEAT_INTERVAL_MS;
+    (now_ms / interval + 1) * interval
 }
 
 /// The next word of SplitMix64 from `state`: any seed (0 too) gives a sequence of

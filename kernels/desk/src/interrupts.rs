@@ -51,6 +51,7 @@ global_asm!(
         push r9
         push r10
         push r11
+        lea rdi, [rsp + 72]
         call \handler
         pop r11
         pop r10
@@ -76,6 +77,20 @@ global_asm!(
     desk_spurious_entry:
         iretq
 
+    .global desk_pvm_idle
+    desk_pvm_idle:
+        mov byte ptr [rdi], 1
+    .global desk_pvm_idle_window
+    desk_pvm_idle_window:
+        cmp byte ptr [rdi + 1], 0
+        je 3f
+        xor eax, eax
+        out 0x80, al
+    3:  hlt
+    .global desk_pvm_idle_end
+    desk_pvm_idle_end:
+        ret
+
     .section .rodata
     .balign 8
     .global DESK_EXCEPTION_STUBS
@@ -91,6 +106,12 @@ extern "C" {
     fn desk_timer_entry();
     fn desk_device_entry();
     fn desk_spurious_entry();
+    /// Enables interrupts through the VIF page at `vif` and halts until one arrives.
+    fn desk_pvm_idle(vif: *mut VifPage);
+    /// From here up to `desk_pvm_idle_end` (the hlt included), an interrupt taken leaves
+    /// nothing to wake the hlt that follows.
+    static desk_pvm_idle_window: u8;
+    static desk_pvm_idle_end: u8;
 }
 
 /// What the CPU pushed, plus the vector and error code the stub pushed.
@@ -133,15 +154,33 @@ extern "C" fn desk_exception(frame: &ExceptionFrame) -> ! {
     crate::power_off(4)
 }
 
+/// On PVM, enabling interrupts (a byte in the VIF page) and `hlt` are two instructions:
+/// an interrupt delivered between them would run its handler and then leave the vCPU
+/// halted until the next interrupt, which for a tickless kernel may be a second or more
+/// away. So a handler that interrupted that window returns past the `hlt` instead:
+/// `return_rip` is the saved RIP of the interrupt frame.
+fn skip_halt_after_wake(return_rip: &mut u64) {
+    // Taking the address of an extern static reads nothing, so needs no unsafe.
+    let window = core::ptr::addr_of!(desk_pvm_idle_window) as u64;
+    let end = core::ptr::addr_of!(desk_pvm_idle_end) as u64;
+    if (window..end).contains(return_rip) {
+        *return_rip = end;
+    }
+}
+
+/// `return_rip` points at the saved RIP of the interrupt frame (the entry stub passes it).
 #[no_mangle]
-extern "C" fn desk_timer_interrupt() {
+extern "C" fn desk_timer_interrupt(return_rip: &mut u64) {
     TICKS.fetch_add(1, Ordering::Relaxed);
+    skip_halt_after_wake(return_rip);
     lapic::end_of_interrupt();
 }
 
+/// As [`desk_timer_interrupt`].
 #[no_mangle]
-extern "C" fn desk_device_interrupt() {
+extern "C" fn desk_device_interrupt(return_rip: &mut u64) {
     OTHER_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+    skip_halt_after_wake(return_rip);
     lapic::end_of_interrupt();
 }
 
@@ -219,12 +258,10 @@ impl Platform {
         match self {
             // SAFETY: `sti; hlt` is atomic: an interrupt cannot slip between them.
             Platform::Hardware => unsafe { asm!("sti", "hlt", options(nomem, nostack)) },
-            Platform::Pvm { .. } => {
-                self.enable_interrupts();
-                // SAFETY: hlt blocks in the host kernel until the next interrupt; one
-                // delivered just before it only makes this wait one tick longer.
-                unsafe { asm!("hlt", options(nomem, nostack)) };
-            }
+            // SAFETY: `vif` is the identity-mapped VIF page the VMM registered; the
+            // routine enables interrupts there and halts, and an interrupt that lands
+            // before the hlt skips it (`skip_halt_after_wake`).
+            Platform::Pvm { vif } => unsafe { desk_pvm_idle(vif) },
         }
     }
 

@@ -1,13 +1,15 @@
 //! Desk: Carrel's own guest kernel. No std; runs native on the paravirtual kvm_pvm (VIF
 //! page) and on hardware KVM alike.
 //!
-//! It prints a banner with the BootInfo summary, reads entropy from virtio-rng, starts a
-//! 1 kHz LAPIC timer and says `desk: ready`. With `desk.exit=1` on the command line it
-//! counts ten timer interrupts and powers off; otherwise it brings up the screen, input,
+//! It prints a banner with the BootInfo summary, reads entropy from virtio-rng, starts the
+//! LAPIC timer and says `desk: ready`. With `desk.exit=1` on the command line it counts
+//! ten 1 kHz timer interrupts and powers off; otherwise it brings up the screen, input,
 //! the disks (the file store on disk 0, see `disks`) and the guest agent and serves them
-//! from one loop, woken by interrupts, until the VMM stops it. A restored VM goes on in
-//! that loop without booting again: the loop notices the restore count in BootInfo
-//! change and draws fresh entropy.
+//! from one loop until the VMM stops it. The loop is woken by device interrupts and by a
+//! one-shot timer set for its next deadline only (`time`), so an idle Desk costs the host
+//! next to nothing; `desk.tick=periodic` wakes it every millisecond instead. A restored
+//! VM goes on in that loop without booting again: the loop notices the restore count in
+//! BootInfo change, draws fresh entropy and carries its uptime over.
 
 #![no_std]
 #![no_main]
@@ -30,6 +32,7 @@ mod ioapic;
 mod lapic;
 mod mem;
 mod phys;
+mod time;
 mod ui;
 mod virtio;
 mod vsock;
@@ -42,6 +45,7 @@ use carrel_firmware::{ports, virtio_id, BootInfo, BOOT_INFO_VERSION, DESK_NOTE_T
 use console::Hex;
 use desktop::Desktop;
 use interrupts::{Platform, TICKS, TIMER_VECTOR};
+use time::{Clock, Timer, TimerMode};
 
 const STACK_SIZE: usize = 64 * 1024;
 
@@ -198,7 +202,14 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
     interrupts::install_idt(info.idt_addr);
     lapic::enable(info.lapic_addr);
 
-    let tsc_khz = info.tsc_khz;
+    let tsc_khz = match info.tsc_khz {
+        0 => {
+            let measured = lapic::measure_tsc_khz();
+            println!("desk: the VMM gave no TSC rate; measured {measured} kHz against the APIC timer");
+            measured
+        }
+        given => given,
+    };
     let timeout = if tsc_khz == 0 { 5_000_000_000 } else { tsc_khz * 1000 };
     // The device is kept: every restore draws fresh bytes from it.
     let mut rng = start_rng(info);
@@ -213,9 +224,13 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
         }
     }
 
-    lapic::start_timer(TIMER_VECTOR, 1000);
+    // `desk.exit=1` counts the ticks of the periodic timer, whatever else is asked.
+    let exit_after_ticks = cmdline.split(' ').any(|argument| argument == "desk.exit=1");
+    let mode = if exit_after_ticks { TimerMode::Periodic } else { TimerMode::from_cmdline(cmdline) };
+    let mut clock = Clock::start(tsc_khz);
+    let mut timer = Timer::start(mode, TIMER_VECTOR);
     platform.enable_interrupts();
-    println!("desk: timer 1000 Hz started");
+    println!("desk: timer {}", timer.describe());
     println!("desk: ready ({} us since entry)", microseconds(rdtsc() - start, tsc_khz));
 
     let mut screen = start_screen(info, timeout);
@@ -253,7 +268,6 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
     let mut input_state = ui::InputState::default();
     let mut input_events = alloc::vec::Vec::new();
 
-    let exit_after_ticks = cmdline.split(' ').any(|argument| argument == "desk.exit=1");
     if exit_after_ticks {
         count_ticks_and_power_off(platform, tsc_khz);
     }
@@ -261,23 +275,28 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
     // A fresh boot is restore 0. Starting from 0 rather than from a read now also catches
     // a snapshot taken while Desk was still starting.
     let mut restores_seen = 0;
+    // The uptime this loop last saw: where the clock goes on from after a restore.
+    let mut last_ms = 0;
     loop {
-        platform.wait_for_interrupt();
-        let now_ms = TICKS.load(Ordering::Relaxed);
-        // Checked before the agent runs, so a command served in this same wake already
-        // sees the new entropy.
+        // Interrupts stay off while the loop works: handlers only count, and every device
+        // is polled here. One that arrives meanwhile stays pending and ends the wait at
+        // the bottom of the loop at once, so no wake is lost.
+        platform.disable_interrupts();
+        // Checked before the time is read and the agent runs, so this same wake already
+        // has the carried-over uptime and the new entropy.
         let restores = read_restores(boot_info);
         if restores != restores_seen {
             restores_seen = restores;
+            clock.resume_at(last_ms);
+            timer.forget_armed();
             let random = draw_after_restore(rng.as_mut(), restores, timeout);
             if let Some((_, agent)) = agent_link.as_mut() {
                 agent.set_random(random);
             }
         }
+        let now_ms = clock.now_ms();
+        last_ms = now_ms;
         if let Some((vsock, agent)) = agent_link.as_mut() {
-            // Interrupts stay off while the agent works: handlers only count, and the
-            // agent polls the rings itself.
-            platform.disable_interrupts();
             vsock.poll(&mut events);
             for event in events.drain(..) {
                 agent.handle(event, vsock, now_ms);
@@ -307,6 +326,11 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
                 screen = None;
             }
         }
+        // Everything else that can happen arrives as a device interrupt.
+        let clock_deadline = screen.is_some().then(|| (seconds + 1) * 1000);
+        let agent_deadline = agent_link.as_ref().and_then(|(_, agent)| agent.next_deadline_ms());
+        timer.wake_at(&clock, time::earliest(clock_deadline, agent_deadline));
+        platform.wait_for_interrupt();
     }
 }
 
