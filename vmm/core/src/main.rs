@@ -20,9 +20,10 @@ const USAGE: &str = "usage:
                  [--no-rng] [--vsock PATH] [--cid N] [--disk PATH[,readonly][,base=RAW][,size=N]]...
                  [--audit DIR] [--name NAME] [--display WxH | --no-display]
                  [--gpu-backend VHOST.sock --gpu-screen SCREEN.sock]
+                 [--jail DIR --uid U --gid G [--jail-writable DIR]...] [--no-seccomp]
   carrel-vmm run --config vm.toml [flags above override the file]
   carrel-vmm run --restore SNAPSHOT_DIR [--lazy|--eager] [--socket PATH] [--vsock PATH] [--cid N] [--name NAME]
-                 [--audit DIR] [--console-log PATH] [--no-console]
+                 [--audit DIR] [--console-log PATH] [--no-console] [--jail ... as above] [--no-seccomp]
   carrel-vmm snapshot --socket PATH --dir DIR [--diff]   (the VM goes on; --diff: only what
                  changed since its last snapshot or the one it was restored from)
   carrel-vmm hibernate --socket PATH --dir DIR [--diff]  (snapshot, then the VM process ends)
@@ -48,12 +49,15 @@ struct Usage(String);
 
 fn main() -> ExitCode {
     let started = Instant::now();
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("run") if args.iter().any(|arg| arg == "--restore") => {
-            parse_restore(&args[1..]).map(|(dir, overrides)| restore(&dir, &overrides, started))
-        }
-        Some("run") => parse_run(&args[1..]).map(|config| run(config, started)),
+        Some("run") => match take_process_options(&mut args) {
+            Ok(options) if args.iter().any(|arg| arg == "--restore") => {
+                parse_restore(&args[1..]).map(|(dir, overrides)| restore(&dir, &overrides, &options, started))
+            }
+            Ok(options) => parse_run(&args[1..]).map(|config| run(config, &options, started)),
+            Err(usage) => Err(usage),
+        },
         Some("snapshot") if args.get(1).map(String::as_str) == Some("merge") => {
             parse_merge(&args[2..]).map(|(dir, out)| merge(&dir, &out))
         }
@@ -140,6 +144,81 @@ fn parse_run(args: &[String]) -> Result<VmConfig, Usage> {
         index += 1;
     }
     Ok(config)
+}
+
+/// How the VMM process itself is confined, for `run` and `run --restore` alike.
+#[derive(Debug, Default)]
+struct ProcessOptions {
+    jail: Option<carrel_vmm::jail::JailConfig>,
+    seccomp: bool,
+    /// Checks run inside the jail once it is set up (test builds only).
+    #[cfg_attr(not(feature = "test-probes"), allow(dead_code))]
+    probes: Vec<String>,
+}
+
+/// Takes the confinement flags out of `args`: `--jail DIR --uid U --gid G`,
+/// `--jail-writable DIR` (repeatable), `--no-seccomp`.
+fn take_process_options(args: &mut Vec<String>) -> Result<ProcessOptions, Usage> {
+    let (mut root, mut uid, mut gid, mut writable) = (None, None, None, Vec::new());
+    let mut options = ProcessOptions { seccomp: true, ..ProcessOptions::default() };
+    let mut rest = Vec::with_capacity(args.len());
+    let mut index = 0;
+    while index < args.len() {
+        let flag = args[index].as_str();
+        match flag {
+            "--jail" => root = Some(PathBuf::from(value(args, &mut index, flag)?)),
+            "--uid" => uid = Some(number(value(args, &mut index, flag)?, flag)? as u32),
+            "--gid" => gid = Some(number(value(args, &mut index, flag)?, flag)? as u32),
+            "--jail-writable" => writable.push(absolute(value(args, &mut index, flag)?)),
+            "--no-seccomp" => options.seccomp = false,
+            #[cfg(feature = "test-probes")]
+            "--jail-probe" => options.probes.push(value(args, &mut index, flag)?.to_string()),
+            _ => rest.push(args[index].clone()),
+        }
+        index += 1;
+    }
+    *args = rest;
+    options.jail = match (root, uid, gid) {
+        (None, None, None) if writable.is_empty() => None,
+        (Some(root), Some(uid), Some(gid)) => {
+            Some(carrel_vmm::jail::JailConfig { root: absolute(&root.to_string_lossy()), uid, gid, writable })
+        }
+        _ => return Err(Usage("--jail DIR, --uid U and --gid G go together (and --jail-writable needs them)".into())),
+    };
+    Ok(options)
+}
+
+/// Enters the jail of `options` for a VM of `config` (restored from `restore`), after
+/// turning its paths into the absolute ones the jail binds; `None` when not jailed.
+fn confine(
+    options: &ProcessOptions,
+    config: &mut VmConfig,
+    restore: Option<&Path>,
+) -> anyhow::Result<Option<carrel_vmm::jail::Jail>> {
+    carrel_vmm::seccomp::enable(options.seccomp)?;
+    let Some(jail) = &options.jail else { return Ok(None) };
+    carrel_vmm::jail::resolve_config(config)?;
+    let binds = carrel_vmm::jail::binds_for(config, jail, restore);
+    Ok(Some(carrel_vmm::jail::enter(jail, &binds)?))
+}
+
+/// Gives the VM's own files made at build, as root (disk layers, its console log and vsock
+/// socket), to its jail's uid.
+fn hand_over(jail: Option<&carrel_vmm::jail::Jail>, config: &VmConfig) -> anyhow::Result<()> {
+    if let Some(jail) = jail {
+        let disks = config.disks.iter().filter(|disk| !disk.readonly).map(|disk| disk.path.clone());
+        // The vsock socket too: the VMM's own agent client connects to it.
+        let own: Vec<PathBuf> = disks.chain(config.console_log.clone()).chain(config.vsock.clone()).collect();
+        jail.hand_over(&own)?;
+    }
+    Ok(())
+}
+
+/// Runs the VM to its end, with the test-only probes first when asked.
+fn run_vmm(vmm: Vmm, _options: &ProcessOptions) -> anyhow::Result<ExitCode> {
+    #[cfg(feature = "test-probes")]
+    carrel_vmm::jail::probes::run(&_options.probes);
+    finish(vmm.run()?)
 }
 
 /// What a restore may set anew: the VM's identity and where it talks, never its machine.
@@ -705,17 +784,32 @@ fn merge(dir: &Path, out: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn restore(dir: &Path, overrides: &RestoreOverrides, started: Instant) -> anyhow::Result<ExitCode> {
-    let snapshot = carrel_vmm::snapshot::load_snapshot(dir)?;
+fn restore(
+    dir: &Path,
+    overrides: &RestoreOverrides,
+    options: &ProcessOptions,
+    started: Instant,
+) -> anyhow::Result<ExitCode> {
+    // A jailed restore learns which files it needs from vm.json alone, and reads the
+    // rest of the snapshot inside the jail.
+    let (dir, jail) = match &options.jail {
+        Some(_) => {
+            let dir = carrel_vmm::jail::resolve(dir)?;
+            let mut config = carrel_vmm::snapshot::read_config(&dir)?;
+            apply_overrides(&mut config, overrides);
+            let jail = confine(options, &mut config, Some(&dir))?;
+            (dir, jail)
+        }
+        None => (dir.to_path_buf(), confine(options, &mut VmConfig::default(), None)?),
+    };
+    let snapshot = carrel_vmm::snapshot::load_snapshot(&dir)?;
     let mut config = snapshot.config.clone();
-    config.socket = overrides.socket.clone().or(config.socket);
-    config.vsock = overrides.vsock.clone().or(config.vsock);
-    config.guest_cid = overrides.cid.unwrap_or(config.guest_cid);
-    config.name = overrides.name.clone().unwrap_or(config.name);
-    config.audit = overrides.audit.clone().or(config.audit);
-    config.console_log = overrides.console_log.clone().or(config.console_log);
-    config.console_stdout &= !overrides.no_console;
+    apply_overrides(&mut config, overrides);
+    if jail.is_some() {
+        carrel_vmm::jail::resolve_config(&mut config)?;
+    }
     let built = carrel_vmm::builder::restore_vm(&config, &snapshot, overrides.load, started)?;
+    hand_over(jail.as_ref(), &config)?;
     eprintln!(
         "carrel-vmm: restored {} ({} KVM, {} MiB, restore {}) in {:.1} ms",
         dir.display(),
@@ -724,7 +818,25 @@ fn restore(dir: &Path, overrides: &RestoreOverrides, started: Instant) -> anyhow
         built.restores,
         started.elapsed().as_secs_f64() * 1e3
     );
-    finish(Vmm::start(built, config)?.run()?)
+    run_vmm(Vmm::start(built, config, jail.as_ref())?, options)
+}
+
+/// The VM's identity and where it talks, from the restore's flags.
+fn apply_overrides(config: &mut VmConfig, overrides: &RestoreOverrides) {
+    let replace = |field: &mut Option<PathBuf>, value: &Option<PathBuf>| {
+        if value.is_some() {
+            field.clone_from(value);
+        }
+    };
+    replace(&mut config.socket, &overrides.socket);
+    replace(&mut config.vsock, &overrides.vsock);
+    replace(&mut config.audit, &overrides.audit);
+    replace(&mut config.console_log, &overrides.console_log);
+    config.guest_cid = overrides.cid.unwrap_or(config.guest_cid);
+    if let Some(name) = &overrides.name {
+        config.name.clone_from(name);
+    }
+    config.console_stdout &= !overrides.no_console;
 }
 
 fn finish(outcome: VmOutcome) -> anyhow::Result<ExitCode> {
@@ -737,8 +849,10 @@ fn finish(outcome: VmOutcome) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn run(config: VmConfig, started: Instant) -> anyhow::Result<ExitCode> {
+fn run(mut config: VmConfig, options: &ProcessOptions, started: Instant) -> anyhow::Result<ExitCode> {
+    let jail = confine(options, &mut config, None)?;
     let built = build_vm(&config, started)?;
+    hand_over(jail.as_ref(), &config)?;
     eprintln!(
         "carrel-vmm: {} KVM ({}), {} boot, {} MiB, {} vCPU(s), built in {:.1} ms",
         built.platform.name(),
@@ -751,7 +865,7 @@ fn run(config: VmConfig, started: Instant) -> anyhow::Result<ExitCode> {
         config.cpus,
         started.elapsed().as_secs_f64() * 1e3
     );
-    finish(Vmm::start(built, config)?.run()?)
+    run_vmm(Vmm::start(built, config, jail.as_ref())?, options)
 }
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);

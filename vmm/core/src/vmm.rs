@@ -19,7 +19,9 @@ use crate::control::{
 };
 use crate::devices::bus::lock;
 use crate::devices::virtio::persist::VirtioPersistError;
+use crate::jail::Jail;
 use crate::recorder::{Record, Recorder};
+use crate::seccomp::{self, ThreadKind};
 use crate::services::agent::AgentService;
 use crate::services::input::InputService;
 use crate::services::screen::ScreenService;
@@ -46,6 +48,10 @@ pub enum RunError {
     RecordStart(String),
     #[error("the vCPUs did not answer a {} request in time", if *pause { "pause" } else { "resume" })]
     VcpuNoAnswer { pause: bool },
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("vCPU {id} stopped: {stop}")]
     VcpuStopped { id: u8, stop: VcpuStop },
 }
@@ -121,8 +127,15 @@ pub struct Vmm {
 }
 
 impl Vmm {
-    /// Starts the control socket and the vCPUs of `built`.
-    pub fn start(built: BuiltVm, config: VmConfig) -> Result<Vmm, RunError> {
+    /// Starts the control socket and the vCPUs of `built`. In a `jail`, the process
+    /// leaves root first, before any client is accepted or guest instruction runs; each
+    /// thread then installs its seccomp filter as it starts, this one last.
+    pub fn start(built: BuiltVm, config: VmConfig, jail: Option<&Jail>) -> Result<Vmm, RunError> {
+        // What this process writes from here on (audit log, control socket, snapshots)
+        // it writes as the jail's uid.
+        if let Some(jail) = jail {
+            jail.drop_privileges()?;
+        }
         let signals = termination_signalfd()?;
         install_kick_handler()?;
         let epoll = Epoll::new().map_err(RunError::EventLoop)?;
@@ -201,6 +214,7 @@ impl Vmm {
             lazy.fetch_ahead();
         }
         let parent = built.restored_from.clone();
+        seccomp::install(ThreadKind::EventLoop)?;
         Ok(Vmm {
             built,
             config,
@@ -415,6 +429,8 @@ impl Vmm {
     /// Every snapshot starts a new dirty-page set; a `diff` one writes only the pages of the
     /// set it ends, over the VM's last snapshot. A snapshot not taken gives its set back.
     fn snapshot(&mut self, dir: &Path, diff: bool) -> Result<SnapshotInfo, Failure> {
+        crate::jail::may_write(dir)
+            .map_err(|message| Failure::new(ErrorKind::PermissionDenied, format!("snapshot not taken: {message}")))?;
         let parent = match &self.parent {
             Some(parent) if diff => Some(parent.clone()),
             None if diff => {

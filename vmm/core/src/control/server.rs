@@ -69,7 +69,9 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Binds `path` (replacing a stale socket file) and starts accepting on a thread.
+    /// Binds `path` (replacing a stale socket file) and starts accepting on a thread,
+    /// which runs under the control threads' seccomp filter, as do the connection
+    /// threads it starts.
     pub fn start(path: &Path, queue: RequestQueue) -> Result<ControlServer, ControlError> {
         let name = path.display().to_string();
         if path.exists() && UnixStream::connect(path).is_err() {
@@ -80,7 +82,10 @@ impl ControlServer {
             crate::sockets::bind(path).map_err(|source| ControlError::Bind { path: name.clone(), source })?;
         std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || accept_loop(listener, queue))
+            .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Control);
+                accept_loop(listener, queue)
+            })
             .map_err(|source| ControlError::Bind { path: name, source })?;
         Ok(ControlServer { path: path.to_path_buf() })
     }

@@ -306,6 +306,7 @@ impl LazyMemory {
         let loader = std::thread::Builder::new()
             .name("lazy-memory".into())
             .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Loader);
                 if let Err(err) = source.preload(&viewed) {
                     // The restore waits for this answer and is refused with it.
                     let _ = ready.send(Err(err));

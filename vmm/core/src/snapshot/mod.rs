@@ -263,15 +263,8 @@ fn write_files(
 /// Reads and checks a snapshot's configuration and state (memory is loaded by the
 /// restore builder, into the new VM's RAM).
 pub fn load_snapshot(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
-    let read = |file: &str| {
-        let path = dir.join(file);
-        std::fs::read(&path).map_err(|source| SnapshotError::ReadFile { path: path.display().to_string(), source })
-    };
-    let config_path = dir.join(CONFIG_FILE).display().to_string();
-    let config: VmConfig = serde_json::from_slice(&read(CONFIG_FILE)?)
-        .map_err(|err| SnapshotError::Config { path: config_path.clone(), message: err.to_string() })?;
-    config.validate_machine().map_err(|err| SnapshotError::Config { path: config_path, message: err.to_string() })?;
-    let bytes = read(STATE_FILE)?;
+    let config = read_config(dir)?;
+    let bytes = read_file(dir, STATE_FILE)?;
     let state_path = dir.join(STATE_FILE).display().to_string();
     let (platform, state): (PlatformKind, SnapshotState) =
         format::decode(&bytes).map_err(|source| SnapshotError::State { path: state_path, source })?;
@@ -285,6 +278,21 @@ pub fn load_snapshot(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
         return Err(SnapshotError::Mismatch(format!("{} vCPUs saved, {} configured", state.vcpus.len(), config.cpus)));
     }
     Ok(LoadedSnapshot { dir: dir.to_path_buf(), config, state, platform, digest: format::digest_of(&bytes) })
+}
+
+fn read_file(dir: &Path, file: &str) -> Result<Vec<u8>, SnapshotError> {
+    let path = dir.join(file);
+    std::fs::read(&path).map_err(|source| SnapshotError::ReadFile { path: path.display().to_string(), source })
+}
+
+/// The checked configuration of the snapshot in `dir` (its `vm.json`) alone: what a
+/// jailed restore reads before it enters its jail, to know which files the jail needs.
+pub fn read_config(dir: &Path) -> Result<VmConfig, SnapshotError> {
+    let config_path = dir.join(CONFIG_FILE).display().to_string();
+    let config: VmConfig = serde_json::from_slice(&read_file(dir, CONFIG_FILE)?)
+        .map_err(|err| SnapshotError::Config { path: config_path.clone(), message: err.to_string() })?;
+    config.validate_machine().map_err(|err| SnapshotError::Config { path: config_path, message: err.to_string() })?;
+    Ok(config)
 }
 
 /// Where `parent` of the diff in `child` is: where it was when the diff was taken, or,

@@ -174,6 +174,7 @@ impl Vcpu {
     }
 
     fn run_thread(mut self, messages: Receiver<VcpuMessage>, events: VcpuEventSender) {
+        crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Vcpu);
         IMMEDIATE_EXIT.with(|flag| flag.set(&mut self.fd.get_kvm_run().immediate_exit as *mut u8));
         let mut state = VcpuRunState::Running;
         loop {
