@@ -13,4 +13,4 @@ bash scripts/provision-host.sh
 bash scripts/build-guests.sh
 bash scripts/fetch-linux-kernel.sh
 cargo fmt --all -- --check
-cargo test --workspace --locked
+cargo test --workspace --locked --features carrel-vmm/test-probes
