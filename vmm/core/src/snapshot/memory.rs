@@ -18,7 +18,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, types};
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -303,7 +303,8 @@ fn zero_digest() -> [u8; 32] {
 /// Runs every (host address, length, file offset) transfer through one io_uring, up to
 /// [`QUEUE_DEPTH`] at once; short transfers are continued. Returns the failing offset.
 fn transfer(file: &File, ops: &[(*mut u8, u64, u64)], write: bool) -> Result<(), (u64, io::Error)> {
-    let mut ring = IoUring::new(QUEUE_DEPTH).map_err(|err| (0, err))?;
+    let mut ring = crate::seccomp::restricted_ring(QUEUE_DEPTH, &[opcode::Write::CODE, opcode::Read::CODE], |_| Ok(()))
+        .map_err(|err| (0, err))?;
     let fd = types::Fd(file.as_raw_fd());
     // What is left of each op: (host, remaining, file offset).
     let mut pending: Vec<(*mut u8, u64, u64)> = ops.to_vec();

@@ -197,12 +197,14 @@ fn advance(iovecs: &mut Vec<libc::iovec>, mut count: usize) {
 
 impl Uring {
     fn new() -> io::Result<Uring> {
-        let ring = IoUring::builder().build(RING_ENTRIES)?;
         let eventfd = EventFd::new(libc::EFD_NONBLOCK)?;
         // Every completion signals, not only the io-wq workers' (register_eventfd_async):
         // a completion posted by task work in this thread would otherwise sit in the ring
         // while the event loop sleeps.
-        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        let ring =
+            crate::seccomp::restricted_ring(RING_ENTRIES, &[opcode::Readv::CODE, opcode::Writev::CODE], |ring| {
+                ring.submitter().register_eventfd(eventfd.as_raw_fd())
+            })?;
         Ok(Uring { ring, eventfd, submitted: Vec::new(), free: Vec::new(), waiting: VecDeque::new(), unsubmitted: 0 })
     }
 
