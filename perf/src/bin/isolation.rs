@@ -100,8 +100,11 @@ fn start(mut command: Command, needle: &str) -> anyhow::Result<(Child, Duration)
     let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
     loop {
         match lines.next() {
-            Some(line) if line?.contains(needle) => break,
-            Some(_) => {}
+            Some(line) => {
+                if line?.contains(needle) {
+                    break;
+                }
+            }
             None => bail!("the VM ended before {needle:?}"),
         }
     }
