@@ -47,6 +47,10 @@ enum Command {
         /// Restart it when its guest agent sends no heartbeat for this many seconds.
         #[arg(long, default_value_t = 0)]
         watchdog: u32,
+        /// The most memory its VMM may use, in MiB, guest RAM included (default: --mem
+        /// plus the VMM's overhead). Over it, the VMM is killed by the OOM killer.
+        #[arg(long)]
+        memory_limit: Option<u64>,
     },
     /// One VM's state, owner, exit reason.
     Get {
@@ -77,10 +81,14 @@ enum Command {
         x: u32,
         y: u32,
     },
-    /// Type text.
+    /// Type text, or the value of one of your secrets (--secret NAME).
     Type {
         name: String,
-        text: String,
+        #[arg(required_unless_present = "secret", conflicts_with = "secret")]
+        text: Option<String>,
+        /// Type this secret's value (never shown, logged or recorded).
+        #[arg(long)]
+        secret: Option<String>,
     },
     /// Press a key combination such as ctrl+shift+t.
     Key {
@@ -90,9 +98,29 @@ enum Command {
     /// Run a command in the guest; exits with its exit code.
     Exec {
         name: String,
+        /// VAR=SECRET: the command gets environment variable VAR set to your secret's value.
+        #[arg(long = "secret-env", value_name = "VAR=SECRET")]
+        secret_env: Vec<String>,
         #[arg(required = true, last = true)]
         argv: Vec<String>,
     },
+    /// Your secrets, kept by carreld for you only.
+    Secret {
+        #[command(subcommand)]
+        command: SecretCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretCommand {
+    /// Keep a secret: its value is read from stdin (never from the command line, which
+    /// every user of the host can read in /proc/PID/cmdline). One trailing newline is
+    /// dropped.
+    Set { name: String },
+    /// Your secrets' names and lengths (never their values).
+    Ls,
+    /// Forget a secret.
+    Rm { name: String },
 }
 
 async fn connect(socket: &std::path::Path) -> Result<Channel, String> {
@@ -113,6 +141,19 @@ fn state_name(state: i32) -> &'static str {
 }
 
 fn vm_json(vm: &v1::Vm) -> serde_json::Value {
+    let usage = vm.usage.as_ref().map(|usage| {
+        serde_json::json!({
+            "memory_current_bytes": usage.memory_current_bytes,
+            "memory_peak_bytes": usage.memory_peak_bytes,
+            "memory_limit_bytes": usage.memory_limit_bytes,
+            "cpu_usage_us": usage.cpu_usage_us,
+            "cpu_quota_us": usage.cpu_quota_us,
+            "pids_current": usage.pids_current,
+            "pids_limit": usage.pids_limit,
+            "oom_kills": usage.oom_kills,
+            "cgroup_version": usage.cgroup_version,
+        })
+    });
     serde_json::json!({
         "name": vm.name,
         "state": state_name(vm.state),
@@ -120,7 +161,28 @@ fn vm_json(vm: &v1::Vm) -> serde_json::Value {
         "pid": vm.pid,
         "restarts": vm.restarts,
         "exit_reason": vm.exit_reason,
+        "usage": usage,
     })
+}
+
+/// "12.3 MiB".
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+}
+
+fn print_usage(usage: &v1::ResourceUsage) {
+    let limit = if usage.memory_limit_bytes == 0 { "no limit".to_string() } else { mib(usage.memory_limit_bytes) };
+    println!(
+        "  memory {} (peak {}) of {limit}; cpu {:.2} s (quota {} %); tasks {} of {}; oom kills {} (cgroup {})",
+        mib(usage.memory_current_bytes),
+        mib(usage.memory_peak_bytes),
+        usage.cpu_usage_us as f64 / 1e6,
+        usage.cpu_quota_us / 1000,
+        usage.pids_current,
+        usage.pids_limit,
+        usage.oom_kills,
+        usage.cgroup_version
+    );
 }
 
 fn print_vm(vm: &v1::Vm, json: bool) {
@@ -137,6 +199,9 @@ fn print_vm(vm: &v1::Vm, json: bool) {
         );
         if !vm.exit_reason.is_empty() {
             println!("  last exit: {}", vm.exit_reason);
+        }
+        if let Some(usage) = &vm.usage {
+            print_usage(usage);
         }
     }
 }
@@ -210,7 +275,7 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
             }
             Err(status) => Ok(refused(status)),
         },
-        Command::Create { name, mem, cpus, display, kernel, no_restart, watchdog } => {
+        Command::Create { name, mem, cpus, display, kernel, no_restart, watchdog, memory_limit } => {
             let config = v1::VmConfig {
                 kernel: kernel.unwrap_or_default(),
                 memory_mib: mem,
@@ -218,6 +283,7 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
                 display,
                 restart: if no_restart { v1::RestartPolicy::Never as i32 } else { v1::RestartPolicy::OnFailure as i32 },
                 watchdog_seconds: watchdog,
+                memory_limit_mib: memory_limit.unwrap_or(0),
                 ..Default::default()
             };
             Ok(vm_answer(vms.create(v1::CreateVmRequest { name, config: Some(config) }).await, json))
@@ -249,13 +315,28 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
                 Err(status) => refused(status),
             })
         }
+        Command::Secret { command } => secret(channel, command, json).await,
         Command::Click { name, x, y } => {
             input(channel, act(name, v1::act_request::Action::Click(v1::Click { x, y })), json).await
         }
-        Command::Type { name, text } => input(channel, act(name, v1::act_request::Action::TypeText(text)), json).await,
+        Command::Type { name, text, secret } => {
+            let action = match (text, secret) {
+                (_, Some(secret)) => v1::act_request::Action::TypeSecret(secret),
+                (Some(text), None) => v1::act_request::Action::TypeText(text),
+                (None, None) => return Err("give the text to type, or --secret NAME".into()),
+            };
+            input(channel, act(name, action), json).await
+        }
         Command::Key { name, combo } => input(channel, act(name, v1::act_request::Action::Key(combo)), json).await,
-        Command::Exec { name, argv } => {
-            let request = v1::ExecRequest { name, argv, ..Default::default() };
+        Command::Exec { name, secret_env, argv } => {
+            let secret_env = secret_env
+                .iter()
+                .map(|pair| match pair.split_once('=') {
+                    Some((variable, secret)) => Ok(v1::SecretEnv { variable: variable.into(), secret: secret.into() }),
+                    None => Err(format!("--secret-env takes VAR=SECRET, got {pair:?}")),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let request = v1::ExecRequest { name, argv, secret_env, ..Default::default() };
             Ok(match v1::agent_client::AgentClient::new(channel).exec(request).await {
                 Ok(done) => {
                     use std::io::Write;
@@ -268,6 +349,46 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
             })
         }
     }
+}
+
+async fn secret(channel: Channel, command: SecretCommand, json: bool) -> Result<Outcome, String> {
+    let mut secrets = v1::secrets_client::SecretsClient::new(channel);
+    let answer = match command {
+        SecretCommand::Set { name } => {
+            use std::io::Read;
+            let mut value = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut value)
+                .map_err(|err| format!("cannot read the secret from stdin: {err}"))?;
+            if value.last() == Some(&b'\n') {
+                value.pop();
+            }
+            secrets.set(v1::SetSecretRequest { name, value }).await.map(|info| {
+                let info = info.into_inner();
+                if json {
+                    println!("{}", serde_json::json!({"name": info.name, "length": info.length}));
+                } else {
+                    println!("secret {} kept ({} bytes)", info.name, info.length);
+                }
+            })
+        }
+        SecretCommand::Ls => secrets.list(v1::ListSecretsRequest {}).await.map(|list| {
+            let list = list.into_inner().secrets;
+            if json {
+                let entries = list.iter().map(|info| serde_json::json!({"name": info.name, "length": info.length}));
+                println!("{}", serde_json::Value::Array(entries.collect()));
+            } else {
+                for info in &list {
+                    println!("{:<32} {} bytes", info.name, info.length);
+                }
+            }
+        }),
+        SecretCommand::Rm { name } => secrets.delete(v1::DeleteSecretRequest { name }).await.map(|_| ()),
+    };
+    Ok(match answer {
+        Ok(()) => Outcome::Done,
+        Err(status) => refused(status),
+    })
 }
 
 async fn input(channel: Channel, request: v1::ActRequest, json: bool) -> Result<Outcome, String> {

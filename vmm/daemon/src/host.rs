@@ -1,5 +1,6 @@
-//! The daemon's state: every VM with its record and state, who may act on it, and the
-//! watchers that notice a VMM ending (pidfd) and keep the reason.
+//! The daemon's state: every VM with its record and state, who may act on it, the
+//! watchers that notice a VMM ending (pidfd) and keep the reason, the VMs' cgroups and
+//! the owners' secrets.
 
 use std::collections::BTreeMap;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -11,7 +12,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::Mutex;
 use tonic::Status;
 
+use crate::cgroup::{Cgroups, Limits};
 use crate::registry::{Registry, VmRecord};
+use crate::secrets::SecretStore;
 use crate::supervisor::{self, VmPaths};
 
 /// Who is calling, from the socket's peer credentials.
@@ -40,6 +43,8 @@ pub struct HostConfig {
     pub default_kernel: PathBuf,
     /// Members of this group may see and act on every VM.
     pub admin_gid: Option<u32>,
+    /// The VMs' parent cgroup under the daemon's own (None: no cgroups).
+    pub cgroup: Option<String>,
 }
 
 #[derive(Debug)]
@@ -47,6 +52,9 @@ pub struct Host {
     pub config: HostConfig,
     pub registry: Registry,
     pub vms: Mutex<BTreeMap<String, VmEntry>>,
+    /// Where the VMs' cgroups are; None when the host has none the daemon can use.
+    pub cgroups: Option<Cgroups>,
+    pub secrets: SecretStore,
 }
 
 impl Host {
@@ -54,7 +62,19 @@ impl Host {
     pub async fn open(config: HostConfig) -> anyhow::Result<Arc<Host>> {
         let registry = Registry::open(&config.state)?;
         let records = registry.load()?;
-        let host = Arc::new(Host { config, registry, vms: Mutex::new(BTreeMap::new()) });
+        let secrets = SecretStore::open(&config.state)?;
+        let cgroups = match config.cgroup.as_deref().map(Cgroups::open) {
+            Some(Ok(cgroups)) => {
+                eprintln!("carreld: VM resource limits in {}", cgroups.describe());
+                Some(cgroups)
+            }
+            Some(Err(why)) => {
+                eprintln!("carreld: warning: VMs run without resource limits: {why}");
+                None
+            }
+            None => None,
+        };
+        let host = Arc::new(Host { config, registry, vms: Mutex::new(BTreeMap::new()), cgroups, secrets });
         for (name, mut record) in records {
             let paths = VmPaths { dir: host.registry.vm_dir(&name) };
             let mut state = if record.stopped { v1::VmState::Stopped } else { v1::VmState::Crashed };
@@ -153,12 +173,15 @@ impl Host {
                 entry.record.stopped = false;
                 entry.record.restarts = 0;
             } else if entry.record.stopped {
-                return Ok(crate::service::vm_message(entry));
+                return Ok(crate::service::vm_message(self, entry));
             }
             entry.state = v1::VmState::Starting;
             (entry.record.clone(), entry.paths.clone())
         };
-        let started = supervisor::start(&self.config.vmm, &record, &paths).await;
+        let started = match self.prepare_cgroup(&record) {
+            Ok(procs) => supervisor::start(&self.config.vmm, &record, &paths, procs).await,
+            Err(reason) => Err(reason),
+        };
         let mut vms = self.vms.lock().await;
         let entry = vms.get_mut(name).ok_or_else(|| Status::not_found(format!("{name:?} was deleted")))?;
         match started {
@@ -171,7 +194,7 @@ impl Host {
                 if let (Some(pid), watchdog @ 1..) = (pid, entry.record.spec.watchdog_seconds) {
                     self.clone().watch_heartbeat(name.to_string(), pid, paths.vsock(), watchdog);
                 }
-                Ok(crate::service::vm_message(entry))
+                Ok(crate::service::vm_message(self, entry))
             }
             Err(reason) => {
                 entry.state = v1::VmState::Crashed;
@@ -179,6 +202,44 @@ impl Host {
                 let _ = self.registry.save(&entry.record);
                 Err(Status::internal(format!("VM {name:?} did not start: {reason}")))
             }
+        }
+    }
+
+    /// A fresh cgroup for `record`'s next run, with its limits; the `cgroup.procs` files
+    /// the VMM enters before exec (none when the host has no cgroups).
+    fn prepare_cgroup(&self, record: &VmRecord) -> Result<Vec<OwnedFd>, String> {
+        let Some(cgroups) = &self.cgroups else { return Ok(Vec::new()) };
+        let spec = &record.spec;
+        let limits = Limits::for_vm(spec.memory_mib, spec.cpus, spec.memory_limit_mib);
+        cgroups.prepare(&record.name, &limits).and_then(|group| group.open_procs()).map_err(|err| err.to_string())
+    }
+
+    /// The VM's use of the host while its cgroup is there.
+    pub fn usage(&self, name: &str) -> Option<v1::ResourceUsage> {
+        let cgroups = self.cgroups.as_ref()?;
+        let group = cgroups.vm(name);
+        if !group.exists() {
+            return None;
+        }
+        let usage = group.usage();
+        Some(v1::ResourceUsage {
+            memory_current_bytes: usage.memory_current_bytes,
+            memory_peak_bytes: usage.memory_peak_bytes,
+            memory_limit_bytes: usage.memory_limit_bytes,
+            cpu_usage_us: usage.cpu_usage_us,
+            cpu_quota_us: usage.cpu_quota_us,
+            pids_current: usage.pids_current as u32,
+            pids_limit: usage.pids_limit as u32,
+            oom_kills: usage.oom_kills,
+            cgroup_version: cgroups.version().label().into(),
+        })
+    }
+
+    /// Removes the VM's cgroup (when it is deleted).
+    pub fn remove_cgroup(&self, name: &str) -> Result<(), String> {
+        match &self.cgroups {
+            Some(cgroups) => cgroups.vm(name).remove().map_err(|err| err.to_string()),
+            None => Ok(()),
         }
     }
 
@@ -236,9 +297,14 @@ impl Host {
             let Some(entry) = vms.get_mut(name) else { return };
             let stopped = entry.record.stopped;
             let tail = supervisor::last_lines(&entry.paths, 5);
-            let reason = match entry.ended_by.take() {
-                Some(why) => format!("{why} ({reason})"),
-                None => reason,
+            let oom_kills = self.cgroups.as_ref().map(|cgroups| cgroups.vm(name)).filter(|group| group.oom_kills() > 0);
+            let reason = match (entry.ended_by.take(), oom_kills) {
+                (Some(why), _) => format!("{why} ({reason})"),
+                (None, Some(group)) => format!(
+                    "killed by the OOM killer: over its memory limit of {} MiB ({reason})",
+                    group.memory_limit_mib()
+                ),
+                (None, None) => reason,
             };
             entry.record.pid = None;
             entry.record.exit_reason =

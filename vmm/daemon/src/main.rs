@@ -4,11 +4,13 @@
 //!
 //! ```text
 //! carreld [--socket /run/carrel/carrel.sock] [--state /var/lib/carrel]
-//!         [--vmm PATH] [--kernel PATH] [--admin-gid GID]
+//!         [--vmm PATH] [--kernel PATH] [--admin-gid GID] [--cgroup NAME | --no-cgroups]
 //! ```
 
+mod cgroup;
 mod host;
 mod registry;
+mod secrets;
 mod service;
 mod supervisor;
 
@@ -21,7 +23,10 @@ use service::Services;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
-const USAGE: &str = "usage: carreld [--socket PATH] [--state DIR] [--vmm PATH] [--kernel PATH] [--admin-gid GID]";
+const USAGE: &str = "usage: carreld [--socket PATH] [--state DIR] [--vmm PATH] [--kernel PATH] [--admin-gid GID]
+               [--cgroup NAME | --no-cgroups]
+  --cgroup NAME   the VMs' cgroups go under NAME in carreld's own cgroup (default: carrel)
+  --no-cgroups    run the VMs without resource limits";
 
 struct Args {
     socket: PathBuf,
@@ -36,6 +41,7 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
         vmm: exe_dir.join("carrel-vmm"),
         default_kernel: exe_dir.join("../guests/desk.elf"),
         admin_gid: None,
+        cgroup: Some("carrel".into()),
     };
     let mut index = 0;
     while index < args.len() {
@@ -46,6 +52,19 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
             "--vmm" => config.vmm = value()?.into(),
             "--kernel" => config.default_kernel = value()?.into(),
             "--admin-gid" => config.admin_gid = Some(value()?.parse().context("--admin-gid takes a number")?),
+            "--cgroup" => {
+                let name = value()?;
+                let valid = name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+                if name.is_empty() || name.starts_with('.') || !valid {
+                    bail!("--cgroup takes a name of letters, digits, '-', '_' and '.'");
+                }
+                config.cgroup = Some(name);
+            }
+            "--no-cgroups" => {
+                config.cgroup = None;
+                index += 1;
+                continue;
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -113,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
         .add_service(v1::screen_server::ScreenServer::new(services.clone()))
         .add_service(v1::input_server::InputServer::new(services.clone()))
         .add_service(v1::agent_server::AgentServer::new(services.clone()))
+        .add_service(v1::secrets_server::SecretsServer::new(services.clone()))
         .add_service(v1::console_server::ConsoleServer::new(services.clone()))
         .add_service(v1::snapshots_server::SnapshotsServer::new(services.clone()))
         .add_service(v1::audit_server::AuditServer::new(services))

@@ -5,6 +5,8 @@
 //! <state>/vms/<name>/control.sock  the VMM's private control socket
 //! <state>/vms/<name>/vsock.sock    its guest agent's host side
 //! <state>/vms/<name>/console.log   its serial console
+//! <state>/vms/<name>/vmm.log       the VMM's own messages
+//! <state>/vms/<name>/audit/        its audit log (carrel-audit verify reads it)
 //! ```
 //!
 //! A record is written to a temporary file, synced and renamed, so a daemon killed
@@ -51,6 +53,9 @@ pub struct VmSpec {
     /// Restart the VM when its agent sends no heartbeat this long (0: no watchdog).
     #[serde(default)]
     pub watchdog_seconds: u32,
+    /// The VMM's memory limit when not the default (RAM plus the measured overhead).
+    #[serde(default)]
+    pub memory_limit_mib: Option<u64>,
 }
 
 /// What the registry knows of one VM.
@@ -154,6 +159,7 @@ mod tests {
                 disks: Vec::new(),
                 max_restarts: 5,
                 watchdog_seconds: 0,
+                memory_limit_mib: None,
             },
             pid: Some(42),
             stopped: false,

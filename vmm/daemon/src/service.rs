@@ -13,8 +13,10 @@ use tokio_stream::Stream;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 
+use crate::cgroup::{MIN_MEMORY_LIMIT_MIB, VMM_OVERHEAD_MIB};
 use crate::host::{Caller, Host, VmEntry};
 use crate::registry::{valid_name, DiskRecord, VmRecord, VmSpec};
+use crate::secrets::SecretError;
 use crate::supervisor;
 
 /// How long one per-VM control call may take beyond what the request itself waits.
@@ -62,12 +64,36 @@ async fn ask(socket: &std::path::Path, request: Request, timeout: Duration) -> R
     }
 }
 
+/// A VMM's answer to a request that carried secret values, with any error message that
+/// holds one of them withheld (the status code stays).
+fn withhold_secrets(answer: Result<Response, Status>, values: &[String]) -> Result<Response, Status> {
+    answer.map_err(|status| {
+        if values.iter().any(|value| !value.is_empty() && status.message().contains(value.as_str())) {
+            Status::new(status.code(), "the VM refused the request (its message is withheld: it held a secret's value)")
+        } else {
+            status
+        }
+    })
+}
+
+/// A secret store error as a status. A missing secret and another owner's are the same
+/// NOT_FOUND.
+fn secret_status(err: SecretError) -> Status {
+    match err {
+        SecretError::NotFound(_) => Status::not_found(err.to_string()),
+        SecretError::InvalidName(_) | SecretError::TooLarge(_) | SecretError::Empty => {
+            Status::invalid_argument(err.to_string())
+        }
+        SecretError::Write { .. } | SecretError::Read { .. } => Status::internal(err.to_string()),
+    }
+}
+
 /// An answer of the wrong kind from a VMM.
 fn unexpected(answer: Response) -> Status {
     Status::internal(format!("unexpected answer from the VMM: {answer:?}"))
 }
 
-pub fn vm_message(entry: &VmEntry) -> v1::Vm {
+pub fn vm_message(host: &Host, entry: &VmEntry) -> v1::Vm {
     let spec = &entry.record.spec;
     v1::Vm {
         name: entry.record.name.clone(),
@@ -86,6 +112,7 @@ pub fn vm_message(entry: &VmEntry) -> v1::Vm {
             },
             max_restarts: spec.max_restarts,
             watchdog_seconds: spec.watchdog_seconds,
+            memory_limit_mib: spec.memory_limit_mib.unwrap_or_default(),
             disks: spec
                 .disks
                 .iter()
@@ -101,6 +128,7 @@ pub fn vm_message(entry: &VmEntry) -> v1::Vm {
         exit_reason: entry.record.exit_reason.clone().unwrap_or_default(),
         platform: String::new(),
         restarts: entry.record.restarts,
+        usage: host.usage(&entry.record.name),
     }
 }
 
@@ -153,6 +181,16 @@ impl Services {
         if config.watchdog_seconds > 3600 {
             return Err(Status::invalid_argument("watchdog_seconds must be 0 (off) to 3600"));
         }
+        let memory_limit_mib = match config.memory_limit_mib {
+            0 => None,
+            limit if (MIN_MEMORY_LIMIT_MIB..=65536 + VMM_OVERHEAD_MIB).contains(&limit) => Some(limit),
+            limit => {
+                return Err(Status::invalid_argument(format!(
+                    "memory_limit_mib must be 0 (RAM + {VMM_OVERHEAD_MIB} MiB) or {MIN_MEMORY_LIMIT_MIB} to {}, got {limit}",
+                    65536 + VMM_OVERHEAD_MIB
+                )))
+            }
+        };
         Ok(VmSpec {
             kernel,
             memory_mib,
@@ -162,7 +200,44 @@ impl Services {
             disks,
             max_restarts,
             watchdog_seconds: config.watchdog_seconds,
+            memory_limit_mib,
         })
+    }
+
+    /// `caller`'s secret `name`; another owner's secret of that name is not found.
+    fn secret(&self, caller: Caller, name: &str) -> Result<Vec<u8>, Status> {
+        self.host.secrets.get(caller.uid, name).map_err(secret_status)
+    }
+
+    /// The environment of an exec's secret variables.
+    fn secret_env(&self, caller: Caller, pairs: &[v1::SecretEnv]) -> Result<Vec<(String, String)>, Status> {
+        let mut env = Vec::new();
+        for pair in pairs {
+            let variable = &pair.variable;
+            let valid = variable
+                .bytes()
+                .enumerate()
+                .all(|(index, b)| b == b'_' || b.is_ascii_alphabetic() || (index > 0 && b.is_ascii_digit()));
+            if variable.is_empty() || !valid {
+                return Err(Status::invalid_argument(format!(
+                    "environment variable name {variable:?} must be letters, digits and '_', not starting with a digit"
+                )));
+            }
+            let value = String::from_utf8(self.secret(caller, &pair.secret)?).map_err(|_| {
+                Status::invalid_argument(format!(
+                    "secret {:?} is not UTF-8 text, so it cannot be an environment variable",
+                    pair.secret
+                ))
+            })?;
+            if value.contains('\0') {
+                return Err(Status::invalid_argument(format!(
+                    "secret {:?} holds a NUL byte, so it cannot be an environment variable",
+                    pair.secret
+                )));
+            }
+            env.push((variable.clone(), value));
+        }
+        Ok(env)
     }
 
     /// The control socket of a running VM `caller` may use.
@@ -269,7 +344,7 @@ impl v1::vms_server::Vms for Services {
         let caller = caller(&request)?;
         let vms = self.host.vms.lock().await;
         let entry = self.host.check(&vms, &request.get_ref().name, caller)?;
-        Ok(GrpcResponse::new(vm_message(entry)))
+        Ok(GrpcResponse::new(vm_message(&self.host, entry)))
     }
 
     async fn list(
@@ -278,8 +353,11 @@ impl v1::vms_server::Vms for Services {
     ) -> Result<GrpcResponse<v1::ListVmsResponse>, Status> {
         let caller = caller(&request)?;
         let vms = self.host.vms.lock().await;
-        let visible =
-            vms.values().filter(|entry| self.host.allowed(caller, entry.record.owner_uid)).map(vm_message).collect();
+        let visible = vms
+            .values()
+            .filter(|entry| self.host.allowed(caller, entry.record.owner_uid))
+            .map(|entry| vm_message(&self.host, entry))
+            .collect();
         Ok(GrpcResponse::new(v1::ListVmsResponse { vms: visible }))
     }
 
@@ -301,7 +379,7 @@ impl v1::vms_server::Vms for Services {
         let name = request.into_inner().name;
         self.stop_vm(&name, caller).await?;
         let vms = self.host.vms.lock().await;
-        Ok(GrpcResponse::new(vm_message(self.host.check(&vms, &name, caller)?)))
+        Ok(GrpcResponse::new(vm_message(&self.host, self.host.check(&vms, &name, caller)?)))
     }
 
     async fn reboot(&self, _request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::Vm>, Status> {
@@ -316,6 +394,7 @@ impl v1::vms_server::Vms for Services {
         self.host.check(&vms, &name, caller)?;
         vms.remove(&name);
         self.host.registry.remove(&name).map_err(|err| Status::internal(err.to_string()))?;
+        self.host.remove_cgroup(&name).map_err(Status::internal)?;
         Ok(GrpcResponse::new(v1::DeleteVmResponse {}))
     }
 
@@ -377,13 +456,41 @@ impl v1::input_server::Input for Services {
         let caller = caller(&request)?;
         let request = request.into_inner();
         let socket = self.running(&request.name, caller).await?;
+        // A secret's value is typed like text and kept out of every answer and log.
+        let mut secret = None;
         let action = match request.action {
             Some(v1::act_request::Action::Click(click)) => {
                 Action::Click { x: click.x, y: click.y, button: Button::Left, count: 1 }
             }
             Some(v1::act_request::Action::TypeText(text)) => Action::Type { text },
             Some(v1::act_request::Action::Key(combo)) => Action::Key { combo },
-            None => return Err(Status::invalid_argument("an action is required: click, type_text or key")),
+            Some(v1::act_request::Action::TypeSecret(name)) => {
+                let value = self.secret(caller, &name)?;
+                let text = String::from_utf8(value)
+                    .ok()
+                    .filter(|text| {
+                        text.chars().count() <= carrel_vmm::input::MAX_TYPE_CHARS
+                            && carrel_vmm::input::text_to_keys(text).is_ok()
+                    })
+                    .ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "secret {name:?} cannot be typed: it must be at most {} characters of printable ASCII, \
+                             newline and tab",
+                            carrel_vmm::input::MAX_TYPE_CHARS
+                        ))
+                    })?;
+                eprintln!(
+                    "carreld: uid {} types secret {name:?} ({} bytes) into VM {:?}",
+                    caller.uid,
+                    text.len(),
+                    request.name
+                );
+                secret = Some(text.clone());
+                Action::Type { text }
+            }
+            None => {
+                return Err(Status::invalid_argument("an action is required: click, type_text, type_secret or key"))
+            }
         };
         let timeout_ms = if request.timeout_ms == 0 { 5_000 } else { request.timeout_ms };
         let input = InputRequest {
@@ -394,7 +501,8 @@ impl v1::input_server::Input for Services {
             hold_ms: None,
             gap_ms: None,
         };
-        match ask(&socket, Request::Input(input), Duration::from_millis(timeout_ms) + CALL_SLACK).await? {
+        let answer = ask(&socket, Request::Input(input), Duration::from_millis(timeout_ms) + CALL_SLACK).await;
+        match withhold_secrets(answer, secret.as_slice())? {
             Response::Input(done) => Ok(GrpcResponse::new(v1::ActResponse {
                 frame: done.frame.unwrap_or_default(),
                 timed_out: done.timed_out,
@@ -413,9 +521,22 @@ impl v1::agent_server::Agent for Services {
         let request = request.into_inner();
         let socket = self.running(&request.name, caller).await?;
         let timeout_ms = (request.timeout_ms > 0).then_some(request.timeout_ms);
-        let exec = AgentExec { argv: request.argv, env: Vec::new(), cwd: None, stdin: request.stdin, timeout_ms };
+        let env = self.secret_env(caller, &request.secret_env)?;
+        // Kept to withhold an error answer that quotes one.
+        let values: Vec<String> = env.iter().map(|(_, value)| value.clone()).collect();
+        if !env.is_empty() {
+            let named: Vec<String> = request
+                .secret_env
+                .iter()
+                .zip(&values)
+                .map(|(pair, value)| format!("{}=secret {:?} ({} bytes)", pair.variable, pair.secret, value.len()))
+                .collect();
+            eprintln!("carreld: uid {} runs a command in VM {:?} with {}", caller.uid, request.name, named.join(", "));
+        }
+        let exec = AgentExec { argv: request.argv, env, cwd: None, stdin: request.stdin, timeout_ms };
         let wait = Duration::from_millis(timeout_ms.unwrap_or(600_000)) + CALL_SLACK;
-        match ask(&socket, Request::Agent(AgentRequest::Exec(exec)), wait).await? {
+        let answer = ask(&socket, Request::Agent(AgentRequest::Exec(exec)), wait).await;
+        match withhold_secrets(answer, &values)? {
             Response::Agent(AgentResponse::Exit { code, signal, timed_out, stdout, stderr }) => {
                 let exit_code = code.unwrap_or_else(|| 128 + signal.unwrap_or(0));
                 Ok(GrpcResponse::new(v1::ExecResponse { exit_code, timed_out, stdout, stderr }))
@@ -435,6 +556,39 @@ impl v1::agent_server::Agent for Services {
 
     async fn get(&self, _request: GrpcRequest<v1::GetRequest>) -> Result<GrpcResponse<Self::GetStream>, Status> {
         Err(Status::unimplemented("Agent.Get through carreld is not built yet (carrel-vmm agent get works per VM)"))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::secrets_server::Secrets for Services {
+    async fn set(&self, request: GrpcRequest<v1::SetSecretRequest>) -> Result<GrpcResponse<v1::SecretInfo>, Status> {
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        self.host.secrets.set(caller.uid, &request.name, &request.value).map_err(secret_status)?;
+        eprintln!("carreld: uid {} set secret {:?} ({} bytes)", caller.uid, request.name, request.value.len());
+        Ok(GrpcResponse::new(v1::SecretInfo { name: request.name, length: request.value.len() as u64 }))
+    }
+
+    async fn list(
+        &self,
+        request: GrpcRequest<v1::ListSecretsRequest>,
+    ) -> Result<GrpcResponse<v1::ListSecretsResponse>, Status> {
+        let caller = caller(&request)?;
+        let secrets = self.host.secrets.list(caller.uid).map_err(secret_status)?;
+        Ok(GrpcResponse::new(v1::ListSecretsResponse {
+            secrets: secrets.into_iter().map(|(name, length)| v1::SecretInfo { name, length }).collect(),
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: GrpcRequest<v1::DeleteSecretRequest>,
+    ) -> Result<GrpcResponse<v1::DeleteSecretResponse>, Status> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        self.host.secrets.delete(caller.uid, &name).map_err(secret_status)?;
+        eprintln!("carreld: uid {} deleted secret {name:?}", caller.uid);
+        Ok(GrpcResponse::new(v1::DeleteSecretResponse {}))
     }
 }
 

@@ -2,12 +2,14 @@
 //! daemon restart), watched until it ends, and spoken to over its private control socket.
 //! The per-VM protocol is blocking; calls run on tokio's blocking pool.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use carrel_vmm::control::{ControlClient, Failure, Request, Response};
 
+use crate::cgroup;
 use crate::registry::VmRecord;
 
 /// How long a new VMM has to open its control socket.
@@ -30,6 +32,10 @@ impl VmPaths {
 
     pub fn console(&self) -> PathBuf {
         self.dir.join("console.log")
+    }
+
+    pub fn audit(&self) -> PathBuf {
+        self.dir.join("audit")
     }
 }
 
@@ -55,6 +61,8 @@ pub fn run_args(record: &VmRecord, paths: &VmPaths) -> Vec<String> {
         "--console-log".into(),
         paths.console().display().to_string(),
         "--no-console".into(),
+        "--audit".into(),
+        paths.audit().display().to_string(),
     ];
     if let Some(cmdline) = &spec.cmdline {
         args.extend(["--cmdline".into(), cmdline.clone()]);
@@ -75,17 +83,28 @@ pub fn run_args(record: &VmRecord, paths: &VmPaths) -> Vec<String> {
     args
 }
 
-/// Starts the VMM for `record`; returns the child once its control socket answers.
-pub async fn start(vmm: &Path, record: &VmRecord, paths: &VmPaths) -> Result<tokio::process::Child, String> {
+/// Starts the VMM for `record`, inside the cgroup whose `cgroup.procs` files are
+/// `cgroup_procs` (opened by the caller; the child enters before exec, so the VMM never
+/// runs outside its group); returns the child once its control socket answers.
+pub async fn start(
+    vmm: &Path,
+    record: &VmRecord,
+    paths: &VmPaths,
+    cgroup_procs: Vec<OwnedFd>,
+) -> Result<tokio::process::Child, String> {
     for stale in [paths.control(), paths.vsock()] {
         let _ = std::fs::remove_file(stale);
     }
     let stderr =
         std::fs::File::create(paths.dir.join("vmm.log")).map_err(|err| format!("cannot create vmm.log: {err}"))?;
     let mut command = tokio::process::Command::new(vmm);
-    // SAFETY: the closure runs in the forked child before exec and makes one syscall.
+    let cgroup_fds = cgroup::raw_fds(&cgroup_procs);
+    // SAFETY: the closure runs in the forked child before exec and makes only
+    // async-signal-safe syscalls (write(2) on descriptors opened before the fork, then
+    // close_range); it allocates nothing.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
+            cgroup::enter_self(&cgroup_fds)?;
             // Nothing of the daemon's but stdio reaches the VMM: every other fd closes on
             // exec (CLOSE_RANGE_CLOEXEC keeps the spawn's own error pipe working).
             if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) != 0 {
@@ -103,7 +122,8 @@ pub async fn start(vmm: &Path, record: &VmRecord, paths: &VmPaths) -> Result<tok
         .process_group(0)
         .kill_on_drop(false)
         .spawn()
-        .map_err(|err| format!("cannot start {}: {err}", vmm.display()))?;
+        .map_err(|err| format!("cannot start {} in its cgroup: {err}", vmm.display()))?;
+    drop(cgroup_procs);
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if let Some(status) = child.try_wait().map_err(|err| err.to_string())? {

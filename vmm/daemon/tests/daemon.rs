@@ -38,21 +38,71 @@ fn desk_kernel() -> PathBuf {
 struct Daemon {
     child: Child,
     state: PathBuf,
+    /// The VMs' parent cgroup under this process's own, one per daemon's state dir, so
+    /// tests running at once never share one.
+    cgroup: String,
+}
+
+/// The cgroup name of a daemon whose state is `state` (a temporary directory).
+fn cgroup_name(state: &Path) -> String {
+    let dir = state.parent().unwrap().file_name().unwrap().to_string_lossy();
+    format!("carrel-test-{}", dir.trim_start_matches('.'))
+}
+
+/// The directories named `name` under /sys/fs/cgroup: the VMs' parent group in each
+/// hierarchy (one on cgroup v2).
+fn cgroup_parents(name: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, name: &str, depth: u32, found: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if !entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                continue;
+            }
+            if entry.file_name() == name {
+                found.push(entry.path());
+            } else if depth > 0 {
+                walk(&entry.path(), name, depth - 1, found);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(Path::new("/sys/fs/cgroup"), name, 5, &mut found);
+    found
+}
+
+/// The VMs' groups under the parents: subdirectories named after VMs.
+fn cgroup_vm_dirs(name: &str) -> Vec<PathBuf> {
+    cgroup_parents(name)
+        .iter()
+        .flat_map(|parent| std::fs::read_dir(parent).unwrap().flatten())
+        .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+        .map(|entry| entry.path())
+        .collect()
 }
 
 impl Daemon {
     fn start(socket: &Path, state: &Path, vmm: &Path) -> Daemon {
-        let child = Command::new(env!("CARGO_BIN_EXE_carreld"))
+        Daemon::start_logged(socket, state, vmm, None)
+    }
+
+    /// With `log`, the daemon's messages go to that file.
+    fn start_logged(socket: &Path, state: &Path, vmm: &Path, log: Option<&Path>) -> Daemon {
+        let cgroup = cgroup_name(state);
+        let mut command = Command::new(env!("CARGO_BIN_EXE_carreld"));
+        command
             .args(["--socket", socket.to_str().unwrap(), "--state", state.to_str().unwrap()])
             .args(["--vmm", vmm.to_str().unwrap(), "--kernel", desk_kernel().to_str().unwrap()])
-            .spawn()
-            .unwrap();
+            .args(["--cgroup", &cgroup]);
+        if let Some(log) = log {
+            let file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+            command.stderr(file);
+        }
+        let child = command.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::os::unix::net::UnixStream::connect(socket).is_err() {
             assert!(Instant::now() < deadline, "carreld did not open its socket");
             std::thread::sleep(Duration::from_millis(10));
         }
-        Daemon { child, state: state.to_path_buf() }
+        Daemon { child, state: state.to_path_buf(), cgroup }
     }
 
     /// Ends the daemon with SIGTERM; its VMs run on.
@@ -79,6 +129,20 @@ impl Drop for Daemon {
                 // SAFETY: kill(2) on a VMM this test's daemon started.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             }
+        }
+        // The VMs' groups a failed test left (their VMMs were just killed), then the
+        // parents, which carreld keeps for its next start. A group still in use (the
+        // VMs of a daemon that ended cleanly mid-test) refuses rmdir and stays.
+        let failed = !self.state.as_os_str().is_empty();
+        for _ in 0..100 {
+            let left = if failed { cgroup_vm_dirs(&self.cgroup) } else { Vec::new() };
+            if left.iter().all(|dir| std::fs::remove_dir(dir).is_ok()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for parent in cgroup_parents(&self.cgroup) {
+            let _ = std::fs::remove_dir(parent);
         }
     }
 }
@@ -141,6 +205,21 @@ async fn vms_are_created_used_crash_detected_reattached_and_deleted_through_the_
     let missing = vms.get(v1::GetVmRequest { name: "nobody".into() }).await.unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
     assert_eq!(vms.list(v1::ListVmsRequest {}).await.unwrap().into_inner().vms.len(), 3);
+
+    // Each VMM runs in its own cgroup, and Vms.Get reports its use and limits.
+    let one = vms.get(v1::GetVmRequest { name: "one".into() }).await.unwrap().into_inner();
+    let own_groups = std::fs::read_to_string(format!("/proc/{}/cgroup", one.pid)).unwrap();
+    assert!(own_groups.contains(&format!("/{}/one\n", daemon.cgroup)), "the VMM is in its group: {own_groups}");
+    let usage = one.usage.clone().expect("a running VM reports its use");
+    assert!(usage.cgroup_version == "v1" || usage.cgroup_version == "v2", "{usage:?}");
+    // 128 MiB of RAM plus carreld's 32 MiB of VMM overhead.
+    assert_eq!(usage.memory_limit_bytes, 160 << 20, "{usage:?}");
+    assert!(usage.memory_current_bytes > 1 << 20 && usage.memory_peak_bytes >= usage.memory_current_bytes, "{usage:?}");
+    assert!(usage.memory_current_bytes < usage.memory_limit_bytes, "{usage:?}");
+    assert!(usage.cpu_usage_us > 0 && usage.cpu_quota_us == 150_000, "{usage:?}");
+    assert!(usage.pids_current >= 3 && usage.pids_current < usage.pids_limit, "{usage:?}");
+    assert_eq!(usage.oom_kills, 0);
+    assert_eq!(cgroup_vm_dirs(&daemon.cgroup).len() % 3, 0, "one group per VM in each hierarchy");
 
     // Look at "one", type into it, and see the typing in its screenshot.
     let still = v1::ScreenshotRequest { name: "one".into(), still_ms: 200, timeout_ms: 10_000, ..Default::default() };
@@ -235,6 +314,8 @@ async fn vms_are_created_used_crash_detected_reattached_and_deleted_through_the_
     assert!(!alive(two.pid), "deleting a running VM stops its VMM");
     assert!(vms.list(v1::ListVmsRequest {}).await.unwrap().into_inner().vms.is_empty());
     assert_eq!(std::fs::read_dir(state.join("vms")).unwrap().count(), 0, "nothing left in the state dir");
+    assert!(!cgroup_parents(&daemon.cgroup).is_empty(), "the VMs' parent groups are carreld's");
+    assert_eq!(cgroup_vm_dirs(&daemon.cgroup), Vec::<PathBuf>::new(), "no VM's cgroup is left");
     drop((vms, screen, channel));
     daemon.terminate();
     assert!(!socket.exists(), "the socket goes with the daemon");
@@ -367,5 +448,263 @@ async fn the_watchdog_restarts_a_vm_whose_agent_goes_silent() {
     assert_eq!(restarted.restarts, 1);
     vms.delete(v1::VmName { name: "hang".into() }).await.unwrap();
     drop(vms);
+    daemon.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_over_its_memory_limit_is_oom_killed_and_restarted_while_the_rest_runs_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
+    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    let channel = connect(&socket).await;
+    let mut vms = v1::vms_client::VmsClient::new(channel.clone());
+    let mut agent = v1::agent_client::AgentClient::new(channel.clone());
+
+    let config = |memory_limit_mib| v1::VmConfig { memory_mib: 256, memory_limit_mib, ..Default::default() };
+    let too_small = vms.create(v1::CreateVmRequest { name: "tiny".into(), config: Some(config(32)) }).await;
+    assert_eq!(too_small.unwrap_err().code(), tonic::Code::InvalidArgument, "a limit below the minimum is refused");
+    let hog =
+        vms.create(v1::CreateVmRequest { name: "hog".into(), config: Some(config(160)) }).await.unwrap().into_inner();
+    assert_eq!(hog.config.as_ref().unwrap().memory_limit_mib, 160);
+    assert_eq!(hog.usage.as_ref().unwrap().memory_limit_bytes, 160 << 20);
+    let calm = vms.create(v1::CreateVmRequest { name: "calm".into(), config: None }).await.unwrap().into_inner();
+
+    // The guest touches 200 MiB of its 256 MiB: more than its VMM may hold.
+    let fill = v1::ExecRequest { name: "hog".into(), argv: vec!["fill".into(), "200".into()], ..Default::default() };
+    let filled = agent.exec(fill).await;
+    assert!(filled.is_err(), "the VMM died under the exec: {filled:?}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let restarted = loop {
+        let vm = vms.get(v1::GetVmRequest { name: "hog".into() }).await.unwrap().into_inner();
+        if vm.state == v1::VmState::Running as i32 && vm.pid != hog.pid {
+            break vm;
+        }
+        assert!(Instant::now() < deadline, "the OOM-killed VM did not come back: {vm:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        restarted.exit_reason.starts_with("killed by the OOM killer: over its memory limit of 160 MiB (signal 9)"),
+        "{restarted:?}"
+    );
+    assert_eq!(restarted.restarts, 1);
+    let usage = restarted.usage.expect("the new run has a fresh group");
+    assert_eq!((usage.oom_kills, usage.memory_limit_bytes), (0, 160 << 20), "{usage:?}");
+
+    // The new run works within its limit; the other VM and the daemon never noticed.
+    let fill = v1::ExecRequest { name: "hog".into(), argv: vec!["fill".into(), "64".into()], ..Default::default() };
+    assert_eq!(agent.exec(fill).await.unwrap().into_inner().stdout, b"filled 64 MiB seed 1\n");
+    let peak = vms.get(v1::GetVmRequest { name: "hog".into() }).await.unwrap().into_inner().usage.unwrap();
+    assert!(peak.memory_peak_bytes > 64 << 20 && peak.memory_peak_bytes <= 160 << 20, "{peak:?}");
+    let exec = v1::ExecRequest { name: "calm".into(), argv: vec!["echo".into(), "fine".into()], ..Default::default() };
+    assert_eq!(agent.exec(exec).await.unwrap().into_inner().stdout, b"fine\n");
+    let calm_now = vms.get(v1::GetVmRequest { name: "calm".into() }).await.unwrap().into_inner();
+    assert_eq!((calm_now.pid, calm_now.restarts, calm_now.exit_reason.as_str()), (calm.pid, 0, ""));
+    let mut host = v1::host_client::HostClient::new(channel.clone());
+    assert_eq!(host.info(v1::HostInfoRequest {}).await.unwrap().into_inner().vms, 2);
+
+    for name in ["hog", "calm"] {
+        vms.delete(v1::VmName { name: name.into() }).await.unwrap();
+    }
+    assert_eq!(cgroup_vm_dirs(&daemon.cgroup), Vec::<PathBuf>::new(), "no VM's cgroup is left");
+    drop((vms, agent, host, channel));
+    daemon.terminate();
+}
+
+/// A 1280x800 PNG screenshot's pixels in `rect` (x, y, width, height), RGB.
+fn crop(png_bytes: &[u8], [x, y, width, height]: [u32; 4]) -> Vec<u8> {
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));
+    decoder.set_transformations(png::Transformations::EXPAND);
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut pixels).unwrap();
+    let (stride, samples) = (info.width as usize, info.color_type.samples());
+    (y..y + height)
+        .flat_map(|row| (x..x + width).map(move |column| (row as usize * stride + column as usize) * samples))
+        .flat_map(|offset| pixels[offset..offset + 3].to_vec())
+        .collect()
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let kind = entry.file_type().unwrap();
+        if kind.is_dir() {
+            files.extend(files_under(&entry.path()));
+        } else if kind.is_file() {
+            files.push(entry.path());
+        }
+    }
+    files
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|window| window == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typed_secret_reaches_the_screen_and_its_value_is_nowhere_else() {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    /// The Desk window's text field on the 1280x800 screen (desktop.rs `Layout`).
+    const TEXT_FIELD: [u32; 4] = [284, 210, 712, 36];
+    const VALUE: &str = "Xk9-Pq2-Zw7!";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (socket, state, log) =
+        (dir.path().join("carrel.sock"), dir.path().join("state"), dir.path().join("carreld.log"));
+    let daemon = Daemon::start_logged(&socket, &state, &vmm_binary(), Some(&log));
+    let cli = cli_binary();
+    // Every answer the test receives, through the CLI or the API, to search at the end.
+    let answers: std::cell::RefCell<Vec<Vec<u8>>> = Default::default();
+    let carrel = |user: Option<u32>, args: &[&str], stdin: &[u8]| {
+        let mut command = match user {
+            Some(uid) => {
+                let mut command = Command::new("setpriv");
+                command.args(["--reuid", &uid.to_string(), "--regid", &uid.to_string(), "--clear-groups"]).arg(&cli);
+                command
+            }
+            None => Command::new(&cli),
+        };
+        let mut child = command
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let output = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+        answers.borrow_mut().push(text.clone().into_bytes());
+        (output.status.code(), text)
+    };
+
+    // The owner keeps the secret (from stdin) and sees its name and length only.
+    let (code, text) = carrel(None, &["secret", "set", "login-pw"], format!("{VALUE}\n").as_bytes());
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = carrel(None, &["--json", "secret", "ls"], b"");
+    assert_eq!((code, text.trim()), (Some(0), r#"[{"length":12,"name":"login-pw"}]"#));
+    let file = state.join("secrets/0/login-pw");
+    assert_eq!(std::fs::read(&file).unwrap(), VALUE.as_bytes());
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode(&file), mode(file.parent().unwrap())), (0o600, 0o700));
+    let (code, text) = carrel(None, &["secret", "set", "Bad/Name"], b"x");
+    assert_eq!(code, Some(13), "an invalid name is INVALID_ARGUMENT: {text}");
+
+    // Two VMs: the secret typed into one, the same characters as plain text into the other.
+    let channel = connect(&socket).await;
+    let mut vms = v1::vms_client::VmsClient::new(channel.clone());
+    let mut screen = v1::screen_client::ScreenClient::new(channel.clone());
+    let mut input = v1::input_client::InputClient::new(channel.clone());
+    let mut fields = Vec::new();
+    for (name, action) in [
+        ("with-secret", v1::act_request::Action::TypeSecret("login-pw".into())),
+        ("with-text", v1::act_request::Action::TypeText(VALUE.into())),
+    ] {
+        let vm = vms.create(v1::CreateVmRequest { name: name.into(), config: None }).await.unwrap().into_inner();
+        answers.borrow_mut().push(format!("{vm:?}").into_bytes());
+        let act =
+            |action| v1::ActRequest { name: name.into(), action: Some(action), screenshot: true, timeout_ms: 5_000 };
+        let still =
+            v1::ScreenshotRequest { name: name.into(), still_ms: 200, timeout_ms: 10_000, ..Default::default() };
+        // Input before the guest's drivers run is dropped (UNAVAILABLE): click until taken.
+        let booted = Instant::now();
+        let clicked = loop {
+            let click = v1::act_request::Action::Click(v1::Click { x: 640, y: 228 });
+            match input.act(act(click)).await {
+                Ok(clicked) => break clicked.into_inner(),
+                Err(status) if status.code() == tonic::Code::Unavailable && booted.elapsed().as_secs() < 10 => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(status) => panic!("{name}: click failed: {status:?}"),
+            }
+        };
+        answers.borrow_mut().push(format!("{clicked:?}").into_bytes());
+        let before = screen.screenshot(still.clone()).await.unwrap().into_inner();
+        let typed = input.act(act(action)).await.unwrap().into_inner();
+        assert!(!typed.timed_out, "typing drew a frame: {typed:?}");
+        answers.borrow_mut().push(format!("{typed:?}").into_bytes());
+        let after = screen.screenshot(still).await.unwrap().into_inner();
+        answers.borrow_mut().push(after.image.clone());
+        assert_ne!(crop(&before.image, TEXT_FIELD), crop(&after.image, TEXT_FIELD), "{name}: the text field changed");
+        fields.push(crop(&after.image, TEXT_FIELD));
+    }
+    assert!(fields[0] == fields[1], "the secret's value is what was typed: the text fields show the same");
+
+    // The secret as an environment variable of a guest command.
+    let (code, text) =
+        carrel(None, &["exec", "with-secret", "--secret-env", "TOKEN=login-pw", "--", "echo", "ran"], b"");
+    assert_eq!((code, text.as_str()), (Some(0), "ran\n"));
+    let (code, text) = carrel(None, &["type", "with-secret", "--secret", "no-such-secret"], b"");
+    assert_eq!(code, Some(15), "NOT_FOUND: {text}");
+
+    // Another user: their list is empty, and the owner's secret is not found for them,
+    // to type or as an environment variable, in a VM of their own.
+    let nobody = Some(65534);
+    let (code, text) = carrel(nobody, &["--json", "secret", "ls"], b"");
+    assert_eq!((code, text.trim()), (Some(0), "[]"), "{text}");
+    let (code, text) = carrel(nobody, &["create", "nobodys"], b"");
+    assert_eq!(code, Some(0), "{text}");
+    for args in [
+        &["type", "nobodys", "--secret", "login-pw"][..],
+        &["exec", "nobodys", "--secret-env", "T=login-pw", "--", "echo"],
+        &["secret", "rm", "login-pw"],
+    ] {
+        let (code, text) = carrel(nobody, args, b"");
+        assert_eq!(code, Some(15), "{args:?} as another user is NOT_FOUND: {text}");
+    }
+    let (code, text) = carrel(nobody, &["type", "with-secret", "--secret", "login-pw"], b"");
+    assert_eq!(code, Some(17), "nor can they type into the owner's VM: {text}");
+    // Their own secret of the same name is theirs alone.
+    let (code, text) = carrel(nobody, &["secret", "set", "login-pw"], b"other");
+    assert_eq!(code, Some(0), "{text}");
+    let (_, text) = carrel(None, &["--json", "secret", "ls"], b"");
+    assert_eq!(text.trim(), r#"[{"length":12,"name":"login-pw"}]"#, "the owner's secret is unchanged");
+
+    // The audit log names the typing by length only.
+    let audit = workspace_binary("carrel-audit", "carrel-audit");
+    let export = Command::new(&audit)
+        .args(["export", state.join("vms/with-secret/audit").to_str().unwrap(), "--jsonl"])
+        .output()
+        .unwrap();
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let records = String::from_utf8_lossy(&export.stdout).into_owned();
+    assert!(records.contains("input.type") && records.contains("agent.exec"), "{records}");
+    answers.borrow_mut().push(export.stdout);
+
+    // The value is nowhere: not in a file under the state dir but its own, the daemon's
+    // log, nor any answer.
+    let mut searched = 0;
+    for path in files_under(&state).into_iter().chain([log.clone()]) {
+        if path.starts_with(state.join("secrets")) {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(!contains(&bytes, VALUE.as_bytes()), "the secret's value is in {}", path.display());
+        searched += 1;
+    }
+    for must in ["vms/with-secret/console.log", "vms/with-secret/vmm.log", "vms/with-secret/vm.json"] {
+        assert!(state.join(must).exists(), "{must} was searched");
+    }
+    assert!(searched > 10, "{searched} files searched");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("types secret \"login-pw\" (12 bytes)"), "the daemon names what it typed: {logged}");
+    for answer in answers.borrow().iter() {
+        assert!(!contains(answer, VALUE.as_bytes()), "an answer holds the value: {}", String::from_utf8_lossy(answer));
+    }
+
+    let (code, _) = carrel(nobody, &["rm", "nobodys"], b"");
+    assert_eq!(code, Some(0));
+    for name in ["with-secret", "with-text"] {
+        vms.delete(v1::VmName { name: name.into() }).await.unwrap();
+    }
+    let (code, _) = carrel(None, &["secret", "rm", "login-pw"], b"");
+    assert_eq!(code, Some(0));
+    let (_, text) = carrel(None, &["--json", "secret", "ls"], b"");
+    assert_eq!(text.trim(), "[]");
+    drop((vms, screen, input, channel));
     daemon.terminate();
 }
