@@ -52,8 +52,9 @@ pub const MIN_MEMORY_LIMIT_MIB: u64 = 64;
 /// Tasks a VMM may have beyond its vCPU threads. Counted in /proc/PID/task of a running
 /// Desk VMM: 4 with one vCPU (the main event loop, the control socket's accept thread,
 /// vcpu0, and KVM's kvm-nx-lpage-recovery worker, which the pids controller counts too),
-/// idle or serving. Each control connection in flight adds one thread, and io_uring adds
-/// kernel workers for disk I/O; 64 is room for those and still stops a runaway.
+/// idle or serving; 6 at most with two io_uring disks under the guest's diskbench and
+/// during a snapshot. Each control connection in flight adds one thread, and io_uring
+/// may add kernel workers; 64 is room for those and still stops a runaway.
 pub const TASK_MARGIN: u64 = 64;
 
 /// The CPU period the quota is given in, in microseconds.
