@@ -72,13 +72,24 @@ pub struct JailConfig {
     pub writable: Vec<PathBuf>,
 }
 
-/// How a path is bound into the jail.
+/// How a path is bound into the jail, narrowest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Access {
     ReadOnly,
-    Writable,
     /// A device node (`/dev/kvm`): bound as it is.
     Device,
+    /// Writable through what the VMM opened as root (a disk's directory, where only a
+    /// snapshot's freeze writes beside the disk).
+    Writable,
+    /// A directory the VMM makes files in after leaving root (its sockets', audit log's,
+    /// snapshots'): it must be the jail uid's.
+    Owned,
+}
+
+impl Access {
+    fn writable(self) -> bool {
+        matches!(self, Access::Writable | Access::Owned)
+    }
 }
 
 /// One host path the jail holds, at the same path.
@@ -169,19 +180,19 @@ pub fn binds_for(config: &VmConfig, jail: &JailConfig, restore: Option<&Path>) -
         }
     }
     for socket in [&config.socket, &config.vsock, &config.gpu_backend, &config.gpu_screen].into_iter().flatten() {
-        add(parent_of(socket), Access::Writable);
+        add(parent_of(socket), Access::Owned);
     }
     if let Some(log) = &config.console_log {
         add(log.clone(), Access::Writable);
     }
     if let Some(audit) = &config.audit {
-        add(audit.clone(), Access::Writable);
+        add(audit.clone(), Access::Owned);
     }
     if let Some(snapshot) = restore {
         add(parent_of(snapshot), Access::ReadOnly);
     }
     for dir in &jail.writable {
-        add(dir.clone(), Access::Writable);
+        add(dir.clone(), Access::Owned);
     }
     for device in DEVICES {
         if Path::new(device).exists() {
@@ -197,7 +208,7 @@ fn normalize(mut binds: Vec<Bind>) -> Vec<Bind> {
     binds.sort_by(|a, b| a.path.cmp(&b.path).then(b.access.cmp(&a.access)));
     binds.dedup_by(|later, earlier| later.path == earlier.path);
     let writable: Vec<PathBuf> =
-        binds.iter().filter(|bind| bind.access == Access::Writable).map(|bind| bind.path.clone()).collect();
+        binds.iter().filter(|bind| bind.access.writable()).map(|bind| bind.path.clone()).collect();
     binds.retain(|bind| !writable.iter().any(|dir| bind.path != *dir && bind.path.starts_with(dir)));
     binds
 }
@@ -248,7 +259,7 @@ pub fn enter(jail: &JailConfig, binds: &[Bind]) -> Result<Jail, JailError> {
     if !jail.root.is_absolute() {
         return Err(JailError::RelativeRoot { path: jail.root.display().to_string() });
     }
-    for bind in binds.iter().filter(|bind| bind.access == Access::Writable) {
+    for bind in binds.iter().filter(|bind| bind.access == Access::Owned) {
         check_owner(&bind.path, jail)?;
     }
     std::fs::create_dir_all(&jail.root).map_err(sys(format!("create {}", jail.root.display())))?;
@@ -387,7 +398,7 @@ fn build_root(jail: &JailConfig, binds: &[Bind]) -> Result<(), JailError> {
         if is_dir {
             std::fs::create_dir_all(&target).map_err(sys(format!("create {}", target.display())))?;
         } else {
-            if bind.access == Access::Writable && !bind.path.exists() {
+            if bind.access.writable() && !bind.path.exists() {
                 // A console log that does not exist yet: made now, so it can be bound.
                 std::fs::File::create(&bind.path).map_err(sys(format!("create {}", bind.path.display())))?;
                 std::os::unix::fs::chown(&bind.path, Some(jail.uid), Some(jail.gid))
@@ -400,7 +411,7 @@ fn build_root(jail: &JailConfig, binds: &[Bind]) -> Result<(), JailError> {
         let flags = match bind.access {
             Access::Device => continue,
             Access::ReadOnly => libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            Access::Writable => libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            Access::Writable | Access::Owned => libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         };
         mount(None, &target, None, libc::MS_REMOUNT | libc::MS_BIND | flags, None)?;
     }
@@ -429,9 +440,12 @@ impl Jail {
     }
 
     /// Gives files this VM made for itself while root (a new disk layer) to its uid, so
-    /// it can still freeze them under that uid.
+    /// it can still freeze them under that uid: those in a directory its uid owns. A file
+    /// elsewhere (a disk the caller keeps in its own directory) is left as it is.
     pub fn hand_over(&self, paths: &[PathBuf]) -> Result<(), JailError> {
-        for path in paths.iter().filter(|path| path.exists()) {
+        let in_own_dir =
+            |path: &&PathBuf| std::fs::metadata(parent_of(path)).is_ok_and(|dir| dir.uid() == self.config.uid);
+        for path in paths.iter().filter(|path| path.exists()).filter(in_own_dir) {
             std::os::unix::fs::chown(path, Some(self.config.uid), Some(self.config.gid))
                 .map_err(sys(format!("chown {}", path.display())))?;
         }
@@ -561,12 +575,12 @@ mod tests {
     fn normalize_keeps_parents_first_and_drops_what_a_writable_dir_covers() {
         let binds = normalize(vec![
             bind("/vm/disk.layer.d", Access::Writable),
-            bind("/vm", Access::Writable),
+            bind("/vm", Access::Owned),
             bind("/images/kernel", Access::ReadOnly),
             bind("/vm/snapshots", Access::ReadOnly),
             bind("/images/kernel", Access::Writable),
         ]);
-        assert_eq!(binds, vec![bind("/images/kernel", Access::Writable), bind("/vm", Access::Writable)]);
+        assert_eq!(binds, vec![bind("/images/kernel", Access::Writable), bind("/vm", Access::Owned)]);
     }
 
     #[test]
@@ -582,8 +596,8 @@ mod tests {
         let find = |path: &str| binds.iter().find(|bind| bind.path == Path::new(path)).map(|bind| bind.access);
         assert_eq!(find("/images/desk.elf"), Some(Access::ReadOnly));
         assert_eq!(find("/images/base.raw"), Some(Access::ReadOnly));
-        assert_eq!(find("/disks/a"), Some(Access::Writable));
-        assert_eq!(find("/vm"), Some(Access::Writable));
+        assert_eq!(find("/disks/a"), Some(Access::Writable), "not checked for ownership: opened as root");
+        assert_eq!(find("/vm"), Some(Access::Owned));
         assert_eq!(find("/vm/snapshots"), None, "covered by /vm");
         assert_eq!(find("/dev/kvm"), Some(Access::Device));
         assert!(find("/etc").is_none() && find("/").is_none());

@@ -45,6 +45,8 @@ pub struct HostConfig {
     pub admin_gid: Option<u32>,
     /// The VMs' parent cgroup under the daemon's own (None: no cgroups).
     pub cgroup: Option<String>,
+    /// Jail every VMM, each as its own uid from this one on (None: no jails).
+    pub jail_uids: Option<u32>,
 }
 
 #[derive(Debug)]

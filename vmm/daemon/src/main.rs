@@ -24,9 +24,15 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 const USAGE: &str = "usage: carreld [--socket PATH] [--state DIR] [--vmm PATH] [--kernel PATH] [--admin-gid GID]
-               [--cgroup NAME | --no-cgroups]
+               [--cgroup NAME | --no-cgroups] [--jail-uids UID | --no-jail]
   --cgroup NAME   the VMs' cgroups go under NAME in carreld's own cgroup (default: carrel)
-  --no-cgroups    run the VMs without resource limits";
+  --no-cgroups    run the VMs without resource limits
+  --jail-uids UID each VMM runs jailed as its own uid from UID on (default 200000, when root)
+  --no-jail       run the VMMs unjailed, as the daemon's user";
+
+/// The first uid of the jailed VMMs' range: far above the host's users (and out of the
+/// way of the usual 100000+ subordinate-id ranges' first block).
+const DEFAULT_FIRST_JAIL_UID: u32 = 200_000;
 
 struct Args {
     socket: PathBuf,
@@ -42,6 +48,8 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
         default_kernel: exe_dir.join("../guests/desk.elf"),
         admin_gid: None,
         cgroup: Some("carrel".into()),
+        // SAFETY: geteuid has no preconditions. Only root can build the jails.
+        jail_uids: (unsafe { libc::geteuid() } == 0).then_some(DEFAULT_FIRST_JAIL_UID),
     };
     let mut index = 0;
     while index < args.len() {
@@ -59,6 +67,18 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
                     bail!("--cgroup takes a name of letters, digits, '-', '_' and '.'");
                 }
                 config.cgroup = Some(name);
+            }
+            "--jail-uids" => {
+                let first: u32 = value()?.parse().context("--jail-uids takes the first uid of the range")?;
+                if first == 0 {
+                    bail!("--jail-uids takes an unprivileged uid, not 0");
+                }
+                config.jail_uids = Some(first);
+            }
+            "--no-jail" => {
+                config.jail_uids = None;
+                index += 1;
+                continue;
             }
             "--no-cgroups" => {
                 config.cgroup = None;

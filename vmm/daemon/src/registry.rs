@@ -72,6 +72,9 @@ pub struct VmRecord {
     /// Restarts after failures since the last start by request.
     #[serde(default)]
     pub restarts: u32,
+    /// The unprivileged uid (and gid) its jailed VMM runs as; none when not jailed.
+    #[serde(default)]
+    pub jail_uid: Option<u32>,
 }
 
 /// The on-disk registry.
@@ -162,6 +165,7 @@ mod tests {
                 memory_limit_mib: None,
             },
             pid: Some(42),
+            jail_uid: Some(200_000),
             stopped: false,
             exit_reason: None,
             restarts: 0,

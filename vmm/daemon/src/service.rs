@@ -332,6 +332,7 @@ impl v1::vms_server::Vms for Services {
                 stopped: false,
                 exit_reason: None,
                 restarts: 0,
+                jail_uid: self.host.config.jail_uids.map(|first| free_jail_uid(first, &vms)),
             };
             self.host.registry.save(&record).map_err(|err| Status::internal(err.to_string()))?;
             let paths = supervisor::VmPaths { dir: self.host.registry.vm_dir(&name) };
@@ -639,4 +640,11 @@ impl v1::audit_server::Audit for Services {
     ) -> Result<GrpcResponse<Self::RecordsStream>, Status> {
         Err(Status::unimplemented("Audit.Records is not built yet (carrel-audit reads a VM's log)"))
     }
+}
+
+/// The lowest uid from `first` on that no VM of `vms` runs as: one uid per VM, so no two
+/// VMMs can reach each other's files or processes.
+fn free_jail_uid(first: u32, vms: &std::collections::BTreeMap<String, VmEntry>) -> u32 {
+    let taken: std::collections::BTreeSet<u32> = vms.values().filter_map(|entry| entry.record.jail_uid).collect();
+    (first..).find(|uid| !taken.contains(uid)).unwrap_or(first)
 }

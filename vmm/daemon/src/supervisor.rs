@@ -37,6 +37,43 @@ impl VmPaths {
     pub fn audit(&self) -> PathBuf {
         self.dir.join("audit")
     }
+
+    /// Where a jailed VMM mounts its root (in its own mount namespace: empty here).
+    pub fn jail_root(&self) -> PathBuf {
+        self.dir.join("jail")
+    }
+
+    /// Where a jailed VMM may write its snapshots.
+    pub fn snapshots(&self) -> PathBuf {
+        self.dir.join("snapshots")
+    }
+}
+
+/// Makes the VM's directory its jail uid's: the VMM writes its sockets, console, audit log
+/// and snapshots there after leaving root. Only the daemon (root) and that uid may enter.
+fn prepare_jail(paths: &VmPaths, uid: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |what: &Path, err: std::io::Error| format!("cannot prepare {} for the jail: {err}", what.display());
+    for dir in [paths.jail_root(), paths.snapshots()] {
+        std::fs::create_dir_all(&dir).map_err(|err| fail(&dir, err))?;
+    }
+    std::fs::set_permissions(&paths.dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|err| fail(&paths.dir, err))?;
+    // What an earlier run made (audit segments, snapshots) is the VM's too; the jail root
+    // stays root's.
+    let mut pending = vec![paths.dir.clone()];
+    while let Some(path) = pending.pop() {
+        if path == paths.jail_root() {
+            continue;
+        }
+        std::os::unix::fs::lchown(&path, Some(uid), Some(uid)).map_err(|err| fail(&path, err))?;
+        if path.is_dir() && !path.is_symlink() {
+            for entry in std::fs::read_dir(&path).map_err(|err| fail(&path, err))? {
+                pending.push(entry.map_err(|err| fail(&path, err))?.path());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The `carrel-vmm run` arguments for `record`.
@@ -67,6 +104,11 @@ pub fn run_args(record: &VmRecord, paths: &VmPaths) -> Vec<String> {
     if let Some(cmdline) = &spec.cmdline {
         args.extend(["--cmdline".into(), cmdline.clone()]);
     }
+    if let Some(uid) = record.jail_uid {
+        args.extend(["--jail".into(), paths.jail_root().display().to_string()]);
+        args.extend(["--uid".into(), uid.to_string(), "--gid".into(), uid.to_string()]);
+        args.extend(["--jail-writable".into(), paths.snapshots().display().to_string()]);
+    }
     for disk in &spec.disks {
         let mut text = disk.path.display().to_string();
         if disk.readonly {
@@ -94,6 +136,9 @@ pub async fn start(
 ) -> Result<tokio::process::Child, String> {
     for stale in [paths.control(), paths.vsock()] {
         let _ = std::fs::remove_file(stale);
+    }
+    if let Some(uid) = record.jail_uid {
+        prepare_jail(paths, uid)?;
     }
     let stderr =
         std::fs::File::create(paths.dir.join("vmm.log")).map_err(|err| format!("cannot create vmm.log: {err}"))?;

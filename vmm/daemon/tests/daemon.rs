@@ -221,6 +221,20 @@ async fn vms_are_created_used_crash_detected_reattached_and_deleted_through_the_
     assert_eq!(usage.oom_kills, 0);
     assert_eq!(cgroup_vm_dirs(&daemon.cgroup).len() % 3, 0, "one group per VM in each hierarchy");
 
+    // Each VMM is jailed (the daemon runs as root here) as a uid of its own, filtered.
+    let mut jail_uids = std::collections::BTreeSet::new();
+    for vm in vms.list(v1::ListVmsRequest {}).await.unwrap().into_inner().vms {
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", vm.pid)).unwrap();
+        let jailed = children.split_whitespace().next().expect("the jailed VMM under its outer process");
+        let status = std::fs::read_to_string(format!("/proc/{jailed}/status")).unwrap();
+        let field = |name: &str| status.lines().find(|line| line.starts_with(name)).unwrap_or_default().to_string();
+        let uid: u32 = field("Uid:").split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(uid >= 200_000, "{}: {}", vm.name, field("Uid:"));
+        assert!(field("CapEff:").ends_with("0000000000000000") && field("Seccomp:").ends_with('2'), "{status}");
+        jail_uids.insert(uid);
+    }
+    assert_eq!(jail_uids.len(), 3, "one uid per VM");
+
     // Look at "one", type into it, and see the typing in its screenshot.
     let still = v1::ScreenshotRequest { name: "one".into(), still_ms: 200, timeout_ms: 10_000, ..Default::default() };
     let before = screen.screenshot(still.clone()).await.unwrap().into_inner();
