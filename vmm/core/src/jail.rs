@@ -473,8 +473,8 @@ impl Jail {
         }
         // SAFETY: prctl with integer arguments.
         check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }.into(), "set no_new_privs")?;
-        // SAFETY: getresuid writes three ids into locals.
         let (mut real, mut effective, mut saved) = (0, 0, 0);
+        // SAFETY: getresuid writes three ids into locals.
         unsafe { libc::getresuid(&mut real, &mut effective, &mut saved) };
         if [real, effective, saved] != [uid; 3] || capabilities_left() {
             return Err(sys("leave root")(std::io::Error::other("uid or capabilities still held")));

@@ -487,7 +487,7 @@ impl v1::input_server::Input for Services {
                     request.name
                 );
                 secret = Some(text.clone());
-                Action::Type { text }
+                Action::TypeSecret { name, text: carrel_vmm::input::SecretText(text) }
             }
             None => {
                 return Err(Status::invalid_argument("an action is required: click, type_text, type_secret or key"))

@@ -678,7 +678,7 @@ async fn a_typed_secret_reaches_the_screen_and_its_value_is_nowhere_else() {
     let (_, text) = carrel(None, &["--json", "secret", "ls"], b"");
     assert_eq!(text.trim(), r#"[{"length":12,"name":"login-pw"}]"#, "the owner's secret is unchanged");
 
-    // The audit log names the typing by length only.
+    // The audit log names the secret typed and its length, never its value.
     let audit = workspace_binary("carrel-audit", "carrel-audit");
     let export = Command::new(&audit)
         .args(["export", state.join("vms/with-secret/audit").to_str().unwrap(), "--jsonl"])
@@ -687,6 +687,7 @@ async fn a_typed_secret_reaches_the_screen_and_its_value_is_nowhere_else() {
     assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
     let records = String::from_utf8_lossy(&export.stdout).into_owned();
     assert!(records.contains("input.type") && records.contains("agent.exec"), "{records}");
+    assert!(records.contains(r#""value":"secret login-pw""#), "the typing names its secret: {records}");
     answers.borrow_mut().push(export.stdout);
 
     // The value is nowhere: not in a file under the state dir but its own, the daemon's

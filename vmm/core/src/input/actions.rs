@@ -78,10 +78,27 @@ pub enum Action {
     Type {
         text: String,
     },
+    /// The value of a secret the host keeps, typed like [`Action::Type`]: the audit log
+    /// names the secret and counts its characters, and nothing prints the value.
+    TypeSecret {
+        name: String,
+        text: SecretText,
+    },
     /// A key combination such as "ctrl+shift+t" (see [`super::parse_combo`]).
     Key {
         combo: String,
     },
+}
+
+/// A secret's value on its way to the keyboard. Its `Debug` shows the length only, so no
+/// log or error message that prints an action can show it.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SecretText(pub String);
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "SecretText({} chars)", self.0.chars().count())
+    }
 }
 
 /// How long keys and buttons stay down, and the pause between keystrokes and clicks.
@@ -130,7 +147,7 @@ pub fn plan(action: &Action, screen: (u32, u32), timing: &Timing) -> Result<Vec<
         Action::ButtonUp { button } => vec![button_step(*button, false, timing.gap)],
         Action::Drag { button, path } => plan_drag(*button, path, screen, timing)?,
         Action::Scroll { x, y, dx, dy } => plan_scroll(*x, *y, *dx, *dy, screen, timing)?,
-        Action::Type { text } => plan_type(text, timing)?,
+        Action::Type { text } | Action::TypeSecret { text: SecretText(text), .. } => plan_type(text, timing)?,
         Action::Key { combo } => plan_key(combo, timing)?,
     };
     if let Some(last) = steps.last_mut() {
@@ -506,6 +523,9 @@ mod tests {
             Err(InputError::TypeTooLong { chars: MAX_TYPE_CHARS + 1, max: MAX_TYPE_CHARS })
         );
         assert!(plan(&Action::Type { text: "x".repeat(MAX_TYPE_CHARS) }, SCREEN, &TIMING).is_ok());
+        let secret = Action::TypeSecret { name: "pw".into(), text: SecretText("a1".into()) };
+        assert_eq!(plan(&secret, SCREEN, &TIMING), plan(&Action::Type { text: "a1".into() }, SCREEN, &TIMING));
+        assert!(!format!("{secret:?}").contains("a1"), "{secret:?}");
         assert_eq!(
             plan(&Action::Type { text: "naïve".to_string() }, SCREEN, &TIMING),
             Err(InputError::TypeCharacter { character: 'ï', position: 2 })

@@ -9,7 +9,7 @@ pub mod actions;
 pub mod keymap;
 
 pub use actions::{
-    plan, scale_to_abs, Action, Button, Device, Step, Timing, MAX_CLICK_COUNT, MAX_DRAG_POINTS, MAX_SCROLL,
+    plan, scale_to_abs, Action, Button, Device, SecretText, Step, Timing, MAX_CLICK_COUNT, MAX_DRAG_POINTS, MAX_SCROLL,
     MAX_TYPE_CHARS,
 };
 pub use keymap::{char_to_key, known_key_codes, parse_combo, parse_key, text_to_keys, MAX_COMBO_KEYS};

@@ -139,6 +139,10 @@ fn describe(action: &Action) -> (&'static str, Vec<(&'static str, String)>) {
             vec![("x", x.to_string()), ("y", y.to_string()), ("dx", dx.to_string()), ("dy", dy.to_string())],
         ),
         Action::Type { text } => ("input.type", vec![("chars", text.chars().count().to_string())]),
+        // The key cannot name a secret: the audit log redacts the values of such keys.
+        Action::TypeSecret { name, text } => {
+            ("input.type", vec![("source", format!("secret {name}")), ("chars", text.0.chars().count().to_string())])
+        }
         Action::Key { combo } => ("input.key", vec![("keys", combo.clone())]),
     }
 }
