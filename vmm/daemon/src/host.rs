@@ -129,11 +129,11 @@ impl Host {
     }
 
     /// Watches a child this daemon started: its exit status becomes the exit reason.
-    pub fn watch_child(self: Arc<Host>, name: String, mut child: tokio::process::Child) {
+    pub fn watch_child(self: Arc<Host>, name: String, paths: VmPaths, mut child: tokio::process::Child) {
         tokio::spawn(async move {
             let status = child.wait().await;
             let reason = match status {
-                Ok(status) => supervisor::describe_status(status),
+                Ok(status) => supervisor::describe_status(status, &paths),
                 Err(err) => format!("waiting for the VMM failed: {err}"),
             };
             self.ended(&name, reason).await;
@@ -192,7 +192,7 @@ impl Host {
                 entry.state = v1::VmState::Running;
                 self.registry.save(&entry.record).map_err(|err| Status::internal(err.to_string()))?;
                 let pid = child.id();
-                self.clone().watch_child(name.to_string(), child);
+                self.clone().watch_child(name.to_string(), paths.clone(), child);
                 if let (Some(pid), watchdog @ 1..) = (pid, entry.record.spec.watchdog_seconds) {
                     self.clone().watch_heartbeat(name.to_string(), pid, paths.vsock(), watchdog);
                 }

@@ -172,7 +172,11 @@ pub async fn start(
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if let Some(status) = child.try_wait().map_err(|err| err.to_string())? {
-            return Err(format!("carrel-vmm ended at start ({}): {}", describe_status(status), last_lines(paths, 5)));
+            return Err(format!(
+                "carrel-vmm ended at start ({}): {}",
+                describe_status(status, paths),
+                last_lines(paths, 5)
+            ));
         }
         if call(&paths.control(), Request::Status, Duration::from_secs(2)).await.is_ok() {
             return Ok(child);
@@ -196,14 +200,29 @@ pub async fn call(socket: &Path, request: Request, timeout: Duration) -> Result<
     .map_err(|err| Failure::internal(err.to_string()))?
 }
 
-/// "exit code N" or "signal N".
-pub fn describe_status(status: std::process::ExitStatus) -> String {
+/// "exit code N" or "signal N"; for a VMM its seccomp filter ended, the call it made
+/// first: "seccomp violation: syscall N (kind thread) (exit code 159)".
+pub fn describe_status(status: std::process::ExitStatus, paths: &VmPaths) -> String {
     use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
+    let described = match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit code {code}"),
         (None, Some(signal)) => format!("signal {signal}"),
         _ => "ended".into(),
+    };
+    match status.code() {
+        Some(carrel_vmm::seccomp::VIOLATION_EXIT_CODE) => match seccomp_violation(paths) {
+            Some(violation) => format!("{violation} ({described})"),
+            None => described,
+        },
+        _ => described,
     }
+}
+
+/// The VMM's own account of the call its filter refused, from its log.
+fn seccomp_violation(paths: &VmPaths) -> Option<String> {
+    let log = std::fs::read_to_string(paths.dir.join("vmm.log")).ok()?;
+    let line = log.lines().rev().find(|line| line.contains("seccomp violation: "))?;
+    line.find("seccomp violation: ").map(|at| line[at..].trim().to_string())
 }
 
 /// The last `count` lines of the VM's console and VMM log, for an exit reason.

@@ -429,6 +429,31 @@ fn provision_check_reports_the_host_and_carreld_unit_verifies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_its_seccomp_filter_ends_is_recorded_with_the_syscall() {
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
+    // A VMM that makes a forbidden call (ptrace) once it runs jailed and filtered: the
+    // suite's test-probes build of carrel-vmm, with one probe added to carreld's flags.
+    let wrapper = dir.path().join("carrel-vmm-ptrace");
+    std::fs::write(&wrapper, format!("#!/bin/sh\nexec {} \"$@\" --jail-probe ptrace\n", vmm_binary().display()))
+        .unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let daemon = Daemon::start(&socket, &state, &wrapper);
+    let mut vms = v1::vms_client::VmsClient::new(connect(&socket).await);
+    let config = v1::VmConfig { restart: v1::RestartPolicy::Never as i32, ..Default::default() };
+    let _ = vms.create(v1::CreateVmRequest { name: "bad".into(), config: Some(config) }).await;
+    let crashed = wait_state(&mut vms, "bad", v1::VmState::Crashed).await;
+    assert!(
+        crashed.exit_reason.contains(&format!("seccomp violation: syscall {} (event loop thread)", libc::SYS_ptrace)),
+        "{crashed:?}"
+    );
+    assert!(crashed.exit_reason.contains("exit code 159"), "{crashed:?}");
+    vms.delete(v1::VmName { name: "bad".into() }).await.unwrap();
+    drop(vms);
+    daemon.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_watchdog_restarts_a_vm_whose_agent_goes_silent() {
     let dir = tempfile::tempdir().unwrap();
     let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
