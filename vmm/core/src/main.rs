@@ -195,7 +195,7 @@ fn confine(
     config: &mut VmConfig,
     restore: Option<&Path>,
 ) -> anyhow::Result<Option<carrel_vmm::jail::Jail>> {
-    carrel_vmm::seccomp::enable(options.seccomp)?;
+    carrel_vmm::seccomp::enable("carrel-vmm", options.seccomp)?;
     let Some(jail) = &options.jail else { return Ok(None) };
     carrel_vmm::jail::resolve_config(config)?;
     let binds = carrel_vmm::jail::binds_for(config, jail, restore);

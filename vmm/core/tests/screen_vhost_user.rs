@@ -36,6 +36,12 @@ fn boot_desk_with_backend(name: &str) -> VhostUserDesk {
         &["--socket", vhost.to_str().unwrap(), "--screen-socket", screen.to_str().unwrap()],
     );
     backend.wait_for_line("carrel-gpu-backend: ready", BOOT_DEADLINE);
+    // Every test here runs the backend under its seccomp filter, installed before its
+    // first thread, so every thread of it is filtered.
+    for task in std::fs::read_dir(format!("/proc/{}/task", backend.child.id())).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        assert!(status.lines().any(|line| line == "Seccomp:\t2"), "an unfiltered backend thread: {status}");
+    }
     let mut vm = RunningVm::start_desk(&[
         "--socket",
         socket.to_str().unwrap(),
