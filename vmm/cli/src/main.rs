@@ -51,6 +51,16 @@ enum Command {
         /// plus the VMM's overhead). Over it, the VMM is killed by the OOM killer.
         #[arg(long)]
         memory_limit: Option<u64>,
+        /// A disk: PATH[,readonly][,base=RAW][,size=BYTES] (repeatable; the guest's
+        /// /dev/vda, /dev/vdb, ... in order).
+        #[arg(long = "disk", value_parser = parse_disk)]
+        disks: Vec<v1::Disk>,
+        /// The most MiB per second its disks may read, and write, each (default: no limit).
+        #[arg(long)]
+        disk_mbps: Option<u64>,
+        /// The most reads, and writes, per second on its disks (default: no limit).
+        #[arg(long)]
+        disk_iops: Option<u64>,
     },
     /// One VM's state, owner, exit reason.
     Get {
@@ -275,7 +285,19 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
             }
             Err(status) => Ok(refused(status)),
         },
-        Command::Create { name, mem, cpus, display, kernel, no_restart, watchdog, memory_limit } => {
+        Command::Create {
+            name,
+            mem,
+            cpus,
+            display,
+            kernel,
+            no_restart,
+            watchdog,
+            memory_limit,
+            disks,
+            disk_mbps,
+            disk_iops,
+        } => {
             let config = v1::VmConfig {
                 kernel: kernel.unwrap_or_default(),
                 memory_mib: mem,
@@ -284,6 +306,9 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
                 restart: if no_restart { v1::RestartPolicy::Never as i32 } else { v1::RestartPolicy::OnFailure as i32 },
                 watchdog_seconds: watchdog,
                 memory_limit_mib: memory_limit.unwrap_or(0),
+                disks,
+                disk_bytes_per_second: disk_mbps.map_or(0, |mbps| mbps << 20),
+                disk_iops: disk_iops.unwrap_or(0),
                 ..Default::default()
             };
             Ok(vm_answer(vms.create(v1::CreateVmRequest { name, config: Some(config) }).await, json))
@@ -423,4 +448,22 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `PATH[,readonly][,base=RAW][,size=BYTES]`, as `carrel-vmm run --disk` takes it.
+fn parse_disk(text: &str) -> Result<v1::Disk, String> {
+    let mut parts = text.split(',');
+    let path = parts.next().filter(|path| !path.is_empty()).ok_or("a disk needs a PATH")?;
+    let mut disk = v1::Disk { path: path.into(), ..Default::default() };
+    for part in parts {
+        match part.split_once('=') {
+            None if part == "readonly" => disk.readonly = true,
+            Some(("base", base)) => disk.base = base.into(),
+            Some(("size", size)) => {
+                disk.size_bytes = size.parse().map_err(|_| format!("size={size} is not a number of bytes"))?
+            }
+            _ => return Err(format!("unknown disk option {part:?} (readonly, base=RAW, size=BYTES)")),
+        }
+    }
+    Ok(disk)
 }

@@ -99,15 +99,51 @@ pub struct Cgroups {
     /// v1 only, and only when the cpuacct controller is mounted.
     cpuacct: Option<PathBuf>,
     pids: PathBuf,
+    /// Disk I/O limits: the blkio hierarchy on v1, the io controller on v2; none when the
+    /// host offers neither.
+    io: Option<PathBuf>,
 }
 
 /// What a VM's group limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub memory_bytes: u64,
     /// Microseconds of CPU per [`CPU_PERIOD_US`].
     pub cpu_quota_us: u64,
     pub tasks: u64,
+    pub disk: DiskLimits,
+}
+
+/// Reads and writes per second on the block devices under a VM's disk files (0: none).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskLimits {
+    /// (major, minor) of whole disks.
+    pub devices: Vec<(u32, u32)>,
+    pub bytes_per_second: u64,
+    pub iops: u64,
+}
+
+/// The whole block devices the files at `paths` (or, for one not made yet, its
+/// directory) live on. A file on a filesystem without a block device (tmpfs, overlay)
+/// has none, and cannot be limited.
+pub fn block_devices<'a>(paths: impl Iterator<Item = &'a Path>) -> Vec<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut devices: Vec<(u32, u32)> = paths
+        .filter_map(|path| std::fs::metadata(path).ok().or_else(|| std::fs::metadata(path.parent()?).ok()))
+        .filter_map(|metadata| {
+            let device = metadata.dev();
+            let (major, minor) = (libc::major(device), libc::minor(device));
+            let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+            // A partition's limit goes on its disk, whose "dev" is one level up.
+            let disk = if sys.join("partition").exists() { sys.join("../dev") } else { sys.join("dev") };
+            let text = std::fs::read_to_string(disk).ok()?;
+            let (major, minor) = text.trim().split_once(':')?;
+            Some((major.parse().ok()?, minor.parse().ok()?))
+        })
+        .collect();
+    devices.sort_unstable();
+    devices.dedup();
+    devices
 }
 
 impl Limits {
@@ -120,6 +156,7 @@ impl Limits {
             memory_bytes: memory_mib << 20,
             cpu_quota_us: u64::from(cpus) * CPU_PERIOD_US + CPU_PERIOD_US / 2,
             tasks: u64::from(cpus) + TASK_MARGIN,
+            disk: DiskLimits::default(),
         }
     }
 }
@@ -146,6 +183,7 @@ pub struct VmCgroup {
     cpu: PathBuf,
     cpuacct: Option<PathBuf>,
     pids: PathBuf,
+    io: Option<PathBuf>,
 }
 
 impl Cgroups {
@@ -190,12 +228,14 @@ impl Cgroups {
             let offered = v2_controllers(point);
             if offered.split_whitespace().any(|controller| controller == "memory") {
                 let dir = under(point, root, path);
+                let io = offered.split_whitespace().any(|controller| controller == "io").then(|| dir.clone());
                 return Ok(Cgroups {
                     version: Version::V2,
                     memory: dir.clone(),
                     cpu: dir.clone(),
                     cpuacct: None,
                     pids: dir,
+                    io,
                 });
             }
         }
@@ -212,7 +252,7 @@ impl Cgroups {
         };
         match (v1("memory"), v1("cpu"), v1("pids")) {
             (Some(memory), Some(cpu), Some(pids)) => {
-                Ok(Cgroups { version: Version::V1, memory, cpu, cpuacct: v1("cpuacct"), pids })
+                Ok(Cgroups { version: Version::V1, memory, cpu, cpuacct: v1("cpuacct"), pids, io: v1("blkio") })
             }
             _ => {
                 Err("no cgroup v2 with the memory controller, and no cgroup v1 memory, cpu and pids hierarchies".into())
@@ -240,6 +280,7 @@ impl Cgroups {
     fn parents(&self) -> Vec<&Path> {
         let mut dirs: Vec<&Path> = vec![&self.memory, &self.cpu, &self.pids];
         dirs.extend(self.cpuacct.as_deref());
+        dirs.extend(self.io.as_deref());
         dirs.sort();
         dirs.dedup();
         dirs
@@ -253,15 +294,15 @@ impl Cgroups {
         if self.version == Version::V2 {
             let parent = &self.memory;
             let daemon_group = parent.parent().ok_or("the cgroup parent has no parent")?;
-            if enable_controllers(daemon_group).is_err() {
+            if enable_controllers(daemon_group, self.io.is_some()).is_err() {
                 // The daemon's group holds the daemon: move it into a leaf first.
                 let leaf = daemon_group.join("carreld");
                 std::fs::create_dir_all(&leaf).map_err(|err| format!("cannot create {}: {err}", leaf.display()))?;
                 write_file(&leaf.join("cgroup.procs"), &std::process::id().to_string())
                     .map_err(|err| err.to_string())?;
-                enable_controllers(daemon_group).map_err(|err| err.to_string())?;
+                enable_controllers(daemon_group, self.io.is_some()).map_err(|err| err.to_string())?;
             }
-            enable_controllers(parent).map_err(|err| err.to_string())?;
+            enable_controllers(parent, self.io.is_some()).map_err(|err| err.to_string())?;
         }
         Ok(())
     }
@@ -274,6 +315,7 @@ impl Cgroups {
             cpu: self.cpu.join(vm),
             cpuacct: self.cpuacct.as_ref().map(|dir| dir.join(vm)),
             pids: self.pids.join(vm),
+            io: self.io.as_ref().map(|dir| dir.join(vm)),
         }
     }
 
@@ -290,10 +332,11 @@ impl Cgroups {
     }
 }
 
-/// Writes "+memory +cpu +pids" to `dir`'s cgroup.subtree_control.
-fn enable_controllers(dir: &Path) -> Result<(), CgroupError> {
+/// Writes "+memory +cpu +pids" (and "+io" when the host offers it) to `dir`'s
+/// cgroup.subtree_control.
+fn enable_controllers(dir: &Path, io: bool) -> Result<(), CgroupError> {
     let path = dir.join("cgroup.subtree_control");
-    let value = "+memory +cpu +pids";
+    let value = if io { "+memory +cpu +pids +io" } else { "+memory +cpu +pids" };
     write_file(&path, value).map_err(|source| CgroupError::Write { path, value: value.into(), source })
 }
 
@@ -321,6 +364,7 @@ impl VmCgroup {
     fn dirs(&self) -> Vec<&Path> {
         let mut dirs: Vec<&Path> = vec![&self.memory, &self.cpu, &self.pids];
         dirs.extend(self.cpuacct.as_deref());
+        dirs.extend(self.io.as_deref());
         dirs.sort();
         dirs.dedup();
         dirs
@@ -351,7 +395,44 @@ impl VmCgroup {
                 set(&self.cpu, "cpu.cfs_quota_us", limits.cpu_quota_us.to_string())?;
             }
         }
-        set(&self.pids, "pids.max", limits.tasks.to_string())
+        set(&self.pids, "pids.max", limits.tasks.to_string())?;
+        self.write_disk_limits(&limits.disk)
+    }
+
+    /// One line per device and limit: `io.max` on v2, the `blkio.throttle.*` files on v1.
+    fn write_disk_limits(&self, disk: &DiskLimits) -> Result<(), CgroupError> {
+        let Some(dir) = &self.io else { return Ok(()) };
+        let set = |file: &str, value: String| {
+            let path = dir.join(file);
+            write_file(&path, &value).map_err(|source| CgroupError::Write { path, value, source })
+        };
+        for (major, minor) in &disk.devices {
+            match self.version {
+                Version::V2 => {
+                    let mut line = format!("{major}:{minor}");
+                    if disk.bytes_per_second > 0 {
+                        line += &format!(" rbps={0} wbps={0}", disk.bytes_per_second);
+                    }
+                    if disk.iops > 0 {
+                        line += &format!(" riops={0} wiops={0}", disk.iops);
+                    }
+                    set("io.max", line)?;
+                }
+                Version::V1 => {
+                    for (limit, files) in [
+                        (disk.bytes_per_second, ["blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device"]),
+                        (disk.iops, ["blkio.throttle.read_iops_device", "blkio.throttle.write_iops_device"]),
+                    ] {
+                        if limit > 0 {
+                            for file in files {
+                                set(file, format!("{major}:{minor} {limit}"))?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The `cgroup.procs` of each of its directories, opened for writing. The VMM's
@@ -494,11 +575,13 @@ mod tests {
 32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
 33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
 35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+37 31 0:34 / /sys/fs/cgroup/blkio rw,relatime - cgroup cgroup rw,blkio
 39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 ";
     const V1_SELF: &str = "\
 8:pids:/
+7:blkio:/
 4:memory:/process_api/1348
 2:cpuacct:/
 1:cpu:/
@@ -513,8 +596,9 @@ mod tests {
         assert_eq!(cgroups.cpu, Path::new("/sys/fs/cgroup/cpu/carrel"));
         assert_eq!(cgroups.cpuacct.as_deref(), Some(Path::new("/sys/fs/cgroup/cpuacct/carrel")));
         assert_eq!(cgroups.pids, Path::new("/sys/fs/cgroup/pids/carrel"));
+        assert_eq!(cgroups.io.as_deref(), Some(Path::new("/sys/fs/cgroup/blkio/carrel")));
         let vm = cgroups.vm("agent-1");
-        assert_eq!(vm.dirs().len(), 4);
+        assert_eq!(vm.dirs().len(), 5);
     }
 
     #[test]
@@ -548,6 +632,7 @@ mod tests {
         assert_eq!(cgroups.version, Version::V2);
         let dir = Path::new("/sys/fs/cgroup/system.slice/carreld.service/carrel");
         assert_eq!((cgroups.memory.as_path(), cgroups.cpu.as_path(), cgroups.pids.as_path()), (dir, dir, dir));
+        assert_eq!(cgroups.io.as_deref(), Some(dir), "the io controller is offered");
         assert_eq!(cgroups.vm("a").dirs(), [dir.join("a")]);
     }
 
@@ -572,16 +657,19 @@ mod tests {
             cpu: parent.clone(),
             cpuacct: None,
             pids: parent.clone(),
+            io: Some(parent.clone()),
         };
-        let limits = Limits::for_vm(128, 1, None);
+        let mut limits = Limits::for_vm(128, 1, None);
+        limits.disk = DiskLimits { devices: vec![(8, 16)], bytes_per_second: 8 << 20, iops: 0 };
         // Files a real cgroupfs makes on mkdir; here they are made by hand.
         let group = cgroups.vm("vm");
         std::fs::create_dir(&group.memory).unwrap();
-        for file in ["memory.max", "cpu.max", "pids.max"] {
+        for file in ["memory.max", "cpu.max", "pids.max", "io.max"] {
             std::fs::write(group.memory.join(file), "").unwrap();
         }
         group.write_limits(&limits).unwrap();
         assert_eq!(std::fs::read_to_string(group.memory.join("cpu.max")).unwrap(), "150000 100000");
+        assert_eq!(std::fs::read_to_string(group.memory.join("io.max")).unwrap(), "8:16 rbps=8388608 wbps=8388608");
         std::fs::write(group.memory.join("memory.current"), "12345\n").unwrap();
         std::fs::write(group.memory.join("memory.peak"), "23456\n").unwrap();
         std::fs::write(group.memory.join("cpu.stat"), "usage_usec 777\nuser_usec 700\n").unwrap();
@@ -613,6 +701,7 @@ mod tests {
             cpu: root.path().into(),
             cpuacct: None,
             pids: root.path().into(),
+            io: None,
         };
         std::fs::write(root.path().join("memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
             .unwrap();

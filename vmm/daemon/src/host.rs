@@ -12,7 +12,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::Mutex;
 use tonic::Status;
 
-use crate::cgroup::{Cgroups, Limits};
+use crate::cgroup::{self, Cgroups, DiskLimits, Limits};
 use crate::registry::{Registry, VmRecord};
 use crate::secrets::SecretStore;
 use crate::supervisor::{self, VmPaths};
@@ -212,7 +212,16 @@ impl Host {
     fn prepare_cgroup(&self, record: &VmRecord) -> Result<Vec<OwnedFd>, String> {
         let Some(cgroups) = &self.cgroups else { return Ok(Vec::new()) };
         let spec = &record.spec;
-        let limits = Limits::for_vm(spec.memory_mib, spec.cpus, spec.memory_limit_mib);
+        let mut limits = Limits::for_vm(spec.memory_mib, spec.cpus, spec.memory_limit_mib);
+        if spec.disk_bytes_per_second != 0 || spec.disk_iops != 0 {
+            let files =
+                spec.disks.iter().flat_map(|disk| std::iter::once(disk.path.as_path()).chain(disk.base.as_deref()));
+            limits.disk = DiskLimits {
+                devices: cgroup::block_devices(files),
+                bytes_per_second: spec.disk_bytes_per_second,
+                iops: spec.disk_iops,
+            };
+        }
         cgroups.prepare(&record.name, &limits).and_then(|group| group.open_procs()).map_err(|err| err.to_string())
     }
 

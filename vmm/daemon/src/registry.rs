@@ -56,6 +56,11 @@ pub struct VmSpec {
     /// The VMM's memory limit when not the default (RAM plus the measured overhead).
     #[serde(default)]
     pub memory_limit_mib: Option<u64>,
+    /// Reads and writes per second on the host's devices under its disks (0: no limit).
+    #[serde(default)]
+    pub disk_bytes_per_second: u64,
+    #[serde(default)]
+    pub disk_iops: u64,
 }
 
 /// What the registry knows of one VM.
@@ -163,6 +168,8 @@ mod tests {
                 max_restarts: 5,
                 watchdog_seconds: 0,
                 memory_limit_mib: None,
+                disk_bytes_per_second: 0,
+                disk_iops: 0,
             },
             pid: Some(42),
             jail_uid: Some(200_000),

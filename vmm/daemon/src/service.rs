@@ -113,6 +113,8 @@ pub fn vm_message(host: &Host, entry: &VmEntry) -> v1::Vm {
             max_restarts: spec.max_restarts,
             watchdog_seconds: spec.watchdog_seconds,
             memory_limit_mib: spec.memory_limit_mib.unwrap_or_default(),
+            disk_bytes_per_second: spec.disk_bytes_per_second,
+            disk_iops: spec.disk_iops,
             disks: spec
                 .disks
                 .iter()
@@ -191,6 +193,12 @@ impl Services {
                 )))
             }
         };
+        if config.disk_bytes_per_second != 0 && config.disk_bytes_per_second < 1 << 20 {
+            return Err(Status::invalid_argument("disk_bytes_per_second must be 0 (no limit) or at least 1 MiB/s"));
+        }
+        if config.disk_iops != 0 && config.disk_iops < 10 {
+            return Err(Status::invalid_argument("disk_iops must be 0 (no limit) or at least 10"));
+        }
         Ok(VmSpec {
             kernel,
             memory_mib,
@@ -201,6 +209,8 @@ impl Services {
             max_restarts,
             watchdog_seconds: config.watchdog_seconds,
             memory_limit_mib,
+            disk_bytes_per_second: config.disk_bytes_per_second,
+            disk_iops: config.disk_iops,
         })
     }
 

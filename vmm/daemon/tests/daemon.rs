@@ -429,6 +429,59 @@ fn provision_check_reports_the_host_and_carreld_unit_verifies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_limits_go_on_the_block_device_under_the_vms_disk() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
+    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    let mut vms = v1::vms_client::VmsClient::new(connect(&socket).await);
+    let disk = v1::Disk {
+        path: dir.path().join("agent.layer").display().to_string(),
+        size_bytes: 16 << 20,
+        ..Default::default()
+    };
+    let too_low = v1::VmConfig { disks: vec![disk.clone()], disk_bytes_per_second: 4096, ..Default::default() };
+    let refused = vms.create(v1::CreateVmRequest { name: "slow".into(), config: Some(too_low) }).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    let config =
+        v1::VmConfig { disks: vec![disk], disk_bytes_per_second: 8 << 20, disk_iops: 500, ..Default::default() };
+    vms.create(v1::CreateVmRequest { name: "slow".into(), config: Some(config) }).await.unwrap();
+    // The whole disk the scratch directory lives on, if it is a block device at all.
+    let device = std::fs::metadata(dir.path()).unwrap().dev();
+    let sys = PathBuf::from(format!("/sys/dev/block/{}:{}", libc::major(device), libc::minor(device)));
+    let whole = if sys.join("partition").exists() { sys.join("../dev") } else { sys.join("dev") };
+    let parents = cgroup_parents(&daemon.cgroup);
+    let io_parent = parents.iter().find(|parent| parent.starts_with("/sys/fs/cgroup/blkio"));
+    match (std::fs::read_to_string(whole), io_parent) {
+        (Ok(device), Some(parent)) => {
+            let device = device.trim();
+            let read = |file: &str| std::fs::read_to_string(parent.join("slow").join(file)).unwrap();
+            assert_eq!(read("blkio.throttle.read_bps_device").trim(), format!("{device} 8388608"));
+            assert_eq!(read("blkio.throttle.write_bps_device").trim(), format!("{device} 8388608"));
+            assert_eq!(read("blkio.throttle.write_iops_device").trim(), format!("{device} 500"));
+        }
+        // cgroup v2 (io.max) or a scratch directory on tmpfs: nothing here to look at.
+        (device, parent) => eprintln!("disk limits not checked here: device {device:?}, blkio group {parent:?}"),
+    }
+    // The VM runs with its limited disk.
+    let mut agent = v1::agent_client::AgentClient::new(connect(&socket).await);
+    let exec = v1::ExecRequest { name: "slow".into(), argv: vec!["disks".into()], ..Default::default() };
+    let answer = loop {
+        match agent.exec(exec.clone()).await {
+            Ok(answer) => break answer.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    };
+    assert!(String::from_utf8_lossy(&answer.stdout).starts_with("disk 0 16777216 "), "{answer:?}");
+    vms.delete(v1::VmName { name: "slow".into() }).await.unwrap();
+    drop(vms);
+    daemon.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vmm_its_seccomp_filter_ends_is_recorded_with_the_syscall() {
     let dir = tempfile::tempdir().unwrap();
     let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
