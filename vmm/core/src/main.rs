@@ -167,8 +167,8 @@ fn take_process_options(args: &mut Vec<String>) -> Result<ProcessOptions, Usage>
         let flag = args[index].as_str();
         match flag {
             "--jail" => root = Some(PathBuf::from(value(args, &mut index, flag)?)),
-            "--uid" => uid = Some(number(value(args, &mut index, flag)?, flag)? as u32),
-            "--gid" => gid = Some(number(value(args, &mut index, flag)?, flag)? as u32),
+            "--uid" => uid = Some(id(value(args, &mut index, flag)?, flag)?),
+            "--gid" => gid = Some(id(value(args, &mut index, flag)?, flag)?),
             "--jail-writable" => writable.push(absolute(value(args, &mut index, flag)?)),
             "--no-seccomp" => options.seccomp = false,
             #[cfg(feature = "test-probes")]
@@ -186,6 +186,11 @@ fn take_process_options(args: &mut Vec<String>) -> Result<ProcessOptions, Usage>
         _ => return Err(Usage("--jail DIR, --uid U and --gid G go together (and --jail-writable needs them)".into())),
     };
     Ok(options)
+}
+
+/// A uid or gid: a whole number that fits 32 bits.
+fn id(text: &str, flag: &str) -> Result<u32, Usage> {
+    u32::try_from(number(text, flag)?).map_err(|_| Usage(format!("{flag} takes a 32-bit id, got {text}")))
 }
 
 /// Enters the jail of `options` for a VM of `config` (restored from `restore`), after
