@@ -61,6 +61,10 @@ enum Command {
         /// The most reads, and writes, per second on its disks (default: no limit).
         #[arg(long)]
         disk_iops: Option<u64>,
+        /// Hibernate it after this many seconds with no call and an idle guest (default:
+        /// never); the next call that needs it wakes it.
+        #[arg(long, default_value_t = 0)]
+        idle_hibernate: u32,
     },
     /// One VM's state, owner, exit reason.
     Get {
@@ -84,6 +88,31 @@ enum Command {
         /// Wait until the screen has been still this many ms first.
         #[arg(long, default_value_t = 0)]
         still: u64,
+        /// Of a hibernated VM: wake it for a live frame (default: its saved screen).
+        #[arg(long)]
+        live: bool,
+    },
+    /// Save the VM to a snapshot of its own; it goes on running.
+    Snapshot {
+        name: String,
+        /// Only what changed since its last snapshot.
+        #[arg(long)]
+        diff: bool,
+    },
+    /// Save the VM and end its VMM: it costs no CPU or RAM until woken (by `wake` or by
+    /// any call that needs it running).
+    Hibernate {
+        name: String,
+        #[arg(long)]
+        diff: bool,
+    },
+    /// Wake a hibernated VM.
+    Wake {
+        name: String,
+    },
+    /// The VM's snapshots.
+    Snapshots {
+        name: String,
     },
     /// Click at X Y, then wait for the frame that shows it.
     Click {
@@ -146,6 +175,7 @@ fn state_name(state: i32) -> &'static str {
         Ok(v1::VmState::Paused) => "paused",
         Ok(v1::VmState::Stopped) => "stopped",
         Ok(v1::VmState::Crashed) => "crashed",
+        Ok(v1::VmState::Hibernated) => "hibernated",
         _ => "unknown",
     }
 }
@@ -297,6 +327,7 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
             disks,
             disk_mbps,
             disk_iops,
+            idle_hibernate,
         } => {
             let config = v1::VmConfig {
                 kernel: kernel.unwrap_or_default(),
@@ -309,6 +340,7 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
                 disks,
                 disk_bytes_per_second: disk_mbps.map_or(0, |mbps| mbps << 20),
                 disk_iops: disk_iops.unwrap_or(0),
+                idle_hibernate_seconds: idle_hibernate,
                 ..Default::default()
             };
             Ok(vm_answer(vms.create(v1::CreateVmRequest { name, config: Some(config) }).await, json))
@@ -320,8 +352,26 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
             Ok(_) => Outcome::Done,
             Err(status) => refused(status),
         }),
-        Command::Screenshot { name, output, still } => {
-            let request = v1::ScreenshotRequest { name, still_ms: still, timeout_ms: 10_000, ..Default::default() };
+        Command::Snapshot { name, diff } => Ok(save(channel, v1::SnapshotRequest { name, diff }, false, json).await),
+        Command::Hibernate { name, diff } => Ok(save(channel, v1::SnapshotRequest { name, diff }, true, json).await),
+        Command::Wake { name } => {
+            let answer = v1::snapshots_client::SnapshotsClient::new(channel).wake(v1::VmName { name }).await;
+            Ok(vm_answer(answer, json))
+        }
+        Command::Snapshots { name } => {
+            Ok(match v1::snapshots_client::SnapshotsClient::new(channel).list(v1::VmName { name }).await {
+                Ok(list) => {
+                    for info in list.into_inner().snapshots {
+                        print_snapshot(&info, json);
+                    }
+                    Outcome::Done
+                }
+                Err(status) => refused(status),
+            })
+        }
+        Command::Screenshot { name, output, still, live } => {
+            let request =
+                v1::ScreenshotRequest { name, still_ms: still, timeout_ms: 10_000, live, ..Default::default() };
             Ok(match v1::screen_client::ScreenClient::new(channel).screenshot(request).await {
                 Ok(shot) => {
                     let shot = shot.into_inner();
@@ -466,4 +516,42 @@ fn parse_disk(text: &str) -> Result<v1::Disk, String> {
         }
     }
     Ok(disk)
+}
+
+fn print_snapshot(info: &v1::SnapshotInfo, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "id": info.id,
+                "diff": info.diff,
+                "memory_bytes": info.memory_bytes,
+                "disk_bytes": info.disk_bytes,
+                "paused_us": info.paused_us,
+                "unix_time": info.unix_time,
+            })
+        );
+    } else {
+        println!(
+            "{}{}: {} KiB of memory, {} KiB on disk, paused {:.1} ms",
+            info.id,
+            if info.diff { " (diff)" } else { "" },
+            info.memory_bytes >> 10,
+            info.disk_bytes >> 10,
+            info.paused_us as f64 / 1e3
+        );
+    }
+}
+
+/// A snapshot, or a hibernation, of one VM.
+async fn save(channel: Channel, request: v1::SnapshotRequest, hibernate: bool, json: bool) -> Outcome {
+    let mut client = v1::snapshots_client::SnapshotsClient::new(channel);
+    let answer = if hibernate { client.hibernate(request).await } else { client.snapshot(request).await };
+    match answer {
+        Ok(info) => {
+            print_snapshot(&info.into_inner(), json);
+            Outcome::Done
+        }
+        Err(status) => refused(status),
+    }
 }

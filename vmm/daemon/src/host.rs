@@ -32,6 +32,28 @@ pub struct VmEntry {
     pub paths: VmPaths,
     /// Why the daemon itself ended the VMM (the watchdog), for the exit reason.
     pub ended_by: Option<String>,
+    /// Its VMM is saving it to disk and will end: that end is no crash.
+    pub hibernating: bool,
+    /// When a call last touched it, or its guest last worked: the idle policy's clock.
+    pub last_active: std::sync::Mutex<std::time::Instant>,
+    /// Its cgroup's CPU time when the idle policy last looked.
+    pub cpu_seen_us: u64,
+}
+
+impl VmEntry {
+    pub fn new(record: VmRecord, state: v1::VmState, paths: VmPaths) -> VmEntry {
+        let last_active = std::sync::Mutex::new(std::time::Instant::now());
+        VmEntry { record, state, paths, ended_by: None, hibernating: false, last_active, cpu_seen_us: 0 }
+    }
+
+    /// A call or the guest's own work: the VM is not idle now.
+    pub fn touch(&self) {
+        *self.last_active.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = std::time::Instant::now();
+    }
+
+    pub fn idle_for(&self) -> std::time::Duration {
+        self.last_active.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).elapsed()
+    }
 }
 
 /// Settings the daemon starts with.
@@ -57,6 +79,8 @@ pub struct Host {
     /// Where the VMs' cgroups are; None when the host has none the daemon can use.
     pub cgroups: Option<Cgroups>,
     pub secrets: SecretStore,
+    /// Held while a hibernated VM wakes, so two calls that need it wake it once.
+    pub waking: Mutex<()>,
 }
 
 impl Host {
@@ -76,10 +100,21 @@ impl Host {
             }
             None => None,
         };
-        let host = Arc::new(Host { config, registry, vms: Mutex::new(BTreeMap::new()), cgroups, secrets });
+        let host = Arc::new(Host {
+            config,
+            registry,
+            vms: Mutex::new(BTreeMap::new()),
+            cgroups,
+            secrets,
+            waking: Mutex::new(()),
+        });
         for (name, mut record) in records {
             let paths = VmPaths { dir: host.registry.vm_dir(&name) };
-            let mut state = if record.stopped { v1::VmState::Stopped } else { v1::VmState::Crashed };
+            let mut state = match (record.stopped, &record.hibernated) {
+                (true, _) => v1::VmState::Stopped,
+                (false, Some(_)) => v1::VmState::Hibernated,
+                (false, None) => v1::VmState::Crashed,
+            };
             if let Some(pid) = record.pid.filter(|pid| supervisor::alive(*pid)) {
                 let answers = supervisor::call(
                     &paths.control(),
@@ -103,7 +138,7 @@ impl Host {
                     host.clone().watch_heartbeat(name.clone(), pid, paths.vsock(), record.spec.watchdog_seconds);
                 }
             }
-            host.vms.lock().await.insert(name, VmEntry { record, state, paths, ended_by: None });
+            host.vms.lock().await.insert(name, VmEntry::new(record, state, paths));
         }
         Ok(host)
     }
@@ -190,6 +225,8 @@ impl Host {
             Ok(child) => {
                 entry.record.pid = child.id();
                 entry.state = v1::VmState::Running;
+                // Awake: its snapshot stays, as the parent of its next diff.
+                entry.record.hibernated = None;
                 self.registry.save(&entry.record).map_err(|err| Status::internal(err.to_string()))?;
                 let pid = child.id();
                 self.clone().watch_child(name.to_string(), paths.clone(), child);
@@ -306,6 +343,14 @@ impl Host {
         let restart = {
             let mut vms = self.vms.lock().await;
             let Some(entry) = vms.get_mut(name) else { return };
+            if std::mem::take(&mut entry.hibernating) {
+                entry.record.pid = None;
+                entry.state = v1::VmState::Hibernated;
+                if let Err(err) = self.registry.save(&entry.record) {
+                    eprintln!("carreld: {err}");
+                }
+                return;
+            }
             let stopped = entry.record.stopped;
             let tail = supervisor::last_lines(&entry.paths, 5);
             let oom_kills = self.cgroups.as_ref().map(|cgroups| cgroups.vm(name)).filter(|group| group.oom_kills() > 0);

@@ -61,6 +61,9 @@ pub struct VmSpec {
     pub disk_bytes_per_second: u64,
     #[serde(default)]
     pub disk_iops: u64,
+    /// Hibernate after this long idle (0: never).
+    #[serde(default)]
+    pub idle_hibernate_seconds: u32,
 }
 
 /// What the registry knows of one VM.
@@ -80,6 +83,23 @@ pub struct VmRecord {
     /// The unprivileged uid (and gid) its jailed VMM runs as; none when not jailed.
     #[serde(default)]
     pub jail_uid: Option<u32>,
+    /// Snapshots taken through the daemon, oldest first, in the VM's `snapshots/`.
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotRecord>,
+    /// The snapshot a hibernated VM wakes from.
+    #[serde(default)]
+    pub hibernated: Option<String>,
+}
+
+/// One snapshot of a VM, in `<vm dir>/snapshots/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: String,
+    pub diff: bool,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+    pub paused_us: u64,
+    pub unix_time: i64,
 }
 
 /// The on-disk registry.
@@ -170,9 +190,12 @@ mod tests {
                 memory_limit_mib: None,
                 disk_bytes_per_second: 0,
                 disk_iops: 0,
+                idle_hibernate_seconds: 0,
             },
             pid: Some(42),
             jail_uid: Some(200_000),
+            snapshots: Vec::new(),
+            hibernated: None,
             stopped: false,
             exit_reason: None,
             restarts: 0,

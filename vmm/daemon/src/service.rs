@@ -15,12 +15,21 @@ use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 
 use crate::cgroup::{MIN_MEMORY_LIMIT_MIB, VMM_OVERHEAD_MIB};
 use crate::host::{Caller, Host, VmEntry};
-use crate::registry::{valid_name, DiskRecord, VmRecord, VmSpec};
+use crate::registry::{valid_name, DiskRecord, SnapshotRecord, VmRecord, VmSpec};
 use crate::secrets::SecretError;
 use crate::supervisor;
 
 /// How long one per-VM control call may take beyond what the request itself waits.
 const CALL_SLACK: Duration = Duration::from_secs(10);
+
+/// How often the idle policy looks at the VMs.
+const IDLE_CHECK: Duration = Duration::from_millis(500);
+/// CPU a guest may use per second and still count as idle: 1 % of a core (an idle
+/// tickless Desk uses under 0.1 %).
+const IDLE_CPU_US_PER_SECOND: u64 = 10_000;
+/// Diffs in a row before a hibernation saves a full snapshot again, so a wake never reads
+/// a long chain.
+const MAX_DIFFS_IN_A_ROW: usize = 16;
 
 /// The services, sharing the host.
 #[derive(Debug, Clone)]
@@ -115,6 +124,7 @@ pub fn vm_message(host: &Host, entry: &VmEntry) -> v1::Vm {
             memory_limit_mib: spec.memory_limit_mib.unwrap_or_default(),
             disk_bytes_per_second: spec.disk_bytes_per_second,
             disk_iops: spec.disk_iops,
+            idle_hibernate_seconds: spec.idle_hibernate_seconds,
             disks: spec
                 .disks
                 .iter()
@@ -211,6 +221,7 @@ impl Services {
             memory_limit_mib,
             disk_bytes_per_second: config.disk_bytes_per_second,
             disk_iops: config.disk_iops,
+            idle_hibernate_seconds: config.idle_hibernate_seconds,
         })
     }
 
@@ -251,13 +262,138 @@ impl Services {
     }
 
     /// The control socket of a running VM `caller` may use.
+    /// The control socket of `name` once it runs: a hibernated VM is woken first (once,
+    /// however many calls wait for it); the wake is on its audit log as its restore.
+    /// Such a call is a use of the VM for the idle policy (looking it up is not).
     async fn running(&self, name: &str, caller: Caller) -> Result<std::path::PathBuf, Status> {
+        {
+            let vms = self.host.vms.lock().await;
+            let entry = self.host.check(&vms, name, caller)?;
+            entry.touch();
+            match entry.state {
+                v1::VmState::Running => return Ok(entry.paths.control()),
+                v1::VmState::Hibernated => {}
+                state => return Err(Status::failed_precondition(format!("VM {name:?} is {state:?}, not running"))),
+            }
+        }
+        let _waking = self.host.waking.lock().await;
+        let state = self.host.vms.lock().await.get(name).map(|entry| entry.state);
+        if state == Some(v1::VmState::Hibernated) {
+            let started = std::time::Instant::now();
+            self.host.boot(name, true).await?;
+            eprintln!("carreld: woke {name:?} in {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
+        }
         let vms = self.host.vms.lock().await;
         let entry = self.host.check(&vms, name, caller)?;
-        if entry.state != v1::VmState::Running {
-            return Err(Status::failed_precondition(format!("VM {name:?} is {:?}, not running", entry.state)));
+        entry.touch();
+        match entry.state {
+            v1::VmState::Running => Ok(entry.paths.control()),
+            state => Err(Status::failed_precondition(format!("VM {name:?} is {state:?}, not running"))),
         }
-        Ok(entry.paths.control())
+    }
+
+    /// The idle policy: every VM whose config asks for it is hibernated once no call has
+    /// touched it and its guest has used under [`IDLE_CPU_US_PER_SECOND`] for its
+    /// `idle_hibernate_seconds`. The next call that needs it running wakes it.
+    pub fn idle_policy(self) {
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(IDLE_CHECK);
+            loop {
+                ticker.tick().await;
+                for (name, diff) in self.idle_vms().await {
+                    let daemon = Caller { uid: 0, gid: 0 };
+                    let mut saved = self.save(&name, daemon, diff, true).await;
+                    if diff && saved.as_ref().is_err_and(|status| status.code() == tonic::Code::FailedPrecondition) {
+                        // No parent in this run of the VMM (it booted cold): a full one.
+                        saved = self.save(&name, daemon, false, true).await;
+                    }
+                    match saved {
+                        Ok(record) => eprintln!("carreld: {name:?} was idle: hibernated to {}", record.id),
+                        Err(status) => {
+                            eprintln!("carreld: {name:?} was idle but did not hibernate: {}", status.message())
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// The running VMs due for hibernation, and whether a diff may do.
+    async fn idle_vms(&self) -> Vec<(String, bool)> {
+        let mut vms = self.host.vms.lock().await;
+        let mut due = Vec::new();
+        for (name, entry) in vms.iter_mut() {
+            let limit = Duration::from_secs(u64::from(entry.record.spec.idle_hibernate_seconds));
+            if limit.is_zero() || entry.state != v1::VmState::Running || entry.hibernating {
+                continue;
+            }
+            let cpu_us = self.host.usage(name).map_or(0, |usage| usage.cpu_usage_us);
+            let worked = cpu_us.saturating_sub(entry.cpu_seen_us);
+            entry.cpu_seen_us = cpu_us;
+            if worked * 1000 > IDLE_CPU_US_PER_SECOND * IDLE_CHECK.as_millis() as u64 {
+                entry.touch();
+            } else if entry.idle_for() >= limit {
+                let diffs = entry.record.snapshots.iter().rev().take_while(|snapshot| snapshot.diff).count();
+                due.push((name.clone(), !entry.record.snapshots.is_empty() && diffs < MAX_DIFFS_IN_A_ROW));
+            }
+        }
+        due
+    }
+
+    /// Saves `name` to a new snapshot in its `snapshots/` (a diff over its last one when
+    /// `diff`); `hibernate` ends its VMM once saved.
+    async fn save(&self, name: &str, caller: Caller, diff: bool, hibernate: bool) -> Result<SnapshotRecord, Status> {
+        let (socket, id, dir) = {
+            let mut vms = self.host.vms.lock().await;
+            let entry = self.host.check(&vms, name, caller)?;
+            if entry.state != v1::VmState::Running {
+                return Err(Status::failed_precondition(format!("VM {name:?} is {:?}, not running", entry.state)));
+            }
+            let entry = vms.get_mut(name).expect("checked above");
+            let id = next_snapshot_id(&entry.record.snapshots);
+            entry.hibernating = hibernate;
+            (entry.paths.control(), id.clone(), entry.paths.snapshot(&id))
+        };
+        let request = carrel_vmm::control::SnapshotRequest { dir, hibernate, diff };
+        let answer = ask(&socket, Request::Snapshot(request), CALL_SLACK * 6).await;
+        let mut vms = self.host.vms.lock().await;
+        let entry = vms.get_mut(name).ok_or_else(|| Status::not_found(format!("{name:?} was deleted")))?;
+        let info = match answer {
+            Ok(Response::Snapshot(info)) => info,
+            Ok(other) => {
+                entry.hibernating = false;
+                return Err(unexpected(other));
+            }
+            Err(status) => {
+                entry.hibernating = false;
+                return Err(status);
+            }
+        };
+        let record = SnapshotRecord {
+            id,
+            diff,
+            memory_bytes: info.memory_bytes,
+            disk_bytes: info.disk_bytes,
+            paused_us: info.paused_us,
+            unix_time: unix_time(),
+        };
+        entry.record.snapshots.push(record.clone());
+        if hibernate {
+            entry.record.hibernated = Some(record.id.clone());
+        }
+        self.host.registry.save(&entry.record).map_err(|err| Status::internal(err.to_string()))?;
+        drop(vms);
+        if hibernate {
+            // The VMM ends right after its answer: wait for the daemon to see it go.
+            let deadline = std::time::Instant::now() + CALL_SLACK;
+            while self.host.vms.lock().await.get(name).is_some_and(|entry| entry.record.pid.is_some()) {
+                if std::time::Instant::now() > deadline {
+                    return Err(Status::deadline_exceeded(format!("VM {name:?} was saved but its VMM did not end")));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        Ok(record)
     }
 
     /// Asks `name`'s VMM to stop and waits for it to end.
@@ -267,6 +403,8 @@ impl Services {
             self.host.check(&vms, name, caller)?;
             let entry = vms.get_mut(name).expect("checked above");
             entry.record.stopped = true;
+            // A stopped VM starts cold: a hibernated one forgets where it slept.
+            entry.record.hibernated = None;
             self.host.registry.save(&entry.record).map_err(|err| Status::internal(err.to_string()))?;
             if entry.state != v1::VmState::Running {
                 entry.state = v1::VmState::Stopped;
@@ -343,10 +481,12 @@ impl v1::vms_server::Vms for Services {
                 exit_reason: None,
                 restarts: 0,
                 jail_uid: self.host.config.jail_uids.map(|first| free_jail_uid(first, &vms)),
+                snapshots: Vec::new(),
+                hibernated: None,
             };
             self.host.registry.save(&record).map_err(|err| Status::internal(err.to_string()))?;
             let paths = supervisor::VmPaths { dir: self.host.registry.vm_dir(&name) };
-            vms.insert(name.clone(), VmEntry { record, state: v1::VmState::Starting, paths, ended_by: None });
+            vms.insert(name.clone(), VmEntry::new(record, v1::VmState::Starting, paths));
         }
         self.host.boot(&name, true).await.map(GrpcResponse::new)
     }
@@ -442,7 +582,6 @@ impl v1::screen_server::Screen for Services {
     ) -> Result<GrpcResponse<v1::Screenshot>, Status> {
         let caller = caller(&request)?;
         let request = request.into_inner();
-        let socket = self.running(&request.name, caller).await?;
         let (format, answer_format) = image_format(request.format);
         let wait = match (request.after_frame, request.still_ms) {
             (0, 0) => Wait::FirstFrame,
@@ -453,6 +592,23 @@ impl v1::screen_server::Screen for Services {
             .then_some([request.scale_width, request.scale_height]);
         let timeout_ms = if request.timeout_ms == 0 { 5_000 } else { request.timeout_ms };
         let screenshot = ScreenshotRequest { format, crop: None, scale, cursor: false, wait, timeout_ms };
+        // A hibernated VM's screen is in its snapshot: served from there, not woken.
+        let asleep = {
+            let vms = self.host.vms.lock().await;
+            let entry = self.host.check(&vms, &request.name, caller)?;
+            match (&entry.record.hibernated, entry.state) {
+                (Some(id), v1::VmState::Hibernated) if !request.live => Some(entry.paths.snapshot(id)),
+                _ => None,
+            }
+        };
+        if let Some(dir) = asleep {
+            let shot = tokio::task::spawn_blocking(move || carrel_vmm::snapshot::screen::screenshot(&dir, &screenshot))
+                .await
+                .map_err(|err| Status::internal(err.to_string()))?
+                .map_err(|err| Status::failed_precondition(format!("cannot read the hibernated VM's screen: {err}")))?;
+            return Ok(GrpcResponse::new(screenshot_message(shot, answer_format)));
+        }
+        let socket = self.running(&request.name, caller).await?;
         match ask(&socket, Request::Screenshot(screenshot), Duration::from_millis(timeout_ms) + CALL_SLACK).await? {
             Response::Screenshot(shot) => Ok(GrpcResponse::new(screenshot_message(shot, answer_format))),
             other => Err(unexpected(other)),
@@ -619,24 +775,39 @@ impl v1::console_server::Console for Services {
 impl v1::snapshots_server::Snapshots for Services {
     async fn snapshot(
         &self,
-        _request: GrpcRequest<v1::SnapshotRequest>,
+        request: GrpcRequest<v1::SnapshotRequest>,
     ) -> Result<GrpcResponse<v1::SnapshotInfo>, Status> {
-        Err(Status::unimplemented("Snapshots through carreld are not built yet (carrel-vmm snapshot works per VM)"))
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let record = self.save(&request.name, caller, request.diff, false).await?;
+        Ok(GrpcResponse::new(snapshot_message(&record)))
     }
 
     async fn hibernate(
         &self,
-        _request: GrpcRequest<v1::SnapshotRequest>,
+        request: GrpcRequest<v1::SnapshotRequest>,
     ) -> Result<GrpcResponse<v1::SnapshotInfo>, Status> {
-        Err(Status::unimplemented("Snapshots.Hibernate through carreld is not built yet"))
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let record = self.save(&request.name, caller, request.diff, true).await?;
+        Ok(GrpcResponse::new(snapshot_message(&record)))
     }
 
-    async fn wake(&self, _request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::Vm>, Status> {
-        Err(Status::unimplemented("Snapshots.Wake through carreld is not built yet"))
+    async fn wake(&self, request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::Vm>, Status> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        self.running(&name, caller).await?;
+        let vms = self.host.vms.lock().await;
+        Ok(GrpcResponse::new(vm_message(&self.host, self.host.check(&vms, &name, caller)?)))
     }
 
-    async fn list(&self, _request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::ListSnapshotsResponse>, Status> {
-        Err(Status::unimplemented("Snapshots.List through carreld is not built yet"))
+    async fn list(&self, request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::ListSnapshotsResponse>, Status> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        let vms = self.host.vms.lock().await;
+        let entry = self.host.check(&vms, &name, caller)?;
+        let snapshots = entry.record.snapshots.iter().map(snapshot_message).collect();
+        Ok(GrpcResponse::new(v1::ListSnapshotsResponse { snapshots }))
     }
 }
 
@@ -650,6 +821,27 @@ impl v1::audit_server::Audit for Services {
     ) -> Result<GrpcResponse<Self::RecordsStream>, Status> {
         Err(Status::unimplemented("Audit.Records is not built yet (carrel-audit reads a VM's log)"))
     }
+}
+
+fn snapshot_message(record: &SnapshotRecord) -> v1::SnapshotInfo {
+    v1::SnapshotInfo {
+        id: record.id.clone(),
+        memory_bytes: record.memory_bytes,
+        paused_us: record.paused_us,
+        diff: record.diff,
+        disk_bytes: record.disk_bytes,
+        unix_time: record.unix_time,
+    }
+}
+
+/// The next snapshot's id: `s1`, `s2`, ... past the highest taken.
+fn next_snapshot_id(taken: &[SnapshotRecord]) -> String {
+    let highest = taken.iter().filter_map(|record| record.id.strip_prefix('s')?.parse::<u64>().ok()).max();
+    format!("s{}", highest.unwrap_or(0) + 1)
+}
+
+fn unix_time() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs() as i64)
 }
 
 /// The lowest uid from `first` on that no VM of `vms` runs as: one uid per VM, so no two

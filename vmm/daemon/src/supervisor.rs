@@ -43,9 +43,13 @@ impl VmPaths {
         self.dir.join("jail")
     }
 
-    /// Where a jailed VMM may write its snapshots.
+    /// Where the VM's snapshots go (and where a jailed VMM may write).
     pub fn snapshots(&self) -> PathBuf {
         self.dir.join("snapshots")
+    }
+
+    pub fn snapshot(&self, id: &str) -> PathBuf {
+        self.snapshots().join(id)
     }
 }
 
@@ -76,19 +80,36 @@ fn prepare_jail(paths: &VmPaths, uid: u32) -> Result<(), String> {
     Ok(())
 }
 
-/// The `carrel-vmm run` arguments for `record`.
+/// The `carrel-vmm run` arguments for `record`: a fresh boot of its machine, or, when it
+/// is hibernated, a restore of its snapshot (whose machine is in the snapshot).
 pub fn run_args(record: &VmRecord, paths: &VmPaths) -> Vec<String> {
     let spec = &record.spec;
-    let mut args = vec![
-        "run".to_string(),
-        "--kernel".into(),
-        spec.kernel.display().to_string(),
-        "--mem".into(),
-        spec.memory_mib.to_string(),
-        "--cpus".into(),
-        spec.cpus.to_string(),
-        "--display".into(),
-        spec.display.clone(),
+    let mut args = vec!["run".to_string()];
+    match &record.hibernated {
+        Some(id) => args.extend(["--restore".into(), paths.snapshot(id).display().to_string()]),
+        None => {
+            args.extend(["--kernel".into(), spec.kernel.display().to_string()]);
+            args.extend(["--mem".into(), spec.memory_mib.to_string(), "--cpus".into(), spec.cpus.to_string()]);
+            args.extend(["--display".into(), spec.display.clone()]);
+            if let Some(cmdline) = &spec.cmdline {
+                args.extend(["--cmdline".into(), cmdline.clone()]);
+            }
+            for disk in &spec.disks {
+                let mut text = disk.path.display().to_string();
+                if disk.readonly {
+                    text.push_str(",readonly");
+                }
+                if let Some(base) = &disk.base {
+                    text.push_str(&format!(",base={}", base.display()));
+                }
+                if let Some(size) = disk.size_bytes {
+                    text.push_str(&format!(",size={size}"));
+                }
+                args.extend(["--disk".into(), text]);
+            }
+        }
+    }
+    args.extend([
         "--name".into(),
         record.name.clone(),
         "--socket".into(),
@@ -100,27 +121,11 @@ pub fn run_args(record: &VmRecord, paths: &VmPaths) -> Vec<String> {
         "--no-console".into(),
         "--audit".into(),
         paths.audit().display().to_string(),
-    ];
-    if let Some(cmdline) = &spec.cmdline {
-        args.extend(["--cmdline".into(), cmdline.clone()]);
-    }
+    ]);
     if let Some(uid) = record.jail_uid {
         args.extend(["--jail".into(), paths.jail_root().display().to_string()]);
         args.extend(["--uid".into(), uid.to_string(), "--gid".into(), uid.to_string()]);
         args.extend(["--jail-writable".into(), paths.snapshots().display().to_string()]);
-    }
-    for disk in &spec.disks {
-        let mut text = disk.path.display().to_string();
-        if disk.readonly {
-            text.push_str(",readonly");
-        }
-        if let Some(base) = &disk.base {
-            text.push_str(&format!(",base={}", base.display()));
-        }
-        if let Some(size) = disk.size_bytes {
-            text.push_str(&format!(",size={size}"));
-        }
-        args.extend(["--disk".into(), text]);
     }
     args
 }
@@ -137,6 +142,8 @@ pub async fn start(
     for stale in [paths.control(), paths.vsock()] {
         let _ = std::fs::remove_file(stale);
     }
+    std::fs::create_dir_all(paths.snapshots())
+        .map_err(|err| format!("cannot create the snapshots directory: {err}"))?;
     if let Some(uid) = record.jail_uid {
         prepare_jail(paths, uid)?;
     }

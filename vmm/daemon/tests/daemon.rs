@@ -162,8 +162,34 @@ fn alive(pid: u32) -> bool {
     }
 }
 
+/// Input before the guest's drivers run is dropped (UNAVAILABLE): acts until it is taken.
+async fn act_once_booted(
+    input: &mut v1::input_client::InputClient<Channel>,
+    request: v1::ActRequest,
+) -> v1::ActResponse {
+    let booted = Instant::now();
+    loop {
+        match input.act(request.clone()).await {
+            Ok(done) => return done.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unavailable && booted.elapsed().as_secs() < 10 => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(status) => panic!("{}: input failed: {status:?}", request.name),
+        }
+    }
+}
+
 async fn wait_state(vms: &mut v1::vms_client::VmsClient<Channel>, name: &str, state: v1::VmState) -> v1::Vm {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    wait_state_within(vms, name, state, Duration::from_secs(10)).await
+}
+
+async fn wait_state_within(
+    vms: &mut v1::vms_client::VmsClient<Channel>,
+    name: &str,
+    state: v1::VmState,
+    within: Duration,
+) -> v1::Vm {
+    let deadline = Instant::now() + within;
     loop {
         let vm = vms.get(v1::GetVmRequest { name: name.into() }).await.unwrap().into_inner();
         if vm.state == state as i32 {
@@ -426,6 +452,79 @@ fn provision_check_reports_the_host_and_carreld_unit_verifies() {
     let unit = Command::new("bash").arg(&script).arg("--print-unit").output().unwrap();
     let unit = String::from_utf8_lossy(&unit.stdout);
     assert!(unit.contains("KillMode=process") && !unit.contains('@'), "the unit is filled in: {unit}");
+}
+
+/// Everything on a Desk screen but its top bar, whose clock moves by itself.
+const BELOW_THE_CLOCK: [u32; 4] = [0, 32, 1280, 768];
+/// The Desk window's "Save (N)" button, which counts its clicks.
+const SAVE_BUTTON: [u32; 4] = [284, 270, 120, 36];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_vm_hibernates_shows_its_screen_asleep_wakes_on_a_click_and_survives_a_daemon_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
+    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    let channel = connect(&socket).await;
+    let mut vms = v1::vms_client::VmsClient::new(channel.clone());
+    let mut screen = v1::screen_client::ScreenClient::new(channel.clone());
+    let mut input = v1::input_client::InputClient::new(channel.clone());
+    let mut snapshots = v1::snapshots_client::SnapshotsClient::new(channel.clone());
+    let config = v1::VmConfig { idle_hibernate_seconds: 2, ..Default::default() };
+    let idle =
+        vms.create(v1::CreateVmRequest { name: "idle".into(), config: Some(config) }).await.unwrap().into_inner();
+    vms.create(v1::CreateVmRequest { name: "busy".into(), config: None }).await.unwrap();
+    let act =
+        |action| v1::ActRequest { name: "idle".into(), action: Some(action), timeout_ms: 5_000, ..Default::default() };
+    let click = |x, y| act(v1::act_request::Action::Click(v1::Click { x, y }));
+    // Calls keep it awake: the text field gets a line while the idle clock restarts.
+    act_once_booted(&mut input, click(640, 228)).await;
+    input.act(act(v1::act_request::Action::TypeText("sleepy".into()))).await.unwrap();
+    let still = v1::ScreenshotRequest { name: "idle".into(), still_ms: 200, timeout_ms: 10_000, ..Default::default() };
+    let awake = screen.screenshot(still.clone()).await.unwrap().into_inner();
+
+    // Left alone, it hibernates: no VMM, its snapshot on disk.
+    let asleep_state = wait_state_within(&mut vms, "idle", v1::VmState::Hibernated, Duration::from_secs(20)).await;
+    assert_eq!(asleep_state.pid, 0);
+    assert!(!alive(idle.pid), "its VMM ended");
+    let saved = snapshots.list(v1::VmName { name: "idle".into() }).await.unwrap().into_inner().snapshots;
+    let last = saved.last().expect("the hibernation's snapshot");
+    assert!(state.join("vms/idle/snapshots").join(&last.id).join("memory.bin").exists(), "{saved:?}");
+
+    // Its screen is served from the snapshot, the same pixels, and it stays asleep.
+    let shot = screen.screenshot(v1::ScreenshotRequest { name: "idle".into(), ..Default::default() }).await.unwrap();
+    let shot = shot.into_inner();
+    assert!(crop(&shot.image, BELOW_THE_CLOCK) == crop(&awake.image, BELOW_THE_CLOCK), "the saved screen differs");
+    let still_asleep = vms.get(v1::GetVmRequest { name: "idle".into() }).await.unwrap().into_inner();
+    assert_eq!(still_asleep.state, v1::VmState::Hibernated as i32, "a screenshot does not wake it");
+
+    // A click wakes it and lands: the Save button counts it.
+    let (x, y) = (SAVE_BUTTON[0] + SAVE_BUTTON[2] / 2, SAVE_BUTTON[1] + SAVE_BUTTON[3] / 2);
+    let clicked = input.act(v1::ActRequest { screenshot: true, ..click(x, y) }).await.unwrap().into_inner();
+    let after = clicked.screenshot.expect("act-then-look").image;
+    assert!(crop(&after, SAVE_BUTTON) != crop(&awake.image, SAVE_BUTTON), "the click did not land");
+    let woken = vms.get(v1::GetVmRequest { name: "idle".into() }).await.unwrap().into_inner();
+    assert_eq!((woken.state, woken.restarts), (v1::VmState::Running as i32, 0), "{woken:?}");
+
+    // Hibernated again by request; the daemon restarts: one VM comes back asleep, the
+    // other running as it was.
+    snapshots.hibernate(v1::SnapshotRequest { name: "idle".into(), diff: true }).await.unwrap();
+    let busy = vms.get(v1::GetVmRequest { name: "busy".into() }).await.unwrap().into_inner();
+    drop((vms, screen, input, snapshots, channel));
+    daemon.terminate();
+    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    let mut vms = v1::vms_client::VmsClient::new(connect(&socket).await);
+    let idle = vms.get(v1::GetVmRequest { name: "idle".into() }).await.unwrap().into_inner();
+    assert_eq!(idle.state, v1::VmState::Hibernated as i32, "{idle:?}");
+    let again = vms.get(v1::GetVmRequest { name: "busy".into() }).await.unwrap().into_inner();
+    assert_eq!((again.state, again.pid), (v1::VmState::Running as i32, busy.pid));
+    let mut agent = v1::agent_client::AgentClient::new(connect(&socket).await);
+    let exec = v1::ExecRequest { name: "idle".into(), argv: vec!["echo".into(), "up".into()], ..Default::default() };
+    assert_eq!(agent.exec(exec).await.unwrap().into_inner().stdout, b"up\n", "an exec wakes it after the restart");
+    for name in ["idle", "busy"] {
+        vms.delete(v1::VmName { name: name.into() }).await.unwrap();
+    }
+    drop((vms, agent));
+    daemon.terminate();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -705,18 +804,8 @@ async fn a_typed_secret_reaches_the_screen_and_its_value_is_nowhere_else() {
             |action| v1::ActRequest { name: name.into(), action: Some(action), screenshot: true, timeout_ms: 5_000 };
         let still =
             v1::ScreenshotRequest { name: name.into(), still_ms: 200, timeout_ms: 10_000, ..Default::default() };
-        // Input before the guest's drivers run is dropped (UNAVAILABLE): click until taken.
-        let booted = Instant::now();
-        let clicked = loop {
-            let click = v1::act_request::Action::Click(v1::Click { x: 640, y: 228 });
-            match input.act(act(click)).await {
-                Ok(clicked) => break clicked.into_inner(),
-                Err(status) if status.code() == tonic::Code::Unavailable && booted.elapsed().as_secs() < 10 => {
-                    tokio::time::sleep(Duration::from_millis(20)).await
-                }
-                Err(status) => panic!("{name}: click failed: {status:?}"),
-            }
-        };
+        let clicked =
+            act_once_booted(&mut input, act(v1::act_request::Action::Click(v1::Click { x: 640, y: 228 }))).await;
         answers.borrow_mut().push(format!("{clicked:?}").into_bytes());
         let before = screen.screenshot(still.clone()).await.unwrap().into_inner();
         let typed = input.act(act(action)).await.unwrap().into_inner();
