@@ -88,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
     for run in 0..runs {
         let name = format!("bench-{run}");
         let started = Instant::now();
-        vms.create(v1::CreateVmRequest { name: name.clone(), config: None }).await?;
+        vms.create(v1::CreateVmRequest { name: name.clone(), config: None, ..Default::default() }).await?;
         create_rpc.push(started.elapsed());
         wait_for_line(&state.join("vms").join(&name).join("console.log"), "desk: ready", Duration::from_secs(30))
             .await?;
@@ -148,7 +148,7 @@ async fn main() -> anyhow::Result<()> {
     let mut refused = None;
     for index in 0..density {
         let name = format!("dense-{index}");
-        match vms.create(v1::CreateVmRequest { name: name.clone(), config: None }).await {
+        match vms.create(v1::CreateVmRequest { name: name.clone(), config: None, ..Default::default() }).await {
             Ok(vm) => {
                 pids.push(vm.into_inner().pid);
                 wait_for_line(

@@ -65,6 +65,10 @@ enum Command {
         /// never); the next call that needs it wakes it.
         #[arg(long, default_value_t = 0)]
         idle_hibernate: u32,
+        /// Start from this template instead of a cold boot (its machine: give no --mem,
+        /// --cpus, --display or --kernel that differ).
+        #[arg(long)]
+        template: Option<String>,
     },
     /// One VM's state, owner, exit reason.
     Get {
@@ -148,6 +152,25 @@ enum Command {
         #[command(subcommand)]
         command: SecretCommand,
     },
+    /// Templates: snapshots of a ready VM that new VMs start from (`create --template`).
+    Template {
+        #[command(subcommand)]
+        command: TemplateCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TemplateCommand {
+    /// Make template NAME from a running VM of yours (without disks).
+    Create {
+        name: String,
+        #[arg(long)]
+        from_vm: String,
+    },
+    /// The templates you may use.
+    Ls,
+    /// Forget a template no VM uses.
+    Rm { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -328,8 +351,9 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
             disk_mbps,
             disk_iops,
             idle_hibernate,
+            template,
         } => {
-            let config = v1::VmConfig {
+            let mut config = v1::VmConfig {
                 kernel: kernel.unwrap_or_default(),
                 memory_mib: mem,
                 cpus,
@@ -343,7 +367,14 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
                 idle_hibernate_seconds: idle_hibernate,
                 ..Default::default()
             };
-            Ok(vm_answer(vms.create(v1::CreateVmRequest { name, config: Some(config) }).await, json))
+            let template = template.unwrap_or_default();
+            if !template.is_empty() {
+                // The template's machine: only what was asked for is sent.
+                config.memory_mib = 0;
+                config.cpus = 0;
+                config.display.clear();
+            }
+            Ok(vm_answer(vms.create(v1::CreateVmRequest { name, config: Some(config), template }).await, json))
         }
         Command::Get { name } => Ok(vm_answer(vms.get(v1::GetVmRequest { name }).await, json)),
         Command::Start { name } => Ok(vm_answer(vms.start(v1::VmName { name }).await, json)),
@@ -391,6 +422,7 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
             })
         }
         Command::Secret { command } => secret(channel, command, json).await,
+        Command::Template { command } => template(channel, command, json).await,
         Command::Click { name, x, y } => {
             input(channel, act(name, v1::act_request::Action::Click(v1::Click { x, y })), json).await
         }
@@ -554,4 +586,57 @@ async fn save(channel: Channel, request: v1::SnapshotRequest, hibernate: bool, j
         }
         Err(status) => refused(status),
     }
+}
+
+async fn template(channel: Channel, command: TemplateCommand, json: bool) -> Result<Outcome, String> {
+    let mut client = v1::templates_client::TemplatesClient::new(channel);
+    let print = |template: &v1::Template| {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "name": template.name,
+                    "from_vm": template.from_vm,
+                    "owner_uid": template.owner_uid,
+                    "memory_mib": template.memory_mib,
+                    "cpus": template.cpus,
+                    "display": template.display,
+                    "memory_bytes": template.memory_bytes,
+                    "unix_time": template.unix_time,
+                })
+            );
+        } else {
+            println!(
+                "{:<20} from {:<20} {} MiB, {} vCPU(s), {}, {} KiB of memory saved",
+                template.name,
+                template.from_vm,
+                template.memory_mib,
+                template.cpus,
+                template.display,
+                template.memory_bytes >> 10
+            );
+        }
+    };
+    Ok(match command {
+        TemplateCommand::Create { name, from_vm } => {
+            match client.create(v1::CreateTemplateRequest { name, from_vm }).await {
+                Ok(template) => {
+                    print(&template.into_inner());
+                    Outcome::Done
+                }
+                Err(status) => refused(status),
+            }
+        }
+        TemplateCommand::Ls => match client.list(v1::ListTemplatesRequest {}).await {
+            Ok(list) => {
+                list.into_inner().templates.iter().for_each(print);
+                Outcome::Done
+            }
+            Err(status) => refused(status),
+        },
+        TemplateCommand::Rm { name } => match client.delete(v1::TemplateName { name }).await {
+            Ok(_) => Outcome::Done,
+            Err(status) => refused(status),
+        },
+    })
 }

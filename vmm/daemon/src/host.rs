@@ -16,6 +16,7 @@ use crate::cgroup::{self, Cgroups, DiskLimits, Limits};
 use crate::registry::{Registry, VmRecord};
 use crate::secrets::SecretStore;
 use crate::supervisor::{self, VmPaths};
+use crate::templates::Templates;
 
 /// Who is calling, from the socket's peer credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +82,7 @@ pub struct Host {
     pub secrets: SecretStore,
     /// Held while a hibernated VM wakes, so two calls that need it wake it once.
     pub waking: Mutex<()>,
+    pub templates: Templates,
 }
 
 impl Host {
@@ -89,6 +91,7 @@ impl Host {
         let registry = Registry::open(&config.state)?;
         let records = registry.load()?;
         let secrets = SecretStore::open(&config.state)?;
+        let templates = Templates::open(&config.state)?;
         let cgroups = match config.cgroup.as_deref().map(Cgroups::open) {
             Some(Ok(cgroups)) => {
                 eprintln!("carreld: VM resource limits in {}", cgroups.describe());
@@ -107,6 +110,7 @@ impl Host {
             cgroups,
             secrets,
             waking: Mutex::new(()),
+            templates,
         });
         for (name, mut record) in records {
             let paths = VmPaths { dir: host.registry.vm_dir(&name) };

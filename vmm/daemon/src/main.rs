@@ -13,6 +13,7 @@ mod registry;
 mod secrets;
 mod service;
 mod supervisor;
+mod templates;
 
 use std::path::{Path, PathBuf};
 
@@ -156,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
         .add_service(v1::secrets_server::SecretsServer::new(services.clone()))
         .add_service(v1::console_server::ConsoleServer::new(services.clone()))
         .add_service(v1::snapshots_server::SnapshotsServer::new(services.clone()))
+        .add_service(v1::templates_server::TemplatesServer::new(services.clone()))
         .add_service(v1::audit_server::AuditServer::new(services))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await?;

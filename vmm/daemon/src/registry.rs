@@ -64,6 +64,16 @@ pub struct VmSpec {
     /// Hibernate after this long idle (0: never).
     #[serde(default)]
     pub idle_hibernate_seconds: u32,
+    /// The template it starts from (a restore of its snapshot) instead of a cold boot.
+    #[serde(default)]
+    pub template: Option<TemplateSource>,
+}
+
+/// A template a VM starts from: its name and its snapshot's directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateSource {
+    pub name: String,
+    pub snapshot: PathBuf,
 }
 
 /// What the registry knows of one VM.
@@ -191,6 +201,7 @@ mod tests {
                 disk_bytes_per_second: 0,
                 disk_iops: 0,
                 idle_hibernate_seconds: 0,
+                template: None,
             },
             pid: Some(42),
             jail_uid: Some(200_000),

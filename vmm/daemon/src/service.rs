@@ -15,9 +15,10 @@ use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 
 use crate::cgroup::{MIN_MEMORY_LIMIT_MIB, VMM_OVERHEAD_MIB};
 use crate::host::{Caller, Host, VmEntry};
-use crate::registry::{valid_name, DiskRecord, SnapshotRecord, VmRecord, VmSpec};
+use crate::registry::{valid_name, DiskRecord, SnapshotRecord, TemplateSource, VmRecord, VmSpec};
 use crate::secrets::SecretError;
 use crate::supervisor;
+use crate::templates::{TemplateError, TemplateRecord};
 
 /// How long one per-VM control call may take beyond what the request itself waits.
 const CALL_SLACK: Duration = Duration::from_secs(10);
@@ -125,6 +126,7 @@ pub fn vm_message(host: &Host, entry: &VmEntry) -> v1::Vm {
             disk_bytes_per_second: spec.disk_bytes_per_second,
             disk_iops: spec.disk_iops,
             idle_hibernate_seconds: spec.idle_hibernate_seconds,
+            template: spec.template.as_ref().map(|template| template.name.clone()).unwrap_or_default(),
             disks: spec
                 .disks
                 .iter()
@@ -222,7 +224,41 @@ impl Services {
             disk_bytes_per_second: config.disk_bytes_per_second,
             disk_iops: config.disk_iops,
             idle_hibernate_seconds: config.idle_hibernate_seconds,
+            template: None,
         })
+    }
+
+    /// The spec of a VM that starts from `template`: the template's machine, with the
+    /// rest (restart policy, limits, idle policy) from `config`.
+    fn spec_from_template(
+        &self,
+        template: &str,
+        config: Option<v1::VmConfig>,
+        caller: Caller,
+    ) -> Result<VmSpec, Status> {
+        let record = self.host.templates.get(template).map_err(template_status)?;
+        if !self.host.allowed(caller, record.owner_uid) {
+            return Err(Status::not_found(format!("no template named {template:?}")));
+        }
+        let mut config = config.unwrap_or_default();
+        let machine = (config.memory_mib, config.cpus, config.display.as_str(), config.kernel.as_str());
+        let differs = (machine.0 != 0 && machine.0 != record.memory_mib)
+            || (machine.1 != 0 && machine.1 != record.cpus)
+            || (!machine.2.is_empty() && machine.2 != record.display)
+            || !machine.3.is_empty();
+        if differs || !config.disks.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "a VM from template {template:?} has the template's machine ({} MiB, {} vCPU(s), {}) and no disks",
+                record.memory_mib, record.cpus, record.display
+            )));
+        }
+        config.memory_mib = record.memory_mib;
+        config.cpus = record.cpus;
+        config.display = record.display.clone();
+        config.kernel = record.kernel.display().to_string();
+        let mut spec = self.spec(Some(config))?;
+        spec.template = Some(TemplateSource { name: record.name, snapshot: self.host.templates.snapshot(template) });
+        Ok(spec)
     }
 
     /// `caller`'s secret `name`; another owner's secret of that name is not found.
@@ -466,7 +502,10 @@ impl v1::vms_server::Vms for Services {
                 "VM name {name:?} must be 1 to 63 of a-z, 0-9 and '-', not starting with '-'"
             )));
         }
-        let spec = self.spec(request.config)?;
+        let spec = match request.template.as_str() {
+            "" => self.spec(request.config)?,
+            template => self.spec_from_template(template, request.config, caller)?,
+        };
         {
             let mut vms = self.host.vms.lock().await;
             if vms.contains_key(&name) {
@@ -808,6 +847,114 @@ impl v1::snapshots_server::Snapshots for Services {
         let entry = self.host.check(&vms, &name, caller)?;
         let snapshots = entry.record.snapshots.iter().map(snapshot_message).collect();
         Ok(GrpcResponse::new(v1::ListSnapshotsResponse { snapshots }))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::templates_server::Templates for Services {
+    async fn create(
+        &self,
+        request: GrpcRequest<v1::CreateTemplateRequest>,
+    ) -> Result<GrpcResponse<v1::Template>, Status> {
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        if !valid_name(&request.name) {
+            return Err(Status::invalid_argument(format!(
+                "template name {:?} must be 1 to 63 of a-z, 0-9 and '-', not starting with '-'",
+                request.name
+            )));
+        }
+        if self.host.templates.get(&request.name).is_ok() {
+            return Err(Status::already_exists(format!("a template named {:?} exists", request.name)));
+        }
+        self.running(&request.from_vm, caller).await?;
+        let spec = {
+            let vms = self.host.vms.lock().await;
+            self.host.check(&vms, &request.from_vm, caller)?.record.spec.clone()
+        };
+        if !spec.disks.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "VM {:?} has disks: templates of VMs with disks are not built yet",
+                request.from_vm
+            )));
+        }
+        let snapshot = self.save(&request.from_vm, caller, false, false).await?;
+        let source = self.host.registry.vm_dir(&request.from_vm).join("snapshots").join(&snapshot.id);
+        let record = TemplateRecord {
+            name: request.name,
+            owner_uid: caller.uid,
+            from_vm: request.from_vm,
+            memory_mib: spec.memory_mib,
+            cpus: spec.cpus,
+            display: spec.display,
+            kernel: spec.kernel,
+            memory_bytes: snapshot.memory_bytes,
+            unix_time: snapshot.unix_time,
+        };
+        let host = self.host.clone();
+        let made = record.clone();
+        tokio::task::spawn_blocking(move || host.templates.create(&made, &source))
+            .await
+            .map_err(|err| Status::internal(err.to_string()))?
+            .map_err(template_status)?;
+        Ok(GrpcResponse::new(template_message(&record)))
+    }
+
+    async fn list(
+        &self,
+        request: GrpcRequest<v1::ListTemplatesRequest>,
+    ) -> Result<GrpcResponse<v1::ListTemplatesResponse>, Status> {
+        let caller = caller(&request)?;
+        let templates = self.host.templates.list();
+        let visible = templates.iter().filter(|template| self.host.allowed(caller, template.owner_uid));
+        Ok(GrpcResponse::new(v1::ListTemplatesResponse { templates: visible.map(template_message).collect() }))
+    }
+
+    async fn delete(
+        &self,
+        request: GrpcRequest<v1::TemplateName>,
+    ) -> Result<GrpcResponse<v1::DeleteTemplateResponse>, Status> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        let record = self.host.templates.get(&name).map_err(template_status)?;
+        if !self.host.allowed(caller, record.owner_uid) {
+            return Err(Status::not_found(format!("no template named {name:?}")));
+        }
+        let vms = self.host.vms.lock().await;
+        let users: Vec<&str> = vms
+            .values()
+            .filter(|entry| entry.record.spec.template.as_ref().is_some_and(|template| template.name == name))
+            .map(|entry| entry.record.name.as_str())
+            .collect();
+        if !users.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "template {name:?} is in use by {}: delete those VMs first",
+                users.join(", ")
+            )));
+        }
+        self.host.templates.remove(&name).map_err(template_status)?;
+        Ok(GrpcResponse::new(v1::DeleteTemplateResponse {}))
+    }
+}
+
+fn template_message(record: &TemplateRecord) -> v1::Template {
+    v1::Template {
+        name: record.name.clone(),
+        from_vm: record.from_vm.clone(),
+        owner_uid: record.owner_uid,
+        memory_mib: record.memory_mib,
+        cpus: record.cpus,
+        display: record.display.clone(),
+        memory_bytes: record.memory_bytes,
+        unix_time: record.unix_time,
+    }
+}
+
+fn template_status(err: TemplateError) -> Status {
+    match err {
+        TemplateError::NotFound(_) => Status::not_found(err.to_string()),
+        TemplateError::Exists(_) => Status::already_exists(err.to_string()),
+        TemplateError::Write { .. } | TemplateError::Read { .. } => Status::internal(err.to_string()),
     }
 }
 

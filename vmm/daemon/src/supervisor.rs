@@ -80,14 +80,16 @@ fn prepare_jail(paths: &VmPaths, uid: u32) -> Result<(), String> {
     Ok(())
 }
 
-/// The `carrel-vmm run` arguments for `record`: a fresh boot of its machine, or, when it
-/// is hibernated, a restore of its snapshot (whose machine is in the snapshot).
+/// The `carrel-vmm run` arguments for `record`: when it is hibernated, a restore of its
+/// snapshot; when it comes from a template, a restore of the template's; else a fresh
+/// boot of its machine (a restore's machine is in its snapshot).
 pub fn run_args(record: &VmRecord, paths: &VmPaths) -> Vec<String> {
     let spec = &record.spec;
     let mut args = vec!["run".to_string()];
-    match &record.hibernated {
-        Some(id) => args.extend(["--restore".into(), paths.snapshot(id).display().to_string()]),
-        None => {
+    match (&record.hibernated, &spec.template) {
+        (Some(id), _) => args.extend(["--restore".into(), paths.snapshot(id).display().to_string()]),
+        (None, Some(template)) => args.extend(["--restore".into(), template.snapshot.display().to_string()]),
+        (None, None) => {
             args.extend(["--kernel".into(), spec.kernel.display().to_string()]);
             args.extend(["--mem".into(), spec.memory_mib.to_string(), "--cpus".into(), spec.cpus.to_string()]);
             args.extend(["--display".into(), spec.display.clone()]);

@@ -220,16 +220,25 @@ async fn vms_are_created_used_crash_detected_reattached_and_deleted_through_the_
     for name in ["one", "two", "never"] {
         let config =
             (name == "never").then(|| v1::VmConfig { restart: v1::RestartPolicy::Never as i32, ..Default::default() });
-        let vm = vms.create(v1::CreateVmRequest { name: name.into(), config }).await.unwrap().into_inner();
+        let vm = vms
+            .create(v1::CreateVmRequest { name: name.into(), config, ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(vm.state, v1::VmState::Running as i32, "{vm:?}");
         assert!(alive(vm.pid));
     }
-    let duplicate = vms.create(v1::CreateVmRequest { name: "one".into(), config: None }).await.unwrap_err();
+    let duplicate =
+        vms.create(v1::CreateVmRequest { name: "one".into(), config: None, ..Default::default() }).await.unwrap_err();
     assert_eq!(duplicate.code(), tonic::Code::AlreadyExists);
     let config = v1::VmConfig { memory_mib: 1 << 20, ..Default::default() };
-    let invalid = vms.create(v1::CreateVmRequest { name: "big".into(), config: Some(config) }).await.unwrap_err();
+    let invalid = vms
+        .create(v1::CreateVmRequest { name: "big".into(), config: Some(config), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(invalid.code(), tonic::Code::InvalidArgument, "{invalid:?}");
-    let bad_name = vms.create(v1::CreateVmRequest { name: "../x".into(), config: None }).await.unwrap_err();
+    let bad_name =
+        vms.create(v1::CreateVmRequest { name: "../x".into(), config: None, ..Default::default() }).await.unwrap_err();
     assert_eq!(bad_name.code(), tonic::Code::InvalidArgument);
     let missing = vms.get(v1::GetVmRequest { name: "nobody".into() }).await.unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
@@ -370,7 +379,7 @@ async fn a_generic_python_client_uses_reflection_to_list_and_screenshot() {
     let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
     let daemon = Daemon::start(&socket, &state, &vmm_binary());
     let mut vms = v1::vms_client::VmsClient::new(connect(&socket).await);
-    vms.create(v1::CreateVmRequest { name: "seen".into(), config: None }).await.unwrap();
+    vms.create(v1::CreateVmRequest { name: "seen".into(), config: None, ..Default::default() }).await.unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/generic_client.py");
     let output = tokio::process::Command::new("python3").arg(&script).arg(&socket).arg("seen").output().await.unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -470,9 +479,12 @@ async fn an_idle_vm_hibernates_shows_its_screen_asleep_wakes_on_a_click_and_surv
     let mut input = v1::input_client::InputClient::new(channel.clone());
     let mut snapshots = v1::snapshots_client::SnapshotsClient::new(channel.clone());
     let config = v1::VmConfig { idle_hibernate_seconds: 2, ..Default::default() };
-    let idle =
-        vms.create(v1::CreateVmRequest { name: "idle".into(), config: Some(config) }).await.unwrap().into_inner();
-    vms.create(v1::CreateVmRequest { name: "busy".into(), config: None }).await.unwrap();
+    let idle = vms
+        .create(v1::CreateVmRequest { name: "idle".into(), config: Some(config), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    vms.create(v1::CreateVmRequest { name: "busy".into(), config: None, ..Default::default() }).await.unwrap();
     let act =
         |action| v1::ActRequest { name: "idle".into(), action: Some(action), timeout_ms: 5_000, ..Default::default() };
     let click = |x, y| act(v1::act_request::Action::Click(v1::Click { x, y }));
@@ -527,6 +539,78 @@ async fn an_idle_vm_hibernates_shows_its_screen_asleep_wakes_on_a_click_and_surv
     daemon.terminate();
 }
 
+/// Runs `argv` in VM `name`, retrying while its agent is not up yet.
+async fn exec_once_up(agent: &mut v1::agent_client::AgentClient<Channel>, name: &str, argv: &[&str]) -> String {
+    let exec = v1::ExecRequest {
+        name: name.into(),
+        argv: argv.iter().map(|arg| arg.to_string()).collect(),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    loop {
+        match agent.exec(exec.clone()).await {
+            Ok(done) => return String::from_utf8(done.into_inner().stdout).unwrap(),
+            Err(status) if status.code() == tonic::Code::Unavailable && started.elapsed().as_secs() < 20 => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(status) => panic!("{name}: {argv:?} failed: {status:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_vms_from_one_template_run_with_their_own_entropy_and_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
+    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    let channel = connect(&socket).await;
+    let mut vms = v1::vms_client::VmsClient::new(channel.clone());
+    let mut agent = v1::agent_client::AgentClient::new(channel.clone());
+    let mut templates = v1::templates_client::TemplatesClient::new(channel.clone());
+    vms.create(v1::CreateVmRequest { name: "base".into(), ..Default::default() }).await.unwrap();
+    exec_once_up(&mut agent, "base", &["write", "/shared", "from the template"]).await;
+    let request = v1::CreateTemplateRequest { name: "desk".into(), from_vm: "base".into() };
+    let template = templates.create(request.clone()).await.unwrap().into_inner();
+    assert_eq!((template.memory_mib, template.cpus), (128, 1));
+    assert_eq!(templates.create(request).await.unwrap_err().code(), tonic::Code::AlreadyExists);
+    let bigger = v1::VmConfig { memory_mib: 256, ..Default::default() };
+    let refused = vms
+        .create(v1::CreateVmRequest { name: "big".into(), config: Some(bigger), template: "desk".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+
+    let names: Vec<String> = (0..20).map(|index| format!("clone-{index}")).collect();
+    for name in &names {
+        let vm = vms
+            .create(v1::CreateVmRequest { name: name.clone(), template: "desk".into(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(vm.state, v1::VmState::Running as i32, "{vm:?}");
+        assert_eq!(vm.config.unwrap().template, "desk");
+    }
+    let mut entropy = std::collections::BTreeSet::new();
+    for name in &names {
+        // Each starts where the template was, with its file, and draws its own entropy.
+        assert_eq!(exec_once_up(&mut agent, name, &["cat", "/shared"]).await, "from the template");
+        assert!(entropy.insert(exec_once_up(&mut agent, name, &["random"]).await), "{name} repeats another's entropy");
+        exec_once_up(&mut agent, name, &["write", "/mine", name]).await;
+    }
+    for name in &names {
+        assert_eq!(exec_once_up(&mut agent, name, &["cat", "/mine"]).await, *name, "each keeps its own files");
+    }
+    let in_use = templates.delete(v1::TemplateName { name: "desk".into() }).await.unwrap_err();
+    assert_eq!(in_use.code(), tonic::Code::FailedPrecondition, "{in_use:?}");
+    for name in names.iter().map(String::as_str).chain(["base"]) {
+        vms.delete(v1::VmName { name: name.into() }).await.unwrap();
+    }
+    templates.delete(v1::TemplateName { name: "desk".into() }).await.unwrap();
+    assert!(templates.list(v1::ListTemplatesRequest {}).await.unwrap().into_inner().templates.is_empty());
+    drop((vms, agent, templates, channel));
+    daemon.terminate();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_limits_go_on_the_block_device_under_the_vms_disk() {
     use std::os::unix::fs::MetadataExt;
@@ -540,11 +624,14 @@ async fn disk_limits_go_on_the_block_device_under_the_vms_disk() {
         ..Default::default()
     };
     let too_low = v1::VmConfig { disks: vec![disk.clone()], disk_bytes_per_second: 4096, ..Default::default() };
-    let refused = vms.create(v1::CreateVmRequest { name: "slow".into(), config: Some(too_low) }).await.unwrap_err();
+    let refused = vms
+        .create(v1::CreateVmRequest { name: "slow".into(), config: Some(too_low), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     let config =
         v1::VmConfig { disks: vec![disk], disk_bytes_per_second: 8 << 20, disk_iops: 500, ..Default::default() };
-    vms.create(v1::CreateVmRequest { name: "slow".into(), config: Some(config) }).await.unwrap();
+    vms.create(v1::CreateVmRequest { name: "slow".into(), config: Some(config), ..Default::default() }).await.unwrap();
     // The whole disk the scratch directory lives on, if it is a block device at all.
     let device = std::fs::metadata(dir.path()).unwrap().dev();
     let sys = PathBuf::from(format!("/sys/dev/block/{}:{}", libc::major(device), libc::minor(device)));
@@ -593,7 +680,7 @@ async fn a_vmm_its_seccomp_filter_ends_is_recorded_with_the_syscall() {
     let daemon = Daemon::start(&socket, &state, &wrapper);
     let mut vms = v1::vms_client::VmsClient::new(connect(&socket).await);
     let config = v1::VmConfig { restart: v1::RestartPolicy::Never as i32, ..Default::default() };
-    let _ = vms.create(v1::CreateVmRequest { name: "bad".into(), config: Some(config) }).await;
+    let _ = vms.create(v1::CreateVmRequest { name: "bad".into(), config: Some(config), ..Default::default() }).await;
     let crashed = wait_state(&mut vms, "bad", v1::VmState::Crashed).await;
     assert!(
         crashed.exit_reason.contains(&format!("seccomp violation: syscall {} (event loop thread)", libc::SYS_ptrace)),
@@ -612,7 +699,11 @@ async fn the_watchdog_restarts_a_vm_whose_agent_goes_silent() {
     let daemon = Daemon::start(&socket, &state, &vmm_binary());
     let mut vms = v1::vms_client::VmsClient::new(connect(&socket).await);
     let config = v1::VmConfig { watchdog_seconds: 2, ..Default::default() };
-    let vm = vms.create(v1::CreateVmRequest { name: "hang".into(), config: Some(config) }).await.unwrap().into_inner();
+    let vm = vms
+        .create(v1::CreateVmRequest { name: "hang".into(), config: Some(config), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     // Heartbeats flow for a while: no restart.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let still = vms.get(v1::GetVmRequest { name: "hang".into() }).await.unwrap().into_inner();
@@ -655,13 +746,21 @@ async fn a_vm_over_its_memory_limit_is_oom_killed_and_restarted_while_the_rest_r
     let mut agent = v1::agent_client::AgentClient::new(channel.clone());
 
     let config = |memory_limit_mib| v1::VmConfig { memory_mib: 256, memory_limit_mib, ..Default::default() };
-    let too_small = vms.create(v1::CreateVmRequest { name: "tiny".into(), config: Some(config(32)) }).await;
+    let too_small =
+        vms.create(v1::CreateVmRequest { name: "tiny".into(), config: Some(config(32)), ..Default::default() }).await;
     assert_eq!(too_small.unwrap_err().code(), tonic::Code::InvalidArgument, "a limit below the minimum is refused");
-    let hog =
-        vms.create(v1::CreateVmRequest { name: "hog".into(), config: Some(config(160)) }).await.unwrap().into_inner();
+    let hog = vms
+        .create(v1::CreateVmRequest { name: "hog".into(), config: Some(config(160)), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(hog.config.as_ref().unwrap().memory_limit_mib, 160);
     assert_eq!(hog.usage.as_ref().unwrap().memory_limit_bytes, 160 << 20);
-    let calm = vms.create(v1::CreateVmRequest { name: "calm".into(), config: None }).await.unwrap().into_inner();
+    let calm = vms
+        .create(v1::CreateVmRequest { name: "calm".into(), config: None, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
 
     // The guest touches 200 MiB of its 256 MiB: more than its VMM may hold.
     let fill = v1::ExecRequest { name: "hog".into(), argv: vec!["fill".into(), "200".into()], ..Default::default() };
@@ -798,7 +897,11 @@ async fn a_typed_secret_reaches_the_screen_and_its_value_is_nowhere_else() {
         ("with-secret", v1::act_request::Action::TypeSecret("login-pw".into())),
         ("with-text", v1::act_request::Action::TypeText(VALUE.into())),
     ] {
-        let vm = vms.create(v1::CreateVmRequest { name: name.into(), config: None }).await.unwrap().into_inner();
+        let vm = vms
+            .create(v1::CreateVmRequest { name: name.into(), config: None, ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
         answers.borrow_mut().push(format!("{vm:?}").into_bytes());
         let act =
             |action| v1::ActRequest { name: name.into(), action: Some(action), screenshot: true, timeout_ms: 5_000 };
