@@ -414,7 +414,14 @@ impl Disk {
     /// Where each stretch of `offset..offset + len` is read from, in order; the range
     /// must lie within the capacity.
     pub fn plan_read(&self, offset: u64, len: u64) -> Vec<Extent> {
-        let mut extents: Vec<Extent> = Vec::new();
+        let mut extents = Vec::new();
+        self.plan_read_into(offset, len, &mut extents);
+        extents
+    }
+
+    /// [`Disk::plan_read`] into a list the caller reuses (cleared first).
+    pub fn plan_read_into(&self, offset: u64, len: u64, extents: &mut Vec<Extent>) {
+        extents.clear();
         let end = offset + len;
         let mut at = offset;
         while at < end {
@@ -435,7 +442,6 @@ impl Disk {
             }
             at = stop;
         }
-        extents
     }
 
     /// The fd and file offset an extent of [`Disk::plan_read`] is read at.

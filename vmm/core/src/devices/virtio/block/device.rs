@@ -1,5 +1,5 @@
 //! The block device: one request queue, a configuration space with the disk's size and
-//! limits, and the features flush, discard, write-zeroes (and read-only).
+//! limits, and the features flush, discard, write-zeroes, event idx (and read-only).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -9,6 +9,9 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_F_WRITE_ZEROES,
 };
+
+use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::QueueT;
 
 use super::handler::{BlockBackend, Served, MAX_SEGMENTS, SECTOR_SIZE};
 use super::io::Engine;
@@ -149,6 +152,26 @@ impl Block {
     }
 }
 
+impl Block {
+    /// Serves the ring and the finished transfers, then, when nothing is in flight,
+    /// watches the ring a little longer before sleeping.
+    fn work_through_queue(&mut self) {
+        loop {
+            self.serve(|backend, queue, memory| backend.process_request_queue(queue, memory));
+            // Completions are signalled above, before this thread looks for more work.
+            let (DeviceState::Active(active), DiskSlot::Open(backend)) = (&mut self.state, &mut self.disk) else {
+                return;
+            };
+            let Some(queue) = active.queues.get_mut(0) else { return };
+            // With transfers on the kernel's workers (writes that block), this thread
+            // leaves the core to them instead of spinning; their completions wake it.
+            if backend.in_flight() > 0 || !backend.poll_for_requests(queue, &active.memory, POLL_WINDOW) {
+                return;
+            }
+        }
+    }
+}
+
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         virtio_id::BLOCK
@@ -165,6 +188,8 @@ impl VirtioDevice for Block {
             VIRTIO_BLK_F_FLUSH,
             VIRTIO_BLK_F_DISCARD,
             VIRTIO_BLK_F_WRITE_ZEROES,
+            // Doorbells and interrupts only when the other side asks for the next one.
+            VIRTIO_RING_F_EVENT_IDX,
         ]
         .iter()
         .fold(0u64, |features, bit| features | 1 << bit);
@@ -180,9 +205,13 @@ impl VirtioDevice for Block {
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(&mut self, state: ActiveState, _acked_features: u64) -> Result<(), ActivateError> {
+    fn activate(&mut self, mut state: ActiveState, acked_features: u64) -> Result<(), ActivateError> {
         if state.queues.len() != QUEUE_SIZES.len() {
             return Err(ActivateError::QueueCount { needed: QUEUE_SIZES.len(), got: state.queues.len() });
+        }
+        let event_idx = acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        for queue in &mut state.queues {
+            queue.set_event_idx(event_idx);
         }
         if matches!(self.disk, DiskSlot::AwaitingRestore) {
             return Err(ActivateError::Backend("the disk was not restored".into()));
@@ -200,19 +229,7 @@ impl VirtioDevice for Block {
     }
 
     fn process_queue(&mut self, _index: usize) {
-        loop {
-            self.serve(|backend, queue, memory| backend.process_request_queue(queue, memory));
-            // Completions are signalled above, before this thread looks for more work.
-            let (DeviceState::Active(active), DiskSlot::Open(backend)) = (&mut self.state, &mut self.disk) else {
-                return;
-            };
-            let Some(queue) = active.queues.get_mut(0) else { return };
-            // With transfers on the kernel's workers (writes that block), this thread
-            // leaves the core to them instead of spinning.
-            if backend.in_flight() > 0 || !backend.poll_for_requests(queue, &active.memory, POLL_WINDOW) {
-                return;
-            }
-        }
+        self.work_through_queue();
     }
 
     fn event_fd(&self) -> Option<std::os::fd::RawFd> {
@@ -222,12 +239,10 @@ impl VirtioDevice for Block {
         }
     }
 
+    /// Transfers finished: their requests complete, and the ring is served too, since
+    /// doorbells were off while the transfers were in flight.
     fn process_events(&mut self) {
-        self.serve(|backend, queue, memory| {
-            let mut served = Served::default();
-            backend.process_completions(queue, memory, &mut served);
-            served
-        });
+        self.work_through_queue();
     }
 
     fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {

@@ -8,20 +8,21 @@
 //! and writes go to the [`Engine`] straight from and into guest memory; flush, get-id,
 //! discard and write-zeroes complete synchronously.
 
-use std::collections::HashMap;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
+use virtio_bindings::bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
 
 use super::io::{Completion, Engine, Transfer};
-use crate::disk::{Disk, Source};
+use crate::disk::{Disk, Extent};
 use crate::memory::GuestMemoryMmap;
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -101,21 +102,86 @@ where
     M: std::ops::Deref,
     M::Target: GuestMemory,
 {
+    let mut data = Vec::new();
+    let parsed = parse_into(chain, memory, capacity, readonly, &mut data)?;
+    Ok(Request {
+        head: parsed.head,
+        kind: parsed.kind,
+        sector: parsed.sector,
+        data,
+        data_len: parsed.data_len,
+        status: parsed.status,
+    })
+}
+
+/// A checked request whose data buffers are in a scratch list the caller owns.
+#[derive(Debug, Clone, Copy)]
+struct Parsed {
+    head: u16,
+    kind: RequestKind,
+    sector: u64,
+    data_len: u64,
+    status: GuestAddress,
+}
+
+/// [`parse_request`] with the data buffers put in `data` (cleared first), so that the
+/// request path reuses one list instead of allocating per request.
+fn parse_into<M>(
+    chain: DescriptorChain<M>,
+    memory: &GuestMemoryMmap,
+    capacity: u64,
+    readonly: bool,
+    data: &mut Vec<(GuestAddress, u32)>,
+) -> Result<Parsed, (Option<GuestAddress>, RequestError)>
+where
+    M: std::ops::Deref,
+    M::Target: GuestMemory,
+{
     let head = chain.head_index();
-    let descriptors: Vec<_> = chain.collect();
-    let Some(last) = descriptors.last().filter(|last| last.is_write_only() && last.len() >= 1) else {
-        return Err((None, RequestError::NoStatus));
+    data.clear();
+    // Every descriptor after the header goes into `data` with its direction; the last
+    // one must end in the status byte and is split off once the chain has ended.
+    let mut header = None;
+    let mut count = 0usize;
+    // Device-writable descriptors after the header (the status one among them).
+    let mut writable_data = 0usize;
+    let mut last_writable = false;
+    for descriptor in chain {
+        count += 1;
+        if count == 1 {
+            header = Some((descriptor.addr(), descriptor.len(), descriptor.is_write_only()));
+            continue;
+        }
+        if descriptor.is_write_only() {
+            writable_data += 1;
+        }
+        last_writable = descriptor.is_write_only();
+        data.push((descriptor.addr(), descriptor.len()));
+    }
+    // The status byte: the end of the last descriptor (the header itself in a one-long chain).
+    let (last_addr, last_len) = match data.last() {
+        Some(&(addr, len)) => (addr, len),
+        None => match header {
+            Some((addr, len, writable)) => {
+                last_writable = writable;
+                (addr, len)
+            }
+            None => return Err((None, RequestError::NoStatus)),
+        },
     };
-    let status = GuestAddress(last.addr().0.wrapping_add(u64::from(last.len()) - 1));
+    if !last_writable || last_len < 1 {
+        return Err((None, RequestError::NoStatus));
+    }
+    let status = GuestAddress(last_addr.0.wrapping_add(u64::from(last_len) - 1));
     let fail = |err| Err((Some(status), err));
-    let Some(header) = descriptors.first().filter(|_| descriptors.len() >= 2) else {
+    let Some((header_addr, header_len, header_writable)) = header.filter(|_| count >= 2) else {
         return fail(RequestError::BadHeader);
     };
-    if header.is_write_only() || header.len() < HEADER_BYTES {
+    if header_writable || header_len < HEADER_BYTES {
         return fail(RequestError::BadHeader);
     }
     let mut bytes = [0u8; HEADER_BYTES as usize];
-    if memory.read_slice(&mut bytes, header.addr()).is_err() {
+    if memory.read_slice(&mut bytes, header_addr).is_err() {
         return fail(RequestError::UnreadableHeader);
     }
     let request_type = u32::from_le_bytes(bytes[0..4].try_into().unwrap());
@@ -131,18 +197,23 @@ where
     };
     // The data: every descriptor between the header and the status, plus whatever of the
     // last descriptor precedes the status byte.
-    let mut data = Vec::with_capacity(descriptors.len());
-    for descriptor in &descriptors[1..descriptors.len() - 1] {
-        data.push((descriptor.addr(), descriptor.len(), descriptor.is_write_only()));
+    if let Some(last) = data.last_mut() {
+        last.1 -= 1;
+        if last.1 == 0 {
+            data.pop();
+        }
     }
-    if last.len() > 1 {
-        data.push((last.addr(), last.len() - 1, true));
-    }
+    // Directions of the descriptors between the header and the status one, and whether
+    // the status descriptor carries (device-writable) data before the status byte.
+    let middle_writable = writable_data - 1;
+    let middle_readable = count - 2 - middle_writable;
+    let writable_tail = last_len > 1;
     let device_writes = matches!(kind, RequestKind::Read | RequestKind::GetId);
-    if kind != RequestKind::Flush && data.iter().any(|(_, _, writable)| *writable != device_writes) {
+    let one_way = if device_writes { middle_readable == 0 } else { middle_writable == 0 && !writable_tail };
+    if kind != RequestKind::Flush && !one_way {
         return fail(RequestError::WrongDirection);
     }
-    let data_len: u64 = data.iter().map(|(_, len, _)| u64::from(*len)).sum();
+    let data_len: u64 = data.iter().map(|(_, len)| u64::from(*len)).sum();
     if data_len > MAX_REQUEST_BYTES {
         return fail(RequestError::TooLarge);
     }
@@ -167,14 +238,18 @@ where
             return fail(RequestError::TooLarge);
         }
     }
-    let data = data.into_iter().map(|(addr, len, _)| (addr, len)).collect();
-    Ok(Request { head, kind, sector, data, data_len, status })
+    Ok(Parsed { head, kind, sector, data_len, status })
 }
 
 /// One discard or write-zeroes segment: a byte range on the disk.
-fn parse_segments(request: &Request, memory: &GuestMemoryMmap, capacity: u64) -> Result<Vec<(u64, u64)>, RequestError> {
-    let mut bytes = Vec::with_capacity(request.data_len as usize);
-    for (addr, len) in &request.data {
+fn parse_segments(
+    data: &[(GuestAddress, u32)],
+    data_len: u64,
+    memory: &GuestMemoryMmap,
+    capacity: u64,
+) -> Result<Vec<(u64, u64)>, RequestError> {
+    let mut bytes = Vec::with_capacity(data_len as usize);
+    for (addr, len) in data {
         let mut part = vec![0u8; *len as usize];
         memory.read_slice(&mut part, *addr).map_err(|_| RequestError::BadSegment)?;
         bytes.extend_from_slice(&part);
@@ -196,6 +271,22 @@ fn parse_segments(request: &Request, memory: &GuestMemoryMmap, capacity: u64) ->
         segments.push((start, sectors * SECTOR_SIZE));
     }
     Ok(segments)
+}
+
+/// Whether the driver wants an interrupt for the used entries added since the last
+/// call. With event idx, when they pass its `used_event`; without, unless it set
+/// VRING_AVAIL_F_NO_INTERRUPT, which virtio-queue does not read (a driver that polls,
+/// like Desk's, sets it, and an irqfd write costs this thread a switch to a kernel worker).
+pub fn wants_interrupt(queue: &mut Queue, memory: &GuestMemoryMmap) -> bool {
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(memory).unwrap_or(true);
+    }
+    // The used entries are written before the driver's flags are read.
+    fence(Ordering::SeqCst);
+    match memory.load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Acquire) {
+        Ok(flags) => flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0,
+        Err(_) => true,
+    }
 }
 
 /// Counters a developer can read.
@@ -225,44 +316,93 @@ struct InFlight {
     written_to_guest: u32,
 }
 
+/// Lists the request path fills and empties for every request, kept so that serving a
+/// request allocates nothing once they have grown.
+#[derive(Debug, Default)]
+struct Scratch {
+    data: Vec<(GuestAddress, u32)>,
+    buffers: Vec<libc::iovec>,
+    iovecs: Vec<libc::iovec>,
+    extents: Vec<Extent>,
+    done: Vec<Completion>,
+}
+
+// SAFETY: the iovecs name guest RAM, mapped for the device's lifetime; the lists are
+// emptied before the request that filled them ends and used only under the device's lock.
+unsafe impl Send for Scratch {}
+
 /// The disk, its I/O engine and the requests in flight.
 #[derive(Debug)]
 pub struct BlockBackend {
     pub disk: Disk,
     pub engine: Engine,
-    in_flight: HashMap<u64, InFlight>,
-    next_token: u64,
+    /// Requests waiting for transfers, by token (their index here).
+    in_flight: Vec<Option<InFlight>>,
+    free_tokens: Vec<u64>,
+    in_flight_count: usize,
+    scratch: Scratch,
 }
 
 impl BlockBackend {
     pub fn new(disk: Disk, engine: Engine) -> BlockBackend {
-        BlockBackend { disk, engine, in_flight: HashMap::new(), next_token: 1 }
+        BlockBackend {
+            disk,
+            engine,
+            in_flight: Vec::new(),
+            free_tokens: Vec::new(),
+            in_flight_count: 0,
+            scratch: Scratch::default(),
+        }
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
+        self.in_flight_count
     }
 
-    /// Serves every available request: quick ones complete now, transfers are submitted.
+    fn insert(&mut self, entry: InFlight) -> u64 {
+        self.in_flight_count += 1;
+        match self.free_tokens.pop() {
+            Some(token) => {
+                self.in_flight[token as usize] = Some(entry);
+                token
+            }
+            None => {
+                self.in_flight.push(Some(entry));
+                (self.in_flight.len() - 1) as u64
+            }
+        }
+    }
+
+    fn remove(&mut self, token: u64) -> Option<InFlight> {
+        let entry = self.in_flight.get_mut(token as usize)?.take()?;
+        self.in_flight_count -= 1;
+        self.free_tokens.push(token);
+        Some(entry)
+    }
+
+    /// Serves every available request and every finished transfer until there is
+    /// neither: quick requests complete now, transfers are submitted.
     pub fn process_request_queue(&mut self, queue: &mut Queue, memory: &GuestMemoryMmap) -> Served {
         let mut served = Served::default();
         let capacity = self.disk.capacity();
         let readonly = self.disk.is_readonly();
-        // The driver need not ring while the device works through the ring: doorbells
-        // are VM exits. Notifications come back on before the device stops looking.
         loop {
+            // The driver need not ring while the device works through the ring: doorbells
+            // are VM exits.
             let _ = queue.disable_notification(memory);
             while let Some(chain) = queue.pop_descriptor_chain(memory) {
                 self.serve_chain(chain, queue, memory, capacity, readonly, &mut served);
             }
-            if !queue.enable_notification(memory).unwrap_or(false) {
+            self.engine.submit();
+            self.complete_finished(queue, memory, &mut served);
+            // With transfers in flight, each completion wakes the device, which then looks
+            // at the ring again: doorbells stay off until nothing is in flight.
+            if self.in_flight_count > 0 || !queue.enable_notification(memory).unwrap_or(false) {
                 break;
             }
         }
-        self.engine.submit();
-        self.process_completions(queue, memory, &mut served);
         if served.completed > 0 {
-            served.needs_interrupt = queue.needs_notification(memory).unwrap_or(true);
+            served.needs_interrupt = wants_interrupt(queue, memory);
         }
         served
     }
@@ -277,8 +417,9 @@ impl BlockBackend {
         served: &mut Served,
     ) {
         let head = chain.head_index();
-        match parse_request(chain, memory, capacity, readonly) {
-            Ok(request) => self.start(request, queue, memory, served),
+        let mut data = std::mem::take(&mut self.scratch.data);
+        match parse_into(chain, memory, capacity, readonly, &mut data) {
+            Ok(request) => self.start(request, &data, queue, memory, served),
             Err((status, err)) => {
                 served.malformed += 1;
                 match status {
@@ -292,6 +433,7 @@ impl BlockBackend {
                 }
             }
         }
+        self.scratch.data = data;
     }
 
     /// Watches the available ring for up to `window` with doorbells off: a guest with
@@ -302,7 +444,7 @@ impl BlockBackend {
         let deadline = Instant::now() + window;
         let _ = queue.disable_notification(memory);
         loop {
-            let available = queue.avail_idx(memory, std::sync::atomic::Ordering::Acquire);
+            let available = queue.avail_idx(memory, Ordering::Acquire);
             if available.is_ok_and(|index| index.0 != queue.next_avail()) {
                 return true;
             }
@@ -315,8 +457,17 @@ impl BlockBackend {
 
     /// Completes every request whose transfers are done.
     pub fn process_completions(&mut self, queue: &mut Queue, memory: &GuestMemoryMmap, served: &mut Served) {
-        for Completion { token, result } in self.engine.completions() {
-            let Some(entry) = self.in_flight.get_mut(&token) else { continue };
+        self.complete_finished(queue, memory, served);
+        if served.completed > 0 {
+            served.needs_interrupt = wants_interrupt(queue, memory);
+        }
+    }
+
+    fn complete_finished(&mut self, queue: &mut Queue, memory: &GuestMemoryMmap, served: &mut Served) {
+        let mut done = std::mem::take(&mut self.scratch.done);
+        self.engine.completions(&mut done);
+        for Completion { token, result } in done.drain(..) {
+            let Some(Some(entry)) = self.in_flight.get_mut(token as usize) else { continue };
             if result.is_err() {
                 entry.failed = true;
             }
@@ -324,7 +475,7 @@ impl BlockBackend {
             if entry.remaining > 0 {
                 continue;
             }
-            let entry = self.in_flight.remove(&token).expect("the entry was just found");
+            let entry = self.remove(token).expect("the entry was just found");
             let status = if entry.failed {
                 served.errors += 1;
                 VIRTIO_BLK_S_IOERR as u8
@@ -340,40 +491,61 @@ impl BlockBackend {
             let written = if entry.failed { 0 } else { entry.written_to_guest };
             complete(queue, memory, entry.head, entry.status, status, written, served);
         }
-        if served.completed > 0 {
-            served.needs_interrupt = queue.needs_notification(memory).unwrap_or(true);
-        }
+        self.scratch.done = done;
     }
 
-    /// Waits for every transfer in flight and completes its request.
+    /// Waits for every transfer in flight and completes its request, and serves what
+    /// the driver added meanwhile, until nothing is in flight and doorbells are on
+    /// again (they were off while transfers were in flight; a snapshot keeps them so).
     pub fn drain(&mut self, queue: &mut Queue, memory: &GuestMemoryMmap) -> Served {
         let mut served = Served::default();
-        while !self.in_flight.is_empty() {
-            self.engine.wait();
-            self.process_completions(queue, memory, &mut served);
+        loop {
+            while self.in_flight_count > 0 {
+                self.engine.wait();
+                self.process_completions(queue, memory, &mut served);
+            }
+            if !queue.enable_notification(memory).unwrap_or(false) {
+                return served;
+            }
+            let more = self.process_request_queue(queue, memory);
+            served.completed += more.completed;
+            served.malformed += more.malformed;
+            served.errors += more.errors;
+            served.bytes_read += more.bytes_read;
+            served.bytes_written += more.bytes_written;
+            served.flushes += more.flushes;
+            served.needs_interrupt |= more.needs_interrupt;
         }
-        served
     }
 
     /// Waits for the transfers in flight and forgets their requests (a device reset).
     pub fn abandon(&mut self) {
-        while !self.in_flight.is_empty() {
+        let mut done = Vec::new();
+        while self.in_flight_count > 0 {
             self.engine.wait();
-            for Completion { token, .. } in self.engine.completions() {
-                if let Some(entry) = self.in_flight.get_mut(&token) {
+            self.engine.completions(&mut done);
+            for Completion { token, .. } in done.drain(..) {
+                if let Some(Some(entry)) = self.in_flight.get_mut(token as usize) {
                     entry.remaining -= 1;
                     if entry.remaining == 0 {
-                        self.in_flight.remove(&token);
+                        self.remove(token);
                     }
                 }
             }
         }
     }
 
-    fn start(&mut self, request: Request, queue: &mut Queue, memory: &GuestMemoryMmap, served: &mut Served) {
-        let Request { head, kind, status, data_len, .. } = request;
+    fn start(
+        &mut self,
+        request: Parsed,
+        data: &[(GuestAddress, u32)],
+        queue: &mut Queue,
+        memory: &GuestMemoryMmap,
+        served: &mut Served,
+    ) {
+        let Parsed { head, kind, status, data_len, .. } = request;
         let answer = match kind {
-            RequestKind::Read | RequestKind::Write => match self.start_transfer(&request, memory) {
+            RequestKind::Read | RequestKind::Write => match self.start_transfer(&request, data, memory) {
                 Ok(true) => return,
                 Ok(false) => {
                     if kind == RequestKind::Read {
@@ -389,17 +561,19 @@ impl BlockBackend {
             }
             RequestKind::GetId => {
                 let serial = self.disk.serial();
-                write_to_guest(memory, &request.data, &serial).map_err(|_| ())
+                write_to_guest(memory, data, &serial).map_err(|_| ())
             }
-            RequestKind::Discard | RequestKind::WriteZeroes => parse_segments(&request, memory, self.disk.capacity())
-                .map_err(|_| served.malformed += 1)
-                .and_then(|segments| {
-                    segments
-                        .into_iter()
-                        .try_for_each(|(start, len)| self.disk.write_zeroes(start, len))
-                        .map(|()| 0)
-                        .map_err(|_| ())
-                }),
+            RequestKind::Discard | RequestKind::WriteZeroes => {
+                parse_segments(data, data_len, memory, self.disk.capacity())
+                    .map_err(|_| served.malformed += 1)
+                    .and_then(|segments| {
+                        segments
+                            .into_iter()
+                            .try_for_each(|(start, len)| self.disk.write_zeroes(start, len))
+                            .map(|()| 0)
+                            .map_err(|_| ())
+                    })
+            }
         };
         match answer {
             Ok(written) => complete(queue, memory, head, status, VIRTIO_BLK_S_OK as u8, written, served),
@@ -412,74 +586,97 @@ impl BlockBackend {
 
     /// Submits a read's or a write's transfers; `Ok(false)` when it needed none (a read
     /// of unwritten blocks or an empty transfer), so it is complete already.
-    fn start_transfer(&mut self, request: &Request, memory: &GuestMemoryMmap) -> Result<bool, ()> {
+    fn start_transfer(
+        &mut self,
+        request: &Parsed,
+        data: &[(GuestAddress, u32)],
+        memory: &GuestMemoryMmap,
+    ) -> Result<bool, ()> {
         let offset = request.sector * SECTOR_SIZE;
         let len = request.data_len;
         if len == 0 {
             return Ok(false);
         }
-        let buffers = host_buffers(memory, &request.data, request.kind == RequestKind::Read)?;
-        let token = self.next_token;
-        self.next_token += 1;
-        let mut transfers = Vec::new();
-        if request.kind == RequestKind::Write {
-            let (file, at) = self.disk.prepare_write(offset, len).map_err(|_| ())?;
-            transfers.push(Transfer {
-                fd: file.as_raw_fd(),
-                offset: at,
-                iovecs: slice_iovecs(&buffers, 0, len),
-                write: true,
-            });
-        } else {
-            let mut at = 0u64;
-            for extent in self.disk.plan_read(offset, len) {
-                match self.disk.read_target(&extent) {
-                    Some((file, file_offset)) => transfers.push(Transfer {
-                        fd: file.as_raw_fd(),
-                        offset: file_offset,
-                        iovecs: slice_iovecs(&buffers, at, extent.len),
-                        write: false,
-                    }),
-                    None => {
-                        debug_assert_eq!(extent.source, Source::Zero);
-                        for iovec in slice_iovecs(&buffers, at, extent.len) {
-                            // SAFETY: the iovec lies inside a guest memory slice checked by
-                            // host_buffers; guest RAM stays mapped while the device runs.
-                            unsafe { std::ptr::write_bytes(iovec.iov_base.cast::<u8>(), 0, iovec.iov_len) };
-                        }
-                    }
-                }
-                at += extent.len;
-            }
-        }
-        if transfers.is_empty() {
-            return Ok(false);
-        }
+        let write = request.kind == RequestKind::Write;
+        let mut buffers = std::mem::take(&mut self.scratch.buffers);
+        let mut iovecs = std::mem::take(&mut self.scratch.iovecs);
+        let mut extents = std::mem::take(&mut self.scratch.extents);
+        let started =
+            self.submit_transfers(request, data, memory, offset, len, write, &mut buffers, &mut iovecs, &mut extents);
+        buffers.clear();
+        iovecs.clear();
+        extents.clear();
+        self.scratch.buffers = buffers;
+        self.scratch.iovecs = iovecs;
+        self.scratch.extents = extents;
+        started
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit_transfers(
+        &mut self,
+        request: &Parsed,
+        data: &[(GuestAddress, u32)],
+        memory: &GuestMemoryMmap,
+        offset: u64,
+        len: u64,
+        write: bool,
+        buffers: &mut Vec<libc::iovec>,
+        iovecs: &mut Vec<libc::iovec>,
+        extents: &mut Vec<Extent>,
+    ) -> Result<bool, ()> {
+        host_buffers(memory, data, !write, buffers)?;
         let entry = InFlight {
             head: request.head,
             status: request.status,
             kind: request.kind,
             range: (offset, len),
-            remaining: transfers.len(),
+            remaining: 0,
             failed: false,
-            written_to_guest: if request.kind == RequestKind::Read { len as u32 } else { 0 },
+            written_to_guest: if write { 0 } else { len as u32 },
         };
-        self.in_flight.insert(token, entry);
-        for transfer in transfers {
-            self.engine.push(token, transfer);
+        if write {
+            let (file, at) = self.disk.prepare_write(offset, len).map_err(|_| ())?;
+            let fd = file.as_raw_fd();
+            slice_iovecs(buffers, 0, len, iovecs);
+            let token = self.insert(InFlight { remaining: 1, ..entry });
+            self.engine.push(token, Transfer { fd, offset: at, iovecs, write: true });
+            return Ok(true);
         }
-        Ok(true)
+        self.disk.plan_read_into(offset, len, extents);
+        let targets = extents.iter().filter(|extent| self.disk.read_target(extent).is_some()).count();
+        let token = (targets > 0).then(|| self.insert(InFlight { remaining: targets, ..entry }));
+        let mut at = 0u64;
+        for extent in extents.iter() {
+            slice_iovecs(buffers, at, extent.len, iovecs);
+            match (self.disk.read_target(extent), token) {
+                (Some((file, file_offset)), Some(token)) => {
+                    let transfer = Transfer { fd: file.as_raw_fd(), offset: file_offset, iovecs, write: false };
+                    self.engine.push(token, transfer);
+                }
+                _ => {
+                    for iovec in iovecs.iter() {
+                        // SAFETY: the iovec lies inside a guest memory slice checked by
+                        // host_buffers; guest RAM stays mapped while the device runs.
+                        unsafe { std::ptr::write_bytes(iovec.iov_base.cast::<u8>(), 0, iovec.iov_len) };
+                    }
+                }
+            }
+            at += extent.len;
+        }
+        Ok(token.is_some())
     }
 }
 
-/// Host addresses of the guest buffers; for buffers the device writes, their pages are
-/// marked dirty for the next diff snapshot.
+/// Host addresses of the guest buffers, into `buffers`; for buffers the device writes,
+/// their pages are marked dirty for the next diff snapshot.
 fn host_buffers(
     memory: &GuestMemoryMmap,
     data: &[(GuestAddress, u32)],
     device_writes: bool,
-) -> Result<Vec<libc::iovec>, ()> {
-    let mut buffers = Vec::with_capacity(data.len());
+    buffers: &mut Vec<libc::iovec>,
+) -> Result<(), ()> {
+    buffers.clear();
     for (addr, len) in data {
         for slice in GuestMemoryBackend::get_slices(memory, *addr, *len as usize) {
             let slice = slice.map_err(|_| ())?;
@@ -489,12 +686,12 @@ fn host_buffers(
             buffers.push(libc::iovec { iov_base: slice.ptr_guard_mut().as_ptr().cast(), iov_len: slice.len() });
         }
     }
-    Ok(buffers)
+    Ok(())
 }
 
-/// The iovecs covering bytes `start..start + len` of `buffers` laid end to end.
-fn slice_iovecs(buffers: &[libc::iovec], start: u64, len: u64) -> Vec<libc::iovec> {
-    let mut out = Vec::new();
+/// The iovecs covering bytes `start..start + len` of `buffers` laid end to end, into `out`.
+fn slice_iovecs(buffers: &[libc::iovec], start: u64, len: u64, out: &mut Vec<libc::iovec>) {
+    out.clear();
     let mut skip = start as usize;
     let mut left = len as usize;
     for buffer in buffers {
@@ -512,7 +709,6 @@ fn slice_iovecs(buffers: &[libc::iovec], start: u64, len: u64) -> Vec<libc::iove
         left -= count;
         skip = 0;
     }
-    out
 }
 
 fn write_to_guest(

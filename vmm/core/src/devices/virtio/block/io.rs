@@ -12,19 +12,18 @@ use vmm_sys_util::eventfd::EventFd;
 /// Ring entries: the queue's 256 requests, a few transfers each, are batched into it.
 const RING_ENTRIES: u32 = 256;
 
-/// One transfer between a file and guest buffers.
-#[derive(Debug)]
-pub struct Transfer {
+/// One transfer between a file and guest buffers; the engine copies the iovecs into
+/// storage it keeps for the transfer's slot, so the caller's list can be reused.
+#[derive(Debug, Clone, Copy)]
+pub struct Transfer<'a> {
     pub fd: RawFd,
     pub offset: u64,
-    pub iovecs: Vec<libc::iovec>,
+    pub iovecs: &'a [libc::iovec],
     pub write: bool,
 }
 
-impl Transfer {
-    fn len(&self) -> usize {
-        self.iovecs.iter().map(|iovec| iovec.iov_len).sum()
-    }
+fn total_len(iovecs: &[libc::iovec]) -> usize {
+    iovecs.iter().map(|iovec| iovec.iov_len).sum()
 }
 
 /// A finished transfer: its request's token and whether it moved every byte.
@@ -34,23 +33,28 @@ pub struct Completion {
     pub result: io::Result<()>,
 }
 
-/// A transfer the ring is working on; its iovecs must stay put until it completes.
-#[derive(Debug)]
-struct Submitted {
+/// A transfer the engine holds, waiting for room in the ring or in it; its iovecs must
+/// stay put until it completes. Slots are reused, and so is each slot's iovec list.
+#[derive(Debug, Default)]
+struct Slot {
     token: u64,
     expected: usize,
-    _iovecs: Vec<libc::iovec>,
+    fd: RawFd,
+    offset: u64,
+    write: bool,
+    iovecs: Vec<libc::iovec>,
+    busy: bool,
 }
 
 /// io_uring with a registered eventfd.
 pub struct Uring {
     ring: IoUring,
     eventfd: EventFd,
-    /// Slots of transfers the ring holds, indexed by their user_data.
-    submitted: Vec<Option<Submitted>>,
+    /// Transfers the engine holds, indexed by their user_data.
+    slots: Vec<Slot>,
     free: Vec<usize>,
-    /// Transfers waiting for room in the submission queue.
-    waiting: VecDeque<(u64, Transfer)>,
+    /// Slots waiting for room in the submission queue, oldest first.
+    waiting: VecDeque<usize>,
     unsubmitted: u32,
 }
 
@@ -61,7 +65,7 @@ unsafe impl Send for Uring {}
 
 impl std::fmt::Debug for Uring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Uring").field("in_ring", &(self.submitted.len() - self.free.len())).finish()
+        f.debug_struct("Uring").field("held", &(self.slots.len() - self.free.len())).finish()
     }
 }
 
@@ -71,6 +75,11 @@ pub enum Engine {
     Uring(Box<Uring>),
     /// Transfers run as they are pushed; their completions wait in the list.
     Sync(Vec<Completion>),
+    /// Tests: transfers run as they are pushed, but their completions are held back
+    /// (first list) until [`Engine::release`] or a wait hands them out (second list), as
+    /// a slow disk would.
+    #[cfg(test)]
+    Held(Vec<Completion>, Vec<Completion>),
 }
 
 impl Default for Engine {
@@ -99,6 +108,8 @@ impl Engine {
         match self {
             Engine::Uring(_) => "io_uring",
             Engine::Sync(_) => "synchronous",
+            #[cfg(test)]
+            Engine::Held(..) => "held",
         }
     }
 
@@ -107,14 +118,18 @@ impl Engine {
         match self {
             Engine::Uring(uring) => Some(uring.eventfd.as_raw_fd()),
             Engine::Sync(_) => None,
+            #[cfg(test)]
+            Engine::Held(..) => None,
         }
     }
 
     /// Queues a transfer (a synchronous engine runs it now).
-    pub fn push(&mut self, token: u64, transfer: Transfer) {
+    pub fn push(&mut self, token: u64, transfer: Transfer<'_>) {
         match self {
             Engine::Uring(uring) => uring.push(token, transfer),
             Engine::Sync(done) => done.push(Completion { token, result: run(&transfer) }),
+            #[cfg(test)]
+            Engine::Held(held, _) => held.push(Completion { token, result: run(&transfer) }),
         }
     }
 
@@ -127,16 +142,29 @@ impl Engine {
 
     /// Blocks until at least one transfer completes.
     pub fn wait(&mut self) {
-        if let Engine::Uring(uring) = self {
-            uring.submit(1);
+        match self {
+            Engine::Uring(uring) => uring.submit(1),
+            Engine::Sync(_) => {}
+            #[cfg(test)]
+            Engine::Held(..) => self.release(),
         }
     }
 
-    /// The transfers finished since the last call.
-    pub fn completions(&mut self) -> Vec<Completion> {
+    /// Tests: lets the held completions out.
+    #[cfg(test)]
+    pub fn release(&mut self) {
+        if let Engine::Held(held, released) = self {
+            released.append(held);
+        }
+    }
+
+    /// Appends the transfers finished since the last call to `done`.
+    pub fn completions(&mut self, done: &mut Vec<Completion>) {
         match self {
-            Engine::Uring(uring) => uring.reap(),
-            Engine::Sync(done) => std::mem::take(done),
+            Engine::Uring(uring) => uring.reap(done),
+            Engine::Sync(finished) => done.append(finished),
+            #[cfg(test)]
+            Engine::Held(_, released) => done.append(released),
         }
     }
 }
@@ -146,9 +174,9 @@ fn short(expected: usize, got: usize) -> io::Error {
 }
 
 /// Runs one transfer with preadv/pwritev, resuming after partial transfers.
-fn run(transfer: &Transfer) -> io::Result<()> {
-    let expected = transfer.len();
-    let mut iovecs = transfer.iovecs.clone();
+fn run(transfer: &Transfer<'_>) -> io::Result<()> {
+    let expected = total_len(transfer.iovecs);
+    let mut iovecs = transfer.iovecs.to_vec();
     let mut done = 0usize;
     while done < expected {
         let (offset, count) = (transfer.offset + done as u64, iovecs.len().min(libc::UIO_MAXIOV as usize));
@@ -205,34 +233,42 @@ impl Uring {
             crate::seccomp::restricted_ring(RING_ENTRIES, &[opcode::Readv::CODE, opcode::Writev::CODE], |ring| {
                 ring.submitter().register_eventfd(eventfd.as_raw_fd())
             })?;
-        Ok(Uring { ring, eventfd, submitted: Vec::new(), free: Vec::new(), waiting: VecDeque::new(), unsubmitted: 0 })
+        Ok(Uring { ring, eventfd, slots: Vec::new(), free: Vec::new(), waiting: VecDeque::new(), unsubmitted: 0 })
     }
 
-    fn push(&mut self, token: u64, transfer: Transfer) {
-        self.waiting.push_back((token, transfer));
+    fn push(&mut self, token: u64, transfer: Transfer<'_>) {
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(Slot::default());
+            self.slots.len() - 1
+        });
+        let slot = &mut self.slots[index];
+        slot.token = token;
+        slot.expected = total_len(transfer.iovecs);
+        slot.fd = transfer.fd;
+        slot.offset = transfer.offset;
+        slot.write = transfer.write;
+        slot.iovecs.clear();
+        slot.iovecs.extend_from_slice(transfer.iovecs);
+        slot.busy = true;
+        self.waiting.push_back(index);
         self.fill();
     }
 
     /// Moves waiting transfers into the submission queue while it has room.
     fn fill(&mut self) {
-        while let Some((token, transfer)) = self.waiting.pop_front() {
-            let slot = self.free.pop().unwrap_or_else(|| {
-                self.submitted.push(None);
-                self.submitted.len() - 1
-            });
-            let fd = types::Fd(transfer.fd);
-            let count = transfer.iovecs.len() as u32;
-            let entry = if transfer.write {
-                opcode::Writev::new(fd, transfer.iovecs.as_ptr(), count).offset(transfer.offset).build()
+        while let Some(&index) = self.waiting.front() {
+            let slot = &self.slots[index];
+            let fd = types::Fd(slot.fd);
+            let count = slot.iovecs.len() as u32;
+            let entry = if slot.write {
+                opcode::Writev::new(fd, slot.iovecs.as_ptr(), count).offset(slot.offset).build()
             } else {
-                opcode::Readv::new(fd, transfer.iovecs.as_ptr(), count).offset(transfer.offset).build()
+                opcode::Readv::new(fd, slot.iovecs.as_ptr(), count).offset(slot.offset).build()
             };
-            // SAFETY: the iovecs (and the guest buffers they name) live in `submitted`
-            // until the completion for this slot is reaped.
-            let pushed = unsafe { self.ring.submission().push(&entry.user_data(slot as u64)) };
+            // SAFETY: the iovecs (and the guest buffers they name) stay in their slot,
+            // unchanged, until the completion for this slot is reaped.
+            let pushed = unsafe { self.ring.submission().push(&entry.user_data(index as u64)) };
             if pushed.is_err() {
-                self.free.push(slot);
-                self.waiting.push_front((token, transfer));
                 if self.ring.submit().is_err() {
                     return;
                 }
@@ -242,8 +278,8 @@ impl Uring {
                 }
                 continue;
             }
+            self.waiting.pop_front();
             self.unsubmitted += 1;
-            self.submitted[slot] = Some(Submitted { token, expected: transfer.len(), _iovecs: transfer.iovecs });
         }
     }
 
@@ -262,23 +298,22 @@ impl Uring {
         }
     }
 
-    fn reap(&mut self) -> Vec<Completion> {
+    fn reap(&mut self, done: &mut Vec<Completion>) {
         let _ = self.eventfd.read();
-        let mut done = Vec::new();
         for entry in self.ring.completion() {
-            let slot = entry.user_data() as usize;
-            let Some(submitted) = self.submitted.get_mut(slot).and_then(Option::take) else { continue };
-            self.free.push(slot);
+            let index = entry.user_data() as usize;
+            let Some(slot) = self.slots.get_mut(index).filter(|slot| slot.busy) else { continue };
+            slot.busy = false;
+            self.free.push(index);
             let result = match entry.result() {
                 moved if moved < 0 => Err(io::Error::from_raw_os_error(-moved)),
-                moved if moved as usize != submitted.expected => Err(short(submitted.expected, moved as usize)),
+                moved if moved as usize != slot.expected => Err(short(slot.expected, moved as usize)),
                 _ => Ok(()),
             };
-            done.push(Completion { token: submitted.token, result });
+            done.push(Completion { token: slot.token, result });
         }
         if !self.waiting.is_empty() {
             self.submit(0);
         }
-        done
     }
 }
