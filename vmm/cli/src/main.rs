@@ -69,6 +69,19 @@ enum Command {
         /// --cpus, --display or --kernel that differ).
         #[arg(long)]
         template: Option<String>,
+        /// Take a checkpoint at most this often (seconds) while it is in use; a crash or
+        /// hang restarts it from the last one (default: no checkpoints).
+        #[arg(long, default_value_t = 0)]
+        checkpoint: u32,
+        /// Checkpoints to keep (default 3).
+        #[arg(long, default_value_t = 0)]
+        keep: u32,
+    },
+    /// Return a VM to one of its snapshots or checkpoints (`carrel snapshots NAME`).
+    Rollback {
+        name: String,
+        #[arg(long)]
+        to: String,
     },
     /// One VM's state, owner, exit reason.
     Get {
@@ -352,6 +365,8 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
             disk_iops,
             idle_hibernate,
             template,
+            checkpoint,
+            keep,
         } => {
             let mut config = v1::VmConfig {
                 kernel: kernel.unwrap_or_default(),
@@ -365,6 +380,8 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
                 disk_bytes_per_second: disk_mbps.map_or(0, |mbps| mbps << 20),
                 disk_iops: disk_iops.unwrap_or(0),
                 idle_hibernate_seconds: idle_hibernate,
+                checkpoint_seconds: checkpoint,
+                keep_checkpoints: keep,
                 ..Default::default()
             };
             let template = template.unwrap_or_default();
@@ -385,6 +402,10 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
         }),
         Command::Snapshot { name, diff } => Ok(save(channel, v1::SnapshotRequest { name, diff }, false, json).await),
         Command::Hibernate { name, diff } => Ok(save(channel, v1::SnapshotRequest { name, diff }, true, json).await),
+        Command::Rollback { name, to } => {
+            let request = v1::RollbackRequest { name, id: to };
+            Ok(vm_answer(v1::snapshots_client::SnapshotsClient::new(channel).rollback(request).await, json))
+        }
         Command::Wake { name } => {
             let answer = v1::snapshots_client::SnapshotsClient::new(channel).wake(v1::VmName { name }).await;
             Ok(vm_answer(answer, json))
@@ -561,13 +582,20 @@ fn print_snapshot(info: &v1::SnapshotInfo, json: bool) {
                 "disk_bytes": info.disk_bytes,
                 "paused_us": info.paused_us,
                 "unix_time": info.unix_time,
+                "checkpoint": info.checkpoint,
+                "parent": info.parent,
             })
         );
     } else {
         println!(
-            "{}{}: {} KiB of memory, {} KiB on disk, paused {:.1} ms",
+            "{}{}{}: {} KiB of memory, {} KiB on disk, paused {:.1} ms",
             info.id,
-            if info.diff { " (diff)" } else { "" },
+            if info.checkpoint { " checkpoint" } else { "" },
+            match (info.diff, info.parent.as_str()) {
+                (false, _) => String::new(),
+                (true, "") => " (diff)".to_string(),
+                (true, parent) => format!(" (diff over {parent})"),
+            },
             info.memory_bytes >> 10,
             info.disk_bytes >> 10,
             info.paused_us as f64 / 1e3

@@ -37,14 +37,26 @@ pub struct VmEntry {
     pub hibernating: bool,
     /// When a call last touched it, or its guest last worked: the idle policy's clock.
     pub last_active: std::sync::Mutex<std::time::Instant>,
-    /// Its cgroup's CPU time when the idle policy last looked.
+    /// Its cgroup's CPU time when the policies last looked.
     pub cpu_seen_us: u64,
+    /// When its last checkpoint was taken (or it started).
+    pub last_checkpoint_at: std::time::Instant,
 }
 
 impl VmEntry {
     pub fn new(record: VmRecord, state: v1::VmState, paths: VmPaths) -> VmEntry {
         let last_active = std::sync::Mutex::new(std::time::Instant::now());
-        VmEntry { record, state, paths, ended_by: None, hibernating: false, last_active, cpu_seen_us: 0 }
+        let last_checkpoint_at = std::time::Instant::now();
+        VmEntry {
+            record,
+            state,
+            paths,
+            ended_by: None,
+            hibernating: false,
+            last_active,
+            cpu_seen_us: 0,
+            last_checkpoint_at,
+        }
     }
 
     /// A call or the guest's own work: the VM is not idle now.
@@ -112,6 +124,7 @@ impl Host {
             waking: Mutex::new(()),
             templates,
         });
+        let mut revive = Vec::new();
         for (name, mut record) in records {
             let paths = VmPaths { dir: host.registry.vm_dir(&name) };
             let mut state = match (record.stopped, &record.hibernated) {
@@ -132,8 +145,16 @@ impl Host {
                 }
             } else if record.pid.is_some() {
                 record.pid = None;
-                if record.exit_reason.is_none() {
-                    record.exit_reason = Some("the VMM ended while carreld was not running".into());
+                record.exit_reason = Some("the VMM ended while carreld was not running".into());
+                // It was running when the host (or its VMM) went down: back from its last
+                // checkpoint, once the daemon is up.
+                if let Some(checkpoint) = record.last_checkpoint().map(|snapshot| snapshot.id.clone()) {
+                    if let Some(reason) = &mut record.exit_reason {
+                        reason.push_str(&format!("; restarted from checkpoint {checkpoint}"));
+                    }
+                    record.hibernated = Some(checkpoint);
+                    revive.push(name.clone());
+                    state = v1::VmState::Starting;
                 }
                 host.registry.save(&record)?;
             }
@@ -143,6 +164,14 @@ impl Host {
                 }
             }
             host.vms.lock().await.insert(name, VmEntry::new(record, state, paths));
+        }
+        for name in revive {
+            let host = host.clone();
+            tokio::spawn(async move {
+                if let Err(status) = host.boot(&name, false).await {
+                    eprintln!("carreld: {name:?} did not come back from its checkpoint: {}", status.message());
+                }
+            });
         }
         Ok(host)
     }
@@ -229,8 +258,9 @@ impl Host {
             Ok(child) => {
                 entry.record.pid = child.id();
                 entry.state = v1::VmState::Running;
-                // Awake: its snapshot stays, as the parent of its next diff.
-                entry.record.hibernated = None;
+                // Awake: the snapshot it restored stays, as the parent of its next diff.
+                entry.record.parent = entry.record.hibernated.take();
+                entry.last_checkpoint_at = std::time::Instant::now();
                 self.registry.save(&entry.record).map_err(|err| Status::internal(err.to_string()))?;
                 let pid = child.id();
                 self.clone().watch_child(name.to_string(), paths.clone(), child);
@@ -374,6 +404,13 @@ impl Host {
             if restart {
                 entry.record.restarts += 1;
                 entry.state = v1::VmState::Starting;
+                // Healing: back to its last good state rather than a cold boot.
+                if let Some(checkpoint) = entry.record.last_checkpoint().map(|snapshot| snapshot.id.clone()) {
+                    if let Some(reason) = &mut entry.record.exit_reason {
+                        reason.push_str(&format!("; restarted from checkpoint {checkpoint}"));
+                    }
+                    entry.record.hibernated = Some(checkpoint);
+                }
             }
             if let Err(err) = self.registry.save(&entry.record) {
                 eprintln!("carreld: {err}");

@@ -124,7 +124,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = bind(&socket)?;
     let host = Host::open(config).await?;
     let services = Services { host: host.clone() };
-    services.clone().idle_policy();
+    services.clone().lifecycle_policies();
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<v1::vms_server::VmsServer<Services>>().await;

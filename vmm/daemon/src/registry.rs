@@ -67,6 +67,11 @@ pub struct VmSpec {
     /// The template it starts from (a restore of its snapshot) instead of a cold boot.
     #[serde(default)]
     pub template: Option<TemplateSource>,
+    /// Take a checkpoint at most this often while in use (0: none), keeping this many.
+    #[serde(default)]
+    pub checkpoint_seconds: u32,
+    #[serde(default)]
+    pub keep_checkpoints: u32,
 }
 
 /// A template a VM starts from: its name and its snapshot's directory.
@@ -99,6 +104,49 @@ pub struct VmRecord {
     /// The snapshot a hibernated VM wakes from.
     #[serde(default)]
     pub hibernated: Option<String>,
+    /// The snapshot of its own its running VMM's memory last matched (restored from, or
+    /// saved to): the parent of its next diff.
+    #[serde(default)]
+    pub parent: Option<String>,
+}
+
+impl VmRecord {
+    /// Its newest checkpoint.
+    pub fn last_checkpoint(&self) -> Option<&SnapshotRecord> {
+        self.snapshots.iter().rev().find(|snapshot| snapshot.checkpoint)
+    }
+
+    /// The checkpoints past the newest `keep` that nothing kept depends on: every
+    /// snapshot a user took, the newest checkpoints, the one it sleeps in and its
+    /// VMM's parent are kept, with the chains of parents under them.
+    pub fn prunable_checkpoints(&self, keep: usize) -> Vec<String> {
+        let newest: Vec<&str> = self
+            .snapshots
+            .iter()
+            .rev()
+            .filter(|snapshot| snapshot.checkpoint)
+            .take(keep)
+            .map(|s| s.id.as_str())
+            .collect();
+        let mut kept: Vec<&str> = self
+            .snapshots
+            .iter()
+            .filter(|snapshot| !snapshot.checkpoint || newest.contains(&snapshot.id.as_str()))
+            .map(|snapshot| snapshot.id.as_str())
+            .chain(self.hibernated.as_deref())
+            .chain(self.parent.as_deref())
+            .collect();
+        let mut index = 0;
+        while index < kept.len() {
+            let parent =
+                self.snapshots.iter().find(|snapshot| snapshot.id == kept[index]).and_then(|s| s.parent.as_deref());
+            if let Some(parent) = parent.filter(|parent| !kept.contains(parent)) {
+                kept.push(parent);
+            }
+            index += 1;
+        }
+        self.snapshots.iter().filter(|snapshot| !kept.contains(&snapshot.id.as_str())).map(|s| s.id.clone()).collect()
+    }
 }
 
 /// One snapshot of a VM, in `<vm dir>/snapshots/<id>`.
@@ -106,6 +154,12 @@ pub struct VmRecord {
 pub struct SnapshotRecord {
     pub id: String,
     pub diff: bool,
+    /// The snapshot of this VM a diff is over.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Taken by the checkpoint policy, and pruned by it.
+    #[serde(default)]
+    pub checkpoint: bool,
     pub memory_bytes: u64,
     pub disk_bytes: u64,
     pub paused_us: u64,
@@ -202,15 +256,50 @@ mod tests {
                 disk_iops: 0,
                 idle_hibernate_seconds: 0,
                 template: None,
+                checkpoint_seconds: 0,
+                keep_checkpoints: 0,
             },
             pid: Some(42),
             jail_uid: Some(200_000),
             snapshots: Vec::new(),
             hibernated: None,
+            parent: None,
             stopped: false,
             exit_reason: None,
             restarts: 0,
         }
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_checkpoints_user_snapshots_and_every_parent_they_need() {
+        let snapshot = |id: &str, parent: Option<&str>, checkpoint| SnapshotRecord {
+            id: id.into(),
+            diff: parent.is_some(),
+            parent: parent.map(str::to_string),
+            checkpoint,
+            memory_bytes: 0,
+            disk_bytes: 0,
+            paused_us: 0,
+            unix_time: 0,
+        };
+        let mut vm = record("vm");
+        vm.snapshots = vec![
+            snapshot("s1", None, true),
+            snapshot("s2", Some("s1"), true),
+            snapshot("s3", None, false),
+            snapshot("s4", Some("s3"), true),
+            snapshot("s5", Some("s4"), true),
+            snapshot("s6", None, true),
+            snapshot("s7", Some("s6"), true),
+        ];
+        // The newest two (s6, s7) and the user's s3 stay; s1, s2, s4, s5 go.
+        assert_eq!(vm.prunable_checkpoints(2), ["s1", "s2", "s4", "s5"]);
+        // s5 kept makes s4 (its parent) stay too.
+        assert_eq!(vm.prunable_checkpoints(3), ["s1", "s2"]);
+        // Asleep in s2: s2 and s1 under it stay.
+        vm.hibernated = Some("s2".into());
+        assert_eq!(vm.prunable_checkpoints(2), ["s4", "s5"]);
+        assert_eq!(vm.last_checkpoint().unwrap().id, "s7");
     }
 
     #[test]

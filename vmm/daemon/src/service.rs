@@ -23,14 +23,25 @@ use crate::templates::{TemplateError, TemplateRecord};
 /// How long one per-VM control call may take beyond what the request itself waits.
 const CALL_SLACK: Duration = Duration::from_secs(10);
 
-/// How often the idle policy looks at the VMs.
-const IDLE_CHECK: Duration = Duration::from_millis(500);
+/// How often the lifecycle policies look at the VMs.
+const POLICY_TICK: Duration = Duration::from_millis(500);
 /// CPU a guest may use per second and still count as idle: 1 % of a core (an idle
 /// tickless Desk uses under 0.1 %).
 const IDLE_CPU_US_PER_SECOND: u64 = 10_000;
 /// Diffs in a row before a hibernation saves a full snapshot again, so a wake never reads
 /// a long chain.
 const MAX_DIFFS_IN_A_ROW: usize = 16;
+
+/// What a save of a VM is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Save {
+    /// Asked for: kept until the VM is deleted.
+    Snapshot,
+    /// Then its VMM ends.
+    Hibernate,
+    /// By the checkpoint policy: pruned past the newest `keep_checkpoints`.
+    Checkpoint,
+}
 
 /// The services, sharing the host.
 #[derive(Debug, Clone)]
@@ -127,6 +138,8 @@ pub fn vm_message(host: &Host, entry: &VmEntry) -> v1::Vm {
             disk_iops: spec.disk_iops,
             idle_hibernate_seconds: spec.idle_hibernate_seconds,
             template: spec.template.as_ref().map(|template| template.name.clone()).unwrap_or_default(),
+            checkpoint_seconds: spec.checkpoint_seconds,
+            keep_checkpoints: spec.keep_checkpoints,
             disks: spec
                 .disks
                 .iter()
@@ -211,6 +224,9 @@ impl Services {
         if config.disk_iops != 0 && config.disk_iops < 10 {
             return Err(Status::invalid_argument("disk_iops must be 0 (no limit) or at least 10"));
         }
+        if config.checkpoint_seconds > 86_400 || config.keep_checkpoints > 100 {
+            return Err(Status::invalid_argument("checkpoint_seconds must be 0 to 86400, keep_checkpoints 0 to 100"));
+        }
         Ok(VmSpec {
             kernel,
             memory_mib,
@@ -225,6 +241,8 @@ impl Services {
             disk_iops: config.disk_iops,
             idle_hibernate_seconds: config.idle_hibernate_seconds,
             template: None,
+            checkpoint_seconds: config.checkpoint_seconds,
+            keep_checkpoints: if config.keep_checkpoints == 0 { 3 } else { config.keep_checkpoints },
         })
     }
 
@@ -328,25 +346,29 @@ impl Services {
         }
     }
 
-    /// The idle policy: every VM whose config asks for it is hibernated once no call has
-    /// touched it and its guest has used under [`IDLE_CPU_US_PER_SECOND`] for its
-    /// `idle_hibernate_seconds`. The next call that needs it running wakes it.
-    pub fn idle_policy(self) {
+    /// The lifecycle policies, every [`POLICY_TICK`]: a VM whose config asks for it is
+    /// hibernated once no call has touched it and its guest has used under
+    /// [`IDLE_CPU_US_PER_SECOND`] for its `idle_hibernate_seconds` (the next call that
+    /// needs it wakes it); and a VM in use gets a checkpoint every `checkpoint_seconds`.
+    pub fn lifecycle_policies(self) {
         tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(IDLE_CHECK);
+            let mut ticker = tokio::time::interval(POLICY_TICK);
             loop {
                 ticker.tick().await;
-                for (name, diff) in self.idle_vms().await {
+                for (name, kind, diff) in self.due().await {
                     let daemon = Caller { uid: 0, gid: 0 };
-                    let mut saved = self.save(&name, daemon, diff, true).await;
+                    let mut saved = self.save(&name, daemon, diff, kind).await;
                     if diff && saved.as_ref().is_err_and(|status| status.code() == tonic::Code::FailedPrecondition) {
                         // No parent in this run of the VMM (it booted cold): a full one.
-                        saved = self.save(&name, daemon, false, true).await;
+                        saved = self.save(&name, daemon, false, kind).await;
                     }
                     match saved {
-                        Ok(record) => eprintln!("carreld: {name:?} was idle: hibernated to {}", record.id),
-                        Err(status) => {
-                            eprintln!("carreld: {name:?} was idle but did not hibernate: {}", status.message())
+                        Ok(record) => eprintln!("carreld: {name:?}: {kind:?} {}", record.id),
+                        Err(status) => eprintln!("carreld: {name:?}: {kind:?} not taken: {}", status.message()),
+                    }
+                    if kind == Save::Checkpoint {
+                        if let Some(entry) = self.host.vms.lock().await.get_mut(&name) {
+                            entry.last_checkpoint_at = std::time::Instant::now();
                         }
                     }
                 }
@@ -354,31 +376,42 @@ impl Services {
         });
     }
 
-    /// The running VMs due for hibernation, and whether a diff may do.
-    async fn idle_vms(&self) -> Vec<(String, bool)> {
+    /// The running VMs due for a hibernation or a checkpoint, and whether a diff may do.
+    async fn due(&self) -> Vec<(String, Save, bool)> {
         let mut vms = self.host.vms.lock().await;
         let mut due = Vec::new();
         for (name, entry) in vms.iter_mut() {
-            let limit = Duration::from_secs(u64::from(entry.record.spec.idle_hibernate_seconds));
-            if limit.is_zero() || entry.state != v1::VmState::Running || entry.hibernating {
+            if entry.state != v1::VmState::Running || entry.hibernating {
                 continue;
             }
             let cpu_us = self.host.usage(name).map_or(0, |usage| usage.cpu_usage_us);
             let worked = cpu_us.saturating_sub(entry.cpu_seen_us);
             entry.cpu_seen_us = cpu_us;
-            if worked * 1000 > IDLE_CPU_US_PER_SECOND * IDLE_CHECK.as_millis() as u64 {
+            if worked * 1000 > IDLE_CPU_US_PER_SECOND * POLICY_TICK.as_millis() as u64 {
                 entry.touch();
-            } else if entry.idle_for() >= limit {
-                let diffs = entry.record.snapshots.iter().rev().take_while(|snapshot| snapshot.diff).count();
-                due.push((name.clone(), !entry.record.snapshots.is_empty() && diffs < MAX_DIFFS_IN_A_ROW));
+            }
+            let spec = &entry.record.spec;
+            let diffs = entry.record.snapshots.iter().rev().take_while(|snapshot| snapshot.diff).count();
+            let diff = entry.record.parent.is_some() && diffs < MAX_DIFFS_IN_A_ROW;
+            let idle_limit = Duration::from_secs(u64::from(spec.idle_hibernate_seconds));
+            let every = Duration::from_secs(u64::from(spec.checkpoint_seconds));
+            let since_checkpoint = entry.last_checkpoint_at.elapsed();
+            if !idle_limit.is_zero() && entry.idle_for() >= idle_limit {
+                due.push((name.clone(), Save::Hibernate, diff));
+            } else if !every.is_zero() && since_checkpoint >= every && entry.idle_for() < since_checkpoint {
+                // In use since the last checkpoint: take the next one. Chains are cut at the
+                // number kept, so pruning can drop a whole older chain.
+                let chain_fits = diffs + 1 < spec.keep_checkpoints.max(1) as usize;
+                due.push((name.clone(), Save::Checkpoint, diff && chain_fits));
             }
         }
         due
     }
 
     /// Saves `name` to a new snapshot in its `snapshots/` (a diff over its last one when
-    /// `diff`); `hibernate` ends its VMM once saved.
-    async fn save(&self, name: &str, caller: Caller, diff: bool, hibernate: bool) -> Result<SnapshotRecord, Status> {
+    /// `diff`); a hibernation ends its VMM once saved, a checkpoint prunes the old ones.
+    async fn save(&self, name: &str, caller: Caller, diff: bool, kind: Save) -> Result<SnapshotRecord, Status> {
+        let hibernate = kind == Save::Hibernate;
         let (socket, id, dir) = {
             let mut vms = self.host.vms.lock().await;
             let entry = self.host.check(&vms, name, caller)?;
@@ -408,14 +441,24 @@ impl Services {
         let record = SnapshotRecord {
             id,
             diff,
+            parent: if diff { entry.record.parent.clone() } else { None },
+            checkpoint: kind == Save::Checkpoint,
             memory_bytes: info.memory_bytes,
             disk_bytes: info.disk_bytes,
             paused_us: info.paused_us,
             unix_time: unix_time(),
         };
         entry.record.snapshots.push(record.clone());
+        entry.record.parent = Some(record.id.clone());
         if hibernate {
             entry.record.hibernated = Some(record.id.clone());
+        }
+        if kind == Save::Checkpoint {
+            let pruned = entry.record.prunable_checkpoints(entry.record.spec.keep_checkpoints as usize);
+            for id in &pruned {
+                let _ = std::fs::remove_dir_all(entry.paths.snapshot(id));
+            }
+            entry.record.snapshots.retain(|snapshot| !pruned.contains(&snapshot.id));
         }
         self.host.registry.save(&entry.record).map_err(|err| Status::internal(err.to_string()))?;
         drop(vms);
@@ -522,6 +565,7 @@ impl v1::vms_server::Vms for Services {
                 jail_uid: self.host.config.jail_uids.map(|first| free_jail_uid(first, &vms)),
                 snapshots: Vec::new(),
                 hibernated: None,
+                parent: None,
             };
             self.host.registry.save(&record).map_err(|err| Status::internal(err.to_string()))?;
             let paths = supervisor::VmPaths { dir: self.host.registry.vm_dir(&name) };
@@ -818,7 +862,7 @@ impl v1::snapshots_server::Snapshots for Services {
     ) -> Result<GrpcResponse<v1::SnapshotInfo>, Status> {
         let caller = caller(&request)?;
         let request = request.into_inner();
-        let record = self.save(&request.name, caller, request.diff, false).await?;
+        let record = self.save(&request.name, caller, request.diff, Save::Snapshot).await?;
         Ok(GrpcResponse::new(snapshot_message(&record)))
     }
 
@@ -828,7 +872,7 @@ impl v1::snapshots_server::Snapshots for Services {
     ) -> Result<GrpcResponse<v1::SnapshotInfo>, Status> {
         let caller = caller(&request)?;
         let request = request.into_inner();
-        let record = self.save(&request.name, caller, request.diff, true).await?;
+        let record = self.save(&request.name, caller, request.diff, Save::Hibernate).await?;
         Ok(GrpcResponse::new(snapshot_message(&record)))
     }
 
@@ -838,6 +882,26 @@ impl v1::snapshots_server::Snapshots for Services {
         self.running(&name, caller).await?;
         let vms = self.host.vms.lock().await;
         Ok(GrpcResponse::new(vm_message(&self.host, self.host.check(&vms, &name, caller)?)))
+    }
+
+    async fn rollback(&self, request: GrpcRequest<v1::RollbackRequest>) -> Result<GrpcResponse<v1::Vm>, Status> {
+        let caller = caller(&request)?;
+        let v1::RollbackRequest { name, id } = request.into_inner();
+        {
+            let vms = self.host.vms.lock().await;
+            let entry = self.host.check(&vms, &name, caller)?;
+            if !entry.record.snapshots.iter().any(|snapshot| snapshot.id == id) {
+                return Err(Status::not_found(format!("VM {name:?} has no snapshot {id:?}")));
+            }
+        }
+        self.stop_vm(&name, caller).await?;
+        {
+            let mut vms = self.host.vms.lock().await;
+            let entry = vms.get_mut(&name).ok_or_else(|| Status::not_found(format!("{name:?} was deleted")))?;
+            entry.record.hibernated = Some(id.clone());
+            entry.record.exit_reason = Some(format!("rolled back to {id}"));
+        }
+        Ok(GrpcResponse::new(self.host.boot(&name, true).await?))
     }
 
     async fn list(&self, request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::ListSnapshotsResponse>, Status> {
@@ -878,7 +942,7 @@ impl v1::templates_server::Templates for Services {
                 request.from_vm
             )));
         }
-        let snapshot = self.save(&request.from_vm, caller, false, false).await?;
+        let snapshot = self.save(&request.from_vm, caller, false, Save::Snapshot).await?;
         let source = self.host.registry.vm_dir(&request.from_vm).join("snapshots").join(&snapshot.id);
         let record = TemplateRecord {
             name: request.name,
@@ -972,6 +1036,8 @@ impl v1::audit_server::Audit for Services {
 
 fn snapshot_message(record: &SnapshotRecord) -> v1::SnapshotInfo {
     v1::SnapshotInfo {
+        checkpoint: record.checkpoint,
+        parent: record.parent.clone().unwrap_or_default(),
         id: record.id.clone(),
         memory_bytes: record.memory_bytes,
         paused_us: record.paused_us,

@@ -539,6 +539,100 @@ async fn an_idle_vm_hibernates_shows_its_screen_asleep_wakes_on_a_click_and_surv
     daemon.terminate();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_vm_comes_back_from_its_last_checkpoint_and_rolls_back_to_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
+    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    let channel = connect(&socket).await;
+    let mut vms = v1::vms_client::VmsClient::new(channel.clone());
+    let mut agent = v1::agent_client::AgentClient::new(channel.clone());
+    let mut snapshots = v1::snapshots_client::SnapshotsClient::new(channel.clone());
+    let config = v1::VmConfig { checkpoint_seconds: 1, keep_checkpoints: 2, ..Default::default() };
+    vms.create(v1::CreateVmRequest { name: "healer".into(), config: Some(config), ..Default::default() })
+        .await
+        .unwrap();
+    let newest_checkpoint = |list: Vec<v1::SnapshotInfo>| list.into_iter().rev().find(|snapshot| snapshot.checkpoint);
+    exec_once_up(&mut agent, "healer", &["write", "/kept", "before the checkpoint"]).await;
+    let list = || v1::VmName { name: "healer".into() };
+    let before = newest_checkpoint(snapshots.list(list()).await.unwrap().into_inner().snapshots).map(|s| s.id);
+    // The next checkpoint is taken after the write (the write was a use of the VM).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let checkpoint = loop {
+        let newest = newest_checkpoint(snapshots.list(list()).await.unwrap().into_inner().snapshots);
+        if let Some(newest) = newest.filter(|newest| Some(&newest.id) != before.as_ref()) {
+            break newest;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint after the write");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // A later change, then the VMM dies before the next checkpoint.
+    exec_once_up(&mut agent, "healer", &["write", "/lost", "after the checkpoint"]).await;
+    let crashed = vms.get(v1::GetVmRequest { name: "healer".into() }).await.unwrap().into_inner();
+    // SAFETY: kill(2) on the VMM this test's daemon started.
+    unsafe { libc::kill(crashed.pid as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let back = loop {
+        let now = vms.get(v1::GetVmRequest { name: "healer".into() }).await.unwrap().into_inner();
+        if now.state == v1::VmState::Running as i32 && now.pid != crashed.pid {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "not restarted: {now:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(back.exit_reason.contains("signal 9"), "{back:?}");
+    assert!(back.exit_reason.contains(&format!("restarted from checkpoint {}", checkpoint.id)), "{back:?}");
+    assert_eq!(exec_once_up(&mut agent, "healer", &["cat", "/kept"]).await, "before the checkpoint");
+    let lost =
+        v1::ExecRequest { name: "healer".into(), argv: vec!["cat".into(), "/lost".into()], ..Default::default() };
+    assert_ne!(
+        agent.exec(lost.clone()).await.unwrap().into_inner().exit_code,
+        0,
+        "the change after the checkpoint is gone"
+    );
+
+    // Rollback to a snapshot: what came after it is gone, what came before stays.
+    exec_once_up(&mut agent, "healer", &["write", "/rollback", "in the snapshot"]).await;
+    let saved =
+        snapshots.snapshot(v1::SnapshotRequest { name: "healer".into(), diff: false }).await.unwrap().into_inner();
+    exec_once_up(&mut agent, "healer", &["write", "/lost", "after the snapshot"]).await;
+    let rolled = snapshots.rollback(v1::RollbackRequest { name: "healer".into(), id: saved.id.clone() }).await.unwrap();
+    assert_eq!(rolled.into_inner().state, v1::VmState::Running as i32);
+    assert_eq!(exec_once_up(&mut agent, "healer", &["cat", "/rollback"]).await, "in the snapshot");
+    assert_ne!(agent.exec(lost).await.unwrap().into_inner().exit_code, 0, "the change after the snapshot is gone");
+    let unknown = snapshots.rollback(v1::RollbackRequest { name: "healer".into(), id: "s999".into() }).await;
+    assert_eq!(unknown.unwrap_err().code(), tonic::Code::NotFound);
+
+    // Old checkpoints are pruned: the newest two stay (with a parent or two under them).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    exec_once_up(&mut agent, "healer", &["echo", "busy"]).await;
+    let all = snapshots.list(list()).await.unwrap().into_inner().snapshots;
+    let checkpoints = all.iter().filter(|snapshot| snapshot.checkpoint).count();
+    assert!(checkpoints <= 3, "{all:?}");
+    let on_disk = std::fs::read_dir(state.join("vms/healer/snapshots")).unwrap().count();
+    assert_eq!(on_disk, all.len(), "a pruned checkpoint's directory is gone");
+
+    // The host goes down with the VM running: the next daemon brings it back from its
+    // last checkpoint.
+    let running = vms.get(v1::GetVmRequest { name: "healer".into() }).await.unwrap().into_inner();
+    drop((vms, agent, snapshots, channel));
+    daemon.terminate();
+    // SAFETY: kill(2) on the VMM this test's daemon started.
+    unsafe { libc::kill(running.pid as i32, libc::SIGKILL) };
+    while alive(running.pid) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    let mut vms = v1::vms_client::VmsClient::new(connect(&socket).await);
+    let revived = wait_state(&mut vms, "healer", v1::VmState::Running).await;
+    assert!(revived.exit_reason.contains("while carreld was not running; restarted from checkpoint"), "{revived:?}");
+    let mut agent = v1::agent_client::AgentClient::new(connect(&socket).await);
+    assert_eq!(exec_once_up(&mut agent, "healer", &["cat", "/kept"]).await, "before the checkpoint");
+    vms.delete(v1::VmName { name: "healer".into() }).await.unwrap();
+    drop((vms, agent));
+    daemon.terminate();
+}
+
 /// Runs `argv` in VM `name`, retrying while its agent is not up yet.
 async fn exec_once_up(agent: &mut v1::agent_client::AgentClient<Channel>, name: &str, argv: &[&str]) -> String {
     let exec = v1::ExecRequest {
