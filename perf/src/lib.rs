@@ -136,6 +136,19 @@ pub fn start_vm(args: &[&std::ffi::OsStr], ready: &str) -> anyhow::Result<std::p
     Ok(child)
 }
 
+/// `pid` and every process under it: a jailed VMM is the child of the process its
+/// supervisor started, which waits for it outside its PID namespace.
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut tree = vec![pid];
+    let mut index = 0;
+    while index < tree.len() {
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", tree[index])).unwrap_or_default();
+        tree.extend(children.split_whitespace().filter_map(|child| child.parse::<u32>().ok()));
+        index += 1;
+    }
+    tree
+}
+
 /// The Desk kernel built by `scripts/build-guests.sh`.
 pub fn desk_kernel() -> PathBuf {
     workspace_root().join("target/guests/desk.elf")

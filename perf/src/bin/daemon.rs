@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use carrel_api::v1;
-use carrel_perf::{desk_kernel, report, workspace_root, Summary};
+use carrel_perf::{desk_kernel, process_tree, report, workspace_root, Summary};
 use carrel_vmm::control::{ControlClient, Request};
 use serde_json::json;
 
@@ -165,11 +165,13 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_kib: u64 = pids.iter().map(|pid| status_kib(*pid, "VmRSS:")).sum();
-    let cpu_before: u64 = pids.iter().map(|pid| cpu_ticks(*pid)).sum();
+    // Each VM's processes: the jailed VMM runs under the one carreld started.
+    let tree: Vec<u32> = pids.iter().flat_map(|pid| process_tree(*pid)).collect();
+    let rss_kib: u64 = tree.iter().map(|pid| status_kib(*pid, "VmRSS:")).sum();
+    let cpu_before: u64 = tree.iter().map(|pid| cpu_ticks(*pid)).sum();
     let idle = Duration::from_secs(5);
     tokio::time::sleep(idle).await;
-    let cpu_after: u64 = pids.iter().map(|pid| cpu_ticks(*pid)).sum();
+    let cpu_after: u64 = tree.iter().map(|pid| cpu_ticks(*pid)).sum();
     // SAFETY: sysconf only reads configuration.
     let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let idle_cores = cpu_after.saturating_sub(cpu_before) as f64 / ticks_per_s / idle.as_secs_f64();
