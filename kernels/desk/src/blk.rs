@@ -1,4 +1,5 @@
-//! virtio-blk driver: one request queue of 128 descriptors, polled, with up to
+//! virtio-blk driver: one request queue of 128 descriptors, polled (with event idx when
+//! the device offers it, so doorbells go only where the device asks for one), with up to
 //! [`MAX_IN_FLIGHT`] requests in flight (header, data, status: three descriptors each),
 //! completed in whatever order the device returns them.
 //!
@@ -13,7 +14,7 @@ use core::fmt;
 
 use carrel_deskfs::{BlockDevice, DeviceError, BLOCK_SIZE};
 
-use crate::virtio::{empty_queue, Buffer, MmioDevice, SplitQueue, VirtioError, Virtqueue};
+use crate::virtio::{self, empty_queue, Buffer, MmioDevice, SplitQueue, VirtioError, Virtqueue};
 use crate::{println, GuestCell};
 
 /// Most block devices Desk drives.
@@ -281,10 +282,17 @@ impl Block {
         if index >= MAX_DISKS {
             return Err(BlockError::TooManyDisks);
         }
-        let wanted =
-            [feature::SEG_MAX, feature::RO, feature::BLK_SIZE, feature::FLUSH, feature::DISCARD, feature::WRITE_ZEROES]
-                .iter()
-                .fold(0, |bits, bit| bits | (1 << bit));
+        let wanted = [
+            feature::SEG_MAX,
+            feature::RO,
+            feature::BLK_SIZE,
+            feature::FLUSH,
+            feature::DISCARD,
+            feature::WRITE_ZEROES,
+            virtio::F_EVENT_IDX,
+        ]
+        .iter()
+        .fold(0, |bits, bit| bits | (1 << bit));
         let device =
             MmioDevice::negotiate(base, carrel_firmware::virtio_id::BLOCK, wanted).map_err(BlockError::Setup)?;
         let capacity = u64::from(device.read_config(0)) | (u64::from(device.read_config(4)) << 32);
@@ -292,6 +300,9 @@ impl Block {
         let block_size = if device.has_feature(feature::BLK_SIZE) { device.read_config(20) } else { 512 };
         let mut queue = device.setup_queue(0, &QUEUES[index]).map_err(BlockError::Setup)?;
         queue.suppress_interrupts();
+        if device.has_feature(virtio::F_EVENT_IDX) {
+            queue.use_event_idx();
+        }
         device.activate();
         Ok(Block {
             index,

@@ -41,6 +41,9 @@ pub const DESC_F_WRITE: u16 = 2;
 const USED_F_NO_NOTIFY: u16 = 1;
 /// Available-ring flag: the driver polls, so the device need not interrupt it.
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// Feature VIRTIO_RING_F_EVENT_IDX: doorbells and interrupts are asked for by index
+/// (`avail_event`, `used_event`) instead of by flag.
+pub const F_EVENT_IDX: u32 = 29;
 /// Queue size of the small devices (rng, gpu, input, vsock); the block device's queue is
 /// larger so that many requests are in flight at once.
 pub const QUEUE_SIZE: u16 = 8;
@@ -80,6 +83,9 @@ pub struct UsedRing<const N: usize> {
     pub flags: u16,
     pub idx: u16,
     pub ring: [[u32; 2]; N],
+    /// With VIRTIO_RING_F_EVENT_IDX: the device wants a doorbell once the available index
+    /// passes this.
+    pub avail_event: u16,
 }
 
 /// A split queue of `N` descriptors: descriptor table, available ring and used ring, one
@@ -90,6 +96,9 @@ pub struct SplitQueue<const N: usize = { QUEUE_SIZE as usize }> {
     pub avail_flags: u16,
     pub avail_idx: u16,
     pub avail_ring: [u16; N],
+    /// With VIRTIO_RING_F_EVENT_IDX: the driver wants an interrupt once the used index
+    /// passes this.
+    pub used_event: u16,
     pub used: UsedRing<N>,
 }
 
@@ -100,7 +109,8 @@ pub const fn empty_queue<const N: usize>() -> SplitQueue<N> {
         avail_flags: 0,
         avail_idx: 0,
         avail_ring: [0; N],
-        used: UsedRing { flags: 0, idx: 0, ring: [[0; 2]; N] },
+        used_event: 0,
+        used: UsedRing { flags: 0, idx: 0, ring: [[0; 2]; N], avail_event: 0 },
     }
 }
 
@@ -283,6 +293,12 @@ pub struct Virtqueue<const N: usize = { QUEUE_SIZE as usize }> {
     chain_len: [u16; N],
     /// The next used-ring position to read.
     last_used: u16,
+    /// VIRTIO_RING_F_EVENT_IDX was negotiated.
+    event_idx: bool,
+    /// The driver polls: no interrupts wanted.
+    polled: bool,
+    /// The available index the device saw at the last kick.
+    kicked_at: u16,
 }
 
 impl<const N: usize> Virtqueue<N> {
@@ -295,12 +311,38 @@ impl<const N: usize> Virtqueue<N> {
             next: core::array::from_fn(|slot| ((slot + 1) % N) as u16),
             chain_len: [0; N],
             last_used: ring.get().used_idx(),
+            event_idx: false,
+            polled: false,
+            kicked_at: ring.get().avail_idx,
+        }
+    }
+
+    /// Uses `avail_event` and `used_event` (the device offered and the driver
+    /// negotiated VIRTIO_RING_F_EVENT_IDX): a doorbell only when the device asked for
+    /// one, which it does only before it sleeps.
+    pub fn use_event_idx(&mut self) {
+        self.event_idx = true;
+        self.ask_no_interrupt();
+    }
+
+    /// With event idx, a polling driver keeps `used_event` half the index space ahead of
+    /// the entries it has read. The device's used index stays within N of them, so no
+    /// batch reaches it. (Just behind them is not enough: the driver reads entries while
+    /// the device is still adding the batch they belong to, which would then cross it.)
+    fn ask_no_interrupt(&mut self) {
+        if self.event_idx && self.polled {
+            let queue = self.ring.get();
+            let far = self.last_used.wrapping_add(0x8000);
+            // SAFETY: used_event is read by the device; a volatile store publishes it.
+            unsafe { core::ptr::addr_of_mut!(queue.used_event).write_volatile(far) };
         }
     }
 
     /// Asks the device not to interrupt for this queue: the driver polls it.
     pub fn suppress_interrupts(&mut self) {
         self.ring.get().avail_flags = AVAIL_F_NO_INTERRUPT;
+        self.polled = true;
+        self.ask_no_interrupt();
     }
 
     /// Places `chain` on the available ring (not yet visible to the device: see
@@ -335,17 +377,28 @@ impl<const N: usize> Virtqueue<N> {
     }
 
     /// Publishes every pushed chain and rings the doorbell, unless the device said it
-    /// is working through the ring anyway (VRING_USED_F_NO_NOTIFY): a doorbell is a VM
-    /// exit.
+    /// is working through the ring anyway (VRING_USED_F_NO_NOTIFY, or with event idx an
+    /// `avail_event` these chains do not pass): a doorbell is a VM exit.
     pub fn kick(&mut self, device: &MmioDevice) {
         let queue = self.ring.get();
         fence(Ordering::SeqCst);
         // SAFETY: avail_idx is read by the device; a volatile store publishes it.
         unsafe { core::ptr::addr_of_mut!(queue.avail_idx).write_volatile(queue.avail_idx) };
         fence(Ordering::SeqCst);
-        // SAFETY: used_flags is written by the device; read it volatile.
-        let used_flags = unsafe { core::ptr::addr_of!(queue.used.flags).read_volatile() };
-        if used_flags & USED_F_NO_NOTIFY == 0 {
+        let (new, old) = (queue.avail_idx, self.kicked_at);
+        self.kicked_at = new;
+        let wanted = if self.event_idx {
+            // SAFETY: avail_event is written by the device; read it volatile.
+            let event = unsafe { core::ptr::addr_of!(queue.used.avail_event).read_volatile() };
+            // The device asked for a doorbell once the index passes `event`: did this
+            // batch (old..new) pass it?
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            // SAFETY: used_flags is written by the device; read it volatile.
+            let used_flags = unsafe { core::ptr::addr_of!(queue.used.flags).read_volatile() };
+            used_flags & USED_F_NO_NOTIFY == 0
+        };
+        if wanted {
             device.notify(self.index as u16);
         }
     }
@@ -373,6 +426,7 @@ impl<const N: usize> Virtqueue<N> {
         self.free_head = head;
         self.free_count += usize::from(length);
         self.chain_len[usize::from(head)] = 0;
+        self.ask_no_interrupt();
         Ok(Some((head, len)))
     }
 
