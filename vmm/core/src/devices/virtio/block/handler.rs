@@ -289,6 +289,19 @@ pub fn wants_interrupt(queue: &mut Queue, memory: &GuestMemoryMmap) -> bool {
     }
 }
 
+/// Asks the driver not to ring. Without event idx, the used ring's NO_NOTIFY flag; with
+/// it, virtio-queue leaves `avail_event` where it was (one more doorbell once the driver
+/// passes it), so `avail_event` is set behind what the device has taken: the driver's
+/// next chains never pass it, and no doorbell interrupts a device that is watching.
+fn disable_doorbells(queue: &mut Queue, memory: &GuestMemoryMmap) {
+    if !queue.event_idx_enabled() {
+        let _ = queue.disable_notification(memory);
+        return;
+    }
+    let avail_event = GuestAddress(queue.used_ring() + 4 + 8 * u64::from(queue.size()));
+    let _ = memory.store(queue.next_avail().wrapping_sub(1), avail_event, Ordering::Relaxed);
+}
+
 /// Counters a developer can read.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Served {
@@ -389,7 +402,7 @@ impl BlockBackend {
         loop {
             // The driver need not ring while the device works through the ring: doorbells
             // are VM exits.
-            let _ = queue.disable_notification(memory);
+            disable_doorbells(queue, memory);
             while let Some(chain) = queue.pop_descriptor_chain(memory) {
                 self.serve_chain(chain, queue, memory, capacity, readonly, &mut served);
             }
@@ -442,7 +455,7 @@ impl BlockBackend {
     /// requests arrived (doorbells are on again either way).
     pub fn poll_for_requests(&mut self, queue: &mut Queue, memory: &GuestMemoryMmap, window: Duration) -> bool {
         let deadline = Instant::now() + window;
-        let _ = queue.disable_notification(memory);
+        disable_doorbells(queue, memory);
         loop {
             let available = queue.avail_idx(memory, Ordering::Acquire);
             if available.is_ok_and(|index| index.0 != queue.next_avail()) {
