@@ -63,8 +63,11 @@ fn prepare_jail(paths: &VmPaths, uid: u32) -> Result<(), String> {
     }
     std::fs::set_permissions(&paths.dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|err| fail(&paths.dir, err))?;
-    // What an earlier run made (audit segments, snapshots) is the VM's too; the jail root
-    // stays root's.
+    // What an earlier unjailed run made (audit segments, snapshots) becomes the VM's too;
+    // the jail root stays root's. Once the directory is the VM's, what its VMM makes is.
+    if std::fs::metadata(&paths.dir).is_ok_and(|dir| std::os::unix::fs::MetadataExt::uid(&dir) == uid) {
+        return Ok(());
+    }
     let mut pending = vec![paths.dir.clone()];
     while let Some(path) = pending.pop() {
         if path == paths.jail_root() {
@@ -194,7 +197,8 @@ pub async fn start(
             let _ = child.start_kill();
             return Err(format!("carrel-vmm did not open its control socket within {START_TIMEOUT:?}"));
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // A restored VM answers within milliseconds: look often.
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
