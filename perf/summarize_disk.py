@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Prints a perf/disk JSON result (default: the newest): guest, host and their ratio per
-pattern, against the targets; `--svg FILE` also draws the ratios as a bar chart."""
+pattern, against the targets, and how long each write phase's final flush took on each
+side (flush_ms_*, newer results); `--svg FILE` also draws the ratios as a bar chart."""
 import glob
 import json
 import os
@@ -17,12 +18,14 @@ print(path, d["git_revision"], d["platform"], "%d runs" % d.get("runs", 1))
 targets = {"seq": d["targets"]["sequential_ratio"], "qd32": d["targets"]["random_qd32_ratio"]}
 rows = []
 for name in sorted(d["host"]):
-    target = targets["seq"] if name.startswith("seq") else targets["qd32"] if name.endswith("qd32") else None
+    flush = name.startswith("flush_ms")
+    target = None if flush else targets["seq"] if name.startswith("seq") else targets["qd32"] if name.endswith("qd32") else None
     ratio = d["guest_over_host"][name]
     verdict = "" if target is None else ("meets %.1f" % target if ratio >= target else "below %.1f" % target)
-    unit = "MB/s" if name.endswith("mbps") else "IOPS"
+    unit = "ms" if flush else "MB/s" if name.endswith("mbps") else "IOPS"
     print("  %-22s guest %10.0f  host %10.0f %-4s  %.2f  %s" % (name, d["guest"][name], d["host"][name], unit, ratio, verdict))
-    rows.append((name, ratio, target))
+    if not flush:
+        rows.append((name, ratio, target))
 if svg:
     width, bar = 640, 28
     parts = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">' % (width, 40 + bar * len(rows))]

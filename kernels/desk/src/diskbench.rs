@@ -6,7 +6,8 @@
 //! write-zeroes, when offered); sequential write (128 KiB requests, 8 in flight, then a
 //! flush, all timed); sequential read; 4 KiB random reads at queue depth 1 and 32;
 //! 4 KiB random writes at depth 1 and 32, each phase ending with one flush inside its
-//! timing. Random phases run for one second each. At the end the region is discarded
+//! timing (how long that flush took is reported too, `flush_ms_<phase>`). Random
+//! phases run for one second each. At the end the region is discarded
 //! when the device offers it, so a sparse scratch file gives its space back.
 //!
 //! Output: one `key value` line each; MB/s are 10^6 bytes per second.
@@ -62,8 +63,11 @@ pub fn run(disk: &mut Block, mib: u64, tsc_khz: u64) -> Result<String, String> {
         let start = crate::rdtsc();
         let writes = (0..requests).map(|index| PooledRequest::Write { sector: index * step });
         disk.run_pooled(&mut pool, SEQUENTIAL_REQUEST, writes, SEQUENTIAL_DEPTH).map_err(|err| format!("{err}"))?;
+        let flush_start = crate::rdtsc();
         disk.flush().map_err(|err| format!("flush: {err}"))?;
-        let _ = writeln!(out, "seq_write_mbps {}", megabytes_per_second(region, crate::rdtsc() - start, tsc_khz));
+        let end = crate::rdtsc();
+        let _ = writeln!(out, "seq_write_mbps {}", megabytes_per_second(region, end - start, tsc_khz));
+        let _ = writeln!(out, "flush_ms_seq_write {}", milliseconds(end - flush_start, tsc_khz));
     }
     let start = crate::rdtsc();
     let reads = (0..requests).map(|index| PooledRequest::Read { sector: index * step });
@@ -93,11 +97,16 @@ pub fn run(disk: &mut Block, mib: u64, tsc_khz: u64) -> Result<String, String> {
             Some(if write { PooledRequest::Write { sector } } else { PooledRequest::Read { sector } })
         });
         disk.run_pooled(&mut pool, RANDOM_REQUEST, requests, depth).map_err(|err| format!("{name}: {err}"))?;
+        let flush_start = crate::rdtsc();
         if write {
             disk.flush().map_err(|err| format!("{name}: flush: {err}"))?;
         }
-        let cycles = crate::rdtsc() - start;
+        let end = crate::rdtsc();
+        let cycles = end - start;
         let _ = writeln!(out, "{name} {}", (u128::from(done) * u128::from(tsc_khz) * 1000 / u128::from(cycles.max(1))));
+        if write {
+            let _ = writeln!(out, "flush_ms_rand_write_qd{depth} {}", milliseconds(end - flush_start, tsc_khz));
+        }
     }
 
     if !read_only && disk.feature_names().any(|name| name == "discard") {
@@ -139,6 +148,12 @@ fn verify(disk: &mut Block, region: u64) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `cycles` as milliseconds with one decimal.
+fn milliseconds(cycles: u64, tsc_khz: u64) -> String {
+    let tenths = u128::from(cycles) * 10 / u128::from(tsc_khz.max(1));
+    format!("{}.{}", tenths / 10, tenths % 10)
 }
 
 /// `bytes` in `cycles` as MB/s (10^6 bytes) with one decimal.

@@ -46,8 +46,8 @@ struct Pattern {
 /// One host pattern: `ops` requests of `size` bytes (or as many as fit in `phase`),
 /// `depth` in flight, at offsets in order or from a fixed pseudo-random sequence; writes
 /// end with an fdatasync inside the timing, as the guest's flush does. Returns the
-/// requests done and the time they took.
-fn host_pattern(file: &File, bytes: u64, pattern: Pattern) -> anyhow::Result<(usize, Duration)> {
+/// requests done, the time they took and the part of it the fdatasync took.
+fn host_pattern(file: &File, bytes: u64, pattern: Pattern) -> anyhow::Result<(usize, Duration, Duration)> {
     let Pattern { size, depth, ops, phase, random, write } = pattern;
     let mut ring = IoUring::new(64)?;
     let blocks = bytes / size as u64;
@@ -102,23 +102,27 @@ fn host_pattern(file: &File, bytes: u64, pattern: Pattern) -> anyhow::Result<(us
             }
         }
     }
+    let flush_started = Instant::now();
     if write {
         file.sync_data()?;
     }
-    Ok((completed, started.elapsed()))
+    Ok((completed, started.elapsed(), flush_started.elapsed()))
 }
 
 /// The host's numbers with the same keys as the guest's diskbench.
 fn host_limits(file: &File, bytes: u64) -> anyhow::Result<Map<String, Value>> {
     let mut results = Map::new();
-    let mbps = |(_, elapsed): (usize, Duration)| bytes as f64 / elapsed.as_secs_f64() / 1e6;
-    let iops = |(done, elapsed): (usize, Duration)| done as f64 / elapsed.as_secs_f64();
+    let mbps = |(_, elapsed, _): (usize, Duration, Duration)| bytes as f64 / elapsed.as_secs_f64() / 1e6;
+    let iops = |(done, elapsed, _): (usize, Duration, Duration)| done as f64 / elapsed.as_secs_f64();
+    let flush_ms = |(_, _, flush): (usize, Duration, Duration)| flush.as_secs_f64() * 1e3;
     let seq_ops = (bytes / SEQ_REQUEST as u64) as usize;
     let seq = |write| {
         let pattern = Pattern { size: SEQ_REQUEST, depth: SEQ_DEPTH, ops: seq_ops, phase: None, random: false, write };
         host_pattern(file, bytes, pattern)
     };
-    results.insert("seq_write_mbps".into(), json!(mbps(seq(true)?)));
+    let seq_write = seq(true)?;
+    results.insert("seq_write_mbps".into(), json!(mbps(seq_write)));
+    results.insert("flush_ms_seq_write".into(), json!(flush_ms(seq_write)));
     results.insert("seq_read_mbps".into(), json!(mbps(seq(false)?)));
     for depth in [1, 32] {
         let random = |write| {
@@ -130,7 +134,9 @@ fn host_limits(file: &File, bytes: u64) -> anyhow::Result<Map<String, Value>> {
             )
         };
         results.insert(format!("rand_read_iops_qd{depth}"), json!(iops(random(false)?)));
-        results.insert(format!("rand_write_iops_qd{depth}"), json!(iops(random(true)?)));
+        let write = random(true)?;
+        results.insert(format!("rand_write_iops_qd{depth}"), json!(iops(write)));
+        results.insert(format!("flush_ms_rand_write_qd{depth}"), json!(flush_ms(write)));
     }
     Ok(results)
 }
@@ -245,7 +251,7 @@ fn main() -> anyhow::Result<()> {
             "patterns": {
                 "sequential": { "request_bytes": SEQ_REQUEST, "in_flight": SEQ_DEPTH },
                 "random": { "request_bytes": RANDOM_REQUEST, "phase_s": RANDOM_PHASE.as_secs_f64(), "queue_depths": [1, 32] },
-                "io": "buffered (page cache) on both sides; writes end with one flush / fdatasync inside the timing",
+                "io": "buffered (page cache) on both sides; writes end with one flush / fdatasync inside the timing (flush_ms_*: how long it took)",
             },
             "runs": runs,
             "host": host,
