@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use carrel_api::v1;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tonic::transport::Channel;
 
 #[derive(Debug, Parser)]
@@ -169,6 +169,10 @@ enum Command {
     Template {
         #[command(subcommand)]
         command: TemplateCommand,
+    },
+    /// Print a shell completion script: `carrel completions bash > /etc/bash_completion.d/carrel`.
+    Completions {
+        shell: clap_complete::Shell,
     },
 }
 
@@ -444,6 +448,7 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
         }
         Command::Secret { command } => secret(channel, command, json).await,
         Command::Template { command } => template(channel, command, json).await,
+        Command::Completions { .. } => unreachable!("answered in main, without carreld"),
         Command::Click { name, x, y } => {
             input(channel, act(name, v1::act_request::Action::Click(v1::Click { x, y })), json).await
         }
@@ -539,6 +544,15 @@ async fn input(channel: Channel, request: v1::ActRequest, json: bool) -> Result<
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        // Written whole, so a closed pipe (`| head`) is a quiet error, not a panic.
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "carrel", &mut script);
+        return match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
+    }
     match run(cli).await {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
         Ok(Outcome::Code(code)) => ExitCode::from(code),
