@@ -314,9 +314,13 @@ fn wire_fresh(
 fn wire(config: &VmConfig, vm: &Vm, ram: &GuestRam, saved: Option<&SnapshotState>) -> Result<Wired, BuildError> {
     let vcpu_count = config.cpus as u8;
 
+    // Appended to: a VM's console history goes on across its restarts and wakes.
     let console_log = match &config.console_log {
         Some(path) => Some(
-            File::create(path)
+            File::options()
+                .create(true)
+                .append(true)
+                .open(path)
                 .map_err(|source| BuildError::OpenConsoleLog { path: path.display().to_string(), source })?,
         ),
         None => None,

@@ -389,6 +389,10 @@ impl Vmm {
                 Ok(info) => (Response::Snapshot(info), request.hibernate),
                 Err(failure) => (Response::Error(failure), false),
             },
+            Request::ConsoleInput(bytes) => {
+                lock(&self.built.serial).enqueue_input(bytes);
+                (Response::ConsoleInput(bytes.len()), false)
+            }
             // Served on the connection thread by the screen service.
             Request::Screenshot(_) | Request::Agent(_) | Request::Input(_) => {
                 (Response::error(ErrorKind::Internal, "served on the connection thread, not here"), false)
@@ -590,6 +594,8 @@ fn request_action(request: &Request) -> &'static str {
         Request::Snapshot(SnapshotRequest { hibernate: false, diff: false, .. }) => "snapshot",
         Request::Snapshot(SnapshotRequest { hibernate: false, diff: true, .. }) => "snapshot.diff",
         Request::Snapshot(SnapshotRequest { hibernate: true, .. }) => "hibernate",
+        // The bytes are not kept: they may be a password typed at a login prompt.
+        Request::ConsoleInput(_) => "console.input",
     }
 }
 

@@ -94,6 +94,8 @@ pub struct Host {
     pub secrets: SecretStore,
     /// Held while a hibernated VM wakes, so two calls that need it wake it once.
     pub waking: Mutex<()>,
+    /// Every change of a VM's state, for Vms.Watch.
+    pub events: tokio::sync::broadcast::Sender<v1::VmEvent>,
     pub templates: Templates,
 }
 
@@ -122,6 +124,7 @@ impl Host {
             cgroups,
             secrets,
             waking: Mutex::new(()),
+            events: tokio::sync::broadcast::channel(1024).0,
             templates,
         });
         let mut revive = Vec::new();
@@ -174,6 +177,14 @@ impl Host {
             });
         }
         Ok(host)
+    }
+
+    /// Sets `entry`'s state and tells the watchers.
+    pub fn set_state(&self, entry: &mut VmEntry, state: v1::VmState) {
+        entry.state = state;
+        let reason = entry.record.exit_reason.clone().unwrap_or_default();
+        // No watcher is no error.
+        let _ = self.events.send(v1::VmEvent { name: entry.record.name.clone(), state: state as i32, reason });
     }
 
     /// Whether `caller` may see and act on a VM owned by `owner`.
@@ -245,7 +256,7 @@ impl Host {
             } else if entry.record.stopped {
                 return Ok(crate::service::vm_message(self, entry));
             }
-            entry.state = v1::VmState::Starting;
+            self.set_state(entry, v1::VmState::Starting);
             (entry.record.clone(), entry.paths.clone())
         };
         let started = match self.prepare_cgroup(&record) {
@@ -257,7 +268,7 @@ impl Host {
         match started {
             Ok(child) => {
                 entry.record.pid = child.id();
-                entry.state = v1::VmState::Running;
+                self.set_state(entry, v1::VmState::Running);
                 // Awake: the snapshot it restored stays, as the parent of its next diff.
                 entry.record.parent = entry.record.hibernated.take();
                 entry.last_checkpoint_at = std::time::Instant::now();
@@ -270,8 +281,8 @@ impl Host {
                 Ok(crate::service::vm_message(self, entry))
             }
             Err(reason) => {
-                entry.state = v1::VmState::Crashed;
                 entry.record.exit_reason = Some(reason.clone());
+                self.set_state(entry, v1::VmState::Crashed);
                 let _ = self.registry.save(&entry.record);
                 Err(Status::internal(format!("VM {name:?} did not start: {reason}")))
             }
@@ -379,7 +390,7 @@ impl Host {
             let Some(entry) = vms.get_mut(name) else { return };
             if std::mem::take(&mut entry.hibernating) {
                 entry.record.pid = None;
-                entry.state = v1::VmState::Hibernated;
+                self.set_state(entry, v1::VmState::Hibernated);
                 if let Err(err) = self.registry.save(&entry.record) {
                     eprintln!("carreld: {err}");
                 }
@@ -399,11 +410,11 @@ impl Host {
             entry.record.pid = None;
             entry.record.exit_reason =
                 Some(if tail.is_empty() { reason } else { format!("{reason}; last lines: {tail}") });
-            entry.state = if stopped { v1::VmState::Stopped } else { v1::VmState::Crashed };
+            self.set_state(entry, if stopped { v1::VmState::Stopped } else { v1::VmState::Crashed });
             let restart = !stopped && entry.record.restarts < entry.record.spec.max_restarts;
             if restart {
                 entry.record.restarts += 1;
-                entry.state = v1::VmState::Starting;
+                self.set_state(entry, v1::VmState::Starting);
                 // Healing: back to its last good state rather than a cold boot.
                 if let Some(checkpoint) = entry.record.last_checkpoint().map(|snapshot| snapshot.id.clone()) {
                     if let Some(reason) = &mut entry.record.exit_reason {

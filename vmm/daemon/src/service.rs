@@ -23,6 +23,11 @@ use crate::templates::{TemplateError, TemplateRecord};
 /// How long one per-VM control call may take beyond what the request itself waits.
 const CALL_SLACK: Duration = Duration::from_secs(10);
 
+/// How much console history a Console.Attach starts with.
+const CONSOLE_HISTORY: u64 = 64 << 10;
+/// How often an attached console looks for new output.
+const CONSOLE_POLL: Duration = Duration::from_millis(20);
+
 /// How often the lifecycle policies look at the VMs.
 const POLICY_TICK: Duration = Duration::from_millis(500);
 /// CPU a guest may use per second and still count as idle: 1 % of a core (an idle
@@ -486,7 +491,7 @@ impl Services {
             entry.record.hibernated = None;
             self.host.registry.save(&entry.record).map_err(|err| Status::internal(err.to_string()))?;
             if entry.state != v1::VmState::Running {
-                entry.state = v1::VmState::Stopped;
+                self.host.set_state(entry, v1::VmState::Stopped);
                 return Ok(());
             }
             entry.paths.control()
@@ -616,8 +621,12 @@ impl v1::vms_server::Vms for Services {
         Ok(GrpcResponse::new(vm_message(&self.host, self.host.check(&vms, &name, caller)?)))
     }
 
-    async fn reboot(&self, _request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::Vm>, Status> {
-        Err(Status::unimplemented("Vms.Reboot is not built yet: Stop then Start"))
+    /// A stop, then a cold start (or a fresh restore of its template).
+    async fn reboot(&self, request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::Vm>, Status> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        self.stop_vm(&name, caller).await?;
+        Ok(GrpcResponse::new(self.host.boot(&name, true).await?))
     }
 
     async fn delete(&self, request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::DeleteVmResponse>, Status> {
@@ -626,7 +635,10 @@ impl v1::vms_server::Vms for Services {
         self.stop_vm(&name, caller).await?;
         let mut vms = self.host.vms.lock().await;
         self.host.check(&vms, &name, caller)?;
-        vms.remove(&name);
+        if let Some(mut entry) = vms.remove(&name) {
+            // Its watchers' streams end.
+            self.host.set_state(&mut entry, v1::VmState::Unspecified);
+        }
         self.host.registry.remove(&name).map_err(|err| Status::internal(err.to_string()))?;
         self.host.remove_cgroup(&name).map_err(Status::internal)?;
         Ok(GrpcResponse::new(v1::DeleteVmResponse {}))
@@ -634,8 +646,51 @@ impl v1::vms_server::Vms for Services {
 
     type WatchStream = Stream2<v1::VmEvent>;
 
-    async fn watch(&self, _request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<Self::WatchStream>, Status> {
-        Err(Status::unimplemented("Vms.Watch is not built yet: poll Vms.Get"))
+    /// The VM's state now, then every change of it with the exit reason, until it is
+    /// deleted (the stream ends with NOT_FOUND) or the caller goes.
+    async fn watch(&self, request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<Self::WatchStream>, Status> {
+        use tokio::sync::broadcast::error::RecvError;
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        // Subscribed before the state is read, so no change falls between the two.
+        let mut changes = self.host.events.subscribe();
+        let now = {
+            let vms = self.host.vms.lock().await;
+            let entry = self.host.check(&vms, &name, caller)?;
+            v1::VmEvent {
+                name: name.clone(),
+                state: entry.state as i32,
+                reason: entry.record.exit_reason.clone().unwrap_or_default(),
+            }
+        };
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<v1::VmEvent, Status>>(64);
+        let host = self.host.clone();
+        tokio::spawn(async move {
+            if sender.send(Ok(now)).await.is_err() {
+                return;
+            }
+            loop {
+                let event = match changes.recv().await {
+                    Ok(event) if event.name == name => event,
+                    Ok(_) => continue,
+                    // Too slow a watcher: it gets the state as it is now.
+                    Err(RecvError::Lagged(_)) => match host.vms.lock().await.get(&name) {
+                        Some(entry) => v1::VmEvent {
+                            name: name.clone(),
+                            state: entry.state as i32,
+                            reason: entry.record.exit_reason.clone().unwrap_or_default(),
+                        },
+                        None => break,
+                    },
+                    Err(RecvError::Closed) => return,
+                };
+                if event.state == v1::VmState::Unspecified as i32 || sender.send(Ok(event)).await.is_err() {
+                    break;
+                }
+            }
+            let _ = sender.send(Err(Status::not_found(format!("VM {name:?} was deleted")))).await;
+        });
+        Ok(GrpcResponse::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
     }
 }
 
@@ -797,15 +852,78 @@ impl v1::agent_server::Agent for Services {
 
     async fn put(
         &self,
-        _request: GrpcRequest<tonic::Streaming<v1::PutChunk>>,
+        request: GrpcRequest<tonic::Streaming<v1::PutChunk>>,
     ) -> Result<GrpcResponse<v1::PutResponse>, Status> {
-        Err(Status::unimplemented("Agent.Put through carreld is not built yet (carrel-vmm agent put works per VM)"))
+        use carrel_vmm::control::{AgentResponse, ControlClient};
+        let caller = caller(&request)?;
+        let mut chunks = request.into_inner();
+        let first = chunks.message().await?.ok_or_else(|| Status::invalid_argument("an empty put: no first chunk"))?;
+        let socket = self.running(&first.name, caller).await?;
+        let (size, mode, path) = (first.size, if first.mode == 0 { 0o644 } else { first.mode }, first.path.clone());
+        // The bytes go from the gRPC stream to the VM's control connection as they come:
+        // the blocking side reads what the async side passes on, a few chunks ahead.
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let transfer = tokio::task::spawn_blocking(move || {
+            let mut reader = ChunkReader { chunks: receiver, pending: Vec::new(), at: 0 };
+            let mut client = ControlClient::connect(&socket).map_err(|err| Status::unavailable(err.to_string()))?;
+            client
+                .put(&mut reader, size, mode, &path, CALL_SLACK * 6)
+                .map_err(|err| Status::aborted(format!("the put was broken off: {err}")))
+        });
+        let mut sent = 0u64;
+        let mut next = Some(first.data);
+        while let Some(data) = next.take() {
+            sent += data.len() as u64;
+            if sent > size {
+                return Err(Status::invalid_argument(format!("the put sent more than its size of {size} bytes")));
+            }
+            if !data.is_empty() && sender.send(data).is_err() {
+                break;
+            }
+            next = chunks.message().await?.map(|chunk| chunk.data);
+        }
+        drop(sender);
+        match transfer.await.map_err(|err| Status::internal(err.to_string()))?? {
+            Response::Agent(AgentResponse::Done { bytes, digest }) => {
+                Ok(GrpcResponse::new(v1::PutResponse { bytes, blake3: digest }))
+            }
+            Response::Error(failure) => Err(status_of(failure)),
+            other => Err(unexpected(other)),
+        }
     }
 
     type GetStream = Stream2<v1::GetChunk>;
 
-    async fn get(&self, _request: GrpcRequest<v1::GetRequest>) -> Result<GrpcResponse<Self::GetStream>, Status> {
-        Err(Status::unimplemented("Agent.Get through carreld is not built yet (carrel-vmm agent get works per VM)"))
+    async fn get(&self, request: GrpcRequest<v1::GetRequest>) -> Result<GrpcResponse<Self::GetStream>, Status> {
+        use carrel_vmm::control::{AgentResponse, ControlClient};
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let socket = self.running(&request.name, caller).await?;
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<v1::GetChunk, Status>>(4);
+        tokio::task::spawn_blocking(move || {
+            let mut writer = ChunkWriter { chunks: sender.clone() };
+            let answer = ControlClient::connect(&socket).map_err(|err| Status::unavailable(err.to_string())).and_then(
+                |mut client| {
+                    client
+                        .get(&request.path, |_size, _mode| Ok(&mut writer), CALL_SLACK * 6)
+                        .map_err(|err| Status::aborted(format!("the get was broken off: {err}")))
+                },
+            );
+            // The stream ends after the last bytes; a failure ends it with its status.
+            match answer {
+                Ok(Response::Agent(AgentResponse::Done { .. })) => {}
+                Ok(Response::Error(failure)) => {
+                    let _ = sender.blocking_send(Err(status_of(failure)));
+                }
+                Ok(other) => {
+                    let _ = sender.blocking_send(Err(unexpected(other)));
+                }
+                Err(status) => {
+                    let _ = sender.blocking_send(Err(status));
+                }
+            }
+        });
+        Ok(GrpcResponse::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
     }
 }
 
@@ -846,11 +964,73 @@ impl v1::secrets_server::Secrets for Services {
 impl v1::console_server::Console for Services {
     type AttachStream = Stream2<v1::ConsoleOutput>;
 
+    /// The last [`CONSOLE_HISTORY`] bytes of the VM's console, then its output as it
+    /// comes (the console log, followed); the caller's bytes go to the guest's serial
+    /// port while the VM runs. The first message names the VM.
     async fn attach(
         &self,
-        _request: GrpcRequest<tonic::Streaming<v1::ConsoleInput>>,
+        request: GrpcRequest<tonic::Streaming<v1::ConsoleInput>>,
     ) -> Result<GrpcResponse<Self::AttachStream>, Status> {
-        Err(Status::unimplemented("Console.Attach is not built yet: the console is in <state>/vms/NAME/console.log"))
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let caller = caller(&request)?;
+        let mut inputs = request.into_inner();
+        let first =
+            inputs.message().await?.ok_or_else(|| Status::invalid_argument("name the VM in a first message"))?;
+        let name = first.name.clone();
+        let (log, socket) = {
+            let vms = self.host.vms.lock().await;
+            let entry = self.host.check(&vms, &name, caller)?;
+            (entry.paths.console(), entry.paths.control())
+        };
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<v1::ConsoleOutput, Status>>(16);
+        // Output: the history, then whatever the log gains, until the caller goes.
+        let output = sender.clone();
+        tokio::spawn(async move {
+            let mut file = loop {
+                match tokio::fs::File::open(&log).await {
+                    Ok(file) => break file,
+                    Err(_) if !output.is_closed() => tokio::time::sleep(CONSOLE_POLL).await,
+                    Err(_) => return,
+                }
+            };
+            let length = file.metadata().await.map_or(0, |metadata| metadata.len());
+            let _ = file.seek(std::io::SeekFrom::Start(length.saturating_sub(CONSOLE_HISTORY))).await;
+            let mut buffer = vec![0u8; 64 << 10];
+            loop {
+                match file.read(&mut buffer).await {
+                    Ok(0) if output.is_closed() => return,
+                    Ok(0) => tokio::time::sleep(CONSOLE_POLL).await,
+                    Ok(count) => {
+                        if output.send(Ok(v1::ConsoleOutput { data: buffer[..count].to_vec() })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(err) => {
+                        let _ = output.send(Err(Status::data_loss(format!("cannot read the console: {err}")))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        // Input: to the VMM's serial port, in order.
+        let host = self.host.clone();
+        tokio::spawn(async move {
+            let mut next = Some(first.data);
+            while let Some(data) = next.take() {
+                let running = host.vms.lock().await.get(&name).is_some_and(|entry| entry.state == v1::VmState::Running);
+                if !data.is_empty() && running {
+                    if let Err(failure) = supervisor::call(&socket, Request::ConsoleInput(data), CALL_SLACK).await {
+                        let _ = sender.send(Err(status_of(failure))).await;
+                        return;
+                    }
+                }
+                next = match inputs.message().await {
+                    Ok(Some(input)) => Some(input.data),
+                    _ => None,
+                };
+            }
+        });
+        Ok(GrpcResponse::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
     }
 }
 
@@ -1026,11 +1206,80 @@ fn template_status(err: TemplateError) -> Status {
 impl v1::audit_server::Audit for Services {
     type RecordsStream = Stream2<v1::AuditRecord>;
 
+    /// The VM's audit records from index `from` on, each as its JSON export line (the
+    /// same as `carrel-audit export --jsonl`); a hibernated VM's log is read from disk.
     async fn records(
         &self,
-        _request: GrpcRequest<v1::AuditRequest>,
+        request: GrpcRequest<v1::AuditRequest>,
     ) -> Result<GrpcResponse<Self::RecordsStream>, Status> {
-        Err(Status::unimplemented("Audit.Records is not built yet (carrel-audit reads a VM's log)"))
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let dir = {
+            let vms = self.host.vms.lock().await;
+            self.host.check(&vms, &request.name, caller)?.paths.audit()
+        };
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<v1::AuditRecord, Status>>(64);
+        tokio::task::spawn_blocking(move || {
+            let log = carrel_audit::layout::Layout::new(&dir).log();
+            let read = carrel_audit::reader::for_each_event(&log, request.from, |event, leaf| {
+                let record = v1::AuditRecord {
+                    index: event.seq,
+                    action: event.action.clone(),
+                    json: carrel_audit::export::event_json(event, leaf).to_string(),
+                };
+                match sender.blocking_send(Ok(record)) {
+                    Ok(()) => std::ops::ControlFlow::Continue(()),
+                    Err(_) => std::ops::ControlFlow::Break(()),
+                }
+            });
+            if let Err(err) = read {
+                let _ = sender.blocking_send(Err(Status::data_loss(format!("the audit log cannot be read: {err}"))));
+            }
+        });
+        Ok(GrpcResponse::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
+    }
+}
+
+/// The bytes of a put as the blocking control client reads them, chunk by chunk from the
+/// gRPC stream's side.
+struct ChunkReader {
+    chunks: std::sync::mpsc::Receiver<Vec<u8>>,
+    pending: Vec<u8>,
+    at: usize,
+}
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.pending.len() {
+            match self.chunks.recv() {
+                Ok(chunk) => (self.pending, self.at) = (chunk, 0),
+                // The client is done (or gone): end of file.
+                Err(_) => return Ok(0),
+            }
+        }
+        let count = buffer.len().min(self.pending.len() - self.at);
+        buffer[..count].copy_from_slice(&self.pending[self.at..self.at + count]);
+        self.at += count;
+        Ok(count)
+    }
+}
+
+/// The bytes of a get as the blocking control client writes them, passed on to the
+/// gRPC stream.
+struct ChunkWriter {
+    chunks: tokio::sync::mpsc::Sender<Result<v1::GetChunk, Status>>,
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.chunks
+            .blocking_send(Ok(v1::GetChunk { data: bytes.to_vec() }))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away"))?;
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

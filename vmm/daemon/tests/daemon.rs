@@ -633,6 +633,89 @@ async fn a_killed_vm_comes_back_from_its_last_checkpoint_and_rolls_back_to_a_sna
     daemon.terminate();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_files_watch_reboot_and_audit_records_through_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
+    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    let channel = connect(&socket).await;
+    let mut vms = v1::vms_client::VmsClient::new(channel.clone());
+    let mut agent = v1::agent_client::AgentClient::new(channel.clone());
+    vms.create(v1::CreateVmRequest { name: "io".into(), ..Default::default() }).await.unwrap();
+    let mut watch = vms.watch(v1::VmName { name: "io".into() }).await.unwrap().into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.state, v1::VmState::Running as i32, "{first:?}");
+
+    // The console: its history holds the boot.
+    let mut console = v1::console_client::ConsoleClient::new(channel.clone());
+    let hello = tokio_stream::iter([v1::ConsoleInput { name: "io".into(), data: Vec::new() }]);
+    let mut output = console.attach(hello).await.unwrap().into_inner();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("desk: ready") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), output.message()).await.unwrap().unwrap().unwrap();
+        seen.extend(chunk.data);
+    }
+
+    // A file in and out as byte streams: the daemon opens no path of the caller's.
+    exec_once_up(&mut agent, "io", &["echo", "up"]).await;
+    let bytes: Vec<u8> = (0..1_500_000u32).map(|index| (index.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let chunks: Vec<v1::PutChunk> = bytes
+        .chunks(200_000)
+        .enumerate()
+        .map(|(index, data)| v1::PutChunk {
+            name: if index == 0 { "io".into() } else { String::new() },
+            path: if index == 0 { "/data.bin".into() } else { String::new() },
+            size: bytes.len() as u64,
+            mode: 0o644,
+            data: data.to_vec(),
+        })
+        .collect();
+    let put = agent.put(tokio_stream::iter(chunks)).await.unwrap().into_inner();
+    assert_eq!(put.bytes, bytes.len() as u64);
+    let mut got = Vec::new();
+    let mut stream =
+        agent.get(v1::GetRequest { name: "io".into(), path: "/data.bin".into() }).await.unwrap().into_inner();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        got.extend(chunk.data);
+    }
+    assert!(got == bytes, "the file came back different ({} bytes)", got.len());
+    let mut missing =
+        agent.get(v1::GetRequest { name: "io".into(), path: "/nothing".into() }).await.unwrap().into_inner();
+    assert_eq!(missing.message().await.unwrap_err().code(), tonic::Code::NotFound);
+
+    // A reboot: a new VMM, and the watch sees it go and come back.
+    let before = vms.get(v1::GetVmRequest { name: "io".into() }).await.unwrap().into_inner();
+    let rebooted = vms.reboot(v1::VmName { name: "io".into() }).await.unwrap().into_inner();
+    assert_eq!(rebooted.state, v1::VmState::Running as i32);
+    assert_ne!(rebooted.pid, before.pid);
+    let mut states = Vec::new();
+    while states.last() != Some(&(v1::VmState::Running as i32)) || states.len() < 2 {
+        let event = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.unwrap().unwrap().unwrap();
+        states.push(event.state);
+    }
+    assert!(states.contains(&(v1::VmState::Stopped as i32)), "{states:?}");
+
+    // The VM's audit records, from the start and from an index on.
+    let mut audit = v1::audit_client::AuditClient::new(channel.clone());
+    let mut records = Vec::new();
+    let mut stream = audit.records(v1::AuditRequest { name: "io".into(), from: 0 }).await.unwrap().into_inner();
+    while let Some(record) = stream.message().await.unwrap() {
+        records.push(record);
+    }
+    assert!(records.iter().enumerate().all(|(index, record)| record.index == index as u64));
+    let actions: Vec<&str> = records.iter().map(|record| record.action.as_str()).collect();
+    assert!(
+        actions.contains(&"vm.start") && actions.contains(&"agent.put") && actions.contains(&"vm.exit"),
+        "{actions:?}"
+    );
+    let later =
+        audit.records(v1::AuditRequest { name: "io".into(), from: 3 }).await.unwrap().into_inner().message().await;
+    assert_eq!(later.unwrap().unwrap().index, 3);
+    vms.delete(v1::VmName { name: "io".into() }).await.unwrap();
+    drop((vms, agent, console, audit, output, watch, channel));
+    daemon.terminate();
+}
+
 /// Runs `argv` in VM `name`, retrying while its agent is not up yet.
 async fn exec_once_up(agent: &mut v1::agent_client::AgentClient<Channel>, name: &str, argv: &[&str]) -> String {
     let exec = v1::ExecRequest {

@@ -30,6 +30,8 @@ pub enum Request {
     /// Save the whole VM into a new snapshot directory; with `hibernate`, end the VM once
     /// the snapshot is on disk.
     Snapshot(SnapshotRequest),
+    /// Bytes for the guest's serial console, as if typed on it.
+    ConsoleInput(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +54,8 @@ pub enum Response {
     Agent(AgentResponse),
     Input(InputResult),
     Snapshot(crate::snapshot::SnapshotInfo),
+    /// Console input taken: this many bytes.
+    ConsoleInput(usize),
     Error(Failure),
 }
 
