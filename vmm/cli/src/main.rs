@@ -170,6 +170,32 @@ enum Command {
         #[command(subcommand)]
         command: TemplateCommand,
     },
+    /// Copy a file into or out of a VM: `carrel cp ./in.txt VM:/data/in.txt`, or
+    /// `carrel cp VM:/data/out.txt ./out.txt`. The bytes travel through carreld.
+    Cp {
+        from: String,
+        to: String,
+    },
+    /// The VM's serial console: its recent history, then live; typing goes to the guest.
+    /// On a terminal it runs raw; Ctrl-] detaches.
+    Console {
+        name: String,
+    },
+    /// Print the VM's state and each change of it until it is deleted (or Ctrl-C).
+    Watch {
+        name: String,
+    },
+    /// Stop the VM and start it cold.
+    Reboot {
+        name: String,
+    },
+    /// The VM's audit records, one JSON line each (`carrel-audit verify` checks a copy).
+    Audit {
+        name: String,
+        /// From this record index on.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+    },
     /// Print a shell completion script: `carrel completions bash > /etc/bash_completion.d/carrel`.
     Completions {
         shell: clap_complete::Shell,
@@ -449,6 +475,41 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
         Command::Secret { command } => secret(channel, command, json).await,
         Command::Template { command } => template(channel, command, json).await,
         Command::Completions { .. } => unreachable!("answered in main, without carreld"),
+        Command::Cp { from, to } => copy(channel, &from, &to, json).await,
+        Command::Console { name } => console(channel, name).await,
+        Command::Reboot { name } => Ok(vm_answer(vms.reboot(v1::VmName { name }).await, json)),
+        Command::Watch { name } => {
+            let mut events = match vms.watch(v1::VmName { name }).await {
+                Ok(events) => events.into_inner(),
+                Err(status) => return Ok(refused(status)),
+            };
+            loop {
+                match events.message().await {
+                    Ok(Some(event)) if json => println!(
+                        "{}",
+                        serde_json::json!({"name": event.name, "state": state_name(event.state), "reason": event.reason})
+                    ),
+                    Ok(Some(event)) => println!("{} {} {}", event.name, state_name(event.state), event.reason),
+                    Ok(None) => return Ok(Outcome::Done),
+                    Err(status) if status.code() == tonic::Code::NotFound => return Ok(Outcome::Done),
+                    Err(status) => return Ok(refused(status)),
+                }
+            }
+        }
+        Command::Audit { name, from } => {
+            let mut client = v1::audit_client::AuditClient::new(channel);
+            let mut records = match client.records(v1::AuditRequest { name, from }).await {
+                Ok(records) => records.into_inner(),
+                Err(status) => return Ok(refused(status)),
+            };
+            loop {
+                match records.message().await {
+                    Ok(Some(record)) => println!("{}", record.json),
+                    Ok(None) => return Ok(Outcome::Done),
+                    Err(status) => return Ok(refused(status)),
+                }
+            }
+        }
         Command::Click { name, x, y } => {
             input(channel, act(name, v1::act_request::Action::Click(v1::Click { x, y })), json).await
         }
@@ -681,4 +742,152 @@ async fn template(channel: Channel, command: TemplateCommand, json: bool) -> Res
             Err(status) => refused(status),
         },
     })
+}
+
+/// `carrel cp`: one side is `VM:/path`, the other a local file.
+async fn copy(channel: Channel, from: &str, to: &str, json: bool) -> Result<Outcome, String> {
+    fn remote(text: &str) -> Option<(&str, &str)> {
+        text.split_once(':').filter(|(vm, path)| !vm.is_empty() && path.starts_with('/'))
+    }
+    let mut agent = v1::agent_client::AgentClient::new(channel);
+    match (remote(from), remote(to)) {
+        (None, Some((name, path))) => {
+            let bytes = std::fs::read(from).map_err(|err| format!("cannot read {from}: {err}"))?;
+            let size = bytes.len() as u64;
+            let mut chunks: Vec<v1::PutChunk> = bytes
+                .chunks(256 << 10)
+                .map(|data| v1::PutChunk { data: data.to_vec(), ..Default::default() })
+                .collect();
+            if chunks.is_empty() {
+                chunks.push(v1::PutChunk::default());
+            }
+            chunks[0] = v1::PutChunk { name: name.into(), path: path.into(), size, mode: 0o644, ..chunks[0].clone() };
+            Ok(match agent.put(tokio_stream::iter(chunks)).await {
+                Ok(done) => {
+                    let done = done.into_inner();
+                    match json {
+                        true => println!("{}", serde_json::json!({"bytes": done.bytes, "blake3": done.blake3})),
+                        false => println!("{} bytes, blake3 {}", done.bytes, done.blake3),
+                    }
+                    Outcome::Done
+                }
+                Err(status) => refused(status),
+            })
+        }
+        (Some((name, path)), None) => {
+            let request = v1::GetRequest { name: name.into(), path: path.into() };
+            let mut stream = match agent.get(request).await {
+                Ok(stream) => stream.into_inner(),
+                Err(status) => return Ok(refused(status)),
+            };
+            // Written to a temporary file beside `to` and renamed once whole: a failed
+            // copy leaves `to` as it was.
+            let temporary = format!("{to}.carrel-partial");
+            let mut bytes = Vec::new();
+            loop {
+                match stream.message().await {
+                    Ok(Some(chunk)) => bytes.extend(chunk.data),
+                    Ok(None) => break,
+                    Err(status) => return Ok(refused(status)),
+                }
+            }
+            std::fs::write(&temporary, &bytes).map_err(|err| format!("cannot write {temporary}: {err}"))?;
+            std::fs::rename(&temporary, to).map_err(|err| format!("cannot write {to}: {err}"))?;
+            match json {
+                true => println!("{}", serde_json::json!({"bytes": bytes.len(), "file": to})),
+                false => println!("{} bytes -> {to}", bytes.len()),
+            }
+            Ok(Outcome::Done)
+        }
+        _ => Err("give one side as VM:/absolute/path and the other as a local file".into()),
+    }
+}
+
+/// A terminal in raw mode until dropped (keys go to the guest as typed).
+struct RawTerminal {
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    /// Raw mode on stdin when it is a terminal.
+    fn enter() -> Option<RawTerminal> {
+        // SAFETY: termios is plain data; tcgetattr fills it for fd 0, which is open.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; a non-terminal stdin makes tcgetattr fail, and nothing changes.
+        if unsafe { libc::isatty(0) } != 1 || unsafe { libc::tcgetattr(0, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        // SAFETY: cfmakeraw edits the copy; tcsetattr applies it to fd 0.
+        unsafe {
+            libc::cfmakeraw(&mut raw);
+            libc::tcsetattr(0, libc::TCSANOW, &raw);
+        }
+        Some(RawTerminal { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read from fd 0 in `enter`.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.saved) };
+    }
+}
+
+/// Ctrl-]: detach from the console.
+const DETACH: u8 = 0x1d;
+
+/// `carrel console`: history and live output to stdout, stdin to the guest.
+async fn console(channel: Channel, name: String) -> Result<Outcome, String> {
+    use std::io::Write;
+    let (sender, receiver) = tokio::sync::mpsc::channel::<v1::ConsoleInput>(16);
+    sender.send(v1::ConsoleInput { name, data: Vec::new() }).await.map_err(|err| err.to_string())?;
+    let mut client = v1::console_client::ConsoleClient::new(channel);
+    let mut output = match client.attach(tokio_stream::wrappers::ReceiverStream::new(receiver)).await {
+        Ok(output) => output.into_inner(),
+        Err(status) => return Ok(refused(status)),
+    };
+    let terminal = RawTerminal::enter();
+    if terminal.is_some() {
+        eprint!("carrel: attached; Ctrl-] detaches\r\n");
+    }
+    // Keys are read on a thread of their own (stdin blocks) and sent in order.
+    let (keys, mut typed) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 256];
+        loop {
+            match std::io::Read::read(&mut std::io::stdin(), &mut buffer) {
+                Ok(0) | Err(_) => return,
+                Ok(count) => {
+                    if keys.blocking_send(buffer[..count].to_vec()).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let outcome = loop {
+        tokio::select! {
+            chunk = output.message() => match chunk {
+                Ok(Some(chunk)) => {
+                    let mut stdout = std::io::stdout();
+                    let _ = stdout.write_all(&chunk.data).and_then(|()| stdout.flush());
+                }
+                Ok(None) => break Outcome::Done,
+                Err(status) => break refused(status),
+            },
+            Some(bytes) = typed.recv() => {
+                let detach = terminal.is_some() && bytes.contains(&DETACH);
+                let data: Vec<u8> = bytes.into_iter().take_while(|byte| !(detach && *byte == DETACH)).collect();
+                if !data.is_empty() {
+                    let _ = sender.send(v1::ConsoleInput { name: String::new(), data }).await;
+                }
+                if detach {
+                    break Outcome::Done;
+                }
+            }
+        }
+    };
+    drop(terminal);
+    Ok(outcome)
 }
