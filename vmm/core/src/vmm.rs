@@ -393,8 +393,9 @@ impl Vmm {
                 lock(&self.built.serial).enqueue_input(bytes);
                 (Response::ConsoleInput(bytes.len()), false)
             }
-            // Served on the connection thread by the screen service.
-            Request::Screenshot(_) | Request::Agent(_) | Request::Input(_) => {
+            // Served on the connection thread (the services, and the connection's own
+            // caller).
+            Request::Screenshot(_) | Request::Agent(_) | Request::Input(_) | Request::ActFor { .. } => {
                 (Response::error(ErrorKind::Internal, "served on the connection thread, not here"), false)
             }
         }
@@ -596,6 +597,7 @@ fn request_action(request: &Request) -> &'static str {
         Request::Snapshot(SnapshotRequest { hibernate: true, .. }) => "hibernate",
         // The bytes are not kept: they may be a password typed at a login prompt.
         Request::ConsoleInput(_) => "console.input",
+        Request::ActFor { .. } => "act_for",
     }
 }
 

@@ -21,8 +21,16 @@ use crate::templates::Templates;
 /// Who is calling, from the socket's peer credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller {
+    pub pid: i32,
     pub uid: u32,
     pub gid: u32,
+}
+
+impl Caller {
+    /// carreld itself (its policies), as the VM's audit log and the host log name it.
+    pub fn daemon() -> Caller {
+        Caller { pid: std::process::id() as i32, uid: 0, gid: 0 }
+    }
 }
 
 /// One VM as the daemon holds it.
@@ -96,6 +104,9 @@ pub struct Host {
     pub waking: Mutex<()>,
     /// Every change of a VM's state, for Vms.Watch.
     pub events: tokio::sync::broadcast::Sender<v1::VmEvent>,
+    /// The host's own audit log (`<state>/audit`): requests that are not one VM's, and
+    /// each VM's creation and deletion, with the caller.
+    pub audit: Option<carrel_audit::AuditLog>,
     pub templates: Templates,
 }
 
@@ -106,6 +117,13 @@ impl Host {
         let records = registry.load()?;
         let secrets = SecretStore::open(&config.state)?;
         let templates = Templates::open(&config.state)?;
+        let audit = match carrel_audit::AuditLog::open(&config.state.join("audit"), "host") {
+            Ok(log) => Some(log),
+            Err(err) => {
+                eprintln!("carreld: warning: no host audit log: {}", carrel_audit::error_chain(&err));
+                None
+            }
+        };
         let cgroups = match config.cgroup.as_deref().map(Cgroups::open) {
             Some(Ok(cgroups)) => {
                 eprintln!("carreld: VM resource limits in {}", cgroups.describe());
@@ -125,6 +143,7 @@ impl Host {
             secrets,
             waking: Mutex::new(()),
             events: tokio::sync::broadcast::channel(1024).0,
+            audit,
             templates,
         });
         let mut revive = Vec::new();
@@ -177,6 +196,24 @@ impl Host {
             });
         }
         Ok(host)
+    }
+
+    /// Records a host-level request in the host's audit log: who, what, with which
+    /// parameters (secrets by name and length only), and how it ended.
+    pub fn record(&self, caller: Caller, action: &str, params: &[(&str, String)], outcome: Result<(), &Status>) {
+        let Some(log) = &self.audit else { return };
+        let outcome = match outcome {
+            Ok(()) => carrel_audit::Outcome::Ok,
+            Err(status) => carrel_audit::Outcome::Error(format!("{:?}: {}", status.code(), status.message())),
+        };
+        let actor = carrel_audit::Actor { pid: caller.pid as u32, uid: caller.uid, gid: caller.gid };
+        let mut event = carrel_audit::NewEvent::new(action).actor(actor).outcome(outcome);
+        for (key, value) in params {
+            event = event.param(*key, value.clone());
+        }
+        if let Err(err) = log.append(event).and_then(|_| log.sync()) {
+            eprintln!("carreld: warning: the host audit log failed: {}", carrel_audit::error_chain(&err));
+        }
     }
 
     /// Sets `entry`'s state and tells the watchers.

@@ -35,6 +35,9 @@ const USAGE: &str = "usage: carreld [--socket PATH] [--state DIR] [--vmm PATH] [
 /// way of the usual 100000+ subordinate-id ranges' first block).
 const DEFAULT_FIRST_JAIL_UID: u32 = 200_000;
 
+/// How long calls in flight may take to finish once carreld is asked to stop.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 struct Args {
     socket: PathBuf,
     config: HostConfig,
@@ -137,15 +140,29 @@ async fn main() -> anyhow::Result<()> {
         .build_v1alpha()?;
 
     eprintln!("carreld: serving {} ({} VMs in the registry)", socket.display(), host.vms.lock().await.len());
-    let shutdown = async {
+    // On SIGTERM or Ctrl-C new connections stop and calls in flight get a grace period:
+    // an attached console or a watch is a stream that would otherwise hold the daemon
+    // up for as long as its client stays.
+    let (stopping, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = terminate.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
+        let _ = stopping.send(true);
+    });
+    let mut signalled = stop.clone();
+    let shutdown = async move {
+        let _ = signalled.wait_for(|stopped| *stopped).await;
     };
-    tonic::transport::Server::builder()
+    let mut grace = stop;
+    let grace_over = async move {
+        let _ = grace.wait_for(|stopped| *stopped).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
@@ -159,8 +176,11 @@ async fn main() -> anyhow::Result<()> {
         .add_service(v1::snapshots_server::SnapshotsServer::new(services.clone()))
         .add_service(v1::templates_server::TemplatesServer::new(services.clone()))
         .add_service(v1::audit_server::AuditServer::new(services))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
+    tokio::select! {
+        served = server => served?,
+        () = grace_over => eprintln!("carreld: streams still open after {SHUTDOWN_GRACE:?}: closing them"),
+    }
     // The VMs run on; the next carreld re-attaches to them.
     let _ = std::fs::remove_file(&socket);
     eprintln!("carreld: stopped; the VMs run on");

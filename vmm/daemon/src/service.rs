@@ -61,7 +61,7 @@ fn caller<T>(request: &GrpcRequest<T>) -> Result<Caller, Status> {
         .get::<UdsConnectInfo>()
         .and_then(|info| info.peer_cred)
         .ok_or_else(|| Status::unauthenticated("no peer credentials on this connection"))?;
-    Ok(Caller { uid: credentials.uid(), gid: credentials.gid() })
+    Ok(Caller { pid: credentials.pid().unwrap_or(0), uid: credentials.uid(), gid: credentials.gid() })
 }
 
 /// A VMM failure as a gRPC status of its kind.
@@ -82,9 +82,15 @@ pub fn status_of(failure: Failure) -> Status {
     Status::new(code, failure.message)
 }
 
-/// One request to a VM's carrel-vmm; an error answer becomes its gRPC status.
-async fn ask(socket: &std::path::Path, request: Request, timeout: Duration) -> Result<Response, Status> {
-    match supervisor::call(socket, request, timeout).await {
+/// One request to a VM's carrel-vmm for `caller` (the VM's audit log names them); an
+/// error answer becomes its gRPC status.
+async fn ask(
+    socket: &std::path::Path,
+    caller: Caller,
+    request: Request,
+    timeout: Duration,
+) -> Result<Response, Status> {
+    match supervisor::call_for(socket, Some(caller), request, timeout).await {
         Ok(Response::Error(failure)) | Err(failure) => Err(status_of(failure)),
         Ok(answer) => Ok(answer),
     }
@@ -361,7 +367,7 @@ impl Services {
             loop {
                 ticker.tick().await;
                 for (name, kind, diff) in self.due().await {
-                    let daemon = Caller { uid: 0, gid: 0 };
+                    let daemon = Caller::daemon();
                     let mut saved = self.save(&name, daemon, diff, kind).await;
                     if diff && saved.as_ref().is_err_and(|status| status.code() == tonic::Code::FailedPrecondition) {
                         // No parent in this run of the VMM (it booted cold): a full one.
@@ -429,7 +435,7 @@ impl Services {
             (entry.paths.control(), id.clone(), entry.paths.snapshot(&id))
         };
         let request = carrel_vmm::control::SnapshotRequest { dir, hibernate, diff };
-        let answer = ask(&socket, Request::Snapshot(request), CALL_SLACK * 6).await;
+        let answer = ask(&socket, caller, Request::Snapshot(request), CALL_SLACK * 6).await;
         let mut vms = self.host.vms.lock().await;
         let entry = vms.get_mut(name).ok_or_else(|| Status::not_found(format!("{name:?} was deleted")))?;
         let info = match answer {
@@ -496,7 +502,7 @@ impl Services {
             }
             entry.paths.control()
         };
-        let _ = supervisor::call(&socket, Request::Stop, CALL_SLACK).await;
+        let _ = supervisor::call_for(&socket, Some(caller), Request::Stop, CALL_SLACK).await;
         let deadline = std::time::Instant::now() + CALL_SLACK;
         loop {
             let pid = self.host.vms.lock().await.get(name).and_then(|entry| entry.record.pid);
@@ -543,40 +549,46 @@ type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 impl v1::vms_server::Vms for Services {
     async fn create(&self, request: GrpcRequest<v1::CreateVmRequest>) -> Result<GrpcResponse<v1::Vm>, Status> {
         let caller = caller(&request)?;
-        let request = request.into_inner();
-        let name = request.name;
-        if !valid_name(&name) {
-            return Err(Status::invalid_argument(format!(
-                "VM name {name:?} must be 1 to 63 of a-z, 0-9 and '-', not starting with '-'"
-            )));
-        }
-        let spec = match request.template.as_str() {
-            "" => self.spec(request.config)?,
-            template => self.spec_from_template(template, request.config, caller)?,
-        };
-        {
-            let mut vms = self.host.vms.lock().await;
-            if vms.contains_key(&name) {
-                return Err(Status::already_exists(format!("a VM named {name:?} exists")));
+        let params = vec![("name", request.get_ref().name.clone()), ("template", request.get_ref().template.clone())];
+        let result = async move {
+            let request = request.into_inner();
+            let name = request.name;
+            if !valid_name(&name) {
+                return Err(Status::invalid_argument(format!(
+                    "VM name {name:?} must be 1 to 63 of a-z, 0-9 and '-', not starting with '-'"
+                )));
             }
-            let record = VmRecord {
-                name: name.clone(),
-                owner_uid: caller.uid,
-                spec,
-                pid: None,
-                stopped: false,
-                exit_reason: None,
-                restarts: 0,
-                jail_uid: self.host.config.jail_uids.map(|first| free_jail_uid(first, &vms)),
-                snapshots: Vec::new(),
-                hibernated: None,
-                parent: None,
+            let spec = match request.template.as_str() {
+                "" => self.spec(request.config)?,
+                template => self.spec_from_template(template, request.config, caller)?,
             };
-            self.host.registry.save(&record).map_err(|err| Status::internal(err.to_string()))?;
-            let paths = supervisor::VmPaths { dir: self.host.registry.vm_dir(&name) };
-            vms.insert(name.clone(), VmEntry::new(record, v1::VmState::Starting, paths));
+            {
+                let mut vms = self.host.vms.lock().await;
+                if vms.contains_key(&name) {
+                    return Err(Status::already_exists(format!("a VM named {name:?} exists")));
+                }
+                let record = VmRecord {
+                    name: name.clone(),
+                    owner_uid: caller.uid,
+                    spec,
+                    pid: None,
+                    stopped: false,
+                    exit_reason: None,
+                    restarts: 0,
+                    jail_uid: self.host.config.jail_uids.map(|first| free_jail_uid(first, &vms)),
+                    snapshots: Vec::new(),
+                    hibernated: None,
+                    parent: None,
+                };
+                self.host.registry.save(&record).map_err(|err| Status::internal(err.to_string()))?;
+                let paths = supervisor::VmPaths { dir: self.host.registry.vm_dir(&name) };
+                vms.insert(name.clone(), VmEntry::new(record, v1::VmState::Starting, paths));
+            }
+            self.host.boot(&name, true).await.map(GrpcResponse::new)
         }
-        self.host.boot(&name, true).await.map(GrpcResponse::new)
+        .await;
+        self.host.record(caller, "vm.create", &params, result.as_ref().map(|_| ()));
+        result
     }
 
     async fn get(&self, request: GrpcRequest<v1::GetVmRequest>) -> Result<GrpcResponse<v1::Vm>, Status> {
@@ -602,46 +614,70 @@ impl v1::vms_server::Vms for Services {
 
     async fn start(&self, request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::Vm>, Status> {
         let caller = caller(&request)?;
-        let name = request.into_inner().name;
-        {
-            let vms = self.host.vms.lock().await;
-            let entry = self.host.check(&vms, &name, caller)?;
-            if matches!(entry.state, v1::VmState::Running | v1::VmState::Starting) {
-                return Err(Status::failed_precondition(format!("VM {name:?} is running already")));
+        let params = vec![("name", request.get_ref().name.clone())];
+        let result = async move {
+            let name = request.into_inner().name;
+            {
+                let vms = self.host.vms.lock().await;
+                let entry = self.host.check(&vms, &name, caller)?;
+                if matches!(entry.state, v1::VmState::Running | v1::VmState::Starting) {
+                    return Err(Status::failed_precondition(format!("VM {name:?} is running already")));
+                }
             }
+            self.host.boot(&name, true).await.map(GrpcResponse::new)
         }
-        self.host.boot(&name, true).await.map(GrpcResponse::new)
+        .await;
+        self.host.record(caller, "vm.start", &params, result.as_ref().map(|_| ()));
+        result
     }
 
     async fn stop(&self, request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::Vm>, Status> {
         let caller = caller(&request)?;
-        let name = request.into_inner().name;
-        self.stop_vm(&name, caller).await?;
-        let vms = self.host.vms.lock().await;
-        Ok(GrpcResponse::new(vm_message(&self.host, self.host.check(&vms, &name, caller)?)))
+        let params = vec![("name", request.get_ref().name.clone())];
+        let result = async move {
+            let name = request.into_inner().name;
+            self.stop_vm(&name, caller).await?;
+            let vms = self.host.vms.lock().await;
+            Ok(GrpcResponse::new(vm_message(&self.host, self.host.check(&vms, &name, caller)?)))
+        }
+        .await;
+        self.host.record(caller, "vm.stop", &params, result.as_ref().map(|_| ()));
+        result
     }
 
     /// A stop, then a cold start (or a fresh restore of its template).
     async fn reboot(&self, request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::Vm>, Status> {
         let caller = caller(&request)?;
-        let name = request.into_inner().name;
-        self.stop_vm(&name, caller).await?;
-        Ok(GrpcResponse::new(self.host.boot(&name, true).await?))
+        let params = vec![("name", request.get_ref().name.clone())];
+        let result = async move {
+            let name = request.into_inner().name;
+            self.stop_vm(&name, caller).await?;
+            Ok(GrpcResponse::new(self.host.boot(&name, true).await?))
+        }
+        .await;
+        self.host.record(caller, "vm.reboot", &params, result.as_ref().map(|_| ()));
+        result
     }
 
     async fn delete(&self, request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::DeleteVmResponse>, Status> {
         let caller = caller(&request)?;
-        let name = request.into_inner().name;
-        self.stop_vm(&name, caller).await?;
-        let mut vms = self.host.vms.lock().await;
-        self.host.check(&vms, &name, caller)?;
-        if let Some(mut entry) = vms.remove(&name) {
-            // Its watchers' streams end.
-            self.host.set_state(&mut entry, v1::VmState::Unspecified);
+        let params = vec![("name", request.get_ref().name.clone())];
+        let result = async move {
+            let name = request.into_inner().name;
+            self.stop_vm(&name, caller).await?;
+            let mut vms = self.host.vms.lock().await;
+            self.host.check(&vms, &name, caller)?;
+            if let Some(mut entry) = vms.remove(&name) {
+                // Its watchers' streams end.
+                self.host.set_state(&mut entry, v1::VmState::Unspecified);
+            }
+            self.host.registry.remove(&name).map_err(|err| Status::internal(err.to_string()))?;
+            self.host.remove_cgroup(&name).map_err(Status::internal)?;
+            Ok(GrpcResponse::new(v1::DeleteVmResponse {}))
         }
-        self.host.registry.remove(&name).map_err(|err| Status::internal(err.to_string()))?;
-        self.host.remove_cgroup(&name).map_err(Status::internal)?;
-        Ok(GrpcResponse::new(v1::DeleteVmResponse {}))
+        .await;
+        self.host.record(caller, "vm.delete", &params, result.as_ref().map(|_| ()));
+        result
     }
 
     type WatchStream = Stream2<v1::VmEvent>;
@@ -747,7 +783,9 @@ impl v1::screen_server::Screen for Services {
             return Ok(GrpcResponse::new(screenshot_message(shot, answer_format)));
         }
         let socket = self.running(&request.name, caller).await?;
-        match ask(&socket, Request::Screenshot(screenshot), Duration::from_millis(timeout_ms) + CALL_SLACK).await? {
+        match ask(&socket, caller, Request::Screenshot(screenshot), Duration::from_millis(timeout_ms) + CALL_SLACK)
+            .await?
+        {
             Response::Screenshot(shot) => Ok(GrpcResponse::new(screenshot_message(shot, answer_format))),
             other => Err(unexpected(other)),
         }
@@ -806,7 +844,7 @@ impl v1::input_server::Input for Services {
             hold_ms: None,
             gap_ms: None,
         };
-        let answer = ask(&socket, Request::Input(input), Duration::from_millis(timeout_ms) + CALL_SLACK).await;
+        let answer = ask(&socket, caller, Request::Input(input), Duration::from_millis(timeout_ms) + CALL_SLACK).await;
         match withhold_secrets(answer, secret.as_slice())? {
             Response::Input(done) => Ok(GrpcResponse::new(v1::ActResponse {
                 frame: done.frame.unwrap_or_default(),
@@ -840,7 +878,7 @@ impl v1::agent_server::Agent for Services {
         }
         let exec = AgentExec { argv: request.argv, env, cwd: None, stdin: request.stdin, timeout_ms };
         let wait = Duration::from_millis(timeout_ms.unwrap_or(600_000)) + CALL_SLACK;
-        let answer = ask(&socket, Request::Agent(AgentRequest::Exec(exec)), wait).await;
+        let answer = ask(&socket, caller, Request::Agent(AgentRequest::Exec(exec)), wait).await;
         match withhold_secrets(answer, &values)? {
             Response::Agent(AgentResponse::Exit { code, signal, timed_out, stdout, stderr }) => {
                 let exit_code = code.unwrap_or_else(|| 128 + signal.unwrap_or(0));
@@ -854,7 +892,7 @@ impl v1::agent_server::Agent for Services {
         &self,
         request: GrpcRequest<tonic::Streaming<v1::PutChunk>>,
     ) -> Result<GrpcResponse<v1::PutResponse>, Status> {
-        use carrel_vmm::control::{AgentResponse, ControlClient};
+        use carrel_vmm::control::AgentResponse;
         let caller = caller(&request)?;
         let mut chunks = request.into_inner();
         let first = chunks.message().await?.ok_or_else(|| Status::invalid_argument("an empty put: no first chunk"))?;
@@ -865,7 +903,7 @@ impl v1::agent_server::Agent for Services {
         let (sender, receiver) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
         let transfer = tokio::task::spawn_blocking(move || {
             let mut reader = ChunkReader { chunks: receiver, pending: Vec::new(), at: 0 };
-            let mut client = ControlClient::connect(&socket).map_err(|err| Status::unavailable(err.to_string()))?;
+            let mut client = supervisor::connect_for(&socket, Some(caller)).map_err(status_of)?;
             client
                 .put(&mut reader, size, mode, &path, CALL_SLACK * 6)
                 .map_err(|err| Status::aborted(format!("the put was broken off: {err}")))
@@ -895,20 +933,18 @@ impl v1::agent_server::Agent for Services {
     type GetStream = Stream2<v1::GetChunk>;
 
     async fn get(&self, request: GrpcRequest<v1::GetRequest>) -> Result<GrpcResponse<Self::GetStream>, Status> {
-        use carrel_vmm::control::{AgentResponse, ControlClient};
+        use carrel_vmm::control::AgentResponse;
         let caller = caller(&request)?;
         let request = request.into_inner();
         let socket = self.running(&request.name, caller).await?;
         let (sender, receiver) = tokio::sync::mpsc::channel::<Result<v1::GetChunk, Status>>(4);
         tokio::task::spawn_blocking(move || {
             let mut writer = ChunkWriter { chunks: sender.clone() };
-            let answer = ControlClient::connect(&socket).map_err(|err| Status::unavailable(err.to_string())).and_then(
-                |mut client| {
-                    client
-                        .get(&request.path, |_size, _mode| Ok(&mut writer), CALL_SLACK * 6)
-                        .map_err(|err| Status::aborted(format!("the get was broken off: {err}")))
-                },
-            );
+            let answer = supervisor::connect_for(&socket, Some(caller)).map_err(status_of).and_then(|mut client| {
+                client
+                    .get(&request.path, |_size, _mode| Ok(&mut writer), CALL_SLACK * 6)
+                    .map_err(|err| Status::aborted(format!("the get was broken off: {err}")))
+            });
             // The stream ends after the last bytes; a failure ends it with its status.
             match answer {
                 Ok(Response::Agent(AgentResponse::Done { .. })) => {}
@@ -931,10 +967,17 @@ impl v1::agent_server::Agent for Services {
 impl v1::secrets_server::Secrets for Services {
     async fn set(&self, request: GrpcRequest<v1::SetSecretRequest>) -> Result<GrpcResponse<v1::SecretInfo>, Status> {
         let caller = caller(&request)?;
-        let request = request.into_inner();
-        self.host.secrets.set(caller.uid, &request.name, &request.value).map_err(secret_status)?;
-        eprintln!("carreld: uid {} set secret {:?} ({} bytes)", caller.uid, request.name, request.value.len());
-        Ok(GrpcResponse::new(v1::SecretInfo { name: request.name, length: request.value.len() as u64 }))
+        let params =
+            vec![("name", request.get_ref().name.clone()), ("length", request.get_ref().value.len().to_string())];
+        let result = async move {
+            let request = request.into_inner();
+            self.host.secrets.set(caller.uid, &request.name, &request.value).map_err(secret_status)?;
+            eprintln!("carreld: uid {} set secret {:?} ({} bytes)", caller.uid, request.name, request.value.len());
+            Ok(GrpcResponse::new(v1::SecretInfo { name: request.name, length: request.value.len() as u64 }))
+        }
+        .await;
+        self.host.record(caller, "secret.set", &params, result.as_ref().map(|_| ()));
+        result
     }
 
     async fn list(
@@ -953,10 +996,16 @@ impl v1::secrets_server::Secrets for Services {
         request: GrpcRequest<v1::DeleteSecretRequest>,
     ) -> Result<GrpcResponse<v1::DeleteSecretResponse>, Status> {
         let caller = caller(&request)?;
-        let name = request.into_inner().name;
-        self.host.secrets.delete(caller.uid, &name).map_err(secret_status)?;
-        eprintln!("carreld: uid {} deleted secret {name:?}", caller.uid);
-        Ok(GrpcResponse::new(v1::DeleteSecretResponse {}))
+        let params = vec![("name", request.get_ref().name.clone())];
+        let result = async move {
+            let name = request.into_inner().name;
+            self.host.secrets.delete(caller.uid, &name).map_err(secret_status)?;
+            eprintln!("carreld: uid {} deleted secret {name:?}", caller.uid);
+            Ok(GrpcResponse::new(v1::DeleteSecretResponse {}))
+        }
+        .await;
+        self.host.record(caller, "secret.delete", &params, result.as_ref().map(|_| ()));
+        result
     }
 }
 
@@ -1019,7 +1068,9 @@ impl v1::console_server::Console for Services {
             while let Some(data) = next.take() {
                 let running = host.vms.lock().await.get(&name).is_some_and(|entry| entry.state == v1::VmState::Running);
                 if !data.is_empty() && running {
-                    if let Err(failure) = supervisor::call(&socket, Request::ConsoleInput(data), CALL_SLACK).await {
+                    if let Err(failure) =
+                        supervisor::call_for(&socket, Some(caller), Request::ConsoleInput(data), CALL_SLACK).await
+                    {
                         let _ = sender.send(Err(status_of(failure))).await;
                         return;
                     }
@@ -1101,47 +1152,53 @@ impl v1::templates_server::Templates for Services {
         request: GrpcRequest<v1::CreateTemplateRequest>,
     ) -> Result<GrpcResponse<v1::Template>, Status> {
         let caller = caller(&request)?;
-        let request = request.into_inner();
-        if !valid_name(&request.name) {
-            return Err(Status::invalid_argument(format!(
-                "template name {:?} must be 1 to 63 of a-z, 0-9 and '-', not starting with '-'",
-                request.name
-            )));
+        let params = vec![("name", request.get_ref().name.clone()), ("from_vm", request.get_ref().from_vm.clone())];
+        let result = async move {
+            let request = request.into_inner();
+            if !valid_name(&request.name) {
+                return Err(Status::invalid_argument(format!(
+                    "template name {:?} must be 1 to 63 of a-z, 0-9 and '-', not starting with '-'",
+                    request.name
+                )));
+            }
+            if self.host.templates.get(&request.name).is_ok() {
+                return Err(Status::already_exists(format!("a template named {:?} exists", request.name)));
+            }
+            self.running(&request.from_vm, caller).await?;
+            let spec = {
+                let vms = self.host.vms.lock().await;
+                self.host.check(&vms, &request.from_vm, caller)?.record.spec.clone()
+            };
+            if !spec.disks.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "VM {:?} has disks: templates of VMs with disks are not built yet",
+                    request.from_vm
+                )));
+            }
+            let snapshot = self.save(&request.from_vm, caller, false, Save::Snapshot).await?;
+            let source = self.host.registry.vm_dir(&request.from_vm).join("snapshots").join(&snapshot.id);
+            let record = TemplateRecord {
+                name: request.name,
+                owner_uid: caller.uid,
+                from_vm: request.from_vm,
+                memory_mib: spec.memory_mib,
+                cpus: spec.cpus,
+                display: spec.display,
+                kernel: spec.kernel,
+                memory_bytes: snapshot.memory_bytes,
+                unix_time: snapshot.unix_time,
+            };
+            let host = self.host.clone();
+            let made = record.clone();
+            tokio::task::spawn_blocking(move || host.templates.create(&made, &source))
+                .await
+                .map_err(|err| Status::internal(err.to_string()))?
+                .map_err(template_status)?;
+            Ok(GrpcResponse::new(template_message(&record)))
         }
-        if self.host.templates.get(&request.name).is_ok() {
-            return Err(Status::already_exists(format!("a template named {:?} exists", request.name)));
-        }
-        self.running(&request.from_vm, caller).await?;
-        let spec = {
-            let vms = self.host.vms.lock().await;
-            self.host.check(&vms, &request.from_vm, caller)?.record.spec.clone()
-        };
-        if !spec.disks.is_empty() {
-            return Err(Status::failed_precondition(format!(
-                "VM {:?} has disks: templates of VMs with disks are not built yet",
-                request.from_vm
-            )));
-        }
-        let snapshot = self.save(&request.from_vm, caller, false, Save::Snapshot).await?;
-        let source = self.host.registry.vm_dir(&request.from_vm).join("snapshots").join(&snapshot.id);
-        let record = TemplateRecord {
-            name: request.name,
-            owner_uid: caller.uid,
-            from_vm: request.from_vm,
-            memory_mib: spec.memory_mib,
-            cpus: spec.cpus,
-            display: spec.display,
-            kernel: spec.kernel,
-            memory_bytes: snapshot.memory_bytes,
-            unix_time: snapshot.unix_time,
-        };
-        let host = self.host.clone();
-        let made = record.clone();
-        tokio::task::spawn_blocking(move || host.templates.create(&made, &source))
-            .await
-            .map_err(|err| Status::internal(err.to_string()))?
-            .map_err(template_status)?;
-        Ok(GrpcResponse::new(template_message(&record)))
+        .await;
+        self.host.record(caller, "template.create", &params, result.as_ref().map(|_| ()));
+        result
     }
 
     async fn list(
@@ -1159,25 +1216,31 @@ impl v1::templates_server::Templates for Services {
         request: GrpcRequest<v1::TemplateName>,
     ) -> Result<GrpcResponse<v1::DeleteTemplateResponse>, Status> {
         let caller = caller(&request)?;
-        let name = request.into_inner().name;
-        let record = self.host.templates.get(&name).map_err(template_status)?;
-        if !self.host.allowed(caller, record.owner_uid) {
-            return Err(Status::not_found(format!("no template named {name:?}")));
+        let params = vec![("name", request.get_ref().name.clone())];
+        let result = async move {
+            let name = request.into_inner().name;
+            let record = self.host.templates.get(&name).map_err(template_status)?;
+            if !self.host.allowed(caller, record.owner_uid) {
+                return Err(Status::not_found(format!("no template named {name:?}")));
+            }
+            let vms = self.host.vms.lock().await;
+            let users: Vec<&str> = vms
+                .values()
+                .filter(|entry| entry.record.spec.template.as_ref().is_some_and(|template| template.name == name))
+                .map(|entry| entry.record.name.as_str())
+                .collect();
+            if !users.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "template {name:?} is in use by {}: delete those VMs first",
+                    users.join(", ")
+                )));
+            }
+            self.host.templates.remove(&name).map_err(template_status)?;
+            Ok(GrpcResponse::new(v1::DeleteTemplateResponse {}))
         }
-        let vms = self.host.vms.lock().await;
-        let users: Vec<&str> = vms
-            .values()
-            .filter(|entry| entry.record.spec.template.as_ref().is_some_and(|template| template.name == name))
-            .map(|entry| entry.record.name.as_str())
-            .collect();
-        if !users.is_empty() {
-            return Err(Status::failed_precondition(format!(
-                "template {name:?} is in use by {}: delete those VMs first",
-                users.join(", ")
-            )));
-        }
-        self.host.templates.remove(&name).map_err(template_status)?;
-        Ok(GrpcResponse::new(v1::DeleteTemplateResponse {}))
+        .await;
+        self.host.record(caller, "template.delete", &params, result.as_ref().map(|_| ()));
+        result
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use carrel_vmm::control::{ControlClient, Failure, Request, Response};
 
 use crate::cgroup;
+use crate::host::Caller;
 use crate::registry::VmRecord;
 
 /// How long a new VMM has to open its control socket.
@@ -204,13 +205,38 @@ pub async fn start(
 
 /// One request on the VM's control socket.
 pub async fn call(socket: &Path, request: Request, timeout: Duration) -> Result<Response, Failure> {
+    call_for(socket, None, request, timeout).await
+}
+
+/// One request on the VM's control socket, made for `caller` when given: the VM's audit
+/// log records it as theirs, not the daemon's.
+pub async fn call_for(
+    socket: &Path,
+    caller: Option<Caller>,
+    request: Request,
+    timeout: Duration,
+) -> Result<Response, Failure> {
     let socket = socket.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        let mut client = ControlClient::connect(&socket).map_err(|err| Failure::unavailable(err.to_string()))?;
+        let mut client = connect_for(&socket, caller)?;
         client.call(&request, timeout).map_err(|err| Failure::unavailable(err.to_string()))
     })
     .await
     .map_err(|err| Failure::internal(err.to_string()))?
+}
+
+/// A control connection whose requests are `caller`'s (blocking).
+pub fn connect_for(socket: &Path, caller: Option<Caller>) -> Result<ControlClient, Failure> {
+    let mut client = ControlClient::connect(socket).map_err(|err| Failure::unavailable(err.to_string()))?;
+    if let Some(Caller { pid, uid, gid }) = caller {
+        match client.call(&Request::ActFor { pid, uid, gid }, Duration::from_secs(5)) {
+            Ok(Response::ActingFor) => {}
+            Ok(Response::Error(failure)) => return Err(failure),
+            Ok(other) => return Err(Failure::internal(format!("unexpected answer to ActFor: {other:?}"))),
+            Err(err) => return Err(Failure::unavailable(err.to_string())),
+        }
+    }
+    Ok(client)
 }
 
 /// "exit code N" or "signal N"; for a VMM its seccomp filter ended, the call it made

@@ -357,6 +357,22 @@ async fn vms_are_created_used_crash_detected_reattached_and_deleted_through_the_
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("another carreld"), "{second:?}");
 
+    // The VM's audit log names the caller of each request carreld forwarded (this test's
+    // process), not carreld.
+    let export = |dir: PathBuf| {
+        let out = Command::new(workspace_binary("carrel-audit", "carrel-audit"))
+            .args(["export", dir.to_str().unwrap(), "--jsonl"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let me = format!(r#""pid":{}"#, std::process::id());
+    let typed = export(state.join("vms/one/audit"));
+    let input_line =
+        typed.lines().find(|line| line.contains(r#""action":"input.type""#)).expect("the typing is audited");
+    assert!(input_line.contains(&me) && input_line.contains(r#""uid":0"#), "{input_line}");
+
     let stopped = vms.stop(v1::VmName { name: "one".into() }).await.unwrap().into_inner();
     assert_eq!(stopped.state, v1::VmState::Stopped as i32);
     assert!(!alive(one.pid));
@@ -366,6 +382,14 @@ async fn vms_are_created_used_crash_detected_reattached_and_deleted_through_the_
     assert!(!alive(two.pid), "deleting a running VM stops its VMM");
     assert!(vms.list(v1::ListVmsRequest {}).await.unwrap().into_inner().vms.is_empty());
     assert_eq!(std::fs::read_dir(state.join("vms")).unwrap().count(), 0, "nothing left in the state dir");
+    // The host's audit log holds the VMs' creation, stop and deletion, by this caller,
+    // and the refused duplicate create with its error.
+    let host_log = export(state.join("audit"));
+    for action in ["vm.create", "vm.stop", "vm.delete"] {
+        let line = host_log.lines().find(|line| line.contains(&format!(r#""action":"{action}""#))).unwrap_or_default();
+        assert!(line.contains(&me), "{action} in the host log: {host_log}");
+    }
+    assert!(host_log.contains("AlreadyExists"), "{host_log}");
     assert!(!cgroup_parents(&daemon.cgroup).is_empty(), "the VMs' parent groups are carreld's");
     assert_eq!(cgroup_vm_dirs(&daemon.cgroup), Vec::<PathBuf>::new(), "no VM's cgroup is left");
     drop((vms, screen, channel));
@@ -648,13 +672,17 @@ async fn console_files_watch_reboot_and_audit_records_through_the_socket() {
 
     // The console: its history holds the boot.
     let mut console = v1::console_client::ConsoleClient::new(channel.clone());
-    let hello = tokio_stream::iter([v1::ConsoleInput { name: "io".into(), data: Vec::new() }]);
-    let mut output = console.attach(hello).await.unwrap().into_inner();
+    let (typing, typed) = tokio::sync::mpsc::channel(4);
+    typing.send(v1::ConsoleInput { name: "io".into(), data: Vec::new() }).await.unwrap();
+    let mut output = console.attach(tokio_stream::wrappers::ReceiverStream::new(typed)).await.unwrap().into_inner();
     let mut seen = Vec::new();
     while !String::from_utf8_lossy(&seen).contains("desk: ready") {
         let chunk = tokio::time::timeout(Duration::from_secs(10), output.message()).await.unwrap().unwrap().unwrap();
         seen.extend(chunk.data);
     }
+    // Typing goes to the guest's serial port (Desk does not read it; the VMM's audit log
+    // records the input by its length).
+    typing.send(v1::ConsoleInput { name: String::new(), data: b"ls\n".to_vec() }).await.unwrap();
 
     // A file in and out as byte streams: the daemon opens no path of the caller's.
     exec_once_up(&mut agent, "io", &["echo", "up"]).await;
@@ -681,7 +709,8 @@ async fn console_files_watch_reboot_and_audit_records_through_the_socket() {
     assert!(got == bytes, "the file came back different ({} bytes)", got.len());
     let mut missing =
         agent.get(v1::GetRequest { name: "io".into(), path: "/nothing".into() }).await.unwrap().into_inner();
-    assert_eq!(missing.message().await.unwrap_err().code(), tonic::Code::NotFound);
+    let absent = missing.message().await.unwrap_err();
+    assert_eq!(absent.code(), tonic::Code::NotFound, "{absent:?}");
 
     // A reboot: a new VMM, and the watch sees it go and come back.
     let before = vms.get(v1::GetVmRequest { name: "io".into() }).await.unwrap().into_inner();
@@ -712,7 +741,7 @@ async fn console_files_watch_reboot_and_audit_records_through_the_socket() {
         audit.records(v1::AuditRequest { name: "io".into(), from: 3 }).await.unwrap().into_inner().message().await;
     assert_eq!(later.unwrap().unwrap().index, 3);
     vms.delete(v1::VmName { name: "io".into() }).await.unwrap();
-    drop((vms, agent, console, audit, output, watch, channel));
+    drop((vms, agent, console, audit, output, watch, typing, channel));
     daemon.terminate();
 }
 

@@ -32,6 +32,14 @@ pub enum Request {
     Snapshot(SnapshotRequest),
     /// Bytes for the guest's serial console, as if typed on it.
     ConsoleInput(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The rest of this connection's requests are made for this caller (pid, uid, gid),
+    /// and are audited as theirs: the daemon forwarding a client's calls says whose they
+    /// are. Only root may say so.
+    ActFor {
+        pid: i32,
+        uid: u32,
+        gid: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +64,8 @@ pub enum Response {
     Snapshot(crate::snapshot::SnapshotInfo),
     /// Console input taken: this many bytes.
     ConsoleInput(usize),
+    /// The connection now acts for the caller an `ActFor` named.
+    ActingFor,
     Error(Failure),
 }
 

@@ -125,7 +125,7 @@ fn peer_credentials(stream: &UnixStream) -> Option<(i32, u32, u32)> {
 }
 
 fn serve_connection(mut stream: UnixStream, queue: RequestQueue) {
-    let peer = peer_credentials(&stream);
+    let mut peer = peer_credentials(&stream);
     loop {
         let request = match read_frame::<Request>(&mut stream, MAX_REQUEST_BYTES) {
             Ok(None) => return,
@@ -140,6 +140,19 @@ fn serve_connection(mut stream: UnixStream, queue: RequestQueue) {
                 return;
             }
         };
+        if let Request::ActFor { pid, uid, gid } = request {
+            let response = match peer {
+                Some((_, 0, _)) => {
+                    peer = Some((pid, uid, gid));
+                    Response::ActingFor
+                }
+                _ => Response::error(ErrorKind::PermissionDenied, "only root may act for another caller"),
+            };
+            if write_frame(&mut stream, &response).is_err() {
+                return;
+            }
+            continue;
+        }
         if let Some(response) = queue.local.serve(&request, peer, &mut stream) {
             if write_frame(&mut stream, &response).is_err() {
                 return;
@@ -178,14 +191,33 @@ mod tests {
             crate::services::input::InputService::new(None, None, Default::default()),
         );
         let _server = ControlServer::start(&path, RequestQueue::new(sender, wake, local)).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
         let handler = std::thread::spawn(move || {
             let pending: PendingRequest = receiver.recv().unwrap();
             assert_eq!(pending.request, Request::Stop);
             assert_eq!(pending.peer.map(|(pid, _, _)| pid as u32), Some(std::process::id()));
             pending.reply.send(Response::Stopping).unwrap();
+            // After an ActFor (from root, as carreld runs), the requests are the named
+            // caller's.
+            if !root {
+                return;
+            }
+            let pending: PendingRequest = receiver.recv().unwrap();
+            assert_eq!(pending.peer, Some((42, 1000, 1001)));
+            pending.reply.send(Response::Paused).unwrap();
         });
         let mut client = ControlClient::connect(&path).unwrap();
         assert_eq!(client.call(&Request::Stop, Duration::from_secs(5)).unwrap(), Response::Stopping);
+        let act_for = Request::ActFor { pid: 42, uid: 1000, gid: 1001 };
+        match client.call(&act_for, Duration::from_secs(5)).unwrap() {
+            Response::ActingFor if root => {}
+            Response::Error(failure) if !root => assert_eq!(failure.kind, ErrorKind::PermissionDenied),
+            other => panic!("unexpected {other:?} (root: {root})"),
+        }
+        if root {
+            assert_eq!(client.call(&Request::Pause, Duration::from_secs(5)).unwrap(), Response::Paused);
+        }
         handler.join().unwrap();
 
         let mut raw = UnixStream::connect(&path).unwrap();
