@@ -189,17 +189,30 @@ enum Command {
     Reboot {
         name: String,
     },
-    /// The VM's audit records, one JSON line each (`carrel-audit verify` checks a copy).
+    /// Audit logs: a VM's records through carreld, or a check of a log's files.
     Audit {
-        name: String,
-        /// From this record index on.
-        #[arg(long, default_value_t = 0)]
-        from: u64,
+        #[command(subcommand)]
+        command: AuditCommand,
     },
     /// Print a shell completion script: `carrel completions bash > /etc/bash_completion.d/carrel`.
     Completions {
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// The VM's audit records, one JSON line each.
+    Records {
+        name: String,
+        /// From this record index on.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+    },
+    /// Check an audit log's directory (a VM's `<state>/vms/NAME/audit` or carreld's
+    /// `<state>/audit`, or a copy of one) offline: every record, the Merkle tree and the
+    /// signed checkpoints. Exits 1 when anything is wrong.
+    Verify { dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -496,7 +509,8 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
                 }
             }
         }
-        Command::Audit { name, from } => {
+        Command::Audit { command: AuditCommand::Verify { .. } } => unreachable!("answered in main, without carreld"),
+        Command::Audit { command: AuditCommand::Records { name, from } } => {
             let mut client = v1::audit_client::AuditClient::new(channel);
             let mut records = match client.records(v1::AuditRequest { name, from }).await {
                 Ok(records) => records.into_inner(),
@@ -605,6 +619,25 @@ async fn input(channel: Channel, request: v1::ActRequest, json: bool) -> Result<
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Audit { command: AuditCommand::Verify { dir } } = &cli.command {
+        // Offline: the log's own files, no daemon needed.
+        return match carrel_audit::verify_dir(dir, &carrel_audit::VerifyOptions::default()) {
+            Ok(report) => {
+                for line in report.lines(Some(50)) {
+                    println!("{line}");
+                }
+                if report.ok() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(err) => {
+                eprintln!("carrel: cannot verify {}: {}", dir.display(), carrel_audit::error_chain(&err));
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Command::Completions { shell } = cli.command {
         // Written whole, so a closed pipe (`| head`) is a quiet error, not a panic.
         let mut script = Vec::new();
@@ -762,7 +795,12 @@ async fn copy(channel: Channel, from: &str, to: &str, json: bool) -> Result<Outc
                 chunks.push(v1::PutChunk::default());
             }
             chunks[0] = v1::PutChunk { name: name.into(), path: path.into(), size, mode: 0o644, ..chunks[0].clone() };
-            Ok(match agent.put(tokio_stream::iter(chunks)).await {
+            let mut progress = Progress::new(Some(size));
+            let chunks = tokio_stream::StreamExt::map(tokio_stream::iter(chunks), move |chunk| {
+                progress.add(chunk.data.len() as u64);
+                chunk
+            });
+            Ok(match agent.put(chunks).await {
                 Ok(done) => {
                     let done = done.into_inner();
                     match json {
@@ -784,9 +822,13 @@ async fn copy(channel: Channel, from: &str, to: &str, json: bool) -> Result<Outc
             // copy leaves `to` as it was.
             let temporary = format!("{to}.carrel-partial");
             let mut bytes = Vec::new();
+            let mut progress = Progress::new(None);
             loop {
                 match stream.message().await {
-                    Ok(Some(chunk)) => bytes.extend(chunk.data),
+                    Ok(Some(chunk)) => {
+                        progress.add(chunk.data.len() as u64);
+                        bytes.extend(chunk.data);
+                    }
                     Ok(None) => break,
                     Err(status) => return Ok(refused(status)),
                 }
@@ -890,4 +932,42 @@ async fn console(channel: Channel, name: String) -> Result<Outcome, String> {
     };
     drop(terminal);
     Ok(outcome)
+}
+
+/// A transfer's progress on stderr, when stderr is a terminal: MiB so far (of the total
+/// when known), rewritten in place at most every 100 ms, and a newline at the end.
+struct Progress {
+    done: u64,
+    total: Option<u64>,
+    shown: Option<std::time::Instant>,
+    terminal: bool,
+}
+
+impl Progress {
+    fn new(total: Option<u64>) -> Progress {
+        // SAFETY: isatty only inspects the fd.
+        let terminal = unsafe { libc::isatty(2) } == 1;
+        Progress { done: 0, total, shown: None, terminal }
+    }
+
+    fn add(&mut self, bytes: u64) {
+        self.done += bytes;
+        let due = self.shown.is_none_or(|shown| shown.elapsed() >= std::time::Duration::from_millis(100));
+        if self.terminal && (due || Some(self.done) == self.total) {
+            self.shown = Some(std::time::Instant::now());
+            let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+            match self.total {
+                Some(total) => eprint!("\rcarrel: {:.1} of {:.1} MiB", mib(self.done), mib(total)),
+                None => eprint!("\rcarrel: {:.1} MiB", mib(self.done)),
+            }
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if self.terminal && self.shown.is_some() {
+            eprintln!();
+        }
+    }
 }

@@ -211,7 +211,9 @@ impl Host {
         for (key, value) in params {
             event = event.param(*key, value.clone());
         }
-        if let Err(err) = log.append(event).and_then(|_| log.sync()) {
+        // Host requests are few: each gets a signed checkpoint, so none can be dropped
+        // later unnoticed.
+        if let Err(err) = log.append(event).and_then(|_| log.checkpoint()).and_then(|_| log.sync()) {
             eprintln!("carreld: warning: the host audit log failed: {}", carrel_audit::error_chain(&err));
         }
     }

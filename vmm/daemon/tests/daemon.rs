@@ -390,6 +390,12 @@ async fn vms_are_created_used_crash_detected_reattached_and_deleted_through_the_
         assert!(line.contains(&me), "{action} in the host log: {host_log}");
     }
     assert!(host_log.contains("AlreadyExists"), "{host_log}");
+    let verified = Command::new(workspace_binary("carrel-cli", "carrel"))
+        .args(["audit", "verify", state.join("audit").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&verified.stdout);
+    assert!(verified.status.success() && !report.contains("no checkpoints"), "{report}");
     assert!(!cgroup_parents(&daemon.cgroup).is_empty(), "the VMs' parent groups are carreld's");
     assert_eq!(cgroup_vm_dirs(&daemon.cgroup), Vec::<PathBuf>::new(), "no VM's cgroup is left");
     drop((vms, screen, channel));
