@@ -136,6 +136,28 @@ pub fn start_vm(args: &[&std::ffi::OsStr], ready: &str) -> anyhow::Result<std::p
     Ok(child)
 }
 
+/// A `/proc/PID/status` field in KiB (0 when the process is gone).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|line| line.starts_with(field))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// User plus system CPU ticks of every thread of `pid` so far (dead ones too).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
 /// `pid` and every process under it: a jailed VMM is the child of the process its
 /// supervisor started, which waits for it outside its PID namespace.
 pub fn process_tree(pid: u32) -> Vec<u32> {

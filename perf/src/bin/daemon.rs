@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use carrel_api::v1;
-use carrel_perf::{desk_kernel, process_tree, report, workspace_root, Summary};
+use carrel_perf::{cpu_ticks, desk_kernel, process_tree, report, status_kib, workspace_root, Summary};
 use carrel_vmm::control::{ControlClient, Request};
 use serde_json::json;
 
@@ -32,28 +32,6 @@ async fn wait_for_line(path: &Path, needle: &str, deadline: Duration) -> anyhow:
         }
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
-}
-
-/// A `/proc/PID/status` field in KiB (0 when the process is gone).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|text| {
-            let line = text.lines().find(|line| line.starts_with(field))?;
-            line.split_whitespace().nth(1)?.parse().ok()
-        })
-        .unwrap_or(0)
-}
-
-/// User plus system CPU ticks of every thread of `pid` so far.
-fn cpu_ticks(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -30,7 +30,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use carrel_perf::{desk_kernel, report, start_vm};
+use carrel_perf::{cpu_ticks, desk_kernel, report, start_vm, status_kib};
 use serde_json::{json, Value};
 
 struct Options {
@@ -68,25 +68,6 @@ fn cpu_nanoseconds(pid: u32) -> u64 {
         .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
         .filter_map(|text| text.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
-}
-
-/// utime + stime of `pid` (all threads, dead ones too) in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0)
-}
-
-/// VmRSS of `pid` in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|text| text.lines().find(|line| line.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Median and maximum of `values` (not empty).
@@ -155,7 +136,7 @@ fn idle_desk_vms(options: &Options, cmdline: &str, label: &str) -> anyhow::Resul
     let after: Vec<u64> = pids.iter().map(|pid| cpu_nanoseconds(*pid)).collect();
     let ticks_after: u64 = pids.iter().map(|pid| cpu_ticks(*pid)).sum();
     let elapsed = started.elapsed().as_secs_f64();
-    let rss_mib: Vec<f64> = pids.iter().map(|pid| rss_kib(*pid) as f64 / 1024.0).collect();
+    let rss_mib: Vec<f64> = pids.iter().map(|pid| status_kib(*pid, "VmRSS:") as f64 / 1024.0).collect();
     drop(fleet);
 
     let percent: Vec<f64> = before
@@ -350,7 +331,7 @@ async fn through_the_daemon(options: &Options) -> anyhow::Result<Value> {
     let created_in = started.elapsed();
     tokio::time::sleep(options.settle).await;
     let tree: Vec<u32> = pids.iter().flat_map(|pid| carrel_perf::process_tree(*pid)).collect();
-    let rss_kib: u64 = tree.iter().map(|pid| rss_kib(*pid)).sum();
+    let rss_kib: u64 = tree.iter().map(|pid| status_kib(*pid, "VmRSS:")).sum();
     let cpu_before: u64 = tree.iter().map(|pid| cpu_nanoseconds(*pid)).sum();
     tokio::time::sleep(options.window).await;
     let cpu_after: u64 = tree.iter().map(|pid| cpu_nanoseconds(*pid)).sum();

@@ -82,6 +82,14 @@ fn cgroup_vm_dirs(name: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// A carreld with a state directory of its own (kept while the `TempDir` lives).
+fn started_daemon() -> (tempfile::TempDir, PathBuf, PathBuf, Daemon) {
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
+    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    (dir, socket, state, daemon)
+}
+
 impl Daemon {
     fn start(socket: &Path, state: &Path, vmm: &Path) -> Daemon {
         Daemon::start_logged(socket, state, vmm, None)
@@ -405,9 +413,7 @@ async fn vms_are_created_used_crash_detected_reattached_and_deleted_through_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generic_python_client_uses_reflection_to_list_and_screenshot() {
-    let dir = tempfile::tempdir().unwrap();
-    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
-    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    let (_dir, socket, _state, daemon) = started_daemon();
     let mut vms = v1::vms_client::VmsClient::new(connect(&socket).await);
     vms.create(v1::CreateVmRequest { name: "seen".into(), config: None, ..Default::default() }).await.unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/generic_client.py");
@@ -500,9 +506,7 @@ const SAVE_BUTTON: [u32; 4] = [284, 270, 120, 36];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_vm_hibernates_shows_its_screen_asleep_wakes_on_a_click_and_survives_a_daemon_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
-    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    let (_dir, socket, state, daemon) = started_daemon();
     let channel = connect(&socket).await;
     let mut vms = v1::vms_client::VmsClient::new(channel.clone());
     let mut screen = v1::screen_client::ScreenClient::new(channel.clone());
@@ -571,9 +575,7 @@ async fn an_idle_vm_hibernates_shows_its_screen_asleep_wakes_on_a_click_and_surv
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_vm_comes_back_from_its_last_checkpoint_and_rolls_back_to_a_snapshot() {
-    let dir = tempfile::tempdir().unwrap();
-    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
-    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    let (_dir, socket, state, daemon) = started_daemon();
     let channel = connect(&socket).await;
     let mut vms = v1::vms_client::VmsClient::new(channel.clone());
     let mut agent = v1::agent_client::AgentClient::new(channel.clone());
@@ -665,9 +667,7 @@ async fn a_killed_vm_comes_back_from_its_last_checkpoint_and_rolls_back_to_a_sna
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_files_watch_reboot_and_audit_records_through_the_socket() {
-    let dir = tempfile::tempdir().unwrap();
-    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
-    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    let (_dir, socket, _state, daemon) = started_daemon();
     let channel = connect(&socket).await;
     let mut vms = v1::vms_client::VmsClient::new(channel.clone());
     let mut agent = v1::agent_client::AgentClient::new(channel.clone());
@@ -772,9 +772,7 @@ async fn exec_once_up(agent: &mut v1::agent_client::AgentClient<Channel>, name: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_vms_from_one_template_run_with_their_own_entropy_and_files() {
-    let dir = tempfile::tempdir().unwrap();
-    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
-    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    let (_dir, socket, _state, daemon) = started_daemon();
     let channel = connect(&socket).await;
     let mut vms = v1::vms_client::VmsClient::new(channel.clone());
     let mut agent = v1::agent_client::AgentClient::new(channel.clone());
@@ -826,12 +824,10 @@ async fn twenty_vms_from_one_template_run_with_their_own_entropy_and_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_limits_go_on_the_block_device_under_the_vms_disk() {
     use std::os::unix::fs::MetadataExt;
-    let dir = tempfile::tempdir().unwrap();
-    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
-    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    let (_dir, socket, _state, daemon) = started_daemon();
     let mut vms = v1::vms_client::VmsClient::new(connect(&socket).await);
     let disk = v1::Disk {
-        path: dir.path().join("agent.layer").display().to_string(),
+        path: _dir.path().join("agent.layer").display().to_string(),
         size_bytes: 16 << 20,
         ..Default::default()
     };
@@ -845,7 +841,7 @@ async fn disk_limits_go_on_the_block_device_under_the_vms_disk() {
         v1::VmConfig { disks: vec![disk], disk_bytes_per_second: 8 << 20, disk_iops: 500, ..Default::default() };
     vms.create(v1::CreateVmRequest { name: "slow".into(), config: Some(config), ..Default::default() }).await.unwrap();
     // The whole disk the scratch directory lives on, if it is a block device at all.
-    let device = std::fs::metadata(dir.path()).unwrap().dev();
+    let device = std::fs::metadata(_dir.path()).unwrap().dev();
     let sys = PathBuf::from(format!("/sys/dev/block/{}:{}", libc::major(device), libc::minor(device)));
     let whole = if sys.join("partition").exists() { sys.join("../dev") } else { sys.join("dev") };
     let parents = cgroup_parents(&daemon.cgroup);
@@ -906,9 +902,7 @@ async fn a_vmm_its_seccomp_filter_ends_is_recorded_with_the_syscall() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_watchdog_restarts_a_vm_whose_agent_goes_silent() {
-    let dir = tempfile::tempdir().unwrap();
-    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
-    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    let (_dir, socket, state, daemon) = started_daemon();
     let mut vms = v1::vms_client::VmsClient::new(connect(&socket).await);
     let config = v1::VmConfig { watchdog_seconds: 2, ..Default::default() };
     let vm = vms
@@ -950,9 +944,7 @@ async fn the_watchdog_restarts_a_vm_whose_agent_goes_silent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_over_its_memory_limit_is_oom_killed_and_restarted_while_the_rest_runs_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let (socket, state) = (dir.path().join("carrel.sock"), dir.path().join("state"));
-    let daemon = Daemon::start(&socket, &state, &vmm_binary());
+    let (_dir, socket, _state, daemon) = started_daemon();
     let channel = connect(&socket).await;
     let mut vms = v1::vms_client::VmsClient::new(channel.clone());
     let mut agent = v1::agent_client::AgentClient::new(channel.clone());
