@@ -434,7 +434,8 @@ async fn run(cli: Cli) -> Result<Outcome, String> {
                 config.cpus = 0;
                 config.display.clear();
             }
-            Ok(vm_answer(vms.create(v1::CreateVmRequest { name, config: Some(config), template }).await, json))
+            let creating = vms.create(v1::CreateVmRequest { name, config: Some(config), template });
+            Ok(vm_answer(with_elapsed("starting", creating).await, json))
         }
         Command::Get { name } => Ok(vm_answer(vms.get(v1::GetVmRequest { name }).await, json)),
         Command::Start { name } => Ok(vm_answer(vms.start(v1::VmName { name }).await, json)),
@@ -714,7 +715,15 @@ fn print_snapshot(info: &v1::SnapshotInfo, json: bool) {
 /// A snapshot, or a hibernation, of one VM.
 async fn save(channel: Channel, request: v1::SnapshotRequest, hibernate: bool, json: bool) -> Outcome {
     let mut client = v1::snapshots_client::SnapshotsClient::new(channel);
-    let answer = if hibernate { client.hibernate(request).await } else { client.snapshot(request).await };
+    let doing = if hibernate { "hibernating" } else { "saving" };
+    let answer = with_elapsed(doing, async {
+        if hibernate {
+            client.hibernate(request).await
+        } else {
+            client.snapshot(request).await
+        }
+    })
+    .await;
     match answer {
         Ok(info) => {
             print_snapshot(&info.into_inner(), json);
@@ -755,7 +764,8 @@ async fn template(channel: Channel, command: TemplateCommand, json: bool) -> Res
     };
     Ok(match command {
         TemplateCommand::Create { name, from_vm } => {
-            match client.create(v1::CreateTemplateRequest { name, from_vm }).await {
+            match with_elapsed("saving the template", client.create(v1::CreateTemplateRequest { name, from_vm })).await
+            {
                 Ok(template) => {
                     print(&template.into_inner());
                     Outcome::Done
@@ -970,4 +980,33 @@ impl Drop for Progress {
             eprintln!();
         }
     }
+}
+
+/// Runs `work`, showing on a terminal's stderr what is being done and for how long
+/// (`carrel: hibernating... 1.4 s`) until it ends; the daemon's calls carry no progress.
+async fn with_elapsed<T>(doing: &str, work: impl std::future::Future<Output = T>) -> T {
+    // SAFETY: isatty only inspects the fd.
+    if unsafe { libc::isatty(2) } != 1 {
+        return work.await;
+    }
+    let started = std::time::Instant::now();
+    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(100));
+    tokio::pin!(work);
+    let mut shown = false;
+    let result = loop {
+        tokio::select! {
+            result = &mut work => break result,
+            _ = ticker.tick() => {
+                // Only what takes a while shows.
+                if started.elapsed() >= std::time::Duration::from_millis(300) {
+                    eprint!("\rcarrel: {doing}... {:.1} s", started.elapsed().as_secs_f64());
+                    shown = true;
+                }
+            }
+        }
+    };
+    if shown {
+        eprintln!();
+    }
+    result
 }
