@@ -7,7 +7,8 @@
 //!   screenshot, a pointer move (no wait), and an agent ping; M requests each.
 //!
 //! Needs root (the jail), `cargo build --release -p carrel-vmm` and
-//! `scripts/build-guests.sh`. `--runs N` (default 20), `--requests M` (default 200).
+//! `scripts/build-guests.sh`. `--runs N` (default 20), `--requests M` (default 200),
+//! `--guest-cmdline S` (e.g. `desk.tick=periodic`).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -70,7 +71,7 @@ impl Drop for Scratch {
     }
 }
 
-fn command(vmm: &Path, confinement: Confinement, scratch: &Scratch) -> Command {
+fn command(vmm: &Path, confinement: Confinement, scratch: &Scratch, cmdline: &str) -> Command {
     let mut command = Command::new(vmm);
     command
         .args(["run", "--mem", "128", "--kernel"])
@@ -79,6 +80,9 @@ fn command(vmm: &Path, confinement: Confinement, scratch: &Scratch) -> Command {
         .arg(scratch.socket())
         .arg("--vsock")
         .arg(scratch.dir.join("vm/vsock.sock"));
+    if !cmdline.is_empty() {
+        command.args(["--cmdline", cmdline]);
+    }
     match confinement {
         Confinement::None => {
             command.arg("--no-seccomp");
@@ -160,6 +164,8 @@ fn requests(socket: &Path, count: usize) -> anyhow::Result<serde_json::Value> {
         ("screenshot_png", &|_| screenshot(ImageFormat::Png)),
         ("input_move", &|index| pointer(100 + (index % 400) as u32)),
         ("agent_ping", &|_| Request::Agent(AgentRequest::Ping)),
+        // Served on the event loop thread: two thread wake-ups per request.
+        ("status", &|_| Request::Status),
     ] {
         let mut samples = Vec::with_capacity(count);
         for index in 0..count {
@@ -184,6 +190,11 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let (runs, count) = (option("--runs", 20)?, option("--requests", 200)?);
+    // The guest's command line, e.g. `desk.tick=periodic` to compare with a busy guest.
+    let cmdline = match args.iter().position(|arg| arg == "--guest-cmdline") {
+        Some(index) => args.get(index + 1).context("--guest-cmdline needs a value")?.clone(),
+        None => String::new(),
+    };
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the jailed runs need root");
@@ -197,7 +208,7 @@ fn main() -> anyhow::Result<()> {
     for _ in 0..runs {
         for (kind, confinement) in Confinement::ALL.into_iter().enumerate() {
             let scratch = Scratch::new(confinement.name())?;
-            let (child, elapsed) = start(command(&vmm, confinement, &scratch), "desk: ready")?;
+            let (child, elapsed) = start(command(&vmm, confinement, &scratch, &cmdline), "desk: ready")?;
             starts[kind].push(elapsed);
             stop(child);
         }
@@ -213,7 +224,7 @@ fn main() -> anyhow::Result<()> {
     let mut request_results = serde_json::Map::new();
     for confinement in Confinement::ALL {
         let scratch = Scratch::new(confinement.name())?;
-        let (child, _) = start(command(&vmm, confinement, &scratch), "desk: ready")?;
+        let (child, _) = start(command(&vmm, confinement, &scratch, &cmdline), "desk: ready")?;
         let measured = requests(&scratch.socket(), count);
         stop(child);
         request_results.insert(confinement.name().into(), measured?);
@@ -224,6 +235,7 @@ fn main() -> anyhow::Result<()> {
         json!({
             "runs": runs,
             "requests_each": count,
+            "guest_cmdline": cmdline,
             "start_to_desk_ready": start_results,
             "requests": request_results,
             "target": "jail and filters add < 3 ms to start; per-request cost of the filters on the hot paths",
