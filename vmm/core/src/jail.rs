@@ -233,11 +233,6 @@ pub fn may_write(path: &Path) -> Result<(), String> {
     ))
 }
 
-/// Whether this process entered a jail.
-pub fn is_jailed() -> bool {
-    ENTERED.get().is_some()
-}
-
 /// A jailed VMM, inside its namespaces and root, still root until
 /// [`Jail::drop_privileges`].
 #[derive(Debug)]
@@ -434,11 +429,6 @@ fn build_root(jail: &JailConfig, binds: &[Bind]) -> Result<(), JailError> {
 }
 
 impl Jail {
-    /// The jail's configuration.
-    pub fn config(&self) -> &JailConfig {
-        &self.config
-    }
-
     /// Gives files this VM made for itself while root (a new disk layer) to its uid, so
     /// it can still freeze them under that uid: those in a directory its uid owns. A file
     /// elsewhere (a disk the caller keeps in its own directory) is left as it is.

@@ -89,19 +89,19 @@ impl Version {
     }
 }
 
-/// Where the VMs' groups are made: the parent directory per controller (one directory
-/// for all on v2; on v1 co-mounted controllers share one).
+/// Where the VMs' groups are made: the VMs' parent group, whose directories the VMs'
+/// own groups are made in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cgroups {
-    version: Version,
-    memory: PathBuf,
-    cpu: PathBuf,
-    /// v1 only, and only when the cpuacct controller is mounted.
-    cpuacct: Option<PathBuf>,
-    pids: PathBuf,
-    /// Disk I/O limits: the blkio hierarchy on v1, the io controller on v2; none when the
-    /// host offers neither.
-    io: Option<PathBuf>,
+    parent: Group,
+}
+
+impl std::ops::Deref for Cgroups {
+    type Target = Group;
+
+    fn deref(&self) -> &Group {
+        &self.parent
+    }
 }
 
 /// What a VM's group limits.
@@ -175,18 +175,26 @@ pub struct Usage {
     pub oom_kills: u64,
 }
 
-/// One VM's group.
+/// A group: its directory in each controller's hierarchy (one directory for all on v2;
+/// on v1 co-mounted controllers share one). The VMs' parent, or one VM's.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmCgroup {
+pub struct Group {
     version: Version,
     memory: PathBuf,
     cpu: PathBuf,
+    /// v1 only, and only when the cpuacct controller is mounted.
     cpuacct: Option<PathBuf>,
     pids: PathBuf,
+    /// Disk I/O limits: the blkio hierarchy on v1, the io controller on v2; none when the
+    /// host offers neither.
     io: Option<PathBuf>,
 }
 
 impl Cgroups {
+    fn of(parent: Group) -> Cgroups {
+        Cgroups { parent }
+    }
+
     /// Finds the cgroup version in use and makes the VMs' parent group `name` under the
     /// daemon's own group; `Err` says why the VMs will run without limits.
     pub fn open(name: &str) -> Result<Cgroups, String> {
@@ -229,14 +237,14 @@ impl Cgroups {
             if offered.split_whitespace().any(|controller| controller == "memory") {
                 let dir = under(point, root, path);
                 let io = offered.split_whitespace().any(|controller| controller == "io").then(|| dir.clone());
-                return Ok(Cgroups {
+                return Ok(Cgroups::of(Group {
                     version: Version::V2,
                     memory: dir.clone(),
                     cpu: dir.clone(),
                     cpuacct: None,
                     pids: dir,
                     io,
-                });
+                }));
             }
         }
         let v1 = |controller: &str| -> Option<PathBuf> {
@@ -251,9 +259,14 @@ impl Cgroups {
             Some(under(point, root, path))
         };
         match (v1("memory"), v1("cpu"), v1("pids")) {
-            (Some(memory), Some(cpu), Some(pids)) => {
-                Ok(Cgroups { version: Version::V1, memory, cpu, cpuacct: v1("cpuacct"), pids, io: v1("blkio") })
-            }
+            (Some(memory), Some(cpu), Some(pids)) => Ok(Cgroups::of(Group {
+                version: Version::V1,
+                memory,
+                cpu,
+                cpuacct: v1("cpuacct"),
+                pids,
+                io: v1("blkio"),
+            })),
             _ => {
                 Err("no cgroup v2 with the memory controller, and no cgroup v1 memory, cpu and pids hierarchies".into())
             }
@@ -277,18 +290,9 @@ impl Cgroups {
         }
     }
 
-    fn parents(&self) -> Vec<&Path> {
-        let mut dirs: Vec<&Path> = vec![&self.memory, &self.cpu, &self.pids];
-        dirs.extend(self.cpuacct.as_deref());
-        dirs.extend(self.io.as_deref());
-        dirs.sort();
-        dirs.dedup();
-        dirs
-    }
-
     /// Makes the parent groups; on v2 also hands the controllers down to them.
     fn make_parents(&self) -> Result<(), String> {
-        for dir in self.parents() {
+        for dir in self.dirs() {
             std::fs::create_dir_all(dir).map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
         }
         if self.version == Version::V2 {
@@ -308,20 +312,21 @@ impl Cgroups {
     }
 
     /// The group of VM `vm` (made or not).
-    pub fn vm(&self, vm: &str) -> VmCgroup {
-        VmCgroup {
+    pub fn vm(&self, vm: &str) -> Group {
+        let join = |dir: &PathBuf| dir.join(vm);
+        Group {
             version: self.version,
-            memory: self.memory.join(vm),
-            cpu: self.cpu.join(vm),
-            cpuacct: self.cpuacct.as_ref().map(|dir| dir.join(vm)),
-            pids: self.pids.join(vm),
-            io: self.io.as_ref().map(|dir| dir.join(vm)),
+            memory: join(&self.memory),
+            cpu: join(&self.cpu),
+            cpuacct: self.cpuacct.as_ref().map(join),
+            pids: join(&self.pids),
+            io: self.io.as_ref().map(join),
         }
     }
 
     /// A fresh group for `vm` with `limits`: a group left from an earlier run is removed
     /// first (with anything still in it), so its counters start at zero.
-    pub fn prepare(&self, vm: &str, limits: &Limits) -> Result<VmCgroup, CgroupError> {
+    pub fn prepare(&self, vm: &str, limits: &Limits) -> Result<Group, CgroupError> {
         let group = self.vm(vm);
         group.remove()?;
         for dir in group.dirs() {
@@ -359,7 +364,7 @@ fn read_key(path: &Path, key: &str) -> Option<u64> {
     text.lines().find_map(|line| line.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-impl VmCgroup {
+impl Group {
     /// Its distinct directories (one on v2; per hierarchy on v1).
     fn dirs(&self) -> Vec<&Path> {
         let mut dirs: Vec<&Path> = vec![&self.memory, &self.cpu, &self.pids];
@@ -651,14 +656,14 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let parent = root.path().join("carrel");
         std::fs::create_dir(&parent).unwrap();
-        let cgroups = Cgroups {
+        let cgroups = Cgroups::of(Group {
             version: Version::V2,
             memory: parent.clone(),
             cpu: parent.clone(),
             cpuacct: None,
             pids: parent.clone(),
             io: Some(parent.clone()),
-        };
+        });
         let mut limits = Limits::for_vm(128, 1, None);
         limits.disk = DiskLimits { devices: vec![(8, 16)], bytes_per_second: 8 << 20, iops: 0 };
         // Files a real cgroupfs makes on mkdir; here they are made by hand.
@@ -695,7 +700,7 @@ mod tests {
     #[test]
     fn v1_oom_kills_come_from_oom_control() {
         let root = tempfile::tempdir().unwrap();
-        let group = VmCgroup {
+        let group = Group {
             version: Version::V1,
             memory: root.path().into(),
             cpu: root.path().into(),

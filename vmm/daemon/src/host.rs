@@ -218,6 +218,19 @@ impl Host {
         }
     }
 
+    /// Runs a host-level request's `work` and records it with its outcome.
+    pub async fn audited<T>(
+        &self,
+        caller: Caller,
+        action: &str,
+        params: Vec<(&str, String)>,
+        work: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let result = work.await;
+        self.record(caller, action, &params, result.as_ref().map(|_| ()));
+        result
+    }
+
     /// Sets `entry`'s state and tells the watchers.
     pub fn set_state(&self, entry: &mut VmEntry, state: v1::VmState) {
         entry.state = state;

@@ -550,7 +550,7 @@ impl v1::vms_server::Vms for Services {
     async fn create(&self, request: GrpcRequest<v1::CreateVmRequest>) -> Result<GrpcResponse<v1::Vm>, Status> {
         let caller = caller(&request)?;
         let params = vec![("name", request.get_ref().name.clone()), ("template", request.get_ref().template.clone())];
-        let result = async move {
+        let work = async move {
             let request = request.into_inner();
             let name = request.name;
             if !valid_name(&name) {
@@ -585,10 +585,8 @@ impl v1::vms_server::Vms for Services {
                 vms.insert(name.clone(), VmEntry::new(record, v1::VmState::Starting, paths));
             }
             self.host.boot(&name, true).await.map(GrpcResponse::new)
-        }
-        .await;
-        self.host.record(caller, "vm.create", &params, result.as_ref().map(|_| ()));
-        result
+        };
+        self.host.audited(caller, "vm.create", params, work).await
     }
 
     async fn get(&self, request: GrpcRequest<v1::GetVmRequest>) -> Result<GrpcResponse<v1::Vm>, Status> {
@@ -615,7 +613,7 @@ impl v1::vms_server::Vms for Services {
     async fn start(&self, request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::Vm>, Status> {
         let caller = caller(&request)?;
         let params = vec![("name", request.get_ref().name.clone())];
-        let result = async move {
+        let work = async move {
             let name = request.into_inner().name;
             {
                 let vms = self.host.vms.lock().await;
@@ -625,44 +623,38 @@ impl v1::vms_server::Vms for Services {
                 }
             }
             self.host.boot(&name, true).await.map(GrpcResponse::new)
-        }
-        .await;
-        self.host.record(caller, "vm.start", &params, result.as_ref().map(|_| ()));
-        result
+        };
+        self.host.audited(caller, "vm.start", params, work).await
     }
 
     async fn stop(&self, request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::Vm>, Status> {
         let caller = caller(&request)?;
         let params = vec![("name", request.get_ref().name.clone())];
-        let result = async move {
+        let work = async move {
             let name = request.into_inner().name;
             self.stop_vm(&name, caller).await?;
             let vms = self.host.vms.lock().await;
             Ok(GrpcResponse::new(vm_message(&self.host, self.host.check(&vms, &name, caller)?)))
-        }
-        .await;
-        self.host.record(caller, "vm.stop", &params, result.as_ref().map(|_| ()));
-        result
+        };
+        self.host.audited(caller, "vm.stop", params, work).await
     }
 
     /// A stop, then a cold start (or a fresh restore of its template).
     async fn reboot(&self, request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::Vm>, Status> {
         let caller = caller(&request)?;
         let params = vec![("name", request.get_ref().name.clone())];
-        let result = async move {
+        let work = async move {
             let name = request.into_inner().name;
             self.stop_vm(&name, caller).await?;
             Ok(GrpcResponse::new(self.host.boot(&name, true).await?))
-        }
-        .await;
-        self.host.record(caller, "vm.reboot", &params, result.as_ref().map(|_| ()));
-        result
+        };
+        self.host.audited(caller, "vm.reboot", params, work).await
     }
 
     async fn delete(&self, request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::DeleteVmResponse>, Status> {
         let caller = caller(&request)?;
         let params = vec![("name", request.get_ref().name.clone())];
-        let result = async move {
+        let work = async move {
             let name = request.into_inner().name;
             self.stop_vm(&name, caller).await?;
             let mut vms = self.host.vms.lock().await;
@@ -674,10 +666,8 @@ impl v1::vms_server::Vms for Services {
             self.host.registry.remove(&name).map_err(|err| Status::internal(err.to_string()))?;
             self.host.remove_cgroup(&name).map_err(Status::internal)?;
             Ok(GrpcResponse::new(v1::DeleteVmResponse {}))
-        }
-        .await;
-        self.host.record(caller, "vm.delete", &params, result.as_ref().map(|_| ()));
-        result
+        };
+        self.host.audited(caller, "vm.delete", params, work).await
     }
 
     type WatchStream = Stream2<v1::VmEvent>;
@@ -969,15 +959,13 @@ impl v1::secrets_server::Secrets for Services {
         let caller = caller(&request)?;
         let params =
             vec![("name", request.get_ref().name.clone()), ("length", request.get_ref().value.len().to_string())];
-        let result = async move {
+        let work = async move {
             let request = request.into_inner();
             self.host.secrets.set(caller.uid, &request.name, &request.value).map_err(secret_status)?;
             eprintln!("carreld: uid {} set secret {:?} ({} bytes)", caller.uid, request.name, request.value.len());
             Ok(GrpcResponse::new(v1::SecretInfo { name: request.name, length: request.value.len() as u64 }))
-        }
-        .await;
-        self.host.record(caller, "secret.set", &params, result.as_ref().map(|_| ()));
-        result
+        };
+        self.host.audited(caller, "secret.set", params, work).await
     }
 
     async fn list(
@@ -997,15 +985,13 @@ impl v1::secrets_server::Secrets for Services {
     ) -> Result<GrpcResponse<v1::DeleteSecretResponse>, Status> {
         let caller = caller(&request)?;
         let params = vec![("name", request.get_ref().name.clone())];
-        let result = async move {
+        let work = async move {
             let name = request.into_inner().name;
             self.host.secrets.delete(caller.uid, &name).map_err(secret_status)?;
             eprintln!("carreld: uid {} deleted secret {name:?}", caller.uid);
             Ok(GrpcResponse::new(v1::DeleteSecretResponse {}))
-        }
-        .await;
-        self.host.record(caller, "secret.delete", &params, result.as_ref().map(|_| ()));
-        result
+        };
+        self.host.audited(caller, "secret.delete", params, work).await
     }
 }
 
@@ -1153,7 +1139,7 @@ impl v1::templates_server::Templates for Services {
     ) -> Result<GrpcResponse<v1::Template>, Status> {
         let caller = caller(&request)?;
         let params = vec![("name", request.get_ref().name.clone()), ("from_vm", request.get_ref().from_vm.clone())];
-        let result = async move {
+        let work = async move {
             let request = request.into_inner();
             if !valid_name(&request.name) {
                 return Err(Status::invalid_argument(format!(
@@ -1195,10 +1181,8 @@ impl v1::templates_server::Templates for Services {
                 .map_err(|err| Status::internal(err.to_string()))?
                 .map_err(template_status)?;
             Ok(GrpcResponse::new(template_message(&record)))
-        }
-        .await;
-        self.host.record(caller, "template.create", &params, result.as_ref().map(|_| ()));
-        result
+        };
+        self.host.audited(caller, "template.create", params, work).await
     }
 
     async fn list(
@@ -1217,7 +1201,7 @@ impl v1::templates_server::Templates for Services {
     ) -> Result<GrpcResponse<v1::DeleteTemplateResponse>, Status> {
         let caller = caller(&request)?;
         let params = vec![("name", request.get_ref().name.clone())];
-        let result = async move {
+        let work = async move {
             let name = request.into_inner().name;
             let record = self.host.templates.get(&name).map_err(template_status)?;
             if !self.host.allowed(caller, record.owner_uid) {
@@ -1237,10 +1221,8 @@ impl v1::templates_server::Templates for Services {
             }
             self.host.templates.remove(&name).map_err(template_status)?;
             Ok(GrpcResponse::new(v1::DeleteTemplateResponse {}))
-        }
-        .await;
-        self.host.record(caller, "template.delete", &params, result.as_ref().map(|_| ()));
-        result
+        };
+        self.host.audited(caller, "template.delete", params, work).await
     }
 }
 
