@@ -1,23 +1,47 @@
 #!/usr/bin/env bash
-# Fetch the Debian cloud kernel used as Carrel's Linux test guest.
+# Fetch a Debian kernel for Carrel's Linux guests (and the nested test machine).
 #
-#   scripts/fetch-linux-kernel.sh [CACHE_DIR]        (default: <repo>/.cache/linux)
+#   scripts/fetch-linux-kernel.sh [--flavour cloud|generic] [CACHE_DIR]
+#
+# cloud (default)  linux-image-cloud-amd64, cached in <repo>/.cache/linux: the test guest.
+# generic          linux-image-amd64, cached in <repo>/.cache/linux-generic: the kernel of
+#                  the nested test machine (scripts/nested-test.sh) and of Linux guests that
+#                  need the modules the cloud kernel lacks (kvm_amd, virtio-gpu, input).
 #
 # Produces, in CACHE_DIR:
-#   bzImage   the packaged boot/vmlinuz-* (Linux boot protocol, LZ4-compressed payload)
+#   bzImage   the packaged boot/vmlinuz-* (Linux boot protocol, compressed payload)
 #   vmlinux   the uncompressed ELF extracted from it (64-bit entry and Xen PVH note)
 #   version   the kernel release string (e.g. 6.1.0-56-cloud-amd64)
 #   package   the Debian package name and version it came from
-# Idempotent: does nothing when the three files exist and vmlinux is a valid ELF.
-# Needs: apt-get, dpkg-deb, lz4, od (scripts/provision-host.sh installs them).
+#   modules/  (generic only) modules/lib/modules/<version>: the package's modules, with the
+#             modules.dep that depmod writes (use as modprobe -d / depmod -b base)
+# Idempotent: does nothing when those files exist and vmlinux is a valid ELF.
+# Needs: apt-get, dpkg-deb, lz4, xz, od, depmod (scripts/provision-host.sh installs them).
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-CACHE_DIR="${1:-$REPO_ROOT/.cache/linux}"
-META_PKG="linux-image-cloud-amd64"
 
 log() { printf 'carrel: %s\n' "$*"; }
 die() { printf 'carrel: error: %s\n' "$*" >&2; exit 1; }
+
+FLAVOUR=cloud
+CACHE_DIR=""
+while (($#)); do
+    case "$1" in
+        --flavour) [[ $# -ge 2 ]] || die "--flavour needs cloud or generic"; FLAVOUR="$2"; shift 2 ;;
+        --flavour=*) FLAVOUR="${1#--flavour=}"; shift ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) die "unknown argument '$1' (try --help)" ;;
+        *) CACHE_DIR="$1"; shift ;;
+    esac
+done
+case "$FLAVOUR" in
+    cloud) META_PKG="linux-image-cloud-amd64"; KEEP_MODULES=0
+           CACHE_DIR="${CACHE_DIR:-$REPO_ROOT/.cache/linux}" ;;
+    generic) META_PKG="linux-image-amd64"; KEEP_MODULES=1
+             CACHE_DIR="${CACHE_DIR:-$REPO_ROOT/.cache/linux-generic}" ;;
+    *) die "unknown flavour '$FLAVOUR' (cloud or generic)" ;;
+esac
 
 for tool in apt-get apt-cache dpkg-deb lz4 od grep; do
     command -v "$tool" >/dev/null 2>&1 \
@@ -28,7 +52,8 @@ is_elf() { [[ -f "$1" && "$(head -c 4 "$1" | od -An -tx1 | tr -d ' \n')" == "7f4
 # bzImage: "HdrS" at offset 0x202 (Linux boot protocol header).
 is_bzimage() { [[ -f "$1" && "$(dd if="$1" bs=1 skip=514 count=4 status=none)" == "HdrS" ]]; }
 
-if is_elf "$CACHE_DIR/vmlinux" && is_bzimage "$CACHE_DIR/bzImage" && [[ -s "$CACHE_DIR/version" ]]; then
+if is_elf "$CACHE_DIR/vmlinux" && is_bzimage "$CACHE_DIR/bzImage" && [[ -s "$CACHE_DIR/version" ]] \
+    && { ((KEEP_MODULES == 0)) || [[ -s "$CACHE_DIR/modules/lib/modules/$(cat "$CACHE_DIR/version")/modules.dep" ]]; }; then
     exit 0
 fi
 
@@ -77,28 +102,44 @@ is_bzimage "$vmlinuz" || die "$vmlinuz is not a bzImage (no HdrS header)"
 kver="${vmlinuz##*/vmlinuz-}"
 
 # --- extract vmlinux ---------------------------------------------------------------
-# The compressed payload is an LZ4 legacy frame (magic 02 21 4c 18). Try every occurrence
-# of the magic until one decompresses to an ELF; lz4 -dc stops with an error at the
-# trailing bytes after the frame, which is expected and ignored.
-log "extracting vmlinux from $(basename "$vmlinuz") (LZ4)"
+# Debian's payload is an LZ4 legacy frame (magic 02 21 4c 18); XZ (fd 37 7a 58 5a 00) is
+# tried too. Try every occurrence of a magic until one decompresses to an ELF; the
+# decompressor stops with an error at the trailing bytes after the frame, which is expected
+# and ignored.
 extracted=0
-while read -r off; do
-    [[ -n "$off" ]] || continue
-    tail -c "+$((off + 1))" "$vmlinuz" | lz4 -dc 2>/dev/null >"$work/vmlinux" || true
-    if is_elf "$work/vmlinux"; then
-        extracted=1
-        log "found ELF at LZ4 frame offset $off"
-        break
-    fi
-done < <(LC_ALL=C grep -obUaP '\x02\x21\x4c\x18' "$vmlinuz" | cut -d: -f1)
-((extracted)) || die "no LZ4 frame in $vmlinuz decompresses to an ELF \
-(is the kernel compressed with something other than LZ4?)"
+try_magic() { # NAME MAGIC-REGEX DECOMPRESS-COMMAND...
+    local name="$1" magic="$2" off
+    shift 2
+    while read -r off; do
+        [[ -n "$off" ]] || continue
+        tail -c "+$((off + 1))" "$vmlinuz" | "$@" 2>/dev/null >"$work/vmlinux" || true
+        if is_elf "$work/vmlinux"; then
+            log "extracted vmlinux from $(basename "$vmlinuz") ($name frame at offset $off)"
+            return 0
+        fi
+    done < <(LC_ALL=C grep -obUaP "$magic" "$vmlinuz" | cut -d: -f1)
+    return 1
+}
+try_magic LZ4 '\x02\x21\x4c\x18' lz4 -dc && extracted=1
+((extracted)) || { command -v xz >/dev/null 2>&1 && try_magic XZ '\xfd\x37\x7a\x58\x5a\x00' xz -dc && extracted=1; } || true
+((extracted)) || die "no LZ4 or XZ frame in $vmlinuz decompresses to an ELF \
+(is the kernel compressed another way?)"
 if command -v readelf >/dev/null 2>&1; then
     readelf -h "$work/vmlinux" >/dev/null 2>&1 || die "extracted vmlinux is not a valid ELF (readelf -h)"
 fi
 
 # --- install into the cache (vmlinux last: it marks the cache complete) ------------------
 rm -f "$CACHE_DIR/vmlinux"
+if ((KEEP_MODULES)); then
+    # The package leaves modules.dep to its postinst: write it here with depmod.
+    depmod="$(PATH="$PATH:/sbin:/usr/sbin" command -v depmod || true)"
+    [[ -n "$depmod" ]] || die "depmod not found: run scripts/provision-host.sh (package kmod)"
+    [[ -d "$work/root/lib/modules/$kver" ]] || die "no lib/modules/$kver in $pkg"
+    "$depmod" -b "$work/root" "$kver" || die "depmod -b $work/root $kver failed"
+    rm -rf "$CACHE_DIR/modules"
+    mkdir -p "$CACHE_DIR/modules/lib/modules"
+    mv "$work/root/lib/modules/$kver" "$CACHE_DIR/modules/lib/modules/$kver"
+fi
 cp "$vmlinuz" "$CACHE_DIR/bzImage"
 printf '%s\n' "$kver" >"$CACHE_DIR/version"
 printf '%s %s\n' "$pkg" "$pkg_version" >"$CACHE_DIR/package"

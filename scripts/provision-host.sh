@@ -62,7 +62,7 @@ if ((CHECK)); then
     else
         problem "/dev/kvm (load kvm_intel, kvm_amd or kvm_pvm)"
     fi
-    for tool in qemu-system-x86_64 lz4 readelf xz cpio busybox python3; do
+    for tool in qemu-system-x86_64 lz4 readelf xz cpio busybox python3 depmod; do
         command -v "$tool" >/dev/null 2>&1 || problem "$tool (run this script without --check)"
     done
     python3 -c "import grpc, grpc_reflection" >/dev/null 2>&1 || problem "Python grpcio for the daemon tests"
@@ -99,7 +99,9 @@ fi
 
 # --- Debian packages -------------------------------------------------------------------
 # package -> a command it provides (checked too, so a half-removed package is reinstalled)
-#   qemu-system-x86   comparison benchmarks and PVH/Linux boot tests
+#   qemu-system-x86   comparison benchmarks, PVH/Linux boot tests, and the nested test
+#                     machine of scripts/nested-test.sh (TCG with an emulated SVM CPU)
+#   kmod              depmod for the generic kernel's modules (fetch-linux-kernel.sh)
 #   lz4, binutils     Linux kernel extraction (scripts/fetch-linux-kernel.sh), guest images
 #   xz-utils          compressed images and packages
 #   cpio, busybox-static  the Linux guest's initramfs (kernels/linux/build-initramfs.sh)
@@ -107,6 +109,7 @@ fi
 #   systemd           systemd-analyze, which checks carreld's unit
 PACKAGES=(
     "qemu-system-x86:qemu-system-x86_64"
+    "kmod:depmod"
     "lz4:lz4"
     "binutils:readelf"
     "xz-utils:xz"

@@ -2,6 +2,13 @@
 //!
 //! Tests wait on events (a console line, process exit), never on sleeps; the deadlines
 //! here only turn a hang into a failure with the output so far.
+//!
+//! Two environment switches serve the nested test machine (scripts/nested-test.sh), where
+//! these binaries run on hardware KVM inside an emulated CPU, without cargo:
+//! - `CARREL_PREBUILT_GUESTS=1`: `guest()` uses the guests already in `target/guests/`
+//!   instead of running scripts/build-guests.sh (which needs cargo);
+//! - `CARREL_DEADLINE_SCALE=F`: every deadline here is multiplied by F (a number >= 1), so
+//!   a hang still fails but an emulated machine's slowness does not.
 
 #![allow(dead_code)]
 
@@ -20,10 +27,33 @@ pub fn vmm_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_carrel-vmm"))
 }
 
+/// `deadline` multiplied by `CARREL_DEADLINE_SCALE` (unset, unparsable or below 1: 1).
+pub fn scaled(deadline: Duration) -> Duration {
+    static SCALE: OnceLock<f64> = OnceLock::new();
+    let scale = *SCALE.get_or_init(|| {
+        std::env::var("CARREL_DEADLINE_SCALE")
+            .ok()
+            .and_then(|value| value.parse::<f64>().ok())
+            .filter(|scale| scale.is_finite() && *scale >= 1.0)
+            .unwrap_or(1.0)
+    });
+    deadline.mul_f64(scale)
+}
+
 /// Builds the project's guests once per test binary and returns the path of `name`.
+/// With `CARREL_PREBUILT_GUESTS=1` only checks that it was built.
 pub fn guest(name: &str) -> PathBuf {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let root = workspace_root();
+    if std::env::var_os("CARREL_PREBUILT_GUESTS").is_some_and(|value| value == "1") {
+        let path = root.join("target/guests").join(name);
+        assert!(
+            path.is_file(),
+            "{} is missing and CARREL_PREBUILT_GUESTS=1 forbids building it: run scripts/build-guests.sh first",
+            path.display()
+        );
+        return path;
+    }
     let built = BUILT.get_or_init(|| {
         let status = Command::new("bash")
             .arg(root.join("scripts/build-guests.sh"))
@@ -94,6 +124,7 @@ impl RunningVm {
 
     /// Waits for a line containing `needle`; panics with everything seen at the deadline.
     pub fn wait_for_line(&mut self, needle: &str, deadline: Duration) -> String {
+        let deadline = scaled(deadline);
         let end = Instant::now() + deadline;
         loop {
             let left = end.saturating_duration_since(Instant::now());
@@ -117,6 +148,7 @@ impl RunningVm {
 
     /// Waits for the process to exit, collecting the rest of its output.
     pub fn wait_for_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let deadline = scaled(deadline);
         let end = Instant::now() + deadline;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait works") {

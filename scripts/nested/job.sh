@@ -1,0 +1,121 @@
+# The body of the job the nested machine runs (scripts/nested-test.sh prepends its
+# settings: REPO, JOB, SCALE, MODE, SUITES, ...). Runs chrooted into the host's filesystem
+# with /tmp on tmpfs; writes each suite's output and summary.tsv into $JOB.
+set -u
+cd "$REPO" || exit 125
+export HOME=/tmp TMPDIR=/tmp PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export CARREL_PREBUILT_GUESTS=1 CARREL_DEADLINE_SCALE="$SCALE" RUST_BACKTRACE=1
+
+say() { echo "carrel-nested: $*"; }
+now() { echo "$EPOCHREALTIME"; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+record() { printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$JOB/summary.tsv"; }
+overall=0
+fail_with() { [ "$overall" -ne 0 ] || overall="$1"; }
+VMM="$REPO/target/debug/carrel-vmm"
+
+# Every carrel-vmm's threads: name, wait channel, kernel stack (for a hang).
+dump_vmms() {
+    local pid task
+    for pid in $(pgrep -f carrel-vmm); do
+        echo "--- pid $pid: $(tr '\0' ' ' <"/proc/$pid/cmdline")"
+        for task in /proc/"$pid"/task/*; do
+            echo "  task ${task##*/} $(cat "$task/comm") state=$(awk '/^State/ {print $2}' "$task/status") wchan=$(cat "$task/wchan")"
+            sed 's/^/    /' "$task/stack" 2>/dev/null
+        done
+    done
+}
+
+# run_suite NAME SECONDS COMMAND...: runs a libtest binary, records its counts and time.
+run_suite() {
+    local name="$1" limit="$2" start rc result line passed=0 failed=0 ignored=0 watchdog
+    shift 2
+    say "suite $name: $*"
+    start="$(now)"
+    ( sleep "$((limit - 5))"; say "suite $name still running after $((limit - 5)) s: the VMMs' threads"; dump_vmms ) &
+    watchdog=$!
+    timeout -k 5 "$limit" "$@" 2>&1 | tee "$JOB/$name.log"
+    rc="${PIPESTATUS[0]}"
+    kill "$watchdog" 2>/dev/null
+    wait "$watchdog" 2>/dev/null
+    line="$(grep -E '^test result: ' "$JOB/$name.log" | tail -n1)"
+    if [ -n "$line" ]; then
+        passed="$(sed -n 's/.* \([0-9]*\) passed.*/\1/p' <<<"$line")"
+        failed="$(sed -n 's/.* \([0-9]*\) failed.*/\1/p' <<<"$line")"
+        ignored="$(sed -n 's/.* \([0-9]*\) ignored.*/\1/p' <<<"$line")"
+    fi
+    case "$rc" in 0) result=ok ;; 124|137) result=TIMEOUT ;; *) result=FAILED ;; esac
+    say "suite $name: $result ($passed passed, $failed failed, $ignored ignored) in $(since "$start") s"
+    record "$name" "$result" "$passed" "$failed" "$ignored" "$(since "$start")"
+    [ "$rc" -eq 0 ] || fail_with "$rc"
+}
+
+say "job: $MODE on $(uname -r), $(nproc) CPUs, /dev/kvm: $(ls /sys/module | grep -E '^kvm_(amd|intel|pvm)$' | tr '\n' ' ')"
+case "$MODE" in
+tests)
+    for ((i = 0; i < ${#SUITES[@]}; i += 2)); do
+        run_suite "${SUITES[i]}" 360 "${SUITES[i + 1]}"
+    done
+    if [ "$LINUX" = 1 ]; then
+        run_suite linux-agent 240 bash "$REPO/scripts/nested/linux-agent.sh" "$L2_KERNEL" "$L2_INITRD"
+    fi
+    if [ "$LINUX_DESKTOP" = 1 ]; then
+        run_suite linux_desktop 600 "$LINUX_DESKTOP_BIN" --ignored
+    fi
+    ;;
+desk-loop)
+    # Short Desk boots in a row (desk.exit=1 powers off after 10 ticks); a run that has not
+    # ended after 60 s is a hang: its threads' stacks are printed, then it is killed.
+    hung=0
+    times=()
+    start_all="$(now)"
+    for ((i = 1; i <= DESK_LOOP; i++)); do
+        out="/tmp/desk-$i.log"
+        start="$(now)"
+        "$VMM" run --kernel "$REPO/target/guests/desk.elf" --cmdline desk.exit=1 >"$out" 2>&1 &
+        pid=$!
+        for ((tenth = 0; tenth < 600; tenth++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            hung=$((hung + 1))
+            say "run $i: HUNG after 60 s; output so far:"
+            sed 's/^/    /' "$out"
+            dump_vmms
+            cp "$out" "$JOB/desk-hang-$i.log"
+            kill -9 "$pid"
+        fi
+        wait "$pid"
+        rc=$?
+        t="$(since "$start")"
+        times+=("$t")
+        if [ "$rc" -ne 0 ] || ! grep -q 'desk: 10 ticks in' "$out"; then
+            say "run $i: exit $rc after $t s"
+            grep -q 'desk: 10 ticks in' "$out" || { sed 's/^/    /' "$out" | tail -n 20; }
+            [ "$rc" -ne 0 ] && fail_with 1
+        fi
+        ((i % 10 == 0)) && say "$i runs, $hung hung, last $t s"
+    done
+    say "desk loop: $DESK_LOOP runs, $hung hung, in $(since "$start_all") s; seconds per run: ${times[*]}"
+    record desk-loop "$([ "$hung" -eq 0 ] && echo ok || echo HUNG)" "$((DESK_LOOP - hung))" "$hung" 0 "$(since "$start_all")"
+    [ "$hung" -eq 0 ] || fail_with 1
+    ;;
+perf)
+    start="$(now)"
+    CARREL_PERF_OUT="$JOB/perf-result.json" "$REPO/target/release/nested" \
+        --kernel "$L2_KERNEL" --initrd "$L2_INITRD" --vmm "$REPO/target/release/carrel-vmm" \
+        2>&1 | tee "$JOB/perf.log"
+    rc="${PIPESTATUS[0]}"
+    record perf "$([ "$rc" -eq 0 ] && echo ok || echo FAILED)" - - - "$(since "$start")"
+    [ "$rc" -eq 0 ] || fail_with "$rc"
+    ;;
+run)
+    start="$(now)"
+    bash -c "$RUN_COMMAND"
+    rc=$?
+    record run "$([ "$rc" -eq 0 ] && echo ok || echo FAILED)" - - - "$(since "$start")"
+    [ "$rc" -eq 0 ] || fail_with "$rc"
+    ;;
+esac
+exit "$overall"

@@ -1,0 +1,56 @@
+#!/bin/bash
+# Inside the nested machine: Debian's generic vmlinux in carrel-vmm on hardware KVM, with
+# the minimal initramfs plus its modules (scripts/nested/l2-init.sh). Checks that Linux
+# reaches /init, which virtio devices it binds, and that the guest agent answers ping and
+# exec over vsock through carrel-vmm's control socket.
+#
+#   scripts/nested/linux-agent.sh VMLINUX INITRD
+set -u
+kernel="$1"
+initrd="$2"
+vmm="$(dirname "$0")/../../target/debug/carrel-vmm"
+scale="${CARREL_DEADLINE_SCALE:-1}"
+dir="$(mktemp -d /tmp/linux-agent.XXXXXX)"
+log="$dir/console.log"
+say() { echo "linux-agent: $*"; }
+fail() { say "FAIL: $*"; sed 's/^/    console: /' "$log" | tail -n 60; kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; exit 1; }
+
+# wait_for NEEDLE SECONDS: a console line containing NEEDLE, or fail.
+wait_for() {
+    local deadline=$((SECONDS + $2 * ${scale%.*}))
+    until grep -q -- "$1" "$log"; do
+        kill -0 "$pid" 2>/dev/null || fail "carrel-vmm ended before '$1'"
+        ((SECONDS < deadline)) || fail "no '$1' within $(($2 * ${scale%.*})) s"
+        sleep 0.2
+    done
+}
+
+start=$EPOCHREALTIME
+"$vmm" run --kernel "$kernel" --initrd "$initrd" --mem 512 --cpus 2 \
+    --cmdline "console=ttyS0 reboot=k panic=1 rdinit=/carrel-init" \
+    --socket "$dir/vm.sock" --vsock "$dir/vm.vsock" >"$log" 2>&1 &
+pid=$!
+wait_for "carrel-l2: init at" 60
+say "reached /init after $(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }') s ($(grep -o 'init at .* s of guest time' "$log"))"
+wait_for "carrel-l2: starting the guest agent" 60
+grep 'carrel-l2: virtio' "$log" | sed 's/^/    /'
+grep -q 'carrel-l2: virtio .*device 0x0013 driver vmw_vsock_virtio_transport' "$log" \
+    || fail "Linux bound no vsock device (virtio device 19) to vmw_vsock_virtio_transport"
+
+deadline=$((SECONDS + 30 * ${scale%.*}))
+until ping="$("$vmm" agent --socket "$dir/vm.sock" ping 2>&1)"; do
+    ((SECONDS < deadline)) || fail "the agent does not answer ping: $ping"
+    sleep 0.5
+done
+say "agent ping: $ping"
+out="$("$vmm" agent --socket "$dir/vm.sock" exec -- uname -r 2>&1)" || fail "agent exec uname -r: $out"
+say "agent exec uname -r: $out"
+[[ "$out" == *"$(basename "$(dirname "$(dirname "$kernel")")")"* || -n "$out" ]] || fail "empty uname -r"
+out="$("$vmm" agent --socket "$dir/vm.sock" exec -- sh -c 'exit 7' 2>&1)"
+code=$?
+((code == 7)) || fail "agent exec 'exit 7' ended $code: $out"
+say "agent exec 'exit 7': exit code 7"
+"$vmm" stop --socket "$dir/vm.sock" >/dev/null || fail "carrel-vmm stop"
+wait "$pid"
+say "ok"
+rm -rf "$dir"
