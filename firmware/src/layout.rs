@@ -9,6 +9,7 @@
 //! 0x0000_8ff0  boot stack top (grows down into 0x8000)
 //! 0x0000_9000  page tables: PML4, PDPT, then one PD per GiB mapped
 //! 0x0002_0000  kernel command line
+//! 0x000e_0000  ACPI tables (Linux and PVH guests): RSDP first, then XSDT, FADT, MADT, DSDT
 //! 0x0010_0000  high memory: kernels load at or above 1 MiB
 //! 0xc000_0000  start of the MMIO gap (RAM resumes at 4 GiB)
 //! 0xd000_0000  virtio-mmio windows, one page each
@@ -30,6 +31,11 @@ pub const CMDLINE_ADDR: u64 = 0x20000;
 pub const CMDLINE_MAX: usize = 4096;
 /// Start of the legacy EBDA/BIOS hole Linux expects to stay out of RAM.
 pub const EBDA_START: u64 = 0x9fc00;
+/// The ACPI tables of Linux and PVH guests: the legacy BIOS area, where a kernel that
+/// is not told the RSDP's address (boot protocol before 2.14) searches for it. Reported
+/// as ACPI data in the e820 map; the Desk kernel gets no tables.
+pub const ACPI_START: u64 = 0xe_0000;
+pub const ACPI_SIZE: u64 = 0x2_0000;
 pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;

@@ -253,6 +253,20 @@ pub mod ports {
     /// Console port: a 32-bit write of the guest-physical address of a [`super::ConsoleRecord`]
     /// hands the VMM a whole line of console text in one exit instead of one exit per byte.
     pub const CONSOLE: u16 = 0x4f4;
+    /// ACPI sleep control register (the FADT's SLEEP_CONTROL_REG, hardware-reduced ACPI),
+    /// one byte: SLP_EN with SLP_TYP [`ACPI_SLEEP_TYPE_S5`] (the DSDT's `\_S5_`), which is
+    /// what Linux's `poweroff` writes, ends the VM with exit code 0.
+    pub const ACPI_SLEEP_CONTROL: u16 = 0x4f8;
+    /// ACPI sleep status register (SLEEP_STATUS_REG), one byte: reads as zero.
+    pub const ACPI_SLEEP_STATUS: u16 = 0x4f9;
+    /// ACPI reset register (the FADT's RESET_REG): writing [`ACPI_RESET_VALUE`] ends the
+    /// VM with exit code 0, as the i8042 reset does.
+    pub const ACPI_RESET: u16 = 0x4fa;
+    pub const ACPI_RESET_VALUE: u8 = 0x01;
+    /// SLP_TYP of the soft-off state S5, as the DSDT's `\_S5_` package names it.
+    pub const ACPI_SLEEP_TYPE_S5: u8 = 5;
+    /// SLP_EN in the sleep control register; SLP_TYP sits in bits 2-4.
+    pub const ACPI_SLEEP_ENABLE: u8 = 1 << 5;
 }
 
 /// Most bytes one [`ConsoleRecord`] may carry.

@@ -70,6 +70,8 @@ pub enum BuildError {
     #[error(transparent)]
     Block(#[from] crate::devices::virtio::block::BlockError),
     #[error(transparent)]
+    Rng(#[from] crate::devices::virtio::rng::RngError),
+    #[error(transparent)]
     Bus(#[from] crate::devices::bus::BusError),
     #[error("cannot create an eventfd for {what}: {source}")]
     CreateEventFd { what: &'static str, source: std::io::Error },
@@ -337,7 +339,7 @@ fn wire(config: &VmConfig, vm: &Vm, ram: &GuestRam, saved: Option<&SnapshotState
 
     let mut virtio_bus = VirtioBus { vm, ram, mmio: Bus::new(), attached: Vec::new(), entries: Vec::new(), saved };
     if config.rng {
-        virtio_bus.attach("rng", Box::new(Rng::new()))?;
+        virtio_bus.attach("rng", Box::new(Rng::new()?))?;
     }
 
     let mut screen = None;
@@ -429,6 +431,9 @@ fn attach_power_ports(
         (PowerPort::I8042, ports::I8042_COMMAND, 1),
         (PowerPort::Power, ports::POWER, 1),
         (PowerPort::Console, ports::CONSOLE, 4),
+        (PowerPort::AcpiSleepControl, ports::ACPI_SLEEP_CONTROL, 1),
+        (PowerPort::AcpiSleepStatus, ports::ACPI_SLEEP_STATUS, 1),
+        (PowerPort::AcpiReset, ports::ACPI_RESET, 1),
     ] {
         let device: Arc<Mutex<dyn BusDevice>> =
             Arc::new(Mutex::new(PowerDevice::new(port, exit.clone(), ram.memory.clone(), console.clone())));

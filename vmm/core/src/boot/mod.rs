@@ -3,7 +3,12 @@
 //! - Desk kernel (ELF with the Carrel note): `BootInfo`, entered in long mode, native on PVM.
 //! - Linux `vmlinux` (ELF) or `bzImage`: boot_params with the e820 map, 64-bit entry.
 //! - PVH (ELF with XEN_ELFNOTE_PHYS32_ENTRY): `hvm_start_info`, 32-bit protected mode.
+//!
+//! Linux and PVH guests also get ACPI tables ([`acpi`]): CPUs, interrupt controllers,
+//! the virtio-mmio devices and power-off, which stock kernels read. The devices are on
+//! the command line too (`virtio_mmio.device=`), for kernels built without ACPI.
 
+pub mod acpi;
 pub mod image;
 
 use std::fs::File;
@@ -268,6 +273,18 @@ fn load_initrd(memory: &GuestMemoryMmap, ram_size: u64, path: &Path, limit: u64)
 }
 
 const E820_RAM: u32 = 1;
+/// ACPI tables: not RAM; the kernel reads them and leaves them be.
+const E820_ACPI: u32 = 3;
+
+/// The e820 map of a Linux or PVH guest: its RAM and the ACPI tables' region, in address
+/// order. (start, length, type).
+fn linux_memory_map(ram_size: u64) -> Vec<(u64, u64, u32)> {
+    let mut map: Vec<(u64, u64, u32)> =
+        ram_map(ram_size).into_iter().map(|(start, len)| (start, len, E820_RAM)).collect();
+    map.push((layout::ACPI_START, layout::ACPI_SIZE, E820_ACPI));
+    map.sort_by_key(|(start, ..)| *start);
+    map
+}
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
 const KERNEL_LOADER_OTHER: u8 = 0xff;
@@ -316,13 +333,14 @@ fn load_linux(
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
     }
-    for (index, (start, len)) in ram_map(ram_size).into_iter().enumerate() {
+    for (index, (start, len, kind)) in linux_memory_map(ram_size).into_iter().enumerate() {
         let Some(slot) = params.e820_table.get_mut(index) else {
             return Err(BootError::TableFull { what: "e820 entries" });
         };
-        *slot = boot_e820_entry { addr: start, size: len, r#type: E820_RAM };
+        *slot = boot_e820_entry { addr: start, size: len, r#type: kind };
         params.e820_entries += 1;
     }
+    params.acpi_rsdp_addr = acpi::write_tables(memory, request.vcpu_count, request.devices)?;
     LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, GuestAddress(BOOT_INFO_ADDR)), memory)
         .map_err(BootError::WriteBootParams)?;
     Ok(BootSetup {
@@ -349,14 +367,16 @@ fn load_pvh(
 ) -> Result<BootSetup, BootError> {
     load_elf(memory, request.kernel)?;
     write_cmdline(memory, request.cmdline.unwrap_or_default())?;
-    let memmap: Vec<hvm_memmap_table_entry> = ram_map(ram_size)
+    let memmap: Vec<hvm_memmap_table_entry> = linux_memory_map(ram_size)
         .into_iter()
-        .map(|(addr, size)| hvm_memmap_table_entry { addr, size, type_: E820_RAM, reserved: 0 })
+        .map(|(addr, size, type_)| hvm_memmap_table_entry { addr, size, type_, reserved: 0 })
         .collect();
+    let rsdp_paddr = acpi::write_tables(memory, request.vcpu_count, request.devices)?;
     let mut start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
         version: 1,
         cmdline_paddr: CMDLINE_ADDR,
+        rsdp_paddr,
         memmap_paddr: layout::PVH_MEMMAP_ADDR,
         memmap_entries: memmap.len() as u32,
         ..Default::default()
@@ -472,8 +492,14 @@ mod tests {
         assert_eq!({ params.hdr.header }, KERNEL_HDR_MAGIC);
         assert_eq!({ params.hdr.type_of_loader }, KERNEL_LOADER_OTHER);
         assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
-        assert_eq!(params.e820_entries, 2);
-        assert_eq!({ params.e820_table[1].addr }, HIMEM_START);
+        assert_eq!(params.e820_entries, 3);
+        assert_eq!({ params.e820_table[1].addr }, layout::ACPI_START);
+        assert_eq!({ params.e820_table[1].r#type }, E820_ACPI);
+        assert_eq!({ params.e820_table[2].addr }, HIMEM_START);
+        assert_eq!({ params.acpi_rsdp_addr }, layout::ACPI_START);
+        let mut signature = [0u8; 8];
+        memory.read_slice(&mut signature, GuestAddress(layout::ACPI_START)).unwrap();
+        assert_eq!(&signature, b"RSD PTR ");
         let mut cmdline = [0u8; 14];
         memory.read_slice(&mut cmdline, GuestAddress(CMDLINE_ADDR)).unwrap();
         assert_eq!(&cmdline, b"console=ttyS0\0");

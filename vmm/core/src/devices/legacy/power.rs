@@ -1,5 +1,6 @@
 //! Power off and the batched console: the i8042 reset command, Carrel's power port and
-//! console port (see `carrel_firmware::ports`).
+//! console port, and the ACPI sleep and reset registers the FADT names (see
+//! `carrel_firmware::ports`). None of them holds state a snapshot must keep.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
@@ -35,10 +36,10 @@ impl VmExitSignal {
     }
 }
 
-/// The three ports a guest uses to end the VM or to print a whole line in one exit.
-/// Registered on the I/O bus at [`ports::I8042_COMMAND`], [`ports::POWER`] and
-/// [`ports::CONSOLE`]; `offset` is relative to each registration, so the device is
-/// registered three times with a `PowerPort` tag each.
+/// The ports a guest uses to end the VM or to print a whole line in one exit.
+/// Registered on the I/O bus at [`ports::I8042_COMMAND`], [`ports::POWER`],
+/// [`ports::CONSOLE`] and the ACPI registers; `offset` is relative to each registration,
+/// so the device is registered once per port with a `PowerPort` tag each.
 #[derive(Debug)]
 pub struct PowerDevice {
     port: PowerPort,
@@ -53,7 +54,16 @@ pub enum PowerPort {
     I8042,
     Power,
     Console,
+    /// The FADT's SLEEP_CONTROL_REG: SLP_EN with SLP_TYP S5 is `poweroff`.
+    AcpiSleepControl,
+    /// The FADT's SLEEP_STATUS_REG: never reports a wake (the VM never sleeps).
+    AcpiSleepStatus,
+    /// The FADT's RESET_REG.
+    AcpiReset,
 }
+
+/// SLP_TYP in the sleep control register.
+const ACPI_SLEEP_TYPE_MASK: u8 = 0b111 << 2;
 
 impl PowerDevice {
     pub fn new(
@@ -85,8 +95,8 @@ impl PowerDevice {
 
 impl BusDevice for PowerDevice {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
-        // i8042 status: output buffer empty, input buffer empty. The power and console
-        // ports read as zero.
+        // i8042 status: output buffer empty, input buffer empty. The power, console and
+        // ACPI ports read as zero (no wake status).
         data.fill(0);
     }
 
@@ -103,6 +113,15 @@ impl BusDevice for PowerDevice {
                 self.write_console_record(gpa);
             }
             PowerPort::Console => {}
+            PowerPort::AcpiSleepControl => {
+                let sleep_type = (data[0] & ACPI_SLEEP_TYPE_MASK) >> 2;
+                if data[0] & ports::ACPI_SLEEP_ENABLE != 0 && sleep_type == ports::ACPI_SLEEP_TYPE_S5 {
+                    self.exit.request(0);
+                }
+            }
+            PowerPort::AcpiSleepStatus => {}
+            PowerPort::AcpiReset if data[0] == ports::ACPI_RESET_VALUE => self.exit.request(0),
+            PowerPort::AcpiReset => {}
         }
     }
 }
@@ -126,6 +145,41 @@ mod tests {
         device.write(0, &[ports::I8042_RESET]);
         assert_eq!(exit.eventfd.read().unwrap(), 1);
         assert_eq!(exit.code(), 0);
+    }
+
+    #[test]
+    fn acpi_sleep_enable_with_s5_requests_exit_zero_and_other_writes_do_not() {
+        let (mut device, exit) = device(PowerPort::AcpiSleepControl, None);
+        let s5 = ports::ACPI_SLEEP_TYPE_S5 << 2;
+        device.write(0, &[s5]);
+        assert!(exit.eventfd.read().is_err(), "SLP_TYP without SLP_EN is not a sleep");
+        device.write(0, &[(3 << 2) | ports::ACPI_SLEEP_ENABLE]);
+        assert!(exit.eventfd.read().is_err(), "S3 is not power-off");
+        exit.request(7);
+        let _ = exit.eventfd.read();
+        device.write(0, &[s5 | ports::ACPI_SLEEP_ENABLE]);
+        assert_eq!(exit.eventfd.read().unwrap(), 1);
+        assert_eq!(exit.code(), 0);
+    }
+
+    #[test]
+    fn acpi_reset_value_requests_exit_zero() {
+        let (mut device, exit) = device(PowerPort::AcpiReset, None);
+        device.write(0, &[ports::ACPI_RESET_VALUE.wrapping_add(1)]);
+        assert!(exit.eventfd.read().is_err());
+        device.write(0, &[ports::ACPI_RESET_VALUE]);
+        assert_eq!(exit.eventfd.read().unwrap(), 1);
+        assert_eq!(exit.code(), 0);
+    }
+
+    #[test]
+    fn acpi_sleep_status_reads_zero_and_ignores_writes() {
+        let (mut device, exit) = device(PowerPort::AcpiSleepStatus, None);
+        device.write(0, &[0x80]);
+        let mut status = [0xffu8];
+        device.read(0, &mut status);
+        assert_eq!(status, [0]);
+        assert!(exit.eventfd.read().is_err());
     }
 
     #[test]

@@ -42,6 +42,11 @@ pub mod reg {
     pub const QUEUE_AVAIL_HIGH: u64 = 0x094;
     pub const QUEUE_USED_LOW: u64 = 0x0a0;
     pub const QUEUE_USED_HIGH: u64 = 0x0a4;
+    pub const SHM_SEL: u64 = 0x0ac;
+    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    pub const SHM_BASE_LOW: u64 = 0x0b8;
+    pub const SHM_BASE_HIGH: u64 = 0x0bc;
     pub const CONFIG_GENERATION: u64 = 0x0fc;
     pub const CONFIG: u64 = 0x100;
 }
@@ -219,6 +224,11 @@ impl MmioTransport {
             reg::INTERRUPT_STATUS => self.interrupt.status(),
             reg::STATUS => self.status,
             reg::CONFIG_GENERATION => self.config_generation,
+            // No Carrel device has a shared-memory region: whatever SHMSel names does not
+            // exist, which the spec (4.2.2) says reads as a length (and base) of -1. A
+            // driver that sees 0 instead takes it for a zero-sized region at 0 (Linux's
+            // virtio-gpu then fails its probe reserving it).
+            reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => u32::MAX,
             _ => 0,
         }
     }
@@ -630,6 +640,17 @@ mod tests {
         let generation = read32(&mut transport, reg::CONFIG_GENERATION);
         transport.write(reg::CONFIG, &[9]);
         assert_eq!(read32(&mut transport, reg::CONFIG_GENERATION), generation + 1);
+    }
+
+    #[test]
+    fn shared_memory_registers_report_no_region_for_any_selector() {
+        let (mut transport, _) = transport();
+        for selector in [0, 1, 7] {
+            write32(&mut transport, reg::SHM_SEL, selector);
+            for offset in [reg::SHM_LEN_LOW, reg::SHM_LEN_HIGH, reg::SHM_BASE_LOW, reg::SHM_BASE_HIGH] {
+                assert_eq!(read32(&mut transport, offset), u32::MAX, "register {offset:#x}, SHMSel {selector}");
+            }
+        }
     }
 
     #[test]

@@ -4,9 +4,13 @@
 //! RAM, zero lengths and loops complete the request with what was written so far (often
 //! nothing) and count it as malformed; the host never panics and never writes outside the
 //! guest's buffers.
+//!
+//! The entropy source never blocks: while the host's pool is not ready yet (a freshly
+//! booted host) it answers `WouldBlock`, and the request it was serving goes back to the
+//! ring, untouched, for a later pass.
 
 use crate::memory::GuestMemoryMmap;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::Bytes;
 
 /// Most entropy one request gets, however large its buffers claim to be.
@@ -19,6 +23,9 @@ pub struct RequestOutcome {
     pub malformed: u64,
     pub bytes: u64,
     pub needs_interrupt: bool,
+    /// The host's entropy pool was not ready: the request at the head of the ring waits
+    /// for it (untouched, still available) and so do the ones after it.
+    pub waiting_for_entropy: bool,
 }
 
 /// Serves every available request of the rng's queue from `entropy`.
@@ -33,6 +40,7 @@ pub fn process_request_queue(
         let head = chain.head_index();
         let mut written = 0usize;
         let mut malformed = false;
+        let mut not_ready = false;
         for descriptor in chain {
             if !descriptor.is_write_only() {
                 malformed = true;
@@ -42,7 +50,18 @@ pub fn process_request_queue(
             let mut addr = descriptor.addr();
             while remaining > 0 {
                 let count = remaining.min(scratch.len());
-                if entropy(&mut scratch[..count]).is_err() || memory.write_slice(&scratch[..count], addr).is_err() {
+                match entropy(&mut scratch[..count]) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                        not_ready = true;
+                        break;
+                    }
+                    Err(_) => {
+                        malformed = true;
+                        break;
+                    }
+                }
+                if memory.write_slice(&scratch[..count], addr).is_err() {
                     malformed = true;
                     break;
                 }
@@ -50,9 +69,17 @@ pub fn process_request_queue(
                 remaining -= count;
                 addr = vm_memory::GuestAddress(addr.0 + count as u64);
             }
-            if malformed || written >= MAX_BYTES_PER_REQUEST {
+            if malformed || not_ready || written >= MAX_BYTES_PER_REQUEST {
                 break;
             }
+        }
+        // The pool only ever goes from not ready to ready, so a request it stopped had
+        // nothing written yet unless the buffers came in several pieces; one with bytes
+        // already in it completes with those.
+        if not_ready && written == 0 {
+            queue.go_to_previous_position();
+            outcome.waiting_for_entropy = true;
+            break;
         }
         if malformed {
             outcome.malformed += 1;
@@ -107,7 +134,10 @@ mod tests {
         mock.add_desc_chains(&[descriptor(0x10_0000, 32, WRITE, 0)], 0).unwrap();
         let mut queue: Queue = mock.create_queue().unwrap();
         let outcome = process_request_queue(&mut queue, &memory, &mut fill_0xab);
-        assert_eq!(outcome, RequestOutcome { completed: 1, malformed: 0, bytes: 32, needs_interrupt: true });
+        assert_eq!(
+            outcome,
+            RequestOutcome { completed: 1, malformed: 0, bytes: 32, needs_interrupt: true, waiting_for_entropy: false }
+        );
         let mut bytes = [0u8; 33];
         memory.read_slice(&mut bytes, GuestAddress(0x10_0000)).unwrap();
         assert!(bytes[..32].iter().all(|b| *b == 0xab));
@@ -191,6 +221,49 @@ mod tests {
         let outcome = process_request_queue(&mut queue, &memory, &mut fill_0xab);
         assert_eq!(outcome.completed, 1);
         assert!(outcome.bytes <= 16 * 16, "a loop must not serve more than the queue's worth");
+    }
+
+    #[test]
+    fn pool_not_ready_leaves_requests_available_and_a_later_pass_serves_them() {
+        let memory = memory();
+        let mock = MockSplitQueue::new(&memory, 16);
+        mock.add_desc_chains(&[descriptor(0x10_0000, 32, WRITE, 0), descriptor(0x11_0000, 16, WRITE, 0)], 0).unwrap();
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let mut not_ready = |_: &mut [u8]| Err(std::io::Error::from(std::io::ErrorKind::WouldBlock));
+        let outcome = process_request_queue(&mut queue, &memory, &mut not_ready);
+        assert_eq!(
+            outcome,
+            RequestOutcome { waiting_for_entropy: true, ..Default::default() },
+            "nothing completed, no interrupt, the device waits"
+        );
+        assert_eq!(mock.used().idx().load(), 0);
+        assert_eq!(queue.next_avail(), 0, "the request went back to the ring");
+        assert_eq!(memory.read_obj::<u8>(GuestAddress(0x10_0000)).unwrap(), 0);
+
+        let outcome = process_request_queue(&mut queue, &memory, &mut fill_0xab);
+        assert_eq!((outcome.completed, outcome.bytes, outcome.waiting_for_entropy), (2, 48, false));
+        assert_eq!(used_len(&mock, 0), 32);
+        assert_eq!(used_len(&mock, 1), 16);
+    }
+
+    #[test]
+    fn pool_not_ready_midway_completes_the_request_with_what_was_written() {
+        let memory = memory();
+        let mock = MockSplitQueue::new(&memory, 16);
+        mock.add_desc_chains(&[descriptor(0x10_0000, 16, WRITE | NEXT, 1), descriptor(0x11_0000, 8, WRITE, 0)], 0)
+            .unwrap();
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let mut calls = 0;
+        let mut once = |buffer: &mut [u8]| {
+            calls += 1;
+            match calls {
+                1 => fill_0xab(buffer),
+                _ => Err(std::io::Error::from(std::io::ErrorKind::WouldBlock)),
+            }
+        };
+        let outcome = process_request_queue(&mut queue, &memory, &mut once);
+        assert_eq!((outcome.completed, outcome.bytes, outcome.malformed), (1, 16, 0));
+        assert_eq!(used_len(&mock, 0), 16);
     }
 
     #[test]
