@@ -107,6 +107,8 @@ fi
 #   cpio, busybox-static  the Linux guest's initramfs (kernels/linux/build-initramfs.sh)
 #   ca-certificates   HTTPS to the package registries
 #   systemd           systemd-analyze, which checks carreld's unit
+#   mmdebstrap, e2fsprogs  the Linux agent image (kernels/linux/build-image.sh): Debian
+#                     packages into a root filesystem, made an ext4 image with mkfs.ext4 -d
 PACKAGES=(
     "qemu-system-x86:qemu-system-x86_64"
     "kmod:depmod"
@@ -117,6 +119,8 @@ PACKAGES=(
     "busybox-static:busybox"
     "ca-certificates:"
     "systemd:systemd-analyze"
+    "mmdebstrap:mmdebstrap"
+    "e2fsprogs:mkfs.ext4"
 )
 # Benchmarks only (perf/src/bin/screen.rs): the screenshot path agents use today.
 if ((BENCH)); then
