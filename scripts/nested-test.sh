@@ -25,7 +25,9 @@
 # the guests and the test binaries first (cargo), unless --no-build.
 # Environment: CARREL_NESTED_SCALE (deadline factor for the tests, default 4).
 set -euo pipefail
-
+# One compound command: bash reads all of it before running, so editing this file while it
+# runs cannot change what it does.
+{
 REPO_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO_ROOT"
 HARNESS_START="$(date +%s.%N)"
@@ -40,6 +42,7 @@ MEM_MIB=6144
 BUILD=1
 MODE=tests
 DESK_LOOP=0
+PERF_RUNS=5
 RUN_COMMAND=""
 while (($#)); do
     case "$1" in
@@ -50,6 +53,7 @@ while (($#)); do
         --no-build) BUILD=0; shift ;;
         --desk-loop) MODE=desk-loop; DESK_LOOP="${2:?--desk-loop needs a count}"; shift 2 ;;
         --perf) MODE=perf; shift ;;
+        --perf-runs) PERF_RUNS="${2:?--perf-runs needs a count}"; shift 2 ;;
         --run) MODE=run; RUN_COMMAND="${2:?--run needs a command}"; shift 2 ;;
         -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument '$1' (try --help)" ;;
@@ -176,8 +180,15 @@ build_l2_initramfs() {
 if ((LINUX)) || [[ "$MODE" == perf ]]; then
     build_l2_initramfs
 fi
-if [[ -n "${TEST_BIN[linux_desktop]:-}" ]]; then
-    LINUX_DESKTOP=1
+# The Linux desktop tests run when they were built and the image is there (see the test's
+# CARREL_LINUX_IMAGE; kernels/linux/build-image.sh builds it).
+LINUX_IMAGE="${CARREL_LINUX_IMAGE:-$REPO_ROOT/target/guests/linux-desktop}"
+if [[ "$MODE" == tests ]] && ((LINUX)) && [[ -n "${TEST_BIN[linux_desktop]:-}" ]]; then
+    if [[ -f "$LINUX_IMAGE/rootfs.ext4" && -f "$LINUX_IMAGE/vmlinux" ]]; then
+        LINUX_DESKTOP=1
+    else
+        log "the Linux desktop tests are skipped: no image in $LINUX_IMAGE (kernels/linux/build-image.sh builds it)"
+    fi
 fi
 
 # --- the job: a script the L1 machine runs chrooted into this host's filesystem -----------
@@ -190,6 +201,7 @@ mkdir -p "$JOB"
     printf 'REPO=%q\nJOB=%q\nSCALE=%q\nMODE=%q\nDESK_LOOP=%q\nRUN_COMMAND=%q\n' \
         "$REPO_ROOT" "$JOB" "$SCALE" "$MODE" "$DESK_LOOP" "$RUN_COMMAND"
     printf 'L2_KERNEL=%q\nL2_INITRD=%q\n' "$KDIR/vmlinux" "$OUT/l2-initramfs.cpio.gz"
+    printf 'REVISION=%q\nPERF_RUNS=%q\n' "$(git describe --always --dirty --abbrev=12 2>/dev/null || echo unknown)" "$PERF_RUNS"
     echo "SUITES=("
     if [[ "$MODE" == tests ]]; then
         for suite in ${SUITES//,/ }; do
@@ -198,6 +210,7 @@ mkdir -p "$JOB"
         done
     fi
     echo ")"
+    printf 'LINUX_IMAGE=%q\n' "$LINUX_IMAGE"
     printf 'LINUX=%q\nLINUX_DESKTOP=%q\nLINUX_DESKTOP_BIN=%q\n' \
         "$([[ "$MODE" == tests ]] && echo "$LINUX" || echo 0)" \
         "$([[ "$MODE" == tests ]] && echo "$LINUX_DESKTOP" || echo 0)" "${TEST_BIN[linux_desktop]:-}"
@@ -213,8 +226,9 @@ QEMU=(qemu-system-x86_64 -accel tcg -cpu EPYC,-xsave -smp 2 -m "$MEM_MIB"
     -device virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot
     -fsdev "local,id=job,path=$JOB,security_model=none"
     -device virtio-9p-pci,fsdev=job,mount_tag=job
+    -monitor "unix:$OUT/monitor.sock,server=on,wait=off"
     -kernel "$KDIR/bzImage" -initrd "$OUT/l1-initramfs.cpio.gz"
-    -append "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off carrel.job=$JOB")
+    -append "console=ttyS0 quiet loglevel=4 panic=-1 mitigations=off sysrq_always_enabled carrel.job=$JOB")
 log "booting the nested machine: QEMU TCG, EPYC (SVM), 2 vCPUs, $MEM_MIB MiB, Linux $KVER; at most $TIMEOUT s"
 case "$MODE" in
     tests) log "running: ${SUITES:+Desk suites $SUITES; }$( ((LINUX)) && echo "the Linux guest and its agent; ")$( ((LINUX_DESKTOP)) && echo "the Linux desktop tests")" ;;
@@ -223,13 +237,13 @@ case "$MODE" in
     run) log "running: $RUN_COMMAND" ;;
 esac
 CONSOLE_LOG="$OUT/console.log"
+log "console: $CONSOLE_LOG; QEMU monitor: $OUT/monitor.sock (e.g. sendkey alt-sysrq-t dumps L1's tasks)"
 qemu_start="$(date +%s.%N)"
 set +e
-timeout -k 10 "$TIMEOUT" "${QEMU[@]}" </dev/null 2>"$OUT/qemu.stderr" | tr -d '\r' | tee "$CONSOLE_LOG"
+timeout -k 10 "$TIMEOUT" "${QEMU[@]}" </dev/null 2>"$OUT/qemu.stderr" | sed -u 's/\r$//' | tee "$CONSOLE_LOG"
 qemu_rc="${PIPESTATUS[0]}"
 set -e
 qemu_end="$(date +%s.%N)"
-machine_s="$(echo "$qemu_end - $qemu_start" | bc 2>/dev/null || python3 -c "print(round($qemu_end - $qemu_start, 1))")"
 
 rc="$(sed -n 's/^carrel-nested: exit \([0-9]*\)$/\1/p' "$CONSOLE_LOG" | tail -n1)"
 echo
@@ -252,7 +266,6 @@ if [[ -z "$rc" ]]; then
 fi
 harness_s="$(python3 -c "print(round($(date +%s.%N) - $HARNESS_START, 1))")"
 log "nested machine: $(python3 -c "print(round($qemu_end - $qemu_start, 1))") s; harness wall time: $harness_s s"
-: "$machine_s"
 if [[ "$MODE" == perf && -s "$JOB/perf-result.json" ]]; then
     python3 - "$JOB/perf-result.json" "$harness_s" "$(python3 -c "print(round($qemu_end - $qemu_start, 3))")" <<'EOF'
 import json, sys, pathlib
@@ -267,3 +280,4 @@ EOF
 fi
 log "exit $rc"
 exit "$rc"
+}

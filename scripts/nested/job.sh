@@ -21,7 +21,7 @@ dump_vmms() {
         echo "--- pid $pid: $(tr '\0' ' ' <"/proc/$pid/cmdline")"
         for task in /proc/"$pid"/task/*; do
             echo "  task ${task##*/} $(cat "$task/comm") state=$(awk '/^State/ {print $2}' "$task/status") wchan=$(cat "$task/wchan")"
-            sed 's/^/    /' "$task/stack" 2>/dev/null
+            timeout 5 sed 's/^/    /' "$task/stack" 2>/dev/null
         done
     done
 }
@@ -60,7 +60,9 @@ tests)
         run_suite linux-agent 240 bash "$REPO/scripts/nested/linux-agent.sh" "$L2_KERNEL" "$L2_INITRD"
     fi
     if [ "$LINUX_DESKTOP" = 1 ]; then
-        run_suite linux_desktop 600 "$LINUX_DESKTOP_BIN" --ignored
+        # Screenshots land in the job directory, on the host, for people to look at.
+        CARREL_LINUX_IMAGE="$LINUX_IMAGE" CARREL_ARTIFACTS_DIR="$JOB/linux-desktop" \
+            run_suite linux_desktop 600 "$LINUX_DESKTOP_BIN" --ignored
     fi
     ;;
 desk-loop)
@@ -72,6 +74,7 @@ desk-loop)
     for ((i = 1; i <= DESK_LOOP; i++)); do
         out="/tmp/desk-$i.log"
         start="$(now)"
+        echo "run $i start $(cut -d' ' -f1 /proc/uptime)" >>"$JOB/progress"
         "$VMM" run --kernel "$REPO/target/guests/desk.elf" --cmdline desk.exit=1 >"$out" 2>&1 &
         pid=$!
         for ((tenth = 0; tenth < 600; tenth++)); do
@@ -80,9 +83,9 @@ desk-loop)
         done
         if kill -0 "$pid" 2>/dev/null; then
             hung=$((hung + 1))
-            say "run $i: HUNG after 60 s; output so far:"
-            sed 's/^/    /' "$out"
+            say "run $i: HUNG after 60 s; its threads, then its output so far:"
             dump_vmms
+            sed 's/^/    /' "$out"
             cp "$out" "$JOB/desk-hang-$i.log"
             kill -9 "$pid"
         fi
@@ -103,8 +106,8 @@ desk-loop)
     ;;
 perf)
     start="$(now)"
-    CARREL_PERF_OUT="$JOB/perf-result.json" "$REPO/target/release/nested" \
-        --kernel "$L2_KERNEL" --initrd "$L2_INITRD" --vmm "$REPO/target/release/carrel-vmm" \
+    CARREL_PERF_OUT="$JOB/perf-result.json" CARREL_PERF_REVISION="$REVISION" "$REPO/target/release/nested" \
+        --kernel "$L2_KERNEL" --initrd "$L2_INITRD" --vmm "$REPO/target/release/carrel-vmm" --runs "$PERF_RUNS" \
         2>&1 | tee "$JOB/perf.log"
     rc="${PIPESTATUS[0]}"
     record perf "$([ "$rc" -eq 0 ] && echo ok || echo FAILED)" - - - "$(since "$start")"
