@@ -1,0 +1,2 @@
+# Shells on the serial console reach the desktop too.
+export DISPLAY=:0
