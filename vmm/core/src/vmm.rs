@@ -395,7 +395,11 @@ impl Vmm {
             }
             // Served on the connection thread (the services, and the connection's own
             // caller).
-            Request::Screenshot(_) | Request::Agent(_) | Request::Input(_) | Request::ActFor { .. } => {
+            Request::Screenshot(_)
+            | Request::Agent(_)
+            | Request::Input(_)
+            | Request::ActFor { .. }
+            | Request::SnapshotProgress => {
                 (Response::error(ErrorKind::Internal, "served on the connection thread, not here"), false)
             }
         }
@@ -598,6 +602,7 @@ fn request_action(request: &Request) -> &'static str {
         // The bytes are not kept: they may be a password typed at a login prompt.
         Request::ConsoleInput(_) => "console.input",
         Request::ActFor { .. } => "act_for",
+        Request::SnapshotProgress => "snapshot.progress",
     }
 }
 

@@ -40,6 +40,10 @@ pub enum Request {
         uid: u32,
         gid: u32,
     },
+    /// How far the snapshot being written is, answered on the connection thread while
+    /// the VMM thread writes it. Not audited: it reads nothing of the guest and changes
+    /// nothing (the snapshot itself is on the record).
+    SnapshotProgress,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +71,16 @@ pub enum Response {
     /// The connection now acts for the caller an `ActFor` named.
     ActingFor,
     Error(Failure),
+    /// `None` when no snapshot is being written.
+    SnapshotProgress(Option<SnapshotProgress>),
+}
+
+/// A snapshot being written: bytes of guest memory looked at so far, of the total (0 of 0
+/// until the memory image begins; zero pages are looked at but not written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotProgress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
 }
 
 /// An action on the keyboard or mouse, then optionally a wait and a screenshot: one call

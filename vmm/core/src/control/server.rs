@@ -153,6 +153,14 @@ fn serve_connection(mut stream: UnixStream, queue: RequestQueue) {
             }
             continue;
         }
+        if let Request::SnapshotProgress = request {
+            let progress = crate::snapshot::progress()
+                .map(|(done_bytes, total_bytes)| super::protocol::SnapshotProgress { done_bytes, total_bytes });
+            if write_frame(&mut stream, &Response::SnapshotProgress(progress)).is_err() {
+                return;
+            }
+            continue;
+        }
         if let Some(response) = queue.local.serve(&request, peer, &mut stream) {
             if write_frame(&mut stream, &response).is_err() {
                 return;
@@ -219,6 +227,9 @@ mod tests {
             assert_eq!(client.call(&Request::Pause, Duration::from_secs(5)).unwrap(), Response::Paused);
         }
         handler.join().unwrap();
+        // Answered on the connection thread: no snapshot is being written here.
+        let progress = client.call(&Request::SnapshotProgress, Duration::from_secs(5)).unwrap();
+        assert_eq!(progress, Response::SnapshotProgress(None));
 
         let mut raw = UnixStream::connect(&path).unwrap();
         raw.write_all(&(MAX_REQUEST_BYTES + 1).to_le_bytes()).unwrap();

@@ -369,10 +369,62 @@ pub fn merge(dir: &Path, out: &Path) -> Result<SnapshotInfo, SnapshotError> {
     write_snapshot(out, &config, platform, &ram, state, started, None, &mut progress_line(out)).map(|(info, _)| info)
 }
 
-/// A progress report for long snapshots: one stderr line at most every half second.
+/// How far the snapshot this process is writing has got, for the control socket's
+/// `SnapshotProgress` (its connection threads read it while the VMM thread writes): one
+/// VMM writes one snapshot at a time.
+static PROGRESS: Progress = Progress {
+    writing: std::sync::atomic::AtomicBool::new(false),
+    done: std::sync::atomic::AtomicU64::new(0),
+    total: std::sync::atomic::AtomicU64::new(0),
+};
+
+#[derive(Debug)]
+struct Progress {
+    writing: std::sync::atomic::AtomicBool,
+    done: std::sync::atomic::AtomicU64,
+    total: std::sync::atomic::AtomicU64,
+}
+
+/// Marks a snapshot as being written until it is dropped.
+#[derive(Debug)]
+struct Writing;
+
+impl Writing {
+    fn begin() -> Writing {
+        use std::sync::atomic::Ordering::Relaxed;
+        PROGRESS.done.store(0, Relaxed);
+        PROGRESS.total.store(0, Relaxed);
+        PROGRESS.writing.store(true, Relaxed);
+        Writing
+    }
+
+    fn report(&self, done: u64, total: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        PROGRESS.total.store(total, Relaxed);
+        PROGRESS.done.store(done, Relaxed);
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        PROGRESS.writing.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The snapshot being written now, if one is: (bytes of guest memory looked at, bytes to
+/// look at). Both are 0 until its memory image begins.
+pub fn progress() -> Option<(u64, u64)> {
+    use std::sync::atomic::Ordering::Relaxed;
+    PROGRESS.writing.load(Relaxed).then(|| (PROGRESS.done.load(Relaxed), PROGRESS.total.load(Relaxed)))
+}
+
+/// A progress report for long snapshots: one stderr line at most every half second, and
+/// [`progress`] for the control socket while the snapshot is written.
 pub fn progress_line(dir: &Path) -> impl FnMut(u64, u64) + '_ {
     let mut last = Instant::now();
+    let writing = Writing::begin();
     move |done, total| {
+        writing.report(done, total);
         if last.elapsed() >= std::time::Duration::from_millis(500) && done < total {
             last = Instant::now();
             eprintln!("carrel-vmm: snapshot {}: {} of {} MiB", dir.display(), done >> 20, total >> 20);
