@@ -108,6 +108,34 @@ pub struct Host {
     /// each VM's creation and deletion, with the caller.
     pub audit: Option<carrel_audit::AuditLog>,
     pub templates: Templates,
+    /// Control connections to the VMMs kept between calls.
+    pub connections: supervisor::Connections,
+    /// What Host.Info tells of the machine, read once.
+    pub machine: Machine,
+}
+
+/// The machine carreld runs on, as Host.Info tells it: it does not change while carreld
+/// runs, so it is read once rather than from sysfs and sysconf on every call.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    pub platform: &'static str,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+}
+
+impl Machine {
+    pub fn read() -> Machine {
+        // SAFETY: sysconf only reads system configuration.
+        let (cpus, pages, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_NPROCESSORS_ONLN),
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        let platform = if std::path::Path::new("/sys/module/kvm_pvm").exists() { "pvm" } else { "hardware" };
+        Machine { platform, cpus: cpus.max(0) as u32, memory_bytes: (pages.max(0) as u64) * (page.max(0) as u64) }
+    }
 }
 
 impl Host {
@@ -145,6 +173,8 @@ impl Host {
             events: tokio::sync::broadcast::channel(1024).0,
             audit,
             templates,
+            connections: supervisor::Connections::default(),
+            machine: Machine::read(),
         });
         let mut revive = Vec::new();
         for (name, mut record) in records {

@@ -28,6 +28,9 @@ const CONSOLE_HISTORY: u64 = 64 << 10;
 /// How often an attached console looks for new output.
 const CONSOLE_POLL: Duration = Duration::from_millis(20);
 
+/// How often a save with progress asks the VMM how far it is.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
 /// How often the lifecycle policies look at the VMs.
 const POLICY_TICK: Duration = Duration::from_millis(500);
 /// CPU a guest may use per second and still count as idle: 1 % of a core (an idle
@@ -85,12 +88,13 @@ pub fn status_of(failure: Failure) -> Status {
 /// One request to a VM's carrel-vmm for `caller` (the VM's audit log names them); an
 /// error answer becomes its gRPC status.
 async fn ask(
+    host: &Host,
     socket: &std::path::Path,
     caller: Caller,
     request: Request,
     timeout: Duration,
 ) -> Result<Response, Status> {
-    match supervisor::call_for(socket, Some(caller), request, timeout).await {
+    match host.connections.call(socket, Some(caller), &request, timeout).await {
         Ok(Response::Error(failure)) | Err(failure) => Err(status_of(failure)),
         Ok(answer) => Ok(answer),
     }
@@ -366,6 +370,7 @@ impl Services {
             let mut ticker = tokio::time::interval(POLICY_TICK);
             loop {
                 ticker.tick().await;
+                self.host.connections.close_idle();
                 for (name, kind, diff) in self.due().await {
                     let daemon = Caller::daemon();
                     let mut saved = self.save(&name, daemon, diff, kind).await;
@@ -435,7 +440,7 @@ impl Services {
             (entry.paths.control(), id.clone(), entry.paths.snapshot(&id))
         };
         let request = carrel_vmm::control::SnapshotRequest { dir, hibernate, diff };
-        let answer = ask(&socket, caller, Request::Snapshot(request), CALL_SLACK * 6).await;
+        let answer = ask(&self.host, &socket, caller, Request::Snapshot(request), CALL_SLACK * 6).await;
         let mut vms = self.host.vms.lock().await;
         let entry = vms.get_mut(name).ok_or_else(|| Status::not_found(format!("{name:?} was deleted")))?;
         let info = match answer {
@@ -502,7 +507,7 @@ impl Services {
             }
             entry.paths.control()
         };
-        let _ = supervisor::call_for(&socket, Some(caller), Request::Stop, CALL_SLACK).await;
+        let _ = self.host.connections.call(&socket, Some(caller), &Request::Stop, CALL_SLACK).await;
         let deadline = std::time::Instant::now() + CALL_SLACK;
         loop {
             let pid = self.host.vms.lock().await.get(name).and_then(|entry| entry.record.pid);
@@ -521,21 +526,15 @@ impl Services {
 impl v1::host_server::Host for Services {
     async fn info(&self, request: GrpcRequest<v1::HostInfoRequest>) -> Result<GrpcResponse<v1::HostInfo>, Status> {
         let caller = caller(&request)?;
-        let vms = self.host.vms.lock().await;
-        let visible = vms.values().filter(|entry| self.host.allowed(caller, entry.record.owner_uid)).count();
-        // SAFETY: sysconf only reads system configuration.
-        let (cpus, pages, page) = unsafe {
-            (
-                libc::sysconf(libc::_SC_NPROCESSORS_ONLN),
-                libc::sysconf(libc::_SC_PHYS_PAGES),
-                libc::sysconf(libc::_SC_PAGESIZE),
-            )
+        let visible = {
+            let vms = self.host.vms.lock().await;
+            vms.values().filter(|entry| self.host.allowed(caller, entry.record.owner_uid)).count()
         };
-        let platform = if std::path::Path::new("/sys/module/kvm_pvm").exists() { "pvm" } else { "hardware" };
+        let machine = &self.host.machine;
         Ok(GrpcResponse::new(v1::HostInfo {
-            platform: platform.into(),
-            cpus: cpus.max(0) as u32,
-            memory_bytes: (pages.max(0) as u64) * (page.max(0) as u64),
+            platform: machine.platform.into(),
+            cpus: machine.cpus,
+            memory_bytes: machine.memory_bytes,
             vms: visible as u32,
             carreld_version: env!("CARGO_PKG_VERSION").into(),
             carrel_vmm: self.host.config.vmm.display().to_string(),
@@ -773,8 +772,14 @@ impl v1::screen_server::Screen for Services {
             return Ok(GrpcResponse::new(screenshot_message(shot, answer_format)));
         }
         let socket = self.running(&request.name, caller).await?;
-        match ask(&socket, caller, Request::Screenshot(screenshot), Duration::from_millis(timeout_ms) + CALL_SLACK)
-            .await?
+        match ask(
+            &self.host,
+            &socket,
+            caller,
+            Request::Screenshot(screenshot),
+            Duration::from_millis(timeout_ms) + CALL_SLACK,
+        )
+        .await?
         {
             Response::Screenshot(shot) => Ok(GrpcResponse::new(screenshot_message(shot, answer_format))),
             other => Err(unexpected(other)),
@@ -834,7 +839,9 @@ impl v1::input_server::Input for Services {
             hold_ms: None,
             gap_ms: None,
         };
-        let answer = ask(&socket, caller, Request::Input(input), Duration::from_millis(timeout_ms) + CALL_SLACK).await;
+        let answer =
+            ask(&self.host, &socket, caller, Request::Input(input), Duration::from_millis(timeout_ms) + CALL_SLACK)
+                .await;
         match withhold_secrets(answer, secret.as_slice())? {
             Response::Input(done) => Ok(GrpcResponse::new(v1::ActResponse {
                 frame: done.frame.unwrap_or_default(),
@@ -868,7 +875,7 @@ impl v1::agent_server::Agent for Services {
         }
         let exec = AgentExec { argv: request.argv, env, cwd: None, stdin: request.stdin, timeout_ms };
         let wait = Duration::from_millis(timeout_ms.unwrap_or(600_000)) + CALL_SLACK;
-        let answer = ask(&socket, caller, Request::Agent(AgentRequest::Exec(exec)), wait).await;
+        let answer = ask(&self.host, &socket, caller, Request::Agent(AgentRequest::Exec(exec)), wait).await;
         match withhold_secrets(answer, &values)? {
             Response::Agent(AgentResponse::Exit { code, signal, timed_out, stdout, stderr }) => {
                 let exit_code = code.unwrap_or_else(|| 128 + signal.unwrap_or(0));
@@ -1055,7 +1062,7 @@ impl v1::console_server::Console for Services {
                 let running = host.vms.lock().await.get(&name).is_some_and(|entry| entry.state == v1::VmState::Running);
                 if !data.is_empty() && running {
                     if let Err(failure) =
-                        supervisor::call_for(&socket, Some(caller), Request::ConsoleInput(data), CALL_SLACK).await
+                        host.connections.call(&socket, Some(caller), &Request::ConsoleInput(data), CALL_SLACK).await
                     {
                         let _ = sender.send(Err(status_of(failure))).await;
                         return;
@@ -1091,6 +1098,58 @@ impl v1::snapshots_server::Snapshots for Services {
         let request = request.into_inner();
         let record = self.save(&request.name, caller, request.diff, Save::Hibernate).await?;
         Ok(GrpcResponse::new(snapshot_message(&record)))
+    }
+
+    type SaveStream = Stream2<v1::SaveEvent>;
+
+    /// A snapshot or a hibernation that tells how far it is: while the VMM writes it, the
+    /// daemon asks it every [`PROGRESS_EVERY`] on a connection of its own and passes on
+    /// the bytes of memory done; the last message is the snapshot's info.
+    async fn save(&self, request: GrpcRequest<v1::SaveRequest>) -> Result<GrpcResponse<Self::SaveStream>, Status> {
+        let caller = caller(&request)?;
+        let started = std::time::Instant::now();
+        let request = request.into_inner();
+        let socket = {
+            let vms = self.host.vms.lock().await;
+            self.host.check(&vms, &request.name, caller)?.paths.control()
+        };
+        let kind = if request.hibernate { Save::Hibernate } else { Save::Snapshot };
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<v1::SaveEvent, Status>>(16);
+        let progress = sender.clone();
+        let host = self.host.clone();
+        let poller = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROGRESS_EVERY).await;
+                let asked = host.connections.call(&socket, None, &Request::SnapshotProgress, Duration::from_secs(1));
+                let now = match asked.await {
+                    Ok(Response::SnapshotProgress(now)) => now,
+                    // A VMM that does not know the request, or that has ended (a
+                    // hibernation): nothing more to tell.
+                    _ => return,
+                };
+                let Some(now) = now.filter(|now| now.total_bytes > 0) else { continue };
+                let event = v1::SaveProgress {
+                    done_bytes: now.done_bytes,
+                    total_bytes: now.total_bytes,
+                    elapsed_us: started.elapsed().as_micros() as u64,
+                };
+                let event = v1::SaveEvent { event: Some(v1::save_event::Event::Progress(event)) };
+                if progress.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let services = self.clone();
+        tokio::spawn(async move {
+            let saved = services.save(&request.name, caller, request.diff, kind).await;
+            // No progress after the end.
+            poller.abort();
+            let _ = poller.await;
+            let last = saved
+                .map(|record| v1::SaveEvent { event: Some(v1::save_event::Event::Done(snapshot_message(&record))) });
+            let _ = sender.send(last).await;
+        });
+        Ok(GrpcResponse::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
     }
 
     async fn wake(&self, request: GrpcRequest<v1::VmName>) -> Result<GrpcResponse<v1::Vm>, Status> {

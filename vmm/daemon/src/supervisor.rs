@@ -1,6 +1,7 @@
 //! One `carrel-vmm` process per VM: started in its own process group (so it outlives a
 //! daemon restart), watched until it ends, and spoken to over its private control socket.
-//! The per-VM protocol is blocking; calls run on tokio's blocking pool.
+//! Calls speak the per-VM protocol on tokio's sockets, on connections kept between calls;
+//! file transfers use the blocking client on tokio's blocking pool.
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -203,26 +204,144 @@ pub async fn start(
     }
 }
 
-/// One request on the VM's control socket.
-pub async fn call(socket: &Path, request: Request, timeout: Duration) -> Result<Response, Failure> {
-    call_for(socket, None, request, timeout).await
+/// How long an idle control connection is kept for its next call.
+const IDLE_CONNECTION: Duration = Duration::from_secs(5);
+/// Idle connections kept per VM at most (each holds a thread of its VMM's).
+const IDLE_PER_VM: usize = 4;
+
+/// Control connections kept open between calls, by VM socket and caller: a call on one
+/// skips the connect, the `ActFor` and the VMM's start of a connection thread, and runs
+/// on the daemon's own threads (no blocking pool). Idle ones close after
+/// [`IDLE_CONNECTION`].
+#[derive(Debug, Default)]
+pub struct Connections {
+    idle: std::sync::Mutex<std::collections::HashMap<PathBuf, Vec<IdleConnection>>>,
 }
 
-/// One request on the VM's control socket, made for `caller` when given: the VM's audit
-/// log records it as theirs, not the daemon's.
-pub async fn call_for(
-    socket: &Path,
+#[derive(Debug)]
+struct IdleConnection {
     caller: Option<Caller>,
-    request: Request,
-    timeout: Duration,
-) -> Result<Response, Failure> {
-    let socket = socket.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let mut client = connect_for(&socket, caller)?;
-        client.call(&request, timeout).map_err(|err| Failure::unavailable(err.to_string()))
-    })
-    .await
-    .map_err(|err| Failure::internal(err.to_string()))?
+    stream: tokio::net::UnixStream,
+    since: Instant,
+}
+
+impl Connections {
+    /// One request on the VM's control socket for `caller` (the VM's audit log names
+    /// them), on a kept connection when there is one. A connection that fails or times
+    /// out is not kept, so a late answer never meets the next request.
+    pub async fn call(
+        &self,
+        socket: &Path,
+        caller: Option<Caller>,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Response, Failure> {
+        let mut stream = match self.take(socket, caller) {
+            Some(stream) => stream,
+            None => open(socket, caller).await?,
+        };
+        match tokio::time::timeout(timeout, exchange(&mut stream, request)).await {
+            Ok(Ok(response)) => {
+                self.keep(socket, caller, stream);
+                Ok(response)
+            }
+            Ok(Err(failure)) => Err(failure),
+            Err(_) => Err(Failure::unavailable(format!("the VM did not answer within {timeout:?}"))),
+        }
+    }
+
+    /// Closes the connections idle for longer than [`IDLE_CONNECTION`].
+    pub fn close_idle(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for kept in idle.values_mut() {
+            kept.retain(|connection| connection.since.elapsed() < IDLE_CONNECTION);
+        }
+        idle.retain(|_, kept| !kept.is_empty());
+    }
+
+    /// A kept connection of `caller`'s to `socket` whose VMM is still there.
+    fn take(&self, socket: &Path, caller: Option<Caller>) -> Option<tokio::net::UnixStream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let kept = idle.get_mut(socket)?;
+        while let Some(at) = kept.iter().rposition(|connection| connection.caller == caller) {
+            let connection = kept.remove(at);
+            if connection.since.elapsed() < IDLE_CONNECTION && quiet(&connection.stream) {
+                return Some(connection.stream);
+            }
+        }
+        None
+    }
+
+    fn keep(&self, socket: &Path, caller: Option<Caller>, stream: tokio::net::UnixStream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let kept = idle.entry(socket.to_path_buf()).or_default();
+        if kept.len() >= IDLE_PER_VM {
+            kept.remove(0);
+        }
+        kept.push(IdleConnection { caller, stream, since: Instant::now() });
+    }
+}
+
+/// Whether an idle connection has nothing to read: its VMM is there and owes no answer
+/// (an ended VMM reads as the end of the stream).
+fn quiet(stream: &tokio::net::UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: a one-byte peek into a local buffer on the stream's own open socket.
+    let peeked = unsafe {
+        libc::recv(stream.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    };
+    peeked < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+}
+
+/// A new control connection, made `caller`'s by an `ActFor` when given.
+async fn open(socket: &Path, caller: Option<Caller>) -> Result<tokio::net::UnixStream, Failure> {
+    let mut stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|err| Failure::unavailable(format!("cannot connect to {}: {err}", socket.display())))?;
+    if let Some(Caller { pid, uid, gid }) = caller {
+        let act_for = Request::ActFor { pid, uid, gid };
+        match tokio::time::timeout(Duration::from_secs(5), exchange(&mut stream, &act_for)).await {
+            Ok(Ok(Response::ActingFor)) => {}
+            Ok(Ok(Response::Error(failure))) | Ok(Err(failure)) => return Err(failure),
+            Ok(Ok(other)) => return Err(Failure::internal(format!("unexpected answer to ActFor: {other:?}"))),
+            Err(_) => return Err(Failure::unavailable("the VM did not answer ActFor")),
+        }
+    }
+    Ok(stream)
+}
+
+/// Sends one request frame and reads its answer frame (the control protocol's framing:
+/// a little-endian u32 length, then the postcard body).
+async fn exchange(stream: &mut tokio::net::UnixStream, request: &Request) -> Result<Response, Failure> {
+    use carrel_vmm::control::{read_frame, write_frame, MAX_RESPONSE_BYTES};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let broken = |err: &dyn std::fmt::Display| Failure::unavailable(format!("the control connection broke: {err}"));
+    let mut frame = Vec::new();
+    write_frame(&mut frame, request).map_err(|err| Failure::invalid(err.to_string()))?;
+    stream.write_all(&frame).await.map_err(|err| broken(&err))?;
+    let mut length = [0u8; 4];
+    stream.read_exact(&mut length).await.map_err(|err| broken(&err))?;
+    let body_length = u32::from_le_bytes(length);
+    if body_length > MAX_RESPONSE_BYTES {
+        return Err(broken(&format!("an answer of {body_length} bytes")));
+    }
+    let mut answer = Vec::with_capacity(4 + body_length as usize);
+    answer.extend_from_slice(&length);
+    answer.resize(4 + body_length as usize, 0);
+    stream.read_exact(&mut answer[4..]).await.map_err(|err| broken(&err))?;
+    read_frame::<Response>(&mut answer.as_slice(), MAX_RESPONSE_BYTES)
+        .map_err(|err| broken(&err))?
+        .ok_or_else(|| broken(&"an empty answer"))
+}
+
+/// One request on the VM's control socket, on a connection of its own (the start's and
+/// the re-attach's probes).
+pub async fn call(socket: &Path, request: Request, timeout: Duration) -> Result<Response, Failure> {
+    let mut stream = open(socket, None).await?;
+    tokio::time::timeout(timeout, exchange(&mut stream, &request))
+        .await
+        .map_err(|_| Failure::unavailable(format!("the VM did not answer within {timeout:?}")))?
 }
 
 /// A control connection whose requests are `caller`'s (blocking).
