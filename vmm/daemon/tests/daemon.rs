@@ -1200,3 +1200,71 @@ async fn a_typed_secret_reaches_the_screen_and_its_value_is_nowhere_else() {
     drop((vms, screen, input, channel));
     daemon.terminate();
 }
+
+/// `Snapshots.Save` streams how far the VMM is with the memory while it writes a snapshot
+/// of a VM whose RAM is mostly data, then the snapshot's info; a hibernation does too,
+/// and the unary Snapshot still answers. `carrel snapshot` on a terminal shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_snapshot_streams_its_memory_progress_then_its_info() {
+    let (dir, socket, _state, daemon) = started_daemon();
+    let channel = connect(&socket).await;
+    let mut vms = v1::vms_client::VmsClient::new(channel.clone());
+    let mut agent = v1::agent_client::AgentClient::new(channel.clone());
+    let mut snapshots = v1::snapshots_client::SnapshotsClient::new(channel.clone());
+    let config = v1::VmConfig { memory_mib: 512, ..Default::default() };
+    vms.create(v1::CreateVmRequest { name: "big".into(), config: Some(config), ..Default::default() }).await.unwrap();
+    assert_eq!(exec_once_up(&mut agent, "big", &["fill", "384"]).await, "filled 384 MiB seed 1\n");
+
+    let save = |hibernate| v1::SaveRequest { name: "big".into(), diff: false, hibernate };
+    for hibernate in [false, true] {
+        let started = Instant::now();
+        let mut events = snapshots.save(save(hibernate)).await.unwrap().into_inner();
+        let mut progress = Vec::new();
+        let info = loop {
+            match events.message().await.unwrap().expect("the stream ends with the snapshot").event {
+                Some(v1::save_event::Event::Progress(now)) => progress.push(now),
+                Some(v1::save_event::Event::Done(info)) => break info,
+                None => panic!("an empty event"),
+            }
+        };
+        assert!(events.message().await.unwrap().is_none(), "nothing after the snapshot");
+        let took = started.elapsed();
+        assert!(info.memory_bytes >= 384 << 20, "{info:?}");
+        assert!(!progress.is_empty(), "a save of {took:?} told no progress");
+        let total = progress[0].total_bytes;
+        assert!(total >= 384 << 20 && total <= 512 << 20, "the memory's data, not its holes: {progress:?}");
+        assert!(
+            progress.iter().all(|now| now.total_bytes == total && now.done_bytes <= total)
+                && progress
+                    .windows(2)
+                    .all(|pair| pair[0].done_bytes <= pair[1].done_bytes && pair[0].elapsed_us < pair[1].elapsed_us),
+            "{progress:?}"
+        );
+        eprintln!(
+            "save (hibernate: {hibernate}) of {} MiB in {took:?}: {} progress messages",
+            total >> 20,
+            progress.len()
+        );
+        if !hibernate {
+            // The unary call of older clients still answers.
+            let request = v1::SnapshotRequest { name: "big".into(), diff: true };
+            let diff = snapshots.snapshot(request).await.unwrap().into_inner();
+            assert!(diff.diff && diff.id == "s2", "{diff:?}");
+        }
+    }
+    wait_state(&mut vms, "big", v1::VmState::Hibernated).await;
+
+    // The CLI on a terminal (a pseudo-terminal from script(1)): woken by the exec, then saved.
+    assert_eq!(exec_once_up(&mut agent, "big", &["fill", "384"]).await, "filled 384 MiB seed 1\n");
+    let command = format!("{} --socket {} snapshot big", cli_binary().display(), socket.display());
+    let typescript = dir.path().join("typescript");
+    let output = Command::new("script").args(["-qec", &command]).arg(&typescript).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    eprintln!("carrel snapshot on a terminal: {text:?}");
+    assert!(output.status.success() && text.contains("s4: ") && text.contains("KiB of memory"), "{text}");
+    assert!(text.contains("carrel: saving... ") && text.contains(" MiB/s, "), "the memory's progress shows: {text}");
+
+    vms.delete(v1::VmName { name: "big".into() }).await.unwrap();
+    drop((vms, agent, snapshots, channel));
+    daemon.terminate();
+}
