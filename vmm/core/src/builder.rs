@@ -308,6 +308,11 @@ fn wire_fresh(
     }
     // The boot vCPU starts at the entry point; the others wait for the guest's SIPI.
     regs::set_entry_state(&wired.vcpus[0].fd, boot.entry)?;
+    if boot.guest == platform::GuestKind::Stock {
+        for vcpu in &wired.vcpus[1..] {
+            regs::set_waiting_for_sipi(&vcpu.fd)?;
+        }
+    }
     Ok((wired, boot))
 }
 

@@ -3,7 +3,7 @@
 //! Detection, the VIF page MSR, and the CPUID a guest is shown all live here; the rest of
 //! the VMM asks this module rather than testing the platform itself (shared/PLATFORM.md).
 
-use kvm_bindings::{kvm_msr_entry, CpuId, Msrs};
+use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, CpuId, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 use kvm_ioctls::VcpuFd;
 
 pub use carrel_firmware::PlatformKind;
@@ -93,16 +93,26 @@ const LEAF7_EBX_BMI1: u32 = 1 << 3;
 const LEAF7_EBX_BMI2: u32 = 1 << 8;
 const LEAF7_EBX_AVX512F: u32 = 1 << 16;
 
-/// Adjusts the CPUID KVM supports into the one the guest sees: APIC ids per vCPU, the
-/// hypervisor bit, and on PVM, for emulated stock kernels, no features the instruction
-/// emulator lacks (XSAVE/AVX, BMI, CMPXCHG16B), so they get as far as they can.
+const LEAF1_EDX_HTT: u32 = 1 << 28;
+/// Extended topology level types (leaf 0xB/0x1F ECX bits 15..8).
+const TOPOLOGY_LEVEL_SMT: u32 = 1;
+const TOPOLOGY_LEVEL_CORE: u32 = 2;
+
+/// Adjusts the CPUID KVM supports into the one the guest sees: APIC ids and a topology
+/// per vCPU, the hypervisor bit, and on PVM, for emulated stock kernels, no features the
+/// instruction emulator lacks (XSAVE/AVX, BMI, CMPXCHG16B), so they get as far as they can.
 pub fn adjust_cpuid(cpuid: &mut CpuId, kind: PlatformKind, guest: GuestKind, vcpu_id: u8, vcpu_count: u8) {
+    set_topology(cpuid, vcpu_id, vcpu_count);
     let hide_for_emulator = kind == PlatformKind::Pvm && guest == GuestKind::Stock;
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             1 => {
                 // Initial APIC id in bits 31..24, logical processor count in 23..16.
                 entry.ebx = (entry.ebx & 0x0000_ffff) | (u32::from(vcpu_id) << 24) | (u32::from(vcpu_count) << 16);
+                // The count above is meaningful only with HTT; it says one package.
+                if vcpu_count > 1 {
+                    entry.edx |= LEAF1_EDX_HTT;
+                }
                 entry.ecx |= LEAF1_ECX_HYPERVISOR | LEAF1_ECX_TSC_DEADLINE;
                 entry.ecx &= !LEAF1_ECX_X2APIC;
                 if hide_for_emulator {
@@ -112,7 +122,6 @@ pub fn adjust_cpuid(cpuid: &mut CpuId, kind: PlatformKind, guest: GuestKind, vcp
             7 if entry.index == 0 && hide_for_emulator => {
                 entry.ebx &= !(LEAF7_EBX_AVX2 | LEAF7_EBX_BMI1 | LEAF7_EBX_BMI2 | LEAF7_EBX_AVX512F);
             }
-            0xb | 0x1f => entry.edx = u32::from(vcpu_id),
             0xd if hide_for_emulator => {
                 entry.eax = 0;
                 entry.ebx = 0;
@@ -124,10 +133,44 @@ pub fn adjust_cpuid(cpuid: &mut CpuId, kind: PlatformKind, guest: GuestKind, vcp
     }
 }
 
+/// Leaves 0xB (and 0x1F where KVM offers it) as one package of `vcpu_count` cores, one
+/// thread each, the x2APIC id of this vCPU in EDX: what the MADT lists (the vCPU id is the
+/// APIC id). KVM's own entries describe no topology (a guest then guesses from the host's
+/// leaf 4), so they are replaced.
+fn set_topology(cpuid: &mut CpuId, vcpu_id: u8, vcpu_count: u8) {
+    let core_shift = u32::from(vcpu_count.max(1)).next_power_of_two().trailing_zeros();
+    for function in [0xb, 0x1f] {
+        if !cpuid.as_slice().iter().any(|entry| entry.function == function) {
+            continue;
+        }
+        cpuid.retain(|entry| entry.function != function);
+        let levels = [
+            (0, TOPOLOGY_LEVEL_SMT, 1),
+            (core_shift, TOPOLOGY_LEVEL_CORE, u32::from(vcpu_count)),
+            // Level 2 of type 0 ends the list.
+            (0, 0, 0),
+        ];
+        for (index, (shift, level_type, logical_processors)) in levels.into_iter().enumerate() {
+            let entry = kvm_cpuid_entry2 {
+                function,
+                index: index as u32,
+                flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                eax: shift,
+                ebx: logical_processors,
+                ecx: (level_type << 8) | index as u32,
+                edx: u32::from(vcpu_id),
+                ..Default::default()
+            };
+            // KVM's table has room to spare (KVM_MAX_CPUID_ENTRIES); a full one keeps
+            // the entries it has.
+            let _ = cpuid.push(entry);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvm_bindings::kvm_cpuid_entry2;
 
     fn cpuid() -> CpuId {
         CpuId::from_entries(&[
@@ -145,6 +188,30 @@ mod tests {
         assert_eq!(entries[0].ecx & (LEAF1_ECX_XSAVE | LEAF1_ECX_AVX), 0);
         assert_ne!(entries[0].ecx & LEAF1_ECX_HYPERVISOR, 0);
         assert_eq!(entries[1].ebx, 1);
+    }
+
+    #[test]
+    fn topology_leaf_describes_one_package_of_single_thread_cores_with_this_apic_id() {
+        let mut cpuid = CpuId::from_entries(&[
+            kvm_cpuid_entry2 { function: 1, ..Default::default() },
+            kvm_cpuid_entry2 { function: 0xb, index: 0, ..Default::default() },
+        ])
+        .unwrap();
+        adjust_cpuid(&mut cpuid, PlatformKind::Hardware, GuestKind::Stock, 2, 3);
+        let leaf: Vec<_> = cpuid
+            .as_slice()
+            .iter()
+            .filter(|entry| entry.function == 0xb)
+            .map(|entry| (entry.index, entry.eax, entry.ebx, entry.ecx, entry.edx, entry.flags))
+            .collect();
+        let indexed = KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
+        assert_eq!(
+            leaf,
+            [(0, 0, 1, 0x100, 2, indexed), (1, 2, 3, 0x201, 2, indexed), (2, 0, 0, 0x2, 2, indexed)],
+            "(subleaf, shift, logical processors, level, x2APIC id, flags)"
+        );
+        assert!(!cpuid.as_slice().iter().any(|entry| entry.function == 0x1f), "no leaf 0x1F is made up");
+        assert_ne!(cpuid.as_slice()[0].edx & LEAF1_EDX_HTT, 0);
     }
 
     #[test]

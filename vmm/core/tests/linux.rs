@@ -1,6 +1,7 @@
 //! A stock Debian cloud kernel on carrel-vmm. On kvm_pvm it runs emulated and cannot
 //! reach userspace (shared/PLATFORM.md), so these tests read its early boot messages:
-//! the version banner, the exact command line and the e820 map the VMM built.
+//! the version banner, the exact command line, the e820 map the VMM built, the ACPI
+//! tables it found and the CPUs its MADT gave it.
 
 mod common;
 
@@ -26,9 +27,17 @@ fn vmlinux() -> std::path::PathBuf {
     root.join(".cache/linux/vmlinux")
 }
 
+/// vCPUs of the early-boot VMs: the MADT must list them all.
+const CPUS: u8 = 2;
+
 /// How Linux prints one e820 range of ours.
-fn e820_line(start: u64, len: u64) -> String {
-    format!("BIOS-e820: [mem {:#018x}-{:#018x}] usable", start, start + len - 1)
+fn e820_line(start: u64, len: u64, kind: u32) -> String {
+    let name = match kind {
+        1 => "usable",
+        3 => "ACPI data",
+        other => panic!("the VMM writes no e820 type {other}"),
+    };
+    format!("BIOS-e820: [mem {:#018x}-{:#018x}] {name}", start, start + len - 1)
 }
 
 /// Size of the initrd handed to the early-boot tests; Linux reserves it before it looks
@@ -38,6 +47,7 @@ const INITRD_BYTES: u64 = 3 << 20;
 fn boot_and_check_early_messages(boot: &str) {
     let kernel = vmlinux();
     let mem = MEM_MIB.to_string();
+    let cpus = CPUS.to_string();
     let initrd = common::scratch_path("initrd.bin");
     std::fs::write(&initrd, vec![0x5a; INITRD_BYTES as usize]).unwrap();
     let disk = common::scratch_path("linux-disk.raw");
@@ -52,6 +62,8 @@ fn boot_and_check_early_messages(boot: &str) {
         boot,
         "--mem",
         &mem,
+        "--cpus",
+        &cpus,
         "--cmdline",
         CMDLINE,
         "--initrd",
@@ -68,25 +80,43 @@ fn boot_and_check_early_messages(boot: &str) {
     assert!(given.contains("virtio_mmio.device=4K@0xd0000000:5"), "the rng device is on the command line: {given}");
     // rng, gpu, keyboard, tablet, then the disk: the fifth window and line.
     assert!(given.contains("virtio_mmio.device=4K@0xd0004000:9"), "the disk is on the command line: {given}");
-    for (start, len) in carrel_vmm::boot::ram_map(MEM_MIB << 20) {
-        vm.wait_for_line(&e820_line(start, len), EARLY_BOOT_DEADLINE);
+    for (start, len, kind) in carrel_vmm::boot::linux_memory_map(MEM_MIB << 20) {
+        vm.wait_for_line(&e820_line(start, len, kind), EARLY_BOOT_DEADLINE);
     }
+    let e820_seen = started.elapsed();
     // The VMM puts the initrd page-aligned at the top of low RAM.
     let initrd_start = ((MEM_MIB << 20) - INITRD_BYTES) & !0xfff;
     let ramdisk = format!("RAMDISK: [mem {:#010x}-{:#010x}]", initrd_start, (MEM_MIB << 20) - 1);
     vm.wait_for_line(&ramdisk, EARLY_BOOT_DEADLINE);
     std::fs::remove_file(&initrd).unwrap();
     std::fs::remove_file(&disk).unwrap();
-    eprintln!("{boot}: {version:?} after {first_message:?}; e820 after {:?}", started.elapsed());
+
+    // The ACPI tables, as Linux lists them: the RSDP where the VMM put it, then the XSDT's
+    // tables and the DSDT the FADT names, each with our OEM id (checksums are checked
+    // later, when the tables are used).
+    let rsdp = vm.wait_for_line("ACPI: RSDP ", EARLY_BOOT_DEADLINE);
+    assert!(rsdp.contains(&format!("ACPI: RSDP 0x{:016X}", carrel_firmware::layout::ACPI_START)), "{rsdp}");
+    for signature in ["XSDT", "FACP", "DSDT", "APIC"] {
+        let line = vm.wait_for_line(&format!("ACPI: {signature} "), EARLY_BOOT_DEADLINE);
+        assert!(line.contains("CARREL"), "{line}");
+    }
+    let ioapic = vm.wait_for_line("IOAPIC[0]:", EARLY_BOOT_DEADLINE);
+    assert!(ioapic.contains("address 0xfec00000, GSI 0-23"), "{ioapic}");
+    vm.wait_for_line("ACPI: Using ACPI (MADT) for SMP configuration information", EARLY_BOOT_DEADLINE);
+    vm.wait_for_line(&format!("smpboot: Allowing {CPUS} CPUs, 0 hotplug CPUs"), EARLY_BOOT_DEADLINE);
+    eprintln!(
+        "{boot}: {version:?} after {first_message:?}; e820 after {e820_seen:?}; MADT's CPUs after {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
-fn debian_vmlinux_via_pvh_prints_version_cmdline_our_e820_map_and_initrd() {
+fn debian_vmlinux_via_pvh_prints_version_cmdline_e820_map_initrd_acpi_tables_and_cpus() {
     boot_and_check_early_messages("pvh");
 }
 
 #[test]
-fn debian_vmlinux_via_64_bit_entry_prints_version_cmdline_our_e820_map_and_initrd() {
+fn debian_vmlinux_via_64_bit_entry_prints_version_cmdline_e820_map_initrd_acpi_tables_and_cpus() {
     boot_and_check_early_messages("linux");
 }
 
@@ -119,7 +149,8 @@ fn debian_bzimage_loads_with_its_setup_header_and_64_bit_entry() {
     assert_eq!({ params.hdr.header }, 0x5372_6448, "HdrS");
     assert!({ params.hdr.version } >= 0x020c, "a 64-bit capable boot protocol");
     assert_eq!(params.hdr.type_of_loader, 0xff);
-    assert_eq!(usize::from(params.e820_entries), carrel_vmm::boot::ram_map(MEM_MIB << 20).len());
+    assert_eq!(usize::from(params.e820_entries), carrel_vmm::boot::linux_memory_map(MEM_MIB << 20).len());
+    assert_eq!({ params.acpi_rsdp_addr }, carrel_firmware::layout::ACPI_START);
     // The compressed kernel now sits at 1 MiB: the same bytes as in the file past the setup.
     let setup_bytes = (usize::from(params.hdr.setup_sects) + 1) * 512;
     let file = std::fs::read(&bzimage).unwrap();

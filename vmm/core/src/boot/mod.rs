@@ -277,8 +277,8 @@ const E820_RAM: u32 = 1;
 const E820_ACPI: u32 = 3;
 
 /// The e820 map of a Linux or PVH guest: its RAM and the ACPI tables' region, in address
-/// order. (start, length, type).
-fn linux_memory_map(ram_size: u64) -> Vec<(u64, u64, u32)> {
+/// order. (start, length, e820 type: 1 RAM, 3 ACPI data).
+pub fn linux_memory_map(ram_size: u64) -> Vec<(u64, u64, u32)> {
     let mut map: Vec<(u64, u64, u32)> =
         ram_map(ram_size).into_iter().map(|(start, len)| (start, len, E820_RAM)).collect();
     map.push((layout::ACPI_START, layout::ACPI_SIZE, E820_ACPI));
@@ -347,7 +347,8 @@ fn load_linux(
         protocol: BootProtocol::Linux,
         entry: EntryState::Long64 { rip: entry, rsi: BOOT_INFO_ADDR, rdi: 0, rsp: layout::BOOT_STACK_TOP },
         guest: GuestKind::Stock,
-        lint: LintSetup::LegacyPic,
+        // Hardware-reduced ACPI: Linux leaves the 8259 alone, so it must not reach LINT0.
+        lint: LintSetup::Masked,
         wants_vif: false,
         wants_pit: true,
     })
@@ -399,7 +400,9 @@ fn load_pvh(
         protocol: BootProtocol::Pvh,
         entry: EntryState::Protected32 { eip: entry, ebx: BOOT_INFO_ADDR as u32 },
         guest: GuestKind::Stock,
-        lint: LintSetup::LegacyPic,
+        // Linux reads the ACPI tables (see load_linux); other PVH images keep the 8259's
+        // line as a PC leaves it.
+        lint: if linux { LintSetup::Masked } else { LintSetup::LegacyPic },
         wants_vif: false,
         wants_pit: linux,
     })

@@ -4,7 +4,7 @@
 use crate::memory::GuestMemoryMmap;
 use carrel_firmware::layout::{self, selector};
 use carrel_firmware::page_tables;
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_regs, kvm_segment, kvm_sregs, KVM_MP_STATE_UNINITIALIZED};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -40,6 +40,8 @@ pub enum RegsError {
     SetFpu(#[source] kvm_ioctls::Error),
     #[error("KVM_GET_LAPIC/KVM_SET_LAPIC failed: {0}")]
     SetLapic(#[source] kvm_ioctls::Error),
+    #[error("KVM_SET_MP_STATE failed: {0}")]
+    SetMpState(#[source] kvm_ioctls::Error),
 }
 
 /// How the boot vCPU enters the guest.
@@ -161,6 +163,15 @@ pub fn set_entry_state(vcpu: &VcpuFd, entry: EntryState) -> Result<(), RegsError
     vcpu.set_fpu(&fpu).map_err(RegsError::SetFpu)
 }
 
+/// Leaves an application processor waiting for INIT and SIPI from the boot vCPU, as a PC
+/// firmware leaves it: the in-kernel LAPIC then starts it at the SIPI vector in real mode
+/// (how Linux brings up its other CPUs). KVM creates every vCPU but the first so already;
+/// saying it here keeps a stale register state from ever being entered instead.
+pub fn set_waiting_for_sipi(vcpu: &VcpuFd) -> Result<(), RegsError> {
+    let state = kvm_mp_state { mp_state: KVM_MP_STATE_UNINITIALIZED };
+    vcpu.set_mp_state(state).map_err(RegsError::SetMpState)
+}
+
 const APIC_LVT_LINT0: usize = 0x350;
 const APIC_LVT_LINT1: usize = 0x360;
 const APIC_MODE_EXTINT: u32 = 0x7 << 8;
@@ -170,9 +181,12 @@ const APIC_LVT_MASKED: u32 = 1 << 16;
 /// How the LAPIC's LINT pins start out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LintSetup {
-    /// LINT0 = ExtINT (the 8259), LINT1 = NMI: what a PC BIOS leaves for Linux.
+    /// LINT0 = ExtINT (the 8259), LINT1 = NMI: what a PC BIOS leaves for a kernel that
+    /// programs the 8259 itself.
     LegacyPic,
-    /// Both masked: the uninitialised 8259 would otherwise deliver GSI 5 as vector 5.
+    /// Both masked: the uninitialised 8259 would otherwise deliver GSI 5 as vector 5. For
+    /// Desk, and for Linux on hardware-reduced ACPI, which never touches the 8259 (a Linux
+    /// without ACPI finds no IOAPIC and unmasks LINT0 itself for virtual wire mode).
     Masked,
 }
 

@@ -56,9 +56,10 @@ impl Rng {
             std::thread::Builder::new()
                 .name("rng-pool-wait".into())
                 .spawn(move || {
-                    // It needs only getrandom, write and exit: the vCPU filter is the
-                    // narrowest kind that has them.
-                    crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Vcpu);
+                    // It needs getrandom, write and exit, and, alive while a jailed VMM
+                    // leaves root, the id changes the C library makes every thread do:
+                    // the loader's filter has those.
+                    crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Loader);
                     wait_for_host_pool();
                     let _ = ready.write(1);
                 })
