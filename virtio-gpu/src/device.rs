@@ -16,8 +16,8 @@ use crate::format::PixelFormat;
 use crate::metrics::{bump, GpuMetrics};
 use crate::protocol::{Command, CursorPosition, ErrorCode, MemoryEntry, Rect, Response};
 use crate::screen::{CursorState, Scanout, Screen};
-use crate::surface::{Storage, Surface};
-use crate::view::{Backing, MappedView};
+use crate::surface::{DeferredView, Storage, Surface};
+use crate::view::{Backing, MappedView, ViewGate};
 
 /// Largest display the device offers.
 pub const MAX_DISPLAY_WIDTH: u32 = 3840;
@@ -126,6 +126,8 @@ pub struct Gpu {
     events_read: u32,
     screen: Arc<Screen>,
     pub(crate) metrics: Arc<GpuMetrics>,
+    /// Set while guest RAM is still being filled: views wait for it (see [`ViewGate`]).
+    view_gate: Option<ViewGate>,
 }
 
 impl Gpu {
@@ -140,7 +142,14 @@ impl Gpu {
             events_read: 0,
             screen: Arc::new(Screen::new(config.width, config.height)),
             metrics: Arc::new(GpuMetrics::default()),
+            view_gate: None,
         })
+    }
+
+    /// Views of guest RAM made from now on are mapped on their first read, once `gate`
+    /// opens, instead of at once: for RAM that a lazy restore is still filling.
+    pub fn defer_views(&mut self, gate: ViewGate) {
+        self.view_gate = Some(gate);
     }
 
     pub fn config(&self) -> &GpuConfig {
@@ -372,10 +381,16 @@ impl Gpu {
         if backing.len() < byte_len {
             return Err(ErrorCode::InvalidParameter);
         }
-        let storage = match MappedView::map(&self.memory, &backing, byte_len) {
-            Ok(view) => {
+        let mapped = match &self.view_gate {
+            Some(gate) => MappedView::check(&self.memory, &backing, byte_len).map(|()| {
+                Storage::Deferred(DeferredView::new(self.memory.clone(), backing.clone(), byte_len, gate.clone()))
+            }),
+            None => MappedView::map(&self.memory, &backing, byte_len).map(Storage::Mapped),
+        };
+        let storage = match mapped {
+            Ok(storage) => {
                 bump(&self.metrics.zero_copy_resources);
-                Storage::Mapped(view)
+                storage
             }
             // Backing that cannot be viewed in place is still valid guest memory: copy it
             // on each transfer instead. The copy's size is already within the memory cap.

@@ -1,6 +1,7 @@
 //! Every command and its malformed cases, sent through a mock control or cursor queue.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -449,6 +450,44 @@ fn zero_copy_scanout_sees_guest_writes_without_transfer() {
     let view = screen.with_pixels(|pixels, _| pixels.as_ptr() as usize).unwrap();
     assert_ne!(view, host_ram);
     assert_eq!(counter(&harness.gpu.metrics().transfer_copy_bytes), 0);
+}
+
+#[test]
+fn a_deferred_view_maps_nothing_until_its_gate_opens() {
+    let mut harness = Harness::new();
+    let gate = crate::view::ViewGate::new();
+    harness.gpu.defer_views(gate.clone());
+    harness.show(1, 64, 32, PIXELS_ADDR);
+    harness.paint(PIXELS_ADDR, 64, 32, pattern);
+    let screen = harness.gpu.screen();
+    assert_eq!(screen.scanout_is_zero_copy(), Some(true), "still viewed in place, later");
+    let (done, captured) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn({
+        let screen = Arc::clone(&screen);
+        move || {
+            let capture = screen.capture(&CaptureOptions::default()).unwrap();
+            done.send(()).unwrap();
+            capture
+        }
+    });
+    assert!(captured.recv_timeout(std::time::Duration::from_millis(200)).is_err(), "a screenshot waits for the gate");
+    gate.open(true);
+    let capture = reader.join().unwrap();
+    let mut plain = Harness::new();
+    plain.show(1, 64, 32, PIXELS_ADDR);
+    plain.paint(PIXELS_ADDR, 64, 32, pattern);
+    let expected = plain.gpu.screen().capture(&CaptureOptions::default()).unwrap();
+    assert_eq!(capture.bytes, expected.bytes, "the guest's pixels, once mapped");
+}
+
+#[test]
+fn a_deferred_view_whose_pages_never_load_lends_no_pixels() {
+    let mut harness = Harness::new();
+    let gate = crate::view::ViewGate::new();
+    harness.gpu.defer_views(gate.clone());
+    harness.show(1, 64, 32, PIXELS_ADDR);
+    gate.open(false);
+    assert!(harness.gpu.screen().capture(&CaptureOptions::default()).is_err());
 }
 
 #[test]

@@ -46,3 +46,4 @@ pub use protocol::{parse_request, Command, ProtocolError, Rect, Request, Respons
 pub use remote::{RemoteError, RemoteScreen};
 pub use screen::{Frame, Screen, ScreenError};
 pub use surface::ScanoutPixels;
+pub use view::ViewGate;

@@ -6,11 +6,12 @@
 //! resource's backing while a screenshot reads it only unmaps once the reader is done.
 
 use std::marker::PhantomData;
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::format::PixelFormat;
+use crate::memory::GuestMemoryMmap;
 use crate::protocol::Rect;
-use crate::view::MappedView;
+use crate::view::{Backing, MappedView, ViewGate};
 
 /// Where a surface's pixels are.
 #[derive(Debug)]
@@ -19,6 +20,37 @@ pub(crate) enum Storage {
     Mapped(MappedView),
     /// A host copy of the backing, refreshed on TRANSFER_TO_HOST_2D.
     Copied(RwLock<Vec<u8>>),
+    /// Guest RAM to be viewed in place once its pages are loaded: mapped on first read.
+    Deferred(DeferredView),
+}
+
+/// A view mapped on first use, after its gate opens (see [`ViewGate`]).
+#[derive(Debug)]
+pub(crate) struct DeferredView {
+    memory: GuestMemoryMmap,
+    backing: Backing,
+    len: u64,
+    gate: ViewGate,
+    view: OnceLock<Option<MappedView>>,
+}
+
+impl DeferredView {
+    pub fn new(memory: GuestMemoryMmap, backing: Backing, len: u64, gate: ViewGate) -> DeferredView {
+        DeferredView { memory, backing, len, gate, view: OnceLock::new() }
+    }
+
+    /// The view, mapped the first time (`None` if the pages never loaded or cannot be
+    /// mapped: the surface then has no pixels to lend).
+    fn get(&self) -> Option<&MappedView> {
+        self.view
+            .get_or_init(|| {
+                if !self.gate.wait() {
+                    return None;
+                }
+                MappedView::map(&self.memory, &self.backing, self.len).ok()
+            })
+            .as_ref()
+    }
 }
 
 /// The pixels of one resource: `height` rows of `stride` bytes.
@@ -50,6 +82,13 @@ impl Surface {
                 }
                 (view.as_ptr(), None)
             }
+            Storage::Deferred(deferred) => {
+                let view = deferred.get()?;
+                if view.len() < self.byte_len() {
+                    return None;
+                }
+                (view.as_ptr(), None)
+            }
             Storage::Copied(lock) => {
                 let guard = lock.read().unwrap_or_else(|poisoned| poisoned.into_inner());
                 if guard.len() < self.byte_len() {
@@ -75,13 +114,13 @@ impl Surface {
     /// Write access to a copy-backed surface's pixels, `None` for a mapped one.
     pub fn copy_buffer(&self) -> Option<RwLockWriteGuard<'_, Vec<u8>>> {
         match &self.storage {
-            Storage::Mapped(_) => None,
+            Storage::Mapped(_) | Storage::Deferred(_) => None,
             Storage::Copied(lock) => Some(lock.write().unwrap_or_else(|poisoned| poisoned.into_inner())),
         }
     }
 
     pub fn is_mapped(&self) -> bool {
-        matches!(self.storage, Storage::Mapped(_))
+        matches!(self.storage, Storage::Mapped(_) | Storage::Deferred(_))
     }
 }
 

@@ -10,8 +10,9 @@
 //! mapped privately, as after a lazy snapshot restore) is copied instead.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
+use std::sync::{Arc, Condvar, Mutex};
 
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -108,6 +109,41 @@ impl Backing {
     }
 }
 
+/// When guest RAM may be viewed in place: RAM that is still being filled (a lazily
+/// restored snapshot) must not get a second mapping before its pages are in, or reading
+/// through that mapping would allocate them as zeros. The filler opens the gate once the
+/// pages under every resource's backing are loaded; views wait for it on their first read,
+/// so the guest can run meanwhile.
+#[derive(Debug, Clone, Default)]
+pub struct ViewGate {
+    state: Arc<(Mutex<Option<bool>>, Condvar)>,
+}
+
+impl ViewGate {
+    pub fn new() -> ViewGate {
+        ViewGate::default()
+    }
+
+    /// Says the viewed pages are in (`true`) or will never be (`false`), waking waiters.
+    pub fn open(&self, loaded: bool) {
+        let (state, changed) = &*self.state;
+        *state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(loaded);
+        changed.notify_all();
+    }
+
+    /// Waits until [`ViewGate::open`]; whether the pages were loaded.
+    pub fn wait(&self) -> bool {
+        let (state, changed) = &*self.state;
+        let mut state = state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        loop {
+            if let Some(loaded) = *state {
+                return loaded;
+            }
+            state = changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+}
+
 /// A read-only host view of guest pages: `len` bytes at `base`, unmapped on drop.
 #[derive(Debug)]
 pub struct MappedView {
@@ -121,15 +157,41 @@ unsafe impl Send for MappedView {}
 // SAFETY: as above; no method mutates through `&self`.
 unsafe impl Sync for MappedView {}
 
+/// One run of backing pages inside one guest-memory region: `count` bytes of the view at
+/// `position`, guest address `gpa`, at `file_offset` of the region's file `fd`.
+struct ViewPiece {
+    position: u64,
+    gpa: u64,
+    count: u64,
+    fd: RawFd,
+    file_offset: u64,
+}
+
 impl MappedView {
     /// Maps the first `len` bytes of `backing` (rounded up to whole pages) into one
     /// contiguous host range.
     pub fn map(memory: &GuestMemoryMmap, backing: &Backing, len: u64) -> Result<MappedView, BackingError> {
+        let (map_len, pieces) = MappedView::plan(memory, backing, len)?;
+        let view = MappedView::reserve(map_len as usize)?;
+        for piece in &pieces {
+            view.map_piece(memory, piece)?;
+        }
+        Ok(view)
+    }
+
+    /// Whether [`MappedView::map`] could view `backing` in place, without mapping it.
+    pub fn check(memory: &GuestMemoryMmap, backing: &Backing, len: u64) -> Result<(), BackingError> {
+        MappedView::plan(memory, backing, len).map(|_| ())
+    }
+
+    /// Cuts the first `len` bytes of `backing`, rounded up to whole pages, into runs
+    /// that can each be mapped from one file: the view's length and its pieces.
+    fn plan(memory: &GuestMemoryMmap, backing: &Backing, len: u64) -> Result<(u64, Vec<ViewPiece>), BackingError> {
         if backing.len() < len {
             return Err(BackingError::SizeBacking { needed: len, got: backing.len() });
         }
         let map_len = len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
-        let view = MappedView::reserve(map_len as usize)?;
+        let mut pieces = Vec::new();
         let mut position = 0u64;
         for entry in backing.entries() {
             if position >= map_len {
@@ -142,13 +204,13 @@ impl MappedView {
                 return Err(BackingError::AlignBacking { addr: entry.addr, length: entry.length as u64 });
             }
             let piece = if covers_rest { map_len - position } else { entry.length as u64 };
-            view.map_guest_range(memory, position, entry.addr, piece)?;
+            MappedView::plan_guest_range(memory, position, entry.addr, piece, &mut pieces)?;
             position += piece;
         }
         if position < map_len {
             return Err(BackingError::SizeBacking { needed: len, got: position });
         }
-        Ok(view)
+        Ok((map_len, pieces))
     }
 
     fn reserve(len: usize) -> Result<MappedView, BackingError> {
@@ -172,13 +234,14 @@ impl MappedView {
         Ok(MappedView { base, len })
     }
 
-    /// Maps guest RAM `[addr, addr + len)` at `position` in the view, region by region.
-    fn map_guest_range(
-        &self,
+    /// Splits guest RAM `[addr, addr + len)`, to go at `position` in the view, at region
+    /// boundaries, checking each run can be mapped from the region's file.
+    fn plan_guest_range(
         memory: &GuestMemoryMmap,
         position: u64,
         addr: u64,
         len: u64,
+        pieces: &mut Vec<ViewPiece>,
     ) -> Result<(), BackingError> {
         let mut done = 0u64;
         while done < len {
@@ -189,8 +252,8 @@ impl MappedView {
             let region_offset = gpa - region.start_addr().raw_value();
             let count = (len - done).min(region.len() - region_offset);
             let file = region.file_offset().ok_or(BackingError::FindBackingFile { addr: gpa })?;
-            // A private mapping (a lazily restored snapshot) keeps the guest's writes in
-            // anonymous copy-on-write pages the file never sees.
+            // A private mapping keeps the guest's writes in anonymous copy-on-write pages
+            // the file never sees.
             if region.flags() & libc::MAP_SHARED == 0 {
                 return Err(BackingError::FindBackingFile { addr: gpa });
             }
@@ -198,33 +261,38 @@ impl MappedView {
             if file_offset % PAGE_SIZE != 0 || count % PAGE_SIZE != 0 {
                 return Err(BackingError::AlignBacking { addr: gpa, length: count });
             }
-            // Each page is touched through the guest's own mapping before this second
-            // mapping of it exists. Where guest RAM is filled lazily (a restore with
-            // userfaultfd), that loads the page: MAP_POPULATE here would otherwise allocate
-            // it as zeros, hiding the snapshot's bytes from the screen and the guest alike.
-            for page in (0..count).step_by(PAGE_SIZE as usize) {
-                memory
-                    .read_obj::<u8>(GuestAddress(gpa + page))
-                    .map_err(|_| BackingError::CheckBacking { addr: gpa + page, length: PAGE_SIZE })?;
-            }
-            let target = position + done;
-            // SAFETY: `target..target + count` lies inside this view's reservation (the
-            // caller keeps `position + len <= self.len`), so MAP_FIXED replaces only pages
-            // this value owns; the file range exists because it backs a guest region.
-            let mapped = unsafe {
-                libc::mmap(
-                    self.base.as_ptr().add(target as usize).cast(),
-                    count as usize,
-                    libc::PROT_READ,
-                    libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_POPULATE,
-                    file.file().as_raw_fd(),
-                    file_offset as libc::off_t,
-                )
-            };
-            if mapped == libc::MAP_FAILED {
-                return Err(BackingError::MapBacking { addr: gpa, source: io::Error::last_os_error() });
-            }
+            pieces.push(ViewPiece { position: position + done, gpa, count, fd: file.file().as_raw_fd(), file_offset });
             done += count;
+        }
+        Ok(())
+    }
+
+    /// Maps one planned piece into the view.
+    fn map_piece(&self, memory: &GuestMemoryMmap, piece: &ViewPiece) -> Result<(), BackingError> {
+        // Each page is touched through the guest's own mapping before this second mapping
+        // of it exists. Where guest RAM is filled lazily (a restore with userfaultfd), that
+        // loads the page: MAP_POPULATE here would otherwise allocate it as zeros, hiding
+        // the snapshot's bytes from the screen and the guest alike.
+        for page in (0..piece.count).step_by(PAGE_SIZE as usize) {
+            memory
+                .read_obj::<u8>(GuestAddress(piece.gpa + page))
+                .map_err(|_| BackingError::CheckBacking { addr: piece.gpa + page, length: PAGE_SIZE })?;
+        }
+        // SAFETY: the piece lies inside this view's reservation (`plan` keeps every piece
+        // within the view's length), so MAP_FIXED replaces only pages this value owns; the
+        // file range exists because it backs a guest region that `memory` keeps open.
+        let mapped = unsafe {
+            libc::mmap(
+                self.base.as_ptr().add(piece.position as usize).cast(),
+                piece.count as usize,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_POPULATE,
+                piece.fd,
+                piece.file_offset as libc::off_t,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(BackingError::MapBacking { addr: piece.gpa, source: io::Error::last_os_error() });
         }
         Ok(())
     }

@@ -34,7 +34,7 @@ use crate::vstate::persist;
 use crate::vstate::regs;
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
-use carrel_gpu::{Gpu, GpuConfig, RemoteScreen};
+use carrel_gpu::{Gpu, GpuConfig, RemoteScreen, ViewGate};
 
 /// Errors building a VM.
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +194,11 @@ pub fn restore_vm(
             }
         }
     };
+    // The guest runs while the loader fills the screen's memory; the screen waits for it.
+    let view_gate = match &mut lazy {
+        Some(lazy) => Some(lazy.defer_viewed().map_err(SnapshotError::from)?),
+        None => None,
+    };
     let vm = Vm::new()?;
     // The memory slot's fixed cost overlaps with reading memory.bin and the devices.
     let wired = std::thread::scope(|scope| {
@@ -202,7 +207,7 @@ pub fn restore_vm(
             Some(_) => Ok(()),
             None => snapshot::read_memory(&ram, snapshot, &parents),
         };
-        let wired = loaded.map_err(BuildError::from).and_then(|()| wire(config, &vm, &ram, Some(saved)));
+        let wired = loaded.map_err(BuildError::from).and_then(|()| wire(config, &vm, &ram, Some(saved), view_gate));
         let registered = registering.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         registered?;
         wired
@@ -213,9 +218,6 @@ pub fn restore_vm(
             snapshot.platform.name(),
             wired.platform.name()
         )));
-    }
-    if let Some(lazy) = &mut lazy {
-        lazy.wait_viewed().map_err(SnapshotError::from)?;
     }
     vm.restore_state(&saved.vm)?;
     for (vcpu, state) in wired.vcpus.iter().zip(&saved.vcpus) {
@@ -277,7 +279,7 @@ fn wire_fresh(
     vm: &Vm,
     ram: &GuestRam,
 ) -> Result<(Wired, BootSetup), BuildError> {
-    let wired = wire(config, vm, ram, None)?;
+    let wired = wire(config, vm, ram, None, None)?;
     let vcpu_count = wired.vcpus.len() as u8;
     let tsc_khz = wired.vcpus[0].fd.get_tsc_khz().unwrap_or(0);
     let request = BootRequest {
@@ -318,7 +320,15 @@ fn wire_fresh(
 
 /// Buses, devices and vCPUs, in that order; with `saved`, every device is loaded from
 /// its saved state and must match it one for one.
-fn wire(config: &VmConfig, vm: &Vm, ram: &GuestRam, saved: Option<&SnapshotState>) -> Result<Wired, BuildError> {
+/// `view_gate`: where RAM is still being filled (a lazy restore), the screen's views of it
+/// wait for this gate.
+fn wire(
+    config: &VmConfig,
+    vm: &Vm,
+    ram: &GuestRam,
+    saved: Option<&SnapshotState>,
+    view_gate: Option<ViewGate>,
+) -> Result<Wired, BuildError> {
     let vcpu_count = config.cpus as u8;
 
     // Appended to: a VM's console history goes on across its restarts and wakes.
@@ -356,7 +366,11 @@ fn wire(config: &VmConfig, vm: &Vm, ram: &GuestRam, saved: Option<&SnapshotState
         let remote = RemoteScreen::connect(screen_socket).map_err(BuildError::ConnectGpuScreen)?;
         Some((Box::new(device), ScreenSource::Remote(Arc::new(remote))))
     } else if let Some((width, height)) = config.display_size()? {
-        let device = GpuDevice::new(Gpu::new(GpuConfig::new(width, height)?, ram.memory.clone())?);
+        let mut gpu = Gpu::new(GpuConfig::new(width, height)?, ram.memory.clone())?;
+        if let Some(gate) = view_gate {
+            gpu.defer_views(gate);
+        }
+        let device = GpuDevice::new(gpu);
         let local = ScreenSource::Local(device.screen());
         Some((Box::new(device), local))
     } else {

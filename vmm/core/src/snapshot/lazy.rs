@@ -13,17 +13,21 @@
 //!
 //! The hazard: a page read through another mapping of the memfd (the screen's view maps
 //! the scanout's pages on its own) would be allocated as zeros and never fault here.
-//! The loader fills the blocks under such ranges first, and [`LazyMemory::wait_viewed`]
-//! holds the restore until they are in; a block found partly present is completed by
-//! plain copies instead of refusing.
+//! The loader fills the blocks under such ranges first. A restore either waits for them
+//! ([`LazyMemory::wait_viewed`]) or, to let the guest run sooner, hands the screen a
+//! [`ViewGate`] ([`LazyMemory::defer_viewed`]) that its views wait on before they map
+//! anything; a block found partly present is completed by plain copies instead of refusing.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
+
+use carrel_gpu::ViewGate;
 
 use super::memory::{MemoryImage, CHUNK_BYTES};
 use super::uffd::{Copied, Userfault};
@@ -100,9 +104,54 @@ struct Source {
 #[derive(Debug)]
 pub struct LazyMemory {
     loader: Option<JoinHandle<Result<LazyStats, LazyError>>>,
-    /// Says once whether the viewed ranges are in.
-    viewed: Option<std::sync::mpsc::Receiver<Result<(), LazyError>>>,
+    viewed: Arc<ViewedSignal>,
     go: EventFd,
+}
+
+/// Whether the viewed ranges are in: told once by the loader, to a restore waiting for it
+/// or, once the restore deferred the wait to the screen, through the [`ViewGate`].
+#[derive(Debug, Default)]
+struct ViewedSignal {
+    state: Mutex<Viewed>,
+    changed: Condvar,
+    gate: ViewGate,
+}
+
+#[derive(Debug, Default)]
+enum Viewed {
+    /// Still loading.
+    #[default]
+    Loading,
+    Loaded,
+    Failed(LazyError),
+    /// The answer was taken by [`LazyMemory::wait_viewed`].
+    Told,
+    /// The restore went on without waiting: a failure from now on ends the process.
+    Deferred,
+}
+
+impl ViewedSignal {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Viewed> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The loader's answer. After [`LazyMemory::defer_viewed`] nobody can refuse the
+    /// restore any more: the VM ends with the reason, its `sockets` removed.
+    fn tell(&self, result: Result<(), LazyError>, sockets: &[PathBuf]) {
+        let mut state = self.lock();
+        self.gate.open(result.is_ok());
+        let deferred = matches!(*state, Viewed::Deferred);
+        match (deferred, result) {
+            (true, Err(err)) => {
+                eprintln!("carrel-vmm: error: lazy restore: {err}; the VM is stopped");
+                crate::sockets::remove_and_exit(sockets, 1);
+            }
+            (true, Ok(())) => {}
+            (false, Ok(())) => *state = Viewed::Loaded,
+            (false, Err(err)) => *state = Viewed::Failed(err),
+        }
+        self.changed.notify_all();
+    }
 }
 
 impl Source {
@@ -302,17 +351,18 @@ impl LazyMemory {
             buffer: vec![0; CHUNK_BYTES as usize],
             stats: LazyStats::default(),
         };
-        let (ready, viewed_in) = std::sync::mpsc::channel();
+        let signal = Arc::new(ViewedSignal::default());
+        let told = Arc::clone(&signal);
         let loader = std::thread::Builder::new()
             .name("lazy-memory".into())
             .spawn(move || {
                 crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Loader);
                 if let Err(err) = source.preload(&viewed) {
-                    // The restore waits for this answer and is refused with it.
-                    let _ = ready.send(Err(err));
+                    // A restore waiting for this answer is refused with it.
+                    told.tell(Err(err), &sockets);
                     return Err(LazyError::Abandoned);
                 }
-                let _ = ready.send(Ok(()));
+                told.tell(Ok(()), &sockets);
                 let result = source.run(started);
                 match &result {
                     Ok(stats) => eprintln!(
@@ -332,14 +382,36 @@ impl LazyMemory {
                 result
             })
             .map_err(LazyError::Thread)?;
-        Ok(LazyMemory { loader: Some(loader), viewed: Some(viewed_in), go: go_later })
+        Ok(LazyMemory { loader: Some(loader), viewed: signal, go: go_later })
     }
 
     /// Waits until the viewed ranges are in (the first time; at once after that).
     pub fn wait_viewed(&mut self) -> Result<(), LazyError> {
-        match self.viewed.take() {
-            Some(answer) => answer.recv().unwrap_or(Err(LazyError::Abandoned)),
-            None => Ok(()),
+        let mut state = self.viewed.lock();
+        while matches!(*state, Viewed::Loading) {
+            state = self.viewed.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        match std::mem::replace(&mut *state, Viewed::Told) {
+            Viewed::Failed(err) => Err(err),
+            Viewed::Deferred => {
+                *state = Viewed::Deferred;
+                Ok(())
+            }
+            Viewed::Loading | Viewed::Loaded | Viewed::Told => Ok(()),
+        }
+    }
+
+    /// Lets the restore go on without waiting for the viewed ranges: the returned gate
+    /// opens once they are in, and views of them wait for it. A failure already known is
+    /// returned (the restore is refused with it); one found later ends the process.
+    pub fn defer_viewed(&mut self) -> Result<ViewGate, LazyError> {
+        let mut state = self.viewed.lock();
+        match std::mem::replace(&mut *state, Viewed::Deferred) {
+            Viewed::Failed(err) => {
+                *state = Viewed::Told;
+                Err(err)
+            }
+            Viewed::Loading | Viewed::Loaded | Viewed::Told | Viewed::Deferred => Ok(self.viewed.gate.clone()),
         }
     }
 
@@ -456,6 +528,35 @@ mod tests {
         let layers = [(dir.path().to_path_buf(), &image)];
         let mut lazy = LazyMemory::start(&restored, &layers, vec![(0x8000, 16)], Vec::new()).unwrap();
         let error = lazy.wait_viewed().unwrap_err();
+        assert!(matches!(error, LazyError::Corrupt { offset: 0x8000, .. }), "{error}");
+    }
+
+    #[test]
+    fn a_deferred_view_gate_opens_once_the_viewed_range_is_in_and_a_known_failure_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let ram = create_guest_ram(16).unwrap();
+        ram.memory.write_slice(&pattern(8192, 5), GuestAddress(0x8000)).unwrap();
+        let image = write_image(&ram, &dir.path().join("memory.bin"), None).unwrap();
+        let restored = create_guest_ram(16).unwrap();
+        let layers = [(dir.path().to_path_buf(), &image)];
+        let mut lazy = LazyMemory::start(&restored, &layers, vec![(0x8000, 8192)], Vec::new()).unwrap();
+        let gate = lazy.defer_viewed().unwrap();
+        assert!(gate.wait(), "the gate opens: the viewed range loaded");
+        let mut seen = vec![0u8; 8192];
+        std::os::unix::fs::FileExt::read_exact_at(&restored.memfd, &mut seen, 0x8000).unwrap();
+        assert_eq!(seen, pattern(8192, 5), "and the memfd holds the snapshot's bytes there");
+        lazy.finish().unwrap();
+
+        {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::OpenOptions::new().write(true).open(dir.path().join("memory.bin")).unwrap();
+            file.write_all_at(&[0xff], 0x8010).unwrap();
+        }
+        let restored = create_guest_ram(16).unwrap();
+        let mut lazy = LazyMemory::start(&restored, &layers, vec![(0x8000, 16)], Vec::new()).unwrap();
+        // The failure is known before the restore goes on: it is refused with it.
+        assert!(!lazy.viewed.gate.wait(), "the gate says the range never loaded");
+        let error = lazy.defer_viewed().unwrap_err();
         assert!(matches!(error, LazyError::Corrupt { offset: 0x8000, .. }), "{error}");
     }
 }
