@@ -77,7 +77,7 @@ tests)
         run_suite "${SUITES[i]}" 360 "${SUITES[i + 1]}"
     done
     if [ "$LINUX" = 1 ]; then
-        run_suite linux-agent 240 bash "$REPO/scripts/nested/linux-agent.sh" "$L2_KERNEL" "$L2_INITRD"
+        run_suite linux-agent 300 bash "$REPO/scripts/nested/linux-agent.sh" "$L2_KERNEL" "$L2_INITRD" "$JOB"
     fi
     if [ "$LINUX_DESKTOP" = 1 ]; then
         # Screenshots land in the job directory, on the host, for people to look at.
