@@ -15,8 +15,11 @@ pub fn restricted_ring(
 ) -> std::io::Result<io_uring::IoUring> {
     let ring = io_uring::IoUring::builder().setup_r_disabled().build(entries)?;
     prepare(&ring)?;
-    let mut restrictions: Vec<io_uring::register::Restriction> =
-        opcodes.iter().map(|opcode| io_uring::register::Restriction::sqe_op(*opcode)).collect();
+    use io_uring::register::Restriction;
+    use io_uring::squeue::Flags;
+    let mut restrictions: Vec<Restriction> = opcodes.iter().map(|opcode| Restriction::sqe_op(*opcode)).collect();
+    // Ordering flags only (a flush drains and links its steps); no fixed files or buffers.
+    restrictions.push(Restriction::sqe_flags_allowed((Flags::IO_DRAIN | Flags::IO_LINK).bits()));
     ring.submitter().register_restrictions(&mut restrictions)?;
     ring.submitter().register_enable_rings()?;
     Ok(ring)

@@ -302,24 +302,45 @@ impl Layer {
 
     /// Makes everything written so far durable, then the index that names it.
     pub fn commit(&mut self) -> Result<(), LayerError> {
-        let fail = |source| LayerError::Commit { path: self.path.clone(), source };
         if !self.writable {
             return Ok(());
         }
-        if !self.dirty {
-            return self.file.sync_data().map_err(fail);
+        let index = self.prepare_commit();
+        let written = self.file.sync_data().and_then(|()| match &index {
+            Some((slot, at)) => self.file.write_all_at(slot, *at).and_then(|()| self.file.sync_data()),
+            None => Ok(()),
+        });
+        if written.is_err() {
+            self.commit_failed();
         }
-        // The index is encoded before the data sync: a bit set later belongs to the next
-        // commit, whose sync covers its data.
+        written.map_err(|source| LayerError::Commit { path: self.path.clone(), source })
+    }
+
+    /// The index slot a commit writes now, and where (`None` when the index is unchanged
+    /// since the last commit: only the data needs syncing). The caller syncs the data,
+    /// writes the slot, syncs again, and calls [`Layer::commit_failed`] if any of it
+    /// failed. The index is encoded now: a bit set later belongs to the next commit,
+    /// whose sync covers its data.
+    pub fn prepare_commit(&mut self) -> Option<(Vec<u8>, u64)> {
+        if !self.writable || !self.dirty {
+            return None;
+        }
         let generation = self.generation + 1;
         let slot = encode_slot(generation, &self.present, self.slot_size);
         let at = HEADER_SIZE + (generation % 2) * self.slot_size;
-        self.file.sync_data().map_err(fail)?;
-        self.file.write_all_at(&slot, at).map_err(fail)?;
-        self.file.sync_data().map_err(fail)?;
         self.generation = generation;
         self.dirty = false;
-        Ok(())
+        Some((slot, at))
+    }
+
+    /// A prepared commit did not reach the disk: the next one writes the index again.
+    /// (Its slot may be torn; the other slot, one generation older, stays valid.)
+    pub fn commit_failed(&mut self) {
+        self.dirty = true;
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
     }
 }
 

@@ -17,7 +17,7 @@ pub mod layer;
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -143,6 +143,15 @@ pub struct DiskState {
     pub layers: Vec<(PathBuf, [u8; 16])>,
     /// The raw base (or read-only raw disk) and its size.
     pub base: Option<(PathBuf, u64)>,
+}
+
+/// A flush as steps an I/O engine runs in order, each after the previous succeeded:
+/// sync `fd`'s data (after every write submitted before it), then, when the top layer's
+/// index changed, write `index` (slot bytes, file offset) and sync again.
+#[derive(Debug)]
+pub struct FlushPlan {
+    pub fd: RawFd,
+    pub index: Option<(Vec<u8>, u64)>,
 }
 
 /// An open disk.
@@ -547,6 +556,33 @@ impl Disk {
         punch_hole(&top.file, top.data_offset(first_full), last_full - first_full)?;
         top.mark(first_full / BLOCK_SIZE, (last_full - first_full) / BLOCK_SIZE);
         Ok(())
+    }
+
+    /// What a flush must do, for an engine that runs it asynchronously: `None` when there
+    /// is nothing to make durable (a read-only disk). See [`FlushPlan`].
+    pub fn prepare_flush(&mut self) -> Option<FlushPlan> {
+        if self.readonly {
+            return None;
+        }
+        match self.layers.first_mut() {
+            Some(top) if top.is_writable() => {
+                let index = top.prepare_commit();
+                Some(FlushPlan { fd: top.file().as_raw_fd(), index })
+            }
+            Some(_) => None,
+            None => self
+                .base
+                .as_ref()
+                .filter(|raw| raw.writable)
+                .map(|raw| FlushPlan { fd: raw.file.as_raw_fd(), index: None }),
+        }
+    }
+
+    /// A flush from [`Disk::prepare_flush`] failed: the next one writes the index again.
+    pub fn flush_failed(&mut self) {
+        if let Some(top) = self.layers.first_mut() {
+            top.commit_failed();
+        }
     }
 
     /// Makes every completed write durable: data first, then the index naming it.

@@ -491,6 +491,9 @@ impl BlockBackend {
             let entry = self.remove(token).expect("the entry was just found");
             let status = if entry.failed {
                 served.errors += 1;
+                if entry.kind == RequestKind::Flush {
+                    self.disk.flush_failed();
+                }
                 VIRTIO_BLK_S_IOERR as u8
             } else {
                 if entry.kind == RequestKind::Write {
@@ -570,7 +573,19 @@ impl BlockBackend {
             },
             RequestKind::Flush => {
                 served.flushes += 1;
-                self.disk.flush().map(|()| 0).map_err(|_| ())
+                // Durable before the guest hears "done": the engine syncs after every
+                // transfer submitted before this request, then the layer's index.
+                let Some(plan) = self.disk.prepare_flush() else {
+                    return complete(queue, memory, head, status, VIRTIO_BLK_S_OK as u8, 0, served);
+                };
+                let entry =
+                    InFlight { head, status, kind, range: (0, 0), remaining: 0, failed: false, written_to_guest: 0 };
+                let token = self.insert(entry);
+                let steps = self.engine.push_flush(token, plan);
+                if let Some(Some(entry)) = self.in_flight.get_mut(token as usize) {
+                    entry.remaining = steps;
+                }
+                return;
             }
             RequestKind::GetId => {
                 let serial = self.disk.serial();

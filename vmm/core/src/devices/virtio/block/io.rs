@@ -6,8 +6,10 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::disk::FlushPlan;
 
 /// Ring entries: the queue's 256 requests, a few transfers each, are batched into it.
 const RING_ENTRIES: u32 = 256;
@@ -33,16 +35,34 @@ pub struct Completion {
     pub result: io::Result<()>,
 }
 
-/// A transfer the engine holds, waiting for room in the ring or in it; its iovecs must
-/// stay put until it completes. Slots are reused, and so is each slot's iovec list.
+/// What one ring entry does.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    #[default]
+    Read,
+    Write,
+    /// fdatasync of the file.
+    Sync,
+}
+
+/// An operation the engine holds, waiting for room in the ring or in it; its iovecs (and
+/// the bytes in `owned`, which they may name) must stay put until it completes. Slots are
+/// reused, and so are each slot's lists.
 #[derive(Debug, Default)]
 struct Slot {
     token: u64,
     expected: usize,
     fd: RawFd,
     offset: u64,
-    write: bool,
+    op: Op,
     iovecs: Vec<libc::iovec>,
+    /// Bytes the engine writes from its own memory (a disk index slot).
+    owned: Vec<u8>,
+    /// Starts after everything submitted before it has completed.
+    drain: bool,
+    /// Entries in the chain this slot heads (the next ones run only if this succeeds);
+    /// 0 for a slot inside a chain.
+    chain: u32,
     busy: bool,
 }
 
@@ -133,6 +153,18 @@ impl Engine {
         }
     }
 
+    /// Queues a flush under `token` (a synchronous engine runs it now): the plan's steps
+    /// in order, the first after every transfer queued before it. Returns how many
+    /// completions the token gets, all `Ok` only if every step succeeded.
+    pub fn push_flush(&mut self, token: u64, plan: FlushPlan) -> usize {
+        match self {
+            Engine::Uring(uring) => uring.push_flush(token, plan),
+            Engine::Sync(done) => push_completions(done, token, run_flush(&plan)),
+            #[cfg(test)]
+            Engine::Held(held, _) => push_completions(held, token, run_flush(&plan)),
+        }
+    }
+
     /// Hands the queued transfers to the kernel.
     pub fn submit(&mut self) {
         if let Engine::Uring(uring) = self {
@@ -167,6 +199,40 @@ impl Engine {
             Engine::Held(_, released) => done.append(released),
         }
     }
+}
+
+/// The steps of a flush, run now: one result for the whole plan.
+fn run_flush(plan: &FlushPlan) -> io::Result<()> {
+    let sync = || {
+        // SAFETY: fdatasync on a file descriptor the disk keeps open; no memory is passed.
+        if unsafe { libc::fdatasync(plan.fd) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    sync()?;
+    if let Some((bytes, offset)) = &plan.index {
+        let iovec = [libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() }];
+        run(&Transfer { fd: plan.fd, offset: *offset, iovecs: &iovec, write: true })?;
+        sync()?;
+    }
+    Ok(())
+}
+
+/// How many ring entries (and so completions) a flush takes.
+fn flush_steps(plan: &FlushPlan) -> usize {
+    if plan.index.is_some() {
+        3
+    } else {
+        1
+    }
+}
+
+/// The one completion of a flush run synchronously.
+fn push_completions(done: &mut Vec<Completion>, token: u64, result: io::Result<()>) -> usize {
+    done.push(Completion { token, result });
+    1
 }
 
 fn short(expected: usize, got: usize) -> io::Error {
@@ -229,46 +295,109 @@ impl Uring {
         // Every completion signals, not only the io-wq workers' (register_eventfd_async):
         // a completion posted by task work in this thread would otherwise sit in the ring
         // while the event loop sleeps.
-        let ring =
-            crate::seccomp::restricted_ring(RING_ENTRIES, &[opcode::Readv::CODE, opcode::Writev::CODE], |ring| {
-                ring.submitter().register_eventfd(eventfd.as_raw_fd())
-            })?;
+        let opcodes = [opcode::Readv::CODE, opcode::Writev::CODE, opcode::Fsync::CODE];
+        let ring = crate::seccomp::restricted_ring(RING_ENTRIES, &opcodes, |ring| {
+            ring.submitter().register_eventfd(eventfd.as_raw_fd())
+        })?;
         Ok(Uring { ring, eventfd, slots: Vec::new(), free: Vec::new(), waiting: VecDeque::new(), unsubmitted: 0 })
     }
 
-    fn push(&mut self, token: u64, transfer: Transfer<'_>) {
+    /// A free slot, marked busy, with its lists emptied.
+    fn take_slot(&mut self, token: u64, fd: RawFd, op: Op) -> usize {
         let index = self.free.pop().unwrap_or_else(|| {
             self.slots.push(Slot::default());
             self.slots.len() - 1
         });
         let slot = &mut self.slots[index];
         slot.token = token;
-        slot.expected = total_len(transfer.iovecs);
-        slot.fd = transfer.fd;
-        slot.offset = transfer.offset;
-        slot.write = transfer.write;
+        slot.fd = fd;
+        slot.op = op;
+        slot.offset = 0;
+        slot.expected = 0;
         slot.iovecs.clear();
-        slot.iovecs.extend_from_slice(transfer.iovecs);
+        slot.owned.clear();
+        slot.drain = false;
+        slot.chain = 1;
         slot.busy = true;
+        index
+    }
+
+    fn push(&mut self, token: u64, transfer: Transfer<'_>) {
+        let op = if transfer.write { Op::Write } else { Op::Read };
+        let index = self.take_slot(token, transfer.fd, op);
+        let slot = &mut self.slots[index];
+        slot.expected = total_len(transfer.iovecs);
+        slot.offset = transfer.offset;
+        slot.iovecs.extend_from_slice(transfer.iovecs);
         self.waiting.push_back(index);
         self.fill();
     }
 
-    /// Moves waiting transfers into the submission queue while it has room.
+    /// A flush as one chain: a data sync that waits for everything before it, then the
+    /// index write and its sync, each only if the step before it succeeded.
+    fn push_flush(&mut self, token: u64, plan: FlushPlan) -> usize {
+        let steps = flush_steps(&plan);
+        let sync = self.take_slot(token, plan.fd, Op::Sync);
+        self.slots[sync].drain = true;
+        self.slots[sync].chain = steps as u32;
+        self.waiting.push_back(sync);
+        if let Some((bytes, offset)) = plan.index {
+            let write = self.take_slot(token, plan.fd, Op::Write);
+            let slot = &mut self.slots[write];
+            slot.chain = 0;
+            slot.offset = offset;
+            slot.expected = bytes.len();
+            slot.owned = bytes;
+            slot.iovecs.push(libc::iovec { iov_base: slot.owned.as_mut_ptr().cast(), iov_len: slot.owned.len() });
+            self.waiting.push_back(write);
+            let again = self.take_slot(token, plan.fd, Op::Sync);
+            self.slots[again].chain = 0;
+            self.waiting.push_back(again);
+        }
+        self.fill();
+        steps
+    }
+
+    /// Moves waiting operations into the submission queue while it has room; a chain
+    /// goes in whole, in one submission, or waits.
     fn fill(&mut self) {
+        let mut linked = 0u32;
         while let Some(&index) = self.waiting.front() {
+            let slot = &self.slots[index];
+            if linked == 0 && slot.chain > 1 {
+                let chain = slot.chain;
+                if self.room() < chain as usize {
+                    if self.ring.submit().is_err() {
+                        return;
+                    }
+                    self.unsubmitted = 0;
+                    if self.room() < chain as usize {
+                        return;
+                    }
+                }
+                linked = chain;
+            }
             let slot = &self.slots[index];
             let fd = types::Fd(slot.fd);
             let count = slot.iovecs.len() as u32;
-            let entry = if slot.write {
-                opcode::Writev::new(fd, slot.iovecs.as_ptr(), count).offset(slot.offset).build()
-            } else {
-                opcode::Readv::new(fd, slot.iovecs.as_ptr(), count).offset(slot.offset).build()
+            let mut entry = match slot.op {
+                Op::Write => opcode::Writev::new(fd, slot.iovecs.as_ptr(), count).offset(slot.offset).build(),
+                Op::Read => opcode::Readv::new(fd, slot.iovecs.as_ptr(), count).offset(slot.offset).build(),
+                Op::Sync => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
             };
-            // SAFETY: the iovecs (and the guest buffers they name) stay in their slot,
-            // unchanged, until the completion for this slot is reaped.
+            let mut flags = squeue::Flags::empty();
+            if slot.drain {
+                flags |= squeue::Flags::IO_DRAIN;
+            }
+            if linked > 1 {
+                flags |= squeue::Flags::IO_LINK;
+            }
+            entry = entry.flags(flags);
+            // SAFETY: the iovecs (and the guest buffers or owned bytes they name) stay in
+            // their slot, unchanged, until the completion for this slot is reaped.
             let pushed = unsafe { self.ring.submission().push(&entry.user_data(index as u64)) };
             if pushed.is_err() {
+                // Only a lone entry can find the queue full: a chain made room above.
                 if self.ring.submit().is_err() {
                     return;
                 }
@@ -278,9 +407,16 @@ impl Uring {
                 }
                 continue;
             }
+            linked = linked.saturating_sub(1);
             self.waiting.pop_front();
             self.unsubmitted += 1;
         }
+    }
+
+    /// Free entries in the submission queue.
+    fn room(&mut self) -> usize {
+        let queue = self.ring.submission();
+        queue.capacity() - queue.len()
     }
 
     fn submit(&mut self, wait: usize) {
