@@ -9,7 +9,7 @@
 //! request on the VM's own socket: the difference is what the daemon adds. With
 //! `--baseline-carreld PATH` (an older build), a second daemon with a VM of its own is
 //! timed in the same run, its blocks of calls taking turns with this build's, so both see
-//! the same machine.
+//! the same machine; `--baseline-vmm PATH` gives it an older carrel-vmm too.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -178,11 +178,17 @@ async fn main() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("carrel-bench-daemon-{}", std::process::id()));
     let current = start_daemon(&carreld, &vmm, &dir, &[]).await?;
     let baseline_carreld = baseline_carreld.transpose()?;
+    let baseline_vmm = match args.iter().position(|arg| arg == "--baseline-vmm") {
+        Some(index) => {
+            args.get(index + 1).map(PathBuf::from).context("--baseline-vmm needs the path of a carrel-vmm")?
+        }
+        None => vmm.clone(),
+    };
     let baseline = match &baseline_carreld {
         // Its VMs' cgroups and jail uids apart from this build's.
         Some(path) => {
             let apart = ["--cgroup", "carrel-bench-baseline", "--jail-uids", "210000"];
-            Some(start_daemon(path, &vmm, &dir.join("baseline"), &apart).await?)
+            Some(start_daemon(path, &baseline_vmm, &dir.join("baseline"), &apart).await?)
         }
         None => None,
     };
@@ -249,6 +255,7 @@ async fn main() -> anyhow::Result<()> {
     let baseline_json = baseline.as_ref().map(|_| {
         json!({
             "carreld": baseline_carreld.as_ref().map(|path| path.display().to_string()),
+            "carrel_vmm": baseline_vmm.display().to_string(),
             "host_info_rpc": Summary::of(&rpc[1]).map(|s| s.to_json_us()),
             "host_info_rpc_current_thread_client": Summary::of(&rpc_one_thread[1]).map(|s| s.to_json_us()),
             "forwarded_screenshot_rpc": Summary::of(&forwarded[1]).map(|s| s.to_json_us()),

@@ -320,16 +320,27 @@ async fn exchange(stream: &mut tokio::net::UnixStream, request: &Request) -> Res
     let mut frame = Vec::new();
     write_frame(&mut frame, request).map_err(|err| Failure::invalid(err.to_string()))?;
     stream.write_all(&frame).await.map_err(|err| broken(&err))?;
-    let mut length = [0u8; 4];
-    stream.read_exact(&mut length).await.map_err(|err| broken(&err))?;
-    let body_length = u32::from_le_bytes(length);
-    if body_length > MAX_RESPONSE_BYTES {
-        return Err(broken(&format!("an answer of {body_length} bytes")));
+    // As much as has come in each read: an answer written in one write is read in one.
+    let mut answer = Vec::with_capacity(16 << 10);
+    loop {
+        if let Some(length) = answer.get(..4) {
+            let body_length = u32::from_le_bytes(length.try_into().expect("four bytes"));
+            if body_length > MAX_RESPONSE_BYTES {
+                return Err(broken(&format!("an answer of {body_length} bytes")));
+            }
+            let whole = 4 + body_length as usize;
+            if answer.len() >= whole {
+                if answer.len() > whole {
+                    return Err(broken(&"more than one answer to one request"));
+                }
+                break;
+            }
+            answer.reserve(whole - answer.len());
+        }
+        if stream.read_buf(&mut answer).await.map_err(|err| broken(&err))? == 0 {
+            return Err(broken(&"the VM closed the connection"));
+        }
     }
-    let mut answer = Vec::with_capacity(4 + body_length as usize);
-    answer.extend_from_slice(&length);
-    answer.resize(4 + body_length as usize, 0);
-    stream.read_exact(&mut answer[4..]).await.map_err(|err| broken(&err))?;
     read_frame::<Response>(&mut answer.as_slice(), MAX_RESPONSE_BYTES)
         .map_err(|err| broken(&err))?
         .ok_or_else(|| broken(&"an empty answer"))

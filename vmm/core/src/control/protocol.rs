@@ -334,12 +334,14 @@ pub enum ControlError {
     Decode(#[from] postcard::Error),
 }
 
-/// Writes one frame.
+/// Writes one frame, its length and body in one write: a reader woken by the length
+/// finds the body with it (one wakeup and one read, not two).
 pub fn write_frame<T: Serialize>(stream: &mut impl Write, message: &T) -> Result<(), ControlError> {
-    let body = postcard::to_allocvec(message)?;
-    let len = u32::try_from(body.len()).map_err(|_| ControlError::FrameTooLarge { len: u32::MAX, max: u32::MAX })?;
-    stream.write_all(&len.to_le_bytes())?;
-    stream.write_all(&body)?;
+    let mut frame = postcard::to_extend(message, vec![0u8; 4])?;
+    let len =
+        u32::try_from(frame.len() - 4).map_err(|_| ControlError::FrameTooLarge { len: u32::MAX, max: u32::MAX })?;
+    frame[..4].copy_from_slice(&len.to_le_bytes());
+    stream.write_all(&frame)?;
     stream.flush()?;
     Ok(())
 }
