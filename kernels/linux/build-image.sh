@@ -43,7 +43,7 @@ for tool in mmdebstrap apt-get apt-cache dpkg-deb depmod modprobe mkfs.ext4 xz c
     command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found: run scripts/provision-host.sh"
 done
 busybox="$(command -v busybox || true)"
-[[ -n "$busybox" ]] && ! readelf -lW "$busybox" | grep -q INTERP \
+[[ -n "$busybox" ]] && ! readelf -lW "$busybox" | grep INTERP >/dev/null \
     || die "a static busybox is needed for the initramfs: install busybox-static"
 
 mkdir -p "$CACHE_DIR" "$OUT_DIR"
@@ -55,13 +55,13 @@ OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 # depends on in this host's package lists.
 resolve_kernel_pkg() {
     apt-cache depends "$META_PKG" 2>/dev/null \
-        | sed -n 's/^ *|\{0,1\}Depends: *<\{0,1\}\(linux-image-[^>]*\)>\{0,1\}$/\1/p' | head -n 1
+        | sed -n 's/^ *|\{0,1\}Depends: *<\{0,1\}\(linux-image-[^>]*\)>\{0,1\}$/\1/p' | awk 'NR == 1'
 }
-kpkg="$(resolve_kernel_pkg)"
+kpkg="$(resolve_kernel_pkg || true)"
 if [[ -z "$kpkg" ]]; then
     log "package lists do not know $META_PKG: apt-get update"
     apt-get update -qq || die "apt-get update failed: check access to the Debian mirror"
-    kpkg="$(resolve_kernel_pkg)"
+    kpkg="$(resolve_kernel_pkg || true)"
 fi
 [[ -n "$kpkg" ]] || die "cannot resolve the package behind $META_PKG (apt-cache depends $META_PKG)"
 kdir="$CACHE_DIR/kernel/$kpkg"
@@ -127,7 +127,7 @@ if [[ -z "$agent" ]]; then
         -p carrel-guest-agent --target x86_64-unknown-linux-gnu --target-dir "$REPO_ROOT/target/static")
     agent="$REPO_ROOT/target/static/x86_64-unknown-linux-gnu/release/carrel-guest-agent"
 fi
-[[ -x "$agent" ]] && ! readelf -lW "$agent" | grep -q INTERP || die "no static agent at $agent"
+[[ -x "$agent" ]] && ! readelf -lW "$agent" | grep INTERP >/dev/null || die "no static agent at $agent"
 
 # --- 4. is the image up to date? -----------------------------------------------------------
 inputs_key="$( {
@@ -169,8 +169,10 @@ install -D -m 0755 "$agent" "$root/usr/local/bin/carrel-guest-agent"
 # busybox init is PID 1; poweroff/reboot/halt are busybox's (no systemd-sysv here).
 ln -sf /bin/busybox "$root/sbin/init"
 for applet in poweroff reboot halt; do ln -sf /bin/busybox "$root/sbin/$applet"; done
-chroot "$root" /bin/busybox --list | grep -qx init \
-    || die "Debian's busybox has no init applet"
+# (Into a variable first, and `grep >/dev/null` rather than -q elsewhere: a reader that
+# ends a pipe early fails it under pipefail.)
+applets="$(chroot "$root" /bin/busybox --list)"
+grep -qx init <<<"$applets" || die "Debian's busybox has no init applet"
 # The kernel's modules: the listed ones and what they need, with depmod's indexes.
 moddir="$root/usr/lib/modules/$kver"
 mkdir -p "$moddir"
