@@ -3,7 +3,8 @@
 # an emulated SVM CPU. It loads the modules listed in /modules.list (virtio-pci, 9p, rng,
 # kvm_amd nested=1), mounts the host's root filesystem read-only from the 9p share
 # "hostroot", puts writable tmpfs where the tests write, mounts the job directory (share
-# "job", read-write) at the same path it has on the host, and runs the job's job.sh chrooted
+# "job", read-write) at the same path it has on the host, and runs the job's job.sh (with
+# the carrel.phase= of the command line: desk, linux or all) chrooted
 # into the host's filesystem: the test binaries, their absolute paths, bash and the
 # libraries are the host's own. It prints the job's exit code as
 # "carrel-nested: exit N" and powers the machine off.
@@ -23,8 +24,12 @@ fail() {
 }
 
 job=""
+phase=all
 for word in $(cat /proc/cmdline); do
-    case "$word" in carrel.job=*) job="${word#carrel.job=}" ;; esac
+    case "$word" in
+        carrel.job=*) job="${word#carrel.job=}" ;;
+        carrel.phase=*) phase="${word#carrel.phase=}" ;;
+    esac
 done
 [ -n "$job" ] || fail "no carrel.job= on the kernel command line"
 
@@ -51,7 +56,7 @@ done
 mount -t 9p -o "$ninep,cache=none" job "/host$job" || fail "mount of the job directory $job (9p)"
 ip link set lo up 2>/dev/null
 
-chroot /host /bin/bash "$job/job.sh"
+chroot /host /bin/bash "$job/job.sh" "$phase"
 rc=$?
 sync
 say "exit $rc"
