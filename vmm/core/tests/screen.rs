@@ -9,7 +9,7 @@ use std::time::Duration;
 use carrel_vmm::control::{
     ControlClient, ErrorKind, ImageFormat, Request, Response, Screenshot, ScreenshotRequest, Wait,
 };
-use common::{decode_png, differences, guest, inside, scratch_path, RunningVm};
+use common::{decode_png, differences, guest, inside, scaled, scratch_path, RunningVm};
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(30);
 const WIDTH: u32 = 1280;
@@ -31,7 +31,10 @@ fn boot_desk(socket: &std::path::Path) -> RunningVm {
 
 fn capture(socket: &std::path::Path, format: ImageFormat, wait: Wait) -> Screenshot {
     let request = ScreenshotRequest { format, crop: None, scale: None, cursor: false, wait, timeout_ms: 10_000 };
-    match ControlClient::connect(socket).unwrap().call(&Request::Screenshot(request), Duration::from_secs(20)).unwrap()
+    match ControlClient::connect(socket)
+        .unwrap()
+        .call(&Request::Screenshot(request), scaled(Duration::from_secs(20)))
+        .unwrap()
     {
         Response::Screenshot(shot) => shot,
         other => panic!("expected a screenshot, got {other:?}"),
