@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Carrel's test suite, as CI runs it (.ci/run) on a fresh machine: provisions the host,
 # builds the project's guests, fetches the Linux guest kernel, then runs every test of
-# the workspace on real KVM.
+# the workspace on real KVM, then the hardware-KVM (SVM) path in a nested machine that QEMU
+# emulates (scripts/nested-test.sh: the Desk suites and the Linux guest; ~3-10 minutes).
 #
 #   scripts/test.sh
 set -euo pipefail
@@ -14,3 +15,4 @@ bash scripts/build-guests.sh
 bash scripts/fetch-linux-kernel.sh
 cargo fmt --all -- --check
 cargo test --workspace --locked --features carrel-vmm/test-probes
+bash scripts/nested-test.sh
