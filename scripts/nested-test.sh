@@ -230,12 +230,13 @@ mkdir -p "$JOB"
 #         Single-threaded, a one-vCPU Linux guest stopped 2.7 s into its boot, spinning with
 #         interrupts off in an interrupt handler, and a two-vCPU one missed 240 s; it reached
 #         /init in 12-15 s multi-threaded.
-# CARREL_NESTED_TCG=single|multi forces one threading for every phase.
+# --run boots the linux way (multi-threaded). CARREL_NESTED_TCG=single|multi forces one
+# threading for every phase.
 PHASES=()
 case "$MODE" in
     tests) [[ -n "$SUITES" ]] && PHASES+=(desk); ((LINUX)) && PHASES+=(linux) ;;
-    desk-loop|run) PHASES+=(desk) ;;
-    perf) PHASES+=(linux) ;;
+    desk-loop) PHASES+=(desk) ;;
+    run|perf) PHASES+=(linux) ;;
 esac
 case "$MODE" in
     tests) log "running: ${SUITES:+Desk suites $SUITES; }$( ((LINUX)) && echo "the Linux guest and its agent; ")$( ((LINUX_DESKTOP)) && echo "the Linux desktop tests")" ;;
