@@ -186,7 +186,18 @@ fn guest_triple_fault_exits_nonzero_with_registers() {
     assert_eq!(code, Some(1), "{output}");
     let error = output.lines().find(|line| line.starts_with("carrel-vmm: error:")).expect("one error line");
     assert!(error.contains("triple fault"), "{error}");
-    assert!(error.contains("rip=0x200000"), "registers in the error: {error}");
+    if on_pvm() || !host_is_amd() {
+        assert!(error.contains("rip=0x200000"), "registers in the error: {error}");
+    } else {
+        // Hardware SVM: KVM resets the vCPU at the shutdown, so the guest's registers are
+        // gone; the error says so instead of showing the reset vector's.
+        assert!(error.contains("registers lost"), "{error}");
+    }
+}
+
+/// Whether this machine's CPU is AMD's (SVM when KVM is hardware).
+fn host_is_amd() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| info.contains("AuthenticAMD"))
 }
 
 #[test]

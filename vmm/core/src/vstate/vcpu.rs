@@ -245,7 +245,7 @@ impl Vcpu {
                 self.mmio_bus.write(addr, data);
                 Ok(())
             }
-            Ok(VcpuExit::Shutdown) => Err(VcpuStop::TripleFault { registers: self.describe_registers() }),
+            Ok(VcpuExit::Shutdown) => Err(VcpuStop::TripleFault { registers: self.registers_after_shutdown() }),
             Ok(VcpuExit::FailEntry(reason, cpu)) => Err(VcpuStop::Failed {
                 reason: format!("KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"),
                 registers: self.describe_registers(),
@@ -273,6 +273,21 @@ impl Vcpu {
     }
 
     /// The registers, for error messages: what a developer needs to find the fault.
+    /// The registers after KVM_EXIT_SHUTDOWN, unless KVM has already reset the vCPU (on
+    /// SVM its shutdown intercept leaves the VMCB undefined, so KVM puts the vCPU back in
+    /// its reset state): those would be the reset vector's, not the guest's.
+    fn registers_after_shutdown(&self) -> String {
+        let reset = matches!(
+            (self.fd.get_regs(), self.fd.get_sregs()),
+            (Ok(regs), Ok(sregs)) if regs.rip == 0xfff0 && sregs.cs.selector == 0xf000
+        );
+        if reset {
+            format!("vCPU {}: registers lost (KVM reset the vCPU at the shutdown, as it does on SVM)", self.id)
+        } else {
+            self.describe_registers()
+        }
+    }
+
     pub fn describe_registers(&self) -> String {
         let mut text = format!("vCPU {} registers:", self.id);
         match self.fd.get_regs() {
