@@ -314,6 +314,14 @@ fn linux_desktop_boots_with_acpi_devices_agent_xorg_input_rng_and_powers_off() {
     }
     assert_eq!(found, expected_devices(), "the bound devices");
     assert_eq!(shell_ok(&mut agent, "nproc").trim(), cpus().to_string(), "every vCPU from the MADT");
+    // The disk: `--disk` is /dev/vda, the root filesystem, written through the layer.
+    let mounts = shell_ok(&mut agent, "cat /proc/mounts");
+    assert!(
+        mounts.lines().any(|line| line.starts_with("/dev/vda / ext4 rw")),
+        "the root is /dev/vda, ext4, read-write:\n{mounts}"
+    );
+    let written = shell_ok(&mut agent, "echo carrel-disk > /root/on-vda && sync && cat /root/on-vda");
+    assert_eq!(written.trim(), "carrel-disk");
 
     // The desktop: Xorg at the display's size, openbox, a terminal.
     let ready = linux.wait_for_line("carrel-desktop: ready", scaled(DESKTOP_DEADLINE));
