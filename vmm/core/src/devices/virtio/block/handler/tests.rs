@@ -20,7 +20,8 @@ struct Rig {
     queue: Queue,
     backend: BlockBackend,
     next_desc: u16,
-    _dir: tempfile::TempDir,
+    /// The disk's directory, when the rig owns it.
+    _dir: Option<tempfile::TempDir>,
 }
 
 fn leak_memory() -> &'static GuestMemoryMmap {
@@ -32,7 +33,12 @@ fn rig_with(engine: Engine, readonly: bool) -> Rig {
     let path = dir.path().join("disk.raw");
     let bytes: Vec<u8> = (0..DISK_BYTES).map(|i| (i / 512) as u8).collect();
     std::fs::write(&path, bytes).unwrap();
-    let disk = Disk::open(&DiskSpec { path, readonly, base: None, size: None }).unwrap();
+    rig_on(&DiskSpec { path, readonly, base: None, size: None }, engine, Some(dir))
+}
+
+/// A rig serving the disk `spec` opens; `dir`, if given, holds its files and goes with it.
+fn rig_on(spec: &DiskSpec, engine: Engine, dir: Option<tempfile::TempDir>) -> Rig {
+    let disk = Disk::open(spec).unwrap();
     let memory = leak_memory();
     let mock = MockSplitQueue::new(memory, 64);
     let queue: Queue = mock.create_queue().unwrap();
@@ -548,28 +554,17 @@ fn drain_completes_what_is_in_flight_serves_what_came_meanwhile_and_leaves_doorb
     assert!(back[..512].iter().all(|&byte| byte == 0x44) && back[512..].iter().all(|&byte| byte == 0x55));
 }
 
-/// A layered disk: a raw base and a writable top layer beside it.
-fn layered_spec(dir: &std::path::Path) -> DiskSpec {
-    let base = dir.join("base.raw");
+/// A layered disk in a new directory: a raw base and a writable top layer beside it.
+fn layered_spec() -> (DiskSpec, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
     std::fs::write(&base, vec![0x33u8; DISK_BYTES as usize]).unwrap();
-    DiskSpec { path: dir.join("top.layer"), readonly: false, base: Some(base), size: None }
+    (DiskSpec { path: dir.path().join("top.layer"), readonly: false, base: Some(base), size: None }, dir)
 }
 
 fn flushed_writes_survive_a_reopen_of_a_layered_disk(engine: Engine) {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = layered_spec(dir.path());
-    let memory = leak_memory();
-    let mock = MockSplitQueue::new(memory, 64);
-    let queue: Queue = mock.create_queue().unwrap();
-    let disk = Disk::open(&spec).unwrap();
-    let mut rig = Rig {
-        memory: memory.clone(),
-        mock,
-        queue,
-        backend: BlockBackend::new(disk, engine),
-        next_desc: 0,
-        _dir: tempfile::tempdir().unwrap(),
-    };
+    let (spec, _dir) = layered_spec();
+    let mut rig = rig_on(&spec, engine, None);
     // Two writes completed, then a flush: both are in the layer's committed index.
     for (index, sector) in [8u64, 1024].into_iter().enumerate() {
         rig.memory.write_slice(&[0x40 + index as u8; 4096], GuestAddress(DATA)).unwrap();
@@ -584,9 +579,7 @@ fn flushed_writes_survive_a_reopen_of_a_layered_disk(engine: Engine) {
     rig.memory.write_slice(&[0x77; 4096], GuestAddress(DATA)).unwrap();
     rig.request(VIRTIO_BLK_T_OUT, 100, &[(DATA, 4096, false)]);
     rig.serve();
-    // A second flush with nothing new since the first still syncs and answers.
     drop(rig);
-
     let reopened = Disk::open(&spec).unwrap();
     let mut block = vec![0u8; 4096];
     reopened.read_at(&mut block, 8 * 512).unwrap();
@@ -611,19 +604,8 @@ fn a_flush_commits_a_layered_disk_on_io_uring() {
 
 #[test]
 fn a_flush_right_behind_writes_in_one_batch_on_io_uring_answers_after_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = layered_spec(dir.path());
-    let memory = leak_memory();
-    let mock = MockSplitQueue::new(memory, 64);
-    let queue: Queue = mock.create_queue().unwrap();
-    let mut rig = Rig {
-        memory: memory.clone(),
-        mock,
-        queue,
-        backend: BlockBackend::new(Disk::open(&spec).unwrap(), Engine::new()),
-        next_desc: 0,
-        _dir: tempfile::tempdir().unwrap(),
-    };
+    let (spec, dir) = layered_spec();
+    let mut rig = rig_on(&spec, Engine::new(), Some(dir));
     rig.memory.write_slice(&[0x5c; 4096], GuestAddress(DATA)).unwrap();
     for sector in 0..8u64 {
         rig.request(VIRTIO_BLK_T_OUT, sector * 8, &[(DATA, 4096, false)]);
