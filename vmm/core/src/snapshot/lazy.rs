@@ -394,8 +394,14 @@ impl LazyMemory {
         match std::mem::replace(&mut *state, Viewed::Told) {
             Viewed::Failed(err) => Err(err),
             Viewed::Deferred => {
+                // The gate says when they are in (a failure has ended the process).
                 *state = Viewed::Deferred;
-                Ok(())
+                drop(state);
+                if self.viewed.gate.wait() {
+                    Ok(())
+                } else {
+                    Err(LazyError::Abandoned)
+                }
             }
             Viewed::Loading | Viewed::Loaded | Viewed::Told => Ok(()),
         }
@@ -541,6 +547,7 @@ mod tests {
         let layers = [(dir.path().to_path_buf(), &image)];
         let mut lazy = LazyMemory::start(&restored, &layers, vec![(0x8000, 8192)], Vec::new()).unwrap();
         let gate = lazy.defer_viewed().unwrap();
+        lazy.wait_viewed().unwrap();
         assert!(gate.wait(), "the gate opens: the viewed range loaded");
         let mut seen = vec![0u8; 8192];
         std::os::unix::fs::FileExt::read_exact_at(&restored.memfd, &mut seen, 0x8000).unwrap();
