@@ -259,7 +259,7 @@ for phase in "${PHASES[@]}"; do
         -device virtio-9p-pci,fsdev=job,mount_tag=job
         -monitor "unix:$OUT/monitor.sock,server=on,wait=off"
         -kernel "$KDIR/bzImage" -initrd "$OUT/l1-initramfs.cpio.gz"
-        -append "console=ttyS0 quiet loglevel=4 panic=-1 mitigations=off nokaslr sysrq_always_enabled carrel.job=$JOB carrel.phase=$phase")
+        -append "console=ttyS0 quiet loglevel=4 panic=-1 mitigations=off nokaslr sysrq_always_enabled carrel.job=$JOB carrel.repo=$REPO_ROOT carrel.phase=$phase")
     CONSOLE_LOG="$OUT/console-$phase.log"
     log "phase $phase: booting the nested machine: QEMU TCG ($thread-threaded), EPYC (SVM), 2 vCPUs, $MEM_MIB MiB, Linux $KVER; at most $TIMEOUT s"
     log "console: $CONSOLE_LOG; QEMU monitor: $OUT/monitor.sock (e.g. sendkey alt-sysrq-t dumps L1's tasks)"

@@ -24,10 +24,12 @@ fail() {
 }
 
 job=""
+repo=""
 phase=all
 for word in $(cat /proc/cmdline); do
     case "$word" in
         carrel.job=*) job="${word#carrel.job=}" ;;
+        carrel.repo=*) repo="${word#carrel.repo=}" ;;
         carrel.phase=*) phase="${word#carrel.phase=}" ;;
     esac
 done
@@ -50,8 +52,19 @@ mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts devpts /host/dev/pts
 mount -t tmpfs -o mode=1777 shm /host/dev/shm
 mount -t cgroup2 cgroup2 /host/sys/fs/cgroup 2>/dev/null
+# A checkout under one of the tmpfs directories (a clone in /tmp, /root, ...) is put back
+# over its tmpfs, so the test binaries and their paths are found there too.
+if [ -n "$repo" ]; then
+    mkdir -p /repo
+    mount -o bind "/host$repo" /repo || fail "bind of the checkout $repo"
+fi
 for dir in /tmp /var/tmp /run /root; do
     mount -t tmpfs -o mode=1777 tmpfs "/host$dir" || fail "tmpfs on $dir"
+    case "$repo" in
+        "$dir"/*)
+            mkdir -p "/host$repo" && mount -o bind /repo "/host$repo" || fail "the checkout $repo over the tmpfs on $dir"
+            ;;
+    esac
 done
 mount -t 9p -o "$ninep,cache=none" job "/host$job" || fail "mount of the job directory $job (9p)"
 ip link set lo up 2>/dev/null
