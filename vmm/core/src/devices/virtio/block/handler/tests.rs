@@ -45,6 +45,13 @@ fn rig_on(spec: &DiskSpec, engine: Engine, dir: Option<tempfile::TempDir>) -> Ri
     Rig { memory: memory.clone(), mock, queue, backend: BlockBackend::new(disk, engine), next_desc: 0, _dir: dir }
 }
 
+/// The io_uring engine, which every test host has.
+fn uring() -> Engine {
+    let engine = Engine::new();
+    assert_eq!(engine.name(), "io_uring", "this host has io_uring");
+    engine
+}
+
 fn rig() -> Rig {
     rig_with(Engine::synchronous(), false)
 }
@@ -145,9 +152,7 @@ fn read_write_flush_round_trip_synchronously() {
 
 #[test]
 fn read_write_flush_round_trip_on_io_uring() {
-    let engine = Engine::new();
-    assert_eq!(engine.name(), "io_uring", "this host has io_uring");
-    read_and_write_round_trip(engine);
+    read_and_write_round_trip(uring());
 }
 
 #[test]
@@ -597,9 +602,7 @@ fn a_flush_commits_a_layered_disk_synchronously() {
 
 #[test]
 fn a_flush_commits_a_layered_disk_on_io_uring() {
-    let engine = Engine::new();
-    assert_eq!(engine.name(), "io_uring", "this host has io_uring");
-    flushed_writes_survive_a_reopen_of_a_layered_disk(engine);
+    flushed_writes_survive_a_reopen_of_a_layered_disk(uring());
 }
 
 #[test]
