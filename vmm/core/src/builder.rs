@@ -142,25 +142,15 @@ pub fn build_vm(config: &VmConfig, started: Instant) -> Result<BuiltVm, BuildErr
     let kernel = config.validate()?;
 
     let ram = create_guest_ram(config.mem_mib)?;
-    let vm = Vm::new()?;
-    // Adding a memory slot costs milliseconds inside KVM whatever the size (a fixed cost of
-    // the memslot update, most of a start here); nothing below needs the slot until the
-    // vCPUs run, so it overlaps with the rest of the build.
-    std::thread::scope(|scope| {
-        let registering = scope.spawn(|| vm.register_memory(&ram.memory));
-        let wired = wire_fresh(config, kernel, &vm, &ram);
-        let registered = registering.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        registered?;
-        let (wired, boot) = wired?;
-        // kvm_pvm checks the VIF address against the memory slots: only now may it be set.
-        if boot.wants_vif {
-            for vcpu in &wired.vcpus {
-                platform::register_vif_page(wired.platform, &vcpu.fd, layout::VIF_ADDR)?;
-            }
+    let vm = Vm::new(&ram.memory)?;
+    let (wired, boot) = wire_fresh(config, kernel, &vm, &ram)?;
+    // kvm_pvm checks the VIF address against the memory slots, which are in by now.
+    if boot.wants_vif {
+        for vcpu in &wired.vcpus {
+            platform::register_vif_page(wired.platform, &vcpu.fd, layout::VIF_ADDR)?;
         }
-        Ok::<(Wired, BootProtocol), BuildError>((wired, boot.protocol))
-    })
-    .map(|(wired, protocol)| wired.into_built(vm, ram, protocol, 0, started))
+    }
+    Ok(wired.into_built(vm, ram, boot.protocol, 0, started))
 }
 
 /// Builds a VM from a snapshot: the same devices as the fresh boot that led to it, each
@@ -176,8 +166,8 @@ pub fn restore_vm(
     let saved = &snapshot.state;
     let ram = create_guest_ram(config.mem_mib)?;
     let parents = snapshot::load_parents(snapshot)?;
-    // Lazily, RAM is registered before anything (the devices' restore) touches it, and
-    // the loader fills the screen's memory while the VM is built.
+    // Lazily, RAM is registered with userfaultfd before anything (the devices' restore)
+    // touches it; while the VM is built the loader only serves faults.
     let mut lazy = match load {
         MemoryLoad::Eager => None,
         MemoryLoad::Lazy | MemoryLoad::LazyIfPossible => {
@@ -199,19 +189,12 @@ pub fn restore_vm(
         Some(lazy) => Some(lazy.defer_viewed().map_err(SnapshotError::from)?),
         None => None,
     };
-    let vm = Vm::new()?;
-    // The memory slot's fixed cost overlaps with reading memory.bin and the devices.
-    let wired = std::thread::scope(|scope| {
-        let registering = scope.spawn(|| vm.register_memory(&ram.memory));
-        let loaded = match &lazy {
-            Some(_) => Ok(()),
-            None => snapshot::read_memory(&ram, snapshot, &parents),
-        };
-        let wired = loaded.map_err(BuildError::from).and_then(|()| wire(config, &vm, &ram, Some(saved), view_gate));
-        let registered = registering.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        registered?;
-        wired
-    })?;
+    let vm = Vm::new(&ram.memory)?;
+    match &lazy {
+        Some(_) => {}
+        None => snapshot::read_memory(&ram, snapshot, &parents)?,
+    }
+    let wired = wire(config, &vm, &ram, Some(saved), view_gate)?;
     if wired.platform != snapshot.platform {
         return Err(BuildError::Restore(format!(
             "the snapshot was taken on {} KVM and this host runs {} KVM: vCPU state does not move between them",

@@ -205,11 +205,13 @@ impl Vmm {
         let (event_sender, vcpu_events) = mpsc::channel();
         let mut built = built;
         let vcpus = std::mem::take(&mut built.vcpus);
+        let vcpu_count = vcpus.len() as u8;
         let mut handles = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
-            handles.push(vcpu.start(VcpuEventSender::new(event_sender.clone(), vcpu_wake.clone()))?);
+            // The last vCPU to start says when the guest runs.
+            let announce = (vcpu.id + 1 == vcpu_count).then_some(built.started);
+            handles.push(vcpu.start(VcpuEventSender::new(event_sender.clone(), vcpu_wake.clone()), announce)?);
         }
-        eprintln!("carrel-vmm: vCPUs running {:.1} ms after start", built.started.elapsed().as_secs_f64() * 1e3);
         if let Some(lazy) = &built.lazy {
             lazy.fetch_ahead();
         }

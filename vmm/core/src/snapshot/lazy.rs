@@ -7,16 +7,18 @@
 //! layer of the chain (the full root, then each diff's chunks and cleared ranges), each
 //! chunk checked against its digest, and copied in whole. A loader thread serves faults
 //! (a vCPU's, a device's, KVM's own) and, once the VM runs ([`LazyMemory::fetch_ahead`]:
-//! not before, so the restore has the CPUs to itself), fetches the remaining data blocks
-//! in order between faults; when none is left it unregisters RAM and ends. Blocks the snapshot
-//! holds no data for are holes of the memfd and read as zeros without its help.
+//! not before, so the restore has the CPUs to itself), fills the viewed ranges (below),
+//! then fetches the remaining data blocks in order between faults; when none is left it
+//! unregisters RAM and ends. Blocks the snapshot holds no data for are holes of the memfd
+//! and read as zeros without its help.
 //!
 //! The hazard: a page read through another mapping of the memfd (the screen's view maps
 //! the scanout's pages on its own) would be allocated as zeros and never fault here.
 //! The loader fills the blocks under such ranges first. A restore either waits for them
-//! ([`LazyMemory::wait_viewed`]) or, to let the guest run sooner, hands the screen a
-//! [`ViewGate`] ([`LazyMemory::defer_viewed`]) that its views wait on before they map
-//! anything; a block found partly present is completed by plain copies instead of refusing.
+//! ([`LazyMemory::wait_viewed`], which starts the loader) or, to let the guest run sooner,
+//! hands the screen a [`ViewGate`] ([`LazyMemory::defer_viewed`]) that its views wait on
+//! before they map anything; a block found partly present is completed by plain copies
+//! instead of refusing.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -246,7 +248,7 @@ impl Source {
         Ok(())
     }
 
-    /// Serves faults until told to fetch ahead.
+    /// Serves faults until told to go on.
     fn serve_until_go(&mut self) -> Result<(), LazyError> {
         loop {
             self.serve_faults()?;
@@ -267,7 +269,6 @@ impl Source {
 
     /// Serves faults and fetches data blocks until every one is in, then lets RAM go.
     fn run(mut self, started: Instant) -> Result<LazyStats, LazyError> {
-        self.serve_until_go()?;
         // Fetching ahead is background work: it yields the CPUs to the guest and the
         // VMM's own threads (nice 10 for this thread alone; faults are served here too).
         // SAFETY: setpriority on this thread's id; no memory is touched.
@@ -357,7 +358,9 @@ impl LazyMemory {
             .name("lazy-memory".into())
             .spawn(move || {
                 crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Loader);
-                if let Err(err) = source.preload(&viewed) {
+                // While the VM is built, faults only: the build has the CPUs to itself.
+                let loaded = source.serve_until_go().and_then(|()| source.preload(&viewed));
+                if let Err(err) = loaded {
                     // A restore waiting for this answer is refused with it.
                     told.tell(Err(err), &sockets);
                     return Err(LazyError::Abandoned);
@@ -385,8 +388,10 @@ impl LazyMemory {
         Ok(LazyMemory { loader: Some(loader), viewed: signal, go: go_later })
     }
 
-    /// Waits until the viewed ranges are in (the first time; at once after that).
+    /// Starts the loader and waits until the viewed ranges are in (the first time; at
+    /// once after that).
     pub fn wait_viewed(&mut self) -> Result<(), LazyError> {
+        self.fetch_ahead();
         let mut state = self.viewed.lock();
         while matches!(*state, Viewed::Loading) {
             state = self.viewed.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -426,7 +431,8 @@ impl LazyMemory {
         self.loader.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
-    /// Lets the loader fetch the rest of RAM ahead of the guest, between faults.
+    /// Lets the loader go on from serving faults: it fills the viewed ranges, then
+    /// fetches the rest of RAM ahead of the guest, between faults.
     pub fn fetch_ahead(&self) {
         let _ = self.go.write(1);
     }
@@ -561,7 +567,9 @@ mod tests {
         }
         let restored = create_guest_ram(16).unwrap();
         let mut lazy = LazyMemory::start(&restored, &layers, vec![(0x8000, 16)], Vec::new()).unwrap();
-        // The failure is known before the restore goes on: it is refused with it.
+        // Loading began before the restore deferred the wait, and failed: the restore is
+        // refused with the failure.
+        lazy.fetch_ahead();
         assert!(!lazy.viewed.gate.wait(), "the gate says the range never loaded");
         let error = lazy.defer_viewed().unwrap_err();
         assert!(matches!(error, LazyError::Corrupt { offset: 0x8000, .. }), "{error}");

@@ -20,6 +20,7 @@ use std::fmt::Write as _;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -162,20 +163,25 @@ impl Vcpu {
         self.fd.set_cpuid2(cpuid).map_err(|source| VcpuError::SetCpuid { id: self.id, source })
     }
 
-    /// Starts the vCPU on its own thread, running the guest at once.
-    pub fn start(self, events: VcpuEventSender) -> Result<VcpuHandle, VcpuError> {
+    /// Starts the vCPU on its own thread, running the guest at once. With `announce` (the
+    /// process's start), the thread says on stderr when it first enters the guest.
+    pub fn start(self, events: VcpuEventSender, announce: Option<Instant>) -> Result<VcpuHandle, VcpuError> {
         let id = self.id;
         let (sender, receiver) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || self.run_thread(receiver, events))
+            .spawn(move || self.run_thread(receiver, events, announce))
             .map_err(|source| VcpuError::SpawnThread { id, source })?;
         Ok(VcpuHandle { id, sender, thread: Some(thread) })
     }
 
-    fn run_thread(mut self, messages: Receiver<VcpuMessage>, events: VcpuEventSender) {
+    fn run_thread(mut self, messages: Receiver<VcpuMessage>, events: VcpuEventSender, announce: Option<Instant>) {
         crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Vcpu);
         IMMEDIATE_EXIT.with(|flag| flag.set(&mut self.fd.get_kvm_run().immediate_exit as *mut u8));
+        if let Some(started) = announce {
+            // The next call is KVM_RUN: the guest's first instruction since start.
+            eprintln!("carrel-vmm: vCPUs running {:.1} ms after start", started.elapsed().as_secs_f64() * 1e3);
+        }
         let mut state = VcpuRunState::Running;
         loop {
             state = match state {

@@ -50,13 +50,20 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Opens /dev/kvm and creates a VM with the in-kernel irqchip (IOAPIC, PIC, LAPICs).
-    pub fn new() -> Result<Vm, VmError> {
+    /// Opens /dev/kvm and creates a VM with `memory` and the in-kernel irqchip (IOAPIC,
+    /// PIC, LAPICs).
+    ///
+    /// Memory goes in first: a memory slot added once the irqchip exists costs KVM
+    /// milliseconds (6 ms for 256 MiB, 10 ms for 1 GiB on kvm_pvm, most of a restore),
+    /// against 0.2-0.7 ms before it.
+    pub fn new(memory: &GuestMemoryMmap) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        fd.set_tss_address(TSS_ADDRESS).map_err(VmError::SetTssAddress)?;
-        fd.create_irq_chip().map_err(VmError::CreateIrqchip)?;
-        Ok(Vm { kvm, fd, has_pit: AtomicBool::new(false) })
+        let vm = Vm { kvm, fd, has_pit: AtomicBool::new(false) };
+        vm.register_memory(memory)?;
+        vm.fd.set_tss_address(TSS_ADDRESS).map_err(VmError::SetTssAddress)?;
+        vm.fd.create_irq_chip().map_err(VmError::CreateIrqchip)?;
+        Ok(vm)
     }
 
     /// Adds the i8254 PIT, which stock kernels calibrate against.
@@ -92,7 +99,7 @@ impl Vm {
 
     /// Gives every region of `memory` to KVM, one slot each, with KVM's dirty log on: the
     /// pages the vCPUs write are what a diff snapshot saves.
-    pub fn register_memory(&self, memory: &GuestMemoryMmap) -> Result<(), VmError> {
+    fn register_memory(&self, memory: &GuestMemoryMmap) -> Result<(), VmError> {
         for (slot, region) in memory.iter().enumerate() {
             let slot = slot as u32;
             let gpa = region.start_addr().0;
