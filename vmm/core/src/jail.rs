@@ -235,7 +235,7 @@ pub fn may_write(path: &Path) -> Result<(), String> {
 
 /// A jailed VMM, inside its namespaces and root, still root until
 /// [`Jail::drop_privileges`].
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Jail {
     config: JailConfig,
 }
@@ -445,6 +445,22 @@ impl Jail {
     /// Leaves root for the jail's uid and gid for good, in every thread: no
     /// supplementary groups, no capabilities (bounding set emptied too), and
     /// `no_new_privs`, which seccomp filters also need.
+    /// Takes the jail's uid and gid for the calling thread alone (raw syscalls: glibc's
+    /// wrappers would change every thread), so the files it makes are the VM's while the
+    /// rest of the process is still building the VM as root. The thread keeps no
+    /// capability; [`Jail::drop_privileges`] later does the same for the whole process.
+    pub fn become_ids_on_this_thread(&self) -> Result<(), JailError> {
+        let (uid, gid) = (self.config.uid, self.config.gid);
+        // SAFETY: raw setgroups with an empty list and setresgid/setresuid with plain ids;
+        // they change the calling thread's credentials only.
+        unsafe {
+            check(libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()), "drop supplementary groups")?;
+            check(libc::syscall(libc::SYS_setresgid, gid, gid, gid), format!("become gid {gid}"))?;
+            check(libc::syscall(libc::SYS_setresuid, uid, uid, uid), format!("become uid {uid}"))?;
+        }
+        Ok(())
+    }
+
     pub fn drop_privileges(&self) -> Result<(), JailError> {
         let (uid, gid) = (self.config.uid, self.config.gid);
         for capability in 0..64 {
@@ -463,6 +479,10 @@ impl Jail {
         }
         // SAFETY: prctl with integer arguments.
         check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }.into(), "set no_new_privs")?;
+        // A change of ids clears the parent-death signal: set it again, so a kill -9 of
+        // the outer process still ends the VMM.
+        // SAFETY: prctl with integer arguments.
+        check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) }.into(), "set the parent-death signal")?;
         let (mut real, mut effective, mut saved) = (0, 0, 0);
         // SAFETY: getresuid writes three ids into locals.
         unsafe { libc::getresuid(&mut real, &mut effective, &mut saved) };

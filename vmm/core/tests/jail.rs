@@ -268,3 +268,22 @@ fn forbidden_calls_end_a_jailed_vmm_naming_the_syscall() {
         assert!(!text.contains(&format!("jail-probe: {probe}:")), "{probe} returned: {text}");
     }
 }
+
+#[test]
+fn a_kill_of_the_outer_process_ends_the_jailed_vmm_too() {
+    let jailed = JailedVm::new(61_006);
+    let mut vm = jailed.boot(&[]);
+    let inner = jailed_pid(&vm);
+    assert_eq!(status_field(inner, "Uid:").split_whitespace().next(), Some("61006"), "the VMM left root");
+    // SAFETY: kill(2) on this test's own child.
+    unsafe { libc::kill(vm.child.id() as i32, libc::SIGKILL) };
+    vm.wait_for_exit(DEADLINE);
+    let end = Instant::now() + DEADLINE;
+    // Gone, or a zombie its new parent has yet to reap.
+    while std::fs::read_to_string(format!("/proc/{inner}/stat")).is_ok_and(|stat| {
+        !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+    }) {
+        assert!(Instant::now() < end, "the jailed VMM {inner} outlived its outer process");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
