@@ -44,6 +44,8 @@ pub enum RunError {
     Control(#[from] crate::control::ControlError),
     #[error("cannot open the audit log: {}", carrel_audit::error_chain(.0))]
     OpenAudit(#[source] carrel_audit::AuditError),
+    #[error("cannot start the thread that opens the audit log: {0}")]
+    AuditThread(#[source] std::io::Error),
     #[error("cannot record the VM's start in the audit log: {0}")]
     RecordStart(String),
     #[error("the vCPUs did not answer a {} request in time", if *pause { "pause" } else { "resume" })]
@@ -107,6 +109,39 @@ fn termination_signalfd() -> Result<OwnedFd, RunError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The VM's audit log, opened on a thread of its own while the VM is built: a new log's
+/// files are made and synced one by one (about 4 ms here), which would otherwise come
+/// before the guest's first instruction. In a jail the thread takes the jail's ids first,
+/// for itself alone, so the log's files are the VM's as if made after the process left
+/// root.
+#[derive(Debug)]
+pub struct AuditOpening(Option<std::thread::JoinHandle<Result<AuditLog, RunError>>>);
+
+impl AuditOpening {
+    /// Starts opening `config`'s audit log, if it names one.
+    pub fn start(config: &VmConfig, jail: Option<&Jail>) -> Result<AuditOpening, RunError> {
+        let Some(dir) = config.audit.clone() else { return Ok(AuditOpening(None)) };
+        let (name, jail) = (config.name.clone(), jail.cloned());
+        let thread = std::thread::Builder::new()
+            .name("audit-open".into())
+            .spawn(move || {
+                if let Some(jail) = &jail {
+                    jail.become_ids_on_this_thread()?;
+                }
+                AuditLog::open(&dir, &name).map_err(RunError::OpenAudit)
+            })
+            .map_err(RunError::AuditThread)?;
+        Ok(AuditOpening(Some(thread)))
+    }
+
+    fn finish(self) -> Result<Option<AuditLog>, RunError> {
+        match self.0 {
+            None => Ok(None),
+            Some(thread) => thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)).map(Some),
+        }
+    }
+}
+
 /// A VM whose vCPUs run.
 #[derive(Debug)]
 pub struct Vmm {
@@ -130,7 +165,10 @@ impl Vmm {
     /// Starts the control socket and the vCPUs of `built`. In a `jail`, the process
     /// leaves root first, before any client is accepted or guest instruction runs; each
     /// thread then installs its seccomp filter as it starts, this one last.
-    pub fn start(built: BuiltVm, config: VmConfig, jail: Option<&Jail>) -> Result<Vmm, RunError> {
+    pub fn start(built: BuiltVm, config: VmConfig, jail: Option<&Jail>, audit: AuditOpening) -> Result<Vmm, RunError> {
+        // The audit log's thread ends before the process leaves root: glibc changes the
+        // ids of every thread, which that thread, no longer root, could not follow.
+        let audit = audit.finish()?;
         // What this process writes from here on (audit log, control socket, snapshots)
         // it writes as the jail's uid.
         if let Some(jail) = jail {
@@ -162,10 +200,6 @@ impl Vmm {
             }
         }
 
-        let audit = match &config.audit {
-            Some(dir) => Some(AuditLog::open(dir, &config.name).map_err(RunError::OpenAudit)?),
-            None => None,
-        };
         let recorder = Recorder::new(audit);
         let start = match &built.restored_from {
             None => Record {

@@ -91,6 +91,58 @@ fn control_socket_reports_status_and_stops_the_vm() {
 }
 
 #[test]
+fn a_standby_vmm_runs_the_command_line_it_is_handed_and_refuses_a_bad_one() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let socket = scratch_path("standby.sock");
+    let log = scratch_path("standby.log");
+    let kernel = guest("desk.elf");
+    let standby = || {
+        Command::new(vmm_binary())
+            .arg("standby")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = standby();
+    // It waits: nothing runs until the command line comes.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(child.try_wait().unwrap().is_none(), "a standby waits for its command line");
+    assert!(!socket.exists());
+    let line = serde_json::json!({
+        "args": ["run", "--kernel", kernel, "--socket", socket, "--cmdline", "desk.exit=1"],
+        "stderr": log,
+    });
+    writeln!(child.stdin.take().unwrap(), "{line}").unwrap();
+    let output = child.wait_with_output().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(text.contains("vCPUs running"), "its stderr went to the named file:\n{text}");
+    assert!(output.stderr.is_empty(), "nothing on the standby's own stderr after the hand-over");
+
+    for (bad, expected, code) in [
+        ("not json", "not what carrel-vmm reads", 1),
+        ("{\"args\": [\"run\", \"--bogus\"]}", "unexpected argument '--bogus'", 2),
+        ("{\"args\": [\"standby\"]}", "cannot be another standby", 1),
+    ] {
+        let mut child = standby();
+        writeln!(child.stdin.take().unwrap(), "{bad}").unwrap();
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(code), "{bad}: {stderr}");
+        assert!(stderr.contains(expected), "{bad}: {stderr}");
+    }
+    // A supervisor that goes away before handing over a command line ends its standby.
+    let mut child = standby();
+    drop(child.stdin.take());
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("stdin closed"));
+}
+
+#[test]
 fn status_without_a_running_vm_says_how_to_start_one() {
     let socket = scratch_path("absent.sock");
     let output = Command::new(vmm_binary()).args(["status", "--socket", socket.to_str().unwrap()]).output().unwrap();

@@ -74,6 +74,10 @@ pub enum Command {
     Input(InputArgs),
     /// Print a shell completion script: `carrel-vmm completions bash > /etc/bash_completion.d/carrel-vmm`.
     Completions { shell: clap_complete::Shell },
+    /// Start ahead of need, for a supervisor such as carreld, and wait on stdin for the
+    /// command line to run: one line of JSON, `{"args": ["run", ...], "stderr": PATH}`.
+    #[command(hide = true)]
+    Standby,
 }
 
 /// A running VM's control socket.

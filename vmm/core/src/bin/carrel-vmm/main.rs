@@ -13,13 +13,23 @@ use carrel_vmm::config::VmConfig;
 use carrel_vmm::control::{
     AgentRequest, AgentResponse, ControlClient, InputRequest, Request, Response, ScreenshotRequest, SnapshotRequest,
 };
-use carrel_vmm::vmm::{VmOutcome, Vmm};
+use carrel_vmm::vmm::{AuditOpening, VmOutcome, Vmm};
 use clap::{CommandFactory, Parser};
 
 fn main() -> ExitCode {
-    let started = Instant::now();
+    let mut started = Instant::now();
     // Usage errors end here with exit code 2 (and --help with 0), as clap does.
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Command::Standby = cli.command {
+        match standby() {
+            // From here the process is the VM's, and its time starts now.
+            Ok(assigned) => (cli, started) = (assigned, Instant::now()),
+            Err(err) => {
+                eprintln!("carrel-vmm: standby: {err:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let result = match cli.command {
         Command::Run(run) => {
             let (launch, process) = run.launch().unwrap_or_else(|err| err.exit());
@@ -55,6 +65,7 @@ fn main() -> ExitCode {
             input(&socket, output.as_deref(), request)
         }
         Command::Completions { shell } => completions(shell),
+        Command::Standby => Err(anyhow::anyhow!("a standby VMM's command line cannot be another standby")),
     };
     match result {
         Ok(code) => code,
@@ -63,6 +74,43 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// What a supervisor hands a standby VMM.
+#[derive(serde::Deserialize)]
+struct Assignment {
+    /// The command line, without the program's name.
+    args: Vec<String>,
+    /// The file stderr goes to from now on (created or truncated).
+    stderr: Option<PathBuf>,
+}
+
+/// Waits for the command line of the VM this process is to run, sent by the supervisor
+/// that started it ahead of need: the fork and exec of a new process are then not part
+/// of the VM's start. stdin reads as empty afterwards.
+fn standby() -> anyhow::Result<Cli> {
+    use std::os::fd::AsRawFd;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).context("reading the command line")?;
+    anyhow::ensure!(!line.is_empty(), "stdin closed before a command line came");
+    let assignment: Assignment =
+        serde_json::from_str(&line).context("the command line is not what carrel-vmm reads")?;
+    let null = std::fs::File::open("/dev/null").context("opening /dev/null")?;
+    let redirect = |file: &std::fs::File, to: i32| {
+        // SAFETY: dup2 of a descriptor this function owns onto a standard one.
+        if unsafe { libc::dup2(file.as_raw_fd(), to) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    redirect(&null, libc::STDIN_FILENO).context("closing stdin")?;
+    if let Some(path) = &assignment.stderr {
+        let log = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        redirect(&log, libc::STDERR_FILENO).with_context(|| format!("sending stderr to {}", path.display()))?;
+    }
+    let cli = Cli::try_parse_from(std::iter::once("carrel-vmm".to_string()).chain(assignment.args))
+        .unwrap_or_else(|err| err.exit());
+    Ok(cli)
 }
 
 /// Prints the completion script, written whole so a closed pipe is an error, not a panic.
@@ -319,6 +367,7 @@ fn restore(
     if jail.is_some() {
         carrel_vmm::jail::resolve_config(&mut config)?;
     }
+    let audit = AuditOpening::start(&config, jail.as_ref())?;
     let built = carrel_vmm::builder::restore_vm(&config, &snapshot, overrides.load, started)?;
     hand_over(jail.as_ref(), &config)?;
     eprintln!(
@@ -329,7 +378,7 @@ fn restore(
         built.restores,
         started.elapsed().as_secs_f64() * 1e3
     );
-    run_vmm(Vmm::start(built, config, jail.as_ref())?, options)
+    run_vmm(Vmm::start(built, config, jail.as_ref(), audit)?, options)
 }
 
 /// The VM's identity and where it talks, from the restore's flags.
@@ -362,6 +411,7 @@ fn finish(outcome: VmOutcome) -> anyhow::Result<ExitCode> {
 
 fn run(mut config: VmConfig, options: &ProcessOptions, started: Instant) -> anyhow::Result<ExitCode> {
     let jail = confine(options, &mut config, None)?;
+    let audit = AuditOpening::start(&config, jail.as_ref())?;
     let built = build_vm(&config, started)?;
     hand_over(jail.as_ref(), &config)?;
     eprintln!(
@@ -376,7 +426,7 @@ fn run(mut config: VmConfig, options: &ProcessOptions, started: Instant) -> anyh
         config.cpus,
         started.elapsed().as_secs_f64() * 1e3
     );
-    run_vmm(Vmm::start(built, config, jail.as_ref())?, options)
+    run_vmm(Vmm::start(built, config, jail.as_ref(), audit)?, options)
 }
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
