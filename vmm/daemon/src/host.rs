@@ -15,6 +15,7 @@ use tonic::Status;
 use crate::cgroup::{self, Cgroups, DiskLimits, Limits};
 use crate::registry::{Registry, VmRecord};
 use crate::secrets::SecretStore;
+use crate::standby::{Standby, StandbyPool};
 use crate::supervisor::{self, VmPaths};
 use crate::templates::Templates;
 
@@ -90,6 +91,8 @@ pub struct HostConfig {
     pub cgroup: Option<String>,
     /// Jail every VMM, each as its own uid from this one on (None: no jails).
     pub jail_uids: Option<u32>,
+    /// Keep a VMM started ahead of the next VM's start.
+    pub standby: bool,
 }
 
 #[derive(Debug)]
@@ -112,6 +115,8 @@ pub struct Host {
     pub connections: supervisor::Connections,
     /// What Host.Info tells of the machine, read once.
     pub machine: Machine,
+    /// The VMM the next start takes.
+    pub standby: Arc<StandbyPool>,
 }
 
 /// The machine carreld runs on, as Host.Info tells it: it does not change while carreld
@@ -163,6 +168,8 @@ impl Host {
             }
             None => None,
         };
+        let standby = StandbyPool::new(config.vmm.clone(), cgroups.clone(), config.standby);
+        standby.refill(std::time::Duration::ZERO);
         let host = Arc::new(Host {
             config,
             registry,
@@ -175,6 +182,7 @@ impl Host {
             templates,
             connections: supervisor::Connections::default(),
             machine: Machine::read(),
+            standby,
         });
         let mut revive = Vec::new();
         for (name, mut record) in records {
@@ -333,16 +341,21 @@ impl Host {
             let mut vms = self.vms.lock().await;
             let entry = vms.get_mut(name).ok_or_else(|| Status::not_found(format!("no VM named {name:?}")))?;
             if by_request {
-                entry.record.stopped = false;
+                let was_stopped = std::mem::replace(&mut entry.record.stopped, false);
                 entry.record.restarts = 0;
+                // Asked to run, it runs again after a power loss too.
+                if was_stopped {
+                    self.registry.save(&entry.record).map_err(|err| Status::internal(err.to_string()))?;
+                }
             } else if entry.record.stopped {
                 return Ok(crate::service::vm_message(self, entry));
             }
             self.set_state(entry, v1::VmState::Starting);
             (entry.record.clone(), entry.paths.clone())
         };
-        let started = match self.prepare_cgroup(&record) {
-            Ok(procs) => supervisor::start(&self.config.vmm, &record, &paths, procs).await,
+        let mut standby = self.standby.take();
+        let started = match self.prepare_cgroup(&record, standby.as_mut()) {
+            Ok(procs) => supervisor::start(&self.config.vmm, &record, &paths, procs, standby).await,
             Err(reason) => Err(reason),
         };
         let mut vms = self.vms.lock().await;
@@ -354,7 +367,9 @@ impl Host {
                 // Awake: the snapshot it restored stays, as the parent of its next diff.
                 entry.record.parent = entry.record.hibernated.take();
                 entry.last_checkpoint_at = std::time::Instant::now();
-                self.registry.save(&entry.record).map_err(|err| Status::internal(err.to_string()))?;
+                // Not synced: after a power loss the pid names no VMM, and a hibernated
+                // VM's snapshot, the one durable fact here, stays as its parent.
+                self.registry.update(&entry.record).map_err(|err| Status::internal(err.to_string()))?;
                 let pid = child.id();
                 self.clone().watch_child(name.to_string(), paths.clone(), child);
                 if let (Some(pid), watchdog @ 1..) = (pid, entry.record.spec.watchdog_seconds) {
@@ -371,9 +386,10 @@ impl Host {
         }
     }
 
-    /// A fresh cgroup for `record`'s next run, with its limits; the `cgroup.procs` files
-    /// the VMM enters before exec (none when the host has no cgroups).
-    fn prepare_cgroup(&self, record: &VmRecord) -> Result<Vec<OwnedFd>, String> {
+    /// A fresh cgroup for `record`'s next run, with its limits: `standby`'s own group
+    /// where it can be renamed, else a new one; the `cgroup.procs` files the VMM enters
+    /// (none when the host has no cgroups).
+    fn prepare_cgroup(&self, record: &VmRecord, standby: Option<&mut Standby>) -> Result<Vec<OwnedFd>, String> {
         let Some(cgroups) = &self.cgroups else { return Ok(Vec::new()) };
         let spec = &record.spec;
         let mut limits = Limits::for_vm(spec.memory_mib, spec.cpus, spec.memory_limit_mib);
@@ -385,6 +401,9 @@ impl Host {
                 bytes_per_second: spec.disk_bytes_per_second,
                 iops: spec.disk_iops,
             };
+        }
+        if let Some(procs) = standby.and_then(|standby| standby.rename_group(cgroups, &record.name, &limits)) {
+            return Ok(procs);
         }
         cgroups.prepare(&record.name, &limits).and_then(|group| group.open_procs()).map_err(|err| err.to_string())
     }

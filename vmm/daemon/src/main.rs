@@ -5,6 +5,7 @@
 //! ```text
 //! carreld [--socket /run/carrel/carrel.sock] [--state /var/lib/carrel]
 //!         [--vmm PATH] [--kernel PATH] [--admin-gid GID] [--cgroup NAME | --no-cgroups]
+//!         [--jail-uids UID | --no-jail] [--no-standby]
 //! ```
 
 mod cgroup;
@@ -12,6 +13,7 @@ mod host;
 mod registry;
 mod secrets;
 mod service;
+mod standby;
 mod supervisor;
 mod templates;
 
@@ -25,11 +27,12 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 const USAGE: &str = "usage: carreld [--socket PATH] [--state DIR] [--vmm PATH] [--kernel PATH] [--admin-gid GID]
-               [--cgroup NAME | --no-cgroups] [--jail-uids UID | --no-jail]
+               [--cgroup NAME | --no-cgroups] [--jail-uids UID | --no-jail] [--no-standby]
   --cgroup NAME   the VMs' cgroups go under NAME in carreld's own cgroup (default: carrel)
   --no-cgroups    run the VMs without resource limits
   --jail-uids UID each VMM runs jailed as its own uid from UID on (default 200000, when root)
-  --no-jail       run the VMMs unjailed, as the daemon's user";
+  --no-jail       run the VMMs unjailed, as the daemon's user
+  --no-standby    keep no carrel-vmm started ahead of the next VM (each start then forks one)";
 
 /// The first uid of the jailed VMMs' range: far above the host's users (and out of the
 /// way of the usual 100000+ subordinate-id ranges' first block).
@@ -54,6 +57,7 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
         cgroup: Some("carrel".into()),
         // SAFETY: geteuid has no preconditions. Only root can build the jails.
         jail_uids: (unsafe { libc::geteuid() } == 0).then_some(DEFAULT_FIRST_JAIL_UID),
+        standby: true,
     };
     let mut index = 0;
     while index < args.len() {
@@ -86,6 +90,11 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
             }
             "--no-cgroups" => {
                 config.cgroup = None;
+                index += 1;
+                continue;
+            }
+            "--no-standby" => {
+                config.standby = false;
                 index += 1;
                 continue;
             }
@@ -182,6 +191,7 @@ async fn main() -> anyhow::Result<()> {
         () = grace_over => eprintln!("carreld: streams still open after {SHUTDOWN_GRACE:?}: closing them"),
     }
     // The VMs run on; the next carreld re-attaches to them.
+    host.standby.close().await;
     let _ = std::fs::remove_file(&socket);
     eprintln!("carreld: stopped; the VMs run on");
     Ok(())

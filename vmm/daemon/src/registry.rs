@@ -213,8 +213,19 @@ impl Registry {
         Ok(records)
     }
 
-    /// Writes `record` atomically.
+    /// Writes `record` atomically and durably.
     pub fn save(&self, record: &VmRecord) -> Result<(), RegistryError> {
+        self.write(record, true)
+    }
+
+    /// Writes `record` atomically, without waiting for the disk: for a change that a power
+    /// loss makes moot, such as the pid of a VMM just started (no VMM outlives the host),
+    /// and that a crash of the daemon alone must not tear.
+    pub fn update(&self, record: &VmRecord) -> Result<(), RegistryError> {
+        self.write(record, false)
+    }
+
+    fn write(&self, record: &VmRecord, durably: bool) -> Result<(), RegistryError> {
         let dir = self.vm_dir(&record.name);
         let path = dir.join("vm.json");
         let fail = |source| RegistryError::Write { path: path.clone(), source };
@@ -222,9 +233,15 @@ impl Registry {
         let temporary = dir.join("vm.json.tmp");
         let text = serde_json::to_string_pretty(record).expect("a record always serializes");
         let mut file = std::fs::File::create(&temporary).map_err(fail)?;
-        file.write_all(text.as_bytes()).and_then(|()| file.sync_all()).map_err(fail)?;
+        file.write_all(text.as_bytes()).map_err(fail)?;
+        if durably {
+            file.sync_all().map_err(fail)?;
+        }
         std::fs::rename(&temporary, &path).map_err(fail)?;
-        std::fs::File::open(&dir).and_then(|dir| dir.sync_all()).map_err(fail)
+        if durably {
+            std::fs::File::open(&dir).and_then(|dir| dir.sync_all()).map_err(fail)?;
+        }
+        Ok(())
     }
 
     /// Removes the VM's directory and everything in it.

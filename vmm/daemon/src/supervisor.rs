@@ -13,6 +13,7 @@ use carrel_vmm::control::{ControlClient, Failure, Request, Response};
 use crate::cgroup;
 use crate::host::Caller;
 use crate::registry::VmRecord;
+use crate::standby::Standby;
 
 /// How long a new VMM has to open its control socket.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -137,14 +138,39 @@ pub fn run_args(record: &VmRecord, paths: &VmPaths) -> Vec<String> {
     args
 }
 
-/// Starts the VMM for `record`, inside the cgroup whose `cgroup.procs` files are
-/// `cgroup_procs` (opened by the caller; the child enters before exec, so the VMM never
-/// runs outside its group); returns the child once its control socket answers.
+/// `carrel-vmm` as the daemon starts it: in its own process group (a signal to the
+/// daemon's group does not end the VMs), entering the cgroup whose `cgroup.procs` files
+/// are `cgroup_fds` before exec (so the VMM never runs outside its group), with nothing
+/// of the daemon's but stdio.
+pub fn vmm_command(vmm: &Path, cgroup_fds: Vec<i32>) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(vmm);
+    // SAFETY: the closure runs in the forked child before exec and makes only
+    // async-signal-safe syscalls (write(2) on descriptors opened before the fork, then
+    // close_range); it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            cgroup::enter_self(&cgroup_fds)?;
+            // Every other fd closes on exec (CLOSE_RANGE_CLOEXEC keeps the spawn's own
+            // error pipe working).
+            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command.stdin(Stdio::null()).stdout(Stdio::null()).process_group(0).kill_on_drop(false);
+    command
+}
+
+/// Starts the VMM for `record` inside the cgroup whose `cgroup.procs` files are
+/// `cgroup_procs` (opened by the caller), as `standby` when one is given; returns the
+/// child once its control socket answers.
 pub async fn start(
     vmm: &Path,
     record: &VmRecord,
     paths: &VmPaths,
     cgroup_procs: Vec<OwnedFd>,
+    standby: Option<Standby>,
 ) -> Result<tokio::process::Child, String> {
     for stale in [paths.control(), paths.vsock()] {
         let _ = std::fs::remove_file(stale);
@@ -154,34 +180,23 @@ pub async fn start(
     if let Some(uid) = record.jail_uid {
         prepare_jail(paths, uid)?;
     }
-    let stderr =
-        std::fs::File::create(paths.dir.join("vmm.log")).map_err(|err| format!("cannot create vmm.log: {err}"))?;
-    let mut command = tokio::process::Command::new(vmm);
-    let cgroup_fds = cgroup::raw_fds(&cgroup_procs);
-    // SAFETY: the closure runs in the forked child before exec and makes only
-    // async-signal-safe syscalls (write(2) on descriptors opened before the fork, then
-    // close_range); it allocates nothing.
-    unsafe {
-        command.pre_exec(move || {
-            cgroup::enter_self(&cgroup_fds)?;
-            // Nothing of the daemon's but stdio reaches the VMM: every other fd closes on
-            // exec (CLOSE_RANGE_CLOEXEC keeps the spawn's own error pipe working).
-            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = command
-        .args(run_args(record, paths))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        // Its own process group: a signal to the daemon's group does not end the VMs.
-        .process_group(0)
-        .kill_on_drop(false)
-        .spawn()
-        .map_err(|err| format!("cannot start {} in its cgroup: {err}", vmm.display()))?;
+    let args = run_args(record, paths);
+    let log = paths.dir.join("vmm.log");
+    let assigned = match standby {
+        Some(standby) => standby.assign(&cgroup_procs, &args, &log).await.ok(),
+        None => None,
+    };
+    let mut child = match assigned {
+        Some(child) => child,
+        None => {
+            let stderr = std::fs::File::create(&log).map_err(|err| format!("cannot create vmm.log: {err}"))?;
+            vmm_command(vmm, cgroup::raw_fds(&cgroup_procs))
+                .args(&args)
+                .stderr(stderr)
+                .spawn()
+                .map_err(|err| format!("cannot start {} in its cgroup: {err}", vmm.display()))?
+        }
+    };
     drop(cgroup_procs);
     let deadline = Instant::now() + START_TIMEOUT;
     loop {

@@ -78,6 +78,8 @@ fn cgroup_vm_dirs(name: &str) -> Vec<PathBuf> {
         .iter()
         .flat_map(|parent| std::fs::read_dir(parent).unwrap().flatten())
         .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+        // The standby VMM's group is nobody's yet.
+        .filter(|entry| !entry.file_name().to_string_lossy().starts_with('.'))
         .map(|entry| entry.path())
         .collect()
 }
@@ -152,7 +154,15 @@ impl Drop for Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The standby VMM's group: its VMM ends as its stdin closes with the daemon.
         for parent in cgroup_parents(&self.cgroup) {
+            let standby = parent.join(".standby");
+            for _ in 0..100 {
+                if !standby.exists() || std::fs::remove_dir(&standby).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = std::fs::remove_dir(parent);
         }
     }
