@@ -382,9 +382,9 @@ impl Gpu {
             return Err(ErrorCode::InvalidParameter);
         }
         let mapped = match &self.view_gate {
-            Some(gate) => MappedView::check(&self.memory, &backing, byte_len).map(|()| {
-                Storage::Deferred(DeferredView::new(self.memory.clone(), backing.clone(), byte_len, gate.clone()))
-            }),
+            Some(gate) => MappedView::check(&self.memory, &backing, byte_len)
+                .and_then(|()| DeferredView::new(self.memory.clone(), backing.clone(), byte_len, gate.clone()))
+                .map(Storage::Deferred),
             None => MappedView::map(&self.memory, &backing, byte_len).map(Storage::Mapped),
         };
         let storage = match mapped {

@@ -481,6 +481,35 @@ fn a_deferred_view_maps_nothing_until_its_gate_opens() {
 }
 
 #[test]
+fn a_deferred_view_waits_only_for_the_ranges_under_its_own_backing() {
+    let mut harness = Harness::new();
+    let gate = crate::view::ViewGate::new();
+    harness.gpu.defer_views(gate.clone());
+    // 64x32x4: two pages at PIXELS_ADDR, which is that far into the memfd.
+    harness.show(1, 64, 32, PIXELS_ADDR);
+    harness.paint(PIXELS_ADDR, 64, 32, pattern);
+    let screen = harness.gpu.screen();
+    let (done, captured) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn({
+        let screen = Arc::clone(&screen);
+        move || {
+            let capture = screen.capture(&CaptureOptions::default()).unwrap();
+            done.send(()).unwrap();
+            capture
+        }
+    });
+    let wait = std::time::Duration::from_millis(200);
+    gate.open_range(0, PIXELS_ADDR);
+    assert!(captured.recv_timeout(wait).is_err(), "other pages loaded: still waiting");
+    gate.open_range(PIXELS_ADDR, 4096);
+    assert!(captured.recv_timeout(wait).is_err(), "half of its pages: still waiting");
+    gate.open_range(PIXELS_ADDR, 8192);
+    captured.recv_timeout(std::time::Duration::from_secs(5)).expect("its own pages are in: the screenshot goes on");
+    let capture = reader.join().unwrap();
+    assert!(capture.bytes.iter().any(|&byte| byte != 0), "the guest's pixels");
+}
+
+#[test]
 fn a_deferred_view_whose_pages_never_load_lends_no_pixels() {
     let mut harness = Harness::new();
     let gate = crate::view::ViewGate::new();

@@ -11,7 +11,7 @@ use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::format::PixelFormat;
 use crate::memory::GuestMemoryMmap;
 use crate::protocol::Rect;
-use crate::view::{Backing, MappedView, ViewGate};
+use crate::view::{Backing, BackingError, MappedView, ViewGate};
 
 /// Where a surface's pixels are.
 #[derive(Debug)]
@@ -31,12 +31,22 @@ pub(crate) struct DeferredView {
     backing: Backing,
     len: u64,
     gate: ViewGate,
+    /// The memory files' ranges the view maps: what it waits for.
+    ranges: Vec<(u64, u64)>,
     view: OnceLock<Option<MappedView>>,
 }
 
 impl DeferredView {
-    pub fn new(memory: GuestMemoryMmap, backing: Backing, len: u64, gate: ViewGate) -> DeferredView {
-        DeferredView { memory, backing, len, gate, view: OnceLock::new() }
+    /// A view of `backing` once `gate` says its pages are in; `Err` where it could never
+    /// be mapped.
+    pub fn new(
+        memory: GuestMemoryMmap,
+        backing: Backing,
+        len: u64,
+        gate: ViewGate,
+    ) -> Result<DeferredView, BackingError> {
+        let ranges = MappedView::file_ranges(&memory, &backing, len)?;
+        Ok(DeferredView { memory, backing, len, gate, ranges, view: OnceLock::new() })
     }
 
     /// The view, mapped the first time (`None` if the pages never loaded or cannot be
@@ -44,7 +54,7 @@ impl DeferredView {
     fn get(&self) -> Option<&MappedView> {
         self.view
             .get_or_init(|| {
-                if !self.gate.wait() {
+                if !self.gate.wait_for(&self.ranges) {
                     return None;
                 }
                 MappedView::map(&self.memory, &self.backing, self.len).ok()

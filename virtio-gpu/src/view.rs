@@ -111,12 +111,28 @@ impl Backing {
 
 /// When guest RAM may be viewed in place: RAM that is still being filled (a lazily
 /// restored snapshot) must not get a second mapping before its pages are in, or reading
-/// through that mapping would allocate them as zeros. The filler opens the gate once the
-/// pages under every resource's backing are loaded; views wait for it on their first read,
-/// so the guest can run meanwhile.
+/// through that mapping would allocate them as zeros. The filler says which ranges of the
+/// RAM's file are in as it loads them ([`ViewGate::open_range`], the scanout's first) and
+/// when all are ([`ViewGate::open`]); a view waits on its first read for the ranges under
+/// its own backing, so the guest runs meanwhile and the screen is back as soon as its
+/// pixels are.
 #[derive(Debug, Clone, Default)]
 pub struct ViewGate {
-    state: Arc<(Mutex<Option<bool>>, Condvar)>,
+    state: Arc<(Mutex<GateState>, Condvar)>,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    /// File ranges (offset, length) known to be loaded.
+    loaded: Vec<(u64, u64)>,
+    /// Everything is in (`true`), or will never be (`false`).
+    done: Option<bool>,
+}
+
+impl GateState {
+    fn holds(&self, offset: u64, len: u64) -> bool {
+        self.loaded.iter().any(|&(start, size)| offset >= start && offset + len <= start + size)
+    }
 }
 
 impl ViewGate {
@@ -124,20 +140,40 @@ impl ViewGate {
         ViewGate::default()
     }
 
-    /// Says the viewed pages are in (`true`) or will never be (`false`), waking waiters.
+    /// Says `len` bytes of the RAM's file at `offset` are in, waking waiters.
+    pub fn open_range(&self, offset: u64, len: u64) {
+        let (state, changed) = &*self.state;
+        state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).loaded.push((offset, len));
+        changed.notify_all();
+    }
+
+    /// Says every viewed page is in (`true`) or will never be (`false`), waking waiters.
     pub fn open(&self, loaded: bool) {
         let (state, changed) = &*self.state;
-        *state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(loaded);
+        state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).done = Some(loaded);
         changed.notify_all();
     }
 
     /// Waits until [`ViewGate::open`]; whether the pages were loaded.
     pub fn wait(&self) -> bool {
+        self.wait_until(|state| state.done)
+    }
+
+    /// Waits until the file `ranges` (offset, length) are in; whether they are (`false`
+    /// once loading failed).
+    pub fn wait_for(&self, ranges: &[(u64, u64)]) -> bool {
+        self.wait_until(|state| match state.done {
+            Some(done) => Some(done),
+            None => ranges.iter().all(|&(offset, len)| state.holds(offset, len)).then_some(true),
+        })
+    }
+
+    fn wait_until(&self, answer: impl Fn(&GateState) -> Option<bool>) -> bool {
         let (state, changed) = &*self.state;
         let mut state = state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         loop {
-            if let Some(loaded) = *state {
-                return loaded;
+            if let Some(answer) = answer(&state) {
+                return answer;
             }
             state = changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
         }
@@ -186,6 +222,17 @@ impl MappedView {
 
     /// Cuts the first `len` bytes of `backing`, rounded up to whole pages, into runs
     /// that can each be mapped from one file: the view's length and its pieces.
+    /// The ranges (offset, length) of the guest memory's files a view of the first `len`
+    /// bytes of `backing` would map.
+    pub(crate) fn file_ranges(
+        memory: &GuestMemoryMmap,
+        backing: &Backing,
+        len: u64,
+    ) -> Result<Vec<(u64, u64)>, BackingError> {
+        let (_, pieces) = MappedView::plan(memory, backing, len)?;
+        Ok(pieces.iter().map(|piece| (piece.file_offset, piece.count)).collect())
+    }
+
     fn plan(memory: &GuestMemoryMmap, backing: &Backing, len: u64) -> Result<(u64, Vec<ViewPiece>), BackingError> {
         if backing.len() < len {
             return Err(BackingError::SizeBacking { needed: len, got: backing.len() });

@@ -235,15 +235,18 @@ impl Source {
         Ok(())
     }
 
-    /// Fills the blocks under `ranges` (memfd offset, length), serving faults between them.
-    fn preload(&mut self, ranges: &[(u64, u64)]) -> Result<(), LazyError> {
+    /// Fills the blocks under `ranges` (memfd offset, length) in order, serving faults
+    /// between them, and tells `loaded` of the blocks under each range once they are in.
+    fn preload(&mut self, ranges: &[(u64, u64)], loaded: impl Fn(u64, u64)) -> Result<(), LazyError> {
         for &(offset, len) in ranges {
-            for index in offset / CHUNK_BYTES..(offset + len.max(1)).div_ceil(CHUNK_BYTES) {
+            let blocks = offset / CHUNK_BYTES..(offset + len.max(1)).div_ceil(CHUNK_BYTES);
+            for index in blocks.clone() {
                 self.serve_faults()?;
                 if self.fill(index)? {
                     self.stats.fetched += 1;
                 }
             }
+            loaded(blocks.start * CHUNK_BYTES, (blocks.end - blocks.start) * CHUNK_BYTES);
         }
         Ok(())
     }
@@ -359,7 +362,9 @@ impl LazyMemory {
             .spawn(move || {
                 crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Loader);
                 // While the VM is built, faults only: the build has the CPUs to itself.
-                let loaded = source.serve_until_go().and_then(|()| source.preload(&viewed));
+                let loaded = source
+                    .serve_until_go()
+                    .and_then(|()| source.preload(&viewed, |offset, len| told.gate.open_range(offset, len)));
                 if let Err(err) = loaded {
                     // A restore waiting for this answer is refused with it.
                     told.tell(Err(err), &sockets);

@@ -99,11 +99,16 @@ impl SnapshotState {
     }
 
     /// The RAM (memfd offset, length) that other mappings than the guest's read: the GPU
-    /// resources' backing, which the screen views in place.
+    /// resources' backing, which the screen views in place; the scanout's first.
     pub fn viewed_ram(&self) -> Vec<(u64, u64)> {
-        self.gpu()
+        let Some(gpu) = self.gpu().map(|state| &state.gpu) else { return Vec::new() };
+        // The scanout's pixels first: the first screenshot after a restore waits for them.
+        let scanout = gpu.scanout.map(|(resource_id, ..)| resource_id);
+        let mut resources: Vec<_> = gpu.resources.iter().collect();
+        resources.sort_by_key(|resource| Some(resource.resource_id) != scanout);
+        resources
             .into_iter()
-            .flat_map(|state| state.gpu.resources.iter().flat_map(|resource| resource.backing.iter().flatten()))
+            .flat_map(|resource| resource.backing.iter().flatten())
             .filter_map(|&(gpa, len)| Some((crate::memory::ram_offset(gpa, self.memory.size)?, u64::from(len))))
             .collect()
     }
