@@ -429,8 +429,21 @@ fn diff_snapshots_restore_merge_and_roll_back() {
     let diff = scratch_path("chain-diff");
     let said = cli(&["snapshot", "--socket", &socket, "--dir", diff.to_str().unwrap(), "--diff"]);
     assert!(said.contains("a diff over"), "{said}");
+    // A diff over the diff, with the screen changed again: a chain of three.
+    cli(&["input", "--socket", &socket, "type", " and third"]);
+    let third_screen = screenshot(&paths.socket, Wait::StillFor(50));
+    let diff2 = scratch_path("chain-diff2");
+    cli(&["snapshot", "--socket", &socket, "--dir", diff2.to_str().unwrap(), "--diff"]);
     cli(&["stop", "--socket", &socket]);
     vm.wait_for_exit(DEADLINE);
+    // Each link's screen, straight from the files of the chain up to it.
+    for (dir, screen, name) in [(&diff, &second_screen, "diff"), (&diff2, &third_screen, "diff of a diff")] {
+        let shot = scratch_path("chain-from-files.png");
+        cli(&["screenshot", "--snapshot", dir.to_str().unwrap(), "-o", shot.to_str().unwrap()]);
+        let from_files = decode_png(&std::fs::read(&shot).unwrap()).2;
+        assert_eq!(differ_outside_clock(&from_files, &pixels(screen)), 0, "{name}: its own screen");
+    }
+    assert!(differ_outside_clock(&pixels(&third_screen), &pixels(&second_screen)) > 0, "the screen changed");
     let (base_bytes, diff_bytes) = (allocated(&base.join("memory.bin")), allocated(&diff.join("memory.bin")));
     assert!(diff_bytes * 2 < base_bytes, "the diff holds only what changed: {diff_bytes} vs {base_bytes} bytes");
     let untouched = [snapshot_digests(&base), snapshot_digests(&diff)];

@@ -75,6 +75,42 @@ enum Piece {
     },
 }
 
+impl Piece {
+    fn range(&self) -> (u64, u64) {
+        match *self {
+            Piece::Data { offset, len, .. } | Piece::Zero { offset, len } => (offset, offset + len),
+        }
+    }
+}
+
+/// Drops the pieces (of one block, in layer order) that later ones cover whole: a long
+/// chain of diffs that each rewrote the same pages (a screen redrawn between hibernations)
+/// then reads and checks only the newest copy. A piece covered in part stays, read and
+/// checked whole, and the later pieces are laid over it.
+fn hide_covered(pieces: &mut Vec<Piece>) {
+    // The union of the later pieces' ranges, sorted and merged.
+    let mut later: Vec<(u64, u64)> = Vec::new();
+    let mut kept = Vec::with_capacity(pieces.len());
+    for piece in pieces.drain(..).rev() {
+        let (start, end) = piece.range();
+        if !later.iter().any(|&(from, to)| from <= start && end <= to) {
+            kept.push(piece);
+        }
+        later.push((start, end));
+        later.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(later.len());
+        for (from, to) in later.drain(..) {
+            match merged.last_mut() {
+                Some(last) if from <= last.1 => last.1 = last.1.max(to),
+                _ => merged.push((from, to)),
+            }
+        }
+        later = merged;
+    }
+    kept.reverse();
+    *pieces = kept;
+}
+
 /// How a lazy restore went, once RAM is whole.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LazyStats {
@@ -345,6 +381,9 @@ impl LazyMemory {
                 blocks.entry(chunk.offset / CHUNK_BYTES).or_default().push(piece);
             }
         }
+        for pieces in blocks.values_mut() {
+            hide_covered(pieces);
+        }
         let mut source = Source {
             files,
             blocks,
@@ -528,6 +567,26 @@ mod tests {
         restored.memory.read_slice(&mut guest, GuestAddress(0x40_0000)).unwrap();
         assert!(guest == pixels, "and the guest sees them too");
         lazy.finish().unwrap();
+    }
+
+    #[test]
+    fn pieces_that_later_layers_cover_whole_are_not_read() {
+        let data = |layer, offset, len| Piece::Data { layer, offset, len, digest: [layer as u8; 32] };
+        let mut pieces = vec![
+            data(0, 0, 0x4_0000),
+            data(1, 0x1000, 0x2000),
+            data(2, 0x1000, 0x1000),
+            Piece::Zero { offset: 0x2000, len: 0x1000 },
+            data(3, 0x8000, 0x1000),
+        ];
+        hide_covered(&mut pieces);
+        let kept: Vec<(u64, u64)> = pieces.iter().map(Piece::range).collect();
+        // The root is covered in part only; layer 1 whole, by layer 2 and the cleared page.
+        assert_eq!(kept, [(0, 0x4_0000), (0x1000, 0x2000), (0x2000, 0x3000), (0x8000, 0x9000)]);
+        let mut redrawn =
+            vec![data(0, 0, 0x4_0000), data(1, 0, 0x2_0000), data(2, 0x2_0000, 0x2_0000), data(3, 0, 0x4_0000)];
+        hide_covered(&mut redrawn);
+        assert!(matches!(redrawn[..], [Piece::Data { layer: 3, .. }]), "only the newest copy: {redrawn:?}");
     }
 
     #[test]

@@ -468,16 +468,19 @@ fn clear(ram: &GuestRam, offset: u64, len: u64) -> Result<(), MemoryFileError> {
 /// A full image goes into fresh RAM (which reads as zeros elsewhere); a diff over RAM
 /// that holds its parent. The guest must not run yet.
 pub fn read_image(ram: &GuestRam, path: &Path, image: &MemoryImage) -> Result<(), MemoryFileError> {
-    read_image_within(ram, path, image, None)
+    read_image_within(ram, path, image, None, &[])
 }
 
 /// [`read_image`], of only the chunks that touch one of the (offset, length) ranges in
-/// `within` when given: what a screenshot of a diff needs of each layer.
+/// `within` when given, and none that lies whole inside one of the `hidden` ranges (what
+/// later layers of a chain overwrite anyway): what a screenshot of a diff needs of each
+/// layer.
 pub fn read_image_within(
     ram: &GuestRam,
     path: &Path,
     image: &MemoryImage,
     within: Option<&[(u64, u64)]>,
+    hidden: &[(u64, u64)],
 ) -> Result<(), MemoryFileError> {
     let name = path.display().to_string();
     image.validate(ram.size)?;
@@ -487,9 +490,12 @@ pub fn read_image_within(
     let file = open_image(path, ram.size)?;
     let regions = ram_regions(ram);
     let wanted = |chunk: &&Chunk| {
-        within.is_none_or(|ranges| {
+        let touched = within.is_none_or(|ranges| {
             ranges.iter().any(|&(start, len)| chunk.offset < start + len && start < chunk.offset + chunk.len)
-        })
+        });
+        let overwritten =
+            hidden.iter().any(|&(start, len)| start <= chunk.offset && chunk.offset + chunk.len <= start + len);
+        touched && !overwritten
     };
     let chunks: Vec<&Chunk> = image.chunks.iter().filter(wanted).collect();
     let mut ops = Vec::with_capacity(chunks.len());

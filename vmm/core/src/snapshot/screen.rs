@@ -43,6 +43,30 @@ fn map_memory(dir: &Path, size: u64) -> Result<GuestMemoryMmap, SnapshotError> {
     GuestMemoryMmap::from_regions(regions).map_err(|err| refused(dir, err))
 }
 
+/// The RAM (file offset, length) under the scanout resource's backing.
+fn scanout_ram(gpu: &carrel_gpu::persist::GpuState, size: u64) -> Vec<(u64, u64)> {
+    let scanout = gpu.scanout.map(|(id, ..)| id);
+    gpu.resources
+        .iter()
+        .filter(|resource| Some(resource.resource_id) == scanout)
+        .flat_map(|resource| resource.backing.iter().flatten())
+        .filter_map(|&(gpa, len)| Some((file_offset(gpa, size)?, u64::from(len))))
+        .collect()
+}
+
+/// `ranges` (offset, length) sorted, with overlapping and touching ones joined.
+fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut joined: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (offset, len) in ranges {
+        match joined.last_mut() {
+            Some((start, size)) if offset <= *start + *size => *size = (*size).max(offset + len - *start),
+            _ => joined.push((offset, len)),
+        }
+    }
+    joined
+}
+
 /// A screenshot of the VM saved in `dir`, as its screen was when the snapshot was taken.
 pub fn screenshot(dir: &Path, request: &ScreenshotRequest) -> Result<Screenshot, SnapshotError> {
     let snapshot = load_snapshot(dir)?;
@@ -53,10 +77,21 @@ pub fn screenshot(dir: &Path, request: &ScreenshotRequest) -> Result<Screenshot,
     if snapshot.state.memory.parent.is_some() {
         let parents = super::load_parents(&snapshot)?;
         let ram = crate::memory::create_guest_ram(snapshot.config.mem_mib).map_err(|err| refused(dir, err))?;
-        let viewed = snapshot.state.viewed_ram();
-        for layer in super::layers(&snapshot, &parents) {
+        let shown = scanout_ram(&gpu_state.gpu, size);
+        let layers: Vec<_> = super::layers(&snapshot, &parents).collect();
+        // What each layer's successors write: its chunks there need not be read. A screen
+        // redrawn between hibernations is then read once, from the newest layer.
+        let mut hidden = vec![Vec::new(); layers.len()];
+        let mut written: Vec<(u64, u64)> = Vec::new();
+        for (index, layer) in layers.iter().enumerate().rev() {
+            hidden[index] = merged(written.clone());
+            let image = &layer.state.memory;
+            written.extend(image.chunks.iter().map(|chunk| (chunk.offset, chunk.len)));
+            written.extend(image.zeroed.iter().copied());
+        }
+        for (layer, hidden) in layers.iter().zip(&hidden) {
             let path = layer.dir.join(MEMORY_FILE);
-            super::memory::read_image_within(&ram, &path, &layer.state.memory, Some(&viewed))?;
+            super::memory::read_image_within(&ram, &path, &layer.state.memory, Some(&shown), hidden)?;
         }
         let gpu = Gpu::restore(config, ram.memory, &gpu_state.gpu).map_err(|err| refused(dir, err))?;
         return capture(&ScreenSource::Local(gpu.screen()), request).map_err(|err| refused(dir, err));
@@ -64,21 +99,12 @@ pub fn screenshot(dir: &Path, request: &ScreenshotRequest) -> Result<Screenshot,
     let memory = map_memory(dir, size)?;
 
     // Check the chunks under the scanout's backing before showing their pixels.
-    let scanout_resource = gpu_state.gpu.scanout.map(|(id, ..)| id);
-    let backing = gpu_state
-        .gpu
-        .resources
-        .iter()
-        .filter(|resource| Some(resource.resource_id) == scanout_resource)
-        .flat_map(|resource| resource.backing.iter().flatten());
     let memory_file = File::open(dir.join(MEMORY_FILE))
         .map_err(|source| SnapshotError::ReadFile { path: dir.join(MEMORY_FILE).display().to_string(), source })?;
     let mut checked = std::collections::BTreeSet::new();
-    for &(gpa, len) in backing {
-        let (Some(first), Some(last)) = (file_offset(gpa, size), file_offset(gpa + u64::from(len).max(1) - 1, size))
-        else {
-            continue; // outside RAM: the device restore below refuses it
-        };
+    // Backing outside RAM is left out here: the device restore below refuses it.
+    for (first, len) in scanout_ram(&gpu_state.gpu, size) {
+        let last = first + len.max(1) - 1;
         for (index, chunk) in snapshot.state.memory.chunks.iter().enumerate() {
             if chunk.offset <= last && chunk.offset + chunk.len > first && checked.insert(index) {
                 let mut bytes = vec![0u8; chunk.len as usize];
@@ -95,4 +121,16 @@ pub fn screenshot(dir: &Path, request: &ScreenshotRequest) -> Result<Screenshot,
     }
     let gpu = Gpu::restore(config, memory, &gpu_state.gpu).map_err(|err| refused(dir, err))?;
     capture(&ScreenSource::Local(gpu.screen()), request).map_err(|err| refused(dir, err))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merged;
+
+    #[test]
+    fn ranges_are_merged_where_they_overlap_or_touch() {
+        let ranges = vec![(0x5000, 0x1000), (0, 0x2000), (0x1000, 0x800), (0x2000, 0x1000), (0x9000, 0x10)];
+        assert_eq!(merged(ranges), [(0, 0x3000), (0x5000, 0x1000), (0x9000, 0x10)]);
+        assert_eq!(merged(Vec::new()), []);
+    }
 }
