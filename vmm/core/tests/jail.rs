@@ -280,9 +280,9 @@ fn a_kill_of_the_outer_process_ends_the_jailed_vmm_too() {
     vm.wait_for_exit(DEADLINE);
     let end = Instant::now() + DEADLINE;
     // Gone, or a zombie its new parent has yet to reap.
-    while std::fs::read_to_string(format!("/proc/{inner}/stat")).is_ok_and(|stat| {
-        !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
-    }) {
+    while std::fs::read_to_string(format!("/proc/{inner}/stat"))
+        .is_ok_and(|stat| !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])))
+    {
         assert!(Instant::now() < end, "the jailed VMM {inner} outlived its outer process");
         std::thread::sleep(Duration::from_millis(10));
     }
