@@ -11,7 +11,9 @@
 //! - a screenshot of the hibernated VM from its files (`screenshot --snapshot`, CLI wall);
 //! - restores, lazy and eager, with the page cache warm and (when /proc/sys/vm/drop_caches
 //!   is writable) cold: process start to the vCPUs running (the first guest instruction),
-//!   to the first screenshot served (raw pixels) and to the first agent ping;
+//!   to the first screenshot served (raw pixels) and to the first agent ping; and lazily
+//!   into a `carrel-vmm standby` started ahead (as carreld keeps one), from the hand-over
+//!   of its command line;
 //! - QEMU (`-accel tcg -S`, RAM of the same size, the same number of non-zero bytes
 //!   loaded into it): migrate to a file (`exec:cat`, bandwidth unlimited) and the fsync
 //!   after it, and an incoming restore from that file until the VM is paused and ready.
@@ -89,6 +91,32 @@ impl Vmm {
             .stderr(Stdio::piped())
             .spawn()
             .context("spawning carrel-vmm")?;
+        let lines = Vmm::read_stderr(&mut child)?;
+        Ok(Vmm { child, started, lines, socket })
+    }
+
+    /// A `carrel-vmm standby` started ahead, as carreld keeps one, then handed `args`:
+    /// the time counts from the hand-over, the analogue of loading a snapshot into a
+    /// VMM process that is already running.
+    fn hand_over(args: &[String], socket: PathBuf) -> anyhow::Result<Vmm> {
+        let mut child = Command::new(vmm())
+            .arg("standby")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning carrel-vmm standby")?;
+        let lines = Vmm::read_stderr(&mut child)?;
+        let mut stdin = child.stdin.take().context("stdin")?;
+        // Loaded and waiting, as a daemon's standby is by the time a wake comes.
+        std::thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        writeln!(stdin, "{}", json!({ "args": args }))?;
+        drop(stdin);
+        Ok(Vmm { child, started, lines, socket })
+    }
+
+    fn read_stderr(child: &mut Child) -> anyhow::Result<mpsc::Receiver<(Instant, String)>> {
         let stderr = child.stderr.take().context("stderr")?;
         let (sender, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -96,7 +124,7 @@ impl Vmm {
                 let _ = sender.send((Instant::now(), line));
             }
         });
-        Ok(Vmm { child, started, lines, socket })
+        Ok(lines)
     }
 
     /// Time from spawn to a stderr line containing `needle`.
@@ -227,13 +255,20 @@ fn drop_caches() -> bool {
     std::fs::write("/proc/sys/vm/drop_caches", "1").is_ok()
 }
 
-/// One restore: spawn to vCPUs running, to a screenshot, to an agent ping; then stop.
-fn restore_once(dir: &Path, mode: &str, scratch: &Path) -> anyhow::Result<(Duration, Duration, Duration)> {
+/// One restore: spawn (or the hand-over to a standby VMM) to vCPUs running, to a
+/// screenshot, to an agent ping; then stop.
+fn restore_once(
+    dir: &Path,
+    mode: &str,
+    standby: bool,
+    scratch: &Path,
+) -> anyhow::Result<(Duration, Duration, Duration)> {
     let socket = scratch.join("restore.sock");
     let vsock = scratch.join("restore.vsock");
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&vsock);
-    let vm = Vmm::spawn(&run_args(&["--restore", &dir.display().to_string(), mode], &socket, &vsock), socket)?;
+    let args = run_args(&["--restore", &dir.display().to_string(), mode], &socket, &vsock);
+    let vm = if standby { Vmm::hand_over(&args, socket)? } else { Vmm::spawn(&args, socket)? };
     let running = vm.until_line("vCPUs running")?;
     let shot = ScreenshotRequest {
         format: ImageFormat::Raw,
@@ -265,7 +300,7 @@ fn restore_once(dir: &Path, mode: &str, scratch: &Path) -> anyhow::Result<(Durat
 fn restores(dir: &Path, scratch: &Path, runs: usize) -> anyhow::Result<Value> {
     let mut results = serde_json::Map::new();
     let cold_possible = drop_caches();
-    for mode in ["--lazy", "--eager"] {
+    for (mode, standby) in [("--lazy", false), ("--eager", false), ("--lazy", true)] {
         for cold in [false, true] {
             if cold && !cold_possible {
                 continue;
@@ -275,13 +310,18 @@ fn restores(dir: &Path, scratch: &Path, runs: usize) -> anyhow::Result<Value> {
                 if cold {
                     drop_caches();
                 }
-                let (r, s, p) = restore_once(dir, mode, scratch)?;
+                let (r, s, p) = restore_once(dir, mode, standby, scratch)?;
                 running.push(r);
                 screenshot.push(s);
                 ping.push(p);
             }
             let summary = |samples: &[Duration]| Summary::of(samples).map(|s| s.to_json_ms()).unwrap_or(Value::Null);
-            let name = format!("{}_{}", mode.trim_start_matches("--"), if cold { "cold" } else { "warm" });
+            let name = format!(
+                "{}{}_{}",
+                mode.trim_start_matches("--"),
+                if standby { "_standby" } else { "" },
+                if cold { "cold" } else { "warm" }
+            );
             results.insert(
                 name,
                 json!({
