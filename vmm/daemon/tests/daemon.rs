@@ -1278,3 +1278,74 @@ async fn a_long_snapshot_streams_its_memory_progress_then_its_info() {
     drop((vms, agent, snapshots, channel));
     daemon.terminate();
 }
+
+/// The `carrel-vmm standby` processes `daemon` has started (a VM's process keeps the
+/// command line it stood by with).
+fn standbys(daemon: &Daemon) -> Vec<u32> {
+    let pid = daemon.child.id();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    // The daemon's other threads fork too (the standby starts on a blocking thread).
+    let mut all: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .flat_map(|task| {
+            std::fs::read_to_string(task.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .chain(children.split_whitespace().map(str::to_owned))
+        .filter_map(|child| child.parse().ok())
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    all.retain(|child| {
+        let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
+        cmdline.split(|&byte| byte == 0).nth(1) == Some(b"standby".as_slice())
+    });
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_starts_in_the_standby_vmm_and_its_group_and_a_new_standby_follows() {
+    let (_dir, socket, _state, daemon) = started_daemon();
+    let channel = connect(&socket).await;
+    let mut vms = v1::vms_client::VmsClient::new(channel.clone());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let standby = loop {
+        match standbys(&daemon)[..] {
+            [one] => break one,
+            _ => {
+                assert!(Instant::now() < deadline, "carreld keeps a standby VMM");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let vm = vms.create(v1::CreateVmRequest { name: "first".into(), ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(vm.pid, standby, "the VM runs in the process that stood by");
+    let groups = std::fs::read_to_string(format!("/proc/{}/cgroup", vm.pid)).unwrap();
+    assert!(groups.contains(&format!("/{}/first\n", daemon.cgroup)), "in the VM's own group: {groups}");
+    assert!(!groups.contains(".standby"), "{groups}");
+    let usage = vm.usage.expect("its group reports its use");
+    assert_eq!(usage.memory_limit_bytes, 160 << 20, "with the VM's limits: {usage:?}");
+    // The next standby follows, and the next VM takes it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let next = loop {
+        match standbys(&daemon).into_iter().filter(|&pid| pid != vm.pid).collect::<Vec<_>>()[..] {
+            [one] => break one,
+            _ => {
+                assert!(Instant::now() < deadline, "a new standby follows");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let second =
+        vms.create(v1::CreateVmRequest { name: "second".into(), ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(second.pid, next);
+    for name in ["first", "second"] {
+        vms.delete(v1::VmName { name: name.into() }).await.unwrap();
+    }
+    drop((vms, channel));
+    daemon.terminate();
+}
