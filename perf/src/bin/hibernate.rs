@@ -13,7 +13,7 @@
 //!   is writable) cold: process start to the vCPUs running (the first guest instruction),
 //!   to the first screenshot served (raw pixels) and to the first agent ping; and lazily
 //!   into a `carrel-vmm standby` started ahead (as carreld keeps one), from the hand-over
-//!   of its command line;
+//!   of its command line, with a raw and (`_png`) a PNG first screenshot;
 //! - QEMU (`-accel tcg -S`, RAM of the same size, the same number of non-zero bytes
 //!   loaded into it): migrate to a file (`exec:cat`, bandwidth unlimited) and the fsync
 //!   after it, and an incoming restore from that file until the VM is paused and ready.
@@ -261,6 +261,7 @@ fn restore_once(
     dir: &Path,
     mode: &str,
     standby: bool,
+    format: ImageFormat,
     scratch: &Path,
 ) -> anyhow::Result<(Duration, Duration, Duration)> {
     let socket = scratch.join("restore.sock");
@@ -271,7 +272,7 @@ fn restore_once(
     let vm = if standby { Vmm::hand_over(&args, socket)? } else { Vmm::spawn(&args, socket)? };
     let running = vm.until_line("vCPUs running")?;
     let shot = ScreenshotRequest {
-        format: ImageFormat::Raw,
+        format,
         crop: None,
         scale: None,
         cursor: false,
@@ -300,7 +301,15 @@ fn restore_once(
 fn restores(dir: &Path, scratch: &Path, runs: usize) -> anyhow::Result<Value> {
     let mut results = serde_json::Map::new();
     let cold_possible = drop_caches();
-    for (mode, standby) in [("--lazy", false), ("--eager", false), ("--lazy", true)] {
+    // Raw pixels first (the screen's memory itself), and once as a PNG, what agents ask
+    // for (the image the snapshot kept, while the guest has drawn no new frame).
+    let ways = [
+        ("--lazy", false, ImageFormat::Raw),
+        ("--eager", false, ImageFormat::Raw),
+        ("--lazy", true, ImageFormat::Raw),
+        ("--lazy", true, ImageFormat::Png),
+    ];
+    for (mode, standby, format) in ways {
         for cold in [false, true] {
             if cold && !cold_possible {
                 continue;
@@ -310,16 +319,17 @@ fn restores(dir: &Path, scratch: &Path, runs: usize) -> anyhow::Result<Value> {
                 if cold {
                     drop_caches();
                 }
-                let (r, s, p) = restore_once(dir, mode, standby, scratch)?;
+                let (r, s, p) = restore_once(dir, mode, standby, format, scratch)?;
                 running.push(r);
                 screenshot.push(s);
                 ping.push(p);
             }
             let summary = |samples: &[Duration]| Summary::of(samples).map(|s| s.to_json_ms()).unwrap_or(Value::Null);
             let name = format!(
-                "{}{}_{}",
+                "{}{}{}_{}",
                 mode.trim_start_matches("--"),
                 if standby { "_standby" } else { "" },
+                if format == ImageFormat::Png { "_png" } else { "" },
                 if cold { "cold" } else { "warm" }
             );
             results.insert(

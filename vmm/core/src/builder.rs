@@ -118,6 +118,8 @@ pub struct BuiltVm {
     pub restored_from: Option<snapshot::memory::Parent>,
     /// Guest RAM still being filled from the snapshot (a lazy restore).
     pub lazy: Option<LazyMemory>,
+    /// The screen as the snapshot kept it, for screenshots until the next frame.
+    pub shown: Option<snapshot::shown::Shown>,
     pub started: Instant,
 }
 
@@ -219,6 +221,10 @@ pub fn restore_vm(
     let mut built = wired.into_built(vm, ram, saved.protocol, restores, started);
     built.restored_from = Some(snapshot::memory::Parent::new(&snapshot.dir, snapshot.digest));
     built.lazy = lazy;
+    // Only for the screen the snapshot saved: its size and frame are the restored ones.
+    let gpu = saved.gpu().map(|gpu| (gpu.width, gpu.height, gpu.gpu.last_frame));
+    built.shown = snapshot::shown::Shown::read(&snapshot.dir)
+        .filter(|shown| gpu == Some((shown.width, shown.height, shown.frame)));
     Ok(built)
 }
 
@@ -250,6 +256,7 @@ impl Wired {
             restores,
             restored_from: None,
             lazy: None,
+            shown: None,
             started,
         }
     }

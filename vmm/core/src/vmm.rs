@@ -28,6 +28,7 @@ use crate::services::screen::ScreenService;
 use crate::services::screen::ScreenSource;
 use crate::services::ConnectionServices;
 use crate::snapshot::memory::{MemoryImage, Parent};
+use crate::snapshot::shown::Shown;
 use crate::snapshot::{write_snapshot, SnapshotInfo, SnapshotState};
 use crate::vstate::vcpu::{install_kick_handler, VcpuEvent, VcpuEventSender, VcpuHandle, VcpuMessage, VcpuStop};
 
@@ -165,7 +166,12 @@ impl Vmm {
     /// Starts the control socket and the vCPUs of `built`. In a `jail`, the process
     /// leaves root first, before any client is accepted or guest instruction runs; each
     /// thread then installs its seccomp filter as it starts, this one last.
-    pub fn start(built: BuiltVm, config: VmConfig, jail: Option<&Jail>, audit: AuditOpening) -> Result<Vmm, RunError> {
+    pub fn start(
+        mut built: BuiltVm,
+        config: VmConfig,
+        jail: Option<&Jail>,
+        audit: AuditOpening,
+    ) -> Result<Vmm, RunError> {
         // The audit log's thread ends before the process leaves root: glibc changes the
         // ids of every thread, which that thread, no longer root, could not follow.
         let audit = audit.finish()?;
@@ -227,7 +233,7 @@ impl Vmm {
         let control = match &config.socket {
             Some(path) => {
                 let local = ConnectionServices::new(
-                    ScreenService::new(built.screen.clone(), recorder.clone()),
+                    ScreenService::new(built.screen.clone(), built.shown.take(), recorder.clone()),
                     AgentService::new(config.vsock.clone(), recorder.clone()),
                     InputService::new(built.input.clone(), built.screen.clone(), recorder.clone()),
                 );
@@ -237,7 +243,6 @@ impl Vmm {
         };
 
         let (event_sender, vcpu_events) = mpsc::channel();
-        let mut built = built;
         let vcpus = std::mem::take(&mut built.vcpus);
         let vcpu_count = vcpus.len() as u8;
         let mut handles = Vec::with_capacity(vcpus.len());
@@ -497,6 +502,11 @@ impl Vmm {
         let result = self.capture_state().and_then(|state| {
             let memory = &self.built.ram.memory;
             let dirty = self.built.vm.take_dirty_pages(memory).map_err(|err| Failure::internal(err.to_string()))?;
+            // The screen as shown, for screenshots of the snapshot and after a wake (none
+            // before the guest's first frame).
+            let shown = self.built.screen.as_ref().and_then(|screen| {
+                crate::services::screen::capture(screen, &Shown::request()).ok().and_then(Shown::from_screenshot)
+            });
             let written = write_snapshot(
                 dir,
                 &self.config,
@@ -505,6 +515,7 @@ impl Vmm {
                 state,
                 paused_at,
                 parent.map(|parent| (&dirty[..], parent)),
+                shown.as_ref(),
                 &mut crate::snapshot::progress_line(dir),
             );
             if written.is_err() {

@@ -141,10 +141,27 @@ fn restored_desk_continues_with_its_screen_text_and_files() {
     let prepared = prepare("continue", true);
     let untouched = snapshot_digests(&prepared.snapshot);
 
-    // The hibernated VM's screen, straight from the files.
+    // The hibernated VM's screen, straight from the files: the PNG the snapshot kept.
     let from_files = scratch_path("hibernated.png");
     cli(&["screenshot", "--snapshot", prepared.snapshot.to_str().unwrap(), "-o", from_files.to_str().unwrap()]);
     let before = pixels(&prepared.before);
+    assert_eq!(differ_outside_clock(&decode_png(&std::fs::read(&from_files).unwrap()).2, &before), 0);
+    // A damaged copy of that PNG is not used: the screen is drawn from memory instead.
+    let damaged = scratch_path("continue-damaged-screen");
+    std::fs::create_dir_all(&damaged).unwrap();
+    for file in ["vm.json", "state.bin", "memory.bin", "screen.bin"] {
+        std::fs::copy(prepared.snapshot.join(file), damaged.join(file)).unwrap();
+    }
+    let mut kept = std::fs::read(damaged.join("screen.bin")).unwrap();
+    let last = kept.len() - 1;
+    kept[last] ^= 0xff;
+    std::fs::write(damaged.join("screen.bin"), kept).unwrap();
+    let output = Command::new(vmm_binary())
+        .args(["screenshot", "--snapshot", damaged.to_str().unwrap(), "-o", from_files.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("screen.bin not used"), "{output:?}");
     assert_eq!(differ_outside_clock(&decode_png(&std::fs::read(&from_files).unwrap()).2, &before), 0);
 
     let paths = Paths::new("continue-restored");
@@ -437,11 +454,17 @@ fn diff_snapshots_restore_merge_and_roll_back() {
     cli(&["stop", "--socket", &socket]);
     vm.wait_for_exit(DEADLINE);
     // Each link's screen, straight from the files of the chain up to it.
+    // The PNG the snapshot kept, and (asked for a crop, which it does not answer) the
+    // screen drawn from the chain's memory.
     for (dir, screen, name) in [(&diff, &second_screen, "diff"), (&diff2, &third_screen, "diff of a diff")] {
-        let shot = scratch_path("chain-from-files.png");
-        cli(&["screenshot", "--snapshot", dir.to_str().unwrap(), "-o", shot.to_str().unwrap()]);
-        let from_files = decode_png(&std::fs::read(&shot).unwrap()).2;
-        assert_eq!(differ_outside_clock(&from_files, &pixels(screen)), 0, "{name}: its own screen");
+        for extra in [&[][..], &["--crop", "0,0,1280,800"][..]] {
+            let shot = scratch_path("chain-from-files.png");
+            let mut args = vec!["screenshot", "--snapshot", dir.to_str().unwrap(), "-o", shot.to_str().unwrap()];
+            args.extend_from_slice(extra);
+            cli(&args);
+            let from_files = decode_png(&std::fs::read(&shot).unwrap()).2;
+            assert_eq!(differ_outside_clock(&from_files, &pixels(screen)), 0, "{name} {extra:?}: its own screen");
+        }
     }
     assert!(differ_outside_clock(&pixels(&third_screen), &pixels(&second_screen)) > 0, "the screen changed");
     let (base_bytes, diff_bytes) = (allocated(&base.join("memory.bin")), allocated(&diff.join("memory.bin")));

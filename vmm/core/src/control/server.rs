@@ -194,7 +194,7 @@ mod tests {
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let (sender, receiver) = mpsc::channel();
         let local = crate::services::ConnectionServices::new(
-            crate::services::screen::ScreenService::new(None, Default::default()),
+            crate::services::screen::ScreenService::new(None, None, Default::default()),
             crate::services::agent::AgentService::new(None, Default::default()),
             crate::services::input::InputService::new(None, None, Default::default()),
         );

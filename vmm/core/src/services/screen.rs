@@ -13,6 +13,7 @@ use carrel_gpu::{
 
 use crate::control::protocol::{ErrorKind, Failure, ImageFormat, Response, Screenshot, ScreenshotRequest, Wait};
 use crate::recorder::{Record, Recorder};
+use crate::snapshot::shown::Shown;
 
 /// Longest any wait may last, whatever the caller asks.
 pub const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -79,12 +80,15 @@ impl ScreenSource {
 #[derive(Debug)]
 pub struct ScreenService {
     screen: Option<ScreenSource>,
+    /// The screen a restore's snapshot kept: the answer to a whole-screen PNG while the
+    /// guest has drawn no frame since (its pixels need no page of restored RAM).
+    shown: Option<Shown>,
     recorder: Recorder,
 }
 
 impl ScreenService {
-    pub fn new(screen: Option<ScreenSource>, recorder: Recorder) -> ScreenService {
-        ScreenService { screen, recorder }
+    pub fn new(screen: Option<ScreenSource>, shown: Option<Shown>, recorder: Recorder) -> ScreenService {
+        ScreenService { screen, shown, recorder }
     }
 
     /// Answers a screenshot request.
@@ -121,6 +125,12 @@ impl ScreenService {
             .ok_or_else(|| Failure::precondition("this VM has no screen (it was started with --no-display)"))?;
         let timeout = Duration::from_millis(request.timeout_ms).min(MAX_WAIT);
         wait_for(screen, request.wait, timeout).map_err(|err| err.failure())?;
+        if let Some(shown) = self.shown.as_ref().filter(|shown| shown.answers(request)) {
+            let latest = screen.latest_frame().map_err(|err| err.failure())?.map(|frame| frame.number);
+            if latest == Some(shown.frame) {
+                return Ok(shown.screenshot());
+            }
+        }
         capture(screen, request)
     }
 }

@@ -1,5 +1,7 @@
 //! The screen of a hibernated VM, straight from its snapshot files: no KVM, no VM.
 //!
+//! A whole-screen PNG is the one the snapshot kept (`screen.bin`, see [`super::shown`]);
+//! anything else, or a snapshot without a good one, is drawn from memory:
 //! `memory.bin` is mapped shared and read-only, so the screen's resources are viewed in
 //! place as in the running VM and nothing can write the file. carrel-gpu rebuilds the
 //! saved device on it (the same validating restore a wake uses) and captures the scanout.
@@ -71,6 +73,13 @@ fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 pub fn screenshot(dir: &Path, request: &ScreenshotRequest) -> Result<Screenshot, SnapshotError> {
     let snapshot = load_snapshot(dir)?;
     let gpu_state = snapshot.state.gpu().ok_or_else(|| refused(dir, "the VM has no screen"))?;
+    // The screen the snapshot kept, when that is what is asked.
+    let kept = (gpu_state.width, gpu_state.height, gpu_state.gpu.last_frame);
+    if let Some(shown) = super::shown::Shown::read(dir)
+        .filter(|shown| shown.answers(request) && (shown.width, shown.height, shown.frame) == kept)
+    {
+        return Ok(shown.screenshot());
+    }
     let size = snapshot.state.memory.size;
     snapshot.state.memory.validate(size)?;
     let config = GpuConfig::new(gpu_state.width, gpu_state.height).map_err(|err| refused(dir, err))?;
