@@ -24,6 +24,8 @@ pub enum CaptureError {
     CheckScale { width: u32, height: u32 },
     #[error("PNG encoding failed: {0}")]
     EncodePng(#[from] png::EncodingError),
+    #[error("only a raw capture with all its pixels can be encoded again")]
+    NotRaw,
 }
 
 /// How a screenshot is encoded.
@@ -252,6 +254,16 @@ impl Divisors {
         self.next = (self.next + 1) % self.cache.len();
         divisor
     }
+}
+
+/// Encodes a raw [`Capture`] again as `options` asks (its cursor is left out): a capture
+/// taken at one moment, encoded later.
+pub fn reencode(raw: &Capture, options: &CaptureOptions) -> Result<Capture, CaptureError> {
+    let pixels = (raw.format == CaptureFormat::Raw)
+        .then(|| ScanoutPixels::of_bytes(&raw.bytes, raw.width, raw.height, raw.stride, raw.pixel_format))
+        .flatten()
+        .ok_or(CaptureError::NotRaw)?;
+    encode(&pixels, &CaptureOptions { cursor: false, ..*options }, None, raw.frame)
 }
 
 /// Encodes a screenshot of `pixels` as `options` asks.

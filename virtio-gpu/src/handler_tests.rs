@@ -510,6 +510,21 @@ fn a_deferred_view_waits_only_for_the_ranges_under_its_own_backing() {
 }
 
 #[test]
+fn a_raw_capture_encoded_later_is_the_png_taken_at_once() {
+    let mut harness = Harness::new();
+    harness.show(1, 64, 32, PIXELS_ADDR);
+    harness.paint(PIXELS_ADDR, 64, 32, pattern);
+    let screen = harness.gpu.screen();
+    let raw = screen.capture(&CaptureOptions::default()).unwrap();
+    let png = CaptureOptions { format: crate::CaptureFormat::Png, ..Default::default() };
+    let later = crate::capture::reencode(&raw, &png).unwrap();
+    assert_eq!(later, screen.capture(&png).unwrap());
+    assert!(matches!(crate::capture::reencode(&later, &png), Err(crate::CaptureError::NotRaw)), "a PNG is not raw");
+    let short = crate::Capture { bytes: raw.bytes[..100].to_vec(), ..raw };
+    assert!(matches!(crate::capture::reencode(&short, &png), Err(crate::CaptureError::NotRaw)), "torn pixels");
+}
+
+#[test]
 fn a_deferred_view_whose_pages_never_load_lends_no_pixels() {
     let mut harness = Harness::new();
     let gate = crate::view::ViewGate::new();

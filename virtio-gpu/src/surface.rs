@@ -163,6 +163,30 @@ impl std::fmt::Debug for ScanoutPixels<'_> {
     }
 }
 
+impl<'a> ScanoutPixels<'a> {
+    /// Pixels held by the caller (a raw capture): `height` rows of `width` pixels,
+    /// `stride` bytes apart; `None` when `bytes` is too short for them.
+    pub(crate) fn of_bytes(
+        bytes: &'a [u8],
+        width: u32,
+        height: u32,
+        stride: usize,
+        format: PixelFormat,
+    ) -> Option<ScanoutPixels<'a>> {
+        let row = width as usize * PixelFormat::BYTES_PER_PIXEL as usize;
+        let span = (height as usize).checked_sub(1)?.checked_mul(stride)?.checked_add(row)?;
+        (width > 0 && stride >= row && bytes.len() >= span).then_some(ScanoutPixels {
+            base: bytes.as_ptr(),
+            width,
+            height,
+            stride,
+            format,
+            _guard: None,
+            _surface: PhantomData,
+        })
+    }
+}
+
 impl ScanoutPixels<'_> {
     pub fn width(&self) -> u32 {
         self.width

@@ -11,6 +11,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use carrel_audit::AuditLog;
+use carrel_gpu::CaptureOptions;
 
 use crate::builder::BuiltVm;
 use crate::config::VmConfig;
@@ -497,16 +498,15 @@ impl Vmm {
             lazy.finish().map_err(|err| Failure::internal(format!("snapshot not taken: {err}")))?;
         }
         let paused_at = Instant::now();
+        let mut screen = None;
         let was_paused = self.paused;
         self.set_paused(true).map_err(|err| Failure::internal(format!("cannot pause the VM for a snapshot: {err}")))?;
         let result = self.capture_state().and_then(|state| {
             let memory = &self.built.ram.memory;
             let dirty = self.built.vm.take_dirty_pages(memory).map_err(|err| Failure::internal(err.to_string()))?;
-            // The screen as shown, for screenshots of the snapshot and after a wake (none
-            // before the guest's first frame).
-            let shown = self.built.screen.as_ref().and_then(|screen| {
-                crate::services::screen::capture(screen, &Shown::request()).ok().and_then(Shown::from_screenshot)
-            });
+            // The screen as shown, for screenshots of the snapshot and after a wake: its
+            // pixels now, encoded once the VM runs again (none before the first frame).
+            screen = self.built.screen.as_ref().and_then(|screen| screen.capture(&CaptureOptions::default()).ok());
             let written = write_snapshot(
                 dir,
                 &self.config,
@@ -515,7 +515,6 @@ impl Vmm {
                 state,
                 paused_at,
                 parent.map(|parent| (&dirty[..], parent)),
-                shown.as_ref(),
                 &mut crate::snapshot::progress_line(dir),
             );
             if written.is_err() {
@@ -540,6 +539,12 @@ impl Vmm {
             if let Err(err) = self.set_paused(false) {
                 let first = result.err().map(|failure| failure.message).unwrap_or_default();
                 return Err(Failure::internal(format!("{first}; and the VM did not resume: {err}")));
+            }
+        }
+        if let (Ok(info), Some(raw)) = (&result, &screen) {
+            match Shown::encode_raw(raw) {
+                Ok(shown) => shown.keep(&info.dir),
+                Err(err) => eprintln!("carrel-vmm: the screen was not kept beside {}: {err}", info.dir.display()),
             }
         }
         if let Ok(info) = &result {

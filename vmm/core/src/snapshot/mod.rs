@@ -190,7 +190,6 @@ pub fn write_snapshot(
     mut state: SnapshotState,
     paused_at: Instant,
     diff: Option<(&DirtyPages, Parent)>,
-    shown: Option<&shown::Shown>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(SnapshotInfo, Parent), SnapshotError> {
     let name = dir.display().to_string();
@@ -214,7 +213,7 @@ pub fn write_snapshot(
     let temporary = parent.join(format!(".{file_name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&temporary);
     std::fs::create_dir(&temporary).map_err(|source| SnapshotError::CreateDir { path: name.clone(), source })?;
-    let result = write_files(&temporary, config, platform, ram, &mut state, paused_at, diff, shown, progress);
+    let result = write_files(&temporary, config, platform, ram, &mut state, paused_at, diff, progress);
     let (info, digest) = match result {
         Ok(written) => written,
         Err(err) => {
@@ -240,7 +239,6 @@ fn write_files(
     state: &mut SnapshotState,
     paused_at: Instant,
     diff: Option<(&DirtyPages, Parent)>,
-    shown: Option<&shown::Shown>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(SnapshotInfo, [u8; 32]), SnapshotError> {
     let started = Instant::now();
@@ -249,10 +247,6 @@ fn write_files(
     let json = serde_json::to_vec_pretty(config)
         .map_err(|err| SnapshotError::Config { path: CONFIG_FILE.into(), message: err.to_string() })?;
     write_synced(&temporary.join(CONFIG_FILE), &json)?;
-    let screen = shown.map(shown::Shown::encode).unwrap_or_default();
-    if shown.is_some() {
-        write_synced(&temporary.join(shown::SCREEN_FILE), &screen)?;
-    }
     // The state goes last: its digest covers the memory map, and a directory without a
     // whole state.bin is never taken for a snapshot.
     let encoded =
@@ -263,7 +257,7 @@ fn write_files(
     let info = SnapshotInfo {
         dir: temporary.to_path_buf(),
         memory_bytes,
-        disk_bytes: memory_bytes + json.len() as u64 + screen.len() as u64 + encoded.len() as u64,
+        disk_bytes: memory_bytes + json.len() as u64 + encoded.len() as u64,
         digest: hex(&digest),
         paused_us: paused_at.elapsed().as_micros() as u64,
         memory_write_us,
@@ -378,10 +372,12 @@ pub fn merge(dir: &Path, out: &Path) -> Result<SnapshotInfo, SnapshotError> {
     read_memory(&ram, &snapshot, &parents)?;
     let LoadedSnapshot { config, mut state, platform, .. } = snapshot;
     state.memory = MemoryImage::empty(ram.size);
+    let (info, _) = write_snapshot(out, &config, platform, &ram, state, started, None, &mut progress_line(out))?;
     // The chain's screen is its newest link's.
-    let shown = shown::Shown::read(dir);
-    write_snapshot(out, &config, platform, &ram, state, started, None, shown.as_ref(), &mut progress_line(out))
-        .map(|(info, _)| info)
+    if let Some(shown) = shown::Shown::read(dir) {
+        shown.keep(out);
+    }
+    Ok(info)
 }
 
 /// How far the snapshot this process is writing has got, for the control socket's

@@ -10,6 +10,8 @@
 
 use std::path::Path;
 
+use carrel_gpu::{Capture, CaptureError, CaptureFormat, CaptureOptions};
+
 use crate::control::protocol::{ImageFormat, Screenshot, ScreenshotRequest};
 
 /// The file in a snapshot directory.
@@ -29,26 +31,12 @@ pub struct Shown {
 }
 
 impl Shown {
-    /// From a PNG screenshot of the whole screen without the cursor.
-    pub fn from_screenshot(shot: Screenshot) -> Option<Shown> {
-        (shot.format == ImageFormat::Png).then_some(Shown {
-            frame: shot.frame,
-            width: shot.width,
-            height: shot.height,
-            png: shot.bytes,
-        })
-    }
-
-    /// The request that makes such a screenshot, and that this one answers.
-    pub fn request() -> ScreenshotRequest {
-        ScreenshotRequest {
-            format: ImageFormat::Png,
-            crop: None,
-            scale: None,
-            cursor: false,
-            wait: crate::control::protocol::Wait::FirstFrame,
-            timeout_ms: 0,
-        }
+    /// A PNG of `raw`, a raw capture of the whole screen (taken while the VM was paused
+    /// for its snapshot, encoded once it runs again).
+    pub fn encode_raw(raw: &Capture) -> Result<Shown, CaptureError> {
+        let png =
+            carrel_gpu::capture::reencode(raw, &CaptureOptions { format: CaptureFormat::Png, ..Default::default() })?;
+        Ok(Shown { frame: png.frame, width: png.width, height: png.height, png: png.bytes })
     }
 
     /// Whether `request` asks for what this image is (its wait is the caller's to meet).
@@ -93,6 +81,20 @@ impl Shown {
             return Err("it does not match its digest");
         }
         Ok(Shown { frame, width, height, png: png.to_vec() })
+    }
+
+    /// Keeps the image beside the snapshot in `dir` (written whole under another name,
+    /// synced, renamed); a failure is said on stderr and leaves no file: screenshots of
+    /// the snapshot are then drawn from its memory.
+    pub fn keep(&self, dir: &Path) {
+        let (path, temporary) = (dir.join(SCREEN_FILE), dir.join(format!(".{SCREEN_FILE}.partial")));
+        let written = std::fs::File::create(&temporary)
+            .and_then(|mut file| std::io::Write::write_all(&mut file, &self.encode()).and_then(|()| file.sync_all()))
+            .and_then(|()| std::fs::rename(&temporary, &path));
+        if let Err(err) = written {
+            let _ = std::fs::remove_file(&temporary);
+            eprintln!("carrel-vmm: the screen was not kept beside {}: {err}", dir.display());
+        }
     }
 
     /// The image kept in snapshot directory `dir`; `None` when there is none or it is
@@ -143,12 +145,20 @@ mod tests {
     #[test]
     fn only_a_whole_screen_png_without_cursor_is_answered() {
         let shown = shown();
-        assert!(shown.answers(&Shown::request()));
+        let png = ScreenshotRequest {
+            format: ImageFormat::Png,
+            crop: None,
+            scale: None,
+            cursor: false,
+            wait: crate::control::protocol::Wait::FirstFrame,
+            timeout_ms: 0,
+        };
+        assert!(shown.answers(&png));
         for request in [
-            ScreenshotRequest { format: ImageFormat::Raw, ..Shown::request() },
-            ScreenshotRequest { crop: Some([0, 0, 10, 10]), ..Shown::request() },
-            ScreenshotRequest { scale: Some([640, 400]), ..Shown::request() },
-            ScreenshotRequest { cursor: true, ..Shown::request() },
+            ScreenshotRequest { format: ImageFormat::Raw, ..png.clone() },
+            ScreenshotRequest { crop: Some([0, 0, 10, 10]), ..png.clone() },
+            ScreenshotRequest { scale: Some([640, 400]), ..png.clone() },
+            ScreenshotRequest { cursor: true, ..png.clone() },
         ] {
             assert!(!shown.answers(&request), "{request:?}");
         }
