@@ -109,6 +109,8 @@ fi
 #   systemd           systemd-analyze, which checks carreld's unit
 #   mmdebstrap, e2fsprogs  the Linux agent image (kernels/linux/build-image.sh): Debian
 #                     packages into a root filesystem, made an ext4 image with mkfs.ext4 -d
+#   gdb               the nested machine's hang report: every thread's backtrace of a
+#                     carrel-vmm that stopped making progress (scripts/nested/job.sh)
 PACKAGES=(
     "qemu-system-x86:qemu-system-x86_64"
     "kmod:depmod"
@@ -121,6 +123,7 @@ PACKAGES=(
     "systemd:systemd-analyze"
     "mmdebstrap:mmdebstrap"
     "e2fsprogs:mkfs.ext4"
+    "gdb:gdb"
 )
 # Benchmarks only (perf/src/bin/screen.rs): the screenshot path agents use today.
 if ((BENCH)); then

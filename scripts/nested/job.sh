@@ -15,15 +15,30 @@ overall=0
 fail_with() { [ "$overall" -ne 0 ] || overall="$1"; }
 VMM="$REPO/target/debug/carrel-vmm"
 
-# Every carrel-vmm's threads: name, wait channel, kernel stack (for a hang).
+# CPU time (user + system, in clock ticks) a task has used: fields 14 and 15 of its stat,
+# counted after the command name, which may hold spaces.
+cpu_ticks() { sed 's/.*) //' "$1/stat" 2>/dev/null | awk '{ print $12 + $13 }'; }
+
+# Every carrel-vmm's threads (for a hang): name, state, wait channel, CPU time used over
+# two seconds (a thread spinning shows ~200 ticks), kernel stack; then every thread's
+# backtrace from gdb.
 dump_vmms() {
     local pid task
+    declare -A before=()
+    for task in /proc/[0-9]*/task/*; do
+        grep -qs carrel-vmm "${task%/task/*}/cmdline" && before[$task]="$(cpu_ticks "$task")"
+    done
+    sleep 2
     for pid in $(pgrep -f carrel-vmm); do
         echo "--- pid $pid: $(tr '\0' ' ' <"/proc/$pid/cmdline")"
         for task in /proc/"$pid"/task/*; do
-            echo "  task ${task##*/} $(cat "$task/comm") state=$(awk '/^State/ {print $2}' "$task/status") wchan=$(cat "$task/wchan")"
+            echo "  task ${task##*/} $(cat "$task/comm") state=$(awk '/^State/ {print $2}' "$task/status") wchan=$(cat "$task/wchan") cpu-ticks-in-2s=$(( $(cpu_ticks "$task") - ${before[$task]:-0} ))"
             timeout 5 sed 's/^/    /' "$task/stack" 2>/dev/null
         done
+        if command -v gdb >/dev/null; then
+            timeout 120 gdb -q -batch -p "$pid" -ex 'thread apply all bt 30' 2>/dev/null \
+                | grep -E '^(Thread|#)' | sed 's/^/    /'
+        fi
     done
 }
 
@@ -33,7 +48,7 @@ run_suite() {
     shift 2
     say "suite $name: $*"
     start="$(now)"
-    ( sleep "$((limit - 5))"; say "suite $name still running after $((limit - 5)) s: the VMMs' threads"; dump_vmms ) &
+    ( sleep "$((limit - 150))"; say "suite $name still running after $((limit - 150)) s: the VMMs' threads"; dump_vmms ) &
     watchdog=$!
     timeout -k 5 "$limit" "$@" 2>&1 | tee "$JOB/$name.log"
     rc="${PIPESTATUS[0]}"

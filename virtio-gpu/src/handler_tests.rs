@@ -1,7 +1,6 @@
 //! Every command and its malformed cases, sent through a mock control or cursor queue.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -452,24 +451,30 @@ fn zero_copy_scanout_sees_guest_writes_without_transfer() {
     assert_eq!(counter(&harness.gpu.metrics().transfer_copy_bytes), 0);
 }
 
-#[test]
-fn a_deferred_view_maps_nothing_until_its_gate_opens() {
+/// A painted 64x32 scanout whose views wait for the returned gate, and a screenshot of it
+/// taken on another thread; the receiver hears when that is done.
+fn deferred_capture(
+) -> (Harness, crate::view::ViewGate, std::sync::mpsc::Receiver<()>, std::thread::JoinHandle<crate::Capture>) {
     let mut harness = Harness::new();
     let gate = crate::view::ViewGate::new();
     harness.gpu.defer_views(gate.clone());
+    // 64x32x4: two pages at PIXELS_ADDR, which is that far into the memfd.
     harness.show(1, 64, 32, PIXELS_ADDR);
     harness.paint(PIXELS_ADDR, 64, 32, pattern);
     let screen = harness.gpu.screen();
-    assert_eq!(screen.scanout_is_zero_copy(), Some(true), "still viewed in place, later");
     let (done, captured) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn({
-        let screen = Arc::clone(&screen);
-        move || {
-            let capture = screen.capture(&CaptureOptions::default()).unwrap();
-            done.send(()).unwrap();
-            capture
-        }
+    let reader = std::thread::spawn(move || {
+        let capture = screen.capture(&CaptureOptions::default()).unwrap();
+        done.send(()).unwrap();
+        capture
     });
+    (harness, gate, captured, reader)
+}
+
+#[test]
+fn a_deferred_view_maps_nothing_until_its_gate_opens() {
+    let (harness, gate, captured, reader) = deferred_capture();
+    assert_eq!(harness.gpu.screen().scanout_is_zero_copy(), Some(true), "still viewed in place, later");
     assert!(captured.recv_timeout(std::time::Duration::from_millis(200)).is_err(), "a screenshot waits for the gate");
     gate.open(true);
     let capture = reader.join().unwrap();
@@ -482,22 +487,7 @@ fn a_deferred_view_maps_nothing_until_its_gate_opens() {
 
 #[test]
 fn a_deferred_view_waits_only_for_the_ranges_under_its_own_backing() {
-    let mut harness = Harness::new();
-    let gate = crate::view::ViewGate::new();
-    harness.gpu.defer_views(gate.clone());
-    // 64x32x4: two pages at PIXELS_ADDR, which is that far into the memfd.
-    harness.show(1, 64, 32, PIXELS_ADDR);
-    harness.paint(PIXELS_ADDR, 64, 32, pattern);
-    let screen = harness.gpu.screen();
-    let (done, captured) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn({
-        let screen = Arc::clone(&screen);
-        move || {
-            let capture = screen.capture(&CaptureOptions::default()).unwrap();
-            done.send(()).unwrap();
-            capture
-        }
-    });
+    let (_harness, gate, captured, reader) = deferred_capture();
     let wait = std::time::Duration::from_millis(200);
     gate.open_range(0, PIXELS_ADDR);
     assert!(captured.recv_timeout(wait).is_err(), "other pages loaded: still waiting");

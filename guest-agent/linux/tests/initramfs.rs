@@ -23,7 +23,8 @@ impl Drop for Guest {
         let _ = self.child.kill();
         let _ = self.child.wait();
         // The agent mounted proc, sys and dev inside; they went away with its namespace.
-        let _ = std::fs::remove_dir_all(&self.root);
+        // The root's parent holds the archive too.
+        let _ = std::fs::remove_dir_all(self.root.parent().unwrap_or(&self.root));
     }
 }
 

@@ -84,14 +84,7 @@ struct Vmm {
 impl Vmm {
     fn spawn(args: &[String], socket: PathBuf) -> anyhow::Result<Vmm> {
         let started = Instant::now();
-        let mut child = Command::new(vmm())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawning carrel-vmm")?;
-        let lines = Vmm::read_stderr(&mut child)?;
+        let (child, lines) = Vmm::launch(args, Stdio::null())?;
         Ok(Vmm { child, started, lines, socket })
     }
 
@@ -99,14 +92,7 @@ impl Vmm {
     /// the time counts from the hand-over, the analogue of loading a snapshot into a
     /// VMM process that is already running.
     fn hand_over(args: &[String], socket: PathBuf) -> anyhow::Result<Vmm> {
-        let mut child = Command::new(vmm())
-            .arg("standby")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawning carrel-vmm standby")?;
-        let lines = Vmm::read_stderr(&mut child)?;
+        let (mut child, lines) = Vmm::launch(&["standby".to_string()], Stdio::piped())?;
         let mut stdin = child.stdin.take().context("stdin")?;
         // Loaded and waiting, as a daemon's standby is by the time a wake comes.
         std::thread::sleep(Duration::from_millis(100));
@@ -116,7 +102,15 @@ impl Vmm {
         Ok(Vmm { child, started, lines, socket })
     }
 
-    fn read_stderr(child: &mut Child) -> anyhow::Result<mpsc::Receiver<(Instant, String)>> {
+    /// `carrel-vmm ARGS`, its stderr lines timestamped on the returned channel.
+    fn launch(args: &[String], stdin: Stdio) -> anyhow::Result<(Child, mpsc::Receiver<(Instant, String)>)> {
+        let mut child = Command::new(vmm())
+            .args(args)
+            .stdin(stdin)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning carrel-vmm {}", args[0]))?;
         let stderr = child.stderr.take().context("stderr")?;
         let (sender, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -124,7 +118,7 @@ impl Vmm {
                 let _ = sender.send((Instant::now(), line));
             }
         });
-        Ok(lines)
+        Ok((child, lines))
     }
 
     /// Time from spawn to a stderr line containing `needle`.

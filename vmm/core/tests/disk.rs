@@ -387,7 +387,10 @@ fn disk_commands_create_describe_and_fold_layers_and_a_raw_disk_refuses_snapshot
     drop(client);
     power_off(vm);
     let _ = std::fs::remove_dir_all(&dir);
-    for path in std::fs::read_dir(std::env::temp_dir()).unwrap().map(|entry| entry.unwrap().path()) {
+    for path in std::fs::read_dir(layer.parent().expect("a scratch path has a parent"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+    {
         if path.to_string_lossy().starts_with(&*layer.to_string_lossy()) {
             let _ = std::fs::remove_file(path);
         }

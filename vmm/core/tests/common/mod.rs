@@ -194,11 +194,33 @@ pub fn run_to_exit(args: &[&str], deadline: Duration) -> (Option<i32>, String) {
     (status.code(), vm.text())
 }
 
-/// A unique scratch path under the system temp dir.
+/// A unique scratch path (nothing is made there) in this test process's scratch directory.
 pub fn scratch_path(name: &str) -> PathBuf {
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    std::env::temp_dir().join(format!("carrel-test-{}-{n}-{name}", std::process::id()))
+    scratch_root().join(format!("{n}-{name}"))
+}
+
+static SCRATCH_ROOT: OnceLock<PathBuf> = OnceLock::new();
+
+/// `carrel-test-<pid>` under the system temp dir, made on first use and removed with
+/// everything in it when the test process exits (snapshots of a few hundred MiB each
+/// would otherwise pile up run after run).
+fn scratch_root() -> &'static Path {
+    SCRATCH_ROOT.get_or_init(|| {
+        let root = std::env::temp_dir().join(format!("carrel-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap_or_else(|err| panic!("cannot make {}: {err}", root.display()));
+        extern "C" fn remove_scratch_root() {
+            if let Some(root) = SCRATCH_ROOT.get() {
+                let _ = std::fs::remove_dir_all(root);
+            }
+        }
+        // SAFETY: `remove_scratch_root` is a plain function that takes no arguments and
+        // does not unwind (remove_dir_all reports errors, which it ignores).
+        unsafe { libc::atexit(remove_scratch_root) };
+        root
+    })
 }
 
 /// The `carrel-gpu-backend` binary beside `carrel-vmm`, brought up to date once per test
