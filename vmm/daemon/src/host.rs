@@ -110,6 +110,8 @@ pub struct Host {
     /// The host's own audit log (`<state>/audit`): requests that are not one VM's, and
     /// each VM's creation and deletion, with the caller.
     pub audit: Option<carrel_audit::AuditLog>,
+    /// A signed checkpoint of the host's audit log is on its way (see `record`).
+    checkpoint_pending: Arc<std::sync::atomic::AtomicBool>,
     pub templates: Templates,
     /// Control connections to the VMMs kept between calls.
     pub connections: supervisor::Connections,
@@ -179,6 +181,7 @@ impl Host {
             waking: Mutex::new(()),
             events: tokio::sync::broadcast::channel(1024).0,
             audit,
+            checkpoint_pending: Arc::default(),
             templates,
             connections: supervisor::Connections::default(),
             machine: Machine::read(),
@@ -249,10 +252,49 @@ impl Host {
         for (key, value) in params {
             event = event.param(*key, value.clone());
         }
-        // Host requests are few: each gets a signed checkpoint, so none can be dropped
-        // later unnoticed.
-        if let Err(err) = log.append(event).and_then(|_| log.checkpoint()).and_then(|_| log.sync()) {
+        // The record is durable before the call is answered.
+        if let Err(err) = log.append(event) {
             eprintln!("carreld: warning: the host audit log failed: {}", carrel_audit::error_chain(&err));
+            return;
+        }
+        self.checkpoint_soon(log);
+    }
+
+    /// Host requests are few: each is covered by a signed checkpoint, so none can be
+    /// dropped later unnoticed. The checkpoint (the tree's files synced, then one signed
+    /// and written: about 3 ms) is taken on a blocking thread rather than in the call,
+    /// one for every record made while it waits.
+    fn checkpoint_soon(&self, log: &carrel_audit::AuditLog) {
+        use std::sync::atomic::Ordering;
+        if self.checkpoint_pending.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (log, pending) = (log.clone(), self.checkpoint_pending.clone());
+        tokio::task::spawn_blocking(move || {
+            // Cleared first: a record made from here on asks for a checkpoint of its own.
+            pending.store(false, Ordering::SeqCst);
+            if let Err(err) = log.checkpoint() {
+                eprintln!(
+                    "carreld: warning: the host audit log's checkpoint failed: {}",
+                    carrel_audit::error_chain(&err)
+                );
+            }
+        });
+    }
+
+    /// Signs the checkpoint still on its way, if one is (at shutdown, when a blocking
+    /// task queued may never start; one that started is waited for).
+    pub fn checkpoint_now(&self) {
+        if !self.checkpoint_pending.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        if let Some(log) = &self.audit {
+            if let Err(err) = log.checkpoint() {
+                eprintln!(
+                    "carreld: warning: the host audit log's checkpoint failed: {}",
+                    carrel_audit::error_chain(&err)
+                );
+            }
         }
     }
 

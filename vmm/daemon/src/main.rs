@@ -192,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // The VMs run on; the next carreld re-attaches to them.
     host.standby.close().await;
+    host.checkpoint_now();
     let _ = std::fs::remove_file(&socket);
     eprintln!("carreld: stopped; the VMs run on");
     Ok(())
