@@ -249,7 +249,7 @@ impl Display {
     /// Shows the back buffer: `damage` is what changed since the previous frame. The
     /// buffer's [`Display::redraw`] rectangle goes to the host, which holds its own copy
     /// when it cannot view the buffer in place.
-    pub fn present(&mut self, damage: Rect) -> Result<(), GpuError> {
+    pub fn present(&mut self, damage: Rect, idle: &mut dyn FnMut()) -> Result<(), GpuError> {
         let back = 1 - self.front;
         let resource_id = back as u32 + 1;
         let redraw = self.redraw(damage);
@@ -264,8 +264,10 @@ impl Display {
         let scanout = SetScanout { header: Header::new(SET_SCANOUT), rect: self.full(), scanout_id: 0, resource_id };
         let flush = ResourceFlush { header: Header::new(RESOURCE_FLUSH), rect: damage, resource_id, padding: 0 };
         // The frame's three commands go as one batch, which the device takes in order:
-        // one doorbell and one wait. Each wait spins through the VMM's wake-up, and three
-        // of them were most of an idle desktop's CPU (a frame a second for the clock).
+        // one doorbell and one wait, in `idle` (a sleep until the device's interrupt, once
+        // the desktop runs). Three spinning waits through the VMM's wake-up were most of
+        // an idle desktop's CPU (a frame a second for the clock), more with many VMs on
+        // the host's CPUs.
         let mut responses = [Header::default(); 3];
         let [transferred, shown, flushed] = &mut responses;
         let chains: [&[Buffer]; 3] = [
@@ -273,7 +275,8 @@ impl Display {
             &[Buffer::readable(&scanout), Buffer::writable(shown)],
             &[Buffer::readable(&flush), Buffer::writable(flushed)],
         ];
-        self.control.submit_batch_and_wait(&self.device, &chains, self.timeout_cycles).map_err(|err| match err {
+        let submitted = self.control.submit_batch_and_wait_with(&self.device, &chains, self.timeout_cycles, idle);
+        submitted.map_err(|err| match err {
             VirtioError::Timeout => GpuError::Command { command: RESOURCE_FLUSH, response: 0 },
             other => GpuError::Virtio(other),
         })?;

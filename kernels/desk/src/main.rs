@@ -241,7 +241,9 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
     if let Some(display) = screen.as_mut() {
         let full = display.full();
         let started = rdtsc();
-        let _ = draw_frame(display, &desktop, full);
+        // Interrupts are on here (the loop below keeps them off while it works): this
+        // first wait spins.
+        let _ = draw_frame(display, &desktop, full, &mut || core::hint::spin_loop());
         let took = microseconds(rdtsc() - started, tsc_khz);
         println!("desk: screen {}x{} first frame drawn in {took} us", display.width, display.height);
     }
@@ -322,7 +324,14 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
             }
         }
         if let (Some(display), Some(damage)) = (screen.as_mut(), damage) {
-            if !draw_frame(display, &desktop, damage) {
+            // The vCPU sleeps while the VMM draws: until the device's interrupt, or the
+            // timer as a bound (the wait itself gives up after `timeout`).
+            let mut sleep = || {
+                timer.wake_within(DEVICE_WAIT_STEP_NANOSECONDS);
+                platform.wait_for_interrupt();
+                platform.disable_interrupts();
+            };
+            if !draw_frame(display, &desktop, damage, &mut sleep) {
                 screen = None;
             }
         }
@@ -415,10 +424,17 @@ fn start_inputs(info: &BootInfo) -> [Option<input::InputDevice>; input::MAX_INPU
     devices
 }
 
+/// How long a sleep waiting for a device lasts at most before the waiter looks again.
+const DEVICE_WAIT_STEP_NANOSECONDS: u64 = 5_000_000;
+
 fn start_screen(info: &BootInfo, timeout: u64) -> Option<gpu::Display> {
     let device = info.devices().iter().find(|device| device.device_type == virtio_id::GPU)?;
     match gpu::Display::new(device.base, timeout) {
-        Ok(display) => Some(display),
+        Ok(display) => {
+            // Its answers wake the desktop's frames (see the main loop).
+            ioapic::route(info.ioapic_addr, device.irq);
+            Some(display)
+        }
         Err(err) => {
             println!("desk: screen failed: {err:?}");
             None
@@ -431,13 +447,13 @@ fn start_screen(info: &BootInfo, timeout: u64) -> Option<gpu::Display> {
 /// previous frame.
 /// Returns whether the display still works: a device that stopped answering (its host
 /// side went away) is given up rather than waited on for every later frame.
-fn draw_frame(display: &mut gpu::Display, desktop: &Desktop, damage: gpu::Rect) -> bool {
+fn draw_frame(display: &mut gpu::Display, desktop: &Desktop, damage: gpu::Rect, idle: &mut dyn FnMut()) -> bool {
     let (width, height) = (display.width, display.height);
     let redraw = display.redraw(damage);
     let mut canvas =
         draw::Canvas::clipped(display.back_buffer(), width, height, redraw.x, redraw.y, redraw.width, redraw.height);
     desktop::render(&mut canvas, desktop);
-    match display.present(damage) {
+    match display.present(damage, idle) {
         Ok(()) => true,
         Err(err) => {
             println!("desk: frame {} failed: {err:?}; the screen is given up", display.frames + 1);

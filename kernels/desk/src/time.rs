@@ -116,6 +116,17 @@ impl Timer {
         }
     }
 
+    /// Makes sure an interrupt comes within `nanoseconds`: a bound on a sleep that waits
+    /// for a device. The deadline [`Timer::wake_at`] armed is forgotten, so its next call
+    /// arms it again.
+    pub fn wake_within(&mut self, nanoseconds: u64) {
+        if self.mode == TimerMode::Periodic {
+            return;
+        }
+        lapic::arm_one_shot(nanoseconds);
+        self.armed_ms = None;
+    }
+
     /// Makes sure the kernel wakes at uptime `deadline_ms`, or only for a device when
     /// `None`. The periodic timer wakes it every millisecond anyway. A count already
     /// running to the same deadline is left alone: a device interrupt in between (a key,

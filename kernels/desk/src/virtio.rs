@@ -450,6 +450,18 @@ impl<const N: usize> Virtqueue<N> {
         chains: &[&[Buffer]],
         timeout_cycles: u64,
     ) -> Result<u32, VirtioError> {
+        self.submit_batch_and_wait_with(device, chains, timeout_cycles, &mut || core::hint::spin_loop())
+    }
+
+    /// As [`submit_batch_and_wait`](Self::submit_batch_and_wait), calling `idle` each time
+    /// the device has not answered yet: a spin, or a sleep until an interrupt.
+    pub fn submit_batch_and_wait_with(
+        &mut self,
+        device: &MmioDevice,
+        chains: &[&[Buffer]],
+        timeout_cycles: u64,
+        idle: &mut dyn FnMut(),
+    ) -> Result<u32, VirtioError> {
         let total: usize = chains.iter().map(|chain| chain.len()).sum();
         if chains.is_empty() || chains.iter().any(|chain| chain.is_empty()) || total > N {
             return Err(VirtioError::QueueUnavailable);
@@ -478,7 +490,7 @@ impl<const N: usize> Virtqueue<N> {
                 // A chain an earlier call timed out on: its descriptors are free now.
                 Some(_) => {}
                 None if crate::rdtsc().wrapping_sub(start) > timeout_cycles => return Err(VirtioError::Timeout),
-                None => core::hint::spin_loop(),
+                None => idle(),
             }
         }
         Ok(last_len)
