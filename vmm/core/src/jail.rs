@@ -70,6 +70,8 @@ pub struct JailConfig {
     /// More directories the VM may write, at runtime, besides its own sockets', disks'
     /// and audit directories: where its snapshots go.
     pub writable: Vec<PathBuf>,
+    /// More directories the VM may read: the layers under a disk a template's VM froze.
+    pub readable: Vec<PathBuf>,
 }
 
 /// How a path is bound into the jail, narrowest first.
@@ -193,6 +195,9 @@ pub fn binds_for(config: &VmConfig, jail: &JailConfig, restore: Option<&Path>) -
     }
     for dir in &jail.writable {
         add(dir.clone(), Access::Owned);
+    }
+    for dir in &jail.readable {
+        add(dir.clone(), Access::ReadOnly);
     }
     for device in DEVICES {
         if Path::new(device).exists() {
@@ -601,7 +606,13 @@ mod tests {
             ..VmConfig::default()
         };
         config.disks.push("/disks/a/agent.layer,base=/images/base.raw".parse().unwrap());
-        let jail = JailConfig { root: "/jail".into(), uid: 1000, gid: 1000, writable: vec!["/vm/snapshots".into()] };
+        let jail = JailConfig {
+            root: "/jail".into(),
+            uid: 1000,
+            gid: 1000,
+            writable: vec!["/vm/snapshots".into()],
+            readable: vec!["/templates/disks".into()],
+        };
         let binds = binds_for(&config, &jail, None);
         let find = |path: &str| binds.iter().find(|bind| bind.path == Path::new(path)).map(|bind| bind.access);
         assert_eq!(find("/images/desk.elf"), Some(Access::ReadOnly));
@@ -609,6 +620,7 @@ mod tests {
         assert_eq!(find("/disks/a"), Some(Access::Writable), "not checked for ownership: opened as root");
         assert_eq!(find("/vm"), Some(Access::Owned));
         assert_eq!(find("/vm/snapshots"), None, "covered by /vm");
+        assert_eq!(find("/templates/disks"), Some(Access::ReadOnly), "a template's layers, read only");
         assert_eq!(find("/dev/kvm"), Some(Access::Device));
         assert!(find("/etc").is_none() && find("/").is_none());
     }

@@ -287,3 +287,58 @@ fn a_kill_of_the_outer_process_ends_the_jailed_vmm_too() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn one_snapshot_wakes_twice_side_by_side_in_jails_of_their_own_each_on_its_own_disk_top() {
+    let first = JailedVm::new(61_007);
+    let mut vm = first.boot(&[]);
+    let socket = first.socket();
+    agent(&socket, &["write", "/kept", "before the snapshot"]);
+    // Beside the snapshot's own directory, only what the restores are given may be seen.
+    let saved = first.snapshots.join("saved");
+    std::fs::create_dir(&saved).unwrap();
+    std::os::unix::fs::chown(&saved, Some(first.uid), Some(first.uid)).unwrap();
+    let snapshot = saved.join("one");
+    let socket_text = socket.display().to_string();
+    let (ok, text) = cli(&["hibernate", "--socket", &socket_text, "--dir", &snapshot.display().to_string()]);
+    assert!(ok, "{text}");
+    assert!(vm.wait_for_exit(DEADLINE).success(), "{}", vm.text());
+    let first_top = std::fs::read(first.own.join("disk.layer")).unwrap();
+
+    // Two VMs from the one snapshot: each writes a top layer of its own, over the layer the
+    // snapshot froze (in the first VM's directory, which each may read).
+    let restore = |jailed: &JailedVm| {
+        let mut args = vec!["run".to_string(), "--restore".into(), snapshot.display().to_string()];
+        args.extend(jailed.jail_flags());
+        args.extend(["--audit".into(), jailed.own.join("audit").display().to_string()]);
+        args.extend(["--disk-top".into(), jailed.own.join("disk.layer").display().to_string()]);
+        args.extend(["--jail-readable".into(), first.own.display().to_string()]);
+        let mut restored = RunningVm::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        restored.wait_for_line("carrel-vmm: restored", DEADLINE);
+        wait_for_socket(&jailed.socket());
+        restored
+    };
+    let copies = [JailedVm::new(61_008), JailedVm::new(61_009)];
+    let mut running: Vec<RunningVm> = copies.iter().map(restore).collect();
+    for (index, copy) in copies.iter().enumerate() {
+        assert_eq!(agent(&copy.socket(), &["cat", "/kept"]), "before the snapshot");
+        agent(&copy.socket(), &["write", "/mine", &format!("copy {index}")]);
+        assert!(copy.own.join("disk.layer").exists(), "its own top layer");
+    }
+    for (index, copy) in copies.iter().enumerate() {
+        assert_eq!(agent(&copy.socket(), &["cat", "/mine"]), format!("copy {index}"), "each on its own top");
+        let (ok, text) = cli(&["stop", "--socket", &copy.socket().display().to_string()]);
+        assert!(ok, "{text}");
+    }
+    for restored in &mut running {
+        assert!(restored.wait_for_exit(DEADLINE).success(), "{}", restored.text());
+    }
+    assert_eq!(std::fs::read(first.own.join("disk.layer")).unwrap(), first_top, "the first VM's top is its own");
+
+    // As many new tops as the snapshot has writable disks, no more.
+    let top = copies[0].own.join("other.layer").display().to_string();
+    let args = ["run", "--restore", snapshot.to_str().unwrap(), "--disk-top", &top, "--disk-top", &top];
+    let (code, text) = run_to_exit(&args, DEADLINE);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("--disk-top was given 2 time(s), and the snapshot has 1 writable disk(s)"), "{text}");
+}

@@ -105,6 +105,11 @@ pub struct RunArgs {
     /// (the default loads lazily where it can, else eagerly).
     #[arg(long, requires = "restore", overrides_with = "eager", help_heading = "Restore")]
     pub lazy: bool,
+    /// The new top layer of the snapshot's next writable disk, over the layers the
+    /// snapshot froze (default: the path the snapshot's VM wrote); repeatable, in disk
+    /// order. A VM started from another's snapshot (a template) writes its own layer.
+    #[arg(long, value_name = "PATH", requires = "restore", help_heading = "Restore")]
+    pub disk_top: Vec<PathBuf>,
 
     #[command(flatten)]
     pub talk: TalkArgs,
@@ -113,7 +118,7 @@ pub struct RunArgs {
 }
 
 /// The flags of a restore, which takes the machine from the snapshot.
-const RESTORE_FLAGS: [&str; 3] = ["restore", "eager", "lazy"];
+const RESTORE_FLAGS: [&str; 4] = ["restore", "eager", "lazy", "disk_top"];
 
 /// The machine of a fresh boot: each flag refused with `--restore`.
 #[derive(Debug, Args)]
@@ -209,6 +214,10 @@ pub struct ProcessArgs {
     /// Another directory the jailed VM may write, such as where its snapshots go; repeatable.
     #[arg(long, value_name = "DIR")]
     pub jail_writable: Vec<PathBuf>,
+    /// Another directory the jailed VM may read, such as where a template's disk layers
+    /// are; repeatable.
+    #[arg(long, value_name = "DIR")]
+    pub jail_readable: Vec<PathBuf>,
     /// No seccomp filters (they are on by default).
     #[arg(long)]
     pub no_seccomp: bool,
@@ -233,21 +242,21 @@ impl ProcessArgs {
         if !cfg!(feature = "test-probes") && !self.jail_probe.is_empty() {
             return Err(usage_error(&["run"], "--jail-probe needs a carrel-vmm built with the test-probes feature"));
         }
-        let jail = match (self.jail, self.uid, self.gid) {
-            (None, None, None) if self.jail_writable.is_empty() => None,
-            (Some(root), Some(uid), Some(gid)) => Some(JailConfig {
-                root: absolute(&root),
-                uid,
-                gid,
-                writable: self.jail_writable.iter().map(|dir| absolute(dir)).collect(),
-            }),
-            _ => {
-                return Err(usage_error(
+        let jail =
+            match (self.jail, self.uid, self.gid) {
+                (None, None, None) if self.jail_writable.is_empty() && self.jail_readable.is_empty() => None,
+                (Some(root), Some(uid), Some(gid)) => Some(JailConfig {
+                    root: absolute(&root),
+                    uid,
+                    gid,
+                    writable: self.jail_writable.iter().map(|dir| absolute(dir)).collect(),
+                    readable: self.jail_readable.iter().map(|dir| absolute(dir)).collect(),
+                }),
+                _ => return Err(usage_error(
                     &["run"],
-                    "--jail DIR, --uid U and --gid G go together (and --jail-writable needs them)",
-                ))
-            }
-        };
+                    "--jail DIR, --uid U and --gid G go together (and --jail-writable and --jail-readable need them)",
+                )),
+            };
         Ok(ProcessOptions { jail, seccomp: !self.no_seccomp, probes: self.jail_probe })
     }
 }
@@ -263,6 +272,8 @@ pub struct RestoreOverrides {
     pub audit: Option<PathBuf>,
     pub console_log: Option<PathBuf>,
     pub no_console: bool,
+    /// New top layers for the writable disks, in order.
+    pub disk_tops: Vec<PathBuf>,
 }
 
 /// What `run` was asked to do.
@@ -276,7 +287,7 @@ impl RunArgs {
     /// A fresh boot's configuration (the --config file first, the flags over it), or a
     /// restore's directory and what the flags set anew.
     pub fn launch(self) -> Result<(Launch, ProcessArgs), clap::Error> {
-        let RunArgs { machine, restore, eager, lazy, talk, process } = self;
+        let RunArgs { machine, restore, eager, lazy, disk_top, talk, process } = self;
         if let Some(dir) = restore {
             let load = match (eager, lazy) {
                 (true, _) => MemoryLoad::Eager,
@@ -292,6 +303,7 @@ impl RunArgs {
                 audit: talk.audit,
                 console_log: talk.console_log,
                 no_console: talk.no_console,
+                disk_tops: disk_top.iter().map(|path| absolute(path)).collect(),
             };
             return Ok((Launch::Restore { dir, overrides }, process));
         }

@@ -355,7 +355,7 @@ fn restore(
         Some(_) => {
             let dir = carrel_vmm::jail::resolve(dir)?;
             let mut config = carrel_vmm::snapshot::read_config(&dir)?;
-            apply_overrides(&mut config, overrides);
+            apply_overrides(&mut config, overrides)?;
             let jail = confine(options, &mut config, Some(&dir))?;
             (dir, jail)
         }
@@ -363,7 +363,7 @@ fn restore(
     };
     let snapshot = carrel_vmm::snapshot::load_snapshot(&dir)?;
     let mut config = snapshot.config.clone();
-    apply_overrides(&mut config, overrides);
+    apply_overrides(&mut config, overrides)?;
     if jail.is_some() {
         carrel_vmm::jail::resolve_config(&mut config)?;
     }
@@ -382,7 +382,7 @@ fn restore(
 }
 
 /// The VM's identity and where it talks, from the restore's flags.
-fn apply_overrides(config: &mut VmConfig, overrides: &RestoreOverrides) {
+fn apply_overrides(config: &mut VmConfig, overrides: &RestoreOverrides) -> anyhow::Result<()> {
     let replace = |field: &mut Option<PathBuf>, value: &Option<PathBuf>| {
         if value.is_some() {
             field.clone_from(value);
@@ -397,6 +397,19 @@ fn apply_overrides(config: &mut VmConfig, overrides: &RestoreOverrides) {
         config.name.clone_from(name);
     }
     config.console_stdout &= !overrides.no_console;
+    if !overrides.disk_tops.is_empty() {
+        let writable: Vec<_> = config.disks.iter_mut().filter(|disk| !disk.readonly).collect();
+        anyhow::ensure!(
+            writable.len() == overrides.disk_tops.len(),
+            "--disk-top was given {} time(s), and the snapshot has {} writable disk(s)",
+            overrides.disk_tops.len(),
+            writable.len()
+        );
+        for (disk, top) in writable.into_iter().zip(&overrides.disk_tops) {
+            disk.path.clone_from(top);
+        }
+    }
+    Ok(())
 }
 
 fn finish(outcome: VmOutcome) -> anyhow::Result<ExitCode> {
