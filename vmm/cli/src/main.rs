@@ -52,7 +52,9 @@ enum Command {
         #[arg(long)]
         memory_limit: Option<u64>,
         /// A disk: PATH[,readonly][,base=RAW][,size=BYTES] (repeatable; the guest's
-        /// /dev/vda, /dev/vdb, ... in order).
+        /// /dev/vda, /dev/vdb, ... in order). A file name alone (`data.layer,size=1G`)
+        /// is a disk of the VM's own, kept in its directory on the host and deleted with
+        /// it; a path with a directory is taken from here.
         #[arg(long = "disk", value_parser = parse_disk)]
         disks: Vec<v1::Disk>,
         /// The most MiB per second its disks may read, and write, each (default: no limit).
@@ -666,11 +668,17 @@ async fn main() -> ExitCode {
 fn parse_disk(text: &str) -> Result<v1::Disk, String> {
     let mut parts = text.split(',');
     let path = parts.next().filter(|path| !path.is_empty()).ok_or("a disk needs a PATH")?;
-    let mut disk = v1::Disk { path: path.into(), ..Default::default() };
+    // carreld runs elsewhere: a path with a directory is made absolute from here; a file
+    // name alone stays one (a disk of the VM's own).
+    let from_here = |path: &str| {
+        std::path::absolute(path).map(|path| path.display().to_string()).map_err(|err| format!("{path}: {err}"))
+    };
+    let path = if path.contains('/') { from_here(path)? } else { path.to_string() };
+    let mut disk = v1::Disk { path, ..Default::default() };
     for part in parts {
         match part.split_once('=') {
             None if part == "readonly" => disk.readonly = true,
-            Some(("base", base)) => disk.base = base.into(),
+            Some(("base", base)) => disk.base = from_here(base)?,
             Some(("size", size)) => {
                 disk.size_bytes = size.parse().map_err(|_| format!("size={size} is not a number of bytes"))?
             }

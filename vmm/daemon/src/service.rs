@@ -557,10 +557,14 @@ impl v1::vms_server::Vms for Services {
                     "VM name {name:?} must be 1 to 63 of a-z, 0-9 and '-', not starting with '-'"
                 )));
             }
-            let spec = match request.template.as_str() {
+            let mut spec = match request.template.as_str() {
                 "" => self.spec(request.config)?,
                 template => self.spec_from_template(template, request.config, caller)?,
             };
+            let paths = supervisor::VmPaths { dir: self.host.registry.vm_dir(&name) };
+            for disk in &mut spec.disks {
+                disk.path = own_disk(&paths, &disk.path)?;
+            }
             {
                 let mut vms = self.host.vms.lock().await;
                 if vms.contains_key(&name) {
@@ -1415,4 +1419,24 @@ fn unix_time() -> i64 {
 fn free_jail_uid(first: u32, vms: &std::collections::BTreeMap<String, VmEntry>) -> u32 {
     let taken: std::collections::BTreeSet<u32> = vms.values().filter_map(|entry| entry.record.jail_uid).collect();
     (first..).find(|uid| !taken.contains(uid)).unwrap_or(first)
+}
+
+/// Where a disk given as `path` lies: an absolute path where it says; a file name alone
+/// in the VM's own disks directory (deleted with the VM), where its jailed VMM may also
+/// freeze the disk's layers for a snapshot.
+fn own_disk(paths: &supervisor::VmPaths, path: &std::path::Path) -> Result<std::path::PathBuf, Status> {
+    use std::path::Component;
+    if path.is_absolute() {
+        return Ok(path.to_path_buf());
+    }
+    let mut components = path.components();
+    match (components.next(), components.next()) {
+        (Some(Component::Normal(name)), None) if !name.to_string_lossy().starts_with('.') => {
+            Ok(paths.disks().join(name))
+        }
+        _ => Err(Status::invalid_argument(format!(
+            "disk {}: give an absolute path, or a file name alone for a disk of the VM's own",
+            path.display()
+        ))),
+    }
 }

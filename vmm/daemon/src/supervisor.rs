@@ -51,6 +51,12 @@ impl VmPaths {
         self.dir.join("snapshots")
     }
 
+    /// Where the disks of the VM's own (named by a file name alone) lie, and where its
+    /// VMM freezes their layers for a snapshot.
+    pub fn disks(&self) -> PathBuf {
+        self.dir.join("disks")
+    }
+
     pub fn snapshot(&self, id: &str) -> PathBuf {
         self.snapshots().join(id)
     }
@@ -61,11 +67,13 @@ impl VmPaths {
 fn prepare_jail(paths: &VmPaths, uid: u32) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let fail = |what: &Path, err: std::io::Error| format!("cannot prepare {} for the jail: {err}", what.display());
-    for dir in [paths.jail_root(), paths.snapshots()] {
+    for dir in [paths.jail_root(), paths.snapshots(), paths.disks()] {
         std::fs::create_dir_all(&dir).map_err(|err| fail(&dir, err))?;
     }
     std::fs::set_permissions(&paths.dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|err| fail(&paths.dir, err))?;
+    // Made now by root, perhaps in a directory that is the VM's already.
+    std::os::unix::fs::lchown(paths.disks(), Some(uid), Some(uid)).map_err(|err| fail(&paths.disks(), err))?;
     // What an earlier unjailed run made (audit segments, snapshots) becomes the VM's too;
     // the jail root stays root's. Once the directory is the VM's, what its VMM makes is.
     if std::fs::metadata(&paths.dir).is_ok_and(|dir| std::os::unix::fs::MetadataExt::uid(&dir) == uid) {
@@ -175,8 +183,9 @@ pub async fn start(
     for stale in [paths.control(), paths.vsock()] {
         let _ = std::fs::remove_file(stale);
     }
-    std::fs::create_dir_all(paths.snapshots())
-        .map_err(|err| format!("cannot create the snapshots directory: {err}"))?;
+    for dir in [paths.snapshots(), paths.disks()] {
+        std::fs::create_dir_all(&dir).map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
+    }
     if let Some(uid) = record.jail_uid {
         prepare_jail(paths, uid)?;
     }

@@ -832,6 +832,41 @@ async fn twenty_vms_from_one_template_run_with_their_own_entropy_and_files() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_with_a_disk_of_its_own_hibernates_and_wakes_with_its_files() {
+    let (_dir, socket, state, daemon) = started_daemon();
+    let channel = connect(&socket).await;
+    let mut vms = v1::vms_client::VmsClient::new(channel.clone());
+    let mut agent = v1::agent_client::AgentClient::new(channel.clone());
+    let mut snapshots = v1::snapshots_client::SnapshotsClient::new(channel.clone());
+    let create = |path: &str| v1::CreateVmRequest {
+        name: "keeper".into(),
+        config: Some(v1::VmConfig {
+            disks: vec![v1::Disk { path: path.into(), size_bytes: 16 << 20, ..Default::default() }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    for outside in ["../data.layer", "disks/data.layer", ".data.layer"] {
+        let refused = vms.create(create(outside)).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{outside}: {refused:?}");
+    }
+    vms.create(create("data.layer")).await.unwrap();
+    let disk = state.join("vms/keeper/disks/data.layer");
+    assert!(disk.is_file(), "the VM's own disk is in its directory: {}", disk.display());
+    assert!(exec_once_up(&mut agent, "keeper", &["disks"]).await.contains("store"));
+    exec_once_up(&mut agent, "keeper", &["write", "/kept", "on its own disk"]).await;
+    // Its jailed VMM freezes the disk beside it for the snapshot, then ends.
+    snapshots.hibernate(v1::SnapshotRequest { name: "keeper".into(), diff: false }).await.unwrap();
+    let asleep = vms.get(v1::GetVmRequest { name: "keeper".into() }).await.unwrap().into_inner();
+    assert_eq!(asleep.state, v1::VmState::Hibernated as i32, "{asleep:?}");
+    assert_eq!(exec_once_up(&mut agent, "keeper", &["cat", "/kept"]).await, "on its own disk", "woken by the call");
+    vms.delete(v1::VmName { name: "keeper".into() }).await.unwrap();
+    assert!(!disk.exists(), "deleted with the VM");
+    drop((vms, agent, snapshots, channel));
+    daemon.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_limits_go_on_the_block_device_under_the_vms_disk() {
     use std::os::unix::fs::MetadataExt;
     let (_dir, socket, _state, daemon) = started_daemon();
