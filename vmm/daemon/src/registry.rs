@@ -79,6 +79,10 @@ pub struct VmSpec {
 pub struct TemplateSource {
     pub name: String,
     pub snapshot: PathBuf,
+    /// Where the disk layers the template froze lie (its VM's disks' directories): the
+    /// VM's own top layers lie over them, so its jail may read them.
+    #[serde(default)]
+    pub layer_dirs: Vec<PathBuf>,
 }
 
 /// What the registry knows of one VM.

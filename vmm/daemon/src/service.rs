@@ -3,6 +3,7 @@
 //! The VMM's error kinds become precise gRPC codes; what is not built answers
 //! UNIMPLEMENTED with a message.
 
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -281,8 +282,11 @@ impl Services {
             || !machine.3.is_empty();
         if differs || !config.disks.is_empty() {
             return Err(Status::invalid_argument(format!(
-                "a VM from template {template:?} has the template's machine ({} MiB, {} vCPU(s), {}) and no disks",
-                record.memory_mib, record.cpus, record.display
+                "a VM from template {template:?} has the template's machine ({} MiB, {} vCPU(s), {}) and its {} disk(s)",
+                record.memory_mib,
+                record.cpus,
+                record.display,
+                record.disks.len()
             )));
         }
         config.memory_mib = record.memory_mib;
@@ -290,7 +294,23 @@ impl Services {
         config.display = record.display.clone();
         config.kernel = record.kernel.display().to_string();
         let mut spec = self.spec(Some(config))?;
-        spec.template = Some(TemplateSource { name: record.name, snapshot: self.host.templates.snapshot(template) });
+        // Each writable disk gets a top layer of its own (a file name alone: the VM's own
+        // disks directory), made at its first start over the layer the template froze;
+        // read-only disks are shared.
+        spec.disks = record
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(index, disk)| match disk.readonly {
+                true => disk.clone(),
+                false => DiskRecord { path: format!("disk-{index}.layer").into(), size_bytes: None, ..disk.clone() },
+            })
+            .collect();
+        spec.template = Some(TemplateSource {
+            name: record.name,
+            snapshot: self.host.templates.snapshot(template),
+            layer_dirs: record.layer_dirs,
+        });
         Ok(spec)
     }
 
@@ -659,6 +679,21 @@ impl v1::vms_server::Vms for Services {
         let params = vec![("name", request.get_ref().name.clone())];
         let work = async move {
             let name = request.into_inner().name;
+            self.host.check(&*self.host.vms.lock().await, &name, caller)?;
+            // A template's VMs read the disk layers it froze in this VM's directory.
+            let vm_dir = self.host.registry.vm_dir(&name);
+            let over_its_disks = self
+                .host
+                .templates
+                .list()
+                .into_iter()
+                .find(|template| template.layer_dirs.iter().any(|dir| dir.starts_with(&vm_dir)));
+            if let Some(template) = over_its_disks {
+                return Err(Status::failed_precondition(format!(
+                    "template {:?} lies over VM {name:?}'s disks: delete the template first",
+                    template.name
+                )));
+            }
             self.stop_vm(&name, caller).await?;
             let mut vms = self.host.vms.lock().await;
             self.host.check(&vms, &name, caller)?;
@@ -1218,11 +1253,15 @@ impl v1::templates_server::Templates for Services {
                 let vms = self.host.vms.lock().await;
                 self.host.check(&vms, &request.from_vm, caller)?.record.spec.clone()
             };
-            if !spec.disks.is_empty() {
-                return Err(Status::failed_precondition(format!(
-                    "VM {:?} has disks: templates of VMs with disks are not built yet",
-                    request.from_vm
-                )));
+            // The snapshot freezes each writable disk's top beside it (a raw disk written
+            // in place is refused there); the template's VMs lay their own tops over those
+            // frozen layers, reading them where they lie.
+            let mut layer_dirs: Vec<PathBuf> = spec.template.iter().flat_map(|t| t.layer_dirs.clone()).collect();
+            for disk in spec.disks.iter().filter(|disk| !disk.readonly) {
+                let dir = disk.path.parent().map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
+                if !layer_dirs.contains(&dir) {
+                    layer_dirs.push(dir);
+                }
             }
             let snapshot = self.save(&request.from_vm, caller, false, Save::Snapshot).await?;
             let source = self.host.registry.vm_dir(&request.from_vm).join("snapshots").join(&snapshot.id);
@@ -1236,6 +1275,8 @@ impl v1::templates_server::Templates for Services {
                 kernel: spec.kernel,
                 memory_bytes: snapshot.memory_bytes,
                 unix_time: snapshot.unix_time,
+                disks: spec.disks.clone(),
+                layer_dirs,
             };
             let host = self.host.clone();
             let made = record.clone();
@@ -1424,7 +1465,7 @@ fn free_jail_uid(first: u32, vms: &std::collections::BTreeMap<String, VmEntry>) 
 /// Where a disk given as `path` lies: an absolute path where it says; a file name alone
 /// in the VM's own disks directory (deleted with the VM), where its jailed VMM may also
 /// freeze the disk's layers for a snapshot.
-fn own_disk(paths: &supervisor::VmPaths, path: &std::path::Path) -> Result<std::path::PathBuf, Status> {
+fn own_disk(paths: &supervisor::VmPaths, path: &Path) -> Result<PathBuf, Status> {
     use std::path::Component;
     if path.is_absolute() {
         return Ok(path.to_path_buf());

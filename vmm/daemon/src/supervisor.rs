@@ -102,7 +102,12 @@ pub fn run_args(record: &VmRecord, paths: &VmPaths) -> Vec<String> {
     let mut args = vec!["run".to_string()];
     match (&record.hibernated, &spec.template) {
         (Some(id), _) => args.extend(["--restore".into(), paths.snapshot(id).display().to_string()]),
-        (None, Some(template)) => args.extend(["--restore".into(), template.snapshot.display().to_string()]),
+        (None, Some(template)) => {
+            args.extend(["--restore".into(), template.snapshot.display().to_string()]);
+            for disk in spec.disks.iter().filter(|disk| !disk.readonly) {
+                args.extend(["--disk-top".into(), disk.path.display().to_string()]);
+            }
+        }
         (None, None) => {
             args.extend(["--kernel".into(), spec.kernel.display().to_string()]);
             args.extend(["--mem".into(), spec.memory_mib.to_string(), "--cpus".into(), spec.cpus.to_string()]);
@@ -142,6 +147,14 @@ pub fn run_args(record: &VmRecord, paths: &VmPaths) -> Vec<String> {
         args.extend(["--jail".into(), paths.jail_root().display().to_string()]);
         args.extend(["--uid".into(), uid.to_string(), "--gid".into(), uid.to_string()]);
         args.extend(["--jail-writable".into(), paths.snapshots().display().to_string()]);
+        // A VM from a template reads its snapshot (a diff of the VM's may lie over it) and
+        // the disk layers it froze.
+        if let Some(template) = &spec.template {
+            let snapshot_dir = template.snapshot.parent().unwrap_or(&template.snapshot);
+            for dir in std::iter::once(snapshot_dir).chain(template.layer_dirs.iter().map(PathBuf::as_path)) {
+                args.extend(["--jail-readable".into(), dir.display().to_string()]);
+            }
+        }
     }
     args
 }

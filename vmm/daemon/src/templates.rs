@@ -34,6 +34,13 @@ pub struct TemplateRecord {
     /// Guest memory its snapshot holds.
     pub memory_bytes: u64,
     pub unix_time: i64,
+    /// Its VM's disks, in order: a VM from the template gets a top layer of its own over
+    /// each writable one's frozen layers, and the read-only ones as they are.
+    #[serde(default)]
+    pub disks: Vec<crate::registry::DiskRecord>,
+    /// The directories of those frozen layers, and of the layers under them.
+    #[serde(default)]
+    pub layer_dirs: Vec<PathBuf>,
 }
 
 /// The templates under the daemon's state directory.
@@ -136,6 +143,8 @@ mod tests {
             kernel: "desk.elf".into(),
             memory_bytes: 8 << 20,
             unix_time: 1,
+            disks: Vec::new(),
+            layer_dirs: Vec::new(),
         }
     }
 

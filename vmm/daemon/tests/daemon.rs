@@ -820,6 +820,10 @@ async fn twenty_vms_from_one_template_run_with_their_own_entropy_and_files() {
     for name in &names {
         assert_eq!(exec_once_up(&mut agent, name, &["cat", "/mine"]).await, *name, "each keeps its own files");
     }
+    // Hibernated to a diff over the template's snapshot, which its jail reads on the wake.
+    let mut snapshots = v1::snapshots_client::SnapshotsClient::new(channel.clone());
+    snapshots.hibernate(v1::SnapshotRequest { name: names[0].clone(), diff: true }).await.unwrap();
+    assert_eq!(exec_once_up(&mut agent, &names[0], &["cat", "/mine"]).await, names[0], "woken from its diff");
     let in_use = templates.delete(v1::TemplateName { name: "desk".into() }).await.unwrap_err();
     assert_eq!(in_use.code(), tonic::Code::FailedPrecondition, "{in_use:?}");
     for name in names.iter().map(String::as_str).chain(["base"]) {
@@ -827,7 +831,72 @@ async fn twenty_vms_from_one_template_run_with_their_own_entropy_and_files() {
     }
     templates.delete(v1::TemplateName { name: "desk".into() }).await.unwrap();
     assert!(templates.list(v1::ListTemplatesRequest {}).await.unwrap().into_inner().templates.is_empty());
-    drop((vms, agent, templates, channel));
+    drop((vms, agent, templates, snapshots, channel));
+    daemon.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_from_a_template_with_a_disk_each_write_their_own_layer_over_its_frozen_one() {
+    let (_dir, socket, state, daemon) = started_daemon();
+    let channel = connect(&socket).await;
+    let mut vms = v1::vms_client::VmsClient::new(channel.clone());
+    let mut agent = v1::agent_client::AgentClient::new(channel.clone());
+    let mut templates = v1::templates_client::TemplatesClient::new(channel.clone());
+    let mut snapshots = v1::snapshots_client::SnapshotsClient::new(channel.clone());
+    let disk = v1::Disk { path: "data.layer".into(), size_bytes: 16 << 20, ..Default::default() };
+    let config = v1::VmConfig { disks: vec![disk], ..Default::default() };
+    vms.create(v1::CreateVmRequest { name: "base".into(), config: Some(config), ..Default::default() }).await.unwrap();
+    assert!(
+        exec_once_up(&mut agent, "base", &["disks"]).await.contains("store"),
+        "the Desk keeps its files on the disk"
+    );
+    exec_once_up(&mut agent, "base", &["write", "/kept", "before the template"]).await;
+    let request = v1::CreateTemplateRequest { name: "desk-disk".into(), from_vm: "base".into() };
+    templates.create(request).await.unwrap();
+    // What the template's VM writes later is its own.
+    exec_once_up(&mut agent, "base", &["write", "/after", "base only"]).await;
+
+    let with_disk = v1::VmConfig {
+        disks: vec![v1::Disk { path: "mine.layer".into(), size_bytes: 16 << 20, ..Default::default() }],
+        ..Default::default()
+    };
+    let refused = vms
+        .create(v1::CreateVmRequest { name: "own".into(), config: Some(with_disk), template: "desk-disk".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "the template's disks, not others: {refused:?}");
+    let names = ["copy-a", "copy-b"];
+    for name in names {
+        let request = v1::CreateVmRequest { name: name.into(), template: "desk-disk".into(), ..Default::default() };
+        vms.create(request).await.unwrap();
+    }
+    for name in names {
+        assert_eq!(exec_once_up(&mut agent, name, &["cat", "/kept"]).await, "before the template");
+        let after =
+            v1::ExecRequest { name: name.into(), argv: vec!["cat".into(), "/after".into()], ..Default::default() };
+        let after = agent.exec(after).await.unwrap().into_inner();
+        assert_ne!(after.exit_code, 0, "{name} sees a file written after the template: {after:?}");
+        exec_once_up(&mut agent, name, &["write", "/mine", name]).await;
+        let top = state.join("vms").join(name).join("disks/disk-0.layer");
+        assert!(top.is_file(), "{name}'s own top layer: {}", top.display());
+    }
+    for name in names {
+        assert_eq!(exec_once_up(&mut agent, name, &["cat", "/mine"]).await, name, "each writes its own layer");
+    }
+    // Asleep and awake again (its own snapshot now, over the template's layer), it keeps
+    // its file.
+    snapshots.hibernate(v1::SnapshotRequest { name: "copy-a".into(), diff: true }).await.unwrap();
+    assert_eq!(exec_once_up(&mut agent, "copy-a", &["cat", "/mine"]).await, "copy-a");
+    assert_eq!(exec_once_up(&mut agent, "base", &["cat", "/after"]).await, "base only");
+    // The template's VMs read layers in the first VM's directory: it goes after them.
+    let in_use = vms.delete(v1::VmName { name: "base".into() }).await.unwrap_err();
+    assert_eq!(in_use.code(), tonic::Code::FailedPrecondition, "{in_use:?}");
+    for name in names {
+        vms.delete(v1::VmName { name: name.into() }).await.unwrap();
+    }
+    templates.delete(v1::TemplateName { name: "desk-disk".into() }).await.unwrap();
+    vms.delete(v1::VmName { name: "base".into() }).await.unwrap();
+    drop((vms, agent, templates, snapshots, channel));
     daemon.terminate();
 }
 
