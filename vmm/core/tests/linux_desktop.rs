@@ -123,7 +123,21 @@ impl LinuxVm {
     }
 
     fn agent(&self) -> Client<UnixStream> {
-        let stream = connect_vsock_uds(&self.vsock, carrel_agent_proto::AGENT_VSOCK_PORT).unwrap();
+        // Seen once in the nested machine: the first connection right after the agent
+        // said it serves was refused by the guest (an empty handshake reply). A client
+        // tries again, as carreld and scripts/nested/linux-agent.sh do; each refusal is
+        // said.
+        let deadline = Instant::now() + scaled(STEP_DEADLINE);
+        let stream = loop {
+            match connect_vsock_uds(&self.vsock, carrel_agent_proto::AGENT_VSOCK_PORT) {
+                Ok(stream) => break stream,
+                Err(err @ carrel_agent_client::ConnectError::AcceptHandshake { .. }) if Instant::now() < deadline => {
+                    eprintln!("linux desktop: the agent's port refused a connection ({err:?}); trying again");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(err) => panic!("cannot connect to the agent: {err:?}"),
+            }
+        };
         stream.set_read_timeout(Some(scaled(STEP_DEADLINE))).unwrap();
         let mut client = Client::new(stream);
         client.wait_ready(scaled(STEP_DEADLINE)).unwrap();
