@@ -70,7 +70,7 @@ pub struct JailConfig {
     /// More directories the VM may write, at runtime, besides its own sockets', disks'
     /// and audit directories: where its snapshots go.
     pub writable: Vec<PathBuf>,
-    /// More directories the VM may read: the layers under a disk a template's VM froze.
+    /// More directories the VM may read: a template's snapshot and the disk layers it froze.
     pub readable: Vec<PathBuf>,
 }
 

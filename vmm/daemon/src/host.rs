@@ -273,12 +273,7 @@ impl Host {
         tokio::task::spawn_blocking(move || {
             // Cleared first: a record made from here on asks for a checkpoint of its own.
             pending.store(false, Ordering::SeqCst);
-            if let Err(err) = log.checkpoint() {
-                eprintln!(
-                    "carreld: warning: the host audit log's checkpoint failed: {}",
-                    carrel_audit::error_chain(&err)
-                );
-            }
+            sign_checkpoint(&log);
         });
     }
 
@@ -289,12 +284,7 @@ impl Host {
             return;
         }
         if let Some(log) = &self.audit {
-            if let Err(err) = log.checkpoint() {
-                eprintln!(
-                    "carreld: warning: the host audit log's checkpoint failed: {}",
-                    carrel_audit::error_chain(&err)
-                );
-            }
+            sign_checkpoint(log);
         }
     }
 
@@ -588,3 +578,10 @@ impl Host {
 /// The backoff unit between restarts after failures: 0, 100 ms, 200 ms, 400 ms, ...
 const RESTART_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Signs and stores a checkpoint of the host's audit log; a failure is said, not fatal.
+fn sign_checkpoint(log: &carrel_audit::AuditLog) {
+    if let Err(err) = log.checkpoint() {
+        eprintln!("carreld: warning: the host audit log's checkpoint failed: {}", carrel_audit::error_chain(&err));
+    }
+}
