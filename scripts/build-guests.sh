@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build Carrel's own guests into target/guests/:
 #   desk.elf    the Desk kernel (no_std, bare-metal profile, its own cargo workspace)
-#   pvh-ok.elf  the tiny PVH boot test image
+#   pvh-ok.elf  the tiny PVH boot test image (and pvh-idle.elf, which stays halted)
 #
 #   scripts/build-guests.sh
 set -euo pipefail

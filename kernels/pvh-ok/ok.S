@@ -1,6 +1,7 @@
 /*
  * pvh-ok: the smallest PVH guest. Prints "OK\n" on COM1, asks the i8042 for a reset
- * (Carrel's VMM treats that as poweroff and exits 0), then halts forever.
+ * (Carrel's VMM treats that as poweroff and exits 0), then halts forever. Assembled
+ * with IDLE defined (pvh-idle.elf) it skips the reset: a guest that stays, halted.
  *
  * PVH boot ABI (x86/HVM direct boot, as QEMU, Cloud Hypervisor, Firecracker and
  * Carrel implement it): the loader finds the 32-bit physical entry in the ELF note
@@ -40,8 +41,10 @@ pvh_start:
         movb    $'\n', %al
         outb    %al, %dx
 
+.ifndef IDLE                            /* pvh-idle.elf stays: a guest to snapshot */
         movb    $I8042_RESET, %al
         outb    %al, $I8042_COMMAND
+.endif
 
 1:      cli                             /* no i8042 (QEMU microvm): stay halted */
         hlt

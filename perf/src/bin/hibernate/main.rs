@@ -16,16 +16,16 @@
 //!   of its command line, with a raw and (`_png`) a PNG first screenshot;
 //! - QEMU (`-accel tcg -S`, RAM of the same size, the same number of non-zero bytes
 //!   loaded into it): migrate to a file (`exec:cat`, bandwidth unlimited) and the fsync
-//!   after it, and an incoming restore from that file until the VM is paused and ready.
+//!   after it, and an incoming restore from that file until the VM is paused and ready;
+//! - with `--firecracker PATH` (a Firecracker v1.16 binary), Firecracker's snapshot API on
+//!   a guest of the same size holding the same non-zero bytes (`firecracker.rs`).
 //!
 //! Snapshots go under `--dir` (default target/perf-hibernate, on the same filesystem as
 //! the build). Needs `cargo build --release -p carrel-vmm`, `scripts/build-guests.sh` and
-//! qemu-system-x86_64. `--runs N` restores per mode (default 5). `--firecracker PATH` is
-//! not implemented yet.
+//! qemu-system-x86_64. `--runs N` restores per mode (default 5).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -39,16 +39,25 @@ use carrel_vmm::control::{
 use carrel_vmm::snapshot::SnapshotInfo;
 use serde_json::{json, Value};
 
+mod firecracker;
+mod qemu;
+
 const DEADLINE: Duration = Duration::from_secs(120);
 
 struct Options {
     sizes: Vec<u64>,
     runs: usize,
     dir: PathBuf,
+    firecracker: Option<PathBuf>,
 }
 
 fn options() -> anyhow::Result<Options> {
-    let mut options = Options { sizes: vec![256, 1024], runs: 5, dir: workspace_root().join("target/perf-hibernate") };
+    let mut options = Options {
+        sizes: vec![256, 1024],
+        runs: 5,
+        dir: workspace_root().join("target/perf-hibernate"),
+        firecracker: None,
+    };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut index = 0;
     while index < args.len() {
@@ -57,8 +66,8 @@ fn options() -> anyhow::Result<Options> {
             "--sizes" => options.sizes = value.split(',').map(str::parse).collect::<Result<_, _>>()?,
             "--runs" => options.runs = value.parse()?,
             "--dir" => options.dir = value.into(),
-            "--firecracker" => bail!("--firecracker is not implemented yet: no Firecracker run is part of this bench"),
-            other => bail!("unknown flag {other:?} (--sizes A,B --runs N --dir DIR)"),
+            "--firecracker" => options.firecracker = Some(value.into()),
+            other => bail!("unknown flag {other:?} (--sizes A,B --runs N --dir DIR --firecracker PATH)"),
         }
         index += 2;
     }
@@ -69,7 +78,7 @@ fn vmm() -> PathBuf {
     workspace_root().join("target/release/carrel-vmm")
 }
 
-fn ms(duration: Duration) -> f64 {
+pub(crate) fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
 }
 
@@ -245,7 +254,7 @@ fn disk_write_speed(dir: &Path, bytes: u64) -> anyhow::Result<f64> {
     Ok(written as f64 / 1e6 / elapsed.as_secs_f64())
 }
 
-fn drop_caches() -> bool {
+pub(crate) fn drop_caches() -> bool {
     std::fs::write("/proc/sys/vm/drop_caches", "1").is_ok()
 }
 
@@ -357,65 +366,10 @@ fn hibernated_screenshots(dir: &Path, scratch: &Path, runs: usize) -> anyhow::Re
     Ok(Summary::of(&samples).map(|s| s.to_json_ms()).unwrap_or(Value::Null))
 }
 
-/// A minimal QMP client: one command at a time, events skipped.
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> anyhow::Result<Qmp> {
-        let end = Instant::now() + DEADLINE;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(stream) => break stream,
-                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_micros(200)),
-                Err(err) => bail!("QMP socket {}: {err}", path.display()),
-            }
-        };
-        let mut qmp = Qmp { reader: BufReader::new(stream.try_clone()?), writer: stream };
-        let mut greeting = String::new();
-        qmp.reader.read_line(&mut greeting)?;
-        qmp.execute("qmp_capabilities", json!({}))?;
-        Ok(qmp)
-    }
-
-    fn execute(&mut self, command: &str, arguments: Value) -> anyhow::Result<Value> {
-        writeln!(self.writer, "{}", json!({ "execute": command, "arguments": arguments }))?;
-        loop {
-            let mut line = String::new();
-            if self.reader.read_line(&mut line)? == 0 {
-                bail!("QEMU closed QMP during {command}");
-            }
-            let reply: Value = serde_json::from_str(&line)?;
-            if let Some(result) = reply.get("return") {
-                return Ok(result.clone());
-            }
-            if let Some(error) = reply.get("error") {
-                bail!("QMP {command}: {error}");
-            }
-        }
-    }
-}
-
-fn qemu(size_mib: u64, qmp: &Path, extra: &[String]) -> anyhow::Result<Child> {
-    let mut command = Command::new("qemu-system-x86_64");
-    command
-        .args(["-accel", "tcg", "-machine", "pc", "-nodefaults", "-display", "none", "-S", "-m"])
-        .arg(format!("{size_mib}M"))
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    command.spawn().context("spawning qemu-system-x86_64 (scripts/provision-host.sh installs it)")
-}
-
-/// QEMU with `dirty_mib` of non-zero bytes in RAM: migrate to a file, then restore.
-fn qemu_side(size_mib: u64, dirty_mib: u64, scratch: &Path, runs: usize) -> anyhow::Result<Value> {
-    let blob = scratch.join("qemu-dirty.bin");
-    let mut bytes = vec![0u8; (dirty_mib << 20) as usize];
+/// A file of `mib` MiB of non-zero, incompressible bytes: what the peers' guests hold in
+/// RAM, as much as the Desk agent's `fill` dirtied.
+fn dirty_blob(path: &Path, mib: u64) -> anyhow::Result<()> {
+    let mut bytes = vec![0u8; (mib << 20) as usize];
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     for word in bytes.chunks_exact_mut(8) {
         state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -424,61 +378,8 @@ fn qemu_side(size_mib: u64, dirty_mib: u64, scratch: &Path, runs: usize) -> anyh
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         word.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
     }
-    std::fs::write(&blob, &bytes)?;
-    drop(bytes);
-    let image = scratch.join("qemu.mig");
-    let qmp_path = scratch.join("qemu.qmp");
-    let _ = std::fs::remove_file(&image);
-    let _ = std::fs::remove_file(&qmp_path);
-    let loader = format!("loader,file={},addr=0x100000,force-raw=on", blob.display());
-    let mut source = qemu(size_mib, &qmp_path, &["-device".into(), loader.clone()])?;
-    let mut qmp = Qmp::connect(&qmp_path)?;
-    qmp.execute("migrate-set-parameters", json!({ "max-bandwidth": 100u64 << 30 }))?;
-    let started = Instant::now();
-    qmp.execute("migrate", json!({ "uri": format!("exec:cat > {}", image.display()) }))?;
-    let total_ms = loop {
-        let status = qmp.execute("query-migrate", json!({}))?;
-        match status.get("status").and_then(Value::as_str) {
-            Some("completed") => break status.get("total-time").and_then(Value::as_f64),
-            Some("failed") => bail!("QEMU migration failed: {status}"),
-            _ => std::thread::sleep(Duration::from_micros(500)),
-        }
-    };
-    let migrated = started.elapsed();
-    let _ = qmp.execute("quit", json!({}));
-    source.wait()?;
-    let synced_at = Instant::now();
-    std::fs::OpenOptions::new().write(true).open(&image)?.sync_all()?;
-    let fsync = synced_at.elapsed();
-    let file_bytes = std::fs::metadata(&image)?.len();
-
-    let mut restores = Vec::new();
-    for _ in 0..runs {
-        let _ = std::fs::remove_file(&qmp_path);
-        let started = Instant::now();
-        let mut target = qemu(size_mib, &qmp_path, &["-incoming".into(), format!("exec:cat {}", image.display())])?;
-        let mut qmp = Qmp::connect(&qmp_path)?;
-        loop {
-            let status = qmp.execute("query-status", json!({}))?;
-            if status.get("status").and_then(Value::as_str) != Some("inmigrate") {
-                break;
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        restores.push(started.elapsed());
-        let _ = qmp.execute("quit", json!({}));
-        target.wait()?;
-    }
-    let _ = std::fs::remove_file(&image);
-    let _ = std::fs::remove_file(&blob);
-    Ok(json!({
-        "machine": "qemu-system-x86_64 -accel tcg -machine pc -S (the guest never runs; its RAM holds the same number of non-zero bytes)",
-        "migrate_to_file_ms": ms(migrated),
-        "qemu_total_time_ms": total_ms,
-        "fsync_after_ms": ms(fsync),
-        "file_bytes": file_bytes,
-        "incoming_restore": Summary::of(&restores).map(|s| s.to_json_ms()).unwrap_or(Value::Null),
-    }))
+    std::fs::write(path, &bytes)?;
+    Ok(())
 }
 
 fn one_size(size_mib: u64, options: &Options) -> anyhow::Result<Value> {
@@ -519,7 +420,14 @@ fn one_size(size_mib: u64, options: &Options) -> anyhow::Result<Value> {
 
     let hibernated_screenshot = hibernated_screenshots(&hibernate_dir, &scratch, options.runs)?;
     let restore = restores(&hibernate_dir, &scratch, options.runs)?;
-    let qemu = qemu_side(size_mib, dirty_mib, &scratch, options.runs)?;
+    let blob = scratch.join("dirty.bin");
+    dirty_blob(&blob, dirty_mib)?;
+    let qemu = qemu::side(size_mib, &blob, &scratch, options.runs)?;
+    let firecracker = match &options.firecracker {
+        Some(binary) => firecracker::side(binary, size_mib, &blob, &scratch, options.runs)
+            .unwrap_or_else(|err| json!({ "error": format!("{err:#}") })),
+        None => json!("not measured: no --firecracker PATH given"),
+    };
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(json!({
         "size_mib": size_mib,
@@ -538,6 +446,7 @@ fn one_size(size_mib: u64, options: &Options) -> anyhow::Result<Value> {
         "screenshot_of_hibernated_vm_cli": hibernated_screenshot,
         "restore": restore,
         "qemu": qemu,
+        "firecracker": firecracker,
     }))
 }
 
