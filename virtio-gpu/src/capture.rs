@@ -263,15 +263,30 @@ pub fn reencode(raw: &Capture, options: &CaptureOptions) -> Result<Capture, Capt
         .then(|| ScanoutPixels::of_bytes(&raw.bytes, raw.width, raw.height, raw.stride, raw.pixel_format))
         .flatten()
         .ok_or(CaptureError::NotRaw)?;
-    encode(&pixels, &CaptureOptions { cursor: false, ..*options }, None, raw.frame)
+    encode_into(&pixels, &CaptureOptions { cursor: false, ..*options }, None, raw.frame, Vec::new())
 }
 
-/// Encodes a screenshot of `pixels` as `options` asks.
-pub(crate) fn encode(
+/// An empty buffer with room for a raw capture of `screen` as `options` asks, its pages
+/// already faulted in (written once), so filling it costs only the copy.
+pub(crate) fn raw_buffer(options: &CaptureOptions, screen: Rect) -> Vec<u8> {
+    let (width, height) =
+        options.scale.or(options.crop.map(|crop| (crop.width, crop.height))).unwrap_or((screen.width, screen.height));
+    // Bounded by the screen: a larger crop or scale is refused later, by the pipeline.
+    let len = (width.min(screen.width) as usize) * (height.min(screen.height) as usize) * 4;
+    let mut buffer = Vec::with_capacity(len);
+    buffer.resize(len, 0u8);
+    std::hint::black_box(buffer.as_mut_slice());
+    buffer.clear();
+    buffer
+}
+
+/// Encodes a screenshot of `pixels` as `options` asks; a raw one goes into `buffer`.
+pub(crate) fn encode_into(
     pixels: &ScanoutPixels<'_>,
     options: &CaptureOptions,
     cursor: Option<&CursorOverlay>,
     frame: u64,
+    buffer: Vec<u8>,
 ) -> Result<Capture, CaptureError> {
     let pipeline = RowPipeline::new(pixels, options, cursor)?;
     let (width, height) = (pipeline.out_width, pipeline.out_height);
@@ -279,7 +294,9 @@ pub(crate) fn encode(
     let (bytes, stride) = match options.format {
         CaptureFormat::Raw => {
             let stride = width as usize * 4;
-            let mut bytes = Vec::with_capacity(stride * height as usize);
+            let mut bytes = buffer;
+            bytes.clear();
+            bytes.reserve_exact(stride * height as usize);
             pipeline.for_each_row(|row| {
                 bytes.extend_from_slice(row);
                 Ok::<(), CaptureError>(())
@@ -382,6 +399,34 @@ mod tests {
         assert_eq!((raw.width, raw.height, raw.stride, raw.pixel_format), (64, 32, 256, PixelFormat::B8G8R8X8));
         let [r, g, b] = pattern(5, 7);
         assert_eq!(&raw.bytes[7 * 256 + 5 * 4..7 * 256 + 5 * 4 + 3], &[b, g, r]);
+    }
+
+    #[test]
+    fn a_raw_capture_fills_the_buffer_made_ahead_for_it() {
+        let screen = Rect::new(0, 0, 64, 32);
+        let crop = Rect::new(10, 4, 20, 9);
+        let ways = [
+            (CaptureOptions::default(), 64 * 32 * 4),
+            (CaptureOptions { crop: Some(crop), ..Default::default() }, 20 * 9 * 4),
+            (CaptureOptions { scale: Some((16, 8)), ..Default::default() }, 16 * 8 * 4),
+            // Larger than the screen: bounded by it (the pipeline refuses the request).
+            (CaptureOptions { scale: Some((1 << 20, 1 << 20)), ..Default::default() }, 64 * 32 * 4),
+        ];
+        let harness = screen_with_pattern();
+        for (options, room) in ways {
+            let buffer = raw_buffer(&options, screen);
+            assert!(buffer.is_empty() && buffer.capacity() >= room, "{options:?}: {}", buffer.capacity());
+            if options.scale.is_some_and(|(width, _)| width > 64) {
+                continue;
+            }
+            let pointer = buffer.as_ptr();
+            let pixels = harness.gpu.screen().with_pixels(|pixels, _| {
+                let raw = encode_into(pixels, &options, None, 0, buffer).unwrap();
+                assert_eq!(raw.bytes.as_ptr(), pointer, "{options:?}: the capture went into another buffer");
+                raw.bytes
+            });
+            assert_eq!(pixels.unwrap(), capture(&harness, options).bytes, "{options:?}");
+        }
     }
 
     #[test]

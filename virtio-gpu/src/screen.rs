@@ -9,7 +9,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::capture::{self, Capture, CaptureError, CaptureOptions, CursorImage, CursorOverlay};
+use crate::capture::{self, Capture, CaptureError, CaptureFormat, CaptureOptions, CursorImage, CursorOverlay};
 use crate::protocol::Rect;
 use crate::surface::{ScanoutPixels, Surface};
 
@@ -159,8 +159,12 @@ impl Screen {
     pub fn capture(&self, options: &CaptureOptions) -> Result<Capture, ScreenError> {
         let (scanout, frame, cursor) = self.snapshot(options.cursor)?;
         let surface = scanout.surface.as_ref().ok_or(ScreenError::FindScanoutBacking)?;
+        // A raw capture's buffer is faulted in before the view: right after a lazy restore
+        // the view waits for the screen's pages to load, and a fresh buffer of a screen's
+        // size costs page faults of its own (about 2 ms for 4 MiB), paid meanwhile.
+        let buffer = (options.format == CaptureFormat::Raw).then(|| capture::raw_buffer(options, scanout.rect));
         let pixels = surface.pixels(scanout.rect).ok_or(ScreenError::FindScanoutBacking)?;
-        Ok(capture::encode(&pixels, options, cursor.as_ref(), frame)?)
+        Ok(capture::encode_into(&pixels, options, cursor.as_ref(), frame, buffer.unwrap_or_default())?)
     }
 
     /// Lends the scanout's pixels to `read` without copying them, with the number of the
