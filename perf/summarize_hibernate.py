@@ -25,3 +25,12 @@ for s in d["sizes"]:
     q = s["qemu"]
     print("  QEMU migrate to file     %7.1f ms + fsync %.1f ms, %.0f MiB; incoming restore %.1f ms (median)"
           % (q["migrate_to_file_ms"], q["fsync_after_ms"], q["file_bytes"] / 2**20, q["incoming_restore"]["median_ms"]))
+    fc = s.get("firecracker")
+    if isinstance(fc, dict) and "full_snapshot" in fc:
+        f, r = fc["full_snapshot"], fc["restore_spawn_to_resumed"]
+        print("  Firecracker full snapshot %7.1f ms, %.0f MiB written; diff (idle guest) %.1f ms, %d KiB; restore spawn to resumed %s"
+              % (f["create_ms"], f["files"]["memory_file_allocated_bytes"] / 2**20, fc["diff_snapshot_idle_guest"]["create"]["median_ms"],
+                 fc["diff_snapshot_idle_guest"]["each"][0]["memory_file_allocated_bytes"] // 1024,
+                 ", ".join("%s %.1f ms" % (k.replace("file_backend_", ""), v["median_ms"]) for k, v in sorted(r.items()) if isinstance(v, dict))))
+    elif fc is not None:
+        print("  Firecracker             ", fc if isinstance(fc, str) else fc.get("error"))
