@@ -17,12 +17,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use crate::cgroup::{self, Cgroups, Limits, Version};
 
 /// How long after a standby is taken the next one is started.
 const REFILL_DELAY: Duration = Duration::from_millis(50);
+/// How long a new standby has to say it is ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The group a standby waits in: not a VM name (those never start with a dot).
 pub const STANDBY_GROUP: &str = ".standby";
@@ -52,11 +54,26 @@ impl Standby {
         let mut child = crate::supervisor::vmm_command(vmm, cgroup::raw_fds(&procs))
             .arg("standby")
             .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
             .map_err(|err| format!("cannot start {}: {err}", vmm.display()))?;
         let stdin = child.stdin.take().ok_or("the standby has no stdin")?;
         Ok(Standby { child, stdin, grouped: !procs.is_empty(), placed: false })
+    }
+
+    /// Waits until it says it is ready (waiting for a command line). One that ends first,
+    /// or says something else, is killed: a VM is never handed to it.
+    async fn wait_ready(&mut self) -> Result<(), String> {
+        let stdout = self.child.stdout.take().ok_or("the standby has no stdout")?;
+        let mut line = String::new();
+        let said = tokio::time::timeout(READY_TIMEOUT, tokio::io::BufReader::new(stdout).read_line(&mut line)).await;
+        if matches!(said, Ok(Ok(_))) && line == "ready\n" {
+            return Ok(());
+        }
+        let _ = self.child.kill().await;
+        let status = self.child.wait().await.map(|status| status.to_string()).unwrap_or_else(|err| err.to_string());
+        Err(format!("the standby VMM did not say it was ready ({status})"))
     }
 
     /// Gives the standby's group to `vm` with `limits` by renaming it; the group's
@@ -160,14 +177,18 @@ impl StandbyPool {
             // The fork blocks its thread for milliseconds: not on a runtime worker.
             let started =
                 tokio::task::spawn_blocking(move || Standby::start(&starter.vmm, starter.cgroups.as_ref())).await;
+            let started = match started {
+                Ok(Ok(mut standby)) => standby.wait_ready().await.map(|()| standby),
+                Ok(Err(err)) => Err(err),
+                Err(err) => Err(err.to_string()),
+            };
             match started {
-                Ok(Ok(standby)) => {
+                Ok(standby) => {
                     let mut ready = pool.ready.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                     if ready.is_none() {
                         *ready = Some(standby);
                     }
                 }
-                Ok(Err(err)) => eprintln!("carreld: warning: no standby VMM: {err}"),
                 Err(err) => eprintln!("carreld: warning: no standby VMM: {err}"),
             }
             pool.starting.store(false, Ordering::Release);

@@ -87,15 +87,12 @@ struct Assignment {
 
 /// Waits for the command line of the VM this process is to run, sent by the supervisor
 /// that started it ahead of need: the fork and exec of a new process are then not part
-/// of the VM's start. stdin reads as empty afterwards.
+/// of the VM's start. First it says `ready` on stdout, so a supervisor hands a VM only
+/// to a standby that started well; stdout and stdin then read and write nothing.
 fn standby() -> anyhow::Result<Cli> {
+    use std::io::Write;
     use std::os::fd::AsRawFd;
-    let mut line = String::new();
-    std::io::stdin().read_line(&mut line).context("reading the command line")?;
-    anyhow::ensure!(!line.is_empty(), "stdin closed before a command line came");
-    let assignment: Assignment =
-        serde_json::from_str(&line).context("the command line is not what carrel-vmm reads")?;
-    let null = std::fs::File::open("/dev/null").context("opening /dev/null")?;
+    let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").context("opening /dev/null")?;
     let redirect = |file: &std::fs::File, to: i32| {
         // SAFETY: dup2 of a descriptor this function owns onto a standard one.
         if unsafe { libc::dup2(file.as_raw_fd(), to) } < 0 {
@@ -103,6 +100,15 @@ fn standby() -> anyhow::Result<Cli> {
         }
         Ok(())
     };
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(b"ready\n").and_then(|()| stdout.flush()).context("saying ready")?;
+    drop(stdout);
+    redirect(&null, libc::STDOUT_FILENO).context("closing stdout")?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).context("reading the command line")?;
+    anyhow::ensure!(!line.is_empty(), "stdin closed before a command line came");
+    let assignment: Assignment =
+        serde_json::from_str(&line).context("the command line is not what carrel-vmm reads")?;
     redirect(&null, libc::STDIN_FILENO).context("closing stdin")?;
     if let Some(path) = &assignment.stderr {
         let log = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
