@@ -1,7 +1,7 @@
 //! The Linux agent image (kernels/linux/build-image.sh) on carrel-vmm: Debian's generic
 //! kernel finds every Carrel device through ACPI, the guest agent answers over vsock, Xorg
-//! shows a terminal, a click and typed text land in it, the rng yields bytes, and the guest
-//! powers the VM off.
+//! shows a terminal, a click and typed text land in it, Firefox shows a page, the rng
+//! yields bytes, and the guest powers the VM off.
 //!
 //! These need hardware KVM (a stock Linux cannot reach userspace on kvm_pvm) and the image,
 //! so they are ignored by default; scripts/nested-test.sh runs them with `--ignored` in its
@@ -43,6 +43,9 @@ const MEM_MIB: u32 = 1024;
 /// the terminal's background.
 const DESKTOP_BACKGROUND: [u8; 3] = [0x35, 0x62, 0x7e];
 const TERMINAL_BACKGROUND: [u8; 3] = [0xfd, 0xf6, 0xe3];
+/// The background of the page the test opens in Firefox, and how long Firefox may take.
+const PAGE_BACKGROUND: [u8; 3] = [0xc8, 0x3e, 0x4d];
+const FIREFOX_DEADLINE: Duration = Duration::from_secs(90);
 
 /// The built image's files.
 struct Image {
@@ -382,9 +385,37 @@ fn linux_desktop_boots_with_acpi_devices_agent_xorg_input_rng_and_powers_off() {
     let inside = changed.iter().filter(|(x, y)| common::inside(terminal, *x, *y)).count();
     assert!(inside >= 100, "the typed line shows in the terminal: {inside} of {} changed pixels inside", changed.len());
 
-    // The browser is installed and starts.
+    // The browser: Firefox ESR shows a page, full screen (kiosk: no first-run tabs).
     let firefox = shell_ok(&mut agent, "firefox-esr --version");
     assert!(firefox.contains("Mozilla Firefox"), "{firefox}");
+    shell_ok(
+        &mut agent,
+        &format!(
+            "printf '<html><body style=\"background:#{:02x}{:02x}{:02x}\"><h1>carrel</h1></body></html>' \
+                 > /tmp/carrel.html && \
+             setsid firefox-esr --kiosk file:///tmp/carrel.html </dev/null >/tmp/firefox.log 2>&1 &",
+            PAGE_BACKGROUND[0], PAGE_BACKGROUND[1], PAGE_BACKGROUND[2]
+        ),
+    );
+    let browsing = Instant::now();
+    let page = loop {
+        let shot = linux.screenshot(Wait::StillFor(500));
+        match shot.bounds_of(PAGE_BACKGROUND) {
+            Some(page) if page[2] >= WIDTH / 2 && page[3] >= HEIGHT / 2 => break shot,
+            _ if browsing.elapsed() < scaled(FIREFOX_DEADLINE) => {}
+            _ => {
+                shot.save("firefox-missing.png");
+                let log = shell(&mut agent, "tail -20 /tmp/firefox.log").1;
+                panic!("no Firefox page on screen after {:?}; its log:\n{log}", browsing.elapsed());
+            }
+        }
+    };
+    page.save("firefox.png");
+    let window = shell_ok(&mut agent, "xdotool search --onlyvisible --class firefox | head -1");
+    assert!(!window.trim().is_empty(), "the page is in a Firefox window");
+    eprintln!("linux desktop: Firefox shows the page {:?} after it was started", browsing.elapsed());
+    // By its process name: `pkill -f` would match this shell's own command line.
+    shell_ok(&mut agent, "pkill -x firefox-esr; true");
 
     // The rng: /dev/hwrng is virtio-rng and yields bytes.
     assert_eq!(shell_ok(&mut agent, "cat /sys/class/misc/hw_random/rng_current").trim(), "virtio_rng.0");
