@@ -145,8 +145,12 @@ desk-loop)
     ;;
 perf)
     start="$(now)"
+    # The Linux agent image, when built: its desktop in both VMMs too.
+    desktop=()
+    [ -f "$LINUX_IMAGE/rootfs.ext4" ] && desktop=(--desktop "$LINUX_IMAGE")
     CARREL_PERF_OUT="$JOB/perf-result.json" CARREL_PERF_REVISION="$REVISION" "$REPO/target/release/nested" \
         --kernel "$L2_KERNEL" --initrd "$L2_INITRD" --vmm "$REPO/target/release/carrel-vmm" --runs "$PERF_RUNS" \
+        "${desktop[@]}" \
         2>&1 | tee "$JOB/perf.log"
     rc="${PIPESTATUS[0]}"
     record perf "$([ "$rc" -eq 0 ] && echo ok || echo FAILED)" - - - "$(since "$start")"
