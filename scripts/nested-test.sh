@@ -204,6 +204,8 @@ mkdir -p "$JOB"
         "$REPO_ROOT" "$JOB" "$SCALE" "$MODE" "$DESK_LOOP" "$RUN_COMMAND"
     printf 'L2_KERNEL=%q\nL2_INITRD=%q\n' "$KDIR/vmlinux" "$OUT/l2-initramfs.cpio.gz"
     printf 'REVISION=%q\nPERF_RUNS=%q\n' "$(git describe --always --dirty --abbrev=12 2>/dev/null || echo unknown)" "$PERF_RUNS"
+    # The Linux desktop test's vCPUs (vmm/core/tests/linux_desktop.rs), when asked for.
+    printf 'export CARREL_LINUX_CPUS=%q\n' "${CARREL_LINUX_CPUS:-1}"
     echo "SUITES=("
     if [[ "$MODE" == tests ]]; then
         for suite in ${SUITES//,/ }; do

@@ -32,9 +32,10 @@ const STEP_DEADLINE: Duration = Duration::from_secs(60);
 const POWER_OFF_DEADLINE: Duration = Duration::from_secs(60);
 const WIDTH: u32 = 1280;
 const HEIGHT: u32 = 800;
-/// vCPUs: `CARREL_LINUX_CPUS`, by default one. In the nested machine (QEMU 7.2 TCG,
-/// emulated SVM) the L1 kernel once died of a stack overflow in a carrel-vmm vCPU thread
-/// ("stack guard page was hit", GS base 0) about a minute into booting this image with two.
+/// vCPUs: `CARREL_LINUX_CPUS` (scripts/nested-test.sh passes it on), by default one. In
+/// the nested machine (QEMU 7.2 TCG, emulated SVM) the L1 kernel once died of a stack
+/// overflow in a carrel-vmm vCPU thread ("stack guard page was hit", GS base 0) about a
+/// minute into booting this image with two; three later runs with two passed.
 fn cpus() -> u32 {
     std::env::var("CARREL_LINUX_CPUS").ok().and_then(|value| value.parse().ok()).filter(|&cpus| cpus >= 1).unwrap_or(1)
 }
