@@ -444,7 +444,7 @@ impl Gpu {
             let mut rgba = Vec::with_capacity(row.len() * resource.height as usize);
             for y in 0..resource.height {
                 pixels.read_row(y, &mut row);
-                rgba.extend(row.chunks_exact(4).flat_map(|pixel| resource.format.to_rgba(pixel)));
+                rgba.extend(row.chunks_exact(4).flat_map(|pixel| resource.format.cursor_to_rgba(pixel)));
             }
             cursor.image = Some(Arc::new(CursorImage { width: resource.width, height: resource.height, rgba }));
         }

@@ -100,6 +100,14 @@ impl PixelFormat {
         let Channels { red, green, blue, alpha } = self.channels();
         [pixel[red], pixel[green], pixel[blue], alpha.map_or(255, |a| pixel[a])]
     }
+
+    /// Reads a cursor pixel as RGBA: its fourth byte is alpha whatever the format says.
+    /// Cursors are drawn with alpha into resources of any format: Linux makes every dumb
+    /// buffer XRGB8888 (B8G8R8X8 here), Xorg's cursor included, and QEMU reads them so too.
+    pub fn cursor_to_rgba(self, pixel: &[u8]) -> [u8; 4] {
+        let Channels { red, green, blue, .. } = self.channels();
+        [pixel[red], pixel[green], pixel[blue], pixel[self.fourth_byte()]]
+    }
 }
 
 #[cfg(test)]

@@ -608,11 +608,16 @@ fn cursor_request_without_response_buffer_completes_empty() {
 }
 
 fn show_with_cursor(harness: &mut Harness) {
+    show_with_cursor_in(harness, B8G8R8A8);
+}
+
+/// A 4x4 cursor in a resource of `format`: opaque red top half, transparent bottom half
+/// (alpha in the fourth byte, the padding byte of an X format).
+fn show_with_cursor_in(harness: &mut Harness, format: u32) {
     harness.show(1, 64, 32, PIXELS_ADDR);
     harness.paint(PIXELS_ADDR, 64, 32, |_, _| [0, 0, 0]);
-    // A 4x4 B8G8R8A8 cursor: opaque red top half, transparent bottom half.
     const CURSOR_ADDR: u64 = PIXELS_ADDR + 0x10_0000;
-    harness.create(2, B8G8R8A8, 4, 4);
+    harness.create(2, format, 4, 4);
     harness.ok(&attach_backing(2, &[(CURSOR_ADDR, 64)]));
     let mut image = Vec::new();
     for y in 0..4 {
@@ -641,6 +646,17 @@ fn update_cursor_is_composited_only_when_asked() {
     assert_eq!(pixel(&with, 9, 21), vec![0, 0, 0], "transparent half");
     assert_eq!(pixel(&with, 8, 19), vec![0, 0, 0], "left of the cursor");
     assert_eq!(pixel(&without, 9, 19), vec![0, 0, 0]);
+}
+
+#[test]
+fn a_cursor_in_an_x_format_resource_keeps_its_alpha() {
+    // Linux's virtio-gpu makes Xorg's cursor buffer B8G8R8X8 and draws ARGB into it.
+    let mut harness = Harness::new();
+    show_with_cursor_in(&mut harness, B8G8R8X8);
+    let capture = harness.gpu.screen().capture(&CaptureOptions { cursor: true, ..CaptureOptions::default() }).unwrap();
+    let pixel = |x: usize, y: usize| capture.bytes[y * capture.stride + x * 4..y * capture.stride + x * 4 + 3].to_vec();
+    assert_eq!(pixel(9, 19), vec![0, 0, 255], "the opaque half");
+    assert_eq!(pixel(9, 21), vec![0, 0, 0], "the transparent half shows the screen, not a black box");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The Linux agent image (kernels/linux/build-image.sh) on carrel-vmm: Debian's generic
 //! kernel finds every Carrel device through ACPI, the guest agent answers over vsock, Xorg
-//! shows a terminal, a click and typed text land in it, Firefox shows a page, the rng
-//! yields bytes, and the guest powers the VM off.
+//! shows a terminal and its cursor, a click and typed text land in the terminal, Firefox
+//! shows a page, the rng yields bytes, and the guest powers the VM off.
 //!
 //! These need hardware KVM (a stock Linux cannot reach userspace on kvm_pvm) and the image,
 //! so they are ignored by default; scripts/nested-test.sh runs them with `--ignored` in its
@@ -149,11 +149,16 @@ impl LinuxVm {
     }
 
     fn screenshot(&self, wait: Wait) -> Screen {
+        self.screenshot_with(wait, false)
+    }
+
+    /// A screenshot, with the guest's cursor drawn in when `cursor`.
+    fn screenshot_with(&self, wait: Wait, cursor: bool) -> Screen {
         let request = ScreenshotRequest {
             format: ImageFormat::Png,
             crop: None,
             scale: None,
-            cursor: false,
+            cursor,
             wait,
             timeout_ms: scaled(STEP_DEADLINE).as_millis() as u64,
         };
@@ -374,6 +379,22 @@ fn linux_desktop_boots_with_acpi_devices_agent_xorg_input_rng_and_powers_off() {
         seen.len() == 2 && (seen[0] - i64::from(x)).abs() <= 1 && (seen[1] - i64::from(y)).abs() <= 1,
         "the pointer is at {location:?}, the host moved it to ({x}, {y})"
     );
+    // The cursor: Xorg puts it on virtio-gpu's cursor plane, so it is not in the scanout's
+    // pixels but in a screenshot that asks for it, at the pointer.
+    let bare = linux.screenshot(Wait::StillFor(500));
+    let pointed = linux.screenshot_with(Wait::FirstFrame, true);
+    pointed.save("cursor.png");
+    let changed = common::differences(&bare.pixels, &pointed.pixels, WIDTH);
+    let around = [x.saturating_sub(16), y.saturating_sub(16), 80, 80];
+    let near = changed.iter().filter(|(px, py)| common::inside(around, *px, *py)).count();
+    assert!(
+        near >= 20,
+        "the cursor is drawn at the pointer: {near} of {} changed pixels near ({x}, {y})",
+        changed.len()
+    );
+    // Its shape, not its 64x64 buffer: the transparent pixels show the screen (Linux's
+    // cursor buffer is B8G8R8X8, its fourth byte alpha all the same).
+    assert!(near <= 1024, "the cursor covers {near} pixels near ({x}, {y}): its transparent part was drawn");
 
     // A click in the terminal and typed text: the shell in it runs the command.
     linux.act(Action::Click { x, y, button: Button::Left, count: 1 }, None);
