@@ -1,5 +1,5 @@
 //! Hibernation benchmark: snapshots, hibernation and restores of Desk guests, side by
-//! side with QEMU's migration to a file, in one run.
+//! side with QEMU's migration to a file and Firecracker's snapshots, in one run.
 //!
 //! For each guest size (`--sizes 256,1024` MiB) the Desk agent first dirties three
 //! quarters of RAM (`fill`), then:
@@ -93,7 +93,7 @@ struct Vmm {
 impl Vmm {
     fn spawn(args: &[String], socket: PathBuf) -> anyhow::Result<Vmm> {
         let started = Instant::now();
-        let (child, lines) = Vmm::launch(args, Stdio::null())?;
+        let (child, lines) = Vmm::launch(args, Stdio::null(), Stdio::null())?;
         Ok(Vmm { child, started, lines, socket })
     }
 
@@ -101,9 +101,13 @@ impl Vmm {
     /// the time counts from the hand-over, the analogue of loading a snapshot into a
     /// VMM process that is already running.
     fn hand_over(args: &[String], socket: PathBuf) -> anyhow::Result<Vmm> {
-        let (mut child, lines) = Vmm::launch(&["standby".to_string()], Stdio::piped())?;
+        let (mut child, lines) = Vmm::launch(&["standby".to_string()], Stdio::piped(), Stdio::piped())?;
         let mut stdin = child.stdin.take().context("stdin")?;
-        // Loaded and waiting, as a daemon's standby is by the time a wake comes.
+        let mut ready = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut ready)?;
+        anyhow::ensure!(ready == "ready\n", "the standby VMM did not say it was ready: {ready:?}");
+        // Settled, as a daemon's standby is by the time a wake comes (the previous VM's
+        // exit done with, its own start long past).
         std::thread::sleep(Duration::from_millis(100));
         let started = Instant::now();
         writeln!(stdin, "{}", json!({ "args": args }))?;
@@ -112,11 +116,15 @@ impl Vmm {
     }
 
     /// `carrel-vmm ARGS`, its stderr lines timestamped on the returned channel.
-    fn launch(args: &[String], stdin: Stdio) -> anyhow::Result<(Child, mpsc::Receiver<(Instant, String)>)> {
+    fn launch(
+        args: &[String],
+        stdin: Stdio,
+        stdout: Stdio,
+    ) -> anyhow::Result<(Child, mpsc::Receiver<(Instant, String)>)> {
         let mut child = Command::new(vmm())
             .args(args)
             .stdin(stdin)
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("spawning carrel-vmm {}", args[0]))?;
