@@ -607,6 +607,11 @@ fn cursor_request_without_response_buffer_completes_empty() {
     assert_eq!(counter(&harness.gpu.metrics().cursor_commands), 1);
 }
 
+/// The first three bytes of the raw capture's pixel at (x, y).
+fn pixel(capture: &crate::Capture, x: usize, y: usize) -> Vec<u8> {
+    capture.bytes[y * capture.stride + x * 4..y * capture.stride + x * 4 + 3].to_vec()
+}
+
 fn show_with_cursor(harness: &mut Harness) {
     show_with_cursor_in(harness, B8G8R8A8);
 }
@@ -637,9 +642,6 @@ fn update_cursor_is_composited_only_when_asked() {
     let screen = harness.gpu.screen();
     let with = screen.capture(&CaptureOptions { cursor: true, ..CaptureOptions::default() }).unwrap();
     let without = screen.capture(&CaptureOptions::default()).unwrap();
-    let pixel = |capture: &crate::Capture, x: usize, y: usize| {
-        capture.bytes[y * capture.stride + x * 4..y * capture.stride + x * 4 + 3].to_vec()
-    };
     // Hot spot (1, 1) at (10, 20): the image's top-left is at (9, 19).
     assert_eq!(pixel(&with, 9, 19), vec![0, 0, 255]);
     assert_eq!(pixel(&with, 12, 20), vec![0, 0, 255]);
@@ -654,9 +656,8 @@ fn a_cursor_in_an_x_format_resource_keeps_its_alpha() {
     let mut harness = Harness::new();
     show_with_cursor_in(&mut harness, B8G8R8X8);
     let capture = harness.gpu.screen().capture(&CaptureOptions { cursor: true, ..CaptureOptions::default() }).unwrap();
-    let pixel = |x: usize, y: usize| capture.bytes[y * capture.stride + x * 4..y * capture.stride + x * 4 + 3].to_vec();
-    assert_eq!(pixel(9, 19), vec![0, 0, 255], "the opaque half");
-    assert_eq!(pixel(9, 21), vec![0, 0, 0], "the transparent half shows the screen, not a black box");
+    assert_eq!(pixel(&capture, 9, 19), vec![0, 0, 255], "the opaque half");
+    assert_eq!(pixel(&capture, 9, 21), vec![0, 0, 0], "the transparent half shows the screen, not a black box");
 }
 
 #[test]

@@ -95,6 +95,14 @@ fn median(runs: &[Run]) -> Option<f64> {
     Summary::of(&runs.iter().map(|run| run.to_line).collect::<Vec<_>>()).map(|s| s.median.as_secs_f64())
 }
 
+/// The median of `carrel` over the median of `qemu`; `null` without runs.
+fn median_ratio(carrel: &[Run], qemu: &[Run]) -> Value {
+    match (median(carrel), median(qemu)) {
+        (Some(carrel), Some(qemu)) => json!(carrel / qemu),
+        _ => Value::Null,
+    }
+}
+
 /// The Linux agent image in `dir`: its kernel, initrd, root filesystem and command line.
 struct Desktop {
     vmlinux: PathBuf,
@@ -227,18 +235,12 @@ fn main() -> anyhow::Result<()> {
             "mem_mib": DESKTOP_MEM_MIB,
             "start_to_desktop_ready_carrel_vmm": summary(&carrel_desktop),
             "start_to_desktop_ready_qemu_microvm": summary(&qemu_desktop),
-            "median_ratio_carrel_over_qemu": match (median(&carrel_desktop), median(&qemu_desktop)) {
-                (Some(carrel), Some(qemu)) => json!(carrel / qemu),
-                _ => Value::Null,
-            },
+            "median_ratio_carrel_over_qemu": median_ratio(&carrel_desktop, &qemu_desktop),
         }),
         None => json!("not measured: no --desktop DIR (the Linux agent image) given"),
     };
 
-    let ratio = match (median(&carrel), median(&qemu)) {
-        (Some(carrel), Some(qemu)) => json!(carrel / qemu),
-        _ => Value::Null,
-    };
+    let ratio = median_ratio(&carrel, &qemu);
     let platform = if std::path::Path::new("/sys/module/kvm_pvm").exists() { "pvm" } else { "hardware" };
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     report(

@@ -9,8 +9,9 @@
 //! restore into a fresh process.
 //!
 //! Measured, each through the API on its Unix socket (HTTP/1.1, one request per
-//! connection): a full snapshot (`PUT /snapshot/create` with the VM paused) and the
-//! fsync of its memory file after it (Firecracker leaves that to its user); diff
+//! connection): a full snapshot (`PUT /snapshot/create` with the VM paused; Firecracker
+//! fsyncs its files itself, and the fsync after it is timed to show there is nothing
+//! left to write); diff
 //! snapshots with KVM dirty-page tracking on (`track_dirty_pages`) after the guest ran
 //! again, idle; and restores into a new process, from spawn until `PUT /snapshot/load`
 //! with `resume_vm` has answered (the vCPUs are running then), memory from the file
@@ -18,17 +19,16 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use carrel_perf::{workspace_root, Summary};
+use carrel_perf::workspace_root;
 use serde_json::{json, Value};
 
-use super::{drop_caches, ms, DEADLINE};
+use super::{connect_until_accepted, drop_caches, ms, summary_ms, DEADLINE};
 
 /// A Firecracker process and its API socket; killed when dropped.
 struct Firecracker {
@@ -73,14 +73,7 @@ impl Firecracker {
     /// One HTTP/1.1 request on a fresh connection: the status code and body of the answer.
     /// Just enough of HTTP for Firecracker's API: bodies sized by Content-Length.
     fn request(&self, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
-        let end = Instant::now() + DEADLINE;
-        let mut stream = loop {
-            match UnixStream::connect(&self.api) {
-                Ok(stream) => break stream,
-                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_micros(100)),
-                Err(err) => bail!("Firecracker's API socket {}: {err}", self.api.display()),
-            }
-        };
+        let mut stream = connect_until_accepted(&self.api, "Firecracker's API socket")?;
         stream.set_read_timeout(Some(DEADLINE))?;
         write!(
             stream,
@@ -248,7 +241,7 @@ pub fn side(binary: &Path, size_mib: u64, blob: &Path, scratch: &Path, runs: usi
             samples.push(target.started.elapsed());
         }
         let name = if cold { "file_backend_cold" } else { "file_backend_warm" };
-        restores.insert(name.into(), Summary::of(&samples).map(|s| s.to_json_ms()).unwrap_or(Value::Null));
+        restores.insert(name.into(), summary_ms(&samples));
     }
     if !cold_possible {
         restores.insert("cold".into(), json!("not measured: /proc/sys/vm/drop_caches is not writable"));
@@ -259,7 +252,7 @@ pub fn side(binary: &Path, size_mib: u64, blob: &Path, scratch: &Path, runs: usi
         "machine": "Firecracker, 1 vCPU, the PVH image pvh-idle.elf halted, the dirty bytes as its initrd",
         "full_snapshot": { "create_ms": ms(full), "fsync_after_ms": ms(fsync), "files": full_files },
         "diff_snapshot_idle_guest": {
-            "create": Summary::of(&diffs).map(|s| s.to_json_ms()).unwrap_or(Value::Null),
+            "create": summary_ms(&diffs),
             "each": diff_files,
         },
         "restore_spawn_to_resumed": restores,

@@ -26,6 +26,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -80,6 +81,24 @@ fn vmm() -> PathBuf {
 
 pub(crate) fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
+}
+
+/// The summary of `samples` in milliseconds, `null` when there are none.
+pub(crate) fn summary_ms(samples: &[Duration]) -> Value {
+    Summary::of(samples).map(|s| s.to_json_ms()).unwrap_or(Value::Null)
+}
+
+/// A connection to the Unix socket at `path` (`what` it is), tried until it is accepted
+/// or [`DEADLINE`] passes: the peer's process may still be starting.
+pub(crate) fn connect_until_accepted(path: &Path, what: &str) -> anyhow::Result<UnixStream> {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(stream) => return Ok(stream),
+            Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_micros(100)),
+            Err(err) => bail!("{what} {}: {err}", path.display()),
+        }
+    }
 }
 
 /// A carrel-vmm process whose stderr lines arrive, timestamped, on a channel.
@@ -335,7 +354,6 @@ fn restores(dir: &Path, scratch: &Path, runs: usize) -> anyhow::Result<Value> {
                 screenshot.push(s);
                 ping.push(p);
             }
-            let summary = |samples: &[Duration]| Summary::of(samples).map(|s| s.to_json_ms()).unwrap_or(Value::Null);
             let name = format!(
                 "{}{}{}_{}",
                 mode.trim_start_matches("--"),
@@ -346,9 +364,9 @@ fn restores(dir: &Path, scratch: &Path, runs: usize) -> anyhow::Result<Value> {
             results.insert(
                 name,
                 json!({
-                    "to_vcpus_running": summary(&running),
-                    "to_first_screenshot": summary(&screenshot),
-                    "to_first_agent_ping": summary(&ping),
+                    "to_vcpus_running": summary_ms(&running),
+                    "to_first_screenshot": summary_ms(&screenshot),
+                    "to_first_agent_ping": summary_ms(&ping),
                 }),
             );
         }
@@ -371,7 +389,7 @@ fn hibernated_screenshots(dir: &Path, scratch: &Path, runs: usize) -> anyhow::Re
         samples.push(started.elapsed());
         anyhow::ensure!(status.success(), "screenshot --snapshot failed");
     }
-    Ok(Summary::of(&samples).map(|s| s.to_json_ms()).unwrap_or(Value::Null))
+    Ok(summary_ms(&samples))
 }
 
 /// A file of `mib` MiB of non-zero, incompressible bytes: what the peers' guests hold in

@@ -8,10 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use carrel_perf::Summary;
 use serde_json::{json, Value};
 
-use super::{ms, DEADLINE};
+use super::{connect_until_accepted, ms, summary_ms};
 
 /// A minimal QMP client: one command at a time, events skipped.
 struct Qmp {
@@ -21,14 +20,7 @@ struct Qmp {
 
 impl Qmp {
     fn connect(path: &Path) -> anyhow::Result<Qmp> {
-        let end = Instant::now() + DEADLINE;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(stream) => break stream,
-                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_micros(200)),
-                Err(err) => bail!("QMP socket {}: {err}", path.display()),
-            }
-        };
+        let stream = connect_until_accepted(path, "QMP socket")?;
         let mut qmp = Qmp { reader: BufReader::new(stream.try_clone()?), writer: stream };
         let mut greeting = String::new();
         qmp.reader.read_line(&mut greeting)?;
@@ -120,6 +112,6 @@ pub fn side(size_mib: u64, blob: &Path, scratch: &Path, runs: usize) -> anyhow::
         "qemu_total_time_ms": total_ms,
         "fsync_after_ms": ms(fsync),
         "file_bytes": file_bytes,
-        "incoming_restore": Summary::of(&restores).map(|s| s.to_json_ms()).unwrap_or(Value::Null),
+        "incoming_restore": summary_ms(&restores),
     }))
 }
