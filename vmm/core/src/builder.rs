@@ -3,6 +3,7 @@
 //! ([`build_vm`]) or the saved state for a restore ([`restore_vm`]).
 
 use std::fs::File;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -26,6 +27,7 @@ use crate::devices::virtio::vsock::{Vsock, VsockConfig};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::memory::{create_guest_ram, GuestRam};
 use crate::platform;
+use crate::seccomp::ThreadKind;
 use crate::services::input::InputSinks;
 use crate::services::screen::ScreenSource;
 use crate::snapshot::lazy::{LazyError, LazyMemory};
@@ -87,6 +89,8 @@ pub enum BuildError {
     Snapshot(#[from] SnapshotError),
     #[error("cannot restore the snapshot: {0}")]
     Restore(String),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// A virtio device as the event loop sees it: its transport and one eventfd per queue.
@@ -158,45 +162,48 @@ pub fn build_vm(config: &VmConfig, started: Instant) -> Result<BuiltVm, BuildErr
 /// Builds a VM from a snapshot: the same devices as the fresh boot that led to it, each
 /// loaded from its saved state; memory read from `memory.bin` and checked. The guest
 /// continues where it was when its vCPUs run.
-pub fn restore_vm(
-    config: &VmConfig,
-    snapshot: &LoadedSnapshot,
-    load: MemoryLoad,
-    started: Instant,
-) -> Result<BuiltVm, BuildError> {
+///
+/// `config` is the snapshot's `vm.json` with the restore's own names and sockets.
+pub fn restore_vm(config: &VmConfig, dir: &Path, load: MemoryLoad, started: Instant) -> Result<BuiltVm, BuildError> {
     config.validate_machine()?;
-    let saved = &snapshot.state;
     let ram = create_guest_ram(config.mem_mib)?;
-    let parents = snapshot::load_parents(snapshot)?;
-    // Lazily, RAM is registered with userfaultfd before anything (the devices' restore)
-    // touches it; while the VM is built the loader only serves faults.
-    let mut lazy = match load {
-        MemoryLoad::Eager => None,
-        MemoryLoad::Lazy | MemoryLoad::LazyIfPossible => {
-            let layers: Vec<(std::path::PathBuf, &snapshot::memory::MemoryImage)> =
-                snapshot::layers(snapshot, &parents).map(|layer| (layer.dir.clone(), &layer.state.memory)).collect();
-            let sockets = config.socket.iter().chain(&config.vsock).cloned().collect();
-            match LazyMemory::start(&ram, &layers, saved.viewed_ram(), sockets) {
-                Ok(lazy) => Some(lazy),
-                Err(LazyError::Unavailable(err)) if load == MemoryLoad::LazyIfPossible => {
-                    eprintln!("carrel-vmm: restore: no userfaultfd ({err}): memory is read whole instead");
-                    None
-                }
-                Err(err) => return Err(SnapshotError::from(err).into()),
-            }
-        }
-    };
+    crate::timeline::mark("ram");
+    // KVM makes the VM and its memory slot on a thread of its own (a slot costs the
+    // kernel about a millisecond per GiB), and the threads' seccomp filters are compiled
+    // there, while this one reads the snapshot and sets up the loading of its memory.
+    let (vm, memory) = std::thread::scope(|scope| {
+        let make_vm = || {
+            let vm = Vm::new(&ram.memory);
+            crate::timeline::mark("vm");
+            let filters = crate::seccomp::prepare(&[ThreadKind::Vcpu, ThreadKind::EventLoop, ThreadKind::Control]);
+            crate::timeline::mark("filters");
+            (vm, filters)
+        };
+        let making = std::thread::Builder::new().name("make-vm".into()).spawn_scoped(scope, make_vm);
+        let memory = load_snapshot(config, dir).and_then(|snapshot| {
+            let (parents, lazy) = prepare_memory(config, &snapshot, &ram, load)?;
+            Ok((snapshot, parents, lazy))
+        });
+        let (vm, filters) = match making {
+            Ok(thread) => thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            Err(_) => make_vm(),
+        };
+        (filters.map_err(BuildError::from).and(vm.map_err(BuildError::from)), memory)
+    });
+    let vm = vm?;
+    let (snapshot, parents, mut lazy) = memory?;
+    let saved = &snapshot.state;
     // The guest runs while the loader fills the screen's memory; the screen waits for it.
     let view_gate = match &mut lazy {
         Some(lazy) => Some(lazy.defer_viewed().map_err(SnapshotError::from)?),
         None => None,
     };
-    let vm = Vm::new(&ram.memory)?;
     match &lazy {
         Some(_) => {}
-        None => snapshot::read_memory(&ram, snapshot, &parents)?,
+        None => snapshot::read_memory(&ram, &snapshot, &parents)?,
     }
     let wired = wire(config, &vm, &ram, Some(saved), view_gate)?;
+    crate::timeline::mark("wired");
     if wired.platform != snapshot.platform {
         return Err(BuildError::Restore(format!(
             "the snapshot was taken on {} KVM and this host runs {} KVM: vCPU state does not move between them",
@@ -211,12 +218,14 @@ pub fn restore_vm(
             eprintln!("carrel-vmm: restore: KVM refused {refused} saved MSR(s) of vCPU {}", vcpu.id);
         }
     }
+    crate::timeline::mark("vcpus restored");
     let restores = saved.restores + 1;
-    if saved.protocol == BootProtocol::Desk {
-        // Desk re-reads this to notice it was restored (fresh entropy, reconnects).
-        ram.memory
-            .write_obj(restores, GuestAddress(layout::BOOT_INFO_ADDR + BootInfo::RESTORES_OFFSET))
-            .map_err(|err| BuildError::Restore(format!("cannot tell the guest it was restored: {err}")))?;
+    if lazy.is_none() {
+        for (gpa, bytes) in restore_writes(saved) {
+            ram.memory
+                .write_slice(&bytes, GuestAddress(gpa))
+                .map_err(|err| BuildError::Restore(format!("cannot tell the guest it was restored: {err}")))?;
+        }
     }
     let mut built = wired.into_built(vm, ram, saved.protocol, restores, started);
     built.restored_from = Some(snapshot::memory::Parent::new(&snapshot.dir, snapshot.digest));
@@ -226,6 +235,73 @@ pub fn restore_vm(
     built.shown = snapshot::shown::Shown::read(&snapshot.dir)
         .filter(|shown| gpu == Some((shown.width, shown.height, shown.frame)));
     Ok(built)
+}
+
+/// What a restore writes into guest RAM over the snapshot's bytes (guest address, bytes):
+/// Desk re-reads its boot information's restore count to notice it was restored (fresh
+/// entropy, reconnects).
+fn restore_writes(saved: &SnapshotState) -> Vec<(u64, Vec<u8>)> {
+    match saved.protocol {
+        BootProtocol::Desk => {
+            let restores = saved.restores + 1;
+            vec![(layout::BOOT_INFO_ADDR + BootInfo::RESTORES_OFFSET, restores.to_le_bytes().to_vec())]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The snapshot in `dir`, whose machine must still be the one of `config`.
+fn load_snapshot(config: &VmConfig, dir: &Path) -> Result<LoadedSnapshot, BuildError> {
+    let snapshot = snapshot::load_snapshot(dir)?;
+    let machine = |config: &VmConfig| (config.mem_mib, config.cpus);
+    if machine(&snapshot.config) != machine(config) {
+        return Err(BuildError::Restore(format!(
+            "{} changed while it was restored: {} MiB and {} vCPUs, not {} MiB and {}",
+            dir.display(),
+            snapshot.config.mem_mib,
+            snapshot.config.cpus,
+            config.mem_mib,
+            config.cpus
+        )));
+    }
+    Ok(snapshot)
+}
+
+/// The snapshot's parents, and with a lazy `load` the loader of its memory into `ram`:
+/// RAM is registered with userfaultfd before anything (the devices' restore) touches it,
+/// and while the VM is built the loader only serves faults.
+fn prepare_memory(
+    config: &VmConfig,
+    snapshot: &LoadedSnapshot,
+    ram: &GuestRam,
+    load: MemoryLoad,
+) -> Result<(Vec<LoadedSnapshot>, Option<LazyMemory>), BuildError> {
+    let parents = snapshot::load_parents(snapshot)?;
+    let lazy = match load {
+        MemoryLoad::Eager => None,
+        MemoryLoad::Lazy | MemoryLoad::LazyIfPossible => {
+            let layers: Vec<(std::path::PathBuf, &snapshot::memory::MemoryImage)> =
+                snapshot::layers(snapshot, &parents).map(|layer| (layer.dir.clone(), &layer.state.memory)).collect();
+            let sockets = config.socket.iter().chain(&config.vsock).cloned().collect();
+            let mut writes = Vec::new();
+            for (gpa, bytes) in restore_writes(&snapshot.state) {
+                let offset = crate::memory::ram_offset(gpa, ram.size).ok_or_else(|| {
+                    BuildError::Restore(format!("guest address {gpa:#x} is outside a RAM of {} bytes", ram.size))
+                })?;
+                writes.push((offset, bytes));
+            }
+            match LazyMemory::start(ram, &layers, snapshot.state.viewed_ram(), writes, sockets) {
+                Ok(lazy) => Some(lazy),
+                Err(LazyError::Unavailable(err)) if load == MemoryLoad::LazyIfPossible => {
+                    eprintln!("carrel-vmm: restore: no userfaultfd ({err}): memory is read whole instead");
+                    None
+                }
+                Err(err) => return Err(SnapshotError::from(err).into()),
+            }
+        }
+    };
+    crate::timeline::mark("memory loader");
+    Ok((parents, lazy))
 }
 
 /// Everything of a VM but its memory and VM fd.
@@ -401,6 +477,7 @@ fn wire(
         }
     }
 
+    crate::timeline::mark("devices");
     let io_bus = Arc::new(io_bus);
     let mmio_bus = Arc::new(mmio);
     // The first vCPU tells the platform, which decides the MSRs every vCPU saves.

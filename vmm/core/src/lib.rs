@@ -19,5 +19,6 @@ pub mod seccomp;
 pub mod services;
 pub mod snapshot;
 pub mod sockets;
+pub mod timeline;
 pub mod vmm;
 pub mod vstate;

@@ -28,10 +28,13 @@ use crate::services::input::InputService;
 use crate::services::screen::ScreenService;
 use crate::services::screen::ScreenSource;
 use crate::services::ConnectionServices;
+use crate::snapshot::lazy::LazyMemory;
 use crate::snapshot::memory::{MemoryImage, Parent};
 use crate::snapshot::shown::Shown;
 use crate::snapshot::{write_snapshot, SnapshotInfo, SnapshotState};
-use crate::vstate::vcpu::{install_kick_handler, VcpuEvent, VcpuEventSender, VcpuHandle, VcpuMessage, VcpuStop};
+use crate::vstate::vcpu::{
+    install_kick_handler, Announce, VcpuEvent, VcpuEventSender, VcpuHandle, VcpuMessage, VcpuStop,
+};
 
 /// Errors running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -243,17 +246,36 @@ impl Vmm {
             None => None,
         };
 
+        crate::timeline::mark("control");
         let (event_sender, vcpu_events) = mpsc::channel();
         let vcpus = std::mem::take(&mut built.vcpus);
         let vcpu_count = vcpus.len() as u8;
         let mut handles = Vec::with_capacity(vcpus.len());
+        // The vCPUs' start has the CPUs to itself: a lazy restore's loader fetches ahead,
+        // and this thread goes on, once the guest runs.
+        let fetch_ahead = built.lazy.as_ref().map(LazyMemory::fetch_ahead_trigger);
+        let (entered_sender, entered) = mpsc::sync_channel(1);
+        let mut then = Some(move || {
+            if let Some(go) = fetch_ahead {
+                go();
+            }
+            let _ = entered_sender.send(());
+        });
         for vcpu in vcpus {
             // The last vCPU to start says when the guest runs.
-            let announce = (vcpu.id + 1 == vcpu_count).then_some(built.started);
+            let announce = (vcpu.id + 1 == vcpu_count)
+                .then(|| Announce { started: built.started, then: then.take().map(|then| Box::new(then) as _) });
             handles.push(vcpu.start(VcpuEventSender::new(event_sender.clone(), vcpu_wake.clone()), announce)?);
         }
-        if let Some(lazy) = &built.lazy {
-            lazy.fetch_ahead();
+        drop(then);
+        // An error if the vCPU ended before it entered, which the event loop reports.
+        let _ = entered.recv();
+        if built.restored_from.is_some() {
+            // Devices tell the guest what did not survive the snapshot now that it runs:
+            // what they write to its memory is not in the way of its first instruction.
+            for attached in &built.virtio {
+                lock(&attached.transport).restored();
+            }
         }
         let parent = built.restored_from.clone();
         seccomp::install(ThreadKind::EventLoop)?;

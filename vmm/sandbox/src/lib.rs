@@ -58,6 +58,9 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
+    const ALL: [ThreadKind; 5] =
+        [ThreadKind::EventLoop, ThreadKind::Vcpu, ThreadKind::Control, ThreadKind::Loader, ThreadKind::GpuBackend];
+
     pub fn name(self) -> &'static str {
         match self {
             ThreadKind::EventLoop => "event loop",
@@ -98,13 +101,39 @@ pub fn enabled() -> bool {
     ENABLED.get().copied().unwrap_or(false)
 }
 
+/// Each kind's filters, compiled once per process.
+static COMPILED: [OnceLock<Vec<BpfProgram>>; ThreadKind::ALL.len()] =
+    [const { OnceLock::new() }; ThreadKind::ALL.len()];
+
+/// Compiles the filters of `kinds` now, when filters are on, so that the threads that
+/// install them later (a vCPU about to enter the guest) only install them: a VMM
+/// starting against the clock compiles them off its critical path.
+pub fn prepare(kinds: &[ThreadKind]) -> Result<(), SeccompError> {
+    if enabled() {
+        for &kind in kinds {
+            compiled(kind)?;
+        }
+    }
+    Ok(())
+}
+
+fn compiled(kind: ThreadKind) -> Result<&'static [BpfProgram], SeccompError> {
+    let slot = &COMPILED[kind as usize];
+    if let Some(programs) = slot.get() {
+        return Ok(programs);
+    }
+    let programs = filters(kind)?;
+    // Two threads compiling at once build the same programs; either is kept.
+    Ok(slot.get_or_init(|| programs))
+}
+
 /// Installs `kind`'s filter on the calling thread when filters are on.
 pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     if !enabled() {
         return Ok(());
     }
-    for program in filters(kind)? {
-        seccompiler::apply_filter(&program).map_err(|source| SeccompError::Install { kind: kind.name(), source })?;
+    for program in compiled(kind)? {
+        seccompiler::apply_filter(program).map_err(|source| SeccompError::Install { kind: kind.name(), source })?;
     }
     KIND.with(|name| name.set(kind.name()));
     Ok(())
@@ -408,15 +437,16 @@ fn install_violation_handler() -> Result<(), SeccompError> {
 mod tests {
     use super::*;
 
-    const ALL_KINDS: [ThreadKind; 5] =
-        [ThreadKind::EventLoop, ThreadKind::Vcpu, ThreadKind::Control, ThreadKind::Loader, ThreadKind::GpuBackend];
-
     #[test]
-    fn every_thread_kind_has_a_filter_that_compiles() {
-        for kind in ALL_KINDS {
+    fn every_thread_kind_has_a_filter_that_compiles_once() {
+        for (index, kind) in ThreadKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind as usize, index, "ThreadKind::ALL is in declaration order");
             let programs = filters(kind).unwrap();
             assert_eq!(programs.len(), 2);
             assert!(programs.iter().all(|program| !program.is_empty()));
+            let cached = compiled(kind).unwrap();
+            assert_eq!(cached, programs.as_slice());
+            assert!(std::ptr::eq(cached, compiled(kind).unwrap()), "compiled once, then kept");
         }
     }
 
@@ -448,7 +478,7 @@ mod tests {
             libc::SYS_init_module,
             libc::SYS_process_vm_writev,
         ];
-        for kind in ALL_KINDS {
+        for kind in ThreadKind::ALL {
             let rules = allowed(kind);
             for call in forbidden {
                 assert!(!rules.contains_key(&call), "syscall {call} allowed on the {} thread", kind.name());

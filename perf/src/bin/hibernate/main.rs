@@ -10,8 +10,11 @@
 //! - hibernate: the request until the VMM process has ended;
 //! - a screenshot of the hibernated VM from its files (`screenshot --snapshot`, CLI wall);
 //! - restores, lazy and eager, with the page cache warm and (when /proc/sys/vm/drop_caches
-//!   is writable) cold: process start to the vCPUs running (the first guest instruction),
-//!   to the first screenshot served (raw pixels) and to the first agent ping; and lazily
+//!   is writable) cold: process start to the vCPUs running (the first guest instruction,
+//!   by the host's monotonic clock the VMM reads as it enters the guest, so that its
+//!   report's trip through a pipe on a busy machine is not counted),
+//!   to the first screenshot served (raw pixels, asked for as soon as the control socket
+//!   accepts) and to the first agent ping; and lazily
 //!   into a `carrel-vmm standby` started ahead (as carreld keeps one), from the hand-over
 //!   of its command line, with a raw and (`_png`) a PNG first screenshot;
 //! - QEMU (`-accel tcg -S`, RAM of the same size, the same number of non-zero bytes
@@ -23,6 +26,9 @@
 //! Snapshots go under `--dir` (default target/perf-hibernate, on the same filesystem as
 //! the build). Needs `cargo build --release -p carrel-vmm`, `scripts/build-guests.sh` and
 //! qemu-system-x86_64. `--runs N` restores per mode (default 5).
+//!
+//! `--snapshot DIR` measures the restores of the hibernated VM in DIR alone and prints
+//! them (for work on the restore path; nothing is written under perf/results).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -50,6 +56,7 @@ struct Options {
     runs: usize,
     dir: PathBuf,
     firecracker: Option<PathBuf>,
+    snapshot: Option<PathBuf>,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -58,6 +65,7 @@ fn options() -> anyhow::Result<Options> {
         runs: 5,
         dir: workspace_root().join("target/perf-hibernate"),
         firecracker: None,
+        snapshot: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut index = 0;
@@ -68,7 +76,8 @@ fn options() -> anyhow::Result<Options> {
             "--runs" => options.runs = value.parse()?,
             "--dir" => options.dir = value.into(),
             "--firecracker" => options.firecracker = Some(value.into()),
-            other => bail!("unknown flag {other:?} (--sizes A,B --runs N --dir DIR --firecracker PATH)"),
+            "--snapshot" => options.snapshot = Some(value.into()),
+            other => bail!("unknown flag {other:?} (--sizes A,B --runs N --dir DIR --firecracker PATH --snapshot DIR)"),
         }
         index += 2;
     }
@@ -105,15 +114,17 @@ pub(crate) fn connect_until_accepted(path: &Path, what: &str) -> anyhow::Result<
 struct Vmm {
     child: Child,
     started: Instant,
+    /// `started` on the host's monotonic clock, in seconds.
+    started_monotonic: f64,
     lines: mpsc::Receiver<(Instant, String)>,
     socket: PathBuf,
 }
 
 impl Vmm {
     fn spawn(args: &[String], socket: PathBuf) -> anyhow::Result<Vmm> {
-        let started = Instant::now();
+        let (started, started_monotonic) = (Instant::now(), monotonic_now());
         let (child, lines) = Vmm::launch(args, Stdio::null(), Stdio::null())?;
-        Ok(Vmm { child, started, lines, socket })
+        Ok(Vmm { child, started, started_monotonic, lines, socket })
     }
 
     /// A `carrel-vmm standby` started ahead, as carreld keeps one, then handed `args`:
@@ -128,10 +139,10 @@ impl Vmm {
         // Settled, as a daemon's standby is by the time a wake comes (the previous VM's
         // exit done with, its own start long past).
         std::thread::sleep(Duration::from_millis(100));
-        let started = Instant::now();
+        let (started, started_monotonic) = (Instant::now(), monotonic_now());
         writeln!(stdin, "{}", json!({ "args": args }))?;
         drop(stdin);
-        Ok(Vmm { child, started, lines, socket })
+        Ok(Vmm { child, started, started_monotonic, lines, socket })
     }
 
     /// `carrel-vmm ARGS`, its stderr lines timestamped on the returned channel.
@@ -157,8 +168,26 @@ impl Vmm {
         Ok((child, lines))
     }
 
+    /// Time from spawn to the first guest instruction: the `vCPUs running` line's own
+    /// monotonic stamp (the line arrives later, by a pipe).
+    fn until_vcpus_run(&self) -> anyhow::Result<Duration> {
+        let line = self.line_with("vCPUs running")?.1;
+        let stamp = line
+            .split("(monotonic ")
+            .nth(1)
+            .and_then(|rest| rest.trim_end_matches(')').parse::<f64>().ok())
+            .with_context(|| format!("no monotonic stamp in {line:?}"))?;
+        anyhow::ensure!(stamp >= self.started_monotonic, "the stamp {stamp} is before the start");
+        Ok(Duration::from_secs_f64(stamp - self.started_monotonic))
+    }
+
     /// Time from spawn to a stderr line containing `needle`.
     fn until_line(&self, needle: &str) -> anyhow::Result<Duration> {
+        Ok(self.line_with(needle)?.0 - self.started)
+    }
+
+    /// The first stderr line containing `needle`, and when it came.
+    fn line_with(&self, needle: &str) -> anyhow::Result<(Instant, String)> {
         let end = Instant::now() + DEADLINE;
         loop {
             let (at, line) = self
@@ -166,7 +195,7 @@ impl Vmm {
                 .recv_timeout(end.saturating_duration_since(Instant::now()))
                 .with_context(|| format!("no {needle:?} line from carrel-vmm"))?;
             if line.contains(needle) {
-                return Ok(at - self.started);
+                return Ok((at, line));
             }
             if line.contains("error") {
                 bail!("carrel-vmm: {line}");
@@ -179,7 +208,7 @@ impl Vmm {
         loop {
             match ControlClient::connect(&self.socket) {
                 Ok(client) => return Ok(client),
-                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_micros(200)),
+                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_micros(100)),
                 Err(err) => bail!("control socket {}: {err}", self.socket.display()),
             }
         }
@@ -281,12 +310,21 @@ fn disk_write_speed(dir: &Path, bytes: u64) -> anyhow::Result<f64> {
     Ok(written as f64 / 1e6 / elapsed.as_secs_f64())
 }
 
+/// The host's monotonic clock (CLOCK_MONOTONIC, what `Instant` reads), in seconds.
+fn monotonic_now() -> f64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9
+}
+
 pub(crate) fn drop_caches() -> bool {
     std::fs::write("/proc/sys/vm/drop_caches", "1").is_ok()
 }
 
 /// One restore: spawn (or the hand-over to a standby VMM) to vCPUs running, to a
-/// screenshot, to an agent ping; then stop.
+/// screenshot (asked for as soon as the control socket accepts), to an agent ping; then
+/// stop.
 fn restore_once(
     dir: &Path,
     mode: &str,
@@ -300,7 +338,8 @@ fn restore_once(
     let _ = std::fs::remove_file(&vsock);
     let args = run_args(&["--restore", &dir.display().to_string(), mode], &socket, &vsock);
     let vm = if standby { Vmm::hand_over(&args, socket)? } else { Vmm::spawn(&args, socket)? };
-    let running = vm.until_line("vCPUs running")?;
+    // The client asks as soon as the control socket accepts, as a supervisor would,
+    // without waiting to read the VMM's report of its vCPUs first.
     let shot = ScreenshotRequest {
         format,
         crop: None,
@@ -315,6 +354,7 @@ fn restore_once(
         other => bail!("screenshot after restore: {other:?}"),
     }
     let screenshot = vm.started.elapsed();
+    let running = vm.until_vcpus_run()?;
     let end = Instant::now() + DEADLINE;
     loop {
         match client.call(&Request::Agent(AgentRequest::Ping), DEADLINE)? {
@@ -478,6 +518,15 @@ fn one_size(size_mib: u64, options: &Options) -> anyhow::Result<Value> {
 
 fn main() -> anyhow::Result<()> {
     let options = options()?;
+    if let Some(dir) = &options.snapshot {
+        // Restores alone, of a snapshot made before: printed, not kept.
+        let scratch = options.dir.join("restores");
+        std::fs::create_dir_all(&scratch)?;
+        let restores = restores(dir, &scratch, options.runs);
+        let _ = std::fs::remove_dir_all(&scratch);
+        println!("{}", serde_json::to_string_pretty(&restores?)?);
+        return Ok(());
+    }
     if !vmm().exists() || !desk_kernel().exists() {
         bail!("build first: cargo build --release -p carrel-vmm && scripts/build-guests.sh");
     }

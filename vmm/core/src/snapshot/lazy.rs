@@ -20,7 +20,6 @@
 //! before they map anything; a block found partly present is completed by plain copies
 //! instead of refusing.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -111,6 +110,77 @@ fn hide_covered(pieces: &mut Vec<Piece>) {
     *pieces = kept;
 }
 
+/// Every block's pieces, flat: block by block and, within a block, in layer order. Built
+/// with a handful of allocations, as a restore builds it before the guest runs (a map of
+/// one small vector per block took a millisecond per GiB).
+#[derive(Debug, Default)]
+struct BlockMap {
+    pieces: Vec<Piece>,
+    /// Block `i`'s pieces are `pieces[starts[i]..starts[i + 1]]`.
+    starts: Vec<usize>,
+}
+
+impl BlockMap {
+    /// The map of `blocks` blocks from `layers` (memory images, the full root first),
+    /// each block without the pieces later ones cover whole.
+    fn build<'a>(layers: impl Iterator<Item = &'a MemoryImage>, blocks: usize) -> BlockMap {
+        let mut placed: Vec<(usize, Piece)> = Vec::new();
+        for (layer, image) in layers.enumerate() {
+            placed.reserve(image.chunks.len() + image.zeroed.len());
+            for &(offset, len) in &image.zeroed {
+                // A cleared range may span blocks: one piece per block.
+                let mut at = offset;
+                while at < offset + len {
+                    let end = ((at / CHUNK_BYTES + 1) * CHUNK_BYTES).min(offset + len);
+                    placed.push(((at / CHUNK_BYTES) as usize, Piece::Zero { offset: at, len: end - at }));
+                    at = end;
+                }
+            }
+            for chunk in &image.chunks {
+                let piece = Piece::Data { layer, offset: chunk.offset, len: chunk.len, digest: chunk.digest };
+                placed.push(((chunk.offset / CHUNK_BYTES) as usize, piece));
+            }
+        }
+        // Stable: a block's pieces stay in layer order.
+        placed.sort_by_key(|&(block, _)| block);
+        let mut map = BlockMap { pieces: Vec::with_capacity(placed.len()), starts: Vec::with_capacity(blocks + 1) };
+        let mut group = Vec::new();
+        let mut next = 0;
+        for block in 0..blocks {
+            map.starts.push(map.pieces.len());
+            let from = next;
+            while next < placed.len() && placed[next].0 == block {
+                next += 1;
+            }
+            match &placed[from..next] {
+                [] => {}
+                [(_, piece)] => map.pieces.push(*piece),
+                several => {
+                    group.clear();
+                    group.extend(several.iter().map(|&(_, piece)| piece));
+                    hide_covered(&mut group);
+                    map.pieces.extend_from_slice(&group);
+                }
+            }
+        }
+        map.starts.push(map.pieces.len());
+        map
+    }
+
+    fn of(&self, block: u64) -> &[Piece] {
+        let block = block as usize;
+        match (self.starts.get(block), self.starts.get(block + 1)) {
+            (Some(&from), Some(&to)) => &self.pieces[from..to],
+            _ => &[],
+        }
+    }
+
+    /// The blocks that have pieces, in order.
+    fn with_pieces(&self) -> impl Iterator<Item = u64> + '_ {
+        self.starts.windows(2).enumerate().filter(|(_, range)| range[0] < range[1]).map(|(block, _)| block as u64)
+    }
+}
+
 /// How a lazy restore went, once RAM is whole.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LazyStats {
@@ -125,8 +195,7 @@ pub struct LazyStats {
 /// The layers, their files, and guest RAM's host mappings: what builds and fills a block.
 struct Source {
     files: Vec<(String, File)>,
-    /// Pieces of every block that has any, by block index, in layer order.
-    blocks: BTreeMap<u64, Vec<Piece>>,
+    blocks: BlockMap,
     /// (memfd offset, host address, length) of each RAM region.
     regions: Vec<(u64, usize, u64)>,
     fault: Userfault,
@@ -134,6 +203,8 @@ struct Source {
     go: EventFd,
     /// Blocks already filled.
     filled: Vec<bool>,
+    /// Bytes the restore puts over the snapshot's (memfd offset, bytes), in order.
+    writes: Vec<(u64, Vec<u8>)>,
     buffer: Vec<u8>,
     stats: LazyStats,
 }
@@ -217,7 +288,7 @@ impl Source {
         let len = CHUNK_BYTES.min(room) as usize;
         let buffer = &mut self.buffer[..len];
         buffer.fill(0);
-        for piece in self.blocks.get(&index).into_iter().flatten() {
+        for piece in self.blocks.of(index) {
             match *piece {
                 Piece::Zero { offset, len } => {
                     let at = (offset - start) as usize;
@@ -236,6 +307,15 @@ impl Source {
                         return Err(LazyError::Corrupt { path: path.clone(), offset });
                     }
                 }
+            }
+        }
+        let end = start + len as u64;
+        for (offset, bytes) in &self.writes {
+            // The part of the write inside this block.
+            let (from, to) = ((*offset).max(start), (offset + bytes.len() as u64).min(end));
+            if from < to {
+                let source = &bytes[(from - offset) as usize..(to - offset) as usize];
+                buffer[(from - start) as usize..(to - start) as usize].copy_from_slice(source);
             }
         }
         let fill_error = |source| LazyError::Fill { offset: start, source };
@@ -312,7 +392,14 @@ impl Source {
         // VMM's own threads (nice 10 for this thread alone; faults are served here too).
         // SAFETY: setpriority on this thread's id; no memory is touched.
         unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
-        let pending: Vec<u64> = self.blocks.keys().copied().collect();
+        // Blocks with data, and those the restore writes into even where the snapshot
+        // holds none: a block never touched would otherwise stay a hole.
+        let mut pending: Vec<u64> = self.blocks.with_pieces().collect();
+        for (offset, bytes) in &self.writes {
+            pending.extend(offset / CHUNK_BYTES..(offset + bytes.len() as u64).div_ceil(CHUNK_BYTES));
+        }
+        pending.sort_unstable();
+        pending.dedup();
         let mut next = pending.into_iter();
         loop {
             self.serve_faults()?;
@@ -338,6 +425,8 @@ impl LazyMemory {
     /// Registers `ram` (fresh, all holes) for lazy filling from `layers` (directory and
     /// memory image, the full root first) and starts the loader thread, which fills the
     /// blocks under `viewed` (memfd offset, length: RAM other mappings read) first.
+    /// `writes` (memfd offset, bytes) go over the snapshot's bytes as their blocks are
+    /// filled: what the restore itself changes in RAM, without a fault on its way.
     ///
     /// A chunk found damaged later cannot be refused any more: the process ends with
     /// exit code 1 and the reason, after removing `sockets` (the VM's listening sockets),
@@ -346,6 +435,7 @@ impl LazyMemory {
         ram: &GuestRam,
         layers: &[(PathBuf, &MemoryImage)],
         viewed: Vec<(u64, u64)>,
+        writes: Vec<(u64, Vec<u8>)>,
         sockets: Vec<PathBuf>,
     ) -> Result<LazyMemory, LazyError> {
         let started = Instant::now();
@@ -361,29 +451,13 @@ impl LazyMemory {
             fault.register(host as *mut u8, len).map_err(LazyError::Register)?;
         }
         let mut files = Vec::with_capacity(layers.len());
-        let mut blocks: BTreeMap<u64, Vec<Piece>> = BTreeMap::new();
-        for (layer, (dir, image)) in layers.iter().enumerate() {
+        for (dir, image) in layers {
             image.validate(ram.size)?;
             let path = dir.join(super::MEMORY_FILE);
             let file = super::memory::open_image(&path, ram.size)?;
             files.push((path.display().to_string(), file));
-            for &(offset, len) in &image.zeroed {
-                // A cleared range may span blocks: one piece per block.
-                let mut at = offset;
-                while at < offset + len {
-                    let end = ((at / CHUNK_BYTES + 1) * CHUNK_BYTES).min(offset + len);
-                    blocks.entry(at / CHUNK_BYTES).or_default().push(Piece::Zero { offset: at, len: end - at });
-                    at = end;
-                }
-            }
-            for chunk in &image.chunks {
-                let piece = Piece::Data { layer, offset: chunk.offset, len: chunk.len, digest: chunk.digest };
-                blocks.entry(chunk.offset / CHUNK_BYTES).or_default().push(piece);
-            }
         }
-        for pieces in blocks.values_mut() {
-            hide_covered(pieces);
-        }
+        let blocks = BlockMap::build(layers.iter().map(|(_, image)| *image), ram.size.div_ceil(CHUNK_BYTES) as usize);
         let mut source = Source {
             files,
             blocks,
@@ -391,6 +465,7 @@ impl LazyMemory {
             fault,
             go,
             filled: vec![false; ram.size.div_ceil(CHUNK_BYTES) as usize],
+            writes,
             buffer: vec![0; CHUNK_BYTES as usize],
             stats: LazyStats::default(),
         };
@@ -481,6 +556,20 @@ impl LazyMemory {
         let _ = self.go.write(1);
     }
 
+    /// What does [`LazyMemory::fetch_ahead`] from another thread (the vCPU that first
+    /// enters the guest); without a second eventfd, it fetches ahead at once.
+    pub fn fetch_ahead_trigger(&self) -> impl FnOnce() + Send + 'static {
+        let go = self.go.try_clone().ok();
+        if go.is_none() {
+            self.fetch_ahead();
+        }
+        move || {
+            if let Some(go) = go {
+                let _ = go.write(1);
+            }
+        }
+    }
+
     /// Fetches ahead and waits until RAM is whole.
     pub fn finish(mut self) -> Result<LazyStats, LazyError> {
         self.fetch_ahead();
@@ -525,8 +614,8 @@ mod tests {
         let layers = [(base_dir, &base), (diff_dir, &diff)];
         // A range read through another mapping before anything touches it.
         let viewed = (0x30_0000u64, 0x1000u64);
-        let mut lazy =
-            LazyMemory::start(&restored, &layers, vec![viewed], Vec::new()).expect("userfaultfd (tests run as root)");
+        let mut lazy = LazyMemory::start(&restored, &layers, vec![viewed], Vec::new(), Vec::new())
+            .expect("userfaultfd (tests run as root)");
         lazy.wait_viewed().unwrap();
         let mut other = vec![0u8; viewed.1 as usize];
         {
@@ -544,6 +633,32 @@ mod tests {
     }
 
     #[test]
+    fn the_restores_own_writes_go_over_the_snapshot_in_data_and_in_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ram = create_guest_ram(16).unwrap();
+        let data = pattern(2 * CHUNK_BYTES as usize, 6);
+        ram.memory.write_slice(&data, GuestAddress(0)).unwrap();
+        let image = write_image(&ram, &dir.path().join("memory.bin"), None).unwrap();
+        let restored = create_guest_ram(16).unwrap();
+        let layers = [(dir.path().to_path_buf(), &image)];
+        // Across two data blocks, and into a block the snapshot has no data for.
+        let across = (CHUNK_BYTES - 4, vec![0xaa; 8]);
+        let hole = (8 * CHUNK_BYTES + 16, vec![0x55; 8]);
+        let writes = vec![across.clone(), hole.clone()];
+        let lazy = LazyMemory::start(&restored, &layers, Vec::new(), writes, Vec::new()).unwrap();
+        // One half of the first write faults in, the rest is fetched ahead.
+        let mut first = [0u8; 4];
+        restored.memory.read_slice(&mut first, GuestAddress(across.0)).unwrap();
+        assert_eq!(first, [0xaa; 4]);
+        lazy.finish().unwrap();
+        let mut expected = ram_bytes(&ram);
+        for (offset, bytes) in [across, hole] {
+            expected[offset as usize..offset as usize + bytes.len()].copy_from_slice(&bytes);
+        }
+        assert!(ram_bytes(&restored) == expected, "the snapshot's bytes with the writes over them");
+    }
+
+    #[test]
     fn a_screen_view_mapped_during_a_lazy_restore_sees_the_snapshot_not_zeros() {
         use carrel_gpu::protocol::MemoryEntry;
         use carrel_gpu::view::{Backing, MappedView};
@@ -555,7 +670,7 @@ mod tests {
         let restored = create_guest_ram(16).unwrap();
         let layers = [(dir.path().to_path_buf(), &image)];
         // Nothing is loaded ahead: the view is the first to want these pages.
-        let mut lazy = LazyMemory::start(&restored, &layers, Vec::new(), Vec::new()).unwrap();
+        let mut lazy = LazyMemory::start(&restored, &layers, Vec::new(), Vec::new(), Vec::new()).unwrap();
         lazy.wait_viewed().unwrap();
         let entries = [MemoryEntry { addr: 0x40_0000, length: pixels.len() as u32 }];
         let backing = Backing::new(&restored.memory, &entries).unwrap();
@@ -590,6 +705,25 @@ mod tests {
     }
 
     #[test]
+    fn the_block_map_groups_pieces_by_block_in_layer_order() {
+        use crate::snapshot::memory::Chunk;
+        let chunk = |offset, len, tag| Chunk { offset, len, digest: [tag; 32] };
+        let mut root = MemoryImage::empty(4 * CHUNK_BYTES);
+        root.chunks = vec![chunk(0, CHUNK_BYTES, 1), chunk(2 * CHUNK_BYTES, 0x1000, 2)];
+        let mut diff = MemoryImage::empty(4 * CHUNK_BYTES);
+        // A cleared range over blocks 0 and 1, and block 2's page rewritten whole.
+        diff.zeroed = vec![(CHUNK_BYTES - 0x1000, 0x2000)];
+        diff.chunks = vec![chunk(2 * CHUNK_BYTES, 0x1000, 3)];
+        let map = BlockMap::build([&root, &diff].into_iter(), 4);
+        let ranges = |block| map.of(block).iter().map(Piece::range).collect::<Vec<_>>();
+        assert_eq!(ranges(0), [(0, CHUNK_BYTES), (CHUNK_BYTES - 0x1000, CHUNK_BYTES)]);
+        assert_eq!(ranges(1), [(CHUNK_BYTES, CHUNK_BYTES + 0x1000)]);
+        assert!(matches!(map.of(2), [Piece::Data { layer: 1, .. }]), "the root's copy is hidden: {:?}", map.of(2));
+        assert!(map.of(3).is_empty() && map.of(4).is_empty());
+        assert_eq!(map.with_pieces().collect::<Vec<_>>(), [0, 1, 2]);
+    }
+
+    #[test]
     fn a_corrupt_chunk_is_refused_when_it_is_loaded() {
         let dir = tempfile::tempdir().unwrap();
         let ram = create_guest_ram(16).unwrap();
@@ -602,7 +736,7 @@ mod tests {
         }
         let restored = create_guest_ram(16).unwrap();
         let layers = [(dir.path().to_path_buf(), &image)];
-        let mut lazy = LazyMemory::start(&restored, &layers, vec![(0x8000, 16)], Vec::new()).unwrap();
+        let mut lazy = LazyMemory::start(&restored, &layers, vec![(0x8000, 16)], Vec::new(), Vec::new()).unwrap();
         let error = lazy.wait_viewed().unwrap_err();
         assert!(matches!(error, LazyError::Corrupt { offset: 0x8000, .. }), "{error}");
     }
@@ -615,7 +749,7 @@ mod tests {
         let image = write_image(&ram, &dir.path().join("memory.bin"), None).unwrap();
         let restored = create_guest_ram(16).unwrap();
         let layers = [(dir.path().to_path_buf(), &image)];
-        let mut lazy = LazyMemory::start(&restored, &layers, vec![(0x8000, 8192)], Vec::new()).unwrap();
+        let mut lazy = LazyMemory::start(&restored, &layers, vec![(0x8000, 8192)], Vec::new(), Vec::new()).unwrap();
         let gate = lazy.defer_viewed().unwrap();
         lazy.wait_viewed().unwrap();
         assert!(gate.wait(), "the gate opens: the viewed range loaded");
@@ -630,7 +764,7 @@ mod tests {
             file.write_all_at(&[0xff], 0x8010).unwrap();
         }
         let restored = create_guest_ram(16).unwrap();
-        let mut lazy = LazyMemory::start(&restored, &layers, vec![(0x8000, 16)], Vec::new()).unwrap();
+        let mut lazy = LazyMemory::start(&restored, &layers, vec![(0x8000, 16)], Vec::new(), Vec::new()).unwrap();
         // Loading began before the restore deferred the wait, and failed: the restore is
         // refused with the failure.
         lazy.fetch_ahead();

@@ -163,9 +163,9 @@ impl Vcpu {
         self.fd.set_cpuid2(cpuid).map_err(|source| VcpuError::SetCpuid { id: self.id, source })
     }
 
-    /// Starts the vCPU on its own thread, running the guest at once. With `announce` (the
-    /// process's start), the thread says on stderr when it first enters the guest.
-    pub fn start(self, events: VcpuEventSender, announce: Option<Instant>) -> Result<VcpuHandle, VcpuError> {
+    /// Starts the vCPU on its own thread, running the guest at once. With `announce`, the
+    /// thread says when it first enters the guest.
+    pub fn start(self, events: VcpuEventSender, announce: Option<Announce>) -> Result<VcpuHandle, VcpuError> {
         let id = self.id;
         let (sender, receiver) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -175,12 +175,13 @@ impl Vcpu {
         Ok(VcpuHandle { id, sender, thread: Some(thread) })
     }
 
-    fn run_thread(mut self, messages: Receiver<VcpuMessage>, events: VcpuEventSender, announce: Option<Instant>) {
+    fn run_thread(mut self, messages: Receiver<VcpuMessage>, events: VcpuEventSender, announce: Option<Announce>) {
+        crate::timeline::mark("vcpu thread");
         crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Vcpu);
+        crate::timeline::mark("vcpu filter");
         IMMEDIATE_EXIT.with(|flag| flag.set(&mut self.fd.get_kvm_run().immediate_exit as *mut u8));
-        if let Some(started) = announce {
-            // The next call is KVM_RUN: the guest's first instruction since start.
-            eprintln!("carrel-vmm: vCPUs running {:.1} ms after start", started.elapsed().as_secs_f64() * 1e3);
+        if let Some(announce) = announce {
+            announce.entering();
         }
         let mut state = VcpuRunState::Running;
         loop {
@@ -324,6 +325,43 @@ enum VcpuRunState {
     Running,
     Paused,
     Stopped,
+}
+
+/// What the last vCPU to start does as it first enters the guest: it says so on stderr,
+/// with the process's start and the moment on the host's monotonic clock (which a
+/// supervisor that spawned the process can compare with its own), and then runs `then`
+/// (work that should wait until the guest runs, without holding it up).
+pub struct Announce {
+    pub started: Instant,
+    pub then: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for Announce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Announce").field("started", &self.started).finish_non_exhaustive()
+    }
+}
+
+impl Announce {
+    fn entering(self) {
+        let since_start = self.started.elapsed();
+        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes the timespec it is given.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        // The next call is KVM_RUN: the guest's first instruction since start.
+        eprintln!(
+            "carrel-vmm: vCPUs running {:.1} ms after start (monotonic {}.{:09})",
+            since_start.as_secs_f64() * 1e3,
+            now.tv_sec,
+            now.tv_nsec
+        );
+        if let Some(marks) = crate::timeline::take(self.started) {
+            eprintln!("carrel-vmm: timeline: {marks}");
+        }
+        if let Some(then) = self.then {
+            then();
+        }
+    }
 }
 
 /// The VMM's handle on a running vCPU thread.

@@ -367,15 +367,16 @@ fn restore(
         }
         None => (dir.to_path_buf(), confine(options, &mut VmConfig::default(), None)?),
     };
-    let snapshot = carrel_vmm::snapshot::load_snapshot(&dir)?;
-    let mut config = snapshot.config.clone();
+    carrel_vmm::timeline::mark("confined");
+    let mut config = carrel_vmm::snapshot::read_config(&dir)?;
     apply_overrides(&mut config, overrides)?;
     if jail.is_some() {
         carrel_vmm::jail::resolve_config(&mut config)?;
     }
     let audit = AuditOpening::start(&config, jail.as_ref())?;
-    let built = carrel_vmm::builder::restore_vm(&config, &snapshot, overrides.load, started)?;
+    let built = carrel_vmm::builder::restore_vm(&config, &dir, overrides.load, started)?;
     hand_over(jail.as_ref(), &config)?;
+    carrel_vmm::timeline::mark("handed over");
     eprintln!(
         "carrel-vmm: restored {} ({} KVM, {} MiB, restore {}) in {:.1} ms",
         dir.display(),

@@ -114,6 +114,14 @@ impl MmioTransport {
         self.status & status::DRIVER_OK != 0 && self.status & status::DEVICE_NEEDS_RESET == 0
     }
 
+    /// Tells a restored device that runs that the guest runs again (see
+    /// [`VirtioDevice::restored`]).
+    pub fn restored(&mut self) {
+        if self.is_active() {
+            self.device.restored();
+        }
+    }
+
     /// A notification of queue `index` (from its ioeventfd).
     pub fn notify_queue(&mut self, index: usize) {
         if self.is_active() && index < self.queues.len() {

@@ -213,9 +213,6 @@ impl MmioTransport {
         transport.driver_features_select = saved.driver_features_select;
         transport.queue_select = saved.queue_select;
         transport.config_generation = saved.config_generation;
-        if active {
-            transport.device.restored();
-        }
         Ok(transport)
     }
 }

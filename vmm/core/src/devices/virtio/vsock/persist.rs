@@ -61,6 +61,8 @@ mod tests {
         let fresh = vsock(&dir, "restored.sock", GUEST_CID);
         let mut restored = MmioTransport::restore(fresh, memory.clone(), restored_interrupt.clone(), &loaded).unwrap();
         assert_eq!(restored.save().unwrap(), saved, "save, restore, save again: the same state");
+        // The VMM tells the devices once the restored guest runs.
+        restored.restored();
 
         // Connections did not survive: the first event buffer the guest posts carries a
         // transport reset.
