@@ -123,15 +123,31 @@ pub struct ViewGate {
 
 #[derive(Debug, Default)]
 struct GateState {
-    /// File ranges (offset, length) known to be loaded.
+    /// File ranges (start, end) known to be loaded: sorted and merged as they come, so a
+    /// backing of a thousand scattered pages (a Linux framebuffer) is checked quickly.
     loaded: Vec<(u64, u64)>,
     /// Everything is in (`true`), or will never be (`false`).
     done: Option<bool>,
 }
 
 impl GateState {
+    fn add(&mut self, offset: u64, len: u64) {
+        let (mut start, mut end) = (offset, offset.saturating_add(len));
+        // The ranges that overlap or touch this one become one.
+        let from = self.loaded.partition_point(|&(_, loaded_end)| loaded_end < start);
+        let mut to = from;
+        while let Some(&(loaded_start, loaded_end)) = self.loaded.get(to).filter(|range| range.0 <= end) {
+            (start, end) = (start.min(loaded_start), end.max(loaded_end));
+            to += 1;
+        }
+        self.loaded.splice(from..to, [(start, end)]);
+    }
+
     fn holds(&self, offset: u64, len: u64) -> bool {
-        self.loaded.iter().any(|&(start, size)| offset >= start && offset + len <= start + size)
+        let end = offset.saturating_add(len);
+        // Apart and sorted: only the first range reaching `end` can hold it.
+        let candidate = self.loaded.partition_point(|&(_, loaded_end)| loaded_end < end);
+        self.loaded.get(candidate).is_some_and(|&(start, _)| start <= offset)
     }
 }
 
@@ -143,7 +159,7 @@ impl ViewGate {
     /// Says `len` bytes of the RAM's file at `offset` are in, waking waiters.
     pub fn open_range(&self, offset: u64, len: u64) {
         let (state, changed) = &*self.state;
-        state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).loaded.push((offset, len));
+        state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).add(offset, len);
         changed.notify_all();
     }
 
@@ -364,5 +380,30 @@ impl Drop for MappedView {
         unsafe {
             libc::munmap(self.base.as_ptr().cast(), self.len);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_merges_scattered_ranges_and_holds_only_what_was_opened() {
+        let gate = ViewGate::new();
+        // A thousand scattered pages, opened out of order, and a run of touching ones.
+        let pages: Vec<(u64, u64)> = (0..1000u64).map(|page| ((page * 7919 % 1000) * 0x3000, 0x1000)).collect();
+        for &(offset, len) in pages.iter().rev() {
+            gate.open_range(offset, len);
+        }
+        for page in 0..16u64 {
+            gate.open_range(0x100_0000 + page * 0x1000, 0x1000);
+        }
+        assert!(gate.wait_for(&pages), "every page opened is held");
+        let state = gate.state.0.lock().unwrap();
+        assert_eq!(state.loaded.len(), 1001, "the touching pages are one range");
+        assert!(state.holds(0x100_0000 + 0x800, 0xf000));
+        assert!(!state.holds(0x1000, 0x1000), "a page between two opened ones is not held");
+        assert!(!state.holds(0x0, 0x2000), "nor a range that runs past an opened page");
+        assert!(!state.holds(0x100_0000 - 1, 2) && !state.holds(0x101_0000 - 1, 2));
     }
 }

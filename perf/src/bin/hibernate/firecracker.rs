@@ -28,7 +28,7 @@ use anyhow::{bail, Context};
 use carrel_perf::workspace_root;
 use serde_json::{json, Value};
 
-use super::{connect_until_accepted, drop_caches, ms, summary_ms, DEADLINE};
+use super::{connect_until_accepted, drop_caches, ms, settle_writeback, summary_ms, DEADLINE};
 
 /// A Firecracker process and its API socket; killed when dropped.
 struct Firecracker {
@@ -217,6 +217,7 @@ pub fn side(binary: &Path, size_mib: u64, blob: &Path, scratch: &Path, runs: usi
     }
     drop(source);
 
+    settle_writeback();
     let mut restores = serde_json::Map::new();
     let cold_possible = drop_caches();
     for cold in [false, true] {

@@ -9,7 +9,8 @@
 //! - diff snapshots, each after typing a line into the Desk text field;
 //! - hibernate: the request until the VMM process has ended;
 //! - a screenshot of the hibernated VM from its files (`screenshot --snapshot`, CLI wall);
-//! - restores, lazy and eager, with the page cache warm and (when /proc/sys/vm/drop_caches
+//! - restores (each side's after the host wrote back what its snapshots left dirty), lazy
+//!   and eager, with the page cache warm and (when /proc/sys/vm/drop_caches
 //!   is writable) cold: process start to the vCPUs running (the first guest instruction,
 //!   by the host's monotonic clock the VMM reads as it enters the guest, so that its
 //!   report's trip through a pipe on a busy machine is not counted),
@@ -318,6 +319,15 @@ fn monotonic_now() -> f64 {
     now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9
 }
 
+/// Waits until the host has written back what the snapshots before left dirty, so that
+/// restores are not measured against the kernel's writeback of the last gigabyte (a host
+/// has long done it by the time a VM wakes). Every side's restores start after it.
+pub(crate) fn settle_writeback() {
+    // SAFETY: sync takes no arguments and touches no memory of this process.
+    unsafe { libc::sync() };
+    std::thread::sleep(Duration::from_millis(200));
+}
+
 pub(crate) fn drop_caches() -> bool {
     std::fs::write("/proc/sys/vm/drop_caches", "1").is_ok()
 }
@@ -369,6 +379,7 @@ fn restore_once(
 }
 
 fn restores(dir: &Path, scratch: &Path, runs: usize) -> anyhow::Result<Value> {
+    settle_writeback();
     let mut results = serde_json::Map::new();
     let cold_possible = drop_caches();
     // Raw pixels first (the screen's memory itself), and once as a PNG, what agents ask

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use super::{connect_until_accepted, ms, summary_ms};
+use super::{connect_until_accepted, ms, settle_writeback, summary_ms};
 
 /// A minimal QMP client: one command at a time, events skipped.
 struct Qmp {
@@ -88,6 +88,7 @@ pub fn side(size_mib: u64, blob: &Path, scratch: &Path, runs: usize) -> anyhow::
     let fsync = synced_at.elapsed();
     let file_bytes = std::fs::metadata(&image)?.len();
 
+    settle_writeback();
     let mut restores = Vec::new();
     for _ in 0..runs {
         let _ = std::fs::remove_file(&qmp_path);
