@@ -14,10 +14,11 @@
 //!   is writable) cold: process start to the vCPUs running (the first guest instruction,
 //!   by the host's monotonic clock the VMM reads as it enters the guest, so that its
 //!   report's trip through a pipe on a busy machine is not counted),
-//!   to the first screenshot served (raw pixels, asked for as soon as the control socket
-//!   accepts) and to the first agent ping; and lazily
-//!   into a `carrel-vmm standby` started ahead (as carreld keeps one), from the hand-over
-//!   of its command line, with a raw and (`_png`) a PNG first screenshot;
+//!   to the first screenshot served (asked for as soon as the control socket accepts)
+//!   and to the first agent ping; lazily also into a `carrel-vmm standby` started ahead
+//!   (as carreld keeps one), from the hand-over of its command line. The first
+//!   screenshot is raw pixels (4 MB of the screen's memory) and, in the `_png` rows, a
+//!   PNG, the format agents ask for;
 //! - QEMU (`-accel tcg -S`, RAM of the same size, the same number of non-zero bytes
 //!   loaded into it): migrate to a file (`exec:cat`, bandwidth unlimited) and the fsync
 //!   after it, and an incoming restore from that file until the VM is paused and ready;
@@ -388,6 +389,7 @@ fn restores(dir: &Path, scratch: &Path, runs: usize) -> anyhow::Result<Value> {
         ("--lazy", false, ImageFormat::Raw),
         ("--eager", false, ImageFormat::Raw),
         ("--lazy", true, ImageFormat::Raw),
+        ("--lazy", false, ImageFormat::Png),
         ("--lazy", true, ImageFormat::Png),
     ];
     for (mode, standby, format) in ways {
