@@ -169,26 +169,26 @@ pub fn restore_vm(config: &VmConfig, dir: &Path, load: MemoryLoad, started: Inst
     let ram = create_guest_ram(config.mem_mib)?;
     crate::timeline::mark("ram");
     // KVM makes the VM and its memory slot on a thread of its own (a slot costs the
-    // kernel about a millisecond per GiB), and the threads' seccomp filters are compiled
-    // there, while this one reads the snapshot and sets up the loading of its memory.
-    let (vm, memory) = std::thread::scope(|scope| {
+    // kernel about a millisecond per GiB); the threads' seccomp filters are compiled and
+    // the kept screen is read there too, while this one reads the snapshot and sets up
+    // the loading of its memory.
+    let (vm, memory, shown) = std::thread::scope(|scope| {
         let make_vm = || {
             let vm = Vm::new(&ram.memory);
             crate::timeline::mark("vm");
             let filters = crate::seccomp::prepare(&[ThreadKind::Vcpu, ThreadKind::EventLoop, ThreadKind::Control]);
-            crate::timeline::mark("filters");
-            (vm, filters)
+            (vm, filters, snapshot::shown::Shown::read(dir))
         };
         let making = std::thread::Builder::new().name("make-vm".into()).spawn_scoped(scope, make_vm);
         let memory = load_snapshot(config, dir).and_then(|snapshot| {
             let (parents, lazy) = prepare_memory(config, &snapshot, &ram, load)?;
             Ok((snapshot, parents, lazy))
         });
-        let (vm, filters) = match making {
+        let (vm, filters, shown) = match making {
             Ok(thread) => thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
             Err(_) => make_vm(),
         };
-        (filters.map_err(BuildError::from).and(vm.map_err(BuildError::from)), memory)
+        (filters.map_err(BuildError::from).and(vm.map_err(BuildError::from)), memory, shown)
     });
     let vm = vm?;
     let (snapshot, parents, mut lazy) = memory?;
@@ -232,8 +232,7 @@ pub fn restore_vm(config: &VmConfig, dir: &Path, load: MemoryLoad, started: Inst
     built.lazy = lazy;
     // Only for the screen the snapshot saved: its size and frame are the restored ones.
     let gpu = saved.gpu().map(|gpu| (gpu.width, gpu.height, gpu.gpu.last_frame));
-    built.shown = snapshot::shown::Shown::read(&snapshot.dir)
-        .filter(|shown| gpu == Some((shown.width, shown.height, shown.frame)));
+    built.shown = shown.filter(|shown| gpu == Some((shown.width, shown.height, shown.frame)));
     Ok(built)
 }
 
