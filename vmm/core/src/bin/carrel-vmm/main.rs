@@ -18,6 +18,14 @@ use clap::{CommandFactory, Parser};
 
 fn main() -> ExitCode {
     let mut started = Instant::now();
+    // An unjailed VMM has KVM make its VM while it reads its command line and
+    // configuration (KVM_CREATE_VM needs neither). A jailed one forks into its namespaces
+    // and closes what it inherited: a KVM VM belongs to the process that made it.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let jailed = args.iter().any(|arg| arg.to_str().is_some_and(|arg| arg == "--jail" || arg.starts_with("--jail=")));
+    if args.get(1).is_some_and(|command| command == "run") && !jailed {
+        carrel_vmm::vstate::vm::make_ahead();
+    }
     // Usage errors end here with exit code 2 (and --help with 0), as clap does.
     let mut cli = Cli::parse();
     if let Command::Standby = cli.command {
@@ -136,6 +144,8 @@ fn confine(
 ) -> anyhow::Result<Option<carrel_vmm::jail::Jail>> {
     carrel_vmm::seccomp::enable("carrel-vmm", options.seccomp)?;
     let Some(jail) = &options.jail else { return Ok(None) };
+    // The jail forks into its namespaces: a VM made ahead would not go with it.
+    carrel_vmm::vstate::vm::discard_ahead();
     carrel_vmm::jail::resolve_config(config)?;
     let binds = carrel_vmm::jail::binds_for(config, jail, restore);
     Ok(Some(carrel_vmm::jail::enter(jail, &binds)?))
