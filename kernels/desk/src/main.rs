@@ -335,11 +335,8 @@ extern "C" fn desk_main(boot_info: u64) -> ! {
                 screen = None;
             }
         }
-        // Everything else that can happen arrives as a device interrupt. The next second
-        // wakes the loop even without a screen to draw its clock on: every wake polls every
-        // device, so a wake that never came costs at most a second, not the VM (nested runs
-        // have left a screenless Desk halted with its vsock RX buffers all used).
-        let clock_deadline = Some((seconds + 1) * 1000);
+        // Everything else that can happen arrives as a device interrupt.
+        let clock_deadline = screen.is_some().then(|| (seconds + 1) * 1000);
         let agent_deadline = agent_link.as_ref().and_then(|(_, agent)| agent.next_deadline_ms());
         timer.wake_at(&clock, time::earliest(clock_deadline, agent_deadline));
         platform.wait_for_interrupt();
