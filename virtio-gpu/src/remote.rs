@@ -463,13 +463,24 @@ mod tests {
         std::env::temp_dir().join(format!("carrel-gpu-remote-{}-{n}-{name}.sock", std::process::id()))
     }
 
-    /// Serves `screen` on a fresh socket path and returns the path.
-    fn start_server(screen: Arc<Screen>, name: &str) -> PathBuf {
+    /// A served socket's path, removed when the test is done with it.
+    struct Served {
+        path: PathBuf,
+    }
+
+    impl Drop for Served {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    /// Serves `screen` on a fresh socket path.
+    fn start_server(screen: Arc<Screen>, name: &str) -> Served {
         let path = socket_path(name);
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).unwrap();
         std::thread::spawn(move || serve(listener, screen));
-        path
+        Served { path }
     }
 
     /// A device showing a 64x48 pattern with one finished frame.
@@ -505,7 +516,8 @@ mod tests {
     #[test]
     fn remote_screen_reports_display_size_and_latest_frame() {
         let harness = showing_pattern();
-        let remote = RemoteScreen::connect(start_server(harness.gpu.screen(), "frame")).unwrap();
+        let served = start_server(harness.gpu.screen(), "frame");
+        let remote = RemoteScreen::connect(&served.path).unwrap();
         assert_eq!(remote.display_size(), (1280, 800));
         let frame = remote.latest_frame().unwrap().unwrap();
         assert_eq!((frame.number, frame.damage), (1, Rect::new(0, 0, 64, 48)));
@@ -516,7 +528,8 @@ mod tests {
     fn remote_capture_equals_local_capture_in_every_format() {
         let harness = showing_pattern();
         let screen = harness.gpu.screen();
-        let remote = RemoteScreen::connect(start_server(Arc::clone(&screen), "capture")).unwrap();
+        let served = start_server(Arc::clone(&screen), "capture");
+        let remote = RemoteScreen::connect(&served.path).unwrap();
         for options in [
             CaptureOptions::default(),
             CaptureOptions { format: CaptureFormat::Png, ..Default::default() },
@@ -530,7 +543,8 @@ mod tests {
     #[test]
     fn remote_capture_before_scanout_returns_the_screen_error() {
         let harness = Harness::new();
-        let remote = RemoteScreen::connect(start_server(harness.gpu.screen(), "noscanout")).unwrap();
+        let served = start_server(harness.gpu.screen(), "noscanout");
+        let remote = RemoteScreen::connect(&served.path).unwrap();
         let error = remote.capture(&CaptureOptions::default()).unwrap_err();
         assert!(matches!(&error, RemoteError::Screen(message) if message.contains("wait for a frame")), "{error}");
         assert_eq!(remote.latest_frame().unwrap(), None);
@@ -539,7 +553,8 @@ mod tests {
     #[test]
     fn remote_bad_crop_returns_error_and_connection_stays_usable() {
         let harness = showing_pattern();
-        let remote = RemoteScreen::connect(start_server(harness.gpu.screen(), "crop")).unwrap();
+        let served = start_server(harness.gpu.screen(), "crop");
+        let remote = RemoteScreen::connect(&served.path).unwrap();
         let options = CaptureOptions { crop: Some(Rect::new(0, 0, 65, 1)), ..Default::default() };
         assert!(matches!(remote.capture(&options), Err(RemoteError::Screen(_))));
         assert_eq!(remote.latest_frame().unwrap().unwrap().number, 1);
@@ -548,7 +563,8 @@ mod tests {
     #[test]
     fn remote_wait_for_frame_after_wakes_on_flush() {
         let mut harness = showing_pattern();
-        let remote = RemoteScreen::connect(start_server(harness.gpu.screen(), "wait")).unwrap();
+        let served = start_server(harness.gpu.screen(), "wait");
+        let remote = RemoteScreen::connect(&served.path).unwrap();
         std::thread::scope(|scope| {
             let waiter = scope.spawn(|| remote.wait_for_frame_after(1, Duration::from_secs(10)));
             // Whether the waiter is waiting yet or not, frame 2 ends its wait.
@@ -562,7 +578,8 @@ mod tests {
     #[test]
     fn remote_wait_for_frame_after_times_out_with_the_screen_message() {
         let harness = showing_pattern();
-        let remote = RemoteScreen::connect(start_server(harness.gpu.screen(), "timeout")).unwrap();
+        let served = start_server(harness.gpu.screen(), "timeout");
+        let remote = RemoteScreen::connect(&served.path).unwrap();
         let error = remote.wait_for_frame_after(1, Duration::from_millis(20)).unwrap_err();
         assert!(
             matches!(&error, RemoteError::Screen(message) if message.contains("no frame after frame 1")),
@@ -573,7 +590,8 @@ mod tests {
     #[test]
     fn remote_wait_until_still_returns_last_frame() {
         let harness = showing_pattern();
-        let remote = RemoteScreen::connect(start_server(harness.gpu.screen(), "still")).unwrap();
+        let served = start_server(harness.gpu.screen(), "still");
+        let remote = RemoteScreen::connect(&served.path).unwrap();
         let start = Instant::now();
         let frame = remote.wait_until_still(Duration::from_millis(20), Duration::from_secs(10)).unwrap();
         assert_eq!(frame.number, 1);
@@ -583,7 +601,8 @@ mod tests {
     #[test]
     fn remote_calls_from_many_threads_run_side_by_side() {
         let harness = showing_pattern();
-        let remote = RemoteScreen::connect(start_server(harness.gpu.screen(), "threads")).unwrap();
+        let served = start_server(harness.gpu.screen(), "threads");
+        let remote = RemoteScreen::connect(&served.path).unwrap();
         std::thread::scope(|scope| {
             // One long wait holds a connection; captures on other threads are not stuck behind it.
             let waiter = scope.spawn(|| remote.wait_for_frame_after(1, Duration::from_millis(300)));
