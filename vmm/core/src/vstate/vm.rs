@@ -40,13 +40,9 @@ pub enum VmError {
 /// MMIO gap where no RAM lives.
 const TSS_ADDRESS: usize = 0xfffb_d000;
 
-/// A VM without memory yet, made ahead of its configuration.
-enum Ahead {
-    Making(std::thread::JoinHandle<Result<(Kvm, VmFd), VmError>>),
-    Made(Result<(Kvm, VmFd), VmError>),
-}
-
-static AHEAD: std::sync::Mutex<Option<Ahead>> = std::sync::Mutex::new(None);
+/// This process's VM, being made ahead of its configuration (see [`make_ahead`]).
+static AHEAD: std::sync::Mutex<Option<std::thread::JoinHandle<Result<(Kvm, VmFd), VmError>>>> =
+    std::sync::Mutex::new(None);
 
 fn create() -> Result<(Kvm, VmFd), VmError> {
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
@@ -54,20 +50,14 @@ fn create() -> Result<(Kvm, VmFd), VmError> {
     Ok((kvm, fd))
 }
 
-fn ahead() -> std::sync::MutexGuard<'static, Option<Ahead>> {
-    AHEAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// Starts making this process's VM (KVM_CREATE_VM, 0.3-0.6 ms here) on a thread of its
 /// own, before the VMM knows its configuration; [`Vm::new`] takes it. A process that
-/// will not make a VM leaves it unused; one that forks first discards it.
+/// will not make a VM leaves it unused; one that forks first discards it. Without a
+/// thread, [`Vm::new`] makes the VM itself.
 pub fn make_ahead() {
-    let mut slot = ahead();
+    let mut slot = AHEAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if slot.is_none() {
-        *slot = Some(match std::thread::Builder::new().name("make-vm-ahead".into()).spawn(create) {
-            Ok(thread) => Ahead::Making(thread),
-            Err(_) => Ahead::Made(create()),
-        });
+        *slot = std::thread::Builder::new().name("make-vm-ahead".into()).spawn(create).ok();
     }
 }
 
@@ -78,10 +68,8 @@ pub fn discard_ahead() {
 }
 
 fn take_ahead() -> Option<Result<(Kvm, VmFd), VmError>> {
-    match ahead().take()? {
-        Ahead::Making(thread) => Some(thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))),
-        Ahead::Made(made) => Some(made),
-    }
+    let thread = AHEAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()?;
+    Some(thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
 }
 
 /// A KVM VM with its in-kernel irqchip.
