@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::sync::atomic::Ordering;
 
 use crate::memory::GuestMemoryMmap;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::ByteValued;
 
 use super::muxer::Muxer;
@@ -57,11 +57,16 @@ pub fn process_tx_queue(queue: &mut Queue, memory: &GuestMemoryMmap, muxer: &mut
 
 /// Fills the guest's RX buffers with the muxer's packets. Returns whether the used ring
 /// needs an interrupt.
+///
+/// A packet is taken from the muxer only once a buffer is there for it: with none posted
+/// the muxer is not touched at all, so the host sockets it stops reading stay unread until
+/// the guest posts buffers again.
 pub fn process_rx_queue(queue: &mut Queue, memory: &GuestMemoryMmap, muxer: &mut Muxer) -> bool {
     let mut used_any = false;
-    while let Some(packet) = muxer.next_packet() {
-        let Some(chain) = queue.pop_descriptor_chain(memory) else {
-            muxer.unread_packet(packet);
+    while let Some(chain) = queue.pop_descriptor_chain(memory) {
+        let Some(packet) = muxer.next_packet() else {
+            // Nothing to deliver: the buffer stays the guest's, for the next packet.
+            queue.go_to_previous_position();
             break;
         };
         let head = chain.head_index();
@@ -244,6 +249,52 @@ mod tests {
         assert_eq!({ packets[0].0.op }, op::RW);
         assert_eq!(packets[0].1, b"world");
         assert_eq!(muxer.connection_count(), 1);
+    }
+
+    /// Whether the muxer's epoll has anything ready: what wakes the VMM's event loop.
+    fn epoll_ready(muxer: &Muxer) -> bool {
+        let mut poll = libc::pollfd { fd: muxer.epoll_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, a zero timeout.
+        unsafe { libc::poll(&mut poll, 1, 0) == 1 }
+    }
+
+    /// A guest that posts no RX buffers (or one too small) while its host end keeps
+    /// writing must not wake the event loop again and again: the connection stops reading
+    /// its socket until a packet is delivered. (Before, each wake took the packet, found
+    /// no buffer, put it back, and left the socket watched: the VMM spun a core.)
+    #[test]
+    fn a_guest_without_rx_buffers_leaves_the_event_loop_asleep() {
+        let memory = memory();
+        let path = socket_path("full");
+        let mut muxer = Muxer::new(GUEST_CID, &path).unwrap();
+        let mut host = UnixStream::connect(&path).unwrap();
+        host.write_all(b"CONNECT 1024\n").unwrap();
+        wait_host_events(&mut muxer);
+        let request = receive_in_guest(&memory, &mut muxer, 1, 4096)[0].0;
+        send_from_guest(&memory, &mut muxer, guest_header(op::RESPONSE, 1024, request.src_port, 0), &[]);
+        let mut line = String::new();
+        std::io::BufReader::new(host.try_clone().unwrap()).read_line(&mut line).unwrap();
+
+        host.write_all(b"first").unwrap();
+        wait_host_events(&mut muxer);
+        // More bytes wait in the socket behind the packet the muxer holds.
+        host.write_all(b"second").unwrap();
+        for buffers in [0, 1] {
+            // No buffer at all, then one too small for a header.
+            let mock = MockSplitQueue::new(&memory, 16);
+            let descriptors = vec![RawDescriptor::from(SplitDescriptor::new(0x40_0000, 8, WRITE, 0))];
+            mock.add_desc_chains(&descriptors[..buffers], 0).unwrap();
+            let mut queue: Queue = mock.create_queue().unwrap();
+            process_rx_queue(&mut queue, &memory, &mut muxer);
+            assert!(!epoll_ready(&muxer), "the event loop would wake at once ({buffers} buffers)");
+        }
+        // Once buffers come, the held packet goes first, and reading resumes.
+        let data = |packets: Vec<(PacketHeader, Vec<u8>)>| -> Vec<Vec<u8>> {
+            packets.into_iter().filter(|(header, _)| { header.op } == op::RW).map(|(_, payload)| payload).collect()
+        };
+        assert_eq!(data(receive_in_guest(&memory, &mut muxer, 4, 4096)), [b"first".to_vec()]);
+        wait_host_events(&mut muxer);
+        assert_eq!(data(receive_in_guest(&memory, &mut muxer, 4, 4096)), [b"second".to_vec()]);
     }
 
     #[test]

@@ -475,13 +475,16 @@ impl Muxer {
         Some(OutPacket { header, payload })
     }
 
-    /// Puts back a packet the guest had no buffer for.
+    /// Puts back a packet the guest had no room for. Its connection stops reading its
+    /// host socket again until the packet is delivered ([`next_packet`](Self::next_packet)
+    /// started reading it).
     pub fn unread_packet(&mut self, packet: OutPacket) {
         if packet.header.op == op::RW {
             let key = (packet.header.src_port, packet.header.dst_port);
             if let Some(connection) = self.connections.get_mut(&key) {
                 connection.sent = connection.sent.wrapping_sub(packet.payload.len() as u32);
                 connection.to_guest = packet.payload;
+                self.refresh(key);
                 return;
             }
         }
