@@ -12,6 +12,9 @@
 //! `desk.tick=periodic` keeps the old 1 kHz periodic timer instead, so one kernel binary
 //! can be measured both ways.
 
+use core::sync::atomic::Ordering;
+
+use crate::interrupts::TICKS;
 use crate::{lapic, rdtsc};
 
 /// Rate of the periodic timer (`desk.tick=periodic` and `desk.exit=1`).
@@ -90,6 +93,8 @@ pub struct Timer {
     mode: TimerMode,
     /// The deadline the one-shot count runs to, if one does.
     armed_ms: Option<u64>,
+    /// [`TICKS`] when that count was armed: once it differs, the count has run out.
+    armed_at_tick: u64,
 }
 
 impl Timer {
@@ -99,7 +104,7 @@ impl Timer {
             TimerMode::Tickless => lapic::start_one_shot_timer(vector),
             TimerMode::Periodic => lapic::start_periodic_timer(vector, PERIODIC_HZ),
         }
-        Timer { mode, armed_ms: None }
+        Timer { mode, armed_ms: None, armed_at_tick: 0 }
     }
 
     /// Forgets the count it armed: after a restore the kernel arms afresh rather than
@@ -131,18 +136,27 @@ impl Timer {
     /// `None`. The periodic timer wakes it every millisecond anyway. A count already
     /// running to the same deadline is left alone: a device interrupt in between (a key,
     /// a vsock packet) costs no APIC write.
+    ///
+    /// Whether the count still runs is known from its interrupt, never from the clock:
+    /// the APIC timer and the TSC are separate clocks, and where the TSC lags (a nested
+    /// hypervisor whose host marked its TSC unstable catches a halted vCPU's TSC up only
+    /// when it next runs) the count runs out before the clock reaches the deadline. A
+    /// count judged by the clock would then look still running, be left alone, and leave
+    /// the kernel with no timer at all.
     pub fn wake_at(&mut self, clock: &Clock, deadline_ms: Option<u64>) {
         if self.mode == TimerMode::Periodic {
             return;
         }
-        let now_ms = clock.now_ms();
-        let still_running = self.armed_ms.is_some_and(|armed| armed > now_ms);
+        let still_running = self.armed_ms.is_some() && TICKS.load(Ordering::Relaxed) == self.armed_at_tick;
         if still_running && self.armed_ms == deadline_ms {
             return;
         }
         match deadline_ms {
-            Some(deadline) => lapic::arm_one_shot(clock.nanoseconds_until(deadline) + WAKE_LATE_NANOSECONDS),
-            None if self.armed_ms.is_some() => lapic::disarm_one_shot(),
+            Some(deadline) => {
+                self.armed_at_tick = TICKS.load(Ordering::Relaxed);
+                lapic::arm_one_shot(clock.nanoseconds_until(deadline) + WAKE_LATE_NANOSECONDS);
+            }
+            None if still_running => lapic::disarm_one_shot(),
             None => {}
         }
         self.armed_ms = deadline_ms;
