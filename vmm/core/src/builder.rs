@@ -177,6 +177,7 @@ pub fn restore_vm(config: &VmConfig, dir: &Path, load: MemoryLoad, started: Inst
             let vm = Vm::new(&ram.memory);
             crate::timeline::mark("vm");
             let filters = crate::seccomp::prepare(&[ThreadKind::Vcpu, ThreadKind::EventLoop, ThreadKind::Control]);
+            crate::timeline::mark("filters");
             (vm, filters, snapshot::shown::Shown::read(dir))
         };
         let making = std::thread::Builder::new().name("make-vm".into()).spawn_scoped(scope, make_vm);
@@ -190,6 +191,7 @@ pub fn restore_vm(config: &VmConfig, dir: &Path, load: MemoryLoad, started: Inst
         };
         (filters.map_err(BuildError::from).and(vm.map_err(BuildError::from)), memory, shown)
     });
+    crate::timeline::mark("joined");
     let vm = vm?;
     let (snapshot, parents, mut lazy) = memory?;
     let saved = &snapshot.state;

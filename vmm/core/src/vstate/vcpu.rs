@@ -349,14 +349,14 @@ impl Announce {
         // SAFETY: clock_gettime writes the timespec it is given.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
         // The next call is KVM_RUN: the guest's first instruction since start.
-        eprintln!(
+        crate::timeline::say(&format!(
             "carrel-vmm: vCPUs running {:.1} ms after start (monotonic {}.{:09})",
             since_start.as_secs_f64() * 1e3,
             now.tv_sec,
             now.tv_nsec
-        );
+        ));
         if let Some(marks) = crate::timeline::take(self.started) {
-            eprintln!("carrel-vmm: timeline: {marks}");
+            crate::timeline::say(&format!("carrel-vmm: timeline: {marks}"));
         }
         if let Some(then) = self.then {
             then();

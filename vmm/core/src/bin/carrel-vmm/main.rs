@@ -387,14 +387,14 @@ fn restore(
     let built = carrel_vmm::builder::restore_vm(&config, &dir, overrides.load, started)?;
     hand_over(jail.as_ref(), &config)?;
     carrel_vmm::timeline::mark("handed over");
-    eprintln!(
+    carrel_vmm::timeline::say(&format!(
         "carrel-vmm: restored {} ({} KVM, {} MiB, restore {}) in {:.1} ms",
         dir.display(),
         built.platform.name(),
         config.mem_mib,
         built.restores,
         started.elapsed().as_secs_f64() * 1e3
-    );
+    ));
     run_vmm(Vmm::start(built, config, jail.as_ref(), audit)?, options)
 }
 

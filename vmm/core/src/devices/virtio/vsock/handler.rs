@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::sync::atomic::Ordering;
 
 use crate::memory::GuestMemoryMmap;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::ByteValued;
 
 use super::muxer::Muxer;
@@ -60,15 +60,13 @@ pub fn process_tx_queue(queue: &mut Queue, memory: &GuestMemoryMmap, muxer: &mut
 ///
 /// A packet is taken from the muxer only once a buffer is there for it: with none posted
 /// the muxer is not touched at all, so the host sockets it stops reading stay unread until
-/// the guest posts buffers again.
+/// the guest posts buffers again. With no packet waiting, guest memory is not read either
+/// (after a restore it may not be loaded yet).
 pub fn process_rx_queue(queue: &mut Queue, memory: &GuestMemoryMmap, muxer: &mut Muxer) -> bool {
     let mut used_any = false;
-    while let Some(chain) = queue.pop_descriptor_chain(memory) {
-        let Some(packet) = muxer.next_packet() else {
-            // Nothing to deliver: the buffer stays the guest's, for the next packet.
-            queue.go_to_previous_position();
-            break;
-        };
+    while muxer.has_packet() {
+        let Some(chain) = queue.pop_descriptor_chain(memory) else { break };
+        let Some(packet) = muxer.next_packet() else { break };
         let head = chain.head_index();
         let written = match chain.writer(memory) {
             Ok(mut writer) if writer.available_bytes() >= HEADER_SIZE + packet.payload.len() => {

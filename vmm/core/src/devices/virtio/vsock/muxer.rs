@@ -354,7 +354,7 @@ impl Muxer {
                 self.service_handshake(token);
             }
         }
-        !self.control.is_empty() || self.connections.values().any(|c| !c.to_guest.is_empty())
+        self.has_packet()
     }
 
     fn accept_host_connections(&mut self) {
@@ -456,6 +456,11 @@ impl Muxer {
             self.push_control(key, op::SHUTDOWN, SHUTDOWN_RECEIVE | SHUTDOWN_SEND);
         }
         self.refresh(key);
+    }
+
+    /// Whether [`next_packet`](Self::next_packet) has one.
+    pub fn has_packet(&self) -> bool {
+        !self.control.is_empty() || self.connections.values().any(|c| !c.to_guest.is_empty())
     }
 
     /// The next packet for the guest, if any: control packets first, then data.
