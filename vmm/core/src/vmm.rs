@@ -233,20 +233,6 @@ impl Vmm {
         };
         recorder.record(None, start).map_err(RunError::RecordStart)?;
 
-        let (request_sender, requests) = mpsc::channel();
-        let control = match &config.socket {
-            Some(path) => {
-                let local = ConnectionServices::new(
-                    ScreenService::new(built.screen.clone(), built.shown.take(), recorder.clone()),
-                    AgentService::new(config.vsock.clone(), recorder.clone()),
-                    InputService::new(built.input.clone(), built.screen.clone(), recorder.clone()),
-                );
-                Some(ControlServer::start(path, RequestQueue::new(request_sender, request_wake.clone(), local))?)
-            }
-            None => None,
-        };
-
-        crate::timeline::mark("control");
         let (event_sender, vcpu_events) = mpsc::channel();
         let vcpus = std::mem::take(&mut built.vcpus);
         let vcpu_count = vcpus.len() as u8;
@@ -268,6 +254,26 @@ impl Vmm {
             handles.push(vcpu.start(VcpuEventSender::new(event_sender.clone(), vcpu_wake.clone()), announce)?);
         }
         drop(then);
+        // The control socket opens while the vCPUs enter the guest.
+        let (request_sender, requests) = mpsc::channel();
+        let control = match &config.socket {
+            Some(path) => {
+                let local = ConnectionServices::new(
+                    ScreenService::new(built.screen.clone(), built.shown.take(), recorder.clone()),
+                    AgentService::new(config.vsock.clone(), recorder.clone()),
+                    InputService::new(built.input.clone(), built.screen.clone(), recorder.clone()),
+                );
+                match ControlServer::start(path, RequestQueue::new(request_sender, request_wake.clone(), local)) {
+                    Ok(server) => Some(server),
+                    Err(err) => {
+                        handles.into_iter().for_each(VcpuHandle::exit_and_join);
+                        return Err(err.into());
+                    }
+                }
+            }
+            None => None,
+        };
+        crate::timeline::mark("control");
         // An error if the vCPU ended before it entered, which the event loop reports.
         let _ = entered.recv();
         if built.restored_from.is_some() {
