@@ -42,13 +42,33 @@ dump_vmms() {
     done
 }
 
+# L1's KVM keeps a trace of the interrupts it routes and injects (ftrace, a ring buffer
+# of the last ~2 MiB per CPU): a hung guest's last interrupts show whether a device's
+# irqfd fired, reached the IOAPIC and the LAPIC, and was injected, and what the guest
+# last wrote to its APIC (EOIs, timer counts).
+TRACE=/sys/kernel/tracing
+start_kvm_trace() {
+    [ -e "$TRACE/events" ] || mount -t tracefs nodev "$TRACE" 2>/dev/null || return
+    local event
+    echo 2048 >"$TRACE/buffer_size_kb" 2>/dev/null
+    for event in kvm_set_irq kvm_ioapic_set_irq kvm_apic_accept_irq kvm_inj_virq kvm_eoi kvm_apic kvm_vcpu_wakeup; do
+        echo 1 >"$TRACE/events/kvm/$event/enable" 2>/dev/null
+    done
+    echo 1 >"$TRACE/tracing_on" 2>/dev/null
+}
+dump_kvm_trace() {
+    [ -r "$TRACE/trace" ] || return
+    echo "--- L1's KVM interrupt trace, last 120 events (pid-tid: the vCPU thread)"
+    grep -v '^#' "$TRACE/trace" | tail -n 120 | sed 's/^/    /'
+}
+
 # run_suite NAME SECONDS COMMAND...: runs a libtest binary, records its counts and time.
 run_suite() {
     local name="$1" limit="$2" start rc result line passed=0 failed=0 ignored=0 watchdog
     shift 2
     say "suite $name: $*"
     start="$(now)"
-    ( sleep "$((limit - 150))"; say "suite $name still running after $((limit - 150)) s: the VMMs' threads"; dump_vmms ) &
+    ( sleep "$((limit - 150))"; say "suite $name still running after $((limit - 150)) s: the VMMs' threads"; dump_vmms; dump_kvm_trace ) &
     watchdog=$!
     timeout -k 5 "$limit" "$@" 2>&1 | tee "$JOB/$name.log"
     rc="${PIPESTATUS[0]}"
@@ -87,6 +107,7 @@ for ((tenth = 0; tenth < 300; tenth++)); do [ -e /tmp/kvm-holder.ready ] && brea
 [ -e /tmp/kvm-holder.ready ] || say "warning: the VM that keeps KVM's jump labels enabled did not start"
 
 say "job: $MODE (phase $PHASE) on $(uname -r), $(nproc) CPUs, /dev/kvm: $(ls /sys/module | grep -E '^kvm_(amd|intel|pvm)$' | tr '\n' ' ')"
+start_kvm_trace
 case "$MODE" in
 tests)
     if [ "$PHASE" != linux ]; then
@@ -124,6 +145,7 @@ desk-loop)
             hung=$((hung + 1))
             say "run $i: HUNG after 60 s; its threads, then its output so far:"
             dump_vmms
+            dump_kvm_trace
             sed 's/^/    /' "$out"
             cp "$out" "$JOB/desk-hang-$i.log"
             kill -9 "$pid"
