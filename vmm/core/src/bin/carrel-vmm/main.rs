@@ -28,6 +28,7 @@ fn main() -> ExitCode {
     }
     // Usage errors end here with exit code 2 (and --help with 0), as clap does.
     let mut cli = Cli::parse();
+    carrel_vmm::timeline::mark("parsed");
     if let Command::Standby = cli.command {
         match standby() {
             // From here the process is the VM's, and its time starts now.
