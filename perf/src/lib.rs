@@ -93,6 +93,7 @@ pub fn report(bench: &str, mut results: Value) -> anyhow::Result<PathBuf> {
         map.insert("bench".into(), json!(bench));
         map.insert("git_revision".into(), json!(revision));
         map.insert("unix_time".into(), json!(unix_time));
+        map.insert("host".into(), host_facts());
     }
     let text = serde_json::to_string_pretty(&results)?;
     println!("{text}");
@@ -105,6 +106,19 @@ pub fn report(bench: &str, mut results: Value) -> anyhow::Result<PathBuf> {
     let path = dir.join(format!("{bench}-{revision}.json"));
     std::fs::write(&path, text + "\n")?;
     Ok(path)
+}
+
+/// What about the machine moves the numbers: its kernel, CPU count, and the scheduler
+/// knob some hosts' guest kernels carry (`kernel.sched_vcpu_pack`: woken and new threads
+/// are kept on the busy CPU rather than waking an idle one, so a thread a process starts
+/// may run only once its parent blocks).
+fn host_facts() -> Value {
+    let read = |path: &str| std::fs::read_to_string(path).ok().map(|text| text.trim().to_string());
+    json!({
+        "kernel": read("/proc/sys/kernel/osrelease"),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "sched_vcpu_pack": read("/proc/sys/kernel/sched_vcpu_pack"),
+    })
 }
 
 /// The workspace root (the directory holding the root Cargo.toml).
