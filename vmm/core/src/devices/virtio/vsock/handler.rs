@@ -216,24 +216,35 @@ mod tests {
         }
     }
 
-    #[test]
-    fn host_connect_handshake_reaches_guest_as_request_and_ok_comes_back() {
-        let memory = memory();
-        let path = socket_path("host");
+    /// A host end that asked for guest port 1024, as far as the guest's receiving the
+    /// request: the muxer, the host's stream, and the request.
+    fn host_connects(memory: &GuestMemoryMmap, name: &str) -> (Muxer, UnixStream, PacketHeader) {
+        let path = socket_path(name);
         let mut muxer = Muxer::new(GUEST_CID, &path).unwrap();
         let mut host = UnixStream::connect(&path).unwrap();
         host.write_all(b"CONNECT 1024\n").unwrap();
         wait_host_events(&mut muxer);
-        let packets = receive_in_guest(&memory, &mut muxer, 4, 4096);
+        let packets = receive_in_guest(memory, &mut muxer, 4, 4096);
         assert_eq!(packets.len(), 1);
-        let request = packets[0].0;
-        assert_eq!(({ request.op }, { request.dst_port }, { request.dst_cid }), (op::REQUEST, 1024, GUEST_CID));
+        (muxer, host, packets[0].0)
+    }
 
+    /// The guest accepts `request`; the host end reads its `OK <port>` line.
+    fn guest_accepts(memory: &GuestMemoryMmap, muxer: &mut Muxer, host: &UnixStream, request: &PacketHeader) {
         let host_port = request.src_port;
-        send_from_guest(&memory, &mut muxer, guest_header(op::RESPONSE, 1024, host_port, 0), &[]);
+        send_from_guest(memory, muxer, guest_header(op::RESPONSE, 1024, host_port, 0), &[]);
         let mut line = String::new();
         std::io::BufReader::new(host.try_clone().unwrap()).read_line(&mut line).unwrap();
         assert_eq!(line, format!("OK {host_port}\n"));
+    }
+
+    #[test]
+    fn host_connect_handshake_reaches_guest_as_request_and_ok_comes_back() {
+        let memory = memory();
+        let (mut muxer, mut host, request) = host_connects(&memory, "host");
+        assert_eq!(({ request.op }, { request.dst_port }, { request.dst_cid }), (op::REQUEST, 1024, GUEST_CID));
+        guest_accepts(&memory, &mut muxer, &host, &request);
+        let host_port = request.src_port;
 
         // Data both ways.
         send_from_guest(&memory, &mut muxer, guest_header(op::RW, 1024, host_port, 5), b"hello");
@@ -263,15 +274,8 @@ mod tests {
     #[test]
     fn a_guest_without_rx_buffers_leaves_the_event_loop_asleep() {
         let memory = memory();
-        let path = socket_path("full");
-        let mut muxer = Muxer::new(GUEST_CID, &path).unwrap();
-        let mut host = UnixStream::connect(&path).unwrap();
-        host.write_all(b"CONNECT 1024\n").unwrap();
-        wait_host_events(&mut muxer);
-        let request = receive_in_guest(&memory, &mut muxer, 1, 4096)[0].0;
-        send_from_guest(&memory, &mut muxer, guest_header(op::RESPONSE, 1024, request.src_port, 0), &[]);
-        let mut line = String::new();
-        std::io::BufReader::new(host.try_clone().unwrap()).read_line(&mut line).unwrap();
+        let (mut muxer, mut host, request) = host_connects(&memory, "full");
+        guest_accepts(&memory, &mut muxer, &host, &request);
 
         host.write_all(b"first").unwrap();
         wait_host_events(&mut muxer);
