@@ -40,11 +40,13 @@ pub enum VmError {
 /// MMIO gap where no RAM lives.
 const TSS_ADDRESS: usize = 0xfffb_d000;
 
-/// This process's VM, being made ahead of its configuration (see [`make_ahead`]).
-static AHEAD: std::sync::Mutex<Option<std::thread::JoinHandle<Result<(Kvm, VmFd), VmError>>>> =
-    std::sync::Mutex::new(None);
+/// A VM as KVM made it, before its memory and irqchip.
+type MadeVm = Result<(Kvm, VmFd), VmError>;
 
-fn create() -> Result<(Kvm, VmFd), VmError> {
+/// This process's VM, being made ahead of its configuration (see [`make_ahead`]).
+static AHEAD: std::sync::Mutex<Option<std::thread::JoinHandle<MadeVm>>> = std::sync::Mutex::new(None);
+
+fn create() -> MadeVm {
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
     let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
     Ok((kvm, fd))
@@ -67,7 +69,7 @@ pub fn discard_ahead() {
     drop(take_ahead());
 }
 
-fn take_ahead() -> Option<Result<(Kvm, VmFd), VmError>> {
+fn take_ahead() -> Option<MadeVm> {
     let thread = AHEAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()?;
     Some(thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
 }

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::sync::atomic::Ordering;
 
 use crate::memory::GuestMemoryMmap;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::ByteValued;
 
 use super::muxer::Muxer;
@@ -66,7 +66,12 @@ pub fn process_rx_queue(queue: &mut Queue, memory: &GuestMemoryMmap, muxer: &mut
     let mut used_any = false;
     while muxer.has_packet() {
         let Some(chain) = queue.pop_descriptor_chain(memory) else { break };
-        let Some(packet) = muxer.next_packet() else { break };
+        let Some(packet) = muxer.next_packet() else {
+            // Not reached (has_packet said there is one), but were it, the buffer stays
+            // the guest's rather than being lost to it.
+            queue.go_to_previous_position();
+            break;
+        };
         let head = chain.head_index();
         let written = match chain.writer(memory) {
             Ok(mut writer) if writer.available_bytes() >= HEADER_SIZE + packet.payload.len() => {
@@ -284,7 +289,7 @@ mod tests {
         for buffers in [0, 1] {
             // No buffer at all, then one too small for a header.
             let mock = MockSplitQueue::new(&memory, 16);
-            let descriptors = vec![RawDescriptor::from(SplitDescriptor::new(0x40_0000, 8, WRITE, 0))];
+            let descriptors = [RawDescriptor::from(SplitDescriptor::new(0x40_0000, 8, WRITE, 0))];
             mock.add_desc_chains(&descriptors[..buffers], 0).unwrap();
             let mut queue: Queue = mock.create_queue().unwrap();
             process_rx_queue(&mut queue, &memory, &mut muxer);
