@@ -356,7 +356,7 @@ async fn open(socket: &Path, caller: Option<Caller>) -> Result<tokio::net::UnixS
 /// Sends one request frame and reads its answer frame (the control protocol's framing:
 /// a little-endian u32 length, then the postcard body).
 async fn exchange(stream: &mut tokio::net::UnixStream, request: &Request) -> Result<Response, Failure> {
-    use carrel_vmm::control::{read_frame, write_frame, MAX_RESPONSE_BYTES};
+    use carrel_vmm::control::{decode_response, write_frame, MAX_RESPONSE_BYTES};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let broken = |err: &dyn std::fmt::Display| Failure::unavailable(format!("the control connection broke: {err}"));
     let mut frame = Vec::new();
@@ -383,9 +383,8 @@ async fn exchange(stream: &mut tokio::net::UnixStream, request: &Request) -> Res
             return Err(broken(&"the VM closed the connection"));
         }
     }
-    read_frame::<Response>(&mut answer.as_slice(), MAX_RESPONSE_BYTES)
-        .map_err(|err| broken(&err))?
-        .ok_or_else(|| broken(&"an empty answer"))
+    // The answer is decoded where it was read: a screenshot's pixels are not copied.
+    decode_response(answer, 4).map_err(|err| broken(&err))
 }
 
 /// One request on the VM's control socket, on a connection of its own (the start's and

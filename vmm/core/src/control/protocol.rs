@@ -354,6 +354,20 @@ const FRAME_BUFFER_BYTES: usize = 16 << 10;
 
 /// Reads one frame; `Ok(None)` at a clean end of stream.
 pub fn read_frame<T: for<'de> Deserialize<'de>>(stream: &mut impl Read, max: u32) -> Result<Option<T>, ControlError> {
+    match read_body(stream, max)? {
+        Some(body) => Ok(Some(postcard::from_bytes(&body)?)),
+        None => Ok(None),
+    }
+}
+
+/// Reads one answer, as [`read_frame`] does, with a screenshot's pixels left where they
+/// were read ([`decode_response`]).
+pub fn read_response(stream: &mut impl Read, max: u32) -> Result<Option<Response>, ControlError> {
+    read_body(stream, max)?.map(|body| decode_response(body, 0)).transpose()
+}
+
+/// The body of one frame; `Ok(None)` at a clean end of stream.
+fn read_body(stream: &mut impl Read, max: u32) -> Result<Option<Vec<u8>>, ControlError> {
     let mut len = [0u8; 4];
     match stream.read_exact(&mut len) {
         Ok(()) => {}
@@ -366,7 +380,49 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(stream: &mut impl Read, max: u32
     }
     let mut body = vec![0u8; len as usize];
     stream.read_exact(&mut body)?;
-    Ok(Some(postcard::from_bytes(&body)?))
+    Ok(Some(body))
+}
+
+/// postcard's tag of [`Response::Screenshot`]: its index, a one-byte varint.
+const SCREENSHOT_TAG: u8 = 4;
+
+/// A screenshot answer as it lies in a frame's body, its pixels borrowed.
+#[derive(Deserialize)]
+struct ScreenshotView<'a> {
+    format: ImageFormat,
+    width: u32,
+    height: u32,
+    stride: u32,
+    pixel_format: String,
+    frame: u64,
+    #[serde(borrow)]
+    bytes: &'a [u8],
+}
+
+/// The answer in a frame's body, which is `buffer[at..]`. A screenshot's pixels (4 MB
+/// raw at 1280x800) become the buffer itself, moved to its front, rather than a copy in a
+/// new buffer: on a fresh buffer the page faults alone cost more than the move.
+pub fn decode_response(mut buffer: Vec<u8>, at: usize) -> Result<Response, ControlError> {
+    let body = buffer.get(at..).unwrap_or_default();
+    if body.first() != Some(&SCREENSHOT_TAG) {
+        return Ok(postcard::from_bytes(body)?);
+    }
+    let view: ScreenshotView = postcard::from_bytes(&body[1..])?;
+    let start = view.bytes.as_ptr() as usize - buffer.as_ptr() as usize;
+    let len = view.bytes.len();
+    let mut shot = Screenshot {
+        format: view.format,
+        width: view.width,
+        height: view.height,
+        stride: view.stride,
+        pixel_format: view.pixel_format,
+        frame: view.frame,
+        bytes: Vec::new(),
+    };
+    buffer.copy_within(start..start + len, 0);
+    buffer.truncate(len);
+    shot.bytes = buffer;
+    Ok(Response::Screenshot(shot))
 }
 
 /// A client of a VM's control socket.
@@ -390,7 +446,7 @@ impl ControlClient {
     }
 
     fn answer(&mut self) -> Result<Response, ControlError> {
-        read_frame(&mut self.stream, MAX_RESPONSE_BYTES)?.ok_or_else(|| {
+        read_response(&mut self.stream, MAX_RESPONSE_BYTES)?.ok_or_else(|| {
             ControlError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "VM closed the connection"))
         })
     }
@@ -476,6 +532,57 @@ mod tests {
         assert_eq!(read_frame::<Request>(&mut reader, MAX_REQUEST_BYTES).unwrap(), Some(Request::Stop));
         assert_eq!(read_frame::<Response>(&mut reader, MAX_REQUEST_BYTES).unwrap(), Some(status));
         assert_eq!(read_frame::<Request>(&mut reader, MAX_REQUEST_BYTES).unwrap(), None);
+    }
+
+    fn screenshot(bytes: Vec<u8>) -> Response {
+        Response::Screenshot(Screenshot {
+            format: ImageFormat::Raw,
+            width: 3,
+            height: 2,
+            stride: 12,
+            pixel_format: "B8G8R8X8".into(),
+            frame: 300,
+            bytes,
+        })
+    }
+
+    /// A screenshot answer read with its pixels moved, not copied, is the answer that was
+    /// written, whatever its pixels; other answers read as read_frame reads them.
+    #[test]
+    fn answers_read_without_copying_pixels_are_the_answers_written() {
+        assert_eq!(postcard::to_allocvec(&screenshot(Vec::new())).unwrap()[0], SCREENSHOT_TAG);
+        let pixels: Vec<u8> = (0..4 * 1280 * 800u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let answers = [
+            screenshot(pixels),
+            screenshot(Vec::new()),
+            screenshot(vec![SCREENSHOT_TAG; 200]),
+            Response::Error(Failure::invalid("no")),
+            Response::Stopping,
+        ];
+        let mut buffer = Vec::new();
+        for answer in &answers {
+            write_frame(&mut buffer, answer).unwrap();
+        }
+        let mut reader = buffer.as_slice();
+        for answer in answers {
+            assert_eq!(read_response(&mut reader, MAX_RESPONSE_BYTES).unwrap(), Some(answer));
+        }
+        assert_eq!(read_response(&mut reader, MAX_RESPONSE_BYTES).unwrap(), None);
+    }
+
+    /// A screenshot answer cut short anywhere, or with garbage after its tag, is a decode
+    /// error, never a panic or pixels from outside the frame.
+    #[test]
+    fn damaged_screenshot_answers_are_decode_errors() {
+        let whole = postcard::to_allocvec(&screenshot(vec![7; 64])).unwrap();
+        for len in 1..whole.len() {
+            assert!(matches!(decode_response(whole[..len].to_vec(), 0), Err(ControlError::Decode(_))), "cut at {len}");
+        }
+        assert!(matches!(decode_response(vec![SCREENSHOT_TAG, 0xff, 0xff, 0xff], 0), Err(ControlError::Decode(_))));
+        // A body further into its buffer (carreld keeps the length in front).
+        let mut framed = vec![9, 9, 9, 9];
+        framed.extend_from_slice(&whole);
+        assert_eq!(decode_response(framed, 4).unwrap(), screenshot(vec![7; 64]));
     }
 
     #[test]
