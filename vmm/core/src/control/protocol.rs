@@ -407,22 +407,13 @@ pub fn decode_response(mut buffer: Vec<u8>, at: usize) -> Result<Response, Contr
     if body.first() != Some(&SCREENSHOT_TAG) {
         return Ok(postcard::from_bytes(body)?);
     }
-    let view: ScreenshotView = postcard::from_bytes(&body[1..])?;
-    let start = view.bytes.as_ptr() as usize - buffer.as_ptr() as usize;
-    let len = view.bytes.len();
-    let mut shot = Screenshot {
-        format: view.format,
-        width: view.width,
-        height: view.height,
-        stride: view.stride,
-        pixel_format: view.pixel_format,
-        frame: view.frame,
-        bytes: Vec::new(),
-    };
-    buffer.copy_within(start..start + len, 0);
-    buffer.truncate(len);
-    shot.bytes = buffer;
-    Ok(Response::Screenshot(shot))
+    let ScreenshotView { format, width, height, stride, pixel_format, frame, bytes } =
+        postcard::from_bytes(&body[1..])?;
+    let start = bytes.as_ptr() as usize - buffer.as_ptr() as usize;
+    let pixels = start..start + bytes.len();
+    buffer.copy_within(pixels.clone(), 0);
+    buffer.truncate(pixels.len());
+    Ok(Response::Screenshot(Screenshot { format, width, height, stride, pixel_format, frame, bytes: buffer }))
 }
 
 /// A client of a VM's control socket.
