@@ -1383,8 +1383,10 @@ async fn a_long_snapshot_streams_its_memory_progress_then_its_info() {
     daemon.terminate();
 }
 
-/// The `carrel-vmm standby` processes `daemon` has started (a VM's process keeps the
-/// command line it stood by with).
+/// The `carrel-vmm standby` processes `daemon` has started that have said they are
+/// ready (a VM's process keeps the command line it stood by with). A standby points its
+/// stdout at /dev/null right after its `ready` line; one that has not yet is not in the
+/// daemon's pool, and a VM created then starts in a process of its own.
 fn standbys(daemon: &Daemon) -> Vec<u32> {
     let pid = daemon.child.id();
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
@@ -1406,9 +1408,29 @@ fn standbys(daemon: &Daemon) -> Vec<u32> {
     all.dedup();
     all.retain(|child| {
         let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
-        cmdline.split(|&byte| byte == 0).nth(1) == Some(b"standby".as_slice())
+        let stdout = std::fs::read_link(format!("/proc/{child}/fd/1")).unwrap_or_default();
+        cmdline.split(|&byte| byte == 0).nth(1) == Some(b"standby".as_slice()) && stdout == Path::new("/dev/null")
     });
     all
+}
+
+/// The one ready standby of `daemon` other than the process `taken` (a VM now), within
+/// 10 s. The daemon puts a standby in its pool once it has read its `ready` line, a
+/// moment after the standby wrote it: the wait leaves it that moment (100 ms).
+async fn ready_standby(daemon: &Daemon, taken: Option<u32>) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match standbys(daemon).into_iter().filter(|&pid| Some(pid) != taken).collect::<Vec<_>>()[..] {
+            [one] => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return one;
+            }
+            _ => {
+                assert!(Instant::now() < deadline, "carreld keeps a standby VMM ready");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1416,16 +1438,7 @@ async fn a_vm_starts_in_the_standby_vmm_and_its_group_and_a_new_standby_follows(
     let (_dir, socket, _state, daemon) = started_daemon();
     let channel = connect(&socket).await;
     let mut vms = v1::vms_client::VmsClient::new(channel.clone());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let standby = loop {
-        match standbys(&daemon)[..] {
-            [one] => break one,
-            _ => {
-                assert!(Instant::now() < deadline, "carreld keeps a standby VMM");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
+    let standby = ready_standby(&daemon, None).await;
     let vm = vms.create(v1::CreateVmRequest { name: "first".into(), ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(vm.pid, standby, "the VM runs in the process that stood by");
     let groups = std::fs::read_to_string(format!("/proc/{}/cgroup", vm.pid)).unwrap();
@@ -1434,16 +1447,7 @@ async fn a_vm_starts_in_the_standby_vmm_and_its_group_and_a_new_standby_follows(
     let usage = vm.usage.expect("its group reports its use");
     assert_eq!(usage.memory_limit_bytes, 160 << 20, "with the VM's limits: {usage:?}");
     // The next standby follows, and the next VM takes it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let next = loop {
-        match standbys(&daemon).into_iter().filter(|&pid| pid != vm.pid).collect::<Vec<_>>()[..] {
-            [one] => break one,
-            _ => {
-                assert!(Instant::now() < deadline, "a new standby follows");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
+    let next = ready_standby(&daemon, Some(vm.pid)).await;
     let second =
         vms.create(v1::CreateVmRequest { name: "second".into(), ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(second.pid, next);
