@@ -63,12 +63,13 @@ pub fn process_tx_queue(queue: &mut Queue, memory: &GuestMemoryMmap, muxer: &mut
 /// the guest posts buffers again. With no packet waiting, guest memory is not read either
 /// (after a restore it may not be loaded yet).
 pub fn process_rx_queue(queue: &mut Queue, memory: &GuestMemoryMmap, muxer: &mut Muxer) -> bool {
+    if !muxer.has_packet() {
+        return false;
+    }
     let mut used_any = false;
-    while muxer.has_packet() {
-        let Some(chain) = queue.pop_descriptor_chain(memory) else { break };
+    while let Some(chain) = queue.pop_descriptor_chain(memory) {
         let Some(packet) = muxer.next_packet() else {
-            // Not reached (has_packet said there is one), but were it, the buffer stays
-            // the guest's rather than being lost to it.
+            // Nothing more to deliver: the buffer stays the guest's, for the next packet.
             queue.go_to_previous_position();
             break;
         };
