@@ -6,7 +6,8 @@
 #
 #   scripts/nested/linux-agent.sh VMLINUX INITRD [LOG_DIR]
 #
-# The guest's console goes to LOG_DIR/linux-agent-console.log (default: a /tmp directory).
+# The guest's console goes to LOG_DIR/linux-agent-console.log (default: a /tmp directory),
+# with carrel-vmm's vsock trace (CARREL_VSOCK_TRACE): a failure shows its last packets.
 # Deadlines: 150 s to /init, 60 s more to the agent (the emulated machine's seconds).
 # One vCPU: with QEMU's TCG single-threaded (the harness's default), the two vCPUs of an SMP
 # Linux guest wait on each other through QEMU's round-robin: with two, it did not reach
@@ -18,7 +19,12 @@ vmm="$(dirname "$0")/../../target/debug/carrel-vmm"
 dir="$(mktemp -d /tmp/linux-agent.XXXXXX)"
 log="${3:-$dir}/linux-agent-console.log"
 say() { echo "linux-agent: $*"; }
-fail() { say "FAIL: $*"; sed 's/^/    console: /' "$log" | tail -n 80; kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; exit 1; }
+# The console without the vsock trace, then the trace's end.
+show_log() {
+    grep -v '^carrel-vmm: vsock ' "$log" | tail -n "$1" | sed 's/^/    console: /'
+    grep '^carrel-vmm: vsock ' "$log" | tail -n "$2" | sed 's/^/    /'
+}
+fail() { say "FAIL: $*"; show_log 80 40; kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; exit 1; }
 
 # wait_for NEEDLE SECONDS: a console line containing NEEDLE, or fail.
 wait_for() {
@@ -31,7 +37,7 @@ wait_for() {
 }
 
 start=$EPOCHREALTIME
-"$vmm" run --kernel "$kernel" --initrd "$initrd" --mem 512 --cpus 1 \
+CARREL_VSOCK_TRACE=1 "$vmm" run --kernel "$kernel" --initrd "$initrd" --mem 512 --cpus 1 \
     --cmdline "console=ttyS0 reboot=k panic=1 rdinit=/carrel-init" \
     --socket "$dir/vm.sock" --vsock "$dir/vm.vsock" >"$log" 2>&1 &
 pid=$!
@@ -55,6 +61,12 @@ out="$("$vmm" agent --socket "$dir/vm.sock" exec -- sh -c 'exit 7' 2>&1)"
 code=$?
 ((code == 7)) || fail "agent exec 'exit 7' ended $code: $out"
 say "agent exec 'exit 7': exit code 7"
+# A connection the guest closed before its agent's first heartbeat is made again (the
+# control socket's agent service does that); say so, with the packets that led there.
+if grep -q 'closed a new connection before its first heartbeat' "$log"; then
+    say "note: the guest closed an agent connection before its first heartbeat; the vsock trace before it:"
+    grep -B 30 -m 1 'closed a new connection before its first heartbeat' "$log" | grep '^carrel-vmm: vsock ' | sed 's/^/    /'
+fi
 "$vmm" stop --socket "$dir/vm.sock" >/dev/null || fail "carrel-vmm stop"
 wait "$pid"
 say "ok"

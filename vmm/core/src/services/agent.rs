@@ -5,9 +5,9 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use carrel_agent_client::{connect_vsock_uds, Client, ExecRequest, OutputStream};
+use carrel_agent_client::{connect_vsock_uds, Client, ClientError, ExecRequest, OutputStream};
 use carrel_agent_proto::AGENT_VSOCK_PORT;
 
 use crate::control::protocol::{
@@ -20,6 +20,8 @@ use crate::recorder::{Record, Recorder};
 pub const MAX_EXEC_OUTPUT: usize = 16 << 20;
 /// How long the agent has to say it is alive.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The pause before connecting again to an agent that closed a new connection.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(20);
 /// How long one reply from the agent may take (an exec's own timeout comes on top).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -42,14 +44,27 @@ impl AgentService {
             .vsock
             .as_deref()
             .ok_or_else(|| Failure::precondition("this VM has no vsock device: start it with --vsock PATH"))?;
-        let stream = connect_vsock_uds(path, AGENT_VSOCK_PORT)
-            .map_err(|err| Failure::unavailable(format!("cannot reach the guest agent: {err}")))?;
-        stream.set_read_timeout(Some(REPLY_TIMEOUT + extra)).map_err(|err| Failure::internal(err.to_string()))?;
-        let mut client = Client::new(stream);
-        client
-            .wait_ready(READY_TIMEOUT)
-            .map_err(|err| Failure::unavailable(format!("the guest agent did not answer: {err}")))?;
-        Ok(client)
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let stream = connect_vsock_uds(path, AGENT_VSOCK_PORT)
+                .map_err(|err| Failure::unavailable(format!("cannot reach the guest agent: {err}")))?;
+            stream.set_read_timeout(Some(REPLY_TIMEOUT + extra)).map_err(|err| Failure::internal(err.to_string()))?;
+            let mut client = Client::new(stream);
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            match client.wait_ready(left) {
+                Ok(_) => return Ok(client),
+                // Accepted, then closed before the agent said it was alive: the agent may be
+                // starting again (as after a wake). Nothing was asked on that connection, so
+                // asking on a new one runs nothing twice.
+                Err(ClientError::ReceiveClosed) if Instant::now() + RECONNECT_PAUSE < deadline => {
+                    crate::timeline::say(
+                        "carrel-vmm: the guest agent closed a new connection before its first heartbeat; connecting again",
+                    );
+                    std::thread::sleep(RECONNECT_PAUSE);
+                }
+                Err(err) => return Err(Failure::unavailable(format!("the guest agent did not answer: {err}"))),
+            }
+        }
     }
 
     /// Serves one agent request and records it with its parameters and result.
@@ -327,5 +342,43 @@ fn result_params(response: &AgentResponse) -> Vec<(&'static str, String)> {
         AgentResponse::Entries(entries) => vec![("entries", entries.len().to_string())],
         AgentResponse::FileStart { size, .. } => vec![("size", size.to_string())],
         AgentResponse::Data(bytes) => vec![("bytes", bytes.len().to_string())],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use carrel_agent_proto::{io::write_frame, Heartbeat, Message};
+    use std::io::BufRead;
+    use std::os::unix::net::UnixListener;
+
+    /// A hybrid-vsock socket whose first connection is accepted and then closed before
+    /// any heartbeat, and whose second gets one: the service connects again and is ready.
+    #[test]
+    fn a_connection_closed_before_the_first_heartbeat_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.vsock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let guest = std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for (port, heartbeat) in [(1u32, false), (2, true)] {
+                let (mut stream, _) = listener.accept().unwrap();
+                let mut line = String::new();
+                std::io::BufReader::new(&stream).read_line(&mut line).unwrap();
+                lines.push(line);
+                stream.write_all(format!("OK {port}\n").as_bytes()).unwrap();
+                if heartbeat {
+                    write_frame(&mut stream, 0, &Message::Heartbeat(Heartbeat { seq: 0, uptime_ms: 5 })).unwrap();
+                    // Held open until the client has read it.
+                    let _ = stream.read(&mut [0u8; 1]);
+                }
+            }
+            lines
+        });
+        let service = AgentService::new(Some(path), Recorder::new(None));
+        let client = service.connect(Duration::ZERO).unwrap();
+        assert_eq!(client.last_heartbeat().map(|heartbeat| heartbeat.uptime_ms), Some(5));
+        drop(client);
+        assert_eq!(guest.join().unwrap(), ["CONNECT 1024\n", "CONNECT 1024\n"]);
     }
 }

@@ -6,6 +6,10 @@
 //! the host has not taken yet (it is told so in every header), and the muxer reads from a
 //! host socket only while the guest has credit for it, so a peer that stops reading stalls
 //! its own connection and nothing else.
+//!
+//! With `CARREL_VSOCK_TRACE=1` in carrel-vmm's environment, every packet each way and
+//! every connection the muxer drops (with why) is one stderr line: for finding out what a
+//! guest's driver did when a connection ends that should not have.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
@@ -138,6 +142,8 @@ pub struct Muxer {
     control: VecDeque<OutPacket>,
     next_host_port: u32,
     next_token: u64,
+    /// Whether packets and resets are traced (`CARREL_VSOCK_TRACE`), and since when.
+    trace: Option<std::time::Instant>,
     pub metrics: std::sync::Arc<VsockMetrics>,
 }
 
@@ -169,6 +175,9 @@ impl Muxer {
             control: VecDeque::new(),
             next_host_port: FIRST_HOST_PORT,
             next_token: 0,
+            trace: std::env::var_os("CARREL_VSOCK_TRACE")
+                .is_some_and(|value| value != "0")
+                .then(std::time::Instant::now),
             metrics: Default::default(),
         })
     }
@@ -189,6 +198,13 @@ impl Muxer {
             flags: 0,
             buf_alloc: BUFFER_SIZE,
             fwd_cnt: forwarded,
+        }
+    }
+
+    /// One trace line, when tracing: seconds since the muxer started, then `what`.
+    fn trace(&self, what: std::fmt::Arguments) {
+        if let Some(started) = self.trace {
+            crate::timeline::say(&format!("carrel-vmm: vsock {:.6} {what}", started.elapsed().as_secs_f64()));
         }
     }
 
@@ -226,7 +242,10 @@ impl Muxer {
         }
     }
 
-    fn reset(&mut self, key: Key, tell_guest: bool) {
+    /// Drops connection `key` (host port, guest port), telling the guest with a RST when
+    /// `tell_guest`; `why` is for the trace.
+    fn reset(&mut self, key: Key, tell_guest: bool, why: &str) {
+        self.trace(format_args!("drop {}:{} ({why})", key.0, key.1));
         if let Some(connection) = self.connections.remove(&key) {
             let _ = self.epoll.ctl(ControlOperation::Delete, connection.stream.as_raw_fd(), EpollEvent::default());
             self.metrics.connections_reset.fetch_add(1, Ordering::Relaxed);
@@ -238,7 +257,9 @@ impl Muxer {
 
     /// Handles one packet the guest sent. `payload` is the RW data, if any.
     pub fn handle_guest_packet(&mut self, header: &PacketHeader, payload: &[u8]) {
-        if header.validate_from_guest(self.guest_cid).is_err() {
+        self.trace(format_args!("guest {header}"));
+        if let Err(error) = header.validate_from_guest(self.guest_cid) {
+            self.trace(format_args!("refused: {error}"));
             self.metrics.malformed_packets.fetch_add(1, Ordering::Relaxed);
             // Reply RST unless the packet was itself a RST (no RST storms).
             if header.op != op::RST && header.src_cid == self.guest_cid && header.dst_cid == HOST_CID {
@@ -255,7 +276,7 @@ impl Muxer {
         }
         let Some(connection) = self.connections.get_mut(&key) else {
             if header.op != op::RST {
-                self.reset(key, true);
+                self.reset(key, true, "a packet for no connection");
             }
             return;
         };
@@ -267,28 +288,28 @@ impl Muxer {
                 let line = format!("OK {}\n", key.0);
                 // The Unix stream is fresh and empty: a short line always fits its buffer.
                 if connection.stream.write_all(line.as_bytes()).is_err() {
-                    return self.reset(key, true);
+                    return self.reset(key, true, "the host end is gone");
                 }
             }
-            op::RESPONSE => return self.reset(key, true),
-            op::RST => return self.reset(key, false),
+            op::RESPONSE => return self.reset(key, true, "a RESPONSE out of turn"),
+            op::RST => return self.reset(key, false, "the guest's RST"),
             op::SHUTDOWN if header.flags & (SHUTDOWN_RECEIVE | SHUTDOWN_SEND) == (SHUTDOWN_RECEIVE | SHUTDOWN_SEND) => {
                 // Flush what we can, then close; the guest expects our RST.
                 let _ = Self::write_to_host(connection, &self.metrics);
-                return self.reset(key, true);
+                return self.reset(key, true, "the guest's SHUTDOWN");
             }
             op::RW => {
                 if connection.state != State::Established {
-                    return self.reset(key, true);
+                    return self.reset(key, true, "data on a connection not established");
                 }
                 let in_flight = connection.to_host.len() as u32 + payload.len() as u32;
                 if in_flight > BUFFER_SIZE {
                     self.metrics.credit_violations.fetch_add(1, Ordering::Relaxed);
-                    return self.reset(key, true);
+                    return self.reset(key, true, "the guest sent more than its credit");
                 }
                 connection.to_host.extend(payload);
                 if Self::write_to_host(connection, &self.metrics).is_err() {
-                    return self.reset(key, true);
+                    return self.reset(key, true, "writing to the host end failed");
                 }
                 // Tell the guest about freed space once a quarter of the buffer is free again.
                 if connection.forwarded.wrapping_sub(connection.forwarded_told) >= BUFFER_SIZE / 4 {
@@ -324,12 +345,12 @@ impl Muxer {
     /// A guest connection to host port `key.0`: bridged to `<socket>_<port>`.
     fn connect_to_host(&mut self, key: Key, header: &PacketHeader) {
         if self.connections.contains_key(&key) || self.connections.len() >= MAX_CONNECTIONS {
-            return self.reset(key, true);
+            return self.reset(key, true, "a REQUEST for a connection in use, or too many");
         }
         let path = format!("{}_{}", self.socket_path.display(), key.0);
         let stream = match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
             Ok(stream) => stream,
-            Err(_) => return self.reset(key, true),
+            Err(_) => return self.reset(key, true, "nothing listens on the host port"),
         };
         let mut connection = Connection::new(stream, State::Established);
         connection.peer_buf_alloc = header.buf_alloc;
@@ -424,7 +445,7 @@ impl Muxer {
     fn service_connection(&mut self, key: Key, events: EventSet) {
         let Some(connection) = self.connections.get_mut(&key) else { return };
         if events.contains(EventSet::OUT) && Self::write_to_host(connection, &self.metrics).is_err() {
-            return self.reset(key, true);
+            return self.reset(key, true, "writing to the host end failed");
         }
         if connection.forwarded.wrapping_sub(connection.forwarded_told) >= BUFFER_SIZE / 4 {
             self.push_control(key, op::CREDIT_UPDATE, 0);
@@ -445,7 +466,7 @@ impl Muxer {
                         connection.to_guest = buffer;
                     }
                     Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
-                    Err(_) => return self.reset(key, true),
+                    Err(_) => return self.reset(key, true, "reading the host end failed"),
                 }
             }
         } else if events.contains(EventSet::HANG_UP)
@@ -466,6 +487,7 @@ impl Muxer {
     /// The next packet for the guest, if any: control packets first, then data.
     pub fn next_packet(&mut self) -> Option<OutPacket> {
         if let Some(packet) = self.control.pop_front() {
+            self.trace(format_args!("host {}", packet.header));
             return Some(packet);
         }
         let key = *self.connections.iter().find(|(_, c)| !c.to_guest.is_empty())?.0;
@@ -476,6 +498,7 @@ impl Muxer {
         let forwarded = connection.forwarded;
         self.metrics.bytes_to_guest.fetch_add(payload.len() as u64, Ordering::Relaxed);
         let header = self.header(key, op::RW, payload.len() as u32, forwarded);
+        self.trace(format_args!("host {header}"));
         self.refresh(key);
         Some(OutPacket { header, payload })
     }
@@ -484,6 +507,7 @@ impl Muxer {
     /// host socket again until the packet is delivered ([`next_packet`](Self::next_packet)
     /// started reading it).
     pub fn unread_packet(&mut self, packet: OutPacket) {
+        self.trace(format_args!("held back, no room: {}", packet.header));
         if packet.header.op == op::RW {
             let key = (packet.header.src_port, packet.header.dst_port);
             if let Some(connection) = self.connections.get_mut(&key) {

@@ -60,6 +60,28 @@ pub enum PacketError {
     UnexpectedPayload(u16),
 }
 
+/// One line for traces: `RW 3:1024 -> 2:1073741824 len 13 flags 0 buf_alloc 262144 fwd_cnt 17`.
+impl std::fmt::Display for PacketHeader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (src_cid, src_port, dst_cid, dst_port) = (self.src_cid, self.src_port, self.dst_cid, self.dst_port);
+        let (len, flags, buf_alloc, fwd_cnt) = (self.len, self.flags, self.buf_alloc, self.fwd_cnt);
+        match self.op {
+            op::REQUEST => f.write_str("REQUEST")?,
+            op::RESPONSE => f.write_str("RESPONSE")?,
+            op::RST => f.write_str("RST")?,
+            op::SHUTDOWN => f.write_str("SHUTDOWN")?,
+            op::RW => f.write_str("RW")?,
+            op::CREDIT_UPDATE => f.write_str("CREDIT_UPDATE")?,
+            op::CREDIT_REQUEST => f.write_str("CREDIT_REQUEST")?,
+            other => write!(f, "op {other}")?,
+        }
+        write!(
+            f,
+            " {src_cid}:{src_port} -> {dst_cid}:{dst_port} len {len} flags {flags} buf_alloc {buf_alloc} fwd_cnt {fwd_cnt}"
+        )
+    }
+}
+
 impl PacketHeader {
     /// Checks a header the guest sent.
     pub fn validate_from_guest(&self, guest_cid: u64) -> Result<(), PacketError> {
@@ -106,6 +128,14 @@ mod tests {
             op,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_header_reads_as_one_trace_line() {
+        let mut rw = header(op::RW, 13);
+        rw.fwd_cnt = 17;
+        assert_eq!(rw.to_string(), "RW 3:1024 -> 2:1 len 13 flags 0 buf_alloc 0 fwd_cnt 17");
+        assert!(header(99, 0).to_string().starts_with("op 99 3:1024"));
     }
 
     #[test]
