@@ -6,6 +6,7 @@
 //! resource's backing while a screenshot reads it only unmaps once the reader is done.
 
 use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::format::PixelFormat;
@@ -241,5 +242,80 @@ impl ScanoutPixels<'_> {
     /// encoder in C, a socket). Valid while `self` lives; the guest may write it.
     pub fn as_ptr(&self) -> *const u8 {
         self.base
+    }
+
+    /// Writes every row, packed (`row_bytes` apart, `row_bytes * height` in all), to `fd`
+    /// straight from where the pixels are: the kernel reads them, nothing is copied in
+    /// this process. The guest may draw meanwhile, as during any capture.
+    pub fn write_packed_to(&self, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        let row = self.row_bytes();
+        if self.stride == row {
+            return write_all_from(fd, self.base, self.span_bytes());
+        }
+        for y in 0..self.height as usize {
+            // SAFETY: row `y` starts inside the lent area, as in `read_row_span`.
+            write_all_from(fd, unsafe { self.base.add(y * self.stride) }, row)?;
+        }
+        Ok(())
+    }
+}
+
+/// write(2)s `len` bytes from `at` to `fd`, however many calls that takes. No slice is
+/// made of them: the guest may be writing them.
+fn write_all_from(fd: BorrowedFd<'_>, mut at: *const u8, mut len: usize) -> std::io::Result<()> {
+    while len > 0 {
+        // SAFETY: the caller lends `len` readable bytes at `at` (pixels of a view that
+        // outlives the call); write only reads them.
+        let written = unsafe { libc::write(fd.as_raw_fd(), at.cast(), len) };
+        match written {
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            written if written > 0 => {
+                // SAFETY: `written <= len`, so `at` stays inside the lent bytes or one past.
+                at = unsafe { at.add(written as usize) };
+                len -= written as usize;
+            }
+            _ => {
+                let error = std::io::Error::last_os_error();
+                if error.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    /// Pixels written in place arrive packed, row after row, with or without padding
+    /// between the rows where they lie.
+    #[test]
+    fn pixels_written_in_place_arrive_packed() {
+        let (width, height) = (3u32, 4u32);
+        for stride in [12usize, 20] {
+            let bytes: Vec<u8> = (0..stride * height as usize).map(|i| i as u8).collect();
+            let pixels = ScanoutPixels::of_bytes(&bytes, width, height, stride, PixelFormat::B8G8R8X8).unwrap();
+            let (ours, mut theirs) = UnixStream::pair().unwrap();
+            pixels.write_packed_to(ours.as_fd()).unwrap();
+            drop(ours);
+            let mut received = Vec::new();
+            theirs.read_to_end(&mut received).unwrap();
+            let packed: Vec<u8> = bytes.chunks(stride).flat_map(|row| row[..12].to_vec()).collect();
+            assert_eq!(received, packed, "stride {stride}");
+        }
+    }
+
+    #[test]
+    fn writing_in_place_to_a_closed_socket_is_an_error() {
+        let bytes = vec![7u8; 64];
+        let pixels = ScanoutPixels::of_bytes(&bytes, 4, 4, 16, PixelFormat::B8G8R8X8).unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        drop(theirs);
+        assert!(pixels.write_packed_to(ours.as_fd()).is_err());
     }
 }

@@ -118,6 +118,39 @@ fn raw_qoi_scaled_and_cropped_captures_agree_with_png() {
     assert_eq!((width, height), (380, 270));
 }
 
+/// A whole-screen raw screenshot is written to the socket straight from the scanout's
+/// memory; one cropped to the whole screen is copied out first. Both answers are the same
+/// bytes, and a raw request that fails (a wait that times out) is a plain error answer
+/// after which the connection still serves.
+#[test]
+fn raw_pixels_written_in_place_equal_a_copied_capture_and_errors_keep_the_connection() {
+    let socket = scratch_path("inplace.sock");
+    let _vm = boot_desk(&socket);
+    let mut client = ControlClient::connect(&socket).unwrap();
+    let mut ask = |crop: Option<[u32; 4]>, wait: Wait, timeout_ms: u64| {
+        let request =
+            ScreenshotRequest { format: ImageFormat::Raw, crop, scale: None, cursor: false, wait, timeout_ms };
+        client.call(&Request::Screenshot(request), scaled(Duration::from_secs(20))).unwrap()
+    };
+    let mut compared = 0;
+    for _ in 0..10 {
+        let Response::Screenshot(in_place) = ask(None, Wait::StillFor(50), 10_000) else { panic!("no screenshot") };
+        let Response::Screenshot(copied) = ask(Some([0, 0, WIDTH, HEIGHT]), Wait::FirstFrame, 10_000) else {
+            panic!("no screenshot")
+        };
+        // The clock may tick in between; then the two frames differ and are not compared.
+        if in_place.frame == copied.frame {
+            assert_eq!(in_place, copied);
+            assert_eq!(in_place.bytes.len(), (WIDTH * HEIGHT * 4) as usize);
+            compared += 1;
+        }
+    }
+    assert!(compared > 0, "the clock ticked between every pair of screenshots");
+    let answer = ask(None, Wait::FrameAfter(u64::MAX - 1), 30);
+    assert!(matches!(&answer, Response::Error(failure) if failure.kind == ErrorKind::DeadlineExceeded), "{answer:?}");
+    assert!(matches!(ask(None, Wait::FirstFrame, 10_000), Response::Screenshot(_)));
+}
+
 #[test]
 fn screenshot_of_vm_without_display_is_a_clear_error() {
     let socket = scratch_path("nodisplay.sock");

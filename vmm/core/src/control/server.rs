@@ -161,6 +161,14 @@ fn serve_connection(mut stream: UnixStream, queue: RequestQueue) {
             }
             continue;
         }
+        if let Request::Screenshot(screenshot) = &request {
+            if let Some(sent) = queue.local.screen.send_in_place(screenshot, &stream) {
+                if sent.is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
         if let Some(response) = queue.local.serve(&request, peer, &mut stream) {
             if write_frame(&mut stream, &response).is_err() {
                 return;
