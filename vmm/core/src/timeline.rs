@@ -19,11 +19,16 @@ fn on() -> bool {
         ON => true,
         OFF => false,
         _ => {
-            let on = std::env::var_os("CARREL_TIMELINE").is_some_and(|value| value != "0");
+            let on = env_flag("CARREL_TIMELINE");
             STATE.store(if on { ON } else { OFF }, Ordering::Relaxed);
             on
         }
     }
+}
+
+/// Whether the developer switch `name` is on in the environment: set, and not to "0".
+pub fn env_flag(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|value| value != "0")
 }
 
 /// Writes `line` and a newline to stderr in one write. `eprintln!` on unbuffered stderr

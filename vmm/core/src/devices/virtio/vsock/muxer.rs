@@ -175,9 +175,7 @@ impl Muxer {
             control: VecDeque::new(),
             next_host_port: FIRST_HOST_PORT,
             next_token: 0,
-            trace: std::env::var_os("CARREL_VSOCK_TRACE")
-                .is_some_and(|value| value != "0")
-                .then(std::time::Instant::now),
+            trace: crate::timeline::env_flag("CARREL_VSOCK_TRACE").then(std::time::Instant::now),
             metrics: Default::default(),
         })
     }
