@@ -273,6 +273,8 @@ pub(crate) fn raw_buffer(options: &CaptureOptions, screen: Rect) -> Vec<u8> {
         options.scale.or(options.crop.map(|crop| (crop.width, crop.height))).unwrap_or((screen.width, screen.height));
     // Bounded by the screen: a larger crop or scale is refused later, by the pipeline.
     let len = (width.min(screen.width) as usize) * (height.min(screen.height) as usize) * 4;
+    // Written, not `vec![0; len]`: a calloc'd buffer's pages would fault in on the copy.
+    #[allow(clippy::slow_vector_initialization)]
     let mut buffer = Vec::with_capacity(len);
     buffer.resize(len, 0u8);
     std::hint::black_box(buffer.as_mut_slice());

@@ -45,5 +45,5 @@ pub use persist::{GpuState, PersistError};
 pub use protocol::{parse_request, Command, ProtocolError, Rect, Request, Response};
 pub use remote::{RemoteError, RemoteScreen};
 pub use screen::{Frame, Screen, ScreenError};
-pub use surface::ScanoutPixels;
-pub use view::ViewGate;
+pub use surface::{PackedPixels, ScanoutPixels};
+pub use view::{LoadingRam, ViewGate};

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::capture::{self, Capture, CaptureError, CaptureFormat, CaptureOptions, CursorImage, CursorOverlay};
 use crate::protocol::Rect;
-use crate::surface::{ScanoutPixels, Surface};
+use crate::surface::{PackedPixels, ScanoutPixels, Surface};
 
 /// Errors reading the screen.
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +174,16 @@ impl Screen {
         let surface = scanout.surface.as_ref().ok_or(ScreenError::FindScanoutBacking)?;
         let pixels = surface.pixels(scanout.rect).ok_or(ScreenError::FindScanoutBacking)?;
         Ok(read(&pixels, frame))
+    }
+
+    /// Lends the scanout's pixels for a packed write to `send`, with the number of the
+    /// last finished frame: in place, or from where a lazy restore loads them while it
+    /// has not yet (see [`Surface::packed`]).
+    pub fn with_packed_pixels<T>(&self, send: impl FnOnce(&PackedPixels<'_>, u64) -> T) -> Result<T, ScreenError> {
+        let (scanout, frame, _) = self.snapshot(false)?;
+        let surface = scanout.surface.as_ref().ok_or(ScreenError::FindScanoutBacking)?;
+        let pixels = surface.packed(scanout.rect).ok_or(ScreenError::FindScanoutBacking)?;
+        Ok(send(&pixels, frame))
     }
 
     /// The scanout, frame number and cursor at this moment; the lock is released before

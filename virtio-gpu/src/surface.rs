@@ -7,12 +7,12 @@
 
 use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::format::PixelFormat;
 use crate::memory::GuestMemoryMmap;
 use crate::protocol::Rect;
-use crate::view::{Backing, BackingError, MappedView, ViewGate};
+use crate::view::{Backing, BackingError, LoadingRam, MappedView, ViewGate, PAGE_SIZE};
 
 /// Where a surface's pixels are.
 #[derive(Debug)]
@@ -61,6 +61,14 @@ impl DeferredView {
                 MappedView::map(&self.memory, &self.backing, self.len).ok()
             })
             .as_ref()
+    }
+
+    /// The filler's reader, while the view is not mapped and its pages are not all in.
+    fn reader_while_loading(&self) -> Option<Arc<dyn LoadingRam>> {
+        match self.view.get() {
+            Some(_) => None,
+            None => self.gate.reader_while_loading(&self.ranges),
+        }
     }
 }
 
@@ -119,6 +127,33 @@ impl Surface {
             format: self.format,
             _guard: guard,
             _surface: PhantomData,
+        })
+    }
+
+    /// Lends the pixels of `rect` for a packed write: in place, or read through the
+    /// filler's reader while a lazy restore has not loaded them yet (rather than waiting
+    /// for it). `None` where [`Surface::pixels`] would have none.
+    pub fn packed(&self, rect: Rect) -> Option<PackedPixels<'_>> {
+        if rect.is_empty() || !rect.fits_in(self.width, self.height) {
+            return None;
+        }
+        if let Storage::Deferred(deferred) = &self.storage {
+            if let Some(ram) = deferred.reader_while_loading().filter(|_| deferred.len >= self.byte_len() as u64) {
+                let first = rect.y as u64 * self.stride as u64 + rect.x as u64 * PixelFormat::BYTES_PER_PIXEL as u64;
+                return Some(PackedPixels {
+                    width: rect.width,
+                    height: rect.height,
+                    format: self.format,
+                    source: PackedSource::Loading { ram, ranges: &deferred.ranges, first, stride: self.stride as u64 },
+                });
+            }
+        }
+        let pixels = self.pixels(rect)?;
+        Some(PackedPixels {
+            width: pixels.width,
+            height: pixels.height,
+            format: pixels.format,
+            source: PackedSource::Lent(pixels),
         })
     }
 
@@ -260,6 +295,137 @@ impl ScanoutPixels<'_> {
     }
 }
 
+/// A scanout's pixels for a packed write (`height` rows of `width` pixels, one after
+/// the other): lent in place, or, while a lazy restore is still loading them, read from
+/// where they are loaded from ([`LoadingRam`]), piece by piece.
+pub struct PackedPixels<'a> {
+    width: u32,
+    height: u32,
+    format: PixelFormat,
+    source: PackedSource<'a>,
+}
+
+enum PackedSource<'a> {
+    Lent(ScanoutPixels<'a>),
+    /// The view's pixels start at byte `first` of the view, whose pages are the RAM file
+    /// `ranges` (offset, length) in order; rows are `stride` apart.
+    Loading {
+        ram: Arc<dyn LoadingRam>,
+        ranges: &'a [(u64, u64)],
+        first: u64,
+        stride: u64,
+    },
+}
+
+impl std::fmt::Debug for PackedPixels<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedPixels")
+            .field("width", &self.width)
+            .field("height", &self.height)
+            .field("in_place", &self.is_in_place())
+            .finish()
+    }
+}
+
+impl PackedPixels<'_> {
+    pub fn width(&self) -> u32 {
+        self.width
+    }
+
+    pub fn height(&self) -> u32 {
+        self.height
+    }
+
+    pub fn format(&self) -> PixelFormat {
+        self.format
+    }
+
+    /// Bytes of one row's pixels (`width * 4`).
+    pub fn row_bytes(&self) -> usize {
+        self.width as usize * PixelFormat::BYTES_PER_PIXEL as usize
+    }
+
+    /// Whether the pixels are read in place (`false`: through a lazy restore's reader).
+    pub fn is_in_place(&self) -> bool {
+        matches!(self.source, PackedSource::Lent(_))
+    }
+
+    /// Writes every row, packed (`row_bytes * height` bytes in all), to `fd`.
+    pub fn write_to(&self, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        match &self.source {
+            PackedSource::Lent(pixels) => pixels.write_packed_to(fd),
+            PackedSource::Loading { ram, ranges, first, stride } => {
+                let rows =
+                    Rows { first: *first, row: self.row_bytes() as u64, stride: *stride, height: self.height as u64 };
+                write_rows_loading(&**ram, ranges, rows, fd)
+            }
+        }
+    }
+}
+
+/// `height` rows of `row` bytes, `stride` apart, the first at byte `first` of a view.
+#[derive(Debug, Clone, Copy)]
+struct Rows {
+    first: u64,
+    row: u64,
+    stride: u64,
+    height: u64,
+}
+
+/// Writes `rows` of a view that is not mapped yet to `fd`, packed, read through `ram`
+/// from the RAM file `ranges` (offset, length) the view would map, in order. Reads are
+/// cut at the reader's pieces, so each piece is read and checked once; the rows' bytes
+/// in a piece go out in one write where they touch.
+fn write_rows_loading(
+    ram: &dyn LoadingRam,
+    ranges: &[(u64, u64)],
+    rows: Rows,
+    fd: BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    let Some(last) = rows.height.checked_sub(1) else { return Ok(()) };
+    let end = rows.first + last * rows.stride + rows.row;
+    let piece = ram.piece_bytes().max(PAGE_SIZE);
+    let mut buffer = vec![0u8; piece as usize];
+    // Range `index` of the view starts at byte `range_start`.
+    let (mut index, mut range_start) = (0usize, 0u64);
+    let mut position = rows.first;
+    while position < end {
+        let &(file_start, range_len) =
+            ranges.get(index).ok_or_else(|| std::io::Error::other("the scanout's pixels run past its backing"))?;
+        if position >= range_start + range_len {
+            range_start += range_len;
+            index += 1;
+            continue;
+        }
+        let file_offset = file_start + (position - range_start);
+        let len = (end - position).min(range_start + range_len - position).min(piece - file_offset % piece);
+        let bytes = &mut buffer[..len as usize];
+        ram.read_at(file_offset, bytes)?;
+        // The rows' bytes in [position, position + len), joined where they touch.
+        let mut run: Option<(u64, u64)> = None;
+        let mut y = (position - rows.first) / rows.stride;
+        while y < rows.height && rows.first + y * rows.stride < position + len {
+            let row_start = rows.first + y * rows.stride;
+            let (from, to) = (row_start.max(position), (row_start + rows.row).min(position + len));
+            run = match run {
+                Some((start, stop)) if stop == from => Some((start, to)),
+                Some((start, stop)) => {
+                    write_all_from(fd, bytes[(start - position) as usize..].as_ptr(), (stop - start) as usize)?;
+                    Some((from, to))
+                }
+                None if from < to => Some((from, to)),
+                None => None,
+            };
+            y += 1;
+        }
+        if let Some((start, stop)) = run.filter(|(start, stop)| start < stop) {
+            write_all_from(fd, bytes[(start - position) as usize..].as_ptr(), (stop - start) as usize)?;
+        }
+        position += len;
+    }
+    Ok(())
+}
+
 /// write(2)s `len` bytes from `at` to `fd`, however many calls that takes. No slice is
 /// made of them: the guest may be writing them.
 fn write_all_from(fd: BorrowedFd<'_>, mut at: *const u8, mut len: usize) -> std::io::Result<()> {
@@ -308,6 +474,62 @@ mod tests {
             let packed: Vec<u8> = bytes.chunks(stride).flat_map(|row| row[..12].to_vec()).collect();
             assert_eq!(received, packed, "stride {stride}");
         }
+    }
+
+    /// RAM's file as a byte vector, cut in pieces of `piece` bytes; remembers each read.
+    #[derive(Debug)]
+    struct FileRam {
+        bytes: Vec<u8>,
+        piece: u64,
+        reads: std::sync::Mutex<Vec<(u64, usize)>>,
+    }
+
+    impl LoadingRam for FileRam {
+        fn piece_bytes(&self) -> u64 {
+            self.piece
+        }
+
+        fn read_at(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.reads.lock().unwrap().push((offset, out.len()));
+            let bytes = self
+                .bytes
+                .get(offset as usize..offset as usize + out.len())
+                .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+            out.copy_from_slice(bytes);
+            Ok(())
+        }
+    }
+
+    /// Rows of a view that is not mapped yet arrive packed, read through the loader's
+    /// reader from the file ranges the view would map, each read inside one piece.
+    #[test]
+    fn rows_of_a_view_still_loading_are_read_through_the_loader_and_arrive_packed() {
+        let file: Vec<u8> = (0..32768u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        // The view is three scattered runs of the file.
+        let ranges = [(16384u64, 5000u64), (2048, 9000), (28000, 4000)];
+        let view: Vec<u8> =
+            ranges.iter().flat_map(|&(at, len)| file[at as usize..(at + len) as usize].to_vec()).collect();
+        for (first, row, stride, height) in [(40u64, 480u64, 1000u64, 17u64), (0, 640, 640, 28), (17000, 12, 12, 1)] {
+            let ram = FileRam { bytes: file.clone(), piece: 4096, reads: Default::default() };
+            let (ours, mut theirs) = UnixStream::pair().unwrap();
+            let rows = Rows { first, row, stride, height };
+            let writer = std::thread::spawn(move || {
+                write_rows_loading(&ram, &ranges, rows, ours.as_fd()).map(|()| ram.reads.into_inner().unwrap())
+            });
+            let mut received = Vec::new();
+            theirs.read_to_end(&mut received).unwrap();
+            let reads = writer.join().unwrap().unwrap();
+            let packed: Vec<u8> = (0..height)
+                .flat_map(|y| view[(first + y * stride) as usize..(first + y * stride + row) as usize].to_vec())
+                .collect();
+            assert!(received == packed, "rows {rows:?}");
+            assert!(reads.iter().all(|&(at, len)| at / 4096 == (at + len as u64 - 1) / 4096), "{reads:?}");
+        }
+        // Rows that run past the view's ranges are an error, not a short answer.
+        let ram = FileRam { bytes: file, piece: 4096, reads: Default::default() };
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let rows = Rows { first: 0, row: 9000, stride: 9000, height: 3 };
+        assert!(write_rows_loading(&ram, &ranges, rows, ours.as_fd()).is_err());
     }
 
     #[test]

@@ -115,10 +115,23 @@ impl Backing {
 /// RAM's file are in as it loads them ([`ViewGate::open_range`], the scanout's first) and
 /// when all are ([`ViewGate::open`]); a view waits on its first read for the ranges under
 /// its own backing, so the guest runs meanwhile and the screen is back as soon as its
-/// pixels are.
+/// pixels are. A filler that can also read RAM as it will be ([`LoadingRam`]) lends that
+/// reader until the gate opens: a whole-screen send need not wait for the load.
 #[derive(Debug, Clone, Default)]
 pub struct ViewGate {
     state: Arc<(Mutex<GateState>, Condvar)>,
+}
+
+/// RAM's file as it reads now, while it is still being filled: loaded bytes where they
+/// are in (the guest may have changed them since), and elsewhere the bytes the filler
+/// would load, from where it loads them (nothing can have changed those: the guest's
+/// first touch of a page waits for its load).
+pub trait LoadingRam: Send + Sync + std::fmt::Debug {
+    /// The size reads are best cut at, and aligned to in the file: the filler's unit.
+    fn piece_bytes(&self) -> u64;
+
+    /// Fills `out` with RAM's file at `offset`.
+    fn read_at(&self, offset: u64, out: &mut [u8]) -> io::Result<()>;
 }
 
 #[derive(Debug, Default)]
@@ -128,6 +141,8 @@ struct GateState {
     loaded: Vec<(u64, u64)>,
     /// Everything is in (`true`), or will never be (`false`).
     done: Option<bool>,
+    /// The filler's reader, until the gate opens.
+    ram: Option<Arc<dyn LoadingRam>>,
 }
 
 impl GateState {
@@ -156,6 +171,21 @@ impl ViewGate {
         ViewGate::default()
     }
 
+    /// A gate whose filler lends `ram` to reads of ranges not yet in.
+    pub fn reading_from(ram: Arc<dyn LoadingRam>) -> ViewGate {
+        let gate = ViewGate::default();
+        gate.state.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).ram = Some(ram);
+        gate
+    }
+
+    /// The filler's reader, while some of `ranges` (file offset, length) is not in yet:
+    /// `None` once they are, once the gate opened, or for a filler without one.
+    pub fn reader_while_loading(&self, ranges: &[(u64, u64)]) -> Option<Arc<dyn LoadingRam>> {
+        let state = self.state.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let loaded = ranges.iter().all(|&(offset, len)| state.holds(offset, len));
+        state.ram.as_ref().filter(|_| state.done.is_none() && !loaded).map(Arc::clone)
+    }
+
     /// Says `len` bytes of the RAM's file at `offset` are in, waking waiters.
     pub fn open_range(&self, offset: u64, len: u64) {
         let (state, changed) = &*self.state;
@@ -166,7 +196,10 @@ impl ViewGate {
     /// Says every viewed page is in (`true`) or will never be (`false`), waking waiters.
     pub fn open(&self, loaded: bool) {
         let (state, changed) = &*self.state;
-        state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).done = Some(loaded);
+        let mut state = state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.done = Some(loaded);
+        // Views map RAM from now on; the filler's reader is let go.
+        state.ram = None;
         changed.notify_all();
     }
 
@@ -386,6 +419,35 @@ impl Drop for MappedView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug)]
+    struct Zeros;
+
+    impl LoadingRam for Zeros {
+        fn piece_bytes(&self) -> u64 {
+            4096
+        }
+
+        fn read_at(&self, _offset: u64, out: &mut [u8]) -> io::Result<()> {
+            out.fill(0);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_gate_lends_its_reader_only_while_the_ranges_are_loading() {
+        let gate = ViewGate::reading_from(Arc::new(Zeros));
+        let screen = [(0x1000u64, 0x2000u64)];
+        assert!(gate.reader_while_loading(&screen).is_some());
+        gate.open_range(0x1000, 0x1000);
+        assert!(gate.reader_while_loading(&screen).is_some(), "half of it is in");
+        gate.open_range(0x2000, 0x1000);
+        assert!(gate.reader_while_loading(&screen).is_none(), "all of it is in: views map it");
+        assert!(gate.reader_while_loading(&[(0x8000, 0x1000)]).is_some(), "another range is still loading");
+        gate.open(true);
+        assert!(gate.reader_while_loading(&[(0x8000, 0x1000)]).is_none(), "let go once the gate opened");
+        assert!(ViewGate::new().reader_while_loading(&screen).is_none(), "a filler without a reader");
+    }
 
     #[test]
     fn the_gate_merges_scattered_ranges_and_holds_only_what_was_opened() {

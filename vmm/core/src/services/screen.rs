@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use carrel_gpu::{
-    Capture, CaptureError, CaptureFormat, CaptureOptions, Frame, Rect, RemoteError, RemoteScreen, ScanoutPixels,
-    Screen, ScreenError,
+    Capture, CaptureError, CaptureFormat, CaptureOptions, Frame, PackedPixels, Rect, RemoteError, RemoteScreen, Screen,
+    ScreenError,
 };
 
 use crate::control::protocol::{
@@ -126,7 +126,9 @@ impl ScreenService {
 
     /// Answers a raw, whole-screen screenshot request on `stream` with the pixels written
     /// to it straight from the scanout's memory: no copy of them in this process (4 MB at
-    /// 1280x800, whose fresh pages alone cost ~2 ms). `None` when the request is not one
+    /// 1280x800, whose fresh pages alone cost ~2 ms). Right after a lazy restore, before
+    /// the scanout's pages are loaded, they are read from where the loader reads them
+    /// instead of waiting for it (see [`carrel_gpu::LoadingRam`]). `None` when the request is not one
     /// answered so: an encoded image, a crop, a scale or the cursor (those are computed),
     /// a screen in another process, or an audit log (it keeps the very bytes the caller
     /// was sent, so those are copied once, recorded, then sent).
@@ -140,7 +142,7 @@ impl ScreenService {
         }
         let timeout = Duration::from_millis(request.timeout_ms).min(MAX_WAIT);
         let sent = wait_for(source, request.wait, timeout)
-            .and_then(|()| Ok(screen.with_pixels(|pixels, frame| send_pixels(stream, pixels, frame))?));
+            .and_then(|()| Ok(screen.with_packed_pixels(|pixels, frame| send_pixels(stream, pixels, frame))?));
         Some(match sent {
             Ok(sent) => sent,
             // Nothing of the answer was written yet: the error is the whole answer.
@@ -189,8 +191,8 @@ impl ScreenSourceError {
 }
 
 /// Writes the answer to a raw screenshot of `pixels`, frame `frame`, to `stream`: the
-/// frame [`write_frame`] would write for it, its pixels written in place.
-fn send_pixels(stream: &UnixStream, pixels: &ScanoutPixels<'_>, frame: u64) -> Result<(), ControlError> {
+/// frame [`write_frame`] would write for it, its pixels written from where they are.
+fn send_pixels(stream: &UnixStream, pixels: &PackedPixels<'_>, frame: u64) -> Result<(), ControlError> {
     let len = pixels.row_bytes() * pixels.height() as usize;
     let shot = Screenshot {
         format: ImageFormat::Raw,
@@ -214,7 +216,7 @@ fn send_pixels(stream: &UnixStream, pixels: &ScanoutPixels<'_>, frame: u64) -> R
     prefix.extend_from_slice(&frame_len.to_le_bytes());
     prefix.extend_from_slice(&head);
     (&*stream).write_all(&prefix)?;
-    pixels.write_packed_to(stream.as_fd())?;
+    pixels.write_to(stream.as_fd())?;
     Ok(())
 }
 

@@ -18,7 +18,9 @@
 //! ([`LazyMemory::wait_viewed`], which starts the loader) or, to let the guest run sooner,
 //! hands the screen a [`ViewGate`] ([`LazyMemory::defer_viewed`]) that its views wait on
 //! before they map anything; a block found partly present is completed by plain copies
-//! instead of refusing.
+//! instead of refusing. Until the gate opens it lends the screen a reader of RAM as it
+//! will be ([`LoadingRam`], on [`Layers`]): a raw screenshot asked for at once is sent
+//! from the snapshot's files (pages already in, from RAM) while the loader is still busy.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -28,7 +30,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use carrel_gpu::ViewGate;
+use carrel_gpu::{LoadingRam, ViewGate};
 
 use super::memory::{MemoryImage, CHUNK_BYTES};
 use super::uffd::{Copied, Userfault};
@@ -192,10 +194,112 @@ pub struct LazyStats {
     pub elapsed_us: u64,
 }
 
-/// The layers, their files, and guest RAM's host mappings: what builds and fills a block.
-struct Source {
+/// The chain's bytes, block by block: what the loader copies into RAM, and what a read
+/// of RAM's file before then is answered from ([`LoadingRam`]).
+#[derive(Debug)]
+struct Layers {
     files: Vec<(String, File)>,
     blocks: BlockMap,
+    /// Bytes the restore puts over the snapshot's (memfd offset, bytes), in order.
+    writes: Vec<(u64, Vec<u8>)>,
+    /// (memfd offset, length) of each RAM region.
+    regions: Vec<(u64, u64)>,
+    /// RAM's file, read where its pages are in.
+    ram: File,
+}
+
+impl Layers {
+    /// Bytes of block `index` (those inside its RAM region), or `None` past RAM.
+    fn block_len(&self, index: u64) -> Option<u64> {
+        let start = index * CHUNK_BYTES;
+        self.regions.iter().find_map(|&(offset, len)| {
+            (start >= offset && start < offset + len).then_some(CHUNK_BYTES.min(offset + len - start))
+        })
+    }
+
+    /// Builds block `index` into `buffer` (its length): the chain's pieces, each checked
+    /// against its digest, with the restore's writes over them.
+    fn compose(&self, index: u64, buffer: &mut [u8]) -> Result<(), LazyError> {
+        let start = index * CHUNK_BYTES;
+        buffer.fill(0);
+        for piece in self.blocks.of(index) {
+            match *piece {
+                Piece::Zero { offset, len } => {
+                    let at = (offset - start) as usize;
+                    buffer[at..at + len as usize].fill(0);
+                }
+                Piece::Data { layer, offset, len, digest } => {
+                    let (path, file) = &self.files[layer];
+                    let at = (offset - start) as usize;
+                    let target = &mut buffer[at..at + len as usize];
+                    file.read_exact_at(target, offset).map_err(|source| LazyError::Read {
+                        path: path.clone(),
+                        offset,
+                        source,
+                    })?;
+                    if blake3::hash(target).as_bytes() != &digest {
+                        return Err(LazyError::Corrupt { path: path.clone(), offset });
+                    }
+                }
+            }
+        }
+        let end = start + buffer.len() as u64;
+        for (offset, bytes) in &self.writes {
+            // The part of the write inside this block.
+            let (from, to) = ((*offset).max(start), (offset + bytes.len() as u64).min(end));
+            if from < to {
+                let source = &bytes[(from - offset) as usize..(to - offset) as usize];
+                buffer[(from - start) as usize..(to - start) as usize].copy_from_slice(source);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A read before the loader is done, the screen's first: pages that are in RAM's file
+/// are read from it; the rest of a block is built as the loader would build it. A page
+/// not in yet cannot have changed (the first touch of one waits for the loader, and the
+/// loader's copy puts it in the file before it wakes anyone), so each page reads as RAM
+/// holds it at some moment during the read, as a screenshot of a running guest does.
+impl LoadingRam for Layers {
+    fn piece_bytes(&self) -> u64 {
+        CHUNK_BYTES
+    }
+
+    fn read_at(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        let mut done = 0usize;
+        while done < out.len() {
+            let at = offset + done as u64;
+            let index = at / CHUNK_BYTES;
+            let block_len = self
+                .block_len(index)
+                .ok_or_else(|| std::io::Error::other(format!("offset {at:#x} lies outside guest RAM")))?;
+            let within = at - index * CHUNK_BYTES;
+            let count = ((block_len - within) as usize).min(out.len() - done);
+            let part = &mut out[done..done + count];
+            let present = super::memory::data_extents_between(&self.ram, at, at + count as u64)?;
+            if present.first().is_none_or(|&(start, len)| start > at || len < count as u64) {
+                if within == 0 && count as u64 == block_len {
+                    self.compose(index, part).map_err(std::io::Error::other)?;
+                } else {
+                    let mut block = vec![0u8; block_len as usize];
+                    self.compose(index, &mut block).map_err(std::io::Error::other)?;
+                    part.copy_from_slice(&block[within as usize..within as usize + count]);
+                }
+            }
+            for (start, len) in present {
+                let from = (start - at) as usize;
+                self.ram.read_exact_at(&mut part[from..from + len as usize], start)?;
+            }
+            done += count;
+        }
+        Ok(())
+    }
+}
+
+/// The loader's side: the layers, guest RAM's host mappings, the fault queue.
+struct Source {
+    layers: Arc<Layers>,
     /// (memfd offset, host address, length) of each RAM region.
     regions: Vec<(u64, usize, u64)>,
     fault: Userfault,
@@ -203,8 +307,6 @@ struct Source {
     go: EventFd,
     /// Blocks already filled.
     filled: Vec<bool>,
-    /// Bytes the restore puts over the snapshot's (memfd offset, bytes), in order.
-    writes: Vec<(u64, Vec<u8>)>,
     buffer: Vec<u8>,
     stats: LazyStats,
 }
@@ -287,37 +389,7 @@ impl Source {
         let Some((host, room)) = self.host(start) else { return Ok(false) };
         let len = CHUNK_BYTES.min(room) as usize;
         let buffer = &mut self.buffer[..len];
-        buffer.fill(0);
-        for piece in self.blocks.of(index) {
-            match *piece {
-                Piece::Zero { offset, len } => {
-                    let at = (offset - start) as usize;
-                    buffer[at..at + len as usize].fill(0);
-                }
-                Piece::Data { layer, offset, len, digest } => {
-                    let (path, file) = &self.files[layer];
-                    let at = (offset - start) as usize;
-                    let target = &mut buffer[at..at + len as usize];
-                    file.read_exact_at(target, offset).map_err(|source| LazyError::Read {
-                        path: path.clone(),
-                        offset,
-                        source,
-                    })?;
-                    if blake3::hash(target).as_bytes() != &digest {
-                        return Err(LazyError::Corrupt { path: path.clone(), offset });
-                    }
-                }
-            }
-        }
-        let end = start + len as u64;
-        for (offset, bytes) in &self.writes {
-            // The part of the write inside this block.
-            let (from, to) = ((*offset).max(start), (offset + bytes.len() as u64).min(end));
-            if from < to {
-                let source = &bytes[(from - offset) as usize..(to - offset) as usize];
-                buffer[(from - start) as usize..(to - start) as usize].copy_from_slice(source);
-            }
-        }
+        self.layers.compose(index, buffer)?;
         let fill_error = |source| LazyError::Fill { offset: start, source };
         if let Copied::Exists { .. } = self.fault.copy(host as *mut u8, buffer).map_err(fill_error)? {
             // Some page was already there (touched through another mapping): fill the
@@ -394,8 +466,8 @@ impl Source {
         unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
         // Blocks with data, and those the restore writes into even where the snapshot
         // holds none: a block never touched would otherwise stay a hole.
-        let mut pending: Vec<u64> = self.blocks.with_pieces().collect();
-        for (offset, bytes) in &self.writes {
+        let mut pending: Vec<u64> = self.layers.blocks.with_pieces().collect();
+        for (offset, bytes) in &self.layers.writes {
             pending.extend(offset / CHUNK_BYTES..(offset + bytes.len() as u64).div_ceil(CHUNK_BYTES));
         }
         pending.sort_unstable();
@@ -457,19 +529,25 @@ impl LazyMemory {
             let file = super::memory::open_image(&path, ram.size)?;
             files.push((path.display().to_string(), file));
         }
-        let blocks = BlockMap::build(layers.iter().map(|(_, image)| *image), ram.size.div_ceil(CHUNK_BYTES) as usize);
-        let mut source = Source {
+        let count = ram.size.div_ceil(CHUNK_BYTES) as usize;
+        let layers = Arc::new(Layers {
             files,
-            blocks,
+            blocks: BlockMap::build(layers.iter().map(|(_, image)| *image), count),
+            writes,
+            regions: regions.iter().map(|&(offset, _, len)| (offset, len)).collect(),
+            ram: ram.memfd.try_clone().map_err(LazyError::Thread)?,
+        });
+        // Until the viewed ranges are in, the screen reads them through the layers.
+        let signal = Arc::new(ViewedSignal { gate: ViewGate::reading_from(layers.clone()), ..Default::default() });
+        let mut source = Source {
+            layers,
             regions,
             fault,
             go,
-            filled: vec![false; ram.size.div_ceil(CHUNK_BYTES) as usize],
-            writes,
+            filled: vec![false; count],
             buffer: vec![0; CHUNK_BYTES as usize],
             stats: LazyStats::default(),
         };
-        let signal = Arc::new(ViewedSignal::default());
         let told = Arc::clone(&signal);
         let loader = std::thread::Builder::new()
             .name("lazy-memory".into())
@@ -630,6 +708,65 @@ mod tests {
         let stats = lazy.finish().unwrap();
         assert!(ram_bytes(&restored) == ram_bytes(&ram), "RAM is the chain's: base, then the diff");
         assert!(stats.faulted + stats.fetched >= 3, "{stats:?}");
+    }
+
+    #[test]
+    fn reads_before_the_load_see_the_chain_then_what_ram_holds_and_refuse_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base_dir, diff_dir) = (dir.path().join("base"), dir.path().join("diff"));
+        std::fs::create_dir_all(&base_dir).unwrap();
+        std::fs::create_dir_all(&diff_dir).unwrap();
+        let ram = create_guest_ram(16).unwrap();
+        ram.memory.write_slice(&pattern(4 * CHUNK_BYTES as usize, 1), GuestAddress(0)).unwrap();
+        let base = write_image(&ram, &base_dir.join("memory.bin"), None).unwrap();
+        device_dirty_pages(&ram);
+        ram.memory.write_slice(&pattern(4096, 2), GuestAddress(CHUNK_BYTES + 0x3000)).unwrap();
+        let dirty: Vec<Vec<u64>> = device_dirty_pages(&ram);
+        let parent = Parent { dir: base_dir.clone(), digest: [0; 32] };
+        let dirty: &DirtyPages = &dirty;
+        let diff = write_image(&ram, &diff_dir.join("memory.bin"), Some((dirty, parent))).unwrap();
+        let write = (2 * CHUNK_BYTES - 8, vec![0xaa; 16]);
+        let mut expected = ram_bytes(&ram);
+        expected[write.0 as usize..write.0 as usize + 16].copy_from_slice(&write.1);
+
+        let restored = create_guest_ram(16).unwrap();
+        let layers = [(base_dir.clone(), &base), (diff_dir, &diff)];
+        let scanout = (0u64, 4 * CHUNK_BYTES);
+        let lazy = LazyMemory::start(&restored, &layers, vec![scanout], vec![write], Vec::new()).unwrap();
+        let ram_reader = lazy.viewed.gate.reader_while_loading(&[scanout]).expect("a reader while nothing is in");
+        // A whole block, and a range across three blocks starting mid-page: the chain's
+        // bytes (the diff over the base, the restore's write over both).
+        let mut block = vec![0u8; CHUNK_BYTES as usize];
+        ram_reader.read_at(CHUNK_BYTES, &mut block).unwrap();
+        assert!(block[..] == expected[CHUNK_BYTES as usize..2 * CHUNK_BYTES as usize]);
+        let mut across = vec![0u8; 2 * CHUNK_BYTES as usize];
+        ram_reader.read_at(CHUNK_BYTES / 2 + 100, &mut across).unwrap();
+        let from = (CHUNK_BYTES / 2 + 100) as usize;
+        assert!(across[..] == expected[from..from + across.len()]);
+        // The guest touches block 3 (the loader brings it in) and draws on it: a read
+        // now sees RAM, not the snapshot.
+        restored.memory.write_slice(&[0x5a; 64], GuestAddress(3 * CHUNK_BYTES + 64)).unwrap();
+        let mut drawn = vec![0u8; 128];
+        ram_reader.read_at(3 * CHUNK_BYTES, &mut drawn).unwrap();
+        assert!(drawn[..64] == expected[3 * CHUNK_BYTES as usize..3 * CHUNK_BYTES as usize + 64]);
+        assert!(drawn[64..].iter().all(|&byte| byte == 0x5a), "the guest's drawing, read from RAM");
+        assert!(ram_reader.read_at(16 << 20, &mut [0u8; 8]).is_err(), "past RAM");
+        lazy.finish().unwrap();
+
+        // A damaged chunk is refused by the reader as by the loader.
+        {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::OpenOptions::new().write(true).open(base_dir.join("memory.bin")).unwrap();
+            file.write_all_at(&[0xff], 0x10).unwrap();
+        }
+        let restored = create_guest_ram(16).unwrap();
+        let layers = [(base_dir, &base)];
+        let mut lazy = LazyMemory::start(&restored, &layers, vec![scanout], Vec::new(), Vec::new()).unwrap();
+        let ram_reader = lazy.viewed.gate.reader_while_loading(&[scanout]).unwrap();
+        let error = ram_reader.read_at(0, &mut [0u8; 64]).unwrap_err();
+        assert!(error.to_string().contains("does not match its digest"), "{error}");
+        assert!(lazy.wait_viewed().is_err());
+        assert!(lazy.viewed.gate.reader_while_loading(&[scanout]).is_none(), "let go once the gate opened");
     }
 
     #[test]

@@ -169,10 +169,16 @@ pub fn open_image(path: &Path, size: u64) -> Result<File, MemoryFileError> {
 
 /// The (offset, length) ranges of `file` that hold data, by SEEK_DATA/SEEK_HOLE.
 pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    data_extents_between(file, 0, size)
+}
+
+/// The (offset, length) ranges of `file` in `start..end` that hold data. Moves the file's
+/// position, which nothing reading or writing RAM's file uses (all of it is positioned).
+pub fn data_extents_between(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
     let fd = file.as_raw_fd();
     let mut extents = Vec::new();
-    let mut position = 0i64;
-    while (position as u64) < size {
+    let mut position = start as i64;
+    while (position as u64) < end {
         // SAFETY: lseek on an fd this function borrows; no memory is touched.
         let data = unsafe { libc::lseek(fd, position, libc::SEEK_DATA) };
         if data < 0 {
@@ -187,9 +193,9 @@ pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
         if hole < 0 {
             return Err(io::Error::last_os_error());
         }
-        let end = (hole as u64).min(size);
-        if end > data as u64 {
-            extents.push((data as u64, end - data as u64));
+        let stop = (hole as u64).min(end);
+        if stop > data as u64 {
+            extents.push((data as u64, stop - data as u64));
         }
         position = hole;
     }
