@@ -28,7 +28,7 @@ use anyhow::{bail, Context};
 use carrel_perf::workspace_root;
 use serde_json::{json, Value};
 
-use super::{connect_until_accepted, drop_caches, ms, settle_writeback, summary_ms, DEADLINE};
+use super::{connect_until_accepted, drop_caches, ms, settle_writeback, summary_ms, warm_page_cache, DEADLINE};
 
 /// A Firecracker process and its API socket; killed when dropped.
 struct Firecracker {
@@ -228,6 +228,8 @@ pub fn side(binary: &Path, size_mib: u64, blob: &Path, scratch: &Path, runs: usi
         for _ in 0..runs {
             if cold {
                 drop_caches();
+            } else {
+                warm_page_cache(&[&full_dir])?;
             }
             let target = Firecracker::spawn(binary, &api)?;
             target.call(

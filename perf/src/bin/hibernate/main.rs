@@ -10,8 +10,9 @@
 //! - hibernate: the request until the VMM process has ended;
 //! - a screenshot of the hibernated VM from its files (`screenshot --snapshot`, CLI wall);
 //! - restores (each side's after the host wrote back what its snapshots left dirty), lazy
-//!   and eager, with the page cache warm and (when /proc/sys/vm/drop_caches
-//!   is writable) cold: process start to the vCPUs running (the first guest instruction,
+//!   and eager, with the page cache warm (the snapshot's files read just before each
+//!   restore, every side's) and (when /proc/sys/vm/drop_caches is writable) cold:
+//!   process start to the vCPUs running (the first guest instruction,
 //!   by the host's monotonic clock the VMM reads as it enters the guest, so that its
 //!   report's trip through a pipe on a busy machine is not counted),
 //!   to the first screenshot served (asked for as soon as the control socket accepts)
@@ -333,6 +334,35 @@ pub(crate) fn drop_caches() -> bool {
     std::fs::write("/proc/sys/vm/drop_caches", "1").is_ok()
 }
 
+/// Reads the data of `paths` (files, or directories of files) once, so that a warm
+/// restore finds it in the page cache whatever the host did since: a host may page out
+/// what nobody read for a while (DAMON's `pageout`, as on the machines these numbers come
+/// from, after a minute), which turned "warm" restores partly cold.
+pub(crate) fn warm_page_cache(paths: &[&Path]) -> anyhow::Result<()> {
+    let mut buffer = vec![0u8; 1 << 20];
+    for path in paths {
+        let files: Vec<PathBuf> = if path.is_dir() {
+            std::fs::read_dir(path)?.map(|entry| entry.map(|entry| entry.path())).collect::<Result<_, _>>()?
+        } else {
+            vec![path.to_path_buf()]
+        };
+        for file in files.iter().filter(|file| file.is_file()) {
+            let opened = std::fs::File::open(file)?;
+            let extents = carrel_vmm::snapshot::memory::data_extents(&opened, opened.metadata()?.len())?;
+            for (start, len) in extents {
+                let mut at = start;
+                while at < start + len {
+                    let want = ((start + len - at) as usize).min(buffer.len());
+                    let read = std::os::unix::fs::FileExt::read_at(&opened, &mut buffer[..want], at)?;
+                    anyhow::ensure!(read > 0, "{} ended early", file.display());
+                    at += read as u64;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One restore: spawn (or the hand-over to a standby VMM) to vCPUs running, to a
 /// screenshot (asked for as soon as the control socket accepts), to an agent ping; then
 /// stop.
@@ -401,6 +431,8 @@ fn restores(dir: &Path, scratch: &Path, runs: usize) -> anyhow::Result<Value> {
             for _ in 0..runs {
                 if cold {
                     drop_caches();
+                } else {
+                    warm_page_cache(&[dir])?;
                 }
                 let (r, s, p) = restore_once(dir, mode, standby, format, scratch)?;
                 running.push(r);

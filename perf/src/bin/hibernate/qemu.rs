@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use super::{connect_until_accepted, ms, settle_writeback, summary_ms};
+use super::{connect_until_accepted, ms, settle_writeback, summary_ms, warm_page_cache};
 
 /// A minimal QMP client: one command at a time, events skipped.
 struct Qmp {
@@ -91,6 +91,7 @@ pub fn side(size_mib: u64, blob: &Path, scratch: &Path, runs: usize) -> anyhow::
     settle_writeback();
     let mut restores = Vec::new();
     for _ in 0..runs {
+        warm_page_cache(&[&image])?;
         let _ = std::fs::remove_file(&qmp_path);
         let started = Instant::now();
         let mut target = qemu(size_mib, &qmp_path, &["-incoming".into(), format!("exec:cat {}", image.display())])?;
