@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use carrel_vmm::control::{ControlClient, ImageFormat, Request, Response, Screenshot, ScreenshotRequest, Wait};
-use common::{decode_png, differences, inside, run_to_exit, scratch_path, screenshot, vmm_binary, RunningVm};
+use carrel_vmm::control::{ControlClient, ImageFormat, Screenshot, Wait};
+use common::{
+    decode_png, differences, inside, run_to_exit, scratch_path, screenshot, screenshot_as, vmm_binary, RunningVm,
+};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const WIDTH: u32 = 1280;
@@ -75,22 +77,6 @@ fn cli_fails(args: &[&str]) -> String {
     let output = Command::new(vmm_binary()).args(args).output().expect("carrel-vmm runs");
     assert!(!output.status.success(), "carrel-vmm {args:?} should fail");
     String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// Raw pixels of the whole screen, no crop, scale or cursor: the in-place answer.
-fn raw_screenshot(socket: &Path) -> Screenshot {
-    let request = ScreenshotRequest {
-        format: ImageFormat::Raw,
-        crop: None,
-        scale: None,
-        cursor: false,
-        wait: Wait::FirstFrame,
-        timeout_ms: 10_000,
-    };
-    match ControlClient::connect(socket).unwrap().call(&Request::Screenshot(request), DEADLINE).unwrap() {
-        Response::Screenshot(shot) => shot,
-        other => panic!("expected a screenshot, got {other:?}"),
-    }
 }
 
 fn pixels(shot: &Screenshot) -> Vec<u8> {
@@ -184,7 +170,7 @@ fn restored_desk_continues_with_its_screen_text_and_files() {
     let _vm = restore(&prepared.snapshot, &paths);
     // Raw pixels asked for at once: the lazy restore is still loading the screen's memory,
     // so they come from the snapshot's files (pages already in, from RAM), not zeros.
-    let raw = raw_screenshot(&paths.socket);
+    let raw = screenshot_as(&paths.socket, ImageFormat::Raw, Wait::FirstFrame);
     assert_eq!((raw.width, raw.height, raw.pixel_format.as_str()), (WIDTH, 800, "B8G8R8X8"));
     let raw_rgb: Vec<u8> = raw.bytes.chunks_exact(4).flat_map(|bgrx| [bgrx[2], bgrx[1], bgrx[0]]).collect();
     assert_eq!(differ_outside_clock(&raw_rgb, &before), 0, "the raw screen is the snapshot's");

@@ -670,23 +670,45 @@ mod tests {
         (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
     }
 
-    #[test]
-    fn lazily_filled_ram_reads_as_the_chain_and_the_viewed_range_is_loaded_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let (base_dir, diff_dir) = (dir.path().join("base"), dir.path().join("diff"));
+    /// A chain of two layers under `dir`: RAM of `mib` MiB as `before` writes it, saved
+    /// whole in `base/`, then the pages `after` writes, saved as a diff in `diff/`.
+    struct Chain {
+        ram: GuestRam,
+        base_dir: PathBuf,
+        diff_dir: PathBuf,
+        base: MemoryImage,
+        diff: MemoryImage,
+    }
+
+    fn chain(dir: &std::path::Path, mib: u64, before: &[(u64, Vec<u8>)], after: &[(u64, Vec<u8>)]) -> Chain {
+        let (base_dir, diff_dir) = (dir.join("base"), dir.join("diff"));
         std::fs::create_dir_all(&base_dir).unwrap();
         std::fs::create_dir_all(&diff_dir).unwrap();
-        let ram = create_guest_ram(32).unwrap();
-        ram.memory.write_slice(&pattern(3 << 20, 1), GuestAddress(0x10_0000)).unwrap();
-        ram.memory.write_slice(&pattern(8192, 2), GuestAddress(0x1f0_0000)).unwrap();
+        let ram = create_guest_ram(mib).unwrap();
+        for (at, bytes) in before {
+            ram.memory.write_slice(bytes, GuestAddress(*at)).unwrap();
+        }
         let base = write_image(&ram, &base_dir.join("memory.bin"), None).unwrap();
         device_dirty_pages(&ram);
-        ram.memory.write_slice(&pattern(4096, 3), GuestAddress(0x20_0000)).unwrap();
-        ram.memory.write_slice(&[0u8; 4096], GuestAddress(0x1f0_0000)).unwrap();
+        for (at, bytes) in after {
+            ram.memory.write_slice(bytes, GuestAddress(*at)).unwrap();
+        }
         let dirty: Vec<Vec<u64>> = device_dirty_pages(&ram);
         let parent = Parent { dir: base_dir.clone(), digest: [0; 32] };
         let dirty: &DirtyPages = &dirty;
         let diff = write_image(&ram, &diff_dir.join("memory.bin"), Some((dirty, parent))).unwrap();
+        Chain { ram, base_dir, diff_dir, base, diff }
+    }
+
+    #[test]
+    fn lazily_filled_ram_reads_as_the_chain_and_the_viewed_range_is_loaded_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let Chain { ram, base_dir, diff_dir, base, diff } = chain(
+            dir.path(),
+            32,
+            &[(0x10_0000, pattern(3 << 20, 1)), (0x1f0_0000, pattern(8192, 2))],
+            &[(0x20_0000, pattern(4096, 3)), (0x1f0_0000, vec![0u8; 4096])],
+        );
 
         let restored = create_guest_ram(32).unwrap();
         let layers = [(base_dir, &base), (diff_dir, &diff)];
@@ -713,18 +735,12 @@ mod tests {
     #[test]
     fn reads_before_the_load_see_the_chain_then_what_ram_holds_and_refuse_damage() {
         let dir = tempfile::tempdir().unwrap();
-        let (base_dir, diff_dir) = (dir.path().join("base"), dir.path().join("diff"));
-        std::fs::create_dir_all(&base_dir).unwrap();
-        std::fs::create_dir_all(&diff_dir).unwrap();
-        let ram = create_guest_ram(16).unwrap();
-        ram.memory.write_slice(&pattern(4 * CHUNK_BYTES as usize, 1), GuestAddress(0)).unwrap();
-        let base = write_image(&ram, &base_dir.join("memory.bin"), None).unwrap();
-        device_dirty_pages(&ram);
-        ram.memory.write_slice(&pattern(4096, 2), GuestAddress(CHUNK_BYTES + 0x3000)).unwrap();
-        let dirty: Vec<Vec<u64>> = device_dirty_pages(&ram);
-        let parent = Parent { dir: base_dir.clone(), digest: [0; 32] };
-        let dirty: &DirtyPages = &dirty;
-        let diff = write_image(&ram, &diff_dir.join("memory.bin"), Some((dirty, parent))).unwrap();
+        let Chain { ram, base_dir, diff_dir, base, diff } = chain(
+            dir.path(),
+            16,
+            &[(0, pattern(4 * CHUNK_BYTES as usize, 1))],
+            &[(CHUNK_BYTES + 0x3000, pattern(4096, 2))],
+        );
         let write = (2 * CHUNK_BYTES - 8, vec![0xaa; 16]);
         let mut expected = ram_bytes(&ram);
         expected[write.0 as usize..write.0 as usize + 16].copy_from_slice(&write.1);

@@ -279,8 +279,17 @@ pub fn differences(a: &[u8], b: &[u8], width: u32) -> Vec<(u32, u32)> {
 
 /// A PNG screenshot over the control socket after `wait`.
 pub fn screenshot(socket: &Path, wait: carrel_vmm::control::Wait) -> carrel_vmm::control::Screenshot {
+    screenshot_as(socket, carrel_vmm::control::ImageFormat::Png, wait)
+}
+
+/// A whole-screen screenshot in `format` (no crop, scale or cursor) after `wait`.
+pub fn screenshot_as(
+    socket: &Path,
+    format: carrel_vmm::control::ImageFormat,
+    wait: carrel_vmm::control::Wait,
+) -> carrel_vmm::control::Screenshot {
     let request = carrel_vmm::control::ScreenshotRequest {
-        format: carrel_vmm::control::ImageFormat::Png,
+        format,
         crop: None,
         scale: None,
         cursor: false,
