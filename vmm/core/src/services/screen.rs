@@ -128,10 +128,10 @@ impl ScreenService {
     /// to it straight from the scanout's memory: no copy of them in this process (4 MB at
     /// 1280x800, whose fresh pages alone cost ~2 ms). Right after a lazy restore, before
     /// the scanout's pages are loaded, they are read from where the loader reads them
-    /// instead of waiting for it (see [`carrel_gpu::LoadingRam`]). `None` when the request is not one
-    /// answered so: an encoded image, a crop, a scale or the cursor (those are computed),
-    /// a screen in another process, or an audit log (it keeps the very bytes the caller
-    /// was sent, so those are copied once, recorded, then sent).
+    /// instead of waiting for it (see [`carrel_gpu::LoadingRam`]). `None` when the request
+    /// is not one answered so: an encoded image, a crop, a scale or the cursor (those are
+    /// computed), a screen in another process, or an audit log (it keeps the very bytes
+    /// the caller was sent, so those are copied once, recorded, then sent).
     pub fn send_in_place(&self, request: &ScreenshotRequest, stream: &UnixStream) -> Option<Result<(), ControlError>> {
         let plain_raw =
             request.format == ImageFormat::Raw && request.crop.is_none() && request.scale.is_none() && !request.cursor;
