@@ -221,8 +221,9 @@ impl Layers {
     /// against its digest, with the restore's writes over them.
     fn compose(&self, index: u64, buffer: &mut [u8]) -> Result<(), LazyError> {
         let start = index * CHUNK_BYTES;
-        buffer.fill(0);
-        for piece in self.blocks.of(index) {
+        let pieces = self.blocks.of(index);
+        zero_gaps(pieces, start, buffer);
+        for piece in pieces {
             match *piece {
                 Piece::Zero { offset, len } => {
                     let at = (offset - start) as usize;
@@ -253,6 +254,26 @@ impl Layers {
             }
         }
         Ok(())
+    }
+}
+
+/// Zeroes the bytes of `buffer` (block bytes from `start` on) that none of `pieces`
+/// covers, the rest being written by them: a block whole in one chunk, as most are, is
+/// not cleared first. In one pass, in any order: `covered` is the furthest end seen, and
+/// a byte no piece covers lies in a gap before the first piece that passes it, or after
+/// them all.
+fn zero_gaps(pieces: &[Piece], start: u64, buffer: &mut [u8]) {
+    let mut covered = 0usize;
+    for piece in pieces {
+        let (from, to) = piece.range();
+        let (from, to) = ((from - start) as usize, (to - start) as usize);
+        if from > covered {
+            buffer[covered..from].fill(0);
+        }
+        covered = covered.max(to);
+    }
+    if covered < buffer.len() {
+        buffer[covered..].fill(0);
     }
 }
 
@@ -855,6 +876,41 @@ mod tests {
             vec![data(0, 0, 0x4_0000), data(1, 0, 0x2_0000), data(2, 0x2_0000, 0x2_0000), data(3, 0, 0x4_0000)];
         hide_covered(&mut redrawn);
         assert!(matches!(redrawn[..], [Piece::Data { layer: 3, .. }]), "only the newest copy: {redrawn:?}");
+    }
+
+    #[test]
+    fn only_the_bytes_no_piece_covers_are_cleared() {
+        let data = |offset, len| Piece::Data { layer: 0, offset, len, digest: [0; 32] };
+        let start = 3 * CHUNK_BYTES;
+        let cleared = |pieces: &[Piece]| -> Vec<(u64, u64)> {
+            let mut buffer = vec![0xeeu8; CHUNK_BYTES as usize];
+            zero_gaps(pieces, start, &mut buffer);
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            for (at, _) in buffer.iter().enumerate().filter(|(_, &byte)| byte == 0) {
+                match runs.last_mut() {
+                    Some(run) if run.1 == at as u64 => run.1 += 1,
+                    _ => runs.push((at as u64, at as u64 + 1)),
+                }
+            }
+            runs
+        };
+        assert_eq!(cleared(&[data(start, CHUNK_BYTES)]), [], "a whole block is not cleared first");
+        assert_eq!(cleared(&[]), [(0, CHUNK_BYTES)]);
+        // In order: the gaps, and only them.
+        let sorted = [data(start + 0x1000, 0x1000), Piece::Zero { offset: start + 0x4000, len: 0x1000 }];
+        assert_eq!(cleared(&sorted), [(0, 0x1000), (0x2000, 0x4000), (0x5000, CHUNK_BYTES)]);
+        // Out of order and overlapping, as layers lay them: every byte no piece covers.
+        let pieces = [
+            data(start + 0x8000, 0x2000),
+            data(start + 0x1000, 0x1000),
+            Piece::Zero { offset: start + 0x9000, len: 0x4000 },
+            data(start + 0x1800, 0x1000),
+        ];
+        let gaps = [(0, 0x1000), (0x2800, 0x8000), (0xd000, CHUNK_BYTES)];
+        let runs = cleared(&pieces);
+        for (from, to) in gaps {
+            assert!(runs.iter().any(|&(start, end)| start <= from && to <= end), "{from:#x}..{to:#x} in {runs:x?}");
+        }
     }
 
     #[test]
