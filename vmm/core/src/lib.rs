@@ -15,6 +15,7 @@ pub mod jail;
 pub mod memory;
 pub mod platform;
 pub mod recorder;
+pub mod sched;
 pub mod seccomp;
 pub mod services;
 pub mod snapshot;

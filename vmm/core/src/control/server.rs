@@ -62,6 +62,10 @@ impl RequestQueue {
     }
 }
 
+/// The scheduler slice of the control threads: short, so that a request is taken up
+/// at once even when the guest and the memory loader keep the CPUs busy.
+const ANSWER_SLICE: Duration = Duration::from_micros(100);
+
 /// The listening socket; removes its path when dropped.
 #[derive(Debug)]
 pub struct ControlServer {
@@ -83,6 +87,8 @@ impl ControlServer {
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
+                // Requests come in short bursts; each connection's thread inherits this.
+                crate::sched::short_slices(ANSWER_SLICE);
                 crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Control);
                 accept_loop(listener, queue)
             })
