@@ -10,10 +10,13 @@ d = json.load(open(path))
 print(path, d["git_revision"])
 for s in d["sizes"]:
     print("== %d MiB guest, %d MiB dirty" % (s["size_mib"], s["dirty_mib"]))
-    print("  disk O_DIRECT write      %7.0f MB/s" % s["disk_o_direct_write_mb_s"])
+    print("  disk O_DIRECT write      %7.0f MB/s%s" % (s["disk_o_direct_write_mb_s"], " (median of the rounds)" if "rounds" in s["full_snapshot"] else ""))
     f = s["full_snapshot"]
     print("  full snapshot            %7.1f ms paused, %.0f MiB at %.0f MB/s = %.2f of the disk"
           % (f["snapshot"]["paused_ms"], f["snapshot"]["memory_bytes"] / 2**20, f["memory_write_mb_s"], f["fraction_of_disk_speed"]))
+    if "rounds" in f:
+        print("    rounds (disk MB/s, snapshot MB/s, fraction): "
+              + "; ".join("%.0f, %.0f, %.2f" % (r["disk_o_direct_write_mb_s"], r["memory_write_mb_s"], r["fraction_of_disk_speed"]) for r in f["rounds"]))
     dd = s["diff_snapshot_after_typing"]
     print("  diff after typing        %7.1f ms paused (median), %d KiB" % (dd["paused"]["median_ms"], dd["each"][0]["memory_bytes"] // 1024))
     print("  hibernate                %7.1f ms to process end" % s["hibernate"]["request_to_process_end_ms"])
