@@ -143,11 +143,20 @@ fn eventfd(what: &'static str) -> Result<EventFd, BuildError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::CreateEventFd { what, source })
 }
 
+/// Guest RAM of `mib` MiB: the one made ahead of the configuration
+/// ([`crate::vstate::vm::make_ahead`]) when it is of that size, else a new one.
+fn guest_ram(mib: u64) -> Result<GuestRam, BuildError> {
+    match crate::vstate::vm::take_ram_ahead(mib) {
+        Some(ram) => Ok(ram),
+        None => Ok(create_guest_ram(mib)?),
+    }
+}
+
 /// Builds a VM from `config` for a fresh boot, ready for its vCPUs to start.
 pub fn build_vm(config: &VmConfig, started: Instant) -> Result<BuiltVm, BuildError> {
     let kernel = config.validate()?;
 
-    let ram = create_guest_ram(config.mem_mib)?;
+    let ram = guest_ram(config.mem_mib)?;
     let vm = Vm::new(&ram.memory)?;
     let (wired, boot) = wire_fresh(config, kernel, &vm, &ram)?;
     // kvm_pvm checks the VIF address against the memory slots, which are in by now.
@@ -166,7 +175,7 @@ pub fn build_vm(config: &VmConfig, started: Instant) -> Result<BuiltVm, BuildErr
 /// `config` is the snapshot's `vm.json` with the restore's own names and sockets.
 pub fn restore_vm(config: &VmConfig, dir: &Path, load: MemoryLoad, started: Instant) -> Result<BuiltVm, BuildError> {
     config.validate_machine()?;
-    let ram = create_guest_ram(config.mem_mib)?;
+    let ram = guest_ram(config.mem_mib)?;
     crate::timeline::mark("ram");
     // KVM makes the VM and its memory slot on a thread of its own (a slot costs the
     // kernel about a millisecond per GiB); the threads' seccomp filters are compiled and

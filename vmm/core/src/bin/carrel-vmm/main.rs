@@ -24,12 +24,14 @@ fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let jailed = args.iter().any(|arg| arg.to_str().is_some_and(|arg| arg == "--jail" || arg.starts_with("--jail=")));
     if args.get(1).is_some_and(|command| command == "run") && !jailed {
-        carrel_vmm::vstate::vm::make_ahead();
+        carrel_vmm::vstate::vm::make_ahead(ram_hint(&args));
     }
     // Usage errors end here with exit code 2 (and --help with 0), as clap does.
     let mut cli = Cli::parse();
     carrel_vmm::timeline::mark("parsed");
     if let Command::Standby = cli.command {
+        // The VM is made while the standby waits (a jailed assignment discards it).
+        carrel_vmm::vstate::vm::make_ahead(None);
         match standby() {
             // From here the process is the VM's, and its time starts now.
             Ok(assigned) => (cli, started) = (assigned, Instant::now()),
@@ -98,6 +100,31 @@ struct Assignment {
 /// that started it ahead of need: the fork and exec of a new process are then not part
 /// of the VM's start. First it says `ready` on stdout, so a supervisor hands a VM only
 /// to a standby that started well; stdout and stdin then read and write nothing.
+/// The size of RAM a `run` with `args` will ask for, read before they are parsed: its
+/// `--mem`, or the `mem_mib` of the `vm.json` of its `--restore DIR`. A hint only: RAM
+/// made ahead with it is used when the configuration agrees.
+fn ram_hint(args: &[std::ffi::OsString]) -> Option<u64> {
+    let value = |flag: &str| -> Option<&str> {
+        let mut args = args.iter().filter_map(|arg| arg.to_str());
+        while let Some(arg) = args.next() {
+            if arg == flag {
+                return args.next();
+            }
+            if let Some(value) = arg.strip_prefix(flag).and_then(|rest| rest.strip_prefix('=')) {
+                return Some(value);
+            }
+        }
+        None
+    };
+    match value("--restore") {
+        Some(dir) => {
+            let config = std::fs::read(Path::new(dir).join(carrel_vmm::snapshot::CONFIG_FILE)).ok()?;
+            serde_json::from_slice::<serde_json::Value>(&config).ok()?.get("mem_mib")?.as_u64()
+        }
+        None => value("--mem")?.parse().ok(),
+    }
+}
+
 fn standby() -> anyhow::Result<Cli> {
     use std::io::Write;
     use std::os::fd::AsRawFd;
