@@ -64,7 +64,7 @@ impl RequestQueue {
 
 /// The scheduler slice of the control threads: short, so that a request is taken up
 /// at once even when the guest and the memory loader keep the CPUs busy.
-const ANSWER_SLICE: Duration = Duration::from_micros(100);
+pub const ANSWER_SLICE: Duration = Duration::from_micros(100);
 
 /// The listening socket; removes its path when dropped.
 #[derive(Debug)]
