@@ -933,6 +933,32 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_across_a_block_boundary_is_refused_before_anything_loads() {
+        // What a writer never makes, from a state.bin made by hand (its own digest right):
+        // one chunk over two blocks, its bytes and digest true.
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = pattern(8192, 9);
+        let offset = CHUNK_BYTES - 4096;
+        {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::File::create(dir.path().join("memory.bin")).unwrap();
+            file.set_len(16 << 20).unwrap();
+            file.write_all_at(&bytes, offset).unwrap();
+        }
+        let mut image = MemoryImage::empty(16 << 20);
+        image.chunks.push(crate::snapshot::memory::Chunk {
+            offset,
+            len: 8192,
+            digest: *blake3::hash(&bytes).as_bytes(),
+        });
+        let restored = create_guest_ram(16).unwrap();
+        let layers = [(dir.path().to_path_buf(), &image)];
+        let scanout = (0u64, 2 * CHUNK_BYTES);
+        let error = LazyMemory::start(&restored, &layers, vec![scanout], Vec::new(), Vec::new()).unwrap_err();
+        assert!(error.to_string().contains("memory map is invalid"), "{error}");
+    }
+
+    #[test]
     fn a_corrupt_chunk_is_refused_when_it_is_loaded() {
         let dir = tempfile::tempdir().unwrap();
         let ram = create_guest_ram(16).unwrap();

@@ -52,6 +52,10 @@ pub enum MemoryFileError {
     Corrupt { path: String, offset: u64 },
     #[error("the saved memory map is invalid: chunk at {offset:#x} of {len} bytes lies outside {size} bytes of RAM")]
     BadChunk { offset: u64, len: u64, size: u64 },
+    #[error(
+        "the saved memory map is invalid: chunk at {offset:#x} of {len} bytes crosses a {CHUNK_BYTES}-byte boundary"
+    )]
+    CrossesBlock { offset: u64, len: u64 },
     #[error("cannot clear guest RAM at {offset:#x}: {source}")]
     Clear { offset: u64, source: io::Error },
 }
@@ -108,9 +112,13 @@ impl MemoryImage {
     }
 
     /// Checks the chunk list and the cleared ranges fit the RAM, each in order without
-    /// overlaps.
+    /// overlaps, and no chunk crosses a chunk boundary (as none written does: the lazy
+    /// loader builds RAM block by block from them).
     pub fn validate(&self, ram_size: u64) -> Result<(), MemoryFileError> {
         check_ranges(self.chunks.iter().map(|chunk| (chunk.offset, chunk.len)), ram_size, CHUNK_BYTES)?;
+        if let Some(chunk) = self.chunks.iter().find(|chunk| chunk.offset % CHUNK_BYTES + chunk.len > CHUNK_BYTES) {
+            return Err(MemoryFileError::CrossesBlock { offset: chunk.offset, len: chunk.len });
+        }
         check_ranges(self.zeroed.iter().copied(), ram_size, u64::MAX)?;
         if self.size != ram_size {
             return Err(MemoryFileError::BadChunk { offset: 0, len: self.size, size: ram_size });
@@ -666,5 +674,8 @@ mod tests {
         let mut bad = image.clone();
         bad.chunks[0].offset = 16 << 20;
         assert!(matches!(bad.validate(16 << 20), Err(MemoryFileError::BadChunk { .. })));
+        let mut across = image.clone();
+        across.chunks[0] = Chunk { offset: CHUNK_BYTES - 4096, len: 8192, ..across.chunks[0] };
+        assert!(matches!(across.validate(16 << 20), Err(MemoryFileError::CrossesBlock { .. })));
     }
 }
