@@ -378,8 +378,13 @@ fn read_body(stream: &mut impl Read, max: u32) -> Result<Option<Vec<u8>>, Contro
     if len > max {
         return Err(ControlError::FrameTooLarge { len, max });
     }
-    let mut body = vec![0u8; len as usize];
-    stream.read_exact(&mut body)?;
+    // Read into spare capacity: a screenshot's 4 MB are not zeroed first only to be
+    // written over (std reads a socket into uninitialized memory).
+    let mut body = Vec::with_capacity(len as usize);
+    stream.take(u64::from(len)).read_to_end(&mut body)?;
+    if body.len() != len as usize {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
     Ok(Some(body))
 }
 
@@ -500,6 +505,18 @@ impl ControlClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_whose_body_ends_early_is_an_error_not_an_answer() {
+        let mut buffer = Vec::new();
+        write_frame(&mut buffer, &Request::Stop).unwrap();
+        write_frame(&mut buffer, &Request::Stop).unwrap();
+        buffer.pop();
+        let mut reader = buffer.as_slice();
+        assert_eq!(read_frame::<Request>(&mut reader, MAX_REQUEST_BYTES).unwrap(), Some(Request::Stop));
+        let error = read_frame::<Request>(&mut reader, MAX_REQUEST_BYTES).unwrap_err();
+        assert!(matches!(&error, ControlError::Io(err) if err.kind() == std::io::ErrorKind::UnexpectedEof), "{error}");
+    }
 
     #[test]
     fn frame_round_trips_request_and_response() {
