@@ -177,10 +177,10 @@ pub fn restore_vm(config: &VmConfig, dir: &Path, load: MemoryLoad, started: Inst
     config.validate_machine()?;
     let ram = guest_ram(config.mem_mib)?;
     crate::timeline::mark("ram");
-    // KVM makes the VM and its memory slot on a thread of its own (a slot costs the
-    // kernel about a millisecond per GiB); the threads' seccomp filters are compiled and
-    // the kept screen is read there too, while this one reads the snapshot and sets up
-    // the loading of its memory.
+    // The VM with its memory slot (about a millisecond per GiB for the kernel) is taken
+    // from the thread that made it ahead, or made, on a thread of its own; the threads'
+    // seccomp filters are compiled and the kept screen is read there too, while this one
+    // reads the snapshot and sets up the loading of its memory.
     let (vm, memory, shown) = std::thread::scope(|scope| {
         let make_vm = || {
             let vm = Vm::new(&ram.memory);

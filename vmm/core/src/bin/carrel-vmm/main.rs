@@ -96,10 +96,6 @@ struct Assignment {
     stderr: Option<PathBuf>,
 }
 
-/// Waits for the command line of the VM this process is to run, sent by the supervisor
-/// that started it ahead of need: the fork and exec of a new process are then not part
-/// of the VM's start. First it says `ready` on stdout, so a supervisor hands a VM only
-/// to a standby that started well; stdout and stdin then read and write nothing.
 /// The size of RAM a `run` with `args` will ask for, read before they are parsed: its
 /// `--mem`, or the `mem_mib` of the `vm.json` of its `--restore DIR`. A hint only: RAM
 /// made ahead with it is used when the configuration agrees.
@@ -125,6 +121,10 @@ fn ram_hint(args: &[std::ffi::OsString]) -> Option<u64> {
     }
 }
 
+/// Waits for the command line of the VM this process is to run, sent by the supervisor
+/// that started it ahead of need: the fork and exec of a new process are then not part
+/// of the VM's start. First it says `ready` on stdout, so a supervisor hands a VM only
+/// to a standby that started well; stdout and stdin then read and write nothing.
 fn standby() -> anyhow::Result<Cli> {
     use std::io::Write;
     use std::os::fd::AsRawFd;
