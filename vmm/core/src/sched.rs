@@ -2,6 +2,11 @@
 
 use std::time::Duration;
 
+/// The slice of the threads that answer requests in short bursts (the control threads,
+/// the event loop): short, so that a request is taken up at once even when the guest and
+/// the memory loader keep the CPUs busy.
+pub const SERVICE_SLICE: Duration = Duration::from_micros(100);
+
 /// `struct sched_attr` of sched_setattr(2), which the libc crate does not define.
 #[repr(C)]
 #[derive(Default)]
@@ -81,7 +86,7 @@ mod tests {
     #[test]
     fn a_short_slice_is_taken_and_inherited_by_the_threads_started_after() {
         let (own, inherited) = std::thread::spawn(|| {
-            short_slices(Duration::from_micros(100));
+            short_slices(SERVICE_SLICE);
             let own = slice_of_this_thread();
             (own, std::thread::spawn(slice_of_this_thread).join().unwrap())
         })
@@ -93,7 +98,7 @@ mod tests {
             eprintln!("Linux {} has no custom slices (6.12 and later): the request is ignored", release.trim());
             return;
         }
-        assert_eq!(own, Duration::from_micros(100));
+        assert_eq!(own, SERVICE_SLICE);
         assert_eq!(inherited, own, "a connection's thread runs as its acceptor does");
         assert_ne!(slice_of_this_thread(), own, "other threads keep theirs");
     }

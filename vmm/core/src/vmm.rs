@@ -286,7 +286,7 @@ impl Vmm {
         let parent = built.restored_from.clone();
         // The event loop answers the guest's notifications and queued control requests
         // in short bursts: like the control threads, it should not wait behind a vCPU.
-        crate::sched::short_slices(crate::control::server::ANSWER_SLICE);
+        crate::sched::short_slices(crate::sched::SERVICE_SLICE);
         seccomp::install(ThreadKind::EventLoop)?;
         Ok(Vmm {
             built,

@@ -62,10 +62,6 @@ impl RequestQueue {
     }
 }
 
-/// The scheduler slice of the control threads: short, so that a request is taken up
-/// at once even when the guest and the memory loader keep the CPUs busy.
-pub const ANSWER_SLICE: Duration = Duration::from_micros(100);
-
 /// The listening socket; removes its path when dropped.
 #[derive(Debug)]
 pub struct ControlServer {
@@ -88,7 +84,7 @@ impl ControlServer {
             .name("control".into())
             .spawn(move || {
                 // Requests come in short bursts; each connection's thread inherits this.
-                crate::sched::short_slices(ANSWER_SLICE);
+                crate::sched::short_slices(crate::sched::SERVICE_SLICE);
                 crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Control);
                 accept_loop(listener, queue)
             })
